@@ -1,0 +1,123 @@
+//! Connects a session to its backend TCP service.
+//!
+//! Names are resolved at connect time (so DNS changes apply to new sessions without a reload)
+//! and every resolved address is tried in order, within one overall timeout: a dual-stack name
+//! whose first address is dead still connects. Nothing here knows about WebSocket; `session`
+//! decides what a failure means for the client.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+/// Why a backend could not be connected.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The host name did not resolve.
+    #[error("resolve {target}: {source}")]
+    Resolve {
+        /// `host:port` as configured.
+        target: String,
+        /// The resolver's error.
+        #[source]
+        source: io::Error,
+    },
+    /// The host name resolved to nothing.
+    #[error("resolve {target}: no addresses")]
+    NoAddress {
+        /// `host:port` as configured.
+        target: String,
+    },
+    /// Every address was tried and failed; this is the last failure.
+    #[error("connect to {addr} ({target}): {source}")]
+    Connect {
+        /// `host:port` as configured.
+        target: String,
+        /// The last address tried.
+        addr: SocketAddr,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
+    /// The connect timeout passed first.
+    #[error("connect to {target} timed out after {after:?}")]
+    Timeout {
+        /// `host:port` as configured.
+        target: String,
+        /// The configured timeout.
+        after: Duration,
+    },
+}
+
+impl BackendError {
+    /// A short, stable description for clients and metric labels: it names no address, so it can
+    /// go into a close reason that a web page reads.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BackendError::Resolve { .. } | BackendError::NoAddress { .. } => "name not resolved",
+            BackendError::Timeout { .. } => "connect timed out",
+            BackendError::Connect { source, .. } => match source.kind() {
+                io::ErrorKind::ConnectionRefused => "connection refused",
+                io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => "unreachable",
+                _ => "connect failed",
+            },
+        }
+    }
+
+    /// Whether the failure was the timeout (maps to HTTP 504 rather than 502).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, BackendError::Timeout { .. })
+    }
+}
+
+/// Connects to `host:port`, trying each resolved address, all within `timeout`.
+pub async fn connect(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, BackendError> {
+    let target = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+    match tokio::time::timeout(timeout, connect_any(host, port, &target)).await {
+        Ok(result) => result,
+        Err(_) => Err(BackendError::Timeout { target, after: timeout }),
+    }
+}
+
+async fn connect_any(host: &str, port: u16, target: &str) -> Result<TcpStream, BackendError> {
+    let addrs = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|source| BackendError::Resolve { target: target.to_string(), source })?;
+    let mut last = None;
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(stream) => {
+                // Interactive protocols (VNC, SSH, telnet) send small writes that must not wait
+                // for Nagle's algorithm.
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Err(source) => last = Some(BackendError::Connect { target: target.to_string(), addr, source }),
+        }
+    }
+    Err(last.unwrap_or_else(|| BackendError::NoAddress { target: target.to_string() }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn refused_and_resolved_errors_are_told_apart() {
+        // A socket that is bound but not listening holds the port and refuses connections:
+        // no probe-and-drop race.
+        let held = tokio::net::TcpSocket::new_v4().unwrap();
+        held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = held.local_addr().unwrap().port();
+        let err = connect("127.0.0.1", port, Duration::from_secs(5)).await.unwrap_err();
+        assert_eq!(err.kind(), "connection refused", "{err}");
+        assert!(err.to_string().contains(&format!("127.0.0.1:{port}")));
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = connect("localhost", addr.port(), Duration::from_secs(5)).await;
+        // "localhost" may resolve to ::1 first; the refusal there must not stop the v4 attempt.
+        assert!(stream.is_ok(), "{:?}", stream.err());
+    }
+}

@@ -1,0 +1,260 @@
+//! The WebSocket ⇄ TCP pump: moves bytes both ways at once until one side ends.
+//!
+//! Client → backend: each WebSocket message (binary, or text as its UTF-8 bytes) is written to the
+//! backend whole before the next message is read, so at most one message (bounded by the
+//! WebSocket's `max_message_size`) is held per session in that direction.
+//!
+//! Backend → client: each read (at most `backend_read_bytes`) becomes one message, and the next
+//! read waits until that message has been handed to the client socket. The read buffer is
+//! allocated only once the backend socket is readable, so an idle session holds none.
+//!
+//! Text mode carries an incomplete trailing UTF-8 sequence (at most 3 bytes) over to the next
+//! read; bytes that can never be UTF-8 end the session.
+//!
+//! The pump only reports how it ended ([`End`]); it sends no close frame and picks no close code.
+//! That belongs to `session`, the one place that sees both sides. The pump knows nothing of
+//! config, routes or HTTP, so the planned client mode can reuse it over any WebSocket stream.
+//!
+//! A stop request is honoured only between messages: a message already read from one side is
+//! written to the other before the pump returns [`End::Stopped`], so a drain loses nothing that
+//! was in flight.
+
+use std::io;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_util::sync::CancellationToken;
+use tungstenite::protocol::frame::CloseFrame;
+use tungstenite::{Error as WsError, Message, Utf8Bytes};
+
+use hyper_tungstenite::tungstenite;
+
+/// WebSocket message type used for backend bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// Binary messages.
+    Binary,
+    /// Text messages; backend bytes must be UTF-8.
+    Text,
+}
+
+/// How the pump runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Largest single backend read, and so the largest message sent to the client.
+    pub backend_read_bytes: usize,
+    /// Message type for backend bytes.
+    pub framing: Framing,
+}
+
+/// Bytes and messages moved by one session.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Bytes written to the backend.
+    pub to_backend_bytes: u64,
+    /// Client messages written to the backend.
+    pub to_backend_messages: u64,
+    /// Bytes sent to the client.
+    pub to_client_bytes: u64,
+    /// Messages sent to the client.
+    pub to_client_messages: u64,
+    /// Backend bytes read after the client closed, and so never delivered.
+    pub dropped_bytes: u64,
+}
+
+/// How the pump ended: the first side to end decides.
+#[derive(Debug)]
+pub enum End {
+    /// The client sent a Close frame (tungstenite has queued the reply).
+    ClientClosed(Option<CloseFrame>),
+    /// Reading from the client failed: too big, bad UTF-8, protocol violation, or the socket.
+    ClientFailed(WsError),
+    /// The client's socket ended without a Close frame.
+    ClientGone,
+    /// Writing to the client failed.
+    ClientWriteFailed(WsError),
+    /// The backend closed its side; everything it sent was delivered.
+    BackendEof,
+    /// Reading from or writing to the backend failed.
+    BackendFailed(io::Error),
+    /// The backend sent bytes that are not UTF-8 on a text route.
+    BackendNotUtf8,
+    /// A stop was requested; everything in flight was delivered.
+    Stopped,
+}
+
+/// Pumps `ws` ⇄ `backend` until one side ends, and returns how, with the backend socket (so the
+/// caller can shut it down or drain it as the ending requires).
+pub async fn run<W>(
+    ws: &mut W,
+    backend: TcpStream,
+    options: Options,
+    stop: &CancellationToken,
+    stats: &mut Stats,
+) -> (End, TcpStream)
+where
+    W: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+{
+    let (from_backend, mut to_backend) = backend.into_split();
+    let (mut sink, mut stream) = ws.split();
+    let Stats { to_backend_bytes, to_backend_messages, to_client_bytes, to_client_messages, .. } = stats;
+    let end = {
+        let up = client_to_backend(&mut stream, &mut to_backend, stop, to_backend_bytes, to_backend_messages);
+        let down = backend_to_client(&from_backend, &mut sink, options, stop, to_client_bytes, to_client_messages);
+        tokio::select! {
+            end = up => end,
+            end = down => end,
+        }
+    };
+    let backend = from_backend.reunite(to_backend).expect("halves of the same stream");
+    (end, backend)
+}
+
+async fn client_to_backend<S>(
+    stream: &mut S,
+    to_backend: &mut OwnedWriteHalf,
+    stop: &CancellationToken,
+    bytes: &mut u64,
+    messages: &mut u64,
+) -> End
+where
+    S: Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return End::Stopped,
+            next = stream.next() => next,
+        };
+        let data: Bytes = match next {
+            None => return End::ClientGone,
+            Some(Err(e)) => return End::ClientFailed(e),
+            Some(Ok(Message::Binary(data))) => data,
+            Some(Ok(Message::Text(text))) => text.into(),
+            Some(Ok(Message::Close(frame))) => return End::ClientClosed(frame),
+            // Pings are answered by tungstenite; pongs and raw frames carry nothing for the backend.
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+        };
+        if let Err(e) = to_backend.write_all(&data).await {
+            return End::BackendFailed(e);
+        }
+        *bytes += data.len() as u64;
+        *messages += 1;
+    }
+}
+
+async fn backend_to_client<S>(
+    from_backend: &OwnedReadHalf,
+    sink: &mut S,
+    options: Options,
+    stop: &CancellationToken,
+    bytes: &mut u64,
+    messages: &mut u64,
+) -> End
+where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
+    // Text mode only: the start of a UTF-8 sequence that the last read cut in two (< 4 bytes).
+    let mut carry = BytesMut::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return End::Stopped,
+            ready = from_backend.readable() => if let Err(e) = ready { return End::BackendFailed(e) },
+        }
+        let mut buf = BytesMut::with_capacity(carry.len() + options.backend_read_bytes);
+        buf.extend_from_slice(&carry);
+        carry.clear();
+        match from_backend.try_read_buf(&mut buf) {
+            Ok(0) if buf.is_empty() => return End::BackendEof,
+            // EOF in the middle of a UTF-8 sequence: those bytes can never become text.
+            Ok(0) => return End::BackendNotUtf8,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                carry = buf;
+                continue;
+            }
+            Err(e) => return End::BackendFailed(e),
+        }
+        let message = match options.framing {
+            Framing::Binary => Message::Binary(buf.freeze()),
+            Framing::Text => match split_utf8(&mut buf) {
+                Err(()) => return End::BackendNotUtf8,
+                Ok(rest) => {
+                    carry = rest;
+                    if buf.is_empty() {
+                        continue;
+                    }
+                    let text = Utf8Bytes::try_from(buf.freeze()).expect("checked by split_utf8");
+                    Message::Text(text)
+                }
+            },
+        };
+        let len = match &message {
+            Message::Binary(b) => b.len(),
+            Message::Text(t) => t.len(),
+            _ => 0,
+        };
+        if let Err(e) = sink.send(message).await {
+            return End::ClientWriteFailed(e);
+        }
+        *bytes += len as u64;
+        *messages += 1;
+    }
+}
+
+/// Keeps the valid UTF-8 prefix in `buf` and returns the incomplete sequence at its end;
+/// `Err` when the bytes are not UTF-8 whatever follows.
+fn split_utf8(buf: &mut BytesMut) -> Result<BytesMut, ()> {
+    match std::str::from_utf8(buf) {
+        Ok(_) => Ok(BytesMut::new()),
+        Err(e) if e.error_len().is_none() => Ok(buf.split_off(e.valid_up_to())),
+        Err(_) => Err(()),
+    }
+}
+
+/// After the client closed: reads and discards what the backend still sends until it closes or
+/// `timeout` passes, so the backend sees an orderly end rather than a reset. Returns the bytes
+/// dropped. The caller has already shut down the backend's write side.
+pub async fn drain<R: AsyncRead + Unpin>(backend: &mut R, timeout: Duration) -> u64 {
+    let mut dropped = 0u64;
+    let mut scratch = [0u8; 4096];
+    let _ = tokio::time::timeout(timeout, async {
+        while let Ok(n @ 1..) = backend.read(&mut scratch).await {
+            dropped += n as u64;
+        }
+    })
+    .await;
+    dropped
+}
+
+/// Shuts down the write side of `backend`, ignoring errors: the peer may already be gone.
+pub async fn shutdown_write<W: AsyncWrite + Unpin>(backend: &mut W) {
+    let _ = backend.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utf8_split_keeps_incomplete_tail_and_rejects_garbage() {
+        let mut b = BytesMut::from(&"héllo"[..]);
+        assert!(split_utf8(&mut b).unwrap().is_empty());
+        assert_eq!(&b[..], "héllo".as_bytes());
+
+        let euro = "€".as_bytes(); // 3 bytes
+        let mut b = BytesMut::from(&b"ab"[..]);
+        b.extend_from_slice(&euro[..2]);
+        let rest = split_utf8(&mut b).unwrap();
+        assert_eq!(&b[..], b"ab");
+        assert_eq!(&rest[..], &euro[..2]);
+
+        let mut b = BytesMut::from(&b"ok\xff\xfe"[..]);
+        assert!(split_utf8(&mut b).is_err());
+    }
+}

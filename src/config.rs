@@ -1,0 +1,894 @@
+//! `config.toml` → a validated [`Config`].
+//!
+//! Loading happens in two stages, as ripgrep does with its flags: serde reads the file into `Raw*`
+//! structs that mirror the TOML exactly (unknown keys rejected), then [`parse`] checks every value
+//! and builds ready-to-use types (`SocketAddr`, `Duration`, compiled routes), so that runtime code
+//! never meets an `Option` meaning "use the default". Every default lives in this file, next to
+//! the key it belongs to, and is repeated in `docs/config.md` and the shipped `config.toml`.
+//!
+//! Errors name the file, the key and the problem on one line (`config.toml: routes.vnc.backend:
+//! "localhost" has no port`), with toml's line and column when the file did not parse. Validation
+//! collects every problem rather than stopping at the first, so `wsgate check` can list them all.
+//!
+//! This module knows nothing of sockets or of the rest of wsgate: it is data in, data out.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A whole, validated configuration: what one gateway instance runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this was loaded from; used in messages and to resolve relative paths.
+    pub path: PathBuf,
+    /// Client-facing listeners, in name order. Never empty.
+    pub listeners: Vec<Listener>,
+    /// Routes, in name order. Never empty. Matching order is decided by the router, not by this.
+    pub routes: Vec<Route>,
+    /// Bounds on connections, handshakes, messages and buffers.
+    pub limits: Limits,
+    /// Built-in helper services (the TCP echo).
+    pub builtin: Builtin,
+    /// How a shutdown proceeds.
+    pub shutdown: Shutdown,
+}
+
+/// One client-facing listener: plain `ws` or, with TLS, `wss`.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    /// The name under `[listeners.NAME]`.
+    pub name: String,
+    /// Address to bind.
+    pub address: SocketAddr,
+    /// Present for `wss` listeners.
+    pub tls: Option<TlsFiles>,
+}
+
+impl Listener {
+    /// `"wss"` for TLS listeners, `"ws"` otherwise.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "wss" } else { "ws" }
+    }
+}
+
+/// Certificate files of a `wss` listener; paths already resolved against the config's directory.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// Generate a self-signed development pair when both files are missing.
+    pub generate_self_signed: bool,
+}
+
+/// One route: which requests it takes and where their sessions go.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The name under `[routes.NAME]`; used in logs and metric labels.
+    pub name: String,
+    /// URL path to match, always starting with `/`.
+    pub path: String,
+    /// How `path` is compared with the request's path.
+    pub path_match: PathMatch,
+    /// `Host` the request must carry, if any.
+    pub host: Option<HostPattern>,
+    /// Where sessions on this route are bridged to.
+    pub backend: Backend,
+    /// Browser origins allowed besides the request's own.
+    pub allowed_origins: AllowedOrigins,
+    /// WebSocket message type used for bytes coming from the backend.
+    pub outbound: Outbound,
+    /// How a client learns that the backend could not be reached.
+    pub on_backend_unavailable: Unavailable,
+}
+
+/// How a route's `path` is compared with a request path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathMatch {
+    /// The whole path must be equal.
+    Exact,
+    /// The path must equal the route path or continue it after a `/` (so `/vnc` matches `/vnc`,
+    /// `/vnc/` and `/vnc/a`, but not `/vncx`).
+    Prefix,
+}
+
+/// A `Host` pattern: an exact name or `*.suffix` for any name below `suffix`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    /// Exact, lower-case host name (no port).
+    Exact(String),
+    /// Lower-case suffix including the leading dot (`.example.com`).
+    Wildcard(String),
+}
+
+impl HostPattern {
+    /// Whether `host` (lower-case, port already removed) matches.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Exact(name) => host == name,
+            HostPattern::Wildcard(suffix) => host.len() > suffix.len() && host.ends_with(suffix.as_str()),
+        }
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPattern::Exact(name) => f.write_str(name),
+            HostPattern::Wildcard(suffix) => write!(f, "*{suffix}"),
+        }
+    }
+}
+
+/// Where a route's sessions go. An enum resolved per session, so that new kinds (Unix sockets,
+/// TLS backends, pools) arrive as new variants without changing configs users already wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// A TCP service; the host is resolved at connect time and every address is tried.
+    Tcp {
+        /// Host name or IP literal (IPv6 without brackets).
+        host: String,
+        /// TCP port, never 0.
+        port: u16,
+    },
+    /// wsgate answers each message with the same message (`builtin:echo`).
+    Echo,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Backend::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
+            Backend::Tcp { host, port } => write!(f, "{host}:{port}"),
+            Backend::Echo => f.write_str("builtin:echo"),
+        }
+    }
+}
+
+/// Browser origins a route accepts besides the request's own origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowedOrigins {
+    /// Any origin (`["*"]`).
+    Any,
+    /// These origins, normalised to lower-case `scheme://host[:port]` without default ports.
+    List(Vec<String>),
+}
+
+/// WebSocket message type for bytes read from the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outbound {
+    /// Binary messages (noVNC, MQTT, most TCP protocols).
+    Binary,
+    /// Text messages; backend bytes must be UTF-8.
+    Text,
+}
+
+/// What a client sees when the backend cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// Complete the upgrade, then close at once with 1013 and the reason (a page can read it).
+    Close,
+    /// Refuse the upgrade with HTTP 502 (refused), 504 (timed out) or 503 (other).
+    Http,
+}
+
+/// Bounds on what one gateway instance holds. Each has a documented default (docs/config.md).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Client sockets open at once, handshaking or upgraded. Beyond it new sockets are closed.
+    pub max_connections: usize,
+    /// Client sockets in TLS or HTTP handshake at once. Beyond it new sockets are closed.
+    pub max_handshakes: usize,
+    /// Time a client has from connect to a complete HTTP request (TLS included).
+    pub handshake_timeout: Duration,
+    /// Largest WebSocket message (fragments joined) or frame accepted from a client.
+    pub max_message_bytes: usize,
+    /// Read buffer of each client WebSocket, allocated up front for the session's life.
+    pub ws_read_buffer_bytes: usize,
+    /// Largest single read from a backend, and so the largest message sent to a client.
+    pub backend_read_bytes: usize,
+    /// Time allowed to connect a backend, all resolved addresses included.
+    pub connect_timeout: Duration,
+    /// Time allowed for the closing handshake: waiting for the client's Close reply, or for
+    /// the backend to finish after the client closed.
+    pub close_timeout: Duration,
+}
+
+/// Built-in helper services.
+#[derive(Debug, Clone, Default)]
+pub struct Builtin {
+    /// Address of the built-in TCP echo service, when enabled.
+    pub tcp_echo: Option<SocketAddr>,
+}
+
+/// How shutdown proceeds.
+#[derive(Debug, Clone)]
+pub struct Shutdown {
+    /// After the signal, how long sessions have to close before they are dropped.
+    pub grace: Duration,
+}
+
+/// One problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file.
+    pub file: PathBuf,
+    /// 1-based line and column, when the problem has a position in the file.
+    pub position: Option<(usize, usize)>,
+    /// The dotted key (`routes.vnc.backend`), or empty when the problem is with the whole file.
+    pub key: String,
+    /// What is wrong, lower-case, no trailing period.
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some((line, col)) = self.position {
+            write!(f, ":{line}:{col}")?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.problem)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Every problem found in a config file; never empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Reads and validates the file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_path_buf(),
+            position: None,
+            key: String::new(),
+            problem: format!("cannot read file: {e}"),
+        }])
+    })?;
+    parse(&text, path)
+}
+
+/// Validates `text` as if read from `path` (which names the file in errors and anchors relative
+/// paths).
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigErrors(vec![toml_error(&e, text, path)]))?;
+    let mut v = Validator { file: path.to_path_buf(), dir: base_dir(path), errors: Vec::new() };
+    let config = v.config(raw);
+    if v.errors.is_empty() { Ok(config) } else { Err(ConfigErrors(v.errors)) }
+}
+
+fn base_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::new(),
+    }
+}
+
+// ---- Stage one: the TOML as written. ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    listeners: BTreeMap<String, RawListener>,
+    #[serde(default)]
+    routes: BTreeMap<String, RawRoute>,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    builtin: RawBuiltin,
+    #[serde(default)]
+    shutdown: RawShutdown,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    address: String,
+    tls: Option<RawTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: String,
+    key: String,
+    #[serde(default)]
+    generate_self_signed: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    path: String,
+    #[serde(rename = "match")]
+    path_match: Option<String>,
+    host: Option<String>,
+    backend: String,
+    #[serde(default)]
+    allowed_origins: Vec<String>,
+    outbound: Option<String>,
+    on_backend_unavailable: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections: Option<u64>,
+    max_handshakes: Option<u64>,
+    handshake_timeout_secs: Option<Seconds>,
+    max_message_bytes: Option<u64>,
+    ws_read_buffer_bytes: Option<u64>,
+    backend_read_bytes: Option<u64>,
+    connect_timeout_secs: Option<Seconds>,
+    close_timeout_secs: Option<Seconds>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBuiltin {
+    tcp_echo: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawShutdown {
+    grace_secs: Option<Seconds>,
+}
+
+/// A duration in seconds, written as an integer or a decimal (`5`, `0.25`).
+#[derive(Deserialize, Clone, Copy)]
+#[serde(untagged)]
+enum Seconds {
+    Whole(i64),
+    Fraction(f64),
+}
+
+// ---- Defaults and bounds: one place, mirrored in docs/config.md and config.toml. ----
+
+const DEFAULT_MAX_CONNECTIONS: u64 = 10_000;
+const DEFAULT_MAX_HANDSHAKES: u64 = 256;
+const DEFAULT_HANDSHAKE_TIMEOUT_SECS: f64 = 10.0;
+/// 10 MiB: above the 10,000,000 bytes a page may hand `send` in one ArrayBuffer.
+const DEFAULT_MAX_MESSAGE_BYTES: u64 = 10 * 1024 * 1024;
+/// Small on purpose: tungstenite allocates its read buffer when the session starts and keeps it
+/// until the end, so this is paid by every idle session. 16 KiB still reads a large message in
+/// few system calls. (tungstenite's own default, 128 KiB, would cost 1.2 GiB per 10,000 sessions.)
+const DEFAULT_WS_READ_BUFFER_BYTES: u64 = 16 * 1024;
+/// One backend read becomes one message; 16 KiB matches a TLS record.
+const DEFAULT_BACKEND_READ_BYTES: u64 = 16 * 1024;
+const DEFAULT_CONNECT_TIMEOUT_SECS: f64 = 5.0;
+const DEFAULT_CLOSE_TIMEOUT_SECS: f64 = 5.0;
+const DEFAULT_SHUTDOWN_GRACE_SECS: f64 = 10.0;
+const MAX_SECS: f64 = 86_400.0;
+
+// ---- Stage two: validation into typed values. ----
+
+struct Validator {
+    file: PathBuf,
+    dir: PathBuf,
+    errors: Vec<ConfigError>,
+}
+
+impl Validator {
+    fn fail(&mut self, key: impl Into<String>, problem: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.clone(),
+            position: None,
+            key: key.into(),
+            problem: problem.into(),
+        });
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Config {
+        if raw.listeners.is_empty() {
+            self.fail("listeners", "at least one listener is required, e.g. [listeners.plain] address = \"127.0.0.1:8080\"");
+        }
+        if raw.routes.is_empty() {
+            self.fail("routes", "at least one route is required, e.g. [routes.echo] path = \"/echo\" backend = \"builtin:echo\"");
+        }
+        let listeners: Vec<Listener> = raw.listeners.into_iter().filter_map(|(n, l)| self.listener(n, l)).collect();
+        self.check_distinct_addresses(&listeners);
+        let routes: Vec<Route> = raw.routes.into_iter().filter_map(|(n, r)| self.route(n, r)).collect();
+        self.check_distinct_routes(&routes);
+        let limits = self.limits(raw.limits);
+        let builtin = Builtin {
+            tcp_echo: raw.builtin.tcp_echo.and_then(|a| self.socket_addr("builtin.tcp_echo", &a)),
+        };
+        let shutdown = Shutdown {
+            grace: self.seconds("shutdown.grace_secs", raw.shutdown.grace_secs, DEFAULT_SHUTDOWN_GRACE_SECS),
+        };
+        Config { path: self.file.clone(), listeners, routes, limits, builtin, shutdown }
+    }
+
+    fn listener(&mut self, name: String, raw: RawListener) -> Option<Listener> {
+        let key = format!("listeners.{name}");
+        let address = self.socket_addr(&format!("{key}.address"), &raw.address);
+        let tls = raw.tls.map(|t| TlsFiles {
+            cert: self.file_path(&format!("{key}.tls.cert"), &t.cert),
+            key: self.file_path(&format!("{key}.tls.key"), &t.key),
+            generate_self_signed: t.generate_self_signed,
+        });
+        Some(Listener { name, address: address?, tls })
+    }
+
+    fn check_distinct_addresses(&mut self, listeners: &[Listener]) {
+        for (i, a) in listeners.iter().enumerate() {
+            for b in &listeners[..i] {
+                if a.address == b.address && a.address.port() != 0 {
+                    self.fail(
+                        format!("listeners.{}.address", a.name),
+                        format!("{} is also the address of listener \"{}\"", a.address, b.name),
+                    );
+                }
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, key: &str, value: &str) -> Option<SocketAddr> {
+        match value.parse() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.fail(key, format!("{value:?} is not an IP address with a port, e.g. \"127.0.0.1:8080\" or \"[::1]:8080\""));
+                None
+            }
+        }
+    }
+
+    fn file_path(&mut self, key: &str, value: &str) -> PathBuf {
+        if value.is_empty() {
+            self.fail(key, "must name a file");
+        }
+        self.dir.join(value)
+    }
+
+    fn route(&mut self, name: String, raw: RawRoute) -> Option<Route> {
+        let key = format!("routes.{name}");
+        let path = self.route_path(&key, raw.path);
+        let path_match = match raw.path_match.as_deref() {
+            None | Some("exact") => Some(PathMatch::Exact),
+            Some("prefix") => Some(PathMatch::Prefix),
+            Some(other) => {
+                self.fail(format!("{key}.match"), format!("{other:?} is not one of \"exact\", \"prefix\""));
+                None
+            }
+        };
+        let host = match raw.host {
+            None => Some(None),
+            Some(h) => self.host_pattern(&format!("{key}.host"), &h).map(Some),
+        };
+        let backend = self.backend(&format!("{key}.backend"), &raw.backend);
+        let allowed_origins = self.origins(&format!("{key}.allowed_origins"), raw.allowed_origins);
+        let outbound = match raw.outbound.as_deref() {
+            None | Some("binary") => Some(Outbound::Binary),
+            Some("text") => Some(Outbound::Text),
+            Some(other) => {
+                self.fail(format!("{key}.outbound"), format!("{other:?} is not one of \"binary\", \"text\""));
+                None
+            }
+        };
+        let on_backend_unavailable = match raw.on_backend_unavailable.as_deref() {
+            None | Some("close") => Some(Unavailable::Close),
+            Some("http") => Some(Unavailable::Http),
+            Some(other) => {
+                self.fail(
+                    format!("{key}.on_backend_unavailable"),
+                    format!("{other:?} is not one of \"close\", \"http\""),
+                );
+                None
+            }
+        };
+        Some(Route {
+            name,
+            path: path?,
+            path_match: path_match?,
+            host: host?,
+            backend: backend?,
+            allowed_origins: allowed_origins?,
+            outbound: outbound?,
+            on_backend_unavailable: on_backend_unavailable?,
+        })
+    }
+
+    fn route_path(&mut self, key: &str, path: String) -> Option<String> {
+        let key = format!("{key}.path");
+        if !path.starts_with('/') {
+            self.fail(key, format!("{path:?} must start with \"/\""));
+            None
+        } else if path.contains(['?', '#']) || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            self.fail(key, format!("{path:?} must be a plain path: no query, fragment or spaces"));
+            None
+        } else {
+            Some(path)
+        }
+    }
+
+    fn host_pattern(&mut self, key: &str, host: &str) -> Option<HostPattern> {
+        let lower = host.to_ascii_lowercase();
+        let (wild, name) = match lower.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, lower.as_str()),
+        };
+        let valid = !name.is_empty()
+            && name.split('.').all(|label| {
+                !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !valid {
+            self.fail(key, format!("{host:?} is not a host name or \"*.\" followed by one (no port, no scheme)"));
+            return None;
+        }
+        Some(if wild { HostPattern::Wildcard(format!(".{name}")) } else { HostPattern::Exact(name.to_string()) })
+    }
+
+    fn backend(&mut self, key: &str, value: &str) -> Option<Backend> {
+        if let Some(kind) = value.strip_prefix("builtin:") {
+            return match kind {
+                "echo" => Some(Backend::Echo),
+                _ => {
+                    self.fail(key, format!("{value:?}: the only built-in backend is \"builtin:echo\""));
+                    None
+                }
+            };
+        }
+        let target = value.strip_prefix("tcp://").unwrap_or(value);
+        match split_host_port(target) {
+            Ok((host, port)) => Some(Backend::Tcp { host, port }),
+            Err(problem) => {
+                self.fail(key, format!("{value:?} {problem}"));
+                None
+            }
+        }
+    }
+
+    fn origins(&mut self, key: &str, list: Vec<String>) -> Option<AllowedOrigins> {
+        if list.iter().any(|o| o == "*") {
+            if list.len() > 1 {
+                self.fail(key, "\"*\" allows every origin and cannot be combined with others");
+                return None;
+            }
+            return Some(AllowedOrigins::Any);
+        }
+        let mut out = Vec::with_capacity(list.len());
+        for origin in list {
+            match normalize_origin(&origin) {
+                Some(o) => out.push(o),
+                None => self.fail(
+                    key,
+                    format!("{origin:?} is not an origin like \"https://app.example.com\" (scheme and host, optional port, no path)"),
+                ),
+            }
+        }
+        Some(AllowedOrigins::List(out))
+    }
+
+    fn limits(&mut self, raw: RawLimits) -> Limits {
+        Limits {
+            max_connections: self.count("limits.max_connections", raw.max_connections, DEFAULT_MAX_CONNECTIONS, 1, 1_000_000),
+            max_handshakes: self.count("limits.max_handshakes", raw.max_handshakes, DEFAULT_MAX_HANDSHAKES, 1, 100_000),
+            handshake_timeout: self.seconds("limits.handshake_timeout_secs", raw.handshake_timeout_secs, DEFAULT_HANDSHAKE_TIMEOUT_SECS),
+            max_message_bytes: self.count("limits.max_message_bytes", raw.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES, 1024, 1 << 30),
+            ws_read_buffer_bytes: self.count(
+                "limits.ws_read_buffer_bytes",
+                raw.ws_read_buffer_bytes,
+                DEFAULT_WS_READ_BUFFER_BYTES,
+                1024,
+                16 << 20,
+            ),
+            backend_read_bytes: self.count(
+                "limits.backend_read_bytes",
+                raw.backend_read_bytes,
+                DEFAULT_BACKEND_READ_BYTES,
+                1024,
+                16 << 20,
+            ),
+            connect_timeout: self.seconds("limits.connect_timeout_secs", raw.connect_timeout_secs, DEFAULT_CONNECT_TIMEOUT_SECS),
+            close_timeout: self.seconds("limits.close_timeout_secs", raw.close_timeout_secs, DEFAULT_CLOSE_TIMEOUT_SECS),
+        }
+    }
+
+    fn count(&mut self, key: &str, value: Option<u64>, default: u64, min: u64, max: u64) -> usize {
+        let v = value.unwrap_or(default);
+        if !(min..=max).contains(&v) {
+            self.fail(key, format!("{v} is out of range {min}..={max}"));
+            return default as usize;
+        }
+        // In range, and the range fits in usize on every platform we build for (>= 32 bits).
+        usize::try_from(v).unwrap_or(usize::MAX)
+    }
+
+    fn seconds(&mut self, key: &str, value: Option<Seconds>, default: f64) -> Duration {
+        let secs = match value {
+            None => default,
+            Some(Seconds::Whole(n)) => n as f64,
+            Some(Seconds::Fraction(f)) => f,
+        };
+        if !(secs > 0.0 && secs <= MAX_SECS) {
+            self.fail(key, format!("{secs} is out of range: more than 0 and at most {MAX_SECS} seconds"));
+            return Duration::from_secs_f64(default);
+        }
+        Duration::from_secs_f64(secs)
+    }
+
+    fn check_distinct_routes(&mut self, routes: &[Route]) {
+        for (i, a) in routes.iter().enumerate() {
+            for b in &routes[..i] {
+                if a.path == b.path && a.path_match == b.path_match && a.host == b.host {
+                    self.fail(
+                        format!("routes.{}", a.name),
+                        format!("matches exactly the same requests as route \"{}\" (same path, match and host)", b.name),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Splits `host:port` / `[v6]:port`; the error completes a sentence starting with the value.
+fn split_host_port(s: &str) -> Result<(String, u16), &'static str> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, after) = rest.split_once(']').ok_or("has an unclosed \"[\"")?;
+        let p = after.strip_prefix(':').ok_or("has no port")?;
+        (h, p)
+    } else {
+        let (h, p) = s.rsplit_once(':').ok_or("has no port")?;
+        if h.contains(':') {
+            return Err("has an IPv6 address without brackets, write \"[::1]:5900\"");
+        }
+        (h, p)
+    };
+    if host.is_empty() {
+        return Err("has no host");
+    }
+    if host.contains(['/', ' ', '@']) {
+        return Err("is not host:port");
+    }
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => Err("has no valid port (1-65535)"),
+        Ok(p) => Ok((host.to_string(), p)),
+    }
+}
+
+/// Normalises an origin to lower-case `scheme://host[:port]`, dropping the scheme's default port,
+/// the same way the policy module normalises request origins. `None` when it is not an origin.
+pub fn normalize_origin(origin: &str) -> Option<String> {
+    let lower = origin.trim_end_matches('/').to_ascii_lowercase();
+    let (scheme, rest) = lower.split_once("://")?;
+    let default_port = match scheme {
+        "http" => "80",
+        "https" => "443",
+        _ => return None,
+    };
+    if rest.is_empty() || rest.contains(['/', '?', '#', '@', ' ']) {
+        return None;
+    }
+    // Split host and port; an IPv6 host keeps its brackets.
+    let (host, port) = match rest.strip_prefix('[') {
+        Some(v6) => {
+            let (addr, after) = v6.split_once(']')?;
+            (&rest[..addr.len() + 2], after.strip_prefix(':'))
+        }
+        None => match rest.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (rest, None),
+        },
+    };
+    if host.is_empty() || host.trim_matches(['[', ']']).is_empty() {
+        return None;
+    }
+    let hostport = match port {
+        None => host.to_string(),
+        Some(p) if p.parse::<u16>().is_err() => return None,
+        Some(p) if p == default_port => host.to_string(),
+        Some(p) => format!("{host}:{p}"),
+    };
+    Some(format!("{scheme}://{hostport}"))
+}
+
+/// Turns a toml error into one line, naming the key where the file shows it.
+fn toml_error(err: &toml::de::Error, text: &str, path: &Path) -> ConfigError {
+    let message = err.message().trim().trim_end_matches('.').to_string();
+    let (position, key) = match err.span() {
+        Some(span) => {
+            let (line, col) = line_col(text, span.start);
+            (Some((line, col)), key_at(text, line, &message))
+        }
+        None => (None, String::new()),
+    };
+    ConfigError { file: path.to_path_buf(), position, key, problem: message }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// The dotted key at 1-based `line`: the nearest table header above it plus the key on the line.
+/// For "missing field `x`" the error points at the table, so the field comes from the message.
+fn key_at(text: &str, line: usize, message: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let here = lines.get(line.saturating_sub(1)).copied().unwrap_or("").trim();
+    let header = |l: &str| -> Option<String> {
+        let l = l.trim();
+        let inner = l.strip_prefix("[[").and_then(|r| r.split_once("]]")).map(|(h, _)| h)
+            .or_else(|| l.strip_prefix('[').and_then(|r| r.split_once(']')).map(|(h, _)| h))?;
+        Some(inner.trim().replace(['"', '\''], ""))
+    };
+    let table = lines[..line.saturating_sub(1).min(lines.len())].iter().rev().find_map(|l| header(l));
+    let missing = message.strip_prefix("missing field `").and_then(|r| r.split_once('`')).map(|(f, _)| f.to_string());
+    let join = |t: Option<String>, k: String| match t {
+        Some(t) if !t.is_empty() => format!("{t}.{k}"),
+        _ => k,
+    };
+    if let Some(h) = header(here) {
+        return match missing {
+            Some(field) => format!("{h}.{field}"),
+            None => h,
+        };
+    }
+    if let Some((k, _)) = here.split_once('=') {
+        let k = k.trim().replace(['"', '\''], "");
+        return join(table, k);
+    }
+    match missing {
+        Some(field) => join(table, field),
+        None => table.unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(text: &str) -> Config {
+        parse(text, Path::new("test.toml")).unwrap_or_else(|e| panic!("expected valid config, got:\n{e}"))
+    }
+
+    fn err(text: &str) -> String {
+        match parse(text, Path::new("test.toml")) {
+            Ok(_) => panic!("expected an error for:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    const MINIMAL: &str = r#"
+[listeners.plain]
+address = "127.0.0.1:8080"
+[routes.echo]
+path = "/echo"
+backend = "builtin:echo"
+"#;
+
+    /// The defaults documented in docs/config.md are the ones applied.
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = ok(MINIMAL);
+        assert_eq!(c.limits.max_connections, 10_000);
+        assert_eq!(c.limits.max_handshakes, 256);
+        assert_eq!(c.limits.max_message_bytes, 10_485_760);
+        assert_eq!(c.limits.ws_read_buffer_bytes, 16_384);
+        assert_eq!(c.limits.backend_read_bytes, 16_384);
+        assert_eq!(c.limits.connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.limits.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.limits.close_timeout, Duration::from_secs(5));
+        assert_eq!(c.shutdown.grace, Duration::from_secs(10));
+        let r = &c.routes[0];
+        assert_eq!(r.path_match, PathMatch::Exact);
+        assert_eq!(r.outbound, Outbound::Binary);
+        assert_eq!(r.on_backend_unavailable, Unavailable::Close);
+        assert_eq!(r.allowed_origins, AllowedOrigins::List(vec![]));
+        assert_eq!(c.listeners[0].scheme(), "ws");
+    }
+
+    #[test]
+    fn backend_without_port_names_route_and_key() {
+        let e = err(&MINIMAL.replace("builtin:echo", "localhost"));
+        assert_eq!(e, "test.toml: routes.echo.backend: \"localhost\" has no port");
+    }
+
+    #[test]
+    fn backends_parse_with_and_without_scheme() {
+        let c = ok(&MINIMAL.replace("builtin:echo", "tcp://[::1]:5900"));
+        assert_eq!(c.routes[0].backend, Backend::Tcp { host: "::1".into(), port: 5900 });
+        assert_eq!(c.routes[0].backend.to_string(), "[::1]:5900");
+        let c = ok(&MINIMAL.replace("builtin:echo", "vnc.internal:5900"));
+        assert_eq!(c.routes[0].backend, Backend::Tcp { host: "vnc.internal".into(), port: 5900 });
+        assert!(err(&MINIMAL.replace("builtin:echo", "host:0")).contains("no valid port"));
+        assert!(err(&MINIMAL.replace("builtin:echo", "::1:5900")).contains("brackets"));
+        assert!(err(&MINIMAL.replace("builtin:echo", "builtin:ftp")).contains("builtin:echo"));
+    }
+
+    #[test]
+    fn unknown_key_keeps_line_and_column_and_names_the_key() {
+        let e = err(&format!("{MINIMAL}bogus = 1\n"));
+        assert!(e.starts_with("test.toml:7:1: routes.echo.bogus: unknown field `bogus`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let e = err(&format!("{MINIMAL}[limits]\nmax_connections = \"many\"\n"));
+        assert!(e.starts_with("test.toml:8:"), "{e}");
+        assert!(e.contains("limits.max_connections"), "{e}");
+    }
+
+    #[test]
+    fn missing_field_names_the_key() {
+        let e = err("[listeners.plain]\naddress = \"127.0.0.1:1\"\n[routes.echo]\npath = \"/echo\"\n");
+        assert!(e.contains("routes.echo.backend") && e.contains("missing field"), "{e}");
+    }
+
+    #[test]
+    fn all_problems_are_listed_one_per_line() {
+        let e = err(
+            "[listeners.a]\naddress = \"nope\"\n[routes.r]\npath = \"echo\"\nbackend = \"x\"\n[limits]\nmax_connections = 0\n",
+        );
+        let lines: Vec<&str> = e.lines().collect();
+        assert_eq!(lines.len(), 4, "{e}");
+        assert!(lines.iter().any(|l| l.contains("listeners.a.address")));
+        assert!(lines.iter().any(|l| l.contains("routes.r.path")));
+        assert!(lines.iter().any(|l| l.contains("routes.r.backend")));
+        assert!(lines.iter().any(|l| l.contains("limits.max_connections: 0 is out of range")));
+    }
+
+    #[test]
+    fn relative_tls_paths_resolve_against_the_config_directory() {
+        let text = format!("{MINIMAL}[listeners.secure]\naddress = \"127.0.0.1:8443\"\ntls = {{ cert = \"c.pem\", key = \"k.pem\" }}\n");
+        let c = parse(&text, Path::new("/etc/wsgate/config.toml")).unwrap();
+        let tls = c.listeners.iter().find(|l| l.name == "secure").unwrap().tls.clone().unwrap();
+        assert_eq!(tls.cert, Path::new("/etc/wsgate/c.pem"));
+        assert_eq!(tls.key, Path::new("/etc/wsgate/k.pem"));
+        assert!(!tls.generate_self_signed, "generation is off unless the config asks for it");
+    }
+
+    #[test]
+    fn origins_normalise_and_star_stands_alone() {
+        assert_eq!(normalize_origin("HTTPS://App.Example.com:443/"), Some("https://app.example.com".into()));
+        assert_eq!(normalize_origin("http://localhost:8080"), Some("http://localhost:8080".into()));
+        assert_eq!(normalize_origin("http://[::1]:8080"), Some("http://[::1]:8080".into()));
+        assert_eq!(normalize_origin("ftp://x"), None);
+        assert_eq!(normalize_origin("https://x/path"), None);
+        assert!(err(&format!("{MINIMAL}allowed_origins = [\"*\", \"https://a\"]\n")).contains("routes.echo.allowed_origins"));
+    }
+
+    #[test]
+    fn duplicate_routes_and_addresses_are_refused() {
+        let e = err(&format!("{MINIMAL}[routes.again]\npath = \"/echo\"\nbackend = \"builtin:echo\"\n"));
+        assert!(e.contains("routes.echo") && e.contains("\"again\""), "{e}");
+        let e = err(&format!("{MINIMAL}[listeners.other]\naddress = \"127.0.0.1:8080\"\n"));
+        assert!(e.contains("listeners.plain.address"), "{e}");
+    }
+
+    #[test]
+    fn host_patterns() {
+        let c = ok(&format!("{MINIMAL}host = \"*.Example.com\"\n"));
+        let h = c.routes[0].host.clone().unwrap();
+        assert!(h.matches("a.example.com") && h.matches("a.b.example.com"));
+        assert!(!h.matches("example.com") && !h.matches("badexample.com"));
+        assert!(err(&format!("{MINIMAL}host = \"example.com:80\"\n")).contains("routes.echo.host"));
+    }
+}

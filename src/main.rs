@@ -1,0 +1,135 @@
+//! The `wsgate` command: parses arguments, sets up logging, loads the config, runs the gateway
+//! until a signal, and turns every failure into one readable line and an exit code.
+//!
+//! Signals: SIGTERM (what Kubernetes and systemd send) and SIGINT (Ctrl-C) both start a graceful
+//! shutdown: stop accepting, close every session with 1001, wait up to `shutdown.grace_secs`.
+//! A second SIGINT or SIGTERM during that wait exits at once.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+use wsgate::config::{self, Config};
+
+#[derive(Parser)]
+#[command(name = "wsgate", version, about = "WebSocket-to-TCP gateway: wss:// in front, plain TCP services behind")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default when no command is given).
+    Run {
+        /// Config file; relative paths inside it are relative to its directory.
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config file and print a summary; exit 1 with one line per problem if invalid.
+    Check {
+        /// Config file to check.
+        #[arg(default_value = "config.toml")]
+        path: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run { config: PathBuf::from("config.toml") }) {
+        Command::Check { path } => check(&path),
+        Command::Run { config } => {
+            init_logging();
+            match run(&config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("wsgate: error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging() {
+    // RUST_LOG takes the usual tracing filter syntax, e.g. `RUST_LOG=wsgate=debug`.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+}
+
+fn load(path: &Path) -> Result<Config, config::ConfigErrors> {
+    config::load(path)
+}
+
+fn check(path: &Path) -> ExitCode {
+    match load(path) {
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            ExitCode::FAILURE
+        }
+        Ok(config) => {
+            println!("{}: ok", path.display());
+            for l in &config.listeners {
+                print!("listener {:<12} {}://{}", l.name, l.scheme(), l.address);
+                if let Some(tls) = &l.tls {
+                    let state = if tls.cert.exists() && tls.key.exists() {
+                        "present"
+                    } else if tls.generate_self_signed {
+                        "missing: a development pair will be generated at start"
+                    } else {
+                        "MISSING: start-up will fail"
+                    };
+                    print!("  cert {} ({state})", tls.cert.display());
+                }
+                println!();
+            }
+            for r in &config.routes {
+                let host = r.host.as_ref().map(|h| format!("{h} ")).unwrap_or_default();
+                let m = if r.path_match == config::PathMatch::Prefix { " (prefix)" } else { "" };
+                println!("route    {:<12} {host}{}{m} -> {}", r.name, r.path, r.backend);
+            }
+            if let Some(addr) = config.builtin.tcp_echo {
+                println!("builtin  tcp_echo     {addr}");
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn run(path: &Path) -> anyhow::Result<()> {
+    let config = load(path).map_err(|errors| anyhow::anyhow!("invalid config:\n{errors}"))?;
+    let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
+    runtime.block_on(async {
+        let gateway = wsgate::Gateway::bind(config).await?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(watch_signals(shutdown.clone()));
+        gateway.run(shutdown).await;
+        Ok(())
+    })
+}
+
+/// First SIGTERM/SIGINT: graceful shutdown. Second: exit now.
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop wsgate with SIGKILL");
+        return;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = name, "graceful shutdown requested; send it again to exit at once");
+    shutdown.cancel();
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::warn!("second signal: exiting now");
+    std::process::exit(130);
+}

@@ -1,0 +1,133 @@
+//! Picks the route for a request from its `Host` and path. Pure: request parts in, route out.
+//!
+//! Precedence follows nginx, where the server name is chosen before the location: a route whose
+//! `host` matches exactly beats a wildcard host (longer suffix first), which beats a route with no
+//! `host`; among those, an exact path beats a prefix, and a longer prefix beats a shorter one.
+//! The query string never takes part (the server passes only the path).
+
+use std::sync::Arc;
+
+use crate::config::{HostPattern, PathMatch, Route};
+
+/// The compiled route table of one config snapshot.
+#[derive(Debug, Clone)]
+pub struct Router {
+    routes: Vec<Arc<Route>>,
+}
+
+impl Router {
+    /// Builds the table; the routes were validated by `config`, so this cannot fail.
+    pub fn new(routes: &[Route]) -> Self {
+        Router { routes: routes.iter().cloned().map(Arc::new).collect() }
+    }
+
+    /// The best route for `host` (as sent, port allowed) and `path`, if any.
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
+        let host = host.map(normalize_host);
+        self.routes
+            .iter()
+            .filter(|r| path_matches(r, path))
+            .filter_map(|r| host_rank(r.host.as_ref(), host.as_deref()).map(|h| (h, r)))
+            .max_by_key(|(h, r)| (*h, r.path_match == PathMatch::Exact, r.path.len()))
+            .map(|(_, r)| r)
+    }
+}
+
+fn path_matches(route: &Route, path: &str) -> bool {
+    match route.path_match {
+        PathMatch::Exact => path == route.path,
+        PathMatch::Prefix => match path.strip_prefix(route.path.as_str()) {
+            Some(rest) => rest.is_empty() || route.path.ends_with('/') || rest.starts_with('/'),
+            None => false,
+        },
+    }
+}
+
+/// `None` when the route's host pattern excludes the request; otherwise a rank, higher is more
+/// specific: (class, wildcard suffix length).
+fn host_rank(pattern: Option<&HostPattern>, host: Option<&str>) -> Option<(u8, usize)> {
+    match (pattern, host) {
+        (None, _) => Some((0, 0)),
+        (Some(_), None) => None,
+        (Some(p @ HostPattern::Exact(_)), Some(h)) => p.matches(h).then_some((2, 0)),
+        (Some(p @ HostPattern::Wildcard(suffix)), Some(h)) => p.matches(h).then_some((1, suffix.len())),
+    }
+}
+
+/// Lower-cases a `Host` value and removes its port and any trailing dot (`Example.com.:443` →
+/// `example.com`). IPv6 literals keep their brackets.
+pub fn normalize_host(host: &str) -> String {
+    let host = host.trim();
+    let name = if host.starts_with('[') {
+        host.split_once(']').map_or(host.to_string(), |(h, _)| format!("{h}]"))
+    } else {
+        host.split(':').next().unwrap_or(host).to_string()
+    };
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{AllowedOrigins, Backend, Outbound, Unavailable};
+
+    fn route(name: &str, path: &str, m: PathMatch, host: Option<HostPattern>) -> Route {
+        Route {
+            name: name.into(),
+            path: path.into(),
+            path_match: m,
+            host,
+            backend: Backend::Echo,
+            allowed_origins: AllowedOrigins::Any,
+            outbound: Outbound::Binary,
+            on_backend_unavailable: Unavailable::Close,
+        }
+    }
+
+    fn found(r: &Router, host: Option<&str>, path: &str) -> Option<String> {
+        r.find(host, path).map(|r| r.name.clone())
+    }
+
+    #[test]
+    fn exact_and_prefix_with_segment_boundaries() {
+        let r = Router::new(&[
+            route("exact", "/vnc", PathMatch::Exact, None),
+            route("prefix", "/vnc", PathMatch::Prefix, None),
+            route("deeper", "/vnc/admin", PathMatch::Prefix, None),
+            route("slash", "/files/", PathMatch::Prefix, None),
+        ]);
+        assert_eq!(found(&r, None, "/vnc").as_deref(), Some("exact"));
+        assert_eq!(found(&r, None, "/vnc/").as_deref(), Some("prefix"));
+        assert_eq!(found(&r, None, "/vnc/x").as_deref(), Some("prefix"));
+        assert_eq!(found(&r, None, "/vnc/admin/1").as_deref(), Some("deeper"));
+        assert_eq!(found(&r, None, "/vncx"), None);
+        assert_eq!(found(&r, None, "/files/a").as_deref(), Some("slash"));
+        assert_eq!(found(&r, None, "/files"), None);
+        assert_eq!(found(&r, None, "/"), None);
+    }
+
+    #[test]
+    fn host_specificity_comes_first() {
+        let r = Router::new(&[
+            route("any", "/", PathMatch::Prefix, None),
+            route("wild", "/", PathMatch::Prefix, Some(HostPattern::Wildcard(".example.com".into()))),
+            route("deep-wild", "/", PathMatch::Prefix, Some(HostPattern::Wildcard(".a.example.com".into()))),
+            route("exact", "/", PathMatch::Prefix, Some(HostPattern::Exact("vnc.example.com".into()))),
+            route("any-long", "/long/path", PathMatch::Prefix, None),
+        ]);
+        assert_eq!(found(&r, Some("VNC.example.com:443"), "/x").as_deref(), Some("exact"));
+        assert_eq!(found(&r, Some("b.example.com"), "/x").as_deref(), Some("wild"));
+        assert_eq!(found(&r, Some("b.a.example.com"), "/x").as_deref(), Some("deep-wild"));
+        assert_eq!(found(&r, Some("other.org"), "/x").as_deref(), Some("any"));
+        assert_eq!(found(&r, None, "/x").as_deref(), Some("any"));
+        // A matching host beats a longer path on a host-less route, as in nginx.
+        assert_eq!(found(&r, Some("b.example.com"), "/long/path").as_deref(), Some("wild"));
+    }
+
+    #[test]
+    fn host_normalisation() {
+        assert_eq!(normalize_host("Example.COM.:8443"), "example.com");
+        assert_eq!(normalize_host("[::1]:8080"), "[::1]");
+        assert_eq!(normalize_host("localhost"), "localhost");
+    }
+}

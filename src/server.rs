@@ -1,0 +1,324 @@
+//! The client-facing listener: accept loop, connection and handshake limits, TLS, HTTP/1.1, and
+//! the upgrade decision for each request.
+//!
+//! Per request, in order: route by `Host` and path (404), check that it is a well-formed
+//! WebSocket upgrade (426 for a plain GET, 400 for a malformed upgrade), check the origin
+//! policy (403), dial the backend, and only then answer 101 and hand the socket to `session`.
+//! Dialling first means a client never sees `onopen` for a backend that is not there; how it
+//! learns of a dead backend instead is the route's choice (an in-band 1013 close, or HTTP 502/
+//! 503/504).
+//!
+//! Limits are semaphore permits held by the task they limit: a connection permit lives as long
+//! as the client socket (through the session), a handshake permit until the request is answered.
+//! At either limit a new socket is closed at once rather than queued.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode, Version};
+use hyper_tungstenite::tungstenite::protocol::WebSocketConfig;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::backend;
+use crate::config::{Backend, Limits, Unavailable};
+use crate::policy;
+use crate::router::Router;
+use crate::session::{self, Dialed};
+
+/// What every connection of one gateway instance shares.
+pub(crate) struct Shared {
+    pub router: Router,
+    pub limits: Limits,
+    pub connections: Arc<Semaphore>,
+    pub handshakes: Arc<Semaphore>,
+    pub next_session: AtomicU64,
+    /// Cancelled when a shutdown begins: stop accepting, close sessions with 1001.
+    pub stop: CancellationToken,
+    /// Cancelled when the grace period is over: drop whatever is left.
+    pub abort: CancellationToken,
+    /// Tracks every connection and session task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+}
+
+impl Shared {
+    fn ws_config(&self) -> WebSocketConfig {
+        let max = self.limits.max_message_bytes;
+        WebSocketConfig::default()
+            .read_buffer_size(self.limits.ws_read_buffer_bytes)
+            // Write each message at once: the pumps wait for it to reach the socket before reading
+            // more, which is what gives backpressure, so a write buffer would only add a copy.
+            .write_buffer_size(0)
+            // Bound for frames queued behind a slow client: one message (the echo route sends
+            // back up to `max`) plus control frames.
+            .max_write_buffer_size(max + 64 * 1024)
+            .max_message_size(Some(max))
+            .max_frame_size(Some(max))
+    }
+}
+
+/// One listener as the accept loop sees it.
+pub(crate) struct Listener {
+    pub name: String,
+    pub tcp: TcpListener,
+    pub tls: Option<TlsAcceptor>,
+}
+
+/// Accepts connections until a shutdown begins. Accept errors (such as running out of file
+/// descriptors) are logged and retried with a growing pause, never fatal.
+pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            accepted = listener.tcp.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(pair) => {
+                backoff = Duration::from_millis(10);
+                pair
+            }
+            Err(e) => {
+                warn!(listener = %listener.name, error = %e, pause = ?backoff, "accept failed; pausing");
+                tokio::select! {
+                    _ = shared.stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(conn_permit) = shared.connections.clone().try_acquire_owned() else {
+            warn!(listener = %listener.name, client.addr = %peer, "connection limit reached (limits.max_connections); closing");
+            continue;
+        };
+        let Ok(handshake_permit) = shared.handshakes.clone().try_acquire_owned() else {
+            warn!(listener = %listener.name, client.addr = %peer, "handshake limit reached (limits.max_handshakes); closing");
+            continue;
+        };
+        let span = info_span!("conn", listener = %listener.name, client.addr = %peer);
+        let conn = Connection { peer, secure: listener.tls.is_some(), permit: Arc::new(conn_permit) };
+        let tls = listener.tls.clone();
+        let shared2 = shared.clone();
+        shared.tasks.spawn(
+            async move {
+                let abort = shared2.abort.clone();
+                tokio::select! {
+                    _ = abort.cancelled() => {}
+                    _ = handle_connection(tcp, tls, conn, handshake_permit, shared2) => {}
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// A client connection, as requests on it see it.
+struct Connection {
+    peer: SocketAddr,
+    secure: bool,
+    /// Held by the connection task and by the session it upgrades to; the socket counts against
+    /// `max_connections` until both are done.
+    permit: Arc<OwnedSemaphorePermit>,
+}
+
+async fn handle_connection(
+    tcp: TcpStream,
+    tls: Option<TlsAcceptor>,
+    conn: Connection,
+    handshake_permit: OwnedSemaphorePermit,
+    shared: Arc<Shared>,
+) {
+    let _ = tcp.set_nodelay(true);
+    let conn = Arc::new(conn);
+    match tls {
+        None => serve_http(tcp, conn, shared).await,
+        Some(acceptor) => {
+            let timeout = shared.limits.handshake_timeout;
+            match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => serve_http(stream, conn, shared).await,
+                Ok(Err(e)) => debug!(error = %e, "tls handshake failed"),
+                Err(_) => debug!(?timeout, "tls handshake timed out (limits.handshake_timeout_secs)"),
+            }
+        }
+    }
+    drop(handshake_permit);
+}
+
+async fn serve_http<IO>(io: IO, conn: Arc<Connection>, shared: Arc<Shared>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = {
+        let shared = shared.clone();
+        service_fn(move |req| respond(req, conn.clone(), shared.clone()))
+    };
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.limits.handshake_timeout)
+        // Bounds the request head; a WebSocket upgrade needs a few hundred bytes. (hyper's
+        // minimum is 8 KiB.)
+        .max_buf_size(16 * 1024)
+        .keep_alive(true);
+    let http = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
+    tokio::pin!(http);
+    tokio::select! {
+        result = http.as_mut() => if let Err(e) = result { debug!(error = %e, "http connection ended with an error") },
+        _ = shared.stop.cancelled() => {
+            // Finish the request in progress, if any, then close.
+            http.as_mut().graceful_shutdown();
+            let _ = http.await;
+        }
+    }
+}
+
+async fn respond(
+    mut req: Request<Incoming>,
+    conn: Arc<Connection>,
+    shared: Arc<Shared>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()));
+    let path = req.uri().path().to_owned();
+    let Some(route) = shared.router.find(host.as_deref(), &path).cloned() else {
+        debug!(%path, "no route");
+        return Ok(text(StatusCode::NOT_FOUND, &format!("no route for {path}")));
+    };
+    if let Err(refusal) = check_upgrade(&req) {
+        debug!(route = %route.name, status = refusal.status().as_u16(), "not a valid websocket upgrade");
+        return Ok(refusal);
+    }
+    let origin = req.headers().get(header::ORIGIN).map(|v| v.to_str().unwrap_or("(not text)"));
+    if let Err(refusal) = policy::check_origin(&route, origin, host.as_deref(), conn.secure) {
+        warn!(route = %route.name, status = refusal.status, reason = %refusal.reason, "request refused");
+        let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::FORBIDDEN);
+        return Ok(text(status, &refusal.reason));
+    }
+
+    let dialed = match &route.backend {
+        Backend::Echo => Dialed::Echo,
+        Backend::Tcp { host, port } => match backend::connect(host, *port, shared.limits.connect_timeout).await {
+            Ok(stream) => Dialed::Tcp(stream),
+            Err(e) => {
+                warn!(route = %route.name, error = %e, "backend unavailable");
+                if route.on_backend_unavailable == Unavailable::Http {
+                    let status = if e.is_timeout() {
+                        StatusCode::GATEWAY_TIMEOUT
+                    } else if e.kind() == "connection refused" {
+                        StatusCode::BAD_GATEWAY
+                    } else {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    };
+                    return Ok(text(status, &format!("backend unavailable: {}", e.kind())));
+                }
+                Dialed::Unavailable(e)
+            }
+        },
+    };
+
+    let (response, upgrade) = match hyper_tungstenite::upgrade(&mut req, Some(shared.ws_config())) {
+        Ok(pair) => pair,
+        Err(e) => return Ok(text(StatusCode::BAD_REQUEST, &format!("bad websocket upgrade: {e}"))),
+    };
+    let ctx = session::Context {
+        id: shared.next_session.fetch_add(1, Ordering::Relaxed),
+        route,
+        client_addr: conn.peer,
+        max_message_bytes: shared.limits.max_message_bytes,
+        backend_read_bytes: shared.limits.backend_read_bytes,
+        close_timeout: shared.limits.close_timeout,
+    };
+    let permit = conn.permit.clone();
+    let (stop, abort) = (shared.stop.clone(), shared.abort.clone());
+    shared.tasks.spawn(
+        async move {
+            tokio::select! {
+                _ = abort.cancelled() => warn!("session dropped at the end of the shutdown grace period"),
+                _ = session::run(upgrade, dialed, ctx, stop) => {}
+            }
+            drop(permit);
+        }
+        .in_current_span(),
+    );
+    Ok(response)
+}
+
+/// Checks that `req` is a WebSocket upgrade we can accept, or says why not with the response
+/// RFC 6455 (and RFC 9110) prescribe.
+fn check_upgrade(req: &Request<Incoming>) -> Result<(), Response<Full<Bytes>>> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        req.headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if !has_token(header::UPGRADE, "websocket") {
+        if req.method() == Method::GET || req.method() == Method::HEAD {
+            let mut r = text(StatusCode::UPGRADE_REQUIRED, "this is a WebSocket endpoint: connect with a WebSocket client");
+            r.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            return Err(r);
+        }
+        return Err(method_not_allowed());
+    }
+    if req.method() != Method::GET {
+        return Err(method_not_allowed());
+    }
+    if req.version() != Version::HTTP_11 {
+        return Err(text(StatusCode::BAD_REQUEST, "a WebSocket upgrade needs HTTP/1.1"));
+    }
+    if !has_token(header::CONNECTION, "upgrade") {
+        return Err(text(StatusCode::BAD_REQUEST, "a WebSocket upgrade needs \"Connection: Upgrade\""));
+    }
+    let version = req.headers().get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes);
+    if version != Some(b"13") {
+        let mut r = text(StatusCode::UPGRADE_REQUIRED, "unsupported Sec-WebSocket-Version: only 13 is supported");
+        r.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return Err(r);
+    }
+    let key_ok = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|k| base64::engine::general_purpose::STANDARD.decode(k.as_bytes()).ok())
+        .is_some_and(|k| k.len() == 16);
+    if !key_ok {
+        return Err(text(StatusCode::BAD_REQUEST, "missing or malformed Sec-WebSocket-Key"));
+    }
+    Ok(())
+}
+
+fn method_not_allowed() -> Response<Full<Bytes>> {
+    let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "a WebSocket upgrade must use GET");
+    r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
+    r
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}

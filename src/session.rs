@@ -1,0 +1,359 @@
+//! One upgraded WebSocket session: runs the pump for its route, decides how it ended, sends the
+//! one close frame that says so, and writes the session's log line.
+//!
+//! The server has already dialled the backend before answering the upgrade (so `onopen` means
+//! the backend is there); the session receives the result as [`Dialed`]. It is the only place
+//! that sees both sides, so it alone maps an ending to a close code: [`Outcome::close_frame`] is
+//! that mapping, and `docs/close-codes.md` mirrors it row for row.
+//!
+//! A session ends exactly once. Whichever side ends first decides the [`Outcome`]; the pump stops
+//! the other direction; the close frame is sent once; both sockets are released when `run`
+//! returns.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use hyper_tungstenite::HyperWebsocket;
+use hyper_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
+use hyper_tungstenite::tungstenite::protocol::CloseFrame;
+use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use hyper_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, field, info, info_span};
+
+use crate::backend::BackendError;
+use crate::bridge::{self, End, Framing, Stats};
+use crate::config::{Outbound, Route};
+use crate::echo;
+
+/// The backend side of a session, as the server found it before upgrading.
+#[derive(Debug)]
+pub enum Dialed {
+    /// A connected TCP backend.
+    Tcp(TcpStream),
+    /// The built-in echo: nothing to dial.
+    Echo,
+    /// The backend could not be reached; the session closes at once with 1013.
+    Unavailable(BackendError),
+}
+
+/// What a session needs besides its sockets.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// Unique within this gateway instance.
+    pub id: u64,
+    /// The matched route.
+    pub route: Arc<Route>,
+    /// The client's address.
+    pub client_addr: SocketAddr,
+    /// Largest message accepted from the client (named in the 1009 reason).
+    pub max_message_bytes: usize,
+    /// Largest single backend read.
+    pub backend_read_bytes: usize,
+    /// Time allowed for each closing handshake.
+    pub close_timeout: Duration,
+}
+
+/// Which side ended a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The WebSocket client.
+    Client,
+    /// The backend service.
+    Backend,
+    /// wsgate itself (shutdown).
+    Gateway,
+}
+
+impl Side {
+    fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Backend => "backend",
+            Side::Gateway => "gateway",
+        }
+    }
+}
+
+/// How a session ended, with enough detail to choose the close frame and write the log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The client sent Close with this code; tungstenite echoes it.
+    ClientClosed(Option<u16>),
+    /// The client's socket ended or failed without a Close; nothing can be sent.
+    ClientGone,
+    /// The client broke the protocol (bad opcode, unmasked frame, bad close code, ...).
+    ClientProtocolError(String),
+    /// A text message from the client was not UTF-8.
+    ClientInvalidUtf8,
+    /// A message from the client exceeded the limit.
+    ClientTooBig {
+        /// The configured limit in bytes.
+        limit: usize,
+    },
+    /// Writing to the client failed; nothing more can be sent.
+    ClientWriteFailed,
+    /// The backend closed its side after all its bytes were delivered.
+    BackendClosed,
+    /// The backend failed mid-session (reset, write error).
+    BackendFailed(String),
+    /// The backend sent bytes that are not UTF-8 on a text route.
+    BackendNotUtf8,
+    /// The backend could not be reached at all.
+    BackendUnavailable(&'static str),
+    /// The gateway is shutting down.
+    Shutdown,
+}
+
+impl Outcome {
+    /// Which side caused the ending.
+    pub fn side(&self) -> Side {
+        match self {
+            Outcome::ClientClosed(_)
+            | Outcome::ClientGone
+            | Outcome::ClientProtocolError(_)
+            | Outcome::ClientInvalidUtf8
+            | Outcome::ClientTooBig { .. }
+            | Outcome::ClientWriteFailed => Side::Client,
+            Outcome::BackendClosed
+            | Outcome::BackendFailed(_)
+            | Outcome::BackendNotUtf8
+            | Outcome::BackendUnavailable(_) => Side::Backend,
+            Outcome::Shutdown => Side::Gateway,
+        }
+    }
+
+    /// The close frame wsgate sends for this outcome: the whole close-code contract in one place
+    /// (docs/close-codes.md). `None` where wsgate sends none: the client closed (tungstenite
+    /// answers with the client's own code) or the client socket is gone.
+    pub fn close_frame(&self) -> Option<CloseFrame> {
+        let (code, reason): (u16, String) = match self {
+            Outcome::ClientClosed(_) | Outcome::ClientGone | Outcome::ClientWriteFailed => return None,
+            Outcome::BackendClosed => (1000, "backend closed the connection".into()),
+            Outcome::Shutdown => (1001, "gateway shutting down".into()),
+            Outcome::ClientProtocolError(detail) => (1002, format!("protocol error: {detail}")),
+            Outcome::ClientInvalidUtf8 => (1007, "text message is not valid UTF-8".into()),
+            Outcome::ClientTooBig { limit } => (1009, format!("message too big: limit is {limit} bytes")),
+            Outcome::BackendFailed(kind) => (1011, format!("backend error: {kind}")),
+            Outcome::BackendNotUtf8 => (1011, "backend sent bytes that are not UTF-8 on a text route".into()),
+            Outcome::BackendUnavailable(kind) => (1013, format!("backend unavailable: {kind}")),
+        };
+        Some(CloseFrame { code: CloseCode::from(code), reason: truncate_reason(&reason).to_string().into() })
+    }
+
+    fn from_end(end: End, max_message_bytes: usize) -> Outcome {
+        match end {
+            End::ClientClosed(frame) => Outcome::ClientClosed(frame.map(|f| u16::from(f.code))),
+            End::ClientGone => Outcome::ClientGone,
+            End::ClientFailed(e) => Outcome::from_client_error(e, max_message_bytes),
+            End::ClientWriteFailed(_) => Outcome::ClientWriteFailed,
+            End::BackendEof => Outcome::BackendClosed,
+            End::BackendFailed(e) => Outcome::BackendFailed(io_kind(&e).into()),
+            End::BackendNotUtf8 => Outcome::BackendNotUtf8,
+            End::Stopped => Outcome::Shutdown,
+        }
+    }
+
+    fn from_client_error(e: WsError, max_message_bytes: usize) -> Outcome {
+        match e {
+            WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
+                Outcome::ClientTooBig { limit: max_message_bytes }
+            }
+            WsError::Utf8(_) => Outcome::ClientInvalidUtf8,
+            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => Outcome::ClientGone,
+            WsError::Io(_) | WsError::ConnectionClosed | WsError::AlreadyClosed => Outcome::ClientGone,
+            other => Outcome::ClientProtocolError(other.to_string().to_lowercase()),
+        }
+    }
+}
+
+fn io_kind(e: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        ConnectionReset => "connection reset",
+        ConnectionAborted => "connection aborted",
+        BrokenPipe => "connection closed while writing",
+        TimedOut => "timed out",
+        _ => "i/o error",
+    }
+}
+
+/// A close reason may be at most 123 bytes (a control frame carries 125, 2 of them the code).
+/// Cuts at a UTF-8 boundary.
+pub fn truncate_reason(reason: &str) -> &str {
+    const MAX: usize = 123;
+    if reason.len() <= MAX {
+        return reason;
+    }
+    let mut end = MAX;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}
+
+/// Runs one session from the pending upgrade to the last byte, within its own span.
+pub async fn run(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: CancellationToken) {
+    let span = info_span!(
+        "session",
+        id = ctx.id,
+        route = %ctx.route.name,
+        client.addr = %ctx.client_addr,
+        backend.addr = field::Empty,
+    );
+    if let Dialed::Tcp(stream) = &dialed
+        && let Ok(addr) = stream.peer_addr()
+    {
+        span.record("backend.addr", field::display(addr));
+    }
+    run_inner(upgrade, dialed, ctx, stop).instrument(span).await
+}
+
+async fn run_inner(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: CancellationToken) {
+    let started = Instant::now();
+    let mut ws = match upgrade.await {
+        Ok(ws) => ws,
+        Err(e) => {
+            debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    let mut stats = Stats::default();
+    let (outcome, backend) = match dialed {
+        Dialed::Unavailable(e) => (Outcome::BackendUnavailable(e.kind()), None),
+        Dialed::Echo => {
+            let end = echo::run_ws(&mut ws, &stop, &mut stats).await;
+            (Outcome::from_end(end, ctx.max_message_bytes), None)
+        }
+        Dialed::Tcp(stream) => {
+            let options = bridge::Options {
+                backend_read_bytes: ctx.backend_read_bytes,
+                framing: match ctx.route.outbound {
+                    Outbound::Binary => Framing::Binary,
+                    Outbound::Text => Framing::Text,
+                },
+            };
+            let (end, backend) = bridge::run(&mut ws, stream, options, &stop, &mut stats).await;
+            (Outcome::from_end(end, ctx.max_message_bytes), Some(backend))
+        }
+    };
+    close_client(&mut ws, &outcome, ctx.close_timeout).await;
+    // Release the client socket before lingering on the backend: the page's `onclose` waits for
+    // the TCP close, and must not wait for a slow backend.
+    drop(ws);
+    if let Some(mut backend) = backend {
+        if matches!(outcome, Outcome::ClientClosed(_)) {
+            // Tell the backend the client is done, then drop (and count) whatever it still sends.
+            bridge::shutdown_write(&mut backend).await;
+            stats.dropped_bytes = bridge::drain(&mut backend, ctx.close_timeout).await;
+        }
+    }
+    log_end(&ctx, &outcome, &stats, started.elapsed());
+}
+
+/// Sends the outcome's close frame (or flushes tungstenite's reply to the client's Close) and
+/// waits, up to `timeout`, for the client to finish the closing handshake, so the close is clean.
+async fn close_client<W>(ws: &mut W, outcome: &Outcome, timeout: Duration)
+where
+    W: futures_util::Stream<Item = Result<Message, WsError>> + futures_util::Sink<Message, Error = WsError> + Unpin,
+{
+    let closing = async {
+        match outcome {
+            Outcome::ClientGone | Outcome::ClientWriteFailed => return,
+            Outcome::ClientClosed(_) => {
+                if ws.flush().await.is_err() {
+                    return;
+                }
+            }
+            other => {
+                let frame = other.close_frame();
+                if ws.send(Message::Close(frame)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        // Read until the client's Close arrives and the stream ends; discard data that crosses it.
+        while let Some(Ok(_)) = ws.next().await {}
+    };
+    if tokio::time::timeout(timeout, closing).await.is_err() {
+        debug!(?timeout, "client did not finish the closing handshake in time");
+    }
+}
+
+fn log_end(ctx: &Context, outcome: &Outcome, stats: &Stats, duration: Duration) {
+    let frame = outcome.close_frame();
+    let code = match (outcome, &frame) {
+        (Outcome::ClientClosed(code), _) => code.map(i64::from).unwrap_or(1005),
+        (_, Some(f)) => i64::from(u16::from(f.code)),
+        // 1006: no close frame was exchanged.
+        (_, None) => 1006,
+    };
+    let reason = frame.as_ref().map(|f| f.reason.as_str().to_string()).unwrap_or_default();
+    info!(
+        duration_secs = duration.as_secs_f64(),
+        to_backend.bytes = stats.to_backend_bytes,
+        to_backend.messages = stats.to_backend_messages,
+        to_client.bytes = stats.to_client_bytes,
+        to_client.messages = stats.to_client_messages,
+        dropped.bytes = stats.dropped_bytes,
+        close.code = code,
+        close.reason = %reason,
+        closed_by = outcome.side().as_str(),
+        route.backend = %ctx.route.backend,
+        "session ended"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(o: Outcome) -> Option<(u16, String)> {
+        o.close_frame().map(|f| (u16::from(f.code), f.reason.as_str().to_string()))
+    }
+
+    /// Every row of docs/close-codes.md.
+    #[test]
+    fn close_code_contract() {
+        assert_eq!(code(Outcome::BackendClosed), Some((1000, "backend closed the connection".into())));
+        assert_eq!(code(Outcome::Shutdown), Some((1001, "gateway shutting down".into())));
+        assert_eq!(code(Outcome::ClientProtocolError("x".into())).unwrap().0, 1002);
+        assert_eq!(code(Outcome::ClientInvalidUtf8).unwrap().0, 1007);
+        assert_eq!(
+            code(Outcome::ClientTooBig { limit: 10_485_760 }),
+            Some((1009, "message too big: limit is 10485760 bytes".into()))
+        );
+        assert_eq!(
+            code(Outcome::BackendFailed("connection reset".into())),
+            Some((1011, "backend error: connection reset".into()))
+        );
+        assert_eq!(code(Outcome::BackendNotUtf8).unwrap().0, 1011);
+        assert_eq!(
+            code(Outcome::BackendUnavailable("connection refused")),
+            Some((1013, "backend unavailable: connection refused".into()))
+        );
+        assert_eq!(code(Outcome::ClientClosed(Some(1000))), None);
+        assert_eq!(code(Outcome::ClientGone), None);
+        assert_eq!(code(Outcome::ClientWriteFailed), None);
+    }
+
+    #[test]
+    fn sides() {
+        assert_eq!(Outcome::BackendClosed.side(), Side::Backend);
+        assert_eq!(Outcome::ClientTooBig { limit: 1 }.side(), Side::Client);
+        assert_eq!(Outcome::Shutdown.side(), Side::Gateway);
+    }
+
+    #[test]
+    fn reasons_are_cut_at_123_bytes_on_a_char_boundary() {
+        let long = "é".repeat(100); // 200 bytes
+        let cut = truncate_reason(&long);
+        assert!(cut.len() <= 123 && cut.len() >= 122);
+        assert!(long.starts_with(cut));
+        let frame = Outcome::ClientProtocolError("x".repeat(500)).close_frame().unwrap();
+        assert_eq!(frame.reason.len(), 123);
+    }
+}

@@ -1,0 +1,151 @@
+//! TLS for `wss` listeners: rustls server configs from PEM files, and the self-signed development
+//! pair generated when the config allows it.
+//!
+//! The crypto provider is always passed explicitly (aws-lc-rs, which offers the post-quantum
+//! X25519MLKEM768 key exchange): rustls's process-wide default would panic if feature
+//! unification ever enabled a second provider. Only HTTP/1.1 is offered over ALPN, so browsers
+//! never try HTTP/2 on a wss port. Every error names the file it is about.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Why TLS material could not be loaded or generated.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A certificate file could not be read or holds no certificate.
+    #[error("certificate file {path}: {problem}")]
+    Cert {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A key file could not be read or holds no usable key.
+    #[error("key file {path}: {problem}")]
+    Key {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The certificate and key do not belong together, or rustls refused them.
+    #[error("certificate {cert} with key {key}: {source}")]
+    Pair {
+        /// Certificate file.
+        cert: PathBuf,
+        /// Key file.
+        key: PathBuf,
+        /// rustls's reason.
+        #[source]
+        source: rustls::Error,
+    },
+    /// Writing a generated development pair failed.
+    #[error("generate development certificate into {path}: {problem}")]
+    Generate {
+        /// The file being written.
+        path: PathBuf,
+        /// What went wrong.
+        problem: String,
+    },
+}
+
+/// The one crypto provider wsgate uses, for servers and (in tests and client mode) clients.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Builds a server config from a PEM certificate chain and key.
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let cert_err = |problem: String| TlsError::Cert { path: cert.to_path_buf(), problem };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| cert_err(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| cert_err(e.to_string()))?;
+    if chain.is_empty() {
+        return Err(cert_err("no PEM certificate in the file".into()));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| TlsError::Key { path: key.to_path_buf(), problem: e.to_string() })?;
+    let pair_err = |source| TlsError::Pair { cert: cert.to_path_buf(), key: key.to_path_buf(), source };
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(pair_err)?
+        .with_no_client_auth()
+        .with_single_cert(chain, key_der)
+        .map_err(pair_err)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Whether the development pair should be generated: both files missing. One present and the
+/// other missing is an operator's half-finished change, so it is left to fail loudly on load.
+pub fn needs_dev_pair(cert: &Path, key: &Path) -> bool {
+    !cert.exists() && !key.exists()
+}
+
+/// Writes a self-signed certificate for `localhost`, 127.0.0.1 and ::1 to `cert`, and its key
+/// to `key` with mode 0600. Creates the directories. Never overwrites an existing file.
+pub fn generate_dev_pair(cert: &Path, key: &Path) -> Result<(), TlsError> {
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let generated = rcgen::generate_simple_self_signed(names)
+        .map_err(|e| TlsError::Generate { path: cert.to_path_buf(), problem: e.to_string() })?;
+    write_new(key, generated.signing_key.serialize_pem().as_bytes(), 0o600)?;
+    write_new(cert, generated.cert.pem().as_bytes(), 0o644)?;
+    Ok(())
+}
+
+fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
+    let err = |e: std::io::Error| TlsError::Generate { path: path.to_path_buf(), problem: e.to_string() };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
+    #[cfg(not(unix))]
+    let _ = mode;
+    let mut file = options.open(path).map_err(err)?;
+    file.write_all(contents).map_err(err)?;
+    file.sync_all().map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_pair_loads_and_key_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("sub/cert.pem"), dir.path().join("sub/key.pem"));
+        assert!(needs_dev_pair(&cert, &key));
+        generate_dev_pair(&cert, &key).unwrap();
+        assert!(!needs_dev_pair(&cert, &key));
+        server_config(&cert, &key).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+        // Never overwrites.
+        assert!(generate_dev_pair(&cert, &key).is_err());
+    }
+
+    #[test]
+    fn errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.pem");
+        let e = server_config(&missing, &missing).unwrap_err().to_string();
+        assert!(e.contains("nope.pem"), "{e}");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let e = server_config(&empty, &missing).unwrap_err().to_string();
+        assert!(e.contains("empty.pem") && e.contains("no PEM certificate"), "{e}");
+    }
+}
