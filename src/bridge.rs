@@ -101,16 +101,37 @@ where
 {
     let (from_backend, mut to_backend) = backend.into_split();
     let (mut sink, mut stream) = ws.split();
-    let Stats { to_backend_bytes, to_backend_messages, to_client_bytes, to_client_messages, .. } = stats;
+    let Stats {
+        to_backend_bytes,
+        to_backend_messages,
+        to_client_bytes,
+        to_client_messages,
+        ..
+    } = stats;
     let end = {
-        let up = client_to_backend(&mut stream, &mut to_backend, stop, to_backend_bytes, to_backend_messages);
-        let down = backend_to_client(&from_backend, &mut sink, options, stop, to_client_bytes, to_client_messages);
+        let up = client_to_backend(
+            &mut stream,
+            &mut to_backend,
+            stop,
+            to_backend_bytes,
+            to_backend_messages,
+        );
+        let down = backend_to_client(
+            &from_backend,
+            &mut sink,
+            options,
+            stop,
+            to_client_bytes,
+            to_client_messages,
+        );
         tokio::select! {
             end = up => end,
             end = down => end,
         }
     };
-    let backend = from_backend.reunite(to_backend).expect("halves of the same stream");
+    let backend = from_backend
+        .reunite(to_backend)
+        .expect("halves of the same stream");
     (end, backend)
 }
 
@@ -243,7 +264,7 @@ mod tests {
 
     #[test]
     fn utf8_split_keeps_incomplete_tail_and_rejects_garbage() {
-        let mut b = BytesMut::from(&"héllo"[..]);
+        let mut b = BytesMut::from("héllo");
         assert!(split_utf8(&mut b).unwrap().is_empty());
         assert_eq!(&b[..], "héllo".as_bytes());
 

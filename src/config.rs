@@ -111,7 +111,9 @@ impl HostPattern {
     pub fn matches(&self, host: &str) -> bool {
         match self {
             HostPattern::Exact(name) => host == name,
-            HostPattern::Wildcard(suffix) => host.len() > suffix.len() && host.ends_with(suffix.as_str()),
+            HostPattern::Wildcard(suffix) => {
+                host.len() > suffix.len() && host.ends_with(suffix.as_str())
+            }
         }
     }
 }
@@ -275,10 +277,19 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 /// Validates `text` as if read from `path` (which names the file in errors and anchors relative
 /// paths).
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
-    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigErrors(vec![toml_error(&e, text, path)]))?;
-    let mut v = Validator { file: path.to_path_buf(), dir: base_dir(path), errors: Vec::new() };
+    let raw: RawConfig =
+        toml::from_str(text).map_err(|e| ConfigErrors(vec![toml_error(&e, text, path)]))?;
+    let mut v = Validator {
+        file: path.to_path_buf(),
+        dir: base_dir(path),
+        errors: Vec::new(),
+    };
     let config = v.config(raw);
-    if v.errors.is_empty() { Ok(config) } else { Err(ConfigErrors(v.errors)) }
+    if v.errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(v.errors))
+    }
 }
 
 fn base_dir(path: &Path) -> PathBuf {
@@ -411,18 +422,40 @@ impl Validator {
         if raw.routes.is_empty() {
             self.fail("routes", "at least one route is required, e.g. [routes.echo] path = \"/echo\" backend = \"builtin:echo\"");
         }
-        let listeners: Vec<Listener> = raw.listeners.into_iter().filter_map(|(n, l)| self.listener(n, l)).collect();
+        let listeners: Vec<Listener> = raw
+            .listeners
+            .into_iter()
+            .filter_map(|(n, l)| self.listener(n, l))
+            .collect();
         self.check_distinct_addresses(&listeners);
-        let routes: Vec<Route> = raw.routes.into_iter().filter_map(|(n, r)| self.route(n, r)).collect();
+        let routes: Vec<Route> = raw
+            .routes
+            .into_iter()
+            .filter_map(|(n, r)| self.route(n, r))
+            .collect();
         self.check_distinct_routes(&routes);
         let limits = self.limits(raw.limits);
         let builtin = Builtin {
-            tcp_echo: raw.builtin.tcp_echo.and_then(|a| self.socket_addr("builtin.tcp_echo", &a)),
+            tcp_echo: raw
+                .builtin
+                .tcp_echo
+                .and_then(|a| self.socket_addr("builtin.tcp_echo", &a)),
         };
         let shutdown = Shutdown {
-            grace: self.seconds("shutdown.grace_secs", raw.shutdown.grace_secs, DEFAULT_SHUTDOWN_GRACE_SECS),
+            grace: self.seconds(
+                "shutdown.grace_secs",
+                raw.shutdown.grace_secs,
+                DEFAULT_SHUTDOWN_GRACE_SECS,
+            ),
         };
-        Config { path: self.file.clone(), listeners, routes, limits, builtin, shutdown }
+        Config {
+            path: self.file.clone(),
+            listeners,
+            routes,
+            limits,
+            builtin,
+            shutdown,
+        }
     }
 
     fn listener(&mut self, name: String, raw: RawListener) -> Option<Listener> {
@@ -433,7 +466,11 @@ impl Validator {
             key: self.file_path(&format!("{key}.tls.key"), &t.key),
             generate_self_signed: t.generate_self_signed,
         });
-        Some(Listener { name, address: address?, tls })
+        Some(Listener {
+            name,
+            address: address?,
+            tls,
+        })
     }
 
     fn check_distinct_addresses(&mut self, listeners: &[Listener]) {
@@ -442,7 +479,10 @@ impl Validator {
                 if a.address == b.address && a.address.port() != 0 {
                     self.fail(
                         format!("listeners.{}.address", a.name),
-                        format!("{} is also the address of listener \"{}\"", a.address, b.name),
+                        format!(
+                            "{} is also the address of listener \"{}\"",
+                            a.address, b.name
+                        ),
                     );
                 }
             }
@@ -473,7 +513,10 @@ impl Validator {
             None | Some("exact") => Some(PathMatch::Exact),
             Some("prefix") => Some(PathMatch::Prefix),
             Some(other) => {
-                self.fail(format!("{key}.match"), format!("{other:?} is not one of \"exact\", \"prefix\""));
+                self.fail(
+                    format!("{key}.match"),
+                    format!("{other:?} is not one of \"exact\", \"prefix\""),
+                );
                 None
             }
         };
@@ -487,7 +530,10 @@ impl Validator {
             None | Some("binary") => Some(Outbound::Binary),
             Some("text") => Some(Outbound::Text),
             Some(other) => {
-                self.fail(format!("{key}.outbound"), format!("{other:?} is not one of \"binary\", \"text\""));
+                self.fail(
+                    format!("{key}.outbound"),
+                    format!("{other:?} is not one of \"binary\", \"text\""),
+                );
                 None
             }
         };
@@ -519,8 +565,13 @@ impl Validator {
         if !path.starts_with('/') {
             self.fail(key, format!("{path:?} must start with \"/\""));
             None
-        } else if path.contains(['?', '#']) || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            self.fail(key, format!("{path:?} must be a plain path: no query, fragment or spaces"));
+        } else if path.contains(['?', '#'])
+            || path.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            self.fail(
+                key,
+                format!("{path:?} must be a plain path: no query, fragment or spaces"),
+            );
             None
         } else {
             Some(path)
@@ -535,13 +586,25 @@ impl Validator {
         };
         let valid = !name.is_empty()
             && name.split('.').all(|label| {
-                !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                !label.is_empty()
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
             });
         if !valid {
-            self.fail(key, format!("{host:?} is not a host name or \"*.\" followed by one (no port, no scheme)"));
+            self.fail(
+                key,
+                format!(
+                    "{host:?} is not a host name or \"*.\" followed by one (no port, no scheme)"
+                ),
+            );
             return None;
         }
-        Some(if wild { HostPattern::Wildcard(format!(".{name}")) } else { HostPattern::Exact(name.to_string()) })
+        Some(if wild {
+            HostPattern::Wildcard(format!(".{name}"))
+        } else {
+            HostPattern::Exact(name.to_string())
+        })
     }
 
     fn backend(&mut self, key: &str, value: &str) -> Option<Backend> {
@@ -549,7 +612,10 @@ impl Validator {
             return match kind {
                 "echo" => Some(Backend::Echo),
                 _ => {
-                    self.fail(key, format!("{value:?}: the only built-in backend is \"builtin:echo\""));
+                    self.fail(
+                        key,
+                        format!("{value:?}: the only built-in backend is \"builtin:echo\""),
+                    );
                     None
                 }
             };
@@ -567,7 +633,10 @@ impl Validator {
     fn origins(&mut self, key: &str, list: Vec<String>) -> Option<AllowedOrigins> {
         if list.iter().any(|o| o == "*") {
             if list.len() > 1 {
-                self.fail(key, "\"*\" allows every origin and cannot be combined with others");
+                self.fail(
+                    key,
+                    "\"*\" allows every origin and cannot be combined with others",
+                );
                 return None;
             }
             return Some(AllowedOrigins::Any);
@@ -587,10 +656,32 @@ impl Validator {
 
     fn limits(&mut self, raw: RawLimits) -> Limits {
         Limits {
-            max_connections: self.count("limits.max_connections", raw.max_connections, DEFAULT_MAX_CONNECTIONS, 1, 1_000_000),
-            max_handshakes: self.count("limits.max_handshakes", raw.max_handshakes, DEFAULT_MAX_HANDSHAKES, 1, 100_000),
-            handshake_timeout: self.seconds("limits.handshake_timeout_secs", raw.handshake_timeout_secs, DEFAULT_HANDSHAKE_TIMEOUT_SECS),
-            max_message_bytes: self.count("limits.max_message_bytes", raw.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES, 1024, 1 << 30),
+            max_connections: self.count(
+                "limits.max_connections",
+                raw.max_connections,
+                DEFAULT_MAX_CONNECTIONS,
+                1,
+                1_000_000,
+            ),
+            max_handshakes: self.count(
+                "limits.max_handshakes",
+                raw.max_handshakes,
+                DEFAULT_MAX_HANDSHAKES,
+                1,
+                100_000,
+            ),
+            handshake_timeout: self.seconds(
+                "limits.handshake_timeout_secs",
+                raw.handshake_timeout_secs,
+                DEFAULT_HANDSHAKE_TIMEOUT_SECS,
+            ),
+            max_message_bytes: self.count(
+                "limits.max_message_bytes",
+                raw.max_message_bytes,
+                DEFAULT_MAX_MESSAGE_BYTES,
+                1024,
+                1 << 30,
+            ),
             ws_read_buffer_bytes: self.count(
                 "limits.ws_read_buffer_bytes",
                 raw.ws_read_buffer_bytes,
@@ -605,8 +696,16 @@ impl Validator {
                 1024,
                 16 << 20,
             ),
-            connect_timeout: self.seconds("limits.connect_timeout_secs", raw.connect_timeout_secs, DEFAULT_CONNECT_TIMEOUT_SECS),
-            close_timeout: self.seconds("limits.close_timeout_secs", raw.close_timeout_secs, DEFAULT_CLOSE_TIMEOUT_SECS),
+            connect_timeout: self.seconds(
+                "limits.connect_timeout_secs",
+                raw.connect_timeout_secs,
+                DEFAULT_CONNECT_TIMEOUT_SECS,
+            ),
+            close_timeout: self.seconds(
+                "limits.close_timeout_secs",
+                raw.close_timeout_secs,
+                DEFAULT_CLOSE_TIMEOUT_SECS,
+            ),
         }
     }
 
@@ -627,7 +726,10 @@ impl Validator {
             Some(Seconds::Fraction(f)) => f,
         };
         if !(secs > 0.0 && secs <= MAX_SECS) {
-            self.fail(key, format!("{secs} is out of range: more than 0 and at most {MAX_SECS} seconds"));
+            self.fail(
+                key,
+                format!("{secs} is out of range: more than 0 and at most {MAX_SECS} seconds"),
+            );
             return Duration::from_secs_f64(default);
         }
         Duration::from_secs_f64(secs)
@@ -718,7 +820,12 @@ fn toml_error(err: &toml::de::Error, text: &str, path: &Path) -> ConfigError {
         }
         None => (None, String::new()),
     };
-    ConfigError { file: path.to_path_buf(), position, key, problem: message }
+    ConfigError {
+        file: path.to_path_buf(),
+        position,
+        key,
+        problem: message,
+    }
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -732,15 +839,32 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 /// For "missing field `x`" the error points at the table, so the field comes from the message.
 fn key_at(text: &str, line: usize, message: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
-    let here = lines.get(line.saturating_sub(1)).copied().unwrap_or("").trim();
+    let here = lines
+        .get(line.saturating_sub(1))
+        .copied()
+        .unwrap_or("")
+        .trim();
     let header = |l: &str| -> Option<String> {
         let l = l.trim();
-        let inner = l.strip_prefix("[[").and_then(|r| r.split_once("]]")).map(|(h, _)| h)
-            .or_else(|| l.strip_prefix('[').and_then(|r| r.split_once(']')).map(|(h, _)| h))?;
+        let inner = l
+            .strip_prefix("[[")
+            .and_then(|r| r.split_once("]]"))
+            .map(|(h, _)| h)
+            .or_else(|| {
+                l.strip_prefix('[')
+                    .and_then(|r| r.split_once(']'))
+                    .map(|(h, _)| h)
+            })?;
         Some(inner.trim().replace(['"', '\''], ""))
     };
-    let table = lines[..line.saturating_sub(1).min(lines.len())].iter().rev().find_map(|l| header(l));
-    let missing = message.strip_prefix("missing field `").and_then(|r| r.split_once('`')).map(|(f, _)| f.to_string());
+    let table = lines[..line.saturating_sub(1).min(lines.len())]
+        .iter()
+        .rev()
+        .find_map(|l| header(l));
+    let missing = message
+        .strip_prefix("missing field `")
+        .and_then(|r| r.split_once('`'))
+        .map(|(f, _)| f.to_string());
     let join = |t: Option<String>, k: String| match t {
         Some(t) if !t.is_empty() => format!("{t}.{k}"),
         _ => k,
@@ -753,6 +877,11 @@ fn key_at(text: &str, line: usize, message: &str) -> String {
     }
     if let Some((k, _)) = here.split_once('=') {
         let k = k.trim().replace(['"', '\''], "");
+        // A field missing from an inline table (`tls = { cert = ".." }`) is reported there.
+        let k = match missing {
+            Some(field) => format!("{k}.{field}"),
+            None => k,
+        };
         return join(table, k);
     }
     match missing {
@@ -766,7 +895,8 @@ mod tests {
     use super::*;
 
     fn ok(text: &str) -> Config {
-        parse(text, Path::new("test.toml")).unwrap_or_else(|e| panic!("expected valid config, got:\n{e}"))
+        parse(text, Path::new("test.toml"))
+            .unwrap_or_else(|e| panic!("expected valid config, got:\n{e}"))
     }
 
     fn err(text: &str) -> String {
@@ -808,16 +938,31 @@ backend = "builtin:echo"
     #[test]
     fn backend_without_port_names_route_and_key() {
         let e = err(&MINIMAL.replace("builtin:echo", "localhost"));
-        assert_eq!(e, "test.toml: routes.echo.backend: \"localhost\" has no port");
+        assert_eq!(
+            e,
+            "test.toml: routes.echo.backend: \"localhost\" has no port"
+        );
     }
 
     #[test]
     fn backends_parse_with_and_without_scheme() {
         let c = ok(&MINIMAL.replace("builtin:echo", "tcp://[::1]:5900"));
-        assert_eq!(c.routes[0].backend, Backend::Tcp { host: "::1".into(), port: 5900 });
+        assert_eq!(
+            c.routes[0].backend,
+            Backend::Tcp {
+                host: "::1".into(),
+                port: 5900
+            }
+        );
         assert_eq!(c.routes[0].backend.to_string(), "[::1]:5900");
         let c = ok(&MINIMAL.replace("builtin:echo", "vnc.internal:5900"));
-        assert_eq!(c.routes[0].backend, Backend::Tcp { host: "vnc.internal".into(), port: 5900 });
+        assert_eq!(
+            c.routes[0].backend,
+            Backend::Tcp {
+                host: "vnc.internal".into(),
+                port: 5900
+            }
+        );
         assert!(err(&MINIMAL.replace("builtin:echo", "host:0")).contains("no valid port"));
         assert!(err(&MINIMAL.replace("builtin:echo", "::1:5900")).contains("brackets"));
         assert!(err(&MINIMAL.replace("builtin:echo", "builtin:ftp")).contains("builtin:echo"));
@@ -826,7 +971,10 @@ backend = "builtin:echo"
     #[test]
     fn unknown_key_keeps_line_and_column_and_names_the_key() {
         let e = err(&format!("{MINIMAL}bogus = 1\n"));
-        assert!(e.starts_with("test.toml:7:1: routes.echo.bogus: unknown field `bogus`"), "{e}");
+        assert!(
+            e.starts_with("test.toml:7:1: routes.echo.bogus: unknown field `bogus`"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -838,8 +986,12 @@ backend = "builtin:echo"
 
     #[test]
     fn missing_field_names_the_key() {
-        let e = err("[listeners.plain]\naddress = \"127.0.0.1:1\"\n[routes.echo]\npath = \"/echo\"\n");
-        assert!(e.contains("routes.echo.backend") && e.contains("missing field"), "{e}");
+        let e =
+            err("[listeners.plain]\naddress = \"127.0.0.1:1\"\n[routes.echo]\npath = \"/echo\"\n");
+        assert!(
+            e.contains("routes.echo.backend") && e.contains("missing field"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -852,34 +1004,68 @@ backend = "builtin:echo"
         assert!(lines.iter().any(|l| l.contains("listeners.a.address")));
         assert!(lines.iter().any(|l| l.contains("routes.r.path")));
         assert!(lines.iter().any(|l| l.contains("routes.r.backend")));
-        assert!(lines.iter().any(|l| l.contains("limits.max_connections: 0 is out of range")));
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("limits.max_connections: 0 is out of range"))
+        );
     }
 
     #[test]
     fn relative_tls_paths_resolve_against_the_config_directory() {
-        let text = format!("{MINIMAL}[listeners.secure]\naddress = \"127.0.0.1:8443\"\ntls = {{ cert = \"c.pem\", key = \"k.pem\" }}\n");
+        let text = format!(
+            "{MINIMAL}[listeners.secure]\naddress = \"127.0.0.1:8443\"\ntls = {{ cert = \"c.pem\", key = \"k.pem\" }}\n"
+        );
         let c = parse(&text, Path::new("/etc/wsgate/config.toml")).unwrap();
-        let tls = c.listeners.iter().find(|l| l.name == "secure").unwrap().tls.clone().unwrap();
+        let tls = c
+            .listeners
+            .iter()
+            .find(|l| l.name == "secure")
+            .unwrap()
+            .tls
+            .clone()
+            .unwrap();
         assert_eq!(tls.cert, Path::new("/etc/wsgate/c.pem"));
         assert_eq!(tls.key, Path::new("/etc/wsgate/k.pem"));
-        assert!(!tls.generate_self_signed, "generation is off unless the config asks for it");
+        assert!(
+            !tls.generate_self_signed,
+            "generation is off unless the config asks for it"
+        );
     }
 
     #[test]
     fn origins_normalise_and_star_stands_alone() {
-        assert_eq!(normalize_origin("HTTPS://App.Example.com:443/"), Some("https://app.example.com".into()));
-        assert_eq!(normalize_origin("http://localhost:8080"), Some("http://localhost:8080".into()));
-        assert_eq!(normalize_origin("http://[::1]:8080"), Some("http://[::1]:8080".into()));
+        assert_eq!(
+            normalize_origin("HTTPS://App.Example.com:443/"),
+            Some("https://app.example.com".into())
+        );
+        assert_eq!(
+            normalize_origin("http://localhost:8080"),
+            Some("http://localhost:8080".into())
+        );
+        assert_eq!(
+            normalize_origin("http://[::1]:8080"),
+            Some("http://[::1]:8080".into())
+        );
         assert_eq!(normalize_origin("ftp://x"), None);
         assert_eq!(normalize_origin("https://x/path"), None);
-        assert!(err(&format!("{MINIMAL}allowed_origins = [\"*\", \"https://a\"]\n")).contains("routes.echo.allowed_origins"));
+        assert!(
+            err(&format!(
+                "{MINIMAL}allowed_origins = [\"*\", \"https://a\"]\n"
+            ))
+            .contains("routes.echo.allowed_origins")
+        );
     }
 
     #[test]
     fn duplicate_routes_and_addresses_are_refused() {
-        let e = err(&format!("{MINIMAL}[routes.again]\npath = \"/echo\"\nbackend = \"builtin:echo\"\n"));
+        let e = err(&format!(
+            "{MINIMAL}[routes.again]\npath = \"/echo\"\nbackend = \"builtin:echo\"\n"
+        ));
         assert!(e.contains("routes.echo") && e.contains("\"again\""), "{e}");
-        let e = err(&format!("{MINIMAL}[listeners.other]\naddress = \"127.0.0.1:8080\"\n"));
+        let e = err(&format!(
+            "{MINIMAL}[listeners.other]\naddress = \"127.0.0.1:8080\"\n"
+        ));
         assert!(e.contains("listeners.plain.address"), "{e}");
     }
 

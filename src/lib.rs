@@ -74,9 +74,9 @@ pub enum StartError {
     Tls {
         /// Listener name.
         name: String,
-        /// What was wrong.
+        /// What was wrong (boxed: rustls errors are large, and this is the cold path).
         #[source]
-        source: tls::TlsError,
+        source: Box<tls::TlsError>,
     },
 }
 
@@ -103,13 +103,22 @@ impl Gateway {
             };
             let tcp = bind(&l.name, l.address).await?;
             addrs.push((l.name.clone(), tcp.local_addr().unwrap_or(l.address)));
-            listeners.push(server::Listener { name: l.name.clone(), tcp, tls });
+            listeners.push(server::Listener {
+                name: l.name.clone(),
+                tcp,
+                tls,
+            });
         }
         let tcp_echo = match config.builtin.tcp_echo {
             Some(address) => Some(bind("builtin.tcp_echo", address).await?),
             None => None,
         };
-        Ok(Gateway { config: Arc::new(config), listeners, addrs, tcp_echo })
+        Ok(Gateway {
+            config: Arc::new(config),
+            listeners,
+            addrs,
+            tcp_echo,
+        })
     }
 
     /// The bound address of the listener named `name` (useful when the config said port 0).
@@ -139,13 +148,21 @@ impl Gateway {
         });
         let accept_loops = TaskTracker::new();
         for listener in self.listeners {
-            info!(listener = %listener.name, address = ?listener.tcp.local_addr().ok(),
-                  scheme = if listener.tls.is_some() { "wss" } else { "ws" }, "listening");
+            if let Ok(addr) = listener.tcp.local_addr() {
+                let scheme = if listener.tls.is_some() { "wss" } else { "ws" };
+                info!(listener = %listener.name, url = %format!("{scheme}://{addr}"), "listening");
+            }
             accept_loops.spawn(server::accept_loop(listener, shared.clone()));
         }
         if let Some(listener) = self.tcp_echo {
-            info!(address = ?listener.local_addr().ok(), "builtin tcp echo listening");
-            accept_loops.spawn(echo::serve_tcp(listener, shutdown.clone(), shared.tasks.clone()));
+            if let Ok(addr) = listener.local_addr() {
+                info!(address = %addr, "builtin tcp echo listening");
+            }
+            accept_loops.spawn(echo::serve_tcp(
+                listener,
+                shutdown.clone(),
+                shared.tasks.clone(),
+            ));
         }
         accept_loops.close();
 
@@ -153,8 +170,14 @@ impl Gateway {
         accept_loops.wait().await;
         info!(open = shared.tasks.len(), grace = ?config.shutdown.grace, "shutting down: closing sessions with 1001");
         shared.tasks.close();
-        if tokio::time::timeout(config.shutdown.grace, shared.tasks.wait()).await.is_err() {
-            warn!(left = shared.tasks.len(), "grace period over; dropping what is left");
+        if tokio::time::timeout(config.shutdown.grace, shared.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                left = shared.tasks.len(),
+                "grace period over; dropping what is left"
+            );
             shared.abort.cancel();
             shared.tasks.wait().await;
         }
@@ -163,7 +186,10 @@ impl Gateway {
 }
 
 fn load_tls(name: &str, files: &config::TlsFiles) -> Result<Arc<rustls::ServerConfig>, StartError> {
-    let err = |source| StartError::Tls { name: name.to_string(), source };
+    let err = |source: tls::TlsError| StartError::Tls {
+        name: name.to_string(),
+        source: Box::new(source),
+    };
     if files.generate_self_signed && tls::needs_dev_pair(&files.cert, &files.key) {
         tls::generate_dev_pair(&files.cert, &files.key).map_err(err)?;
         warn!(
@@ -180,5 +206,9 @@ fn load_tls(name: &str, files: &config::TlsFiles) -> Result<Arc<rustls::ServerCo
 async fn bind(name: &str, address: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(address)
         .await
-        .map_err(|source| StartError::Bind { name: name.to_string(), address, source })
+        .map_err(|source| StartError::Bind {
+            name: name.to_string(),
+            address,
+            source,
+        })
 }

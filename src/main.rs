@@ -15,7 +15,11 @@ use tracing_subscriber::EnvFilter;
 use wsgate::config::{self, Config};
 
 #[derive(Parser)]
-#[command(name = "wsgate", version, about = "WebSocket-to-TCP gateway: wss:// in front, plain TCP services behind")]
+#[command(
+    name = "wsgate",
+    version,
+    about = "WebSocket-to-TCP gateway: wss:// in front, plain TCP services behind"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -39,7 +43,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Run { config: PathBuf::from("config.toml") }) {
+    match cli.command.unwrap_or(Command::Run {
+        config: PathBuf::from("config.toml"),
+    }) {
         Command::Check { path } => check(&path),
         Command::Run { config } => {
             init_logging();
@@ -57,7 +63,11 @@ fn main() -> ExitCode {
 fn init_logging() {
     // RUST_LOG takes the usual tracing filter syntax, e.g. `RUST_LOG=wsgate=debug`.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
 }
 
 fn load(path: &Path) -> Result<Config, config::ConfigErrors> {
@@ -90,8 +100,15 @@ fn check(path: &Path) -> ExitCode {
             }
             for r in &config.routes {
                 let host = r.host.as_ref().map(|h| format!("{h} ")).unwrap_or_default();
-                let m = if r.path_match == config::PathMatch::Prefix { " (prefix)" } else { "" };
-                println!("route    {:<12} {host}{}{m} -> {}", r.name, r.path, r.backend);
+                let m = if r.path_match == config::PathMatch::Prefix {
+                    " (prefix)"
+                } else {
+                    ""
+                };
+                println!(
+                    "route    {:<12} {host}{}{m} -> {}",
+                    r.name, r.path, r.backend
+                );
             }
             if let Some(addr) = config.builtin.tcp_echo {
                 println!("builtin  tcp_echo     {addr}");
@@ -116,7 +133,10 @@ fn run(path: &Path) -> anyhow::Result<()> {
 /// First SIGTERM/SIGINT: graceful shutdown. Second: exit now.
 async fn watch_signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop wsgate with SIGKILL");
         return;
     };
@@ -124,7 +144,10 @@ async fn watch_signals(shutdown: CancellationToken) {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     };
-    tracing::info!(signal = name, "graceful shutdown requested; send it again to exit at once");
+    tracing::info!(
+        signal = name,
+        "graceful shutdown requested; send it again to exit at once"
+    );
     shutdown.cancel();
     tokio::select! {
         _ = term.recv() => {}

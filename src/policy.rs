@@ -20,19 +20,36 @@ pub struct Refusal {
 
 /// Checks the `Origin` of a request to `route`. `secure` is whether it arrived over TLS, and
 /// `host` is its `Host` header as sent.
-pub fn check_origin(route: &Route, origin: Option<&str>, host: Option<&str>, secure: bool) -> Result<(), Refusal> {
+pub fn check_origin(
+    route: &Route,
+    origin: Option<&str>,
+    host: Option<&str>,
+    secure: bool,
+) -> Result<(), Refusal> {
     let Some(origin) = origin else { return Ok(()) };
     if route.allowed_origins == AllowedOrigins::Any {
         return Ok(());
     }
     let refuse = || Refusal {
         status: 403,
-        reason: format!("origin {origin:?} is not allowed on route \"{}\"", route.name),
+        reason: format!(
+            "origin {origin:?} is not allowed on route \"{}\"",
+            route.name
+        ),
     };
-    let Some(normalized) = normalize_origin(origin) else { return Err(refuse()) };
-    let own = host.and_then(|h| normalize_origin(&format!("{}://{h}", if secure { "https" } else { "http" })));
-    let listed = matches!(&route.allowed_origins, AllowedOrigins::List(list) if list.contains(&normalized));
-    if own.as_deref() == Some(normalized.as_str()) || listed { Ok(()) } else { Err(refuse()) }
+    let Some(normalized) = normalize_origin(origin) else {
+        return Err(refuse());
+    };
+    let own = host.and_then(|h| {
+        normalize_origin(&format!("{}://{h}", if secure { "https" } else { "http" }))
+    });
+    let listed =
+        matches!(&route.allowed_origins, AllowedOrigins::List(list) if list.contains(&normalized));
+    if own.as_deref() == Some(normalized.as_str()) || listed {
+        Ok(())
+    } else {
+        Err(refuse())
+    }
 }
 
 #[cfg(test)]
@@ -46,7 +63,10 @@ mod tests {
             path: "/tcp".into(),
             path_match: PathMatch::Exact,
             host: None,
-            backend: Backend::Tcp { host: "127.0.0.1".into(), port: 7 },
+            backend: Backend::Tcp {
+                host: "127.0.0.1".into(),
+                port: 7,
+            },
             allowed_origins: origins,
             outbound: Outbound::Binary,
             on_backend_unavailable: Unavailable::Close,
@@ -56,13 +76,43 @@ mod tests {
     #[test]
     fn same_origin_passes_cross_origin_is_403() {
         let r = route(AllowedOrigins::List(vec![]));
-        assert!(check_origin(&r, Some("http://127.0.0.1:8080"), Some("127.0.0.1:8080"), false).is_ok());
-        assert!(check_origin(&r, Some("https://gw.example.com"), Some("GW.example.com:443"), true).is_ok());
-        let refusal = check_origin(&r, Some("http://evil.example"), Some("127.0.0.1:8080"), false).unwrap_err();
+        assert!(
+            check_origin(
+                &r,
+                Some("http://127.0.0.1:8080"),
+                Some("127.0.0.1:8080"),
+                false
+            )
+            .is_ok()
+        );
+        assert!(
+            check_origin(
+                &r,
+                Some("https://gw.example.com"),
+                Some("GW.example.com:443"),
+                true
+            )
+            .is_ok()
+        );
+        let refusal = check_origin(
+            &r,
+            Some("http://evil.example"),
+            Some("127.0.0.1:8080"),
+            false,
+        )
+        .unwrap_err();
         assert_eq!(refusal.status, 403);
         assert!(refusal.reason.contains("evil.example"));
         // Scheme counts: an http page is not the origin of a wss listener.
-        assert!(check_origin(&r, Some("http://gw.example.com"), Some("gw.example.com"), true).is_err());
+        assert!(
+            check_origin(
+                &r,
+                Some("http://gw.example.com"),
+                Some("gw.example.com"),
+                true
+            )
+            .is_err()
+        );
         assert!(check_origin(&r, Some("null"), Some("127.0.0.1:8080"), false).is_err());
         assert!(check_origin(&r, Some("http://127.0.0.1:8080"), None, false).is_err());
     }
@@ -70,8 +120,18 @@ mod tests {
     #[test]
     fn listed_and_any_origins_and_non_browsers_pass() {
         let r = route(AllowedOrigins::List(vec!["https://app.example.com".into()]));
-        assert!(check_origin(&r, Some("https://APP.example.com:443"), Some("gw:8443"), true).is_ok());
-        assert!(check_origin(&r, Some("https://other.example.com"), Some("gw:8443"), true).is_err());
+        assert!(
+            check_origin(
+                &r,
+                Some("https://APP.example.com:443"),
+                Some("gw:8443"),
+                true
+            )
+            .is_ok()
+        );
+        assert!(
+            check_origin(&r, Some("https://other.example.com"), Some("gw:8443"), true).is_err()
+        );
         assert!(check_origin(&r, None, Some("gw:8443"), true).is_ok());
         let any = route(AllowedOrigins::Any);
         assert!(check_origin(&any, Some("null"), None, false).is_ok());

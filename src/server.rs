@@ -113,7 +113,11 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             continue;
         };
         let span = info_span!("conn", listener = %listener.name, client.addr = %peer);
-        let conn = Connection { peer, secure: listener.tls.is_some(), permit: Arc::new(conn_permit) };
+        let conn = Connection {
+            peer,
+            secure: listener.tls.is_some(),
+            permit: Arc::new(conn_permit),
+        };
         let tls = listener.tls.clone();
         let shared2 = shared.clone();
         shared.tasks.spawn(
@@ -154,7 +158,10 @@ async fn handle_connection(
             match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => serve_http(stream, conn, shared).await,
                 Ok(Err(e)) => debug!(error = %e, "tls handshake failed"),
-                Err(_) => debug!(?timeout, "tls handshake timed out (limits.handshake_timeout_secs)"),
+                Err(_) => debug!(
+                    ?timeout,
+                    "tls handshake timed out (limits.handshake_timeout_secs)"
+                ),
             }
         }
     }
@@ -177,7 +184,9 @@ where
         // minimum is 8 KiB.)
         .max_buf_size(16 * 1024)
         .keep_alive(true);
-    let http = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
+    let http = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
     tokio::pin!(http);
     tokio::select! {
         result = http.as_mut() => if let Err(e) = result { debug!(error = %e, "http connection ended with an error") },
@@ -205,11 +214,14 @@ async fn respond(
         debug!(%path, "no route");
         return Ok(text(StatusCode::NOT_FOUND, &format!("no route for {path}")));
     };
-    if let Err(refusal) = check_upgrade(&req) {
+    if let Some(refusal) = upgrade_refusal(&req) {
         debug!(route = %route.name, status = refusal.status().as_u16(), "not a valid websocket upgrade");
         return Ok(refusal);
     }
-    let origin = req.headers().get(header::ORIGIN).map(|v| v.to_str().unwrap_or("(not text)"));
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .map(|v| v.to_str().unwrap_or("(not text)"));
     if let Err(refusal) = policy::check_origin(&route, origin, host.as_deref(), conn.secure) {
         warn!(route = %route.name, status = refusal.status, reason = %refusal.reason, "request refused");
         let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::FORBIDDEN);
@@ -218,28 +230,35 @@ async fn respond(
 
     let dialed = match &route.backend {
         Backend::Echo => Dialed::Echo,
-        Backend::Tcp { host, port } => match backend::connect(host, *port, shared.limits.connect_timeout).await {
-            Ok(stream) => Dialed::Tcp(stream),
-            Err(e) => {
-                warn!(route = %route.name, error = %e, "backend unavailable");
-                if route.on_backend_unavailable == Unavailable::Http {
-                    let status = if e.is_timeout() {
-                        StatusCode::GATEWAY_TIMEOUT
-                    } else if e.kind() == "connection refused" {
-                        StatusCode::BAD_GATEWAY
-                    } else {
-                        StatusCode::SERVICE_UNAVAILABLE
-                    };
-                    return Ok(text(status, &format!("backend unavailable: {}", e.kind())));
+        Backend::Tcp { host, port } => {
+            match backend::connect(host, *port, shared.limits.connect_timeout).await {
+                Ok(stream) => Dialed::Tcp(stream),
+                Err(e) => {
+                    warn!(route = %route.name, error = %e, "backend unavailable");
+                    if route.on_backend_unavailable == Unavailable::Http {
+                        let status = if e.is_timeout() {
+                            StatusCode::GATEWAY_TIMEOUT
+                        } else if e.kind() == "connection refused" {
+                            StatusCode::BAD_GATEWAY
+                        } else {
+                            StatusCode::SERVICE_UNAVAILABLE
+                        };
+                        return Ok(text(status, &format!("backend unavailable: {}", e.kind())));
+                    }
+                    Dialed::Unavailable(e)
                 }
-                Dialed::Unavailable(e)
             }
-        },
+        }
     };
 
     let (response, upgrade) = match hyper_tungstenite::upgrade(&mut req, Some(shared.ws_config())) {
         Ok(pair) => pair,
-        Err(e) => return Ok(text(StatusCode::BAD_REQUEST, &format!("bad websocket upgrade: {e}"))),
+        Err(e) => {
+            return Ok(text(
+                StatusCode::BAD_REQUEST,
+                &format!("bad websocket upgrade: {e}"),
+            ));
+        }
     };
     let ctx = session::Context {
         id: shared.next_session.fetch_add(1, Ordering::Relaxed),
@@ -264,9 +283,9 @@ async fn respond(
     Ok(response)
 }
 
-/// Checks that `req` is a WebSocket upgrade we can accept, or says why not with the response
-/// RFC 6455 (and RFC 9110) prescribe.
-fn check_upgrade(req: &Request<Incoming>) -> Result<(), Response<Full<Bytes>>> {
+/// `None` when `req` is a WebSocket upgrade we can accept; otherwise the response RFC 6455 (and
+/// RFC 9110) prescribe for what is wrong with it.
+fn upgrade_refusal(req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
     let has_token = |name: header::HeaderName, token: &str| {
         req.headers()
             .get_all(name)
@@ -277,48 +296,82 @@ fn check_upgrade(req: &Request<Incoming>) -> Result<(), Response<Full<Bytes>>> {
     };
     if !has_token(header::UPGRADE, "websocket") {
         if req.method() == Method::GET || req.method() == Method::HEAD {
-            let mut r = text(StatusCode::UPGRADE_REQUIRED, "this is a WebSocket endpoint: connect with a WebSocket client");
-            r.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-            return Err(r);
+            let mut r = text(
+                StatusCode::UPGRADE_REQUIRED,
+                "this is a WebSocket endpoint: connect with a WebSocket client",
+            );
+            r.headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            return Some(r);
         }
-        return Err(method_not_allowed());
+        return Some(method_not_allowed());
     }
     if req.method() != Method::GET {
-        return Err(method_not_allowed());
+        return Some(method_not_allowed());
     }
     if req.version() != Version::HTTP_11 {
-        return Err(text(StatusCode::BAD_REQUEST, "a WebSocket upgrade needs HTTP/1.1"));
+        return Some(text(
+            StatusCode::BAD_REQUEST,
+            "a WebSocket upgrade needs HTTP/1.1",
+        ));
     }
     if !has_token(header::CONNECTION, "upgrade") {
-        return Err(text(StatusCode::BAD_REQUEST, "a WebSocket upgrade needs \"Connection: Upgrade\""));
+        return Some(text(
+            StatusCode::BAD_REQUEST,
+            "a WebSocket upgrade needs \"Connection: Upgrade\"",
+        ));
     }
-    let version = req.headers().get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes);
+    let version = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes);
     if version != Some(b"13") {
-        let mut r = text(StatusCode::UPGRADE_REQUIRED, "unsupported Sec-WebSocket-Version: only 13 is supported");
-        r.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
-        return Err(r);
+        let mut r = text(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported Sec-WebSocket-Version: only 13 is supported",
+        );
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return Some(r);
     }
     let key_ok = req
         .headers()
         .get(header::SEC_WEBSOCKET_KEY)
-        .and_then(|k| base64::engine::general_purpose::STANDARD.decode(k.as_bytes()).ok())
+        .and_then(|k| {
+            base64::engine::general_purpose::STANDARD
+                .decode(k.as_bytes())
+                .ok()
+        })
         .is_some_and(|k| k.len() == 16);
     if !key_ok {
-        return Err(text(StatusCode::BAD_REQUEST, "missing or malformed Sec-WebSocket-Key"));
+        return Some(text(
+            StatusCode::BAD_REQUEST,
+            "missing or malformed Sec-WebSocket-Key",
+        ));
     }
-    Ok(())
+    None
 }
 
 fn method_not_allowed() -> Response<Full<Bytes>> {
-    let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "a WebSocket upgrade must use GET");
-    r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
+    let mut r = text(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "a WebSocket upgrade must use GET",
+    );
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET"));
     r
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }

@@ -131,17 +131,27 @@ impl Outcome {
     /// answers with the client's own code) or the client socket is gone.
     pub fn close_frame(&self) -> Option<CloseFrame> {
         let (code, reason): (u16, String) = match self {
-            Outcome::ClientClosed(_) | Outcome::ClientGone | Outcome::ClientWriteFailed => return None,
+            Outcome::ClientClosed(_) | Outcome::ClientGone | Outcome::ClientWriteFailed => {
+                return None;
+            }
             Outcome::BackendClosed => (1000, "backend closed the connection".into()),
             Outcome::Shutdown => (1001, "gateway shutting down".into()),
             Outcome::ClientProtocolError(detail) => (1002, format!("protocol error: {detail}")),
             Outcome::ClientInvalidUtf8 => (1007, "text message is not valid UTF-8".into()),
-            Outcome::ClientTooBig { limit } => (1009, format!("message too big: limit is {limit} bytes")),
+            Outcome::ClientTooBig { limit } => {
+                (1009, format!("message too big: limit is {limit} bytes"))
+            }
             Outcome::BackendFailed(kind) => (1011, format!("backend error: {kind}")),
-            Outcome::BackendNotUtf8 => (1011, "backend sent bytes that are not UTF-8 on a text route".into()),
+            Outcome::BackendNotUtf8 => (
+                1011,
+                "backend sent bytes that are not UTF-8 on a text route".into(),
+            ),
             Outcome::BackendUnavailable(kind) => (1013, format!("backend unavailable: {kind}")),
         };
-        Some(CloseFrame { code: CloseCode::from(code), reason: truncate_reason(&reason).to_string().into() })
+        Some(CloseFrame {
+            code: CloseCode::from(code),
+            reason: truncate_reason(&reason).to_string().into(),
+        })
     }
 
     fn from_end(end: End, max_message_bytes: usize) -> Outcome {
@@ -159,12 +169,14 @@ impl Outcome {
 
     fn from_client_error(e: WsError, max_message_bytes: usize) -> Outcome {
         match e {
-            WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
-                Outcome::ClientTooBig { limit: max_message_bytes }
-            }
+            WsError::Capacity(CapacityError::MessageTooLong { .. }) => Outcome::ClientTooBig {
+                limit: max_message_bytes,
+            },
             WsError::Utf8(_) => Outcome::ClientInvalidUtf8,
             WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => Outcome::ClientGone,
-            WsError::Io(_) | WsError::ConnectionClosed | WsError::AlreadyClosed => Outcome::ClientGone,
+            WsError::Io(_) | WsError::ConnectionClosed | WsError::AlreadyClosed => {
+                Outcome::ClientGone
+            }
             other => Outcome::ClientProtocolError(other.to_string().to_lowercase()),
         }
     }
@@ -201,7 +213,6 @@ pub async fn run(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: Ca
         "session",
         id = ctx.id,
         route = %ctx.route.name,
-        client.addr = %ctx.client_addr,
         backend.addr = field::Empty,
     );
     if let Dialed::Tcp(stream) = &dialed
@@ -244,12 +255,12 @@ async fn run_inner(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: 
     // Release the client socket before lingering on the backend: the page's `onclose` waits for
     // the TCP close, and must not wait for a slow backend.
     drop(ws);
-    if let Some(mut backend) = backend {
-        if matches!(outcome, Outcome::ClientClosed(_)) {
-            // Tell the backend the client is done, then drop (and count) whatever it still sends.
-            bridge::shutdown_write(&mut backend).await;
-            stats.dropped_bytes = bridge::drain(&mut backend, ctx.close_timeout).await;
-        }
+    if let Some(mut backend) = backend
+        && matches!(outcome, Outcome::ClientClosed(_))
+    {
+        // Tell the backend the client is done, then drop (and count) whatever it still sends.
+        bridge::shutdown_write(&mut backend).await;
+        stats.dropped_bytes = bridge::drain(&mut backend, ctx.close_timeout).await;
     }
     log_end(&ctx, &outcome, &stats, started.elapsed());
 }
@@ -258,7 +269,9 @@ async fn run_inner(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: 
 /// waits, up to `timeout`, for the client to finish the closing handshake, so the close is clean.
 async fn close_client<W>(ws: &mut W, outcome: &Outcome, timeout: Duration)
 where
-    W: futures_util::Stream<Item = Result<Message, WsError>> + futures_util::Sink<Message, Error = WsError> + Unpin,
+    W: futures_util::Stream<Item = Result<Message, WsError>>
+        + futures_util::Sink<Message, Error = WsError>
+        + Unpin,
 {
     let closing = async {
         match outcome {
@@ -279,7 +292,10 @@ where
         while let Some(Ok(_)) = ws.next().await {}
     };
     if tokio::time::timeout(timeout, closing).await.is_err() {
-        debug!(?timeout, "client did not finish the closing handshake in time");
+        debug!(
+            ?timeout,
+            "client did not finish the closing handshake in time"
+        );
     }
 }
 
@@ -291,7 +307,10 @@ fn log_end(ctx: &Context, outcome: &Outcome, stats: &Stats, duration: Duration) 
         // 1006: no close frame was exchanged.
         (_, None) => 1006,
     };
-    let reason = frame.as_ref().map(|f| f.reason.as_str().to_string()).unwrap_or_default();
+    let reason = frame
+        .as_ref()
+        .map(|f| f.reason.as_str().to_string())
+        .unwrap_or_default();
     info!(
         duration_secs = duration.as_secs_f64(),
         to_backend.bytes = stats.to_backend_bytes,
@@ -312,15 +331,25 @@ mod tests {
     use super::*;
 
     fn code(o: Outcome) -> Option<(u16, String)> {
-        o.close_frame().map(|f| (u16::from(f.code), f.reason.as_str().to_string()))
+        o.close_frame()
+            .map(|f| (u16::from(f.code), f.reason.as_str().to_string()))
     }
 
     /// Every row of docs/close-codes.md.
     #[test]
     fn close_code_contract() {
-        assert_eq!(code(Outcome::BackendClosed), Some((1000, "backend closed the connection".into())));
-        assert_eq!(code(Outcome::Shutdown), Some((1001, "gateway shutting down".into())));
-        assert_eq!(code(Outcome::ClientProtocolError("x".into())).unwrap().0, 1002);
+        assert_eq!(
+            code(Outcome::BackendClosed),
+            Some((1000, "backend closed the connection".into()))
+        );
+        assert_eq!(
+            code(Outcome::Shutdown),
+            Some((1001, "gateway shutting down".into()))
+        );
+        assert_eq!(
+            code(Outcome::ClientProtocolError("x".into())).unwrap().0,
+            1002
+        );
         assert_eq!(code(Outcome::ClientInvalidUtf8).unwrap().0, 1007);
         assert_eq!(
             code(Outcome::ClientTooBig { limit: 10_485_760 }),
@@ -353,7 +382,9 @@ mod tests {
         let cut = truncate_reason(&long);
         assert!(cut.len() <= 123 && cut.len() >= 122);
         assert!(long.starts_with(cut));
-        let frame = Outcome::ClientProtocolError("x".repeat(500)).close_frame().unwrap();
+        let frame = Outcome::ClientProtocolError("x".repeat(500))
+            .close_frame()
+            .unwrap();
         assert_eq!(frame.reason.len(), 123);
     }
 }

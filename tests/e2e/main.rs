@@ -1,1 +1,17 @@
-fn main(){}
+//! wsgate's integration tests: one binary, so it links once.
+//!
+//! Every test starts a real gateway in-process on 127.0.0.1:0 and talks to it over real sockets
+//! with real WebSocket clients (tokio-tungstenite, rustls) and real TCP backends.
+
+mod support;
+
+/// WebSocket ⇄ TCP through the bridge: payloads byte for byte, ws and wss, concurrency, framing.
+mod bridging;
+/// How sessions end: backend EOF, client close, backend down or reset, shutdown, limits.
+mod closing;
+/// The built-in `/echo` backend: messages come back as sent.
+mod echo;
+/// Answers before the upgrade: 404, 426, 400, 405, 403.
+mod handshake;
+/// Start-up: config fixtures, the shipped config.toml, development certificates, bind errors.
+mod startup;

@@ -1,0 +1,147 @@
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::*;
+
+/// The seed's `new ArrayBuffer(10000000)`: one 10,000,000-byte binary message through the
+/// bridge to a TCP echo and back, byte for byte, over ws.
+#[tokio::test]
+async fn ten_megabyte_message_round_trips_over_ws() {
+    let echo = Backend::echo().await;
+    let gw = Gateway::builder()
+        .route("tcp", "/tcp", &echo.target())
+        .start()
+        .await;
+    let mut ws = gw.ws("/tcp").await;
+    let data = payload(10_000_000, 1);
+    send_binary(&mut ws, &data).await;
+    let back = read_bytes(&mut ws, data.len()).await;
+    assert!(back == data, "10 MB payload came back altered");
+}
+
+/// The same over wss, with a certificate from a test CA verified by a rustls client.
+#[tokio::test]
+async fn ten_megabyte_message_round_trips_over_wss() {
+    let echo = Backend::echo().await;
+    let gw = Gateway::builder()
+        .tls()
+        .route("tcp", "/tcp", &echo.target())
+        .start()
+        .await;
+    let mut ws = gw.wss("/tcp").await;
+    let data = payload(10_000_000, 2);
+    send_binary(&mut ws, &data).await;
+    let back = read_bytes(&mut ws, data.len()).await;
+    assert!(back == data, "10 MB payload came back altered over wss");
+}
+
+/// Text messages become their UTF-8 bytes on the TCP stream; the backend's bytes come back as
+/// binary messages by default.
+#[tokio::test]
+async fn text_messages_reach_the_backend_as_utf8_bytes() {
+    let echo = Backend::echo().await;
+    let gw = Gateway::builder()
+        .route("tcp", "/tcp", &echo.target())
+        .start()
+        .await;
+    let mut ws = gw.ws("/tcp").await;
+    let text = "héllo wörld — ✓";
+    within("send", ws.send(Message::text(text))).await.unwrap();
+    let back = read_bytes(&mut ws, text.len()).await;
+    assert_eq!(back, text.as_bytes());
+}
+
+/// 100 concurrent sessions, each with its own random payload in several messages, all come back
+/// intact and unmixed.
+#[tokio::test]
+async fn hundred_concurrent_sessions_stay_separate() {
+    let echo = Backend::echo().await;
+    let gw = std::sync::Arc::new(
+        Gateway::builder()
+            .route("tcp", "/tcp", &echo.target())
+            .start()
+            .await,
+    );
+    let mut tasks = Vec::new();
+    for i in 0..100u64 {
+        let gw = gw.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ws = gw.ws("/tcp").await;
+            let data = payload(20_000 + i as usize * 97, 100 + i);
+            for chunk in data.chunks(7_000) {
+                send_binary(&mut ws, chunk).await;
+            }
+            let back = read_bytes(&mut ws, data.len()).await;
+            assert!(back == data, "session {i} got bytes that are not its own");
+        }));
+    }
+    for t in tasks {
+        within("session task", t).await.unwrap();
+    }
+    assert_eq!(echo.accepted(), 100);
+}
+
+/// A client message larger than one backend read comes back as several messages whose joined
+/// bytes are the original, each no larger than `backend_read_bytes`.
+#[tokio::test]
+async fn backend_reads_become_bounded_messages() {
+    let echo = Backend::echo().await;
+    let gw = Gateway::builder()
+        .route("tcp", "/tcp", &echo.target())
+        .limit("backend_read_bytes", "4096")
+        .start()
+        .await;
+    let mut ws = gw.ws("/tcp").await;
+    let data = payload(100_000, 3);
+    send_binary(&mut ws, &data).await;
+    let mut got = Vec::new();
+    while got.len() < data.len() {
+        match within("data", futures_util::StreamExt::next(&mut ws)).await {
+            Some(Ok(Message::Binary(b))) => {
+                assert!(
+                    b.len() <= 4096,
+                    "message of {} bytes exceeds backend_read_bytes",
+                    b.len()
+                );
+                got.extend_from_slice(&b);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(got == data);
+}
+
+/// On a text route, backend bytes arrive as text messages; a UTF-8 sequence split across two
+/// backend writes is carried over, never broken.
+#[tokio::test]
+async fn text_route_carries_split_utf8_sequences() {
+    let backend = Backend::start(|mut s: tokio::net::TcpStream| async move {
+        use tokio::io::AsyncWriteExt;
+        let euro = "€".as_bytes();
+        s.write_all(b"price: ").await.unwrap();
+        s.write_all(&euro[..1]).await.unwrap();
+        s.flush().await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        s.write_all(&euro[1..]).await.unwrap();
+        s.write_all(b"5").await.unwrap();
+        s.shutdown().await.unwrap();
+    })
+    .await;
+    let gw = Gateway::builder()
+        .route_with("t", "/t", &backend.target(), "outbound = \"text\"")
+        .start()
+        .await;
+    let mut ws = gw.ws("/t").await;
+    let mut text = String::new();
+    loop {
+        match within("text", futures_util::StreamExt::next(&mut ws)).await {
+            Some(Ok(Message::Text(t))) => text.push_str(&t),
+            Some(Ok(Message::Close(Some(f)))) => {
+                assert_eq!(u16::from(f.code), 1000);
+                break;
+            }
+            other => panic!("expected text messages then close, got {other:?}"),
+        }
+    }
+    assert_eq!(text, "price: €5");
+}

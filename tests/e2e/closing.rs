@@ -1,0 +1,319 @@
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+
+use crate::support::*;
+
+/// Backend EOF: every byte the backend sent is delivered first, then Close 1000 with a reason,
+/// and the closing handshake completes cleanly.
+#[tokio::test]
+async fn backend_eof_delivers_everything_then_1000() {
+    let data = payload(300_000, 10);
+    let backend = Backend::say_and_close(data.clone()).await;
+    let gw = Gateway::builder()
+        .route("tcp", "/tcp", &backend.target())
+        .start()
+        .await;
+    let mut ws = gw.ws("/tcp").await;
+    let (got, code, reason) = read_until_close(&mut ws).await;
+    assert!(
+        got == data,
+        "got {} of {} bytes, or altered",
+        got.len(),
+        data.len()
+    );
+    assert_eq!(
+        (code, reason.as_str()),
+        (1000, "backend closed the connection")
+    );
+    expect_end(&mut ws).await;
+}
+
+/// Client Close: wsgate answers with the client's code at once, the backend sees EOF after
+/// every byte sent before the close, and the backend's later bytes do not reach the client.
+#[tokio::test]
+async fn client_close_is_answered_and_half_closes_the_backend() {
+    let (backend, mut received) = Backend::sink().await;
+    let gw = Gateway::builder()
+        .route("tcp", "/tcp", &backend.target())
+        .start()
+        .await;
+    let mut ws = gw.ws("/tcp").await;
+    let data = payload(50_000, 11);
+    send_binary(&mut ws, &data).await;
+    within(
+        "close",
+        ws.close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        })),
+    )
+    .await
+    .unwrap();
+    match within("close reply", ws.next()).await {
+        Some(Ok(Message::Close(Some(f)))) => assert_eq!(u16::from(f.code), 1000),
+        other => panic!("expected the close reply, got {other:?}"),
+    }
+    expect_end(&mut ws).await;
+    let seen = within("backend EOF", received.recv()).await.unwrap();
+    assert!(
+        seen == data,
+        "backend saw {} of {} bytes",
+        seen.len(),
+        data.len()
+    );
+}
+
+/// A backend that streams without pause does not delay the answer to a client's Close: the
+/// reply comes at once, and the backend is told (EOF on its read side).
+#[tokio::test]
+async fn client_close_while_backend_streams() {
+    let (eof_tx, mut eof_rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = Backend::start(move |s: TcpStream| {
+        let eof_tx = eof_tx.clone();
+        async move {
+            let (mut r, mut w) = s.into_split();
+            let writer = tokio::spawn(async move {
+                let chunk = vec![7u8; 16 * 1024];
+                while w.write_all(&chunk).await.is_ok() {}
+            });
+            let mut buf = [0u8; 1024];
+            while let Ok(1..) = r.read(&mut buf).await {}
+            let _ = eof_tx.send(());
+            writer.abort();
+        }
+    })
+    .await;
+    let gw = Gateway::builder()
+        .route("tcp", "/tcp", &backend.target())
+        .start()
+        .await;
+    let mut ws = gw.ws("/tcp").await;
+    read_at_least(&mut ws, 100_000).await;
+    within(
+        "close",
+        ws.send(Message::Close(Some(CloseFrame {
+            code: CloseCode::Away,
+            reason: "".into(),
+        }))),
+    )
+    .await
+    .unwrap();
+    let reply = loop {
+        match within("close reply", ws.next()).await {
+            Some(Ok(Message::Binary(_))) => continue, // in flight before our close
+            Some(Ok(Message::Close(f))) => break f,
+            other => panic!("expected the close reply, got {other:?}"),
+        }
+    };
+    assert_eq!(reply.map(|f| u16::from(f.code)), Some(1001));
+    within("backend sees EOF", eof_rx.recv()).await.unwrap();
+}
+
+/// Backend down, default route setting: the upgrade completes and the session closes at once
+/// with 1013 and a reason that says why (and names no address).
+#[tokio::test]
+async fn backend_down_closes_in_band_with_1013() {
+    let dead = RefusingPort::new();
+    let gw = Gateway::builder()
+        .route("tcp", "/tcp", &dead.addr.to_string())
+        .start()
+        .await;
+    let mut ws = gw.ws("/tcp").await;
+    let (data, code, reason) = read_until_close(&mut ws).await;
+    assert!(data.is_empty());
+    assert_eq!(
+        (code, reason.as_str()),
+        (1013, "backend unavailable: connection refused")
+    );
+    expect_end(&mut ws).await;
+}
+
+/// Backend down with `on_backend_unavailable = "http"`: the upgrade is refused with 502.
+#[tokio::test]
+async fn backend_down_refuses_with_502_when_configured() {
+    let dead = RefusingPort::new();
+    let gw = Gateway::builder()
+        .route_with(
+            "tcp",
+            "/tcp",
+            &dead.addr.to_string(),
+            "on_backend_unavailable = \"http\"",
+        )
+        .start()
+        .await;
+    let (status, _, body) = raw_http(gw.plain, &upgrade_request("/tcp", "")).await;
+    assert_eq!(status, 502);
+    assert!(
+        body.contains("backend unavailable: connection refused"),
+        "{body}"
+    );
+}
+
+/// A backend that resets its connection mid-session: the data before the reset is delivered,
+/// then 1011 with the reason.
+#[tokio::test]
+async fn backend_reset_mid_session_gives_1011() {
+    let backend = Backend::start(|s: TcpStream| async move {
+        let mut s = s;
+        s.write_all(b"hello").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // SO_LINGER 0: closing sends RST instead of FIN.
+        s.set_zero_linger().unwrap();
+        drop(s);
+    })
+    .await;
+    let gw = Gateway::builder()
+        .route("tcp", "/tcp", &backend.target())
+        .start()
+        .await;
+    let mut ws = gw.ws("/tcp").await;
+    let (data, code, reason) = read_until_close(&mut ws).await;
+    assert_eq!(data, b"hello");
+    assert_eq!(
+        (code, reason.as_str()),
+        (1011, "backend error: connection reset")
+    );
+}
+
+/// Gateway shutdown: every session, bridged or echo, gets 1001, and `run` returns.
+#[tokio::test]
+async fn shutdown_closes_every_session_with_1001() {
+    let echo = Backend::echo().await;
+    let mut gw = Gateway::builder()
+        .route("tcp", "/tcp", &echo.target())
+        .route("echo", "/echo", "builtin:echo")
+        .start()
+        .await;
+    let mut sessions = Vec::new();
+    for i in 0..10 {
+        let mut ws = gw.ws(if i % 2 == 0 { "/tcp" } else { "/echo" }).await;
+        // Prove each session is live before the shutdown.
+        send_binary(&mut ws, b"ping").await;
+        read_bytes(&mut ws, 4).await;
+        sessions.push(ws);
+    }
+    gw.shutdown.cancel();
+    for ws in &mut sessions {
+        let (_, code, reason) = read_until_close(ws).await;
+        assert_eq!((code, reason.as_str()), (1001, "gateway shutting down"));
+        expect_end(ws).await;
+    }
+    gw.stop().await;
+    assert!(gw.is_finished());
+}
+
+/// A message over `max_message_bytes` ends the session with 1009 and the limit in the reason;
+/// nothing of it reaches the backend.
+#[tokio::test]
+async fn message_too_big_gives_1009_naming_the_limit() {
+    let (backend, mut received) = Backend::sink().await;
+    let gw = Gateway::builder()
+        .route("tcp", "/tcp", &backend.target())
+        .limit("max_message_bytes", "4096")
+        .start()
+        .await;
+    let mut ws = gw.ws("/tcp").await;
+    send_binary(&mut ws, &payload(4096, 1)).await; // exactly the limit: fine
+    let _ = ws.send(Message::Binary(payload(5000, 2).into())).await;
+    let (_, code, reason) = read_until_close(&mut ws).await;
+    assert_eq!(
+        (code, reason.as_str()),
+        (1009, "message too big: limit is 4096 bytes")
+    );
+    let seen = within("backend EOF", received.recv()).await.unwrap();
+    assert_eq!(
+        seen.len(),
+        4096,
+        "only the message within the limit reaches the backend"
+    );
+}
+
+/// A text frame that is not UTF-8 ends the session with 1007.
+#[tokio::test]
+async fn invalid_utf8_text_gives_1007() {
+    let echo = Backend::echo().await;
+    let gw = Gateway::builder()
+        .route("tcp", "/tcp", &echo.target())
+        .start()
+        .await;
+    let mut ws = gw.ws("/tcp").await;
+    let bad = Frame::message(vec![b'a', 0xff, 0xfe], OpCode::Data(Data::Text), true);
+    within("send", ws.send(Message::Frame(bad))).await.unwrap();
+    let (_, code, _) = read_until_close(&mut ws).await;
+    assert_eq!(code, 1007);
+}
+
+/// A protocol violation (a continuation frame with nothing to continue) ends the session with
+/// 1002.
+#[tokio::test]
+async fn protocol_violation_gives_1002() {
+    let echo = Backend::echo().await;
+    let gw = Gateway::builder()
+        .route("tcp", "/tcp", &echo.target())
+        .start()
+        .await;
+    let mut ws = gw.ws("/tcp").await;
+    let stray = Frame::message(b"x".to_vec(), OpCode::Data(Data::Continue), true);
+    within("send", ws.send(Message::Frame(stray)))
+        .await
+        .unwrap();
+    let (_, code, reason) = read_until_close(&mut ws).await;
+    assert_eq!(code, 1002, "{reason}");
+    assert!(reason.starts_with("protocol error"), "{reason}");
+}
+
+/// Backend bytes that are not UTF-8 on a text route end the session with 1011, after the valid
+/// text before them was delivered.
+#[tokio::test]
+async fn non_utf8_backend_bytes_on_text_route_give_1011() {
+    let backend = Backend::start(|mut s: TcpStream| async move {
+        s.write_all(b"fine\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        s.write_all(b"\xff\xfe").await.unwrap();
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink).await;
+    })
+    .await;
+    let gw = Gateway::builder()
+        .route_with("t", "/t", &backend.target(), "outbound = \"text\"")
+        .start()
+        .await;
+    let mut ws = gw.ws("/t").await;
+    let (data, code, reason) = read_until_close(&mut ws).await;
+    assert_eq!(data, b"fine\n");
+    assert_eq!(
+        (code, reason.as_str()),
+        (
+            1011,
+            "backend sent bytes that are not UTF-8 on a text route"
+        )
+    );
+}
+
+/// Pings from the client are answered with pongs carrying the same payload, on bridged routes.
+#[tokio::test]
+async fn pings_are_answered_on_bridged_routes() {
+    let echo = Backend::echo().await;
+    let gw = Gateway::builder()
+        .route("tcp", "/tcp", &echo.target())
+        .start()
+        .await;
+    let mut ws = gw.ws("/tcp").await;
+    within(
+        "ping",
+        ws.send(Message::Ping(b"are you there".to_vec().into())),
+    )
+    .await
+    .unwrap();
+    match within("pong", ws.next()).await {
+        Some(Ok(Message::Pong(p))) => assert_eq!(&p[..], b"are you there"),
+        other => panic!("expected pong, got {other:?}"),
+    }
+}

@@ -1,0 +1,522 @@
+//! Test harness: a real gateway on 127.0.0.1:0, real TCP backends, real WebSocket clients.
+//!
+//! Scenario builders in the linkerd style, so each test reads as setup then assertions:
+//! `Gateway::builder().route("tcp", "/tcp", &echo.target()).start().await`,
+//! `TcpEcho::start().await`, `gw.ws("/tcp").await`.
+//!
+//! Every await that could hang goes through [`within`], so a hang fails with a message.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use rustls::pki_types::ServerName;
+use tempfile::TempDir;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{WebSocketStream, client_async_with_config};
+use tokio_util::sync::CancellationToken;
+
+/// Default bound on any single wait in a test.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Awaits `fut`, failing the test with `what` if it takes longer than [`WAIT`].
+pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {WAIT:?} waiting for: {what}"),
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Certificates
+
+/// A throw-away CA and a `localhost` certificate it signed, written as PEM files.
+pub struct TestCa {
+    pub dir: TempDir,
+    ca_der: rustls::pki_types::CertificateDer<'static>,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+        std::fs::write(dir.path().join("cert.pem"), leaf.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), leaf_key.serialize_pem()).unwrap();
+        TestCa {
+            ca_der: ca_cert.der().clone(),
+            dir,
+        }
+    }
+
+    pub fn cert_path(&self) -> String {
+        self.dir.path().join("cert.pem").display().to_string()
+    }
+
+    pub fn key_path(&self) -> String {
+        self.dir.path().join("key.pem").display().to_string()
+    }
+
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        client_config_trusting(self.ca_der.clone())
+    }
+}
+
+/// A rustls client config that trusts exactly `root`.
+pub fn client_config_trusting(
+    root: rustls::pki_types::CertificateDer<'static>,
+) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root).unwrap();
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(wsgate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// The gateway
+
+/// Builds a config in TOML (so tests go through the real config loader) and starts a gateway.
+pub struct GatewayBuilder {
+    routes: String,
+    limits: Vec<(String, String)>,
+    tls: Option<TestCa>,
+    grace_secs: f64,
+}
+
+impl Default for GatewayBuilder {
+    fn default() -> Self {
+        GatewayBuilder {
+            routes: String::new(),
+            limits: Vec::new(),
+            tls: None,
+            grace_secs: 5.0,
+        }
+    }
+}
+
+impl GatewayBuilder {
+    /// Adds a route; `extra` is more TOML lines for the route table (e.g. `outbound = "text"`).
+    pub fn route_with(mut self, name: &str, path: &str, backend: &str, extra: &str) -> Self {
+        self.routes.push_str(&format!(
+            "[routes.{name}]\npath = \"{path}\"\nbackend = \"{backend}\"\n{extra}\n"
+        ));
+        self
+    }
+
+    pub fn route(self, name: &str, path: &str, backend: &str) -> Self {
+        self.route_with(name, path, backend, "")
+    }
+
+    /// Sets `[limits] key = value` (value as TOML).
+    pub fn limit(mut self, key: &str, value: &str) -> Self {
+        self.limits.push((key.into(), value.into()));
+        self
+    }
+
+    /// Adds a `wss` listener with a certificate from a fresh test CA.
+    pub fn tls(mut self) -> Self {
+        self.tls = Some(TestCa::new());
+        self
+    }
+
+    pub fn grace_secs(mut self, secs: f64) -> Self {
+        self.grace_secs = secs;
+        self
+    }
+
+    pub fn toml(&self) -> String {
+        let mut t = String::from("[listeners.plain]\naddress = \"127.0.0.1:0\"\n");
+        if let Some(ca) = &self.tls {
+            t.push_str(&format!(
+                "[listeners.secure]\naddress = \"127.0.0.1:0\"\ntls = {{ cert = {:?}, key = {:?} }}\n",
+                ca.cert_path(),
+                ca.key_path()
+            ));
+        }
+        t.push_str(&self.routes);
+        t.push_str("[limits]\n");
+        for (k, v) in &self.limits {
+            t.push_str(&format!("{k} = {v}\n"));
+        }
+        t.push_str(&format!("[shutdown]\ngrace_secs = {}\n", self.grace_secs));
+        t
+    }
+
+    pub async fn start(self) -> Gateway {
+        let text = self.toml();
+        let config = wsgate::config::parse(&text, std::path::Path::new("test.toml"))
+            .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n---\n{text}"));
+        let gateway = wsgate::Gateway::bind(config).await.expect("bind gateway");
+        let plain = gateway.local_addr("plain").unwrap();
+        let secure = gateway.local_addr("secure");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(gateway.run(shutdown.clone()));
+        Gateway {
+            plain,
+            secure,
+            shutdown,
+            task: Some(task),
+            ca: self.tls,
+        }
+    }
+}
+
+/// A running gateway; shut down when dropped.
+pub struct Gateway {
+    pub plain: SocketAddr,
+    pub secure: Option<SocketAddr>,
+    pub shutdown: CancellationToken,
+    task: Option<JoinHandle<()>>,
+    ca: Option<TestCa>,
+}
+
+impl Gateway {
+    pub fn builder() -> GatewayBuilder {
+        GatewayBuilder::default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.plain)
+    }
+
+    /// Opens a ws:// session to `path` (no Origin header, like a non-browser client).
+    pub async fn ws(&self, path: &str) -> Ws {
+        self.ws_with(path, &[])
+            .await
+            .unwrap_or_else(|e| panic!("connect {path}: {e}"))
+    }
+
+    /// Opens a ws:// session with extra request headers; returns the handshake error if refused.
+    pub async fn ws_with(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Ws, tungstenite::Error> {
+        let mut req = self.url(path).into_client_request().unwrap();
+        for (k, v) in headers {
+            req.headers_mut().insert(
+                tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let tcp = within("tcp connect", TcpStream::connect(self.plain))
+            .await
+            .unwrap();
+        let (ws, _) = within(
+            "ws handshake",
+            client_async_with_config(req, Box::new(tcp) as Box<dyn Io>, Some(client_ws_config())),
+        )
+        .await?;
+        Ok(ws)
+    }
+
+    /// Opens a wss:// session to `path`, verifying the test CA's certificate for `localhost`.
+    pub async fn wss(&self, path: &str) -> Ws {
+        let addr = self.secure.expect("gateway built with .tls()");
+        let ca = self.ca.as_ref().unwrap();
+        let tcp = within("tcp connect", TcpStream::connect(addr))
+            .await
+            .unwrap();
+        let connector = tokio_rustls::TlsConnector::from(ca.client_config());
+        let tls = within(
+            "tls handshake",
+            connector.connect(ServerName::try_from("localhost").unwrap(), tcp),
+        )
+        .await
+        .expect("tls handshake");
+        let url = format!("wss://localhost:{}{path}", addr.port());
+        let (ws, _) = within(
+            "wss handshake",
+            client_async_with_config(url, Box::new(tls) as Box<dyn Io>, Some(client_ws_config())),
+        )
+        .await
+        .expect("wss handshake");
+        ws
+    }
+
+    /// Starts the graceful shutdown and waits until `run` has returned.
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            within("gateway shutdown", task).await.unwrap();
+        }
+    }
+
+    /// Whether `run` has returned.
+    pub fn is_finished(&self) -> bool {
+        self.task.as_ref().is_none_or(|t| t.is_finished())
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Client side: allow big messages back (the gateway bounds what it sends, not the test).
+fn client_ws_config() -> tungstenite::protocol::WebSocketConfig {
+    tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(64 << 20))
+        .max_frame_size(Some(64 << 20))
+}
+
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A test WebSocket client over ws or wss.
+pub type Ws = WebSocketStream<Box<dyn Io>>;
+
+/// Reads messages until `want` bytes of binary or text data have arrived, and returns them joined
+/// (the gateway turns a byte stream into messages at arbitrary boundaries).
+pub async fn read_bytes(ws: &mut Ws, want: usize) -> Vec<u8> {
+    let mut got = Vec::with_capacity(want);
+    while got.len() < want {
+        match within("data from the gateway", ws.next()).await {
+            Some(Ok(Message::Binary(b))) => got.extend_from_slice(&b),
+            Some(Ok(Message::Text(t))) => got.extend_from_slice(t.as_bytes()),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!(
+                "expected data after {} of {want} bytes, got {other:?}",
+                got.len()
+            ),
+        }
+    }
+    assert_eq!(got.len(), want, "more bytes than sent came back");
+    got
+}
+
+/// Reads data messages until at least `want` bytes arrived (for endless streams).
+pub async fn read_at_least(ws: &mut Ws, want: usize) -> usize {
+    let mut got = 0;
+    while got < want {
+        match within("data from the gateway", ws.next()).await {
+            Some(Ok(Message::Binary(b))) => got += b.len(),
+            Some(Ok(Message::Text(t))) => got += t.len(),
+            other => panic!("expected data after {got} bytes, got {other:?}"),
+        }
+    }
+    got
+}
+
+/// Reads until a Close frame arrives; returns (code, reason). Data messages before it are
+/// returned too, joined.
+pub async fn read_until_close(ws: &mut Ws) -> (Vec<u8>, u16, String) {
+    let mut data = Vec::new();
+    loop {
+        match within("close frame from the gateway", ws.next()).await {
+            Some(Ok(Message::Binary(b))) => data.extend_from_slice(&b),
+            Some(Ok(Message::Text(t))) => data.extend_from_slice(t.as_bytes()),
+            Some(Ok(Message::Close(Some(CloseFrame { code, reason })))) => {
+                return (data, u16::from(code), reason.as_str().to_string());
+            }
+            Some(Ok(Message::Close(None))) => return (data, 1005, String::new()),
+            Some(Ok(_)) => {}
+            other => panic!(
+                "expected a close frame after {} data bytes, got {other:?}",
+                data.len()
+            ),
+        }
+    }
+}
+
+/// After a Close was received, the stream must end (tungstenite answers it) without error.
+pub async fn expect_end(ws: &mut Ws) {
+    loop {
+        match within("end of stream", ws.next()).await {
+            None => return,
+            Some(Ok(Message::Close(_))) => {}
+            Some(Err(tungstenite::Error::ConnectionClosed)) => return,
+            other => panic!("expected the stream to end, got {other:?}"),
+        }
+    }
+}
+
+pub async fn send_binary(ws: &mut Ws, data: &[u8]) {
+    within("send", ws.send(Message::Binary(data.to_vec().into())))
+        .await
+        .expect("send binary");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backends
+
+/// A TCP backend whose connections are handled by `handler`; counts accepted connections.
+pub struct Backend {
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    _task: JoinHandle<()>,
+}
+
+impl Backend {
+    pub async fn start<F, Fut>(handler: F) -> Backend
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(handler(stream));
+            }
+        });
+        Backend {
+            addr,
+            accepted,
+            _task: task,
+        }
+    }
+
+    /// A TCP echo backend.
+    pub async fn echo() -> Backend {
+        Backend::start(|mut s: TcpStream| async move {
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        })
+        .await
+    }
+
+    /// A backend that reads everything until EOF and reports it on the returned channel.
+    pub async fn sink() -> (Backend, mpsc::UnboundedReceiver<Vec<u8>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let b = Backend::start(move |mut s: TcpStream| {
+            let tx = tx.clone();
+            async move {
+                let mut all = Vec::new();
+                let _ = s.read_to_end(&mut all).await;
+                let _ = tx.send(all);
+            }
+        })
+        .await;
+        (b, rx)
+    }
+
+    /// A backend that writes `data` and then closes its connection (EOF).
+    pub async fn say_and_close(data: Vec<u8>) -> Backend {
+        let data = Arc::new(data);
+        Backend::start(move |mut s: TcpStream| {
+            let data = data.clone();
+            async move {
+                s.write_all(&data).await.unwrap();
+                s.shutdown().await.unwrap();
+                // Keep reading until the gateway closes, so the close is orderly.
+                let mut sink = Vec::new();
+                let _ = s.read_to_end(&mut sink).await;
+            }
+        })
+        .await
+    }
+
+    /// `host:port` for a route's `backend` key.
+    pub fn target(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// A port that refuses connections: bound but not listening, held for the test's life (no
+/// probe-and-drop race).
+pub struct RefusingPort {
+    socket: tokio::net::TcpSocket,
+    pub addr: SocketAddr,
+}
+
+impl RefusingPort {
+    pub fn new() -> RefusingPort {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = socket.local_addr().unwrap();
+        RefusingPort { socket, addr }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw HTTP
+
+/// Sends `request` verbatim and returns (status, head, body) of the response.
+pub async fn raw_http(addr: SocketAddr, request: &str) -> (u16, String, String) {
+    let mut s = within("connect", TcpStream::connect(addr)).await.unwrap();
+    within("write request", s.write_all(request.as_bytes()))
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    // Read until the head and a Content-Length body are complete (the connection may stay open).
+    loop {
+        let mut chunk = [0u8; 4096];
+        let n = within("http response", s.read(&mut chunk)).await.unwrap();
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
+                .unwrap_or(0);
+            if body.len() >= len || n == 0 {
+                let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+                return (status, head.to_string(), body.to_string());
+            }
+        }
+        assert!(
+            n > 0,
+            "connection closed before a full response: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+    }
+}
+
+/// A well-formed upgrade request for `path`, plus `extra` header lines.
+pub fn upgrade_request(path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+    )
+}
