@@ -20,9 +20,10 @@
 //! was in flight.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -40,6 +41,47 @@ pub enum Framing {
     Binary,
     /// Text messages; backend bytes must be UTF-8.
     Text,
+    /// The type of the client's last data message (binary before the first); text as above.
+    Mirror,
+}
+
+/// A WebSocket data message type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Text.
+    Text,
+    /// Binary.
+    Binary,
+}
+
+/// Which data message types the client may send; the others end the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accept {
+    /// Text messages.
+    pub text: bool,
+    /// Binary messages.
+    pub binary: bool,
+}
+
+impl Kind {
+    /// The kind of a data message; `None` for control messages.
+    pub fn of(message: &Message) -> Option<Kind> {
+        match message {
+            Message::Text(_) => Some(Kind::Text),
+            Message::Binary(_) => Some(Kind::Binary),
+            _ => None,
+        }
+    }
+}
+
+impl Accept {
+    /// Whether messages of `kind` are accepted.
+    pub fn allows(self, kind: Kind) -> bool {
+        match kind {
+            Kind::Text => self.text,
+            Kind::Binary => self.binary,
+        }
+    }
 }
 
 /// How the pump runs.
@@ -49,6 +91,8 @@ pub struct Options {
     pub backend_read_bytes: usize,
     /// Message type for backend bytes.
     pub framing: Framing,
+    /// Message types accepted from the client.
+    pub accept: Accept,
 }
 
 /// Bytes and messages moved by one session.
@@ -73,6 +117,8 @@ pub enum End {
     ClientClosed(Option<CloseFrame>),
     /// Reading from the client failed: too big, bad UTF-8, protocol violation, or the socket.
     ClientFailed(WsError),
+    /// The client sent a message type the route does not accept.
+    ClientUnsupported(Kind),
     /// The client's socket ended without a Close frame.
     ClientGone,
     /// Writing to the client failed.
@@ -108,10 +154,15 @@ where
         to_client_messages,
         ..
     } = stats;
+    // Mirror framing: whether the client's last data message was text. Both directions run in
+    // this one task, so Relaxed is enough; the atomic only makes the shared borrow Send.
+    let last_text = AtomicBool::new(false);
     let end = {
         let up = client_to_backend(
             &mut stream,
             &mut to_backend,
+            options.accept,
+            &last_text,
             stop,
             to_backend_bytes,
             to_backend_messages,
@@ -120,6 +171,7 @@ where
             &from_backend,
             &mut sink,
             options,
+            &last_text,
             stop,
             to_client_bytes,
             to_client_messages,
@@ -138,6 +190,8 @@ where
 async fn client_to_backend<S>(
     stream: &mut S,
     to_backend: &mut OwnedWriteHalf,
+    accept: Accept,
+    last_text: &AtomicBool,
     stop: &CancellationToken,
     bytes: &mut u64,
     messages: &mut u64,
@@ -151,14 +205,19 @@ where
             _ = stop.cancelled() => return End::Stopped,
             next = stream.next() => next,
         };
-        let data: Bytes = match next {
+        let data = match next {
             None => return End::ClientGone,
             Some(Err(e)) => return End::ClientFailed(e),
-            Some(Ok(Message::Binary(data))) => data,
-            Some(Ok(Message::Text(text))) => text.into(),
             Some(Ok(Message::Close(frame))) => return End::ClientClosed(frame),
-            // Pings are answered by tungstenite; pongs and raw frames carry nothing for the backend.
-            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+            Some(Ok(message)) => match Kind::of(&message) {
+                // Pings are answered by tungstenite; pongs carry nothing for the backend.
+                None => continue,
+                Some(kind) if !accept.allows(kind) => return End::ClientUnsupported(kind),
+                Some(kind) => {
+                    last_text.store(kind == Kind::Text, Ordering::Relaxed);
+                    message.into_data()
+                }
+            },
         };
         if let Err(e) = to_backend.write_all(&data).await {
             return End::BackendFailed(e);
@@ -172,6 +231,7 @@ async fn backend_to_client<S>(
     from_backend: &OwnedReadHalf,
     sink: &mut S,
     options: Options,
+    last_text: &AtomicBool,
     stop: &CancellationToken,
     bytes: &mut u64,
     messages: &mut u64,
@@ -201,9 +261,14 @@ where
             }
             Err(e) => return End::BackendFailed(e),
         }
-        let message = match options.framing {
-            Framing::Binary => Message::Binary(buf.freeze()),
-            Framing::Text => match split_utf8(&mut buf) {
+        let as_text = match options.framing {
+            Framing::Binary => false,
+            Framing::Text => true,
+            Framing::Mirror => last_text.load(Ordering::Relaxed),
+        };
+        let message = match as_text {
+            false => Message::Binary(buf.freeze()),
+            true => match split_utf8(&mut buf) {
                 Err(()) => return End::BackendNotUtf8,
                 Ok(rest) => {
                     carry = rest;

@@ -35,6 +35,8 @@ pub struct Config {
     pub builtin: Builtin,
     /// How a shutdown proceeds.
     pub shutdown: Shutdown,
+    /// Path of the built-in test console page, when enabled.
+    pub console: Option<String>,
 }
 
 /// One client-facing listener: plain `ws` or, with TLS, `wss`.
@@ -81,10 +83,24 @@ pub struct Route {
     pub backend: Backend,
     /// Browser origins allowed besides the request's own.
     pub allowed_origins: AllowedOrigins,
+    /// WebSocket message types accepted from the client.
+    pub accept: Accept,
     /// WebSocket message type used for bytes coming from the backend.
     pub outbound: Outbound,
+    /// `Sec-WebSocket-Protocol` values the route accepts, in the route's order. Empty: the route
+    /// selects none, and a client that requires one is refused.
+    pub subprotocols: Vec<String>,
     /// How a client learns that the backend could not be reached.
     pub on_backend_unavailable: Unavailable,
+}
+
+/// Which client message types a route accepts; at least one is true.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accept {
+    /// Text messages (sent to the backend as their UTF-8 bytes).
+    pub text: bool,
+    /// Binary messages.
+    pub binary: bool,
 }
 
 /// How a route's `path` is compared with a request path.
@@ -168,6 +184,8 @@ pub enum Outbound {
     Binary,
     /// Text messages; backend bytes must be UTF-8.
     Text,
+    /// The type of the client's last message (binary until it sends one); text as above.
+    Mirror,
 }
 
 /// What a client sees when the backend cannot be reached.
@@ -314,6 +332,16 @@ struct RawConfig {
     builtin: RawBuiltin,
     #[serde(default)]
     shutdown: RawShutdown,
+    #[serde(default)]
+    console: RawConsole,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConsole {
+    #[serde(default)]
+    enabled: bool,
+    path: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -342,7 +370,10 @@ struct RawRoute {
     backend: String,
     #[serde(default)]
     allowed_origins: Vec<String>,
+    accept: Option<Vec<String>>,
     outbound: Option<String>,
+    #[serde(default)]
+    subprotocols: Vec<String>,
     on_backend_unavailable: Option<String>,
 }
 
@@ -396,6 +427,7 @@ const DEFAULT_CONNECT_TIMEOUT_SECS: f64 = 5.0;
 const DEFAULT_CLOSE_TIMEOUT_SECS: f64 = 5.0;
 const DEFAULT_SHUTDOWN_GRACE_SECS: f64 = 10.0;
 const MAX_SECS: f64 = 86_400.0;
+const DEFAULT_CONSOLE_PATH: &str = "/console";
 
 // ---- Stage two: validation into typed values. ----
 
@@ -448,6 +480,11 @@ impl Validator {
                 DEFAULT_SHUTDOWN_GRACE_SECS,
             ),
         };
+        let console = match (raw.console.enabled, raw.console.path) {
+            (false, _) => None,
+            (true, None) => Some(DEFAULT_CONSOLE_PATH.to_string()),
+            (true, Some(p)) => self.route_path("console", p),
+        };
         Config {
             path: self.file.clone(),
             listeners,
@@ -455,6 +492,7 @@ impl Validator {
             limits,
             builtin,
             shutdown,
+            console,
         }
     }
 
@@ -526,17 +564,20 @@ impl Validator {
         };
         let backend = self.backend(&format!("{key}.backend"), &raw.backend);
         let allowed_origins = self.origins(&format!("{key}.allowed_origins"), raw.allowed_origins);
+        let accept = self.accept(&format!("{key}.accept"), raw.accept);
         let outbound = match raw.outbound.as_deref() {
             None | Some("binary") => Some(Outbound::Binary),
             Some("text") => Some(Outbound::Text),
+            Some("mirror") => Some(Outbound::Mirror),
             Some(other) => {
                 self.fail(
                     format!("{key}.outbound"),
-                    format!("{other:?} is not one of \"binary\", \"text\""),
+                    format!("{other:?} is not one of \"binary\", \"text\", \"mirror\""),
                 );
                 None
             }
         };
+        let subprotocols = self.subprotocols(&format!("{key}.subprotocols"), raw.subprotocols);
         let on_backend_unavailable = match raw.on_backend_unavailable.as_deref() {
             None | Some("close") => Some(Unavailable::Close),
             Some("http") => Some(Unavailable::Http),
@@ -555,7 +596,9 @@ impl Validator {
             host: host?,
             backend: backend?,
             allowed_origins: allowed_origins?,
+            accept: accept?,
             outbound: outbound?,
+            subprotocols: subprotocols?,
             on_backend_unavailable: on_backend_unavailable?,
         })
     }
@@ -652,6 +695,54 @@ impl Validator {
             }
         }
         Some(AllowedOrigins::List(out))
+    }
+
+    fn accept(&mut self, key: &str, list: Option<Vec<String>>) -> Option<Accept> {
+        let Some(list) = list else {
+            return Some(Accept {
+                text: true,
+                binary: true,
+            });
+        };
+        let mut accept = Accept {
+            text: false,
+            binary: false,
+        };
+        for kind in &list {
+            match kind.as_str() {
+                "text" => accept.text = true,
+                "binary" => accept.binary = true,
+                other => {
+                    self.fail(key, format!("{other:?} is not one of \"text\", \"binary\""));
+                    return None;
+                }
+            }
+        }
+        if !accept.text && !accept.binary {
+            self.fail(key, "must list at least one of \"text\", \"binary\"");
+            return None;
+        }
+        Some(accept)
+    }
+
+    fn subprotocols(&mut self, key: &str, list: Vec<String>) -> Option<Vec<String>> {
+        // RFC 6455: each value is an RFC 2616 token (visible ASCII, no separators).
+        let is_token = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+        };
+        for (i, p) in list.iter().enumerate() {
+            if !is_token(p) {
+                self.fail(key, format!("{p:?} is not a valid subprotocol token"));
+                return None;
+            }
+            if list[..i].contains(p) {
+                self.fail(key, format!("{p:?} is listed twice"));
+                return None;
+            }
+        }
+        Some(list)
     }
 
     fn limits(&mut self, raw: RawLimits) -> Limits {
@@ -890,6 +981,26 @@ fn key_at(text: &str, line: usize, message: &str) -> String {
     }
 }
 
+/// A route with every optional key at its default, for unit tests elsewhere in the crate.
+#[cfg(test)]
+pub(crate) fn test_route(name: &str, path: &str, backend: Backend) -> Route {
+    Route {
+        name: name.into(),
+        path: path.into(),
+        path_match: PathMatch::Exact,
+        host: None,
+        backend,
+        allowed_origins: AllowedOrigins::List(vec![]),
+        accept: Accept {
+            text: true,
+            binary: true,
+        },
+        outbound: Outbound::Binary,
+        subprotocols: vec![],
+        on_backend_unavailable: Unavailable::Close,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -932,7 +1043,19 @@ backend = "builtin:echo"
         assert_eq!(r.outbound, Outbound::Binary);
         assert_eq!(r.on_backend_unavailable, Unavailable::Close);
         assert_eq!(r.allowed_origins, AllowedOrigins::List(vec![]));
+        assert_eq!(
+            r.accept,
+            Accept {
+                text: true,
+                binary: true
+            }
+        );
+        assert!(r.subprotocols.is_empty());
         assert_eq!(c.listeners[0].scheme(), "ws");
+        assert_eq!(
+            c.console, None,
+            "the console is off unless the config enables it"
+        );
     }
 
     #[test]
@@ -1067,6 +1190,38 @@ backend = "builtin:echo"
             "{MINIMAL}[listeners.other]\naddress = \"127.0.0.1:8080\"\n"
         ));
         assert!(e.contains("listeners.plain.address"), "{e}");
+    }
+
+    #[test]
+    fn accept_subprotocols_and_console() {
+        let c = ok(&format!(
+            "{MINIMAL}accept = [\"binary\"]\nsubprotocols = [\"binary\", \"mqtt\"]\noutbound = \"mirror\"\n[console]\nenabled = true\n"
+        ));
+        let r = &c.routes[0];
+        assert_eq!(
+            r.accept,
+            Accept {
+                text: false,
+                binary: true
+            }
+        );
+        assert_eq!(
+            r.subprotocols,
+            vec!["binary".to_string(), "mqtt".to_string()]
+        );
+        assert_eq!(r.outbound, Outbound::Mirror);
+        assert_eq!(c.console.as_deref(), Some("/console"));
+        assert!(err(&format!("{MINIMAL}accept = []\n")).contains("routes.echo.accept"));
+        assert!(
+            err(&format!("{MINIMAL}subprotocols = [\"a b\"]\n"))
+                .contains("routes.echo.subprotocols")
+        );
+        assert!(
+            err(&format!(
+                "{MINIMAL}[console]\nenabled = true\npath = \"console\"\n"
+            ))
+            .contains("console.path")
+        );
     }
 
     #[test]

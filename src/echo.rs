@@ -19,11 +19,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::bridge::{End, Stats};
+use crate::bridge::{Accept, End, Kind, Stats};
 
 /// Echoes every message on `ws` until the client closes, fails, or `stop` is cancelled.
 /// Reports the ending the same way the bridge does, so `session` maps both alike.
-pub async fn run_ws<W>(ws: &mut W, stop: &CancellationToken, stats: &mut Stats) -> End
+pub async fn run_ws<W>(
+    ws: &mut W,
+    accept: Accept,
+    stop: &CancellationToken,
+    stats: &mut Stats,
+) -> End
 where
     W: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {
@@ -33,17 +38,19 @@ where
             _ = stop.cancelled() => return End::Stopped,
             next = ws.next() => next,
         };
-        let (message, len) = match next {
+        let message = match next {
             None => return End::ClientGone,
             Some(Err(e)) => return End::ClientFailed(e),
             Some(Ok(Message::Close(frame))) => return End::ClientClosed(frame),
-            Some(Ok(m @ (Message::Binary(_) | Message::Text(_)))) => {
-                let len = m.len();
-                (m, len)
-            }
-            // Pings are answered by tungstenite itself; pongs carry nothing to echo.
-            Some(Ok(_)) => continue,
+            Some(Ok(message)) => message,
         };
+        match Kind::of(&message) {
+            // Pings are answered by tungstenite itself; pongs carry nothing to echo.
+            None => continue,
+            Some(kind) if !accept.allows(kind) => return End::ClientUnsupported(kind),
+            Some(_) => {}
+        }
+        let len = message.len();
         stats.to_backend_bytes += len as u64;
         stats.to_backend_messages += 1;
         if let Err(e) = ws.send(message).await {

@@ -16,6 +16,7 @@
 //! - [`bridge`]: the WebSocket ⇄ TCP pump; knows nothing of config or HTTP.
 //! - [`backend`]: connects backend TCP services (resolve, try every address, timeout).
 //! - [`echo`]: the built-in WebSocket echo backend and TCP echo service.
+//! - [`console`]: the built-in console page (HTML embedded in the binary).
 //!
 //! # Flow
 //!
@@ -35,6 +36,7 @@
 pub mod backend;
 pub mod bridge;
 pub mod config;
+pub mod console;
 pub mod echo;
 pub mod policy;
 pub mod router;
@@ -145,6 +147,14 @@ impl Gateway {
             stop: shutdown.clone(),
             abort: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            pages: config
+                .console
+                .iter()
+                .map(|path| server::Page {
+                    path: path.clone(),
+                    render: console::page,
+                })
+                .collect(),
         });
         let accept_loops = TaskTracker::new();
         for listener in self.listeners {

@@ -52,25 +52,55 @@ pub fn check_origin(
     }
 }
 
+/// Picks the subprotocol for a session: the first value the client offers (in its order) that
+/// the route accepts. A client that offers none gets none (noVNC offers none). A client that
+/// offers only values the route does not accept is refused with 400, rather than upgraded
+/// without one: a browser would fail such a handshake with an unexplained 1006 anyway.
+pub fn select_subprotocol<'a>(
+    route: &Route,
+    offered: impl IntoIterator<Item = &'a str>,
+) -> Result<Option<String>, Refusal> {
+    let offered: Vec<&str> = offered.into_iter().collect();
+    if offered.is_empty() {
+        return Ok(None);
+    }
+    if let Some(chosen) = offered
+        .iter()
+        .find(|p| route.subprotocols.iter().any(|a| a == *p))
+    {
+        return Ok(Some(chosen.to_string()));
+    }
+    let accepted = if route.subprotocols.is_empty() {
+        "none".to_string()
+    } else {
+        route.subprotocols.join(", ")
+    };
+    Err(Refusal {
+        status: 400,
+        reason: format!(
+            "no acceptable subprotocol: offered {}; route \"{}\" accepts {accepted}",
+            offered.join(", "),
+            route.name
+        ),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Backend, Outbound, PathMatch, Unavailable};
+    use crate::config::{Backend, test_route};
 
     fn route(origins: AllowedOrigins) -> Route {
-        Route {
-            name: "tcp".into(),
-            path: "/tcp".into(),
-            path_match: PathMatch::Exact,
-            host: None,
-            backend: Backend::Tcp {
+        let mut r = test_route(
+            "tcp",
+            "/tcp",
+            Backend::Tcp {
                 host: "127.0.0.1".into(),
                 port: 7,
             },
-            allowed_origins: origins,
-            outbound: Outbound::Binary,
-            on_backend_unavailable: Unavailable::Close,
-        }
+        );
+        r.allowed_origins = origins;
+        r
     }
 
     #[test]
@@ -115,6 +145,31 @@ mod tests {
         );
         assert!(check_origin(&r, Some("null"), Some("127.0.0.1:8080"), false).is_err());
         assert!(check_origin(&r, Some("http://127.0.0.1:8080"), None, false).is_err());
+    }
+
+    #[test]
+    fn subprotocol_selection_follows_the_client_order() {
+        let mut r = route(AllowedOrigins::Any);
+        assert_eq!(select_subprotocol(&r, []), Ok(None));
+        let e = select_subprotocol(&r, ["mqtt"]).unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(
+            e.reason.contains("offered mqtt") && e.reason.contains("accepts none"),
+            "{}",
+            e.reason
+        );
+        r.subprotocols = vec!["binary".into(), "mqtt".into()];
+        assert_eq!(
+            select_subprotocol(&r, ["mqttv3.1", "mqtt", "binary"]),
+            Ok(Some("mqtt".into()))
+        );
+        assert_eq!(select_subprotocol(&r, []), Ok(None));
+        assert!(
+            select_subprotocol(&r, ["base64"])
+                .unwrap_err()
+                .reason
+                .contains("accepts binary, mqtt")
+        );
     }
 
     #[test]

@@ -74,19 +74,13 @@ pub fn normalize_host(host: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{AllowedOrigins, Backend, Outbound, Unavailable};
+    use crate::config::{Backend, test_route};
 
     fn route(name: &str, path: &str, m: PathMatch, host: Option<HostPattern>) -> Route {
-        Route {
-            name: name.into(),
-            path: path.into(),
-            path_match: m,
-            host,
-            backend: Backend::Echo,
-            allowed_origins: AllowedOrigins::Any,
-            outbound: Outbound::Binary,
-            on_backend_unavailable: Unavailable::Close,
-        }
+        let mut r = test_route(name, path, Backend::Echo);
+        r.path_match = m;
+        r.host = host;
+        r
     }
 
     fn found(r: &Router, host: Option<&str>, path: &str) -> Option<String> {

@@ -55,6 +55,14 @@ pub(crate) struct Shared {
     pub abort: CancellationToken,
     /// Tracks every connection and session task, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// Pages served for plain GET on an exact path (the console), given by `lib.rs`.
+    pub pages: Vec<Page>,
+}
+
+/// A static page: served for GET or HEAD on exactly `path`, on every listener.
+pub(crate) struct Page {
+    pub path: String,
+    pub render: fn() -> Response<Full<Bytes>>,
 }
 
 impl Shared {
@@ -210,6 +218,12 @@ async fn respond(
         .map(str::to_owned)
         .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()));
     let path = req.uri().path().to_owned();
+    if (req.method() == Method::GET || req.method() == Method::HEAD)
+        && !is_upgrade(&req)
+        && let Some(page) = shared.pages.iter().find(|p| p.path == path)
+    {
+        return Ok((page.render)());
+    }
     let Some(route) = shared.router.find(host.as_deref(), &path).cloned() else {
         debug!(%path, "no route");
         return Ok(text(StatusCode::NOT_FOUND, &format!("no route for {path}")));
@@ -227,6 +241,22 @@ async fn respond(
         let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::FORBIDDEN);
         return Ok(text(status, &refusal.reason));
     }
+
+    let offered = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty());
+    let subprotocol = match policy::select_subprotocol(&route, offered) {
+        Ok(chosen) => chosen,
+        Err(refusal) => {
+            warn!(route = %route.name, status = refusal.status, reason = %refusal.reason, "request refused");
+            return Ok(text(StatusCode::BAD_REQUEST, &refusal.reason));
+        }
+    };
 
     let dialed = match &route.backend {
         Backend::Echo => Dialed::Echo,
@@ -252,7 +282,14 @@ async fn respond(
     };
 
     let (response, upgrade) = match hyper_tungstenite::upgrade(&mut req, Some(shared.ws_config())) {
-        Ok(pair) => pair,
+        Ok((mut response, upgrade)) => {
+            if let Some(chosen) = subprotocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
+                response
+                    .headers_mut()
+                    .insert(header::SEC_WEBSOCKET_PROTOCOL, chosen);
+            }
+            (response, upgrade)
+        }
         Err(e) => {
             return Ok(text(
                 StatusCode::BAD_REQUEST,
@@ -286,15 +323,7 @@ async fn respond(
 /// `None` when `req` is a WebSocket upgrade we can accept; otherwise the response RFC 6455 (and
 /// RFC 9110) prescribe for what is wrong with it.
 fn upgrade_refusal(req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
-    let has_token = |name: header::HeaderName, token: &str| {
-        req.headers()
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
-    if !has_token(header::UPGRADE, "websocket") {
+    if !is_upgrade(req) {
         if req.method() == Method::GET || req.method() == Method::HEAD {
             let mut r = text(
                 StatusCode::UPGRADE_REQUIRED,
@@ -317,7 +346,7 @@ fn upgrade_refusal(req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
             "a WebSocket upgrade needs HTTP/1.1",
         ));
     }
-    if !has_token(header::CONNECTION, "upgrade") {
+    if !header_has_token(req, header::CONNECTION, "upgrade") {
         return Some(text(
             StatusCode::BAD_REQUEST,
             "a WebSocket upgrade needs \"Connection: Upgrade\"",
@@ -354,6 +383,21 @@ fn upgrade_refusal(req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
         ));
     }
     None
+}
+
+/// Whether the request asks for a WebSocket upgrade at all (`Upgrade: websocket`); whether it
+/// asks well is `upgrade_refusal`'s question.
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    header_has_token(req, header::UPGRADE, "websocket")
+}
+
+fn header_has_token<B>(req: &Request<B>, name: header::HeaderName, token: &str) -> bool {
+    req.headers()
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 fn method_not_allowed() -> Response<Full<Bytes>> {

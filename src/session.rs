@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, field, info, info_span};
 
 use crate::backend::BackendError;
-use crate::bridge::{self, End, Framing, Stats};
+use crate::bridge::{self, Accept, End, Framing, Kind, Stats};
 use crate::config::{Outbound, Route};
 use crate::echo;
 
@@ -89,6 +89,8 @@ pub enum Outcome {
     ClientProtocolError(String),
     /// A text message from the client was not UTF-8.
     ClientInvalidUtf8,
+    /// The client sent a message type the route does not accept ("text" or "binary").
+    ClientUnsupported(&'static str),
     /// A message from the client exceeded the limit.
     ClientTooBig {
         /// The configured limit in bytes.
@@ -116,6 +118,7 @@ impl Outcome {
             | Outcome::ClientGone
             | Outcome::ClientProtocolError(_)
             | Outcome::ClientInvalidUtf8
+            | Outcome::ClientUnsupported(_)
             | Outcome::ClientTooBig { .. }
             | Outcome::ClientWriteFailed => Side::Client,
             Outcome::BackendClosed
@@ -137,6 +140,10 @@ impl Outcome {
             Outcome::BackendClosed => (1000, "backend closed the connection".into()),
             Outcome::Shutdown => (1001, "gateway shutting down".into()),
             Outcome::ClientProtocolError(detail) => (1002, format!("protocol error: {detail}")),
+            Outcome::ClientUnsupported(kind) => (
+                1003,
+                format!("{kind} messages are not accepted on this route"),
+            ),
             Outcome::ClientInvalidUtf8 => (1007, "text message is not valid UTF-8".into()),
             Outcome::ClientTooBig { limit } => {
                 (1009, format!("message too big: limit is {limit} bytes"))
@@ -159,6 +166,8 @@ impl Outcome {
             End::ClientClosed(frame) => Outcome::ClientClosed(frame.map(|f| u16::from(f.code))),
             End::ClientGone => Outcome::ClientGone,
             End::ClientFailed(e) => Outcome::from_client_error(e, max_message_bytes),
+            End::ClientUnsupported(Kind::Text) => Outcome::ClientUnsupported("text"),
+            End::ClientUnsupported(Kind::Binary) => Outcome::ClientUnsupported("binary"),
             End::ClientWriteFailed(_) => Outcome::ClientWriteFailed,
             End::BackendEof => Outcome::BackendClosed,
             End::BackendFailed(e) => Outcome::BackendFailed(io_kind(&e).into()),
@@ -233,10 +242,14 @@ async fn run_inner(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: 
         }
     };
     let mut stats = Stats::default();
+    let accept = Accept {
+        text: ctx.route.accept.text,
+        binary: ctx.route.accept.binary,
+    };
     let (outcome, backend) = match dialed {
         Dialed::Unavailable(e) => (Outcome::BackendUnavailable(e.kind()), None),
         Dialed::Echo => {
-            let end = echo::run_ws(&mut ws, &stop, &mut stats).await;
+            let end = echo::run_ws(&mut ws, accept, &stop, &mut stats).await;
             (Outcome::from_end(end, ctx.max_message_bytes), None)
         }
         Dialed::Tcp(stream) => {
@@ -245,7 +258,9 @@ async fn run_inner(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: 
                 framing: match ctx.route.outbound {
                     Outbound::Binary => Framing::Binary,
                     Outbound::Text => Framing::Text,
+                    Outbound::Mirror => Framing::Mirror,
                 },
+                accept,
             };
             let (end, backend) = bridge::run(&mut ws, stream, options, &stop, &mut stats).await;
             (Outcome::from_end(end, ctx.max_message_bytes), Some(backend))
@@ -349,6 +364,10 @@ mod tests {
         assert_eq!(
             code(Outcome::ClientProtocolError("x".into())).unwrap().0,
             1002
+        );
+        assert_eq!(
+            code(Outcome::ClientUnsupported("text")),
+            Some((1003, "text messages are not accepted on this route".into()))
         );
         assert_eq!(code(Outcome::ClientInvalidUtf8).unwrap().0, 1007);
         assert_eq!(

@@ -7,6 +7,8 @@ mod support;
 
 /// WebSocket ⇄ TCP through the bridge: payloads byte for byte, ws and wss, concurrency, framing.
 mod bridging;
+/// The browser contract in headless Chromium: events, codes, reasons, the console page.
+mod browser;
 /// How sessions end: backend EOF, client close, backend down or reset, shutdown, limits.
 mod closing;
 /// The built-in `/echo` backend: messages come back as sent.

@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod browser;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,6 +50,13 @@ pub fn payload(len: usize, seed: u64) -> Vec<u8> {
             x ^= x << 17;
             x as u8
         })
+        .collect()
+}
+
+/// The byte pattern the browser helpers use: byte i is (i * 31 + seed) mod 251.
+pub fn js_pattern(len: usize, seed: u64) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| ((i * 31 + seed) % 251) as u8)
         .collect()
 }
 
@@ -116,6 +125,7 @@ pub fn client_config_trusting(
 /// Builds a config in TOML (so tests go through the real config loader) and starts a gateway.
 pub struct GatewayBuilder {
     routes: String,
+    console: bool,
     limits: Vec<(String, String)>,
     tls: Option<TestCa>,
     grace_secs: f64,
@@ -125,6 +135,7 @@ impl Default for GatewayBuilder {
     fn default() -> Self {
         GatewayBuilder {
             routes: String::new(),
+            console: false,
             limits: Vec::new(),
             tls: None,
             grace_secs: 5.0,
@@ -157,6 +168,12 @@ impl GatewayBuilder {
         self
     }
 
+    /// Serves the console page at `/console` (the browser tests load it as their page).
+    pub fn console(mut self) -> Self {
+        self.console = true;
+        self
+    }
+
     pub fn grace_secs(mut self, secs: f64) -> Self {
         self.grace_secs = secs;
         self
@@ -177,6 +194,9 @@ impl GatewayBuilder {
             t.push_str(&format!("{k} = {v}\n"));
         }
         t.push_str(&format!("[shutdown]\ngrace_secs = {}\n", self.grace_secs));
+        if self.console {
+            t.push_str("[console]\nenabled = true\n");
+        }
         t
     }
 
