@@ -57,6 +57,9 @@ impl BackendError {
         match self {
             BackendError::Resolve { .. } | BackendError::NoAddress { .. } => "name not resolved",
             BackendError::Timeout { .. } => "connect timed out",
+            BackendError::Connect { source, .. } if source.kind() == io::ErrorKind::TimedOut => {
+                "connect timed out"
+            }
             BackendError::Connect { source, .. } => match source.kind() {
                 io::ErrorKind::ConnectionRefused => "connection refused",
                 io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => "unreachable",
@@ -67,7 +70,7 @@ impl BackendError {
 
     /// Whether the failure was the timeout (maps to HTTP 504 rather than 502).
     pub fn is_timeout(&self) -> bool {
-        matches!(self, BackendError::Timeout { .. })
+        self.kind() == "connect timed out"
     }
 }
 

@@ -93,6 +93,9 @@ pub struct Options {
     pub framing: Framing,
     /// Message types accepted from the client.
     pub accept: Accept,
+    /// After a stop or backend EOF, how long the other direction may take to finish writing
+    /// the message in flight.
+    pub finish_timeout: Duration,
 }
 
 /// Bytes and messages moved by one session.
@@ -157,13 +160,17 @@ where
     // Mirror framing: whether the client's last data message was text. Both directions run in
     // this one task, so Relaxed is enough; the atomic only makes the shared borrow Send.
     let last_text = AtomicBool::new(false);
+    // Both directions stop at a message boundary once `finish` is cancelled: on a stop request,
+    // or after the backend's last byte was delivered. The direction still running then gets up
+    // to `finish_timeout` to complete the message it is writing, so nothing read is lost.
+    let finish = stop.child_token();
     let end = {
         let up = client_to_backend(
             &mut stream,
             &mut to_backend,
             options.accept,
             &last_text,
-            stop,
+            &finish,
             to_backend_bytes,
             to_backend_messages,
         );
@@ -172,14 +179,28 @@ where
             &mut sink,
             options,
             &last_text,
-            stop,
+            &finish,
             to_client_bytes,
             to_client_messages,
         );
-        tokio::select! {
-            end = up => end,
-            end = down => end,
+        tokio::pin!(up, down);
+        let (end, up_running) = tokio::select! {
+            end = &mut up => (end, false),
+            end = &mut down => (end, true),
+        };
+        if matches!(end, End::Stopped | End::BackendEof) {
+            finish.cancel();
+            let rest = async {
+                if up_running {
+                    up.as_mut().await
+                } else {
+                    down.as_mut().await
+                }
+            };
+            // Whatever the other direction reports now is secondary: the first ending decides.
+            let _ = tokio::time::timeout(options.finish_timeout, rest).await;
         }
+        end
     };
     let backend = from_backend
         .reunite(to_backend)

@@ -471,7 +471,7 @@ impl Validator {
             tcp_echo: raw
                 .builtin
                 .tcp_echo
-                .and_then(|a| self.socket_addr("builtin.tcp_echo", &a)),
+                .and_then(|a| self.loopback_addr("builtin.tcp_echo", &a)),
         };
         let shutdown = Shutdown {
             grace: self.seconds(
@@ -535,6 +535,19 @@ impl Validator {
                 None
             }
         }
+    }
+
+    /// The built-in services echo whatever they receive: never expose them beyond this host.
+    fn loopback_addr(&mut self, key: &str, value: &str) -> Option<SocketAddr> {
+        let addr = self.socket_addr(key, value)?;
+        if !addr.ip().is_loopback() {
+            self.fail(
+                key,
+                format!("{value:?} must be a loopback address (127.0.0.0/8 or [::1])"),
+            );
+            return None;
+        }
+        Some(addr)
     }
 
     fn file_path(&mut self, key: &str, value: &str) -> PathBuf {
@@ -889,6 +902,8 @@ pub fn normalize_origin(origin: &str) -> Option<String> {
             None => (rest, None),
         },
     };
+    // A fully qualified name's trailing dot names the same host (as in the router).
+    let host = host.strip_suffix('.').unwrap_or(host);
     if host.is_empty() || host.trim_matches(['[', ']']).is_empty() {
         return None;
     }

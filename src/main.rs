@@ -8,7 +8,6 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -52,7 +51,9 @@ fn main() -> ExitCode {
             match run(&config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("wsgate: error: {e:#}");
+                    // Our errors carry their causes in their own message (one line naming the
+                    // file, listener or address), so the chain is not printed again.
+                    eprintln!("wsgate: error: {e}");
                     ExitCode::FAILURE
                 }
             }
@@ -89,6 +90,8 @@ fn check(path: &Path) -> ExitCode {
                 if let Some(tls) = &l.tls {
                     let state = if tls.cert.exists() && tls.key.exists() {
                         "present"
+                    } else if tls.cert.exists() || tls.key.exists() {
+                        "MISSING cert or key (only one exists): start-up will fail"
                     } else if tls.generate_self_signed {
                         "missing: a development pair will be generated at start"
                     } else {
@@ -120,7 +123,8 @@ fn check(path: &Path) -> ExitCode {
 
 fn run(path: &Path) -> anyhow::Result<()> {
     let config = load(path).map_err(|errors| anyhow::anyhow!("invalid config:\n{errors}"))?;
-    let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
+    let runtime = tokio::runtime::Runtime::new()
+        .map_err(|e| anyhow::anyhow!("start the async runtime: {e}"))?;
     runtime.block_on(async {
         let gateway = wsgate::Gateway::bind(config).await?;
         let shutdown = CancellationToken::new();
@@ -130,29 +134,38 @@ fn run(path: &Path) -> anyhow::Result<()> {
     })
 }
 
-/// First SIGTERM/SIGINT: graceful shutdown. Second: exit now.
+/// First SIGTERM/SIGINT: graceful shutdown. Second: exit now (128 + the signal's number, as a
+/// shell would report). SIGHUP would otherwise kill the process and every session with it; until
+/// reload exists it is logged and ignored.
 async fn watch_signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!("cannot install signal handlers; stop wsgate with SIGKILL");
         return;
     };
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    tracing::info!(
-        signal = name,
-        "graceful shutdown requested; send it again to exit at once"
-    );
-    shutdown.cancel();
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut shutting_down = false;
+    loop {
+        let (name, code) = tokio::select! {
+            _ = term.recv() => ("SIGTERM", 143),
+            _ = int.recv() => ("SIGINT", 130),
+            _ = hup.recv() => {
+                tracing::warn!("SIGHUP: config reload is not supported yet; restart wsgate to apply changes");
+                continue;
+            }
+        };
+        if shutting_down {
+            tracing::warn!(signal = name, "second signal: exiting now");
+            std::process::exit(code);
+        }
+        tracing::info!(
+            signal = name,
+            "graceful shutdown requested; send it again to exit at once"
+        );
+        shutting_down = true;
+        shutdown.cancel();
     }
-    tracing::warn!("second signal: exiting now");
-    std::process::exit(130);
 }

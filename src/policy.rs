@@ -32,10 +32,8 @@ pub fn check_origin(
     }
     let refuse = || Refusal {
         status: 403,
-        reason: format!(
-            "origin {origin:?} is not allowed on route \"{}\"",
-            route.name
-        ),
+        // The route is named in the log line, not here: this goes back to the caller.
+        reason: format!("origin {origin:?} is not allowed here"),
     };
     let Some(normalized) = normalize_origin(origin) else {
         return Err(refuse());
@@ -78,9 +76,8 @@ pub fn select_subprotocol<'a>(
     Err(Refusal {
         status: 400,
         reason: format!(
-            "no acceptable subprotocol: offered {}; route \"{}\" accepts {accepted}",
-            offered.join(", "),
-            route.name
+            "no acceptable subprotocol: offered {}; this route accepts {accepted}",
+            offered.join(", ")
         ),
     })
 }

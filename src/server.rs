@@ -159,27 +159,41 @@ async fn handle_connection(
 ) {
     let _ = tcp.set_nodelay(true);
     let conn = Arc::new(conn);
+    // One deadline for the whole handshake, TLS included, so a wss client gets no more time
+    // than a ws one.
+    let timeout = shared.limits.handshake_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
     match tls {
-        None => serve_http(tcp, conn, shared).await,
-        Some(acceptor) => {
-            let timeout = shared.limits.handshake_timeout;
-            match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => serve_http(stream, conn, shared).await,
-                Ok(Err(e)) => debug!(error = %e, "tls handshake failed"),
-                Err(_) => debug!(
-                    ?timeout,
-                    "tls handshake timed out (limits.handshake_timeout_secs)"
-                ),
-            }
-        }
+        None => serve_http(tcp, conn, deadline, shared).await,
+        Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+            Ok(Ok(stream)) => serve_http(stream, conn, deadline, shared).await,
+            Ok(Err(e)) => debug!(error = %e, "tls handshake failed"),
+            Err(_) => debug!(
+                ?timeout,
+                "tls handshake timed out (limits.handshake_timeout_secs)"
+            ),
+        },
     }
     drop(handshake_permit);
 }
 
-async fn serve_http<IO>(io: IO, conn: Arc<Connection>, shared: Arc<Shared>)
-where
+/// Serves one HTTP/1.1 request on `io`: the upgrade, or a refusal (or the console page), after
+/// which the connection closes (every non-101 response says `Connection: close`). A WebSocket
+/// gateway has nothing to serve on a second request, and one request per connection means the
+/// handshake permit bounds sockets that have not upgraded, whatever the client does. (hyper's
+/// `keep_alive(false)` cannot be used: it would also put `close` on the 101.)
+async fn serve_http<IO>(
+    io: IO,
+    conn: Arc<Connection>,
+    deadline: tokio::time::Instant,
+    shared: Arc<Shared>,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+    if remaining.is_zero() {
+        return;
+    }
     let service = {
         let shared = shared.clone();
         service_fn(move |req| respond(req, conn.clone(), shared.clone()))
@@ -187,7 +201,7 @@ where
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(shared.limits.handshake_timeout)
+        .header_read_timeout(remaining)
         // Bounds the request head; a WebSocket upgrade needs a few hundred bytes. (hyper's
         // minimum is 8 KiB.)
         .max_buf_size(16 * 1024)
@@ -222,7 +236,10 @@ async fn respond(
         && !is_upgrade(&req)
         && let Some(page) = shared.pages.iter().find(|p| p.path == path)
     {
-        return Ok((page.render)());
+        let mut page = (page.render)();
+        page.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Ok(page);
     }
     let Some(route) = shared.router.find(host.as_deref(), &path).cloned() else {
         debug!(%path, "no route");
@@ -417,5 +434,7 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
     r
 }

@@ -16,10 +16,12 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use hyper_tungstenite::HyperWebsocket;
+use hyper_tungstenite::WebSocketStream;
 use hyper_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use hyper_tungstenite::tungstenite::protocol::CloseFrame;
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, field, info, info_span};
@@ -161,6 +163,16 @@ impl Outcome {
         })
     }
 
+    /// Whether the client's stream failed on a read (tungstenite then reads no more).
+    fn is_read_error(&self) -> bool {
+        matches!(
+            self,
+            Outcome::ClientProtocolError(_)
+                | Outcome::ClientInvalidUtf8
+                | Outcome::ClientTooBig { .. }
+        )
+    }
+
     fn from_end(end: End, max_message_bytes: usize) -> Outcome {
         match end {
             End::ClientClosed(frame) => Outcome::ClientClosed(frame.map(|f| u16::from(f.code))),
@@ -186,6 +198,7 @@ impl Outcome {
             WsError::Io(_) | WsError::ConnectionClosed | WsError::AlreadyClosed => {
                 Outcome::ClientGone
             }
+            WsError::Protocol(p) => Outcome::ClientProtocolError(p.to_string().to_lowercase()),
             other => Outcome::ClientProtocolError(other.to_string().to_lowercase()),
         }
     }
@@ -261,6 +274,7 @@ async fn run_inner(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: 
                     Outbound::Mirror => Framing::Mirror,
                 },
                 accept,
+                finish_timeout: ctx.close_timeout,
             };
             let (end, backend) = bridge::run(&mut ws, stream, options, &stop, &mut stats).await;
             (Outcome::from_end(end, ctx.max_message_bytes), Some(backend))
@@ -282,11 +296,9 @@ async fn run_inner(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: 
 
 /// Sends the outcome's close frame (or flushes tungstenite's reply to the client's Close) and
 /// waits, up to `timeout`, for the client to finish the closing handshake, so the close is clean.
-async fn close_client<W>(ws: &mut W, outcome: &Outcome, timeout: Duration)
+async fn close_client<S>(ws: &mut WebSocketStream<S>, outcome: &Outcome, timeout: Duration)
 where
-    W: futures_util::Stream<Item = Result<Message, WsError>>
-        + futures_util::Sink<Message, Error = WsError>
-        + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     let closing = async {
         match outcome {
@@ -297,14 +309,26 @@ where
                 }
             }
             other => {
-                let frame = other.close_frame();
-                if ws.send(Message::Close(frame)).await.is_err() {
+                if ws.send(Message::Close(other.close_frame())).await.is_err() {
                     return;
                 }
             }
         }
-        // Read until the client's Close arrives and the stream ends; discard data that crosses it.
-        while let Some(Ok(_)) = ws.next().await {}
+        if outcome.is_read_error() {
+            // tungstenite reads nothing more after an error, and the client may still be
+            // sending (the rest of a too-big message). Closing now would answer those bytes
+            // with a reset, and the page would see 1006 instead of our code. So linger, as web
+            // servers do: end our side after the close frame, then read and discard until the
+            // client closes its side.
+            let io = ws.get_mut();
+            let _ = io.shutdown().await;
+            let mut scratch = [0u8; 4096];
+            while let Ok(1..) = io.read(&mut scratch).await {}
+        } else {
+            // Read until the client's Close arrives and the stream ends; discard data that
+            // crosses it.
+            while let Some(Ok(_)) = ws.next().await {}
+        }
     };
     if tokio::time::timeout(timeout, closing).await.is_err() {
         debug!(

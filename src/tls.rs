@@ -110,7 +110,11 @@ pub fn generate_dev_pair(cert: &Path, key: &Path) -> Result<(), TlsError> {
         problem: e.to_string(),
     })?;
     write_new(key, generated.signing_key.serialize_pem().as_bytes(), 0o600)?;
-    write_new(cert, generated.cert.pem().as_bytes(), 0o644)?;
+    if let Err(e) = write_new(cert, generated.cert.pem().as_bytes(), 0o644) {
+        // A lone key would make every later start fail ("only one file exists"): remove it.
+        let _ = std::fs::remove_file(key);
+        return Err(e);
+    }
     Ok(())
 }
 

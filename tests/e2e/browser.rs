@@ -251,7 +251,7 @@ async fn browser_failures_are_reported() {
         &mut browser,
         &tab,
         &gw.url("/sink"),
-        "{ onopen: (ws) => ws.send(new Uint8Array(5000).buffer) }",
+        "{ onopen: (ws) => ws.send(new Uint8Array(3000000).buffer) }",
     )
     .await;
     assert_eq!(

@@ -157,3 +157,82 @@ async fn host_routing() {
     let req = upgrade_request("/x", "").replace("Host: 127.0.0.1", "Host: example.org");
     assert_eq!(raw_http(gw.plain, &req).await.0, 404);
 }
+
+/// One request per connection: after a refusal the gateway closes the socket, so a client
+/// cannot hold a handshake slot (`limits.max_handshakes`) with a stream of cheap requests.
+#[tokio::test]
+async fn connection_closes_after_a_refusal() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = Gateway::builder()
+        .route("echo", "/echo", "builtin:echo")
+        .start()
+        .await;
+    let mut s = tokio::net::TcpStream::connect(gw.plain).await.unwrap();
+    let two = "GET /nope HTTP/1.1\r\nHost: x\r\n\r\nGET /nope HTTP/1.1\r\nHost: x\r\n\r\n";
+    s.write_all(two.as_bytes()).await.unwrap();
+    let mut all = String::new();
+    within("server closes the connection", s.read_to_string(&mut all))
+        .await
+        .unwrap();
+    assert_eq!(all.matches("HTTP/1.1 404").count(), 1, "{all}");
+    assert!(
+        all.to_ascii_lowercase().contains("connection: close"),
+        "{all}"
+    );
+}
+
+/// A client that connects and sends nothing is dropped once `handshake_timeout_secs` passes.
+#[tokio::test]
+async fn silent_client_is_dropped_after_the_handshake_timeout() {
+    use tokio::io::AsyncReadExt;
+    let gw = Gateway::builder()
+        .route("echo", "/echo", "builtin:echo")
+        .limit("handshake_timeout_secs", "0.3")
+        .start()
+        .await;
+    let mut s = tokio::net::TcpStream::connect(gw.plain).await.unwrap();
+    let mut buf = Vec::new();
+    let started = std::time::Instant::now();
+    let _ = within("server drops the silent client", s.read_to_end(&mut buf)).await;
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(250),
+        "dropped too early"
+    );
+}
+
+/// At `limits.max_connections`, a further socket is closed at once, and is served again once a
+/// session ends.
+#[tokio::test]
+async fn connection_limit_closes_extra_sockets() {
+    use tokio::io::AsyncReadExt;
+    let gw = Gateway::builder()
+        .route("echo", "/echo", "builtin:echo")
+        .limit("max_connections", "2")
+        .start()
+        .await;
+    let mut a = gw.ws("/echo").await;
+    send_binary(&mut a, b"a").await;
+    read_bytes(&mut a, 1).await;
+    let mut b = gw.ws("/echo").await;
+    send_binary(&mut b, b"b").await;
+    read_bytes(&mut b, 1).await;
+    let mut extra = tokio::net::TcpStream::connect(gw.plain).await.unwrap();
+    let mut buf = [0u8; 1];
+    let n = within("extra socket closed", extra.read(&mut buf))
+        .await
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the third socket must be closed without an answer");
+    drop(a);
+    // The slot comes back once the first session has ended; retry until it has.
+    within("a slot frees up", async {
+        loop {
+            if let Ok(mut ws) = gw.ws_with("/echo", &[]).await {
+                send_binary(&mut ws, b"c").await;
+                read_bytes(&mut ws, 1).await;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
