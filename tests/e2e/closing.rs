@@ -317,3 +317,72 @@ async fn pings_are_answered_on_bridged_routes() {
         other => panic!("expected pong, got {other:?}"),
     }
 }
+
+/// A backend whose connections wait for a signal, then end: with FIN (`reset = false`) or RST.
+async fn backend_ending_on_signal(reset: bool) -> (Backend, tokio::sync::broadcast::Sender<()>) {
+    let (tx, _) = tokio::sync::broadcast::channel::<()>(4);
+    let tx2 = tx.clone();
+    let backend = Backend::start(move |mut s: TcpStream| {
+        let mut signal = tx2.subscribe();
+        async move {
+            s.write_all(b"ready").await.unwrap();
+            let _ = signal.recv().await;
+            if reset {
+                s.set_zero_linger().unwrap();
+                drop(s);
+            } else {
+                s.shutdown().await.unwrap();
+                let mut rest = Vec::new();
+                let _ = s.read_to_end(&mut rest).await;
+            }
+        }
+    })
+    .await;
+    (backend, tx)
+}
+
+/// Client Close and backend EOF at the same instant, many times: each session ends exactly once.
+/// The client gets one close frame (its own code echoed, or 1000 if the backend won), never a
+/// second one and never a protocol error, and the connection then ends cleanly.
+#[tokio::test]
+async fn simultaneous_close_from_both_sides_ends_once() {
+    for reset in [false, true] {
+        let (backend, signal) = backend_ending_on_signal(reset).await;
+        let gw = Gateway::builder()
+            .route("tcp", "/tcp", &backend.target())
+            .start()
+            .await;
+        for round in 0..20 {
+            let mut ws = gw.ws("/tcp").await;
+            assert_eq!(read_bytes(&mut ws, 5).await, b"ready");
+            let close = Message::Close(Some(CloseFrame {
+                code: CloseCode::from(4001),
+                reason: "client".into(),
+            }));
+            let (sent, fired) = tokio::join!(ws.send(close), async { signal.send(()) });
+            sent.unwrap();
+            fired.unwrap();
+            let mut closes = Vec::new();
+            loop {
+                match within("end of session", ws.next()).await {
+                    Some(Ok(Message::Close(f))) => closes.push(f.map(|f| u16::from(f.code))),
+                    Some(Ok(other)) => panic!("round {round}: unexpected {other:?}"),
+                    Some(Err(e)) => {
+                        panic!("round {round} (reset={reset}): error instead of a clean end: {e}")
+                    }
+                    None => break,
+                }
+            }
+            assert_eq!(
+                closes.len(),
+                1,
+                "round {round} (reset={reset}): close frames {closes:?}"
+            );
+            let allowed: &[u16] = if reset { &[4001, 1011] } else { &[4001, 1000] };
+            assert!(
+                allowed.contains(&closes[0].unwrap()),
+                "round {round} (reset={reset}): {closes:?}"
+            );
+        }
+    }
+}
