@@ -57,9 +57,7 @@ impl BackendError {
         match self {
             BackendError::Resolve { .. } | BackendError::NoAddress { .. } => "name not resolved",
             BackendError::Timeout { .. } => "connect timed out",
-            BackendError::Connect { source, .. } if source.kind() == io::ErrorKind::TimedOut => {
-                "connect timed out"
-            }
+            BackendError::Connect { source, .. } if source.kind() == io::ErrorKind::TimedOut => "connect timed out",
             BackendError::Connect { source, .. } => match source.kind() {
                 io::ErrorKind::ConnectionRefused => "connection refused",
                 io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => "unreachable",
@@ -76,27 +74,17 @@ impl BackendError {
 
 /// Connects to `host:port`, trying each resolved address, all within `timeout`.
 pub async fn connect(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, BackendError> {
-    let target = if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    };
+    let target = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
     match tokio::time::timeout(timeout, connect_any(host, port, &target)).await {
         Ok(result) => result,
-        Err(_) => Err(BackendError::Timeout {
-            target,
-            after: timeout,
-        }),
+        Err(_) => Err(BackendError::Timeout { target, after: timeout }),
     }
 }
 
 async fn connect_any(host: &str, port: u16, target: &str) -> Result<TcpStream, BackendError> {
     let addrs = tokio::net::lookup_host((host, port))
         .await
-        .map_err(|source| BackendError::Resolve {
-            target: target.to_string(),
-            source,
-        })?;
+        .map_err(|source| BackendError::Resolve { target: target.to_string(), source })?;
     let mut last = None;
     for addr in addrs {
         match TcpStream::connect(addr).await {
@@ -106,18 +94,10 @@ async fn connect_any(host: &str, port: u16, target: &str) -> Result<TcpStream, B
                 let _ = stream.set_nodelay(true);
                 return Ok(stream);
             }
-            Err(source) => {
-                last = Some(BackendError::Connect {
-                    target: target.to_string(),
-                    addr,
-                    source,
-                })
-            }
+            Err(source) => last = Some(BackendError::Connect { target: target.to_string(), addr, source }),
         }
     }
-    Err(last.unwrap_or_else(|| BackendError::NoAddress {
-        target: target.to_string(),
-    }))
+    Err(last.unwrap_or_else(|| BackendError::NoAddress { target: target.to_string() }))
 }
 
 #[cfg(test)]
@@ -131,9 +111,7 @@ mod tests {
         let held = tokio::net::TcpSocket::new_v4().unwrap();
         held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let port = held.local_addr().unwrap().port();
-        let err = connect("127.0.0.1", port, Duration::from_secs(5))
-            .await
-            .unwrap_err();
+        let err = connect("127.0.0.1", port, Duration::from_secs(5)).await.unwrap_err();
         assert_eq!(err.kind(), "connection refused", "{err}");
         assert!(err.to_string().contains(&format!("127.0.0.1:{port}")));
 

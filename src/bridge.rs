@@ -32,6 +32,8 @@ use tokio_util::sync::CancellationToken;
 use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::{Error as WsError, Message, Utf8Bytes};
 
+use crate::metrics::{Flow, Held};
+
 use hyper_tungstenite::tungstenite;
 
 /// WebSocket message type used for backend bytes.
@@ -98,19 +100,61 @@ pub struct Options {
     pub finish_timeout: Duration,
 }
 
-/// Bytes and messages moved by one session.
+/// Bytes and messages moved by one session, per direction.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
-    /// Bytes written to the backend.
-    pub to_backend_bytes: u64,
-    /// Client messages written to the backend.
-    pub to_backend_messages: u64,
-    /// Bytes sent to the client.
-    pub to_client_bytes: u64,
-    /// Messages sent to the client.
-    pub to_client_messages: u64,
+    /// Client → backend.
+    pub to_backend: Tally,
+    /// Backend → client.
+    pub to_client: Tally,
     /// Backend bytes read after the client closed, and so never delivered.
     pub dropped_bytes: u64,
+}
+
+/// One direction of one session.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    /// Payload bytes written to the destination.
+    pub bytes: u64,
+    /// Messages relayed.
+    pub messages: u64,
+    /// Most bytes held at once (read from one side, not yet written to the other).
+    pub peak_buffered: u64,
+}
+
+/// The route's metrics for both directions.
+#[derive(Debug, Clone, Copy)]
+pub struct Flows<'a> {
+    /// Client → backend.
+    pub to_backend: &'a Flow,
+    /// Backend → client.
+    pub to_client: &'a Flow,
+}
+
+/// One direction's session tally and the route's shared metrics, updated together.
+pub(crate) struct Meter<'a> {
+    flow: &'a Flow,
+    tally: &'a mut Tally,
+}
+
+impl<'a> Meter<'a> {
+    pub(crate) fn new(flow: &'a Flow, tally: &'a mut Tally) -> Self {
+        Meter { flow, tally }
+    }
+
+    /// `n` bytes were read and are held until the returned guard drops.
+    pub(crate) fn hold(&mut self, n: usize) -> Held<'a> {
+        self.tally.peak_buffered = self.tally.peak_buffered.max(n as u64);
+        self.flow.hold(n)
+    }
+
+    /// A message of `n` bytes was written to its destination.
+    pub(crate) fn relayed(&mut self, n: usize) {
+        self.tally.bytes += n as u64;
+        self.tally.messages += 1;
+        self.flow.bytes.increment(n as u64);
+        self.flow.messages.increment(1);
+    }
 }
 
 /// How the pump ended: the first side to end decides.
@@ -144,19 +188,15 @@ pub async fn run<W>(
     options: Options,
     stop: &CancellationToken,
     stats: &mut Stats,
+    flows: Flows<'_>,
 ) -> (End, TcpStream)
 where
     W: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {
     let (from_backend, mut to_backend) = backend.into_split();
     let (mut sink, mut stream) = ws.split();
-    let Stats {
-        to_backend_bytes,
-        to_backend_messages,
-        to_client_bytes,
-        to_client_messages,
-        ..
-    } = stats;
+    let mut up_meter = Meter::new(flows.to_backend, &mut stats.to_backend);
+    let mut down_meter = Meter::new(flows.to_client, &mut stats.to_client);
     // Mirror framing: whether the client's last data message was text. Both directions run in
     // this one task, so Relaxed is enough; the atomic only makes the shared borrow Send.
     let last_text = AtomicBool::new(false);
@@ -165,24 +205,8 @@ where
     // to `finish_timeout` to complete the message it is writing, so nothing read is lost.
     let finish = stop.child_token();
     let end = {
-        let up = client_to_backend(
-            &mut stream,
-            &mut to_backend,
-            options.accept,
-            &last_text,
-            &finish,
-            to_backend_bytes,
-            to_backend_messages,
-        );
-        let down = backend_to_client(
-            &from_backend,
-            &mut sink,
-            options,
-            &last_text,
-            &finish,
-            to_client_bytes,
-            to_client_messages,
-        );
+        let up = client_to_backend(&mut stream, &mut to_backend, options.accept, &last_text, &finish, &mut up_meter);
+        let down = backend_to_client(&from_backend, &mut sink, options, &last_text, &finish, &mut down_meter);
         tokio::pin!(up, down);
         let (end, up_running) = tokio::select! {
             end = &mut up => (end, false),
@@ -190,21 +214,13 @@ where
         };
         if matches!(end, End::Stopped | End::BackendEof) {
             finish.cancel();
-            let rest = async {
-                if up_running {
-                    up.as_mut().await
-                } else {
-                    down.as_mut().await
-                }
-            };
+            let rest = async { if up_running { up.as_mut().await } else { down.as_mut().await } };
             // Whatever the other direction reports now is secondary: the first ending decides.
             let _ = tokio::time::timeout(options.finish_timeout, rest).await;
         }
         end
     };
-    let backend = from_backend
-        .reunite(to_backend)
-        .expect("halves of the same stream");
+    let backend = from_backend.reunite(to_backend).expect("halves of the same stream");
     (end, backend)
 }
 
@@ -214,8 +230,7 @@ async fn client_to_backend<S>(
     accept: Accept,
     last_text: &AtomicBool,
     stop: &CancellationToken,
-    bytes: &mut u64,
-    messages: &mut u64,
+    meter: &mut Meter<'_>,
 ) -> End
 where
     S: Stream<Item = Result<Message, WsError>> + Unpin,
@@ -240,11 +255,12 @@ where
                 }
             },
         };
+        let held = meter.hold(data.len());
         if let Err(e) = to_backend.write_all(&data).await {
             return End::BackendFailed(e);
         }
-        *bytes += data.len() as u64;
-        *messages += 1;
+        drop(held);
+        meter.relayed(data.len());
     }
 }
 
@@ -254,8 +270,7 @@ async fn backend_to_client<S>(
     options: Options,
     last_text: &AtomicBool,
     stop: &CancellationToken,
-    bytes: &mut u64,
-    messages: &mut u64,
+    meter: &mut Meter<'_>,
 ) -> End
 where
     S: Sink<Message, Error = WsError> + Unpin,
@@ -306,11 +321,12 @@ where
             Message::Text(t) => t.len(),
             _ => 0,
         };
+        let held = meter.hold(len);
         if let Err(e) = sink.send(message).await {
             return End::ClientWriteFailed(e);
         }
-        *bytes += len as u64;
-        *messages += 1;
+        drop(held);
+        meter.relayed(len);
     }
 }
 

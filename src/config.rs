@@ -37,6 +37,19 @@ pub struct Config {
     pub shutdown: Shutdown,
     /// Path of the built-in test console page, when enabled.
     pub console: Option<String>,
+    /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`), when enabled.
+    pub admin: Option<SocketAddr>,
+    /// Log line format.
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable text.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// One client-facing listener: plain `ws` or, with TLS, `wss`.
@@ -127,9 +140,7 @@ impl HostPattern {
     pub fn matches(&self, host: &str) -> bool {
         match self {
             HostPattern::Exact(name) => host == name,
-            HostPattern::Wildcard(suffix) => {
-                host.len() > suffix.len() && host.ends_with(suffix.as_str())
-            }
+            HostPattern::Wildcard(suffix) => host.len() > suffix.len() && host.ends_with(suffix.as_str()),
         }
     }
 }
@@ -226,11 +237,16 @@ pub struct Builtin {
     pub tcp_echo: Option<SocketAddr>,
 }
 
-/// How shutdown proceeds.
+/// How shutdown proceeds (SIGTERM; SIGINT skips `drain_delay`).
 #[derive(Debug, Clone)]
 pub struct Shutdown {
-    /// After the signal, how long sessions have to close before they are dropped.
-    pub grace: Duration,
+    /// After the signal, `/readyz` answers 503 at once but listeners keep accepting for this
+    /// long, so load balancers stop sending new clients first.
+    pub drain_delay: Duration,
+    /// Then listeners stop and open sessions are closed with 1001, spread over this window.
+    pub close_window: Duration,
+    /// Counted from the signal: sessions still open then are dropped and the process exits.
+    pub deadline: Duration,
 }
 
 /// One problem found in a config file.
@@ -295,19 +311,10 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 /// Validates `text` as if read from `path` (which names the file in errors and anchors relative
 /// paths).
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
-    let raw: RawConfig =
-        toml::from_str(text).map_err(|e| ConfigErrors(vec![toml_error(&e, text, path)]))?;
-    let mut v = Validator {
-        file: path.to_path_buf(),
-        dir: base_dir(path),
-        errors: Vec::new(),
-    };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigErrors(vec![toml_error(&e, text, path)]))?;
+    let mut v = Validator { file: path.to_path_buf(), dir: base_dir(path), errors: Vec::new() };
     let config = v.config(raw);
-    if v.errors.is_empty() {
-        Ok(config)
-    } else {
-        Err(ConfigErrors(v.errors))
-    }
+    if v.errors.is_empty() { Ok(config) } else { Err(ConfigErrors(v.errors)) }
 }
 
 fn base_dir(path: &Path) -> PathBuf {
@@ -334,6 +341,10 @@ struct RawConfig {
     shutdown: RawShutdown,
     #[serde(default)]
     console: RawConsole,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    log: RawLog,
 }
 
 #[derive(Deserialize, Default)]
@@ -399,7 +410,22 @@ struct RawBuiltin {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawShutdown {
-    grace_secs: Option<Seconds>,
+    drain_delay_secs: Option<Seconds>,
+    close_window_secs: Option<Seconds>,
+    deadline_secs: Option<Seconds>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    enabled: Option<bool>,
+    address: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<String>,
 }
 
 /// A duration in seconds, written as an integer or a decimal (`5`, `0.25`).
@@ -425,7 +451,13 @@ const DEFAULT_WS_READ_BUFFER_BYTES: u64 = 16 * 1024;
 const DEFAULT_BACKEND_READ_BYTES: u64 = 16 * 1024;
 const DEFAULT_CONNECT_TIMEOUT_SECS: f64 = 5.0;
 const DEFAULT_CLOSE_TIMEOUT_SECS: f64 = 5.0;
-const DEFAULT_SHUTDOWN_GRACE_SECS: f64 = 10.0;
+/// Long enough for a load balancer's health check (commonly 5 s apart) to see `/readyz` fail.
+const DEFAULT_DRAIN_DELAY_SECS: f64 = 5.0;
+/// Spreads reconnects of many clients over 10 s instead of one instant.
+const DEFAULT_CLOSE_WINDOW_SECS: f64 = 10.0;
+/// Under Kubernetes' default terminationGracePeriodSeconds (30), with room to exit.
+const DEFAULT_DEADLINE_SECS: f64 = 25.0;
+const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:9090";
 const MAX_SECS: f64 = 86_400.0;
 const DEFAULT_CONSOLE_PATH: &str = "/console";
 
@@ -449,51 +481,43 @@ impl Validator {
 
     fn config(&mut self, raw: RawConfig) -> Config {
         if raw.listeners.is_empty() {
-            self.fail("listeners", "at least one listener is required, e.g. [listeners.plain] address = \"127.0.0.1:8080\"");
+            self.fail(
+                "listeners",
+                "at least one listener is required, e.g. [listeners.plain] address = \"127.0.0.1:8080\"",
+            );
         }
         if raw.routes.is_empty() {
-            self.fail("routes", "at least one route is required, e.g. [routes.echo] path = \"/echo\" backend = \"builtin:echo\"");
+            self.fail(
+                "routes",
+                "at least one route is required, e.g. [routes.echo] path = \"/echo\" backend = \"builtin:echo\"",
+            );
         }
-        let listeners: Vec<Listener> = raw
-            .listeners
-            .into_iter()
-            .filter_map(|(n, l)| self.listener(n, l))
-            .collect();
+        let listeners: Vec<Listener> = raw.listeners.into_iter().filter_map(|(n, l)| self.listener(n, l)).collect();
         self.check_distinct_addresses(&listeners);
-        let routes: Vec<Route> = raw
-            .routes
-            .into_iter()
-            .filter_map(|(n, r)| self.route(n, r))
-            .collect();
+        let routes: Vec<Route> = raw.routes.into_iter().filter_map(|(n, r)| self.route(n, r)).collect();
         self.check_distinct_routes(&routes);
         let limits = self.limits(raw.limits);
-        let builtin = Builtin {
-            tcp_echo: raw
-                .builtin
-                .tcp_echo
-                .and_then(|a| self.loopback_addr("builtin.tcp_echo", &a)),
+        let builtin =
+            Builtin { tcp_echo: raw.builtin.tcp_echo.and_then(|a| self.loopback_addr("builtin.tcp_echo", &a)) };
+        let shutdown = self.shutdown(raw.shutdown);
+        let admin = match raw.admin.enabled {
+            Some(false) => None,
+            _ => self.socket_addr("admin.address", raw.admin.address.as_deref().unwrap_or(DEFAULT_ADMIN_ADDRESS)),
         };
-        let shutdown = Shutdown {
-            grace: self.seconds(
-                "shutdown.grace_secs",
-                raw.shutdown.grace_secs,
-                DEFAULT_SHUTDOWN_GRACE_SECS,
-            ),
+        let log_format = match raw.log.format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                self.fail("log.format", format!("{other:?} is not one of \"text\", \"json\""));
+                LogFormat::Text
+            }
         };
         let console = match (raw.console.enabled, raw.console.path) {
             (false, _) => None,
             (true, None) => Some(DEFAULT_CONSOLE_PATH.to_string()),
             (true, Some(p)) => self.route_path("console", p),
         };
-        Config {
-            path: self.file.clone(),
-            listeners,
-            routes,
-            limits,
-            builtin,
-            shutdown,
-            console,
-        }
+        Config { path: self.file.clone(), listeners, routes, limits, builtin, shutdown, console, admin, log_format }
     }
 
     fn listener(&mut self, name: String, raw: RawListener) -> Option<Listener> {
@@ -504,11 +528,7 @@ impl Validator {
             key: self.file_path(&format!("{key}.tls.key"), &t.key),
             generate_self_signed: t.generate_self_signed,
         });
-        Some(Listener {
-            name,
-            address: address?,
-            tls,
-        })
+        Some(Listener { name, address: address?, tls })
     }
 
     fn check_distinct_addresses(&mut self, listeners: &[Listener]) {
@@ -517,10 +537,7 @@ impl Validator {
                 if a.address == b.address && a.address.port() != 0 {
                     self.fail(
                         format!("listeners.{}.address", a.name),
-                        format!(
-                            "{} is also the address of listener \"{}\"",
-                            a.address, b.name
-                        ),
+                        format!("{} is also the address of listener \"{}\"", a.address, b.name),
                     );
                 }
             }
@@ -531,7 +548,10 @@ impl Validator {
         match value.parse() {
             Ok(addr) => Some(addr),
             Err(_) => {
-                self.fail(key, format!("{value:?} is not an IP address with a port, e.g. \"127.0.0.1:8080\" or \"[::1]:8080\""));
+                self.fail(
+                    key,
+                    format!("{value:?} is not an IP address with a port, e.g. \"127.0.0.1:8080\" or \"[::1]:8080\""),
+                );
                 None
             }
         }
@@ -541,10 +561,7 @@ impl Validator {
     fn loopback_addr(&mut self, key: &str, value: &str) -> Option<SocketAddr> {
         let addr = self.socket_addr(key, value)?;
         if !addr.ip().is_loopback() {
-            self.fail(
-                key,
-                format!("{value:?} must be a loopback address (127.0.0.0/8 or [::1])"),
-            );
+            self.fail(key, format!("{value:?} must be a loopback address (127.0.0.0/8 or [::1])"));
             return None;
         }
         Some(addr)
@@ -564,10 +581,7 @@ impl Validator {
             None | Some("exact") => Some(PathMatch::Exact),
             Some("prefix") => Some(PathMatch::Prefix),
             Some(other) => {
-                self.fail(
-                    format!("{key}.match"),
-                    format!("{other:?} is not one of \"exact\", \"prefix\""),
-                );
+                self.fail(format!("{key}.match"), format!("{other:?} is not one of \"exact\", \"prefix\""));
                 None
             }
         };
@@ -621,13 +635,8 @@ impl Validator {
         if !path.starts_with('/') {
             self.fail(key, format!("{path:?} must start with \"/\""));
             None
-        } else if path.contains(['?', '#'])
-            || path.chars().any(|c| c.is_whitespace() || c.is_control())
-        {
-            self.fail(
-                key,
-                format!("{path:?} must be a plain path: no query, fragment or spaces"),
-            );
+        } else if path.contains(['?', '#']) || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            self.fail(key, format!("{path:?} must be a plain path: no query, fragment or spaces"));
             None
         } else {
             Some(path)
@@ -641,26 +650,14 @@ impl Validator {
             None => (false, lower.as_str()),
         };
         let valid = !name.is_empty()
-            && name.split('.').all(|label| {
-                !label.is_empty()
-                    && label
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            });
+            && name
+                .split('.')
+                .all(|label| !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
         if !valid {
-            self.fail(
-                key,
-                format!(
-                    "{host:?} is not a host name or \"*.\" followed by one (no port, no scheme)"
-                ),
-            );
+            self.fail(key, format!("{host:?} is not a host name or \"*.\" followed by one (no port, no scheme)"));
             return None;
         }
-        Some(if wild {
-            HostPattern::Wildcard(format!(".{name}"))
-        } else {
-            HostPattern::Exact(name.to_string())
-        })
+        Some(if wild { HostPattern::Wildcard(format!(".{name}")) } else { HostPattern::Exact(name.to_string()) })
     }
 
     fn backend(&mut self, key: &str, value: &str) -> Option<Backend> {
@@ -668,10 +665,7 @@ impl Validator {
             return match kind {
                 "echo" => Some(Backend::Echo),
                 _ => {
-                    self.fail(
-                        key,
-                        format!("{value:?}: the only built-in backend is \"builtin:echo\""),
-                    );
+                    self.fail(key, format!("{value:?}: the only built-in backend is \"builtin:echo\""));
                     None
                 }
             };
@@ -689,10 +683,7 @@ impl Validator {
     fn origins(&mut self, key: &str, list: Vec<String>) -> Option<AllowedOrigins> {
         if list.iter().any(|o| o == "*") {
             if list.len() > 1 {
-                self.fail(
-                    key,
-                    "\"*\" allows every origin and cannot be combined with others",
-                );
+                self.fail(key, "\"*\" allows every origin and cannot be combined with others");
                 return None;
             }
             return Some(AllowedOrigins::Any);
@@ -712,15 +703,9 @@ impl Validator {
 
     fn accept(&mut self, key: &str, list: Option<Vec<String>>) -> Option<Accept> {
         let Some(list) = list else {
-            return Some(Accept {
-                text: true,
-                binary: true,
-            });
+            return Some(Accept { text: true, binary: true });
         };
-        let mut accept = Accept {
-            text: false,
-            binary: false,
-        };
+        let mut accept = Accept { text: false, binary: false };
         for kind in &list {
             match kind.as_str() {
                 "text" => accept.text = true,
@@ -740,11 +725,8 @@ impl Validator {
 
     fn subprotocols(&mut self, key: &str, list: Vec<String>) -> Option<Vec<String>> {
         // RFC 6455: each value is an RFC 2616 token (visible ASCII, no separators).
-        let is_token = |s: &str| {
-            !s.is_empty()
-                && s.bytes()
-                    .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
-        };
+        let is_token =
+            |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
         for (i, p) in list.iter().enumerate() {
             if !is_token(p) {
                 self.fail(key, format!("{p:?} is not a valid subprotocol token"));
@@ -767,13 +749,7 @@ impl Validator {
                 1,
                 1_000_000,
             ),
-            max_handshakes: self.count(
-                "limits.max_handshakes",
-                raw.max_handshakes,
-                DEFAULT_MAX_HANDSHAKES,
-                1,
-                100_000,
-            ),
+            max_handshakes: self.count("limits.max_handshakes", raw.max_handshakes, DEFAULT_MAX_HANDSHAKES, 1, 100_000),
             handshake_timeout: self.seconds(
                 "limits.handshake_timeout_secs",
                 raw.handshake_timeout_secs,
@@ -823,6 +799,33 @@ impl Validator {
         usize::try_from(v).unwrap_or(usize::MAX)
     }
 
+    fn shutdown(&mut self, raw: RawShutdown) -> Shutdown {
+        let drain_delay =
+            self.seconds_or_zero("shutdown.drain_delay_secs", raw.drain_delay_secs, DEFAULT_DRAIN_DELAY_SECS);
+        let close_window =
+            self.seconds_or_zero("shutdown.close_window_secs", raw.close_window_secs, DEFAULT_CLOSE_WINDOW_SECS);
+        let deadline = self.seconds("shutdown.deadline_secs", raw.deadline_secs, DEFAULT_DEADLINE_SECS);
+        if deadline <= drain_delay + close_window {
+            self.fail(
+                "shutdown.deadline_secs",
+                format!(
+                    "{} must be greater than drain_delay_secs + close_window_secs ({})",
+                    deadline.as_secs_f64(),
+                    (drain_delay + close_window).as_secs_f64()
+                ),
+            );
+        }
+        Shutdown { drain_delay, close_window, deadline }
+    }
+
+    fn seconds_or_zero(&mut self, key: &str, value: Option<Seconds>, default: f64) -> Duration {
+        match value {
+            Some(Seconds::Whole(0)) => Duration::ZERO,
+            Some(Seconds::Fraction(0.0)) => Duration::ZERO,
+            other => self.seconds(key, other, default),
+        }
+    }
+
     fn seconds(&mut self, key: &str, value: Option<Seconds>, default: f64) -> Duration {
         let secs = match value {
             None => default,
@@ -830,10 +833,7 @@ impl Validator {
             Some(Seconds::Fraction(f)) => f,
         };
         if !(secs > 0.0 && secs <= MAX_SECS) {
-            self.fail(
-                key,
-                format!("{secs} is out of range: more than 0 and at most {MAX_SECS} seconds"),
-            );
+            self.fail(key, format!("{secs} is out of range: more than 0 and at most {MAX_SECS} seconds"));
             return Duration::from_secs_f64(default);
         }
         Duration::from_secs_f64(secs)
@@ -845,7 +845,10 @@ impl Validator {
                 if a.path == b.path && a.path_match == b.path_match && a.host == b.host {
                     self.fail(
                         format!("routes.{}", a.name),
-                        format!("matches exactly the same requests as route \"{}\" (same path, match and host)", b.name),
+                        format!(
+                            "matches exactly the same requests as route \"{}\" (same path, match and host)",
+                            b.name
+                        ),
                     );
                 }
             }
@@ -926,12 +929,7 @@ fn toml_error(err: &toml::de::Error, text: &str, path: &Path) -> ConfigError {
         }
         None => (None, String::new()),
     };
-    ConfigError {
-        file: path.to_path_buf(),
-        position,
-        key,
-        problem: message,
-    }
+    ConfigError { file: path.to_path_buf(), position, key, problem: message }
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -945,32 +943,18 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 /// For "missing field `x`" the error points at the table, so the field comes from the message.
 fn key_at(text: &str, line: usize, message: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
-    let here = lines
-        .get(line.saturating_sub(1))
-        .copied()
-        .unwrap_or("")
-        .trim();
+    let here = lines.get(line.saturating_sub(1)).copied().unwrap_or("").trim();
     let header = |l: &str| -> Option<String> {
         let l = l.trim();
         let inner = l
             .strip_prefix("[[")
             .and_then(|r| r.split_once("]]"))
             .map(|(h, _)| h)
-            .or_else(|| {
-                l.strip_prefix('[')
-                    .and_then(|r| r.split_once(']'))
-                    .map(|(h, _)| h)
-            })?;
+            .or_else(|| l.strip_prefix('[').and_then(|r| r.split_once(']')).map(|(h, _)| h))?;
         Some(inner.trim().replace(['"', '\''], ""))
     };
-    let table = lines[..line.saturating_sub(1).min(lines.len())]
-        .iter()
-        .rev()
-        .find_map(|l| header(l));
-    let missing = message
-        .strip_prefix("missing field `")
-        .and_then(|r| r.split_once('`'))
-        .map(|(f, _)| f.to_string());
+    let table = lines[..line.saturating_sub(1).min(lines.len())].iter().rev().find_map(|l| header(l));
+    let missing = message.strip_prefix("missing field `").and_then(|r| r.split_once('`')).map(|(f, _)| f.to_string());
     let join = |t: Option<String>, k: String| match t {
         Some(t) if !t.is_empty() => format!("{t}.{k}"),
         _ => k,
@@ -1006,10 +990,7 @@ pub(crate) fn test_route(name: &str, path: &str, backend: Backend) -> Route {
         host: None,
         backend,
         allowed_origins: AllowedOrigins::List(vec![]),
-        accept: Accept {
-            text: true,
-            binary: true,
-        },
+        accept: Accept { text: true, binary: true },
         outbound: Outbound::Binary,
         subprotocols: vec![],
         on_backend_unavailable: Unavailable::Close,
@@ -1021,8 +1002,7 @@ mod tests {
     use super::*;
 
     fn ok(text: &str) -> Config {
-        parse(text, Path::new("test.toml"))
-            .unwrap_or_else(|e| panic!("expected valid config, got:\n{e}"))
+        parse(text, Path::new("test.toml")).unwrap_or_else(|e| panic!("expected valid config, got:\n{e}"))
     }
 
     fn err(text: &str) -> String {
@@ -1052,55 +1032,35 @@ backend = "builtin:echo"
         assert_eq!(c.limits.connect_timeout, Duration::from_secs(5));
         assert_eq!(c.limits.handshake_timeout, Duration::from_secs(10));
         assert_eq!(c.limits.close_timeout, Duration::from_secs(5));
-        assert_eq!(c.shutdown.grace, Duration::from_secs(10));
+        assert_eq!(c.shutdown.drain_delay, Duration::from_secs(5));
+        assert_eq!(c.shutdown.close_window, Duration::from_secs(10));
+        assert_eq!(c.shutdown.deadline, Duration::from_secs(25));
+        assert_eq!(c.admin, Some("127.0.0.1:9090".parse().unwrap()));
+        assert_eq!(c.log_format, LogFormat::Text);
         let r = &c.routes[0];
         assert_eq!(r.path_match, PathMatch::Exact);
         assert_eq!(r.outbound, Outbound::Binary);
         assert_eq!(r.on_backend_unavailable, Unavailable::Close);
         assert_eq!(r.allowed_origins, AllowedOrigins::List(vec![]));
-        assert_eq!(
-            r.accept,
-            Accept {
-                text: true,
-                binary: true
-            }
-        );
+        assert_eq!(r.accept, Accept { text: true, binary: true });
         assert!(r.subprotocols.is_empty());
         assert_eq!(c.listeners[0].scheme(), "ws");
-        assert_eq!(
-            c.console, None,
-            "the console is off unless the config enables it"
-        );
+        assert_eq!(c.console, None, "the console is off unless the config enables it");
     }
 
     #[test]
     fn backend_without_port_names_route_and_key() {
         let e = err(&MINIMAL.replace("builtin:echo", "localhost"));
-        assert_eq!(
-            e,
-            "test.toml: routes.echo.backend: \"localhost\" has no port"
-        );
+        assert_eq!(e, "test.toml: routes.echo.backend: \"localhost\" has no port");
     }
 
     #[test]
     fn backends_parse_with_and_without_scheme() {
         let c = ok(&MINIMAL.replace("builtin:echo", "tcp://[::1]:5900"));
-        assert_eq!(
-            c.routes[0].backend,
-            Backend::Tcp {
-                host: "::1".into(),
-                port: 5900
-            }
-        );
+        assert_eq!(c.routes[0].backend, Backend::Tcp { host: "::1".into(), port: 5900 });
         assert_eq!(c.routes[0].backend.to_string(), "[::1]:5900");
         let c = ok(&MINIMAL.replace("builtin:echo", "vnc.internal:5900"));
-        assert_eq!(
-            c.routes[0].backend,
-            Backend::Tcp {
-                host: "vnc.internal".into(),
-                port: 5900
-            }
-        );
+        assert_eq!(c.routes[0].backend, Backend::Tcp { host: "vnc.internal".into(), port: 5900 });
         assert!(err(&MINIMAL.replace("builtin:echo", "host:0")).contains("no valid port"));
         assert!(err(&MINIMAL.replace("builtin:echo", "::1:5900")).contains("brackets"));
         assert!(err(&MINIMAL.replace("builtin:echo", "builtin:ftp")).contains("builtin:echo"));
@@ -1109,10 +1069,7 @@ backend = "builtin:echo"
     #[test]
     fn unknown_key_keeps_line_and_column_and_names_the_key() {
         let e = err(&format!("{MINIMAL}bogus = 1\n"));
-        assert!(
-            e.starts_with("test.toml:7:1: routes.echo.bogus: unknown field `bogus`"),
-            "{e}"
-        );
+        assert!(e.starts_with("test.toml:7:1: routes.echo.bogus: unknown field `bogus`"), "{e}");
     }
 
     #[test]
@@ -1124,12 +1081,8 @@ backend = "builtin:echo"
 
     #[test]
     fn missing_field_names_the_key() {
-        let e =
-            err("[listeners.plain]\naddress = \"127.0.0.1:1\"\n[routes.echo]\npath = \"/echo\"\n");
-        assert!(
-            e.contains("routes.echo.backend") && e.contains("missing field"),
-            "{e}"
-        );
+        let e = err("[listeners.plain]\naddress = \"127.0.0.1:1\"\n[routes.echo]\npath = \"/echo\"\n");
+        assert!(e.contains("routes.echo.backend") && e.contains("missing field"), "{e}");
     }
 
     #[test]
@@ -1142,11 +1095,7 @@ backend = "builtin:echo"
         assert!(lines.iter().any(|l| l.contains("listeners.a.address")));
         assert!(lines.iter().any(|l| l.contains("routes.r.path")));
         assert!(lines.iter().any(|l| l.contains("routes.r.backend")));
-        assert!(
-            lines
-                .iter()
-                .any(|l| l.contains("limits.max_connections: 0 is out of range"))
-        );
+        assert!(lines.iter().any(|l| l.contains("limits.max_connections: 0 is out of range")));
     }
 
     #[test]
@@ -1155,55 +1104,30 @@ backend = "builtin:echo"
             "{MINIMAL}[listeners.secure]\naddress = \"127.0.0.1:8443\"\ntls = {{ cert = \"c.pem\", key = \"k.pem\" }}\n"
         );
         let c = parse(&text, Path::new("/etc/wsgate/config.toml")).unwrap();
-        let tls = c
-            .listeners
-            .iter()
-            .find(|l| l.name == "secure")
-            .unwrap()
-            .tls
-            .clone()
-            .unwrap();
+        let tls = c.listeners.iter().find(|l| l.name == "secure").unwrap().tls.clone().unwrap();
         assert_eq!(tls.cert, Path::new("/etc/wsgate/c.pem"));
         assert_eq!(tls.key, Path::new("/etc/wsgate/k.pem"));
-        assert!(
-            !tls.generate_self_signed,
-            "generation is off unless the config asks for it"
-        );
+        assert!(!tls.generate_self_signed, "generation is off unless the config asks for it");
     }
 
     #[test]
     fn origins_normalise_and_star_stands_alone() {
-        assert_eq!(
-            normalize_origin("HTTPS://App.Example.com:443/"),
-            Some("https://app.example.com".into())
-        );
-        assert_eq!(
-            normalize_origin("http://localhost:8080"),
-            Some("http://localhost:8080".into())
-        );
-        assert_eq!(
-            normalize_origin("http://[::1]:8080"),
-            Some("http://[::1]:8080".into())
-        );
+        assert_eq!(normalize_origin("HTTPS://App.Example.com:443/"), Some("https://app.example.com".into()));
+        assert_eq!(normalize_origin("http://localhost:8080"), Some("http://localhost:8080".into()));
+        assert_eq!(normalize_origin("http://[::1]:8080"), Some("http://[::1]:8080".into()));
         assert_eq!(normalize_origin("ftp://x"), None);
         assert_eq!(normalize_origin("https://x/path"), None);
         assert!(
-            err(&format!(
-                "{MINIMAL}allowed_origins = [\"*\", \"https://a\"]\n"
-            ))
-            .contains("routes.echo.allowed_origins")
+            err(&format!("{MINIMAL}allowed_origins = [\"*\", \"https://a\"]\n"))
+                .contains("routes.echo.allowed_origins")
         );
     }
 
     #[test]
     fn duplicate_routes_and_addresses_are_refused() {
-        let e = err(&format!(
-            "{MINIMAL}[routes.again]\npath = \"/echo\"\nbackend = \"builtin:echo\"\n"
-        ));
+        let e = err(&format!("{MINIMAL}[routes.again]\npath = \"/echo\"\nbackend = \"builtin:echo\"\n"));
         assert!(e.contains("routes.echo") && e.contains("\"again\""), "{e}");
-        let e = err(&format!(
-            "{MINIMAL}[listeners.other]\naddress = \"127.0.0.1:8080\"\n"
-        ));
+        let e = err(&format!("{MINIMAL}[listeners.other]\naddress = \"127.0.0.1:8080\"\n"));
         assert!(e.contains("listeners.plain.address"), "{e}");
     }
 
@@ -1213,30 +1137,27 @@ backend = "builtin:echo"
             "{MINIMAL}accept = [\"binary\"]\nsubprotocols = [\"binary\", \"mqtt\"]\noutbound = \"mirror\"\n[console]\nenabled = true\n"
         ));
         let r = &c.routes[0];
-        assert_eq!(
-            r.accept,
-            Accept {
-                text: false,
-                binary: true
-            }
-        );
-        assert_eq!(
-            r.subprotocols,
-            vec!["binary".to_string(), "mqtt".to_string()]
-        );
+        assert_eq!(r.accept, Accept { text: false, binary: true });
+        assert_eq!(r.subprotocols, vec!["binary".to_string(), "mqtt".to_string()]);
         assert_eq!(r.outbound, Outbound::Mirror);
         assert_eq!(c.console.as_deref(), Some("/console"));
         assert!(err(&format!("{MINIMAL}accept = []\n")).contains("routes.echo.accept"));
-        assert!(
-            err(&format!("{MINIMAL}subprotocols = [\"a b\"]\n"))
-                .contains("routes.echo.subprotocols")
-        );
-        assert!(
-            err(&format!(
-                "{MINIMAL}[console]\nenabled = true\npath = \"console\"\n"
-            ))
-            .contains("console.path")
-        );
+        assert!(err(&format!("{MINIMAL}subprotocols = [\"a b\"]\n")).contains("routes.echo.subprotocols"));
+        assert!(err(&format!("{MINIMAL}[console]\nenabled = true\npath = \"console\"\n")).contains("console.path"));
+    }
+
+    #[test]
+    fn shutdown_admin_and_log() {
+        let c = ok(&format!(
+            "{MINIMAL}[shutdown]\ndrain_delay_secs = 0\nclose_window_secs = 0.5\ndeadline_secs = 2\n[admin]\nenabled = false\n[log]\nformat = \"json\"\n"
+        ));
+        assert_eq!(c.shutdown.drain_delay, Duration::ZERO);
+        assert_eq!(c.shutdown.close_window, Duration::from_millis(500));
+        assert_eq!(c.admin, None);
+        assert_eq!(c.log_format, LogFormat::Json);
+        let e =
+            err(&format!("{MINIMAL}[shutdown]\ndrain_delay_secs = 5\nclose_window_secs = 10\ndeadline_secs = 12\n"));
+        assert!(e.contains("shutdown.deadline_secs: 12 must be greater than"), "{e}");
     }
 
     #[test]

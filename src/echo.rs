@@ -19,16 +19,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::bridge::{Accept, End, Kind, Stats};
+use crate::bridge::{Accept, End, Flows, Kind, Meter, Stats};
 
 /// Echoes every message on `ws` until the client closes, fails, or `stop` is cancelled.
 /// Reports the ending the same way the bridge does, so `session` maps both alike.
-pub async fn run_ws<W>(
-    ws: &mut W,
-    accept: Accept,
-    stop: &CancellationToken,
-    stats: &mut Stats,
-) -> End
+pub async fn run_ws<W>(ws: &mut W, accept: Accept, stop: &CancellationToken, stats: &mut Stats, flows: Flows<'_>) -> End
 where
     W: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {
@@ -51,13 +46,15 @@ where
             Some(_) => {}
         }
         let len = message.len();
-        stats.to_backend_bytes += len as u64;
-        stats.to_backend_messages += 1;
+        Meter::new(flows.to_backend, &mut stats.to_backend).relayed(len);
+        let mut out = Meter::new(flows.to_client, &mut stats.to_client);
+        // The message is held from its arrival until the client has taken the echo.
+        let held = out.hold(len);
         if let Err(e) = ws.send(message).await {
             return End::ClientWriteFailed(e);
         }
-        stats.to_client_bytes += len as u64;
-        stats.to_client_messages += 1;
+        drop(held);
+        out.relayed(len);
     }
 }
 

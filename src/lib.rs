@@ -17,6 +17,9 @@
 //! - [`backend`]: connects backend TCP services (resolve, try every address, timeout).
 //! - [`echo`]: the built-in WebSocket echo backend and TCP echo service.
 //! - [`console`]: the built-in console page (HTML embedded in the binary).
+//! - [`metrics`]: every metric name and help text; one Prometheus recorder per instance.
+//! - `admin`: the admin listener: `/metrics`, `/healthz`, `/readyz`.
+//! - [`shutdown`]: the shutdown request; the drain order lives in [`Gateway::run`].
 //!
 //! # Flow
 //!
@@ -25,7 +28,9 @@
 //! TCP → server → tls → HTTP/1.1 → router → policy ──refuse──→ HTTP 4xx/5xx
 //!                                             └─accept─→ dial backend, answer 101
 //!                                                        └── session → bridge: WS ⇄ TCP
-//! shutdown token (main: SIGTERM/SIGINT) → server stops accepting → sessions close with 1001
+//! Shutdown (main: SIGTERM/SIGINT) → /readyz 503 → drain delay → stop accepting
+//!        → sessions close with 1001 over the close window → deadline → drop the rest
+//! Reloader (main: SIGHUP) → config + certificates → new snapshot for new connections
 //! ```
 //!
 //! Nothing here installs process-wide state, so tests run several gateways in one process.
@@ -33,29 +38,37 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod admin;
 pub mod backend;
 pub mod bridge;
 pub mod config;
 pub mod console;
 pub mod echo;
+pub mod metrics;
 pub mod policy;
 pub mod router;
 mod server;
 pub mod session;
+pub mod shutdown;
 pub mod tls;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 pub use config::Config;
+pub use shutdown::Shutdown;
+
+use crate::metrics::Metrics;
+use crate::server::{Shared, Snapshot};
 
 /// Why a gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -63,12 +76,11 @@ pub enum StartError {
     /// A listener's address could not be bound (in use, not local, no permission).
     #[error("listener \"{name}\": bind {address}: {source}")]
     Bind {
-        /// Listener name (`listeners.NAME`), or `builtin.tcp_echo`.
+        /// Listener name (`listeners.NAME`), or `builtin.tcp_echo` / `admin`.
         name: String,
         /// The configured address.
         address: SocketAddr,
         /// The OS error.
-        #[source]
         source: std::io::Error,
     },
     /// A listener's TLS material could not be loaded or generated.
@@ -77,55 +89,68 @@ pub enum StartError {
         /// Listener name.
         name: String,
         /// What was wrong (boxed: rustls errors are large, and this is the cold path).
-        #[source]
         source: Box<tls::TlsError>,
     },
+}
+
+/// Why a reload was refused; the config in force stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The new file is invalid (one line per problem).
+    #[error("{0}")]
+    Config(config::ConfigErrors),
+    /// The new file changes something a running gateway cannot change.
+    #[error("{0} changed: restart wsgate to apply it (nothing was reloaded)")]
+    RestartRequired(String),
+    /// Certificates could not be loaded.
+    #[error("{0}")]
+    Tls(StartError),
 }
 
 /// A gateway whose sockets are bound and whose TLS material is loaded, ready to [`run`].
 ///
 /// [`run`]: Gateway::run
 pub struct Gateway {
-    config: Arc<Config>,
     listeners: Vec<server::Listener>,
-    addrs: Vec<(String, SocketAddr)>,
     tcp_echo: Option<TcpListener>,
+    admin: Option<TcpListener>,
+    shared: Arc<Shared>,
+    ready: Arc<AtomicBool>,
+    reloader: Reloader,
 }
 
 impl Gateway {
-    /// Binds every listener of `config` (and the built-in TCP echo, if enabled) and loads TLS,
-    /// generating the development certificate pair where the config allows it.
+    /// Binds every listener of `config` (the admin listener and built-in TCP echo too, if
+    /// enabled) and loads TLS, generating the development certificate pair where the config
+    /// allows it.
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let snapshot = snapshot(&config)?;
         let mut listeners = Vec::with_capacity(config.listeners.len());
-        let mut addrs = Vec::new();
         for l in &config.listeners {
-            let tls = match &l.tls {
-                None => None,
-                Some(files) => Some(TlsAcceptor::from(load_tls(&l.name, files)?)),
-            };
-            let tcp = bind(&l.name, l.address).await?;
-            addrs.push((l.name.clone(), tcp.local_addr().unwrap_or(l.address)));
             listeners.push(server::Listener {
                 name: l.name.clone(),
-                tcp,
-                tls,
+                tcp: bind(&l.name, l.address).await?,
+                secure: l.tls.is_some(),
+                metrics: metrics.listener(&l.name),
             });
         }
         let tcp_echo = match config.builtin.tcp_echo {
             Some(address) => Some(bind("builtin.tcp_echo", address).await?),
             None => None,
         };
-        Ok(Gateway {
-            config: Arc::new(config),
-            listeners,
-            addrs,
-            tcp_echo,
-        })
+        let admin = match config.admin {
+            Some(address) => Some(bind("admin", address).await?),
+            None => None,
+        };
+        let shared = Arc::new(Shared::new(&config.limits, metrics, snapshot));
+        let reloader = Reloader { shared: shared.clone(), running: Arc::new(std::sync::Mutex::new(Arc::new(config))) };
+        Ok(Gateway { listeners, tcp_echo, admin, shared, ready: Arc::new(AtomicBool::new(false)), reloader })
     }
 
     /// The bound address of the listener named `name` (useful when the config said port 0).
     pub fn local_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.addrs.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
+        self.listeners.iter().find(|l| l.name == name).and_then(|l| l.tcp.local_addr().ok())
     }
 
     /// The bound address of the built-in TCP echo service, if enabled.
@@ -133,73 +158,173 @@ impl Gateway {
         self.tcp_echo.as_ref().and_then(|l| l.local_addr().ok())
     }
 
-    /// Serves until `shutdown` is cancelled, then stops accepting, closes every session with 1001
-    /// ("going away"), waits up to the configured grace period for them to finish, drops the
-    /// rest, and returns.
-    pub async fn run(self, shutdown: CancellationToken) {
-        let config = self.config;
-        let shared = Arc::new(server::Shared {
-            router: router::Router::new(&config.routes),
-            limits: config.limits.clone(),
-            connections: Arc::new(Semaphore::new(config.limits.max_connections)),
-            handshakes: Arc::new(Semaphore::new(config.limits.max_handshakes)),
-            next_session: AtomicU64::new(1),
-            stop: shutdown.clone(),
-            abort: CancellationToken::new(),
-            tasks: TaskTracker::new(),
-            pages: config
-                .console
-                .iter()
-                .map(|path| server::Page {
-                    path: path.clone(),
-                    render: console::page,
-                })
-                .collect(),
-        });
+    /// The bound address of the admin listener, if enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// A handle that applies new configs to this gateway while it runs.
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
+    }
+
+    /// Serves until `shutdown` is requested, then drains in order: `/readyz` answers 503 at
+    /// once; listeners keep accepting for the drain delay (skipped by [`Shutdown::now`]); then
+    /// they stop, and sessions are closed with 1001 ("going away") spread over the close window,
+    /// each after delivering what it had read; at the deadline, counted from the request, what
+    /// is left is dropped. Returns when everything has ended.
+    pub async fn run(self, shutdown: Shutdown) {
+        let shared = self.shared;
         let accept_loops = TaskTracker::new();
         for listener in self.listeners {
             if let Ok(addr) = listener.tcp.local_addr() {
-                let scheme = if listener.tls.is_some() { "wss" } else { "ws" };
+                let scheme = if listener.secure { "wss" } else { "ws" };
                 info!(listener = %listener.name, url = %format!("{scheme}://{addr}"), "listening");
             }
             accept_loops.spawn(server::accept_loop(listener, shared.clone()));
         }
+        accept_loops.close();
+        // The built-in TCP echo and the admin listener outlive the sessions: sessions bridged
+        // to the echo must end with 1001, not with a backend EOF, and /readyz must answer 503
+        // through the whole drain.
+        let services_stop = CancellationToken::new();
+        let services = TaskTracker::new();
         if let Some(listener) = self.tcp_echo {
             if let Ok(addr) = listener.local_addr() {
                 info!(address = %addr, "builtin tcp echo listening");
             }
-            accept_loops.spawn(echo::serve_tcp(
-                listener,
-                shutdown.clone(),
-                shared.tasks.clone(),
-            ));
+            services.spawn(echo::serve_tcp(listener, services_stop.clone(), services.clone()));
         }
-        accept_loops.close();
+        if let Some(listener) = self.admin {
+            if let Ok(addr) = listener.local_addr() {
+                info!(url = %format!("http://{addr}/metrics"), "admin listening");
+            }
+            let state = admin::State { metrics: shared.metrics.clone(), ready: self.ready.clone() };
+            services.spawn(admin::serve(listener, state, services_stop.clone(), services.clone()));
+        }
+        self.ready.store(true, Ordering::Relaxed);
+        shared.metrics.ready.set(1.0);
 
-        shutdown.cancelled().await;
+        shutdown.requested().await;
+        let deadline = tokio::time::Instant::now() + shared.snapshot().shutdown.deadline;
+        self.ready.store(false, Ordering::Relaxed);
+        shared.metrics.ready.set(0.0);
+        let plan = shared.snapshot().shutdown.clone();
+        info!(
+            drain_delay = ?plan.drain_delay, close_window = ?plan.close_window, deadline = ?plan.deadline,
+            "shutdown requested: /readyz now answers 503"
+        );
+        let _ = tokio::time::timeout_at(deadline, shutdown.drain_delay(plan.drain_delay)).await;
+        info!(open = shared.tasks.len(), "draining: listeners closed; closing sessions with 1001");
+        shared.stop.cancel();
         accept_loops.wait().await;
-        info!(open = shared.tasks.len(), grace = ?config.shutdown.grace, "shutting down: closing sessions with 1001");
         shared.tasks.close();
-        if tokio::time::timeout(config.shutdown.grace, shared.tasks.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                left = shared.tasks.len(),
-                "grace period over; dropping what is left"
-            );
+        if tokio::time::timeout_at(deadline, shared.tasks.wait()).await.is_err() {
+            warn!(left = shared.tasks.len(), "shutdown deadline reached; dropping what is left");
             shared.abort.cancel();
             shared.tasks.wait().await;
         }
+        services_stop.cancel();
+        services.close();
+        services.wait().await;
         info!("shutdown complete");
     }
 }
 
+/// Applies a new config to a running gateway: routes, policies, limits and certificates for new
+/// connections; sessions already open keep the config they started with. What cannot change
+/// without a restart (listener set and addresses, schemes, connection and handshake limits, the
+/// admin and built-in listeners, the log format) makes the whole reload fail, so nothing is
+/// half-applied.
+#[derive(Clone)]
+pub struct Reloader {
+    shared: Arc<Shared>,
+    running: Arc<std::sync::Mutex<Arc<Config>>>,
+}
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloader").finish_non_exhaustive()
+    }
+}
+
+impl Reloader {
+    /// Re-reads `path` and its certificate files and applies them, or explains why not. Every
+    /// outcome is counted in `wsgate_config_reloads_total`.
+    pub fn reload_file(&self, path: &Path) -> Result<(), ReloadError> {
+        let result = config::load(path).map_err(ReloadError::Config).and_then(|c| self.apply(c));
+        match &result {
+            Ok(()) => self.shared.metrics.reloads_ok.increment(1),
+            Err(_) => self.shared.metrics.reloads_failed.increment(1),
+        }
+        result
+    }
+
+    fn apply(&self, new: Config) -> Result<(), ReloadError> {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(what) = restart_required(&running, &new) {
+            return Err(ReloadError::RestartRequired(what));
+        }
+        let snapshot = snapshot(&new).map_err(ReloadError::Tls)?;
+        self.shared.replace(snapshot);
+        *running = Arc::new(new);
+        Ok(())
+    }
+}
+
+/// The first key whose change needs a restart, if any.
+fn restart_required(old: &Config, new: &Config) -> Option<String> {
+    let names =
+        |c: &Config| c.listeners.iter().map(|l| (l.name.clone(), l.address, l.tls.is_some())).collect::<Vec<_>>();
+    if names(old) != names(new) {
+        let old_l: HashMap<_, _> = old.listeners.iter().map(|l| (l.name.clone(), l)).collect();
+        for l in &new.listeners {
+            match old_l.get(&l.name) {
+                None => return Some(format!("listeners.{} (new listener)", l.name)),
+                Some(o) if o.address != l.address => return Some(format!("listeners.{}.address", l.name)),
+                Some(o) if o.tls.is_some() != l.tls.is_some() => return Some(format!("listeners.{}.tls", l.name)),
+                Some(_) => {}
+            }
+        }
+        return Some("listeners (a listener was removed)".into());
+    }
+    if old.limits.max_connections != new.limits.max_connections {
+        return Some("limits.max_connections".into());
+    }
+    if old.limits.max_handshakes != new.limits.max_handshakes {
+        return Some("limits.max_handshakes".into());
+    }
+    if old.builtin.tcp_echo != new.builtin.tcp_echo {
+        return Some("builtin.tcp_echo".into());
+    }
+    if old.admin != new.admin {
+        return Some("admin".into());
+    }
+    if old.log_format != new.log_format {
+        return Some("log.format".into());
+    }
+    None
+}
+
+/// Everything a reload may change, built from `config`: routes, limits, certificates, pages.
+fn snapshot(config: &Config) -> Result<Snapshot, StartError> {
+    let mut tls = HashMap::new();
+    for l in &config.listeners {
+        if let Some(files) = &l.tls {
+            tls.insert(l.name.clone(), TlsAcceptor::from(load_tls(&l.name, files)?));
+        }
+    }
+    Ok(Snapshot {
+        router: router::Router::new(&config.routes),
+        limits: config.limits.clone(),
+        shutdown: config.shutdown.clone(),
+        tls,
+        pages: config.console.iter().map(|path| server::Page { path: path.clone(), render: console::page }).collect(),
+    })
+}
+
 fn load_tls(name: &str, files: &config::TlsFiles) -> Result<Arc<rustls::ServerConfig>, StartError> {
-    let err = |source: tls::TlsError| StartError::Tls {
-        name: name.to_string(),
-        source: Box::new(source),
-    };
+    let err = |source: tls::TlsError| StartError::Tls { name: name.to_string(), source: Box::new(source) };
     if files.generate_self_signed && tls::needs_dev_pair(&files.cert, &files.key) {
         tls::generate_dev_pair(&files.cert, &files.key).map_err(err)?;
         warn!(
@@ -214,11 +339,5 @@ fn load_tls(name: &str, files: &config::TlsFiles) -> Result<Arc<rustls::ServerCo
 }
 
 async fn bind(name: &str, address: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(address)
-        .await
-        .map_err(|source| StartError::Bind {
-            name: name.to_string(),
-            address,
-            source,
-        })
+    TcpListener::bind(address).await.map_err(|source| StartError::Bind { name: name.to_string(), address, source })
 }

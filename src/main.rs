@@ -1,24 +1,25 @@
 //! The `wsgate` command: parses arguments, sets up logging, loads the config, runs the gateway
 //! until a signal, and turns every failure into one readable line and an exit code.
 //!
-//! Signals: SIGTERM (what Kubernetes and systemd send) and SIGINT (Ctrl-C) both start a graceful
-//! shutdown: stop accepting, close every session with 1001, wait up to `shutdown.grace_secs`.
-//! A second SIGINT or SIGTERM during that wait exits at once.
+//! Signals:
+//! - SIGTERM (what Kubernetes and systemd send): graceful drain. `/readyz` fails at once,
+//!   listeners keep accepting for `shutdown.drain_delay_secs`, then sessions close with 1001
+//!   over `shutdown.close_window_secs`; at `shutdown.deadline_secs` the rest are dropped.
+//! - SIGINT (Ctrl-C): the same without the drain delay.
+//! - A second SIGTERM or SIGINT: exit at once.
+//! - SIGHUP: reload the config file and certificates; an invalid file is rejected and the
+//!   running config stays.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 use wsgate::config::{self, Config};
+use wsgate::{Reloader, Shutdown};
 
 #[derive(Parser)]
-#[command(
-    name = "wsgate",
-    version,
-    about = "WebSocket-to-TCP gateway: wss:// in front, plain TCP services behind"
-)]
+#[command(name = "wsgate", version, about = "WebSocket-to-TCP gateway: wss:// in front, plain TCP services behind")]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -42,12 +43,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Run {
-        config: PathBuf::from("config.toml"),
-    }) {
+    match cli.command.unwrap_or(Command::Run { config: PathBuf::from("config.toml") }) {
         Command::Check { path } => check(&path),
         Command::Run { config } => {
-            init_logging();
             match run(&config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -61,14 +59,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn init_logging(format: config::LogFormat) {
     // RUST_LOG takes the usual tracing filter syntax, e.g. `RUST_LOG=wsgate=debug`.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        config::LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+        config::LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init(),
+    };
 }
 
 fn load(path: &Path) -> Result<Config, config::ConfigErrors> {
@@ -103,15 +101,8 @@ fn check(path: &Path) -> ExitCode {
             }
             for r in &config.routes {
                 let host = r.host.as_ref().map(|h| format!("{h} ")).unwrap_or_default();
-                let m = if r.path_match == config::PathMatch::Prefix {
-                    " (prefix)"
-                } else {
-                    ""
-                };
-                println!(
-                    "route    {:<12} {host}{}{m} -> {}",
-                    r.name, r.path, r.backend
-                );
+                let m = if r.path_match == config::PathMatch::Prefix { " (prefix)" } else { "" };
+                println!("route    {:<12} {host}{}{m} -> {}", r.name, r.path, r.backend);
             }
             if let Some(addr) = config.builtin.tcp_echo {
                 println!("builtin  tcp_echo     {addr}");
@@ -123,49 +114,49 @@ fn check(path: &Path) -> ExitCode {
 
 fn run(path: &Path) -> anyhow::Result<()> {
     let config = load(path).map_err(|errors| anyhow::anyhow!("invalid config:\n{errors}"))?;
-    let runtime = tokio::runtime::Runtime::new()
-        .map_err(|e| anyhow::anyhow!("start the async runtime: {e}"))?;
+    init_logging(config.log_format);
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| anyhow::anyhow!("start the async runtime: {e}"))?;
     runtime.block_on(async {
         let gateway = wsgate::Gateway::bind(config).await?;
-        let shutdown = CancellationToken::new();
-        tokio::spawn(watch_signals(shutdown.clone()));
+        let shutdown = Shutdown::new();
+        tokio::spawn(watch_signals(shutdown.clone(), gateway.reloader(), path.to_path_buf()));
         gateway.run(shutdown).await;
         Ok(())
     })
 }
 
-/// First SIGTERM/SIGINT: graceful shutdown. Second: exit now (128 + the signal's number, as a
-/// shell would report). SIGHUP would otherwise kill the process and every session with it; until
-/// reload exists it is logged and ignored.
-async fn watch_signals(shutdown: CancellationToken) {
+/// SIGTERM: drain. SIGINT: drain without the delay. Second of either: exit now (128 + the
+/// signal's number, as a shell reports it). SIGHUP: reload.
+async fn watch_signals(shutdown: Shutdown, reloader: Reloader, path: PathBuf) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+    else {
         tracing::error!("cannot install signal handlers; stop wsgate with SIGKILL");
         return;
     };
-    let mut shutting_down = false;
     loop {
         let (name, code) = tokio::select! {
             _ = term.recv() => ("SIGTERM", 143),
             _ = int.recv() => ("SIGINT", 130),
             _ = hup.recv() => {
-                tracing::warn!("SIGHUP: config reload is not supported yet; restart wsgate to apply changes");
+                // Blocking file reads are fine here: a reload is rare and small.
+                match reloader.reload_file(&path) {
+                    Ok(()) => tracing::info!(config = %path.display(), "SIGHUP: config reloaded; new connections use it"),
+                    Err(e) => {
+                        for line in e.to_string().lines() {
+                            tracing::error!(config = %path.display(), "SIGHUP: reload rejected, the running config stays: {line}");
+                        }
+                    }
+                }
                 continue;
             }
         };
-        if shutting_down {
+        if shutdown.is_requested() {
             tracing::warn!(signal = name, "second signal: exiting now");
             std::process::exit(code);
         }
-        tracing::info!(
-            signal = name,
-            "graceful shutdown requested; send it again to exit at once"
-        );
-        shutting_down = true;
-        shutdown.cancel();
+        tracing::info!(signal = name, "shutdown requested; send it again to exit at once");
+        if name == "SIGINT" { shutdown.now() } else { shutdown.drain() }
     }
 }

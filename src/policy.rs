@@ -20,12 +20,7 @@ pub struct Refusal {
 
 /// Checks the `Origin` of a request to `route`. `secure` is whether it arrived over TLS, and
 /// `host` is its `Host` header as sent.
-pub fn check_origin(
-    route: &Route,
-    origin: Option<&str>,
-    host: Option<&str>,
-    secure: bool,
-) -> Result<(), Refusal> {
+pub fn check_origin(route: &Route, origin: Option<&str>, host: Option<&str>, secure: bool) -> Result<(), Refusal> {
     let Some(origin) = origin else { return Ok(()) };
     if route.allowed_origins == AllowedOrigins::Any {
         return Ok(());
@@ -38,16 +33,9 @@ pub fn check_origin(
     let Some(normalized) = normalize_origin(origin) else {
         return Err(refuse());
     };
-    let own = host.and_then(|h| {
-        normalize_origin(&format!("{}://{h}", if secure { "https" } else { "http" }))
-    });
-    let listed =
-        matches!(&route.allowed_origins, AllowedOrigins::List(list) if list.contains(&normalized));
-    if own.as_deref() == Some(normalized.as_str()) || listed {
-        Ok(())
-    } else {
-        Err(refuse())
-    }
+    let own = host.and_then(|h| normalize_origin(&format!("{}://{h}", if secure { "https" } else { "http" })));
+    let listed = matches!(&route.allowed_origins, AllowedOrigins::List(list) if list.contains(&normalized));
+    if own.as_deref() == Some(normalized.as_str()) || listed { Ok(()) } else { Err(refuse()) }
 }
 
 /// Picks the subprotocol for a session: the first value the client offers (in its order) that
@@ -62,23 +50,13 @@ pub fn select_subprotocol<'a>(
     if offered.is_empty() {
         return Ok(None);
     }
-    if let Some(chosen) = offered
-        .iter()
-        .find(|p| route.subprotocols.iter().any(|a| a == *p))
-    {
+    if let Some(chosen) = offered.iter().find(|p| route.subprotocols.iter().any(|a| a == *p)) {
         return Ok(Some(chosen.to_string()));
     }
-    let accepted = if route.subprotocols.is_empty() {
-        "none".to_string()
-    } else {
-        route.subprotocols.join(", ")
-    };
+    let accepted = if route.subprotocols.is_empty() { "none".to_string() } else { route.subprotocols.join(", ") };
     Err(Refusal {
         status: 400,
-        reason: format!(
-            "no acceptable subprotocol: offered {}; this route accepts {accepted}",
-            offered.join(", ")
-        ),
+        reason: format!("no acceptable subprotocol: offered {}; this route accepts {accepted}", offered.join(", ")),
     })
 }
 
@@ -88,14 +66,7 @@ mod tests {
     use crate::config::{Backend, test_route};
 
     fn route(origins: AllowedOrigins) -> Route {
-        let mut r = test_route(
-            "tcp",
-            "/tcp",
-            Backend::Tcp {
-                host: "127.0.0.1".into(),
-                port: 7,
-            },
-        );
+        let mut r = test_route("tcp", "/tcp", Backend::Tcp { host: "127.0.0.1".into(), port: 7 });
         r.allowed_origins = origins;
         r
     }
@@ -103,43 +74,13 @@ mod tests {
     #[test]
     fn same_origin_passes_cross_origin_is_403() {
         let r = route(AllowedOrigins::List(vec![]));
-        assert!(
-            check_origin(
-                &r,
-                Some("http://127.0.0.1:8080"),
-                Some("127.0.0.1:8080"),
-                false
-            )
-            .is_ok()
-        );
-        assert!(
-            check_origin(
-                &r,
-                Some("https://gw.example.com"),
-                Some("GW.example.com:443"),
-                true
-            )
-            .is_ok()
-        );
-        let refusal = check_origin(
-            &r,
-            Some("http://evil.example"),
-            Some("127.0.0.1:8080"),
-            false,
-        )
-        .unwrap_err();
+        assert!(check_origin(&r, Some("http://127.0.0.1:8080"), Some("127.0.0.1:8080"), false).is_ok());
+        assert!(check_origin(&r, Some("https://gw.example.com"), Some("GW.example.com:443"), true).is_ok());
+        let refusal = check_origin(&r, Some("http://evil.example"), Some("127.0.0.1:8080"), false).unwrap_err();
         assert_eq!(refusal.status, 403);
         assert!(refusal.reason.contains("evil.example"));
         // Scheme counts: an http page is not the origin of a wss listener.
-        assert!(
-            check_origin(
-                &r,
-                Some("http://gw.example.com"),
-                Some("gw.example.com"),
-                true
-            )
-            .is_err()
-        );
+        assert!(check_origin(&r, Some("http://gw.example.com"), Some("gw.example.com"), true).is_err());
         assert!(check_origin(&r, Some("null"), Some("127.0.0.1:8080"), false).is_err());
         assert!(check_origin(&r, Some("http://127.0.0.1:8080"), None, false).is_err());
     }
@@ -150,40 +91,18 @@ mod tests {
         assert_eq!(select_subprotocol(&r, []), Ok(None));
         let e = select_subprotocol(&r, ["mqtt"]).unwrap_err();
         assert_eq!(e.status, 400);
-        assert!(
-            e.reason.contains("offered mqtt") && e.reason.contains("accepts none"),
-            "{}",
-            e.reason
-        );
+        assert!(e.reason.contains("offered mqtt") && e.reason.contains("accepts none"), "{}", e.reason);
         r.subprotocols = vec!["binary".into(), "mqtt".into()];
-        assert_eq!(
-            select_subprotocol(&r, ["mqttv3.1", "mqtt", "binary"]),
-            Ok(Some("mqtt".into()))
-        );
+        assert_eq!(select_subprotocol(&r, ["mqttv3.1", "mqtt", "binary"]), Ok(Some("mqtt".into())));
         assert_eq!(select_subprotocol(&r, []), Ok(None));
-        assert!(
-            select_subprotocol(&r, ["base64"])
-                .unwrap_err()
-                .reason
-                .contains("accepts binary, mqtt")
-        );
+        assert!(select_subprotocol(&r, ["base64"]).unwrap_err().reason.contains("accepts binary, mqtt"));
     }
 
     #[test]
     fn listed_and_any_origins_and_non_browsers_pass() {
         let r = route(AllowedOrigins::List(vec!["https://app.example.com".into()]));
-        assert!(
-            check_origin(
-                &r,
-                Some("https://APP.example.com:443"),
-                Some("gw:8443"),
-                true
-            )
-            .is_ok()
-        );
-        assert!(
-            check_origin(&r, Some("https://other.example.com"), Some("gw:8443"), true).is_err()
-        );
+        assert!(check_origin(&r, Some("https://APP.example.com:443"), Some("gw:8443"), true).is_ok());
+        assert!(check_origin(&r, Some("https://other.example.com"), Some("gw:8443"), true).is_err());
         assert!(check_origin(&r, None, Some("gw:8443"), true).is_ok());
         let any = route(AllowedOrigins::Any);
         assert!(check_origin(&any, Some("null"), None, false).is_ok());

@@ -18,9 +18,7 @@ pub struct Router {
 impl Router {
     /// Builds the table; the routes were validated by `config`, so this cannot fail.
     pub fn new(routes: &[Route]) -> Self {
-        Router {
-            routes: routes.iter().cloned().map(Arc::new).collect(),
-        }
+        Router { routes: routes.iter().cloned().map(Arc::new).collect() }
     }
 
     /// The best route for `host` (as sent, port allowed) and `path`, if any.
@@ -52,9 +50,7 @@ fn host_rank(pattern: Option<&HostPattern>, host: Option<&str>) -> Option<(u8, u
         (None, _) => Some((0, 0)),
         (Some(_), None) => None,
         (Some(p @ HostPattern::Exact(_)), Some(h)) => p.matches(h).then_some((2, 0)),
-        (Some(p @ HostPattern::Wildcard(suffix)), Some(h)) => {
-            p.matches(h).then_some((1, suffix.len()))
-        }
+        (Some(p @ HostPattern::Wildcard(suffix)), Some(h)) => p.matches(h).then_some((1, suffix.len())),
     }
 }
 
@@ -63,8 +59,7 @@ fn host_rank(pattern: Option<&HostPattern>, host: Option<&str>) -> Option<(u8, u
 pub fn normalize_host(host: &str) -> String {
     let host = host.trim();
     let name = if host.starts_with('[') {
-        host.split_once(']')
-            .map_or(host.to_string(), |(h, _)| format!("{h}]"))
+        host.split_once(']').map_or(host.to_string(), |(h, _)| format!("{h}]"))
     } else {
         host.split(':').next().unwrap_or(host).to_string()
     };
@@ -109,45 +104,18 @@ mod tests {
     fn host_specificity_comes_first() {
         let r = Router::new(&[
             route("any", "/", PathMatch::Prefix, None),
-            route(
-                "wild",
-                "/",
-                PathMatch::Prefix,
-                Some(HostPattern::Wildcard(".example.com".into())),
-            ),
-            route(
-                "deep-wild",
-                "/",
-                PathMatch::Prefix,
-                Some(HostPattern::Wildcard(".a.example.com".into())),
-            ),
-            route(
-                "exact",
-                "/",
-                PathMatch::Prefix,
-                Some(HostPattern::Exact("vnc.example.com".into())),
-            ),
+            route("wild", "/", PathMatch::Prefix, Some(HostPattern::Wildcard(".example.com".into()))),
+            route("deep-wild", "/", PathMatch::Prefix, Some(HostPattern::Wildcard(".a.example.com".into()))),
+            route("exact", "/", PathMatch::Prefix, Some(HostPattern::Exact("vnc.example.com".into()))),
             route("any-long", "/long/path", PathMatch::Prefix, None),
         ]);
-        assert_eq!(
-            found(&r, Some("VNC.example.com:443"), "/x").as_deref(),
-            Some("exact")
-        );
-        assert_eq!(
-            found(&r, Some("b.example.com"), "/x").as_deref(),
-            Some("wild")
-        );
-        assert_eq!(
-            found(&r, Some("b.a.example.com"), "/x").as_deref(),
-            Some("deep-wild")
-        );
+        assert_eq!(found(&r, Some("VNC.example.com:443"), "/x").as_deref(), Some("exact"));
+        assert_eq!(found(&r, Some("b.example.com"), "/x").as_deref(), Some("wild"));
+        assert_eq!(found(&r, Some("b.a.example.com"), "/x").as_deref(), Some("deep-wild"));
         assert_eq!(found(&r, Some("other.org"), "/x").as_deref(), Some("any"));
         assert_eq!(found(&r, None, "/x").as_deref(), Some("any"));
         // A matching host beats a longer path on a host-less route, as in nginx.
-        assert_eq!(
-            found(&r, Some("b.example.com"), "/long/path").as_deref(),
-            Some("wild")
-        );
+        assert_eq!(found(&r, Some("b.example.com"), "/long/path").as_deref(), Some("wild"));
     }
 
     #[test]

@@ -3,20 +3,25 @@
 //!
 //! Per request, in order: route by `Host` and path (404), check that it is a well-formed
 //! WebSocket upgrade (426 for a plain GET, 400 for a malformed upgrade), check the origin
-//! policy (403), dial the backend, and only then answer 101 and hand the socket to `session`.
-//! Dialling first means a client never sees `onopen` for a backend that is not there; how it
-//! learns of a dead backend instead is the route's choice (an in-band 1013 close, or HTTP 502/
-//! 503/504).
+//! policy (403) and the subprotocol (400), dial the backend, and only then answer 101 and hand
+//! the socket to `session`. Dialling first means a client never sees `onopen` for a backend
+//! that is not there; how it learns of a dead backend instead is the route's choice (an
+//! in-band 1013 close, or HTTP 502/503/504).
+//!
+//! Each connection works under the [`Snapshot`] (routes, limits, certificates) current when it
+//! was accepted; a reload swaps the snapshot whole, so new connections see the new config and
+//! existing sessions keep theirs.
 //!
 //! Limits are semaphore permits held by the task they limit: a connection permit lives as long
 //! as the client socket (through the session), a handshake permit until the request is answered.
-//! At either limit a new socket is closed at once rather than queued.
+//! At either limit a new socket is closed at once rather than queued, and counted.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bytes::Bytes;
@@ -37,24 +42,36 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::backend;
-use crate::config::{Backend, Limits, Unavailable};
+use crate::config::{Backend, Limits, Route, Unavailable};
+use crate::metrics::{ListenerMetrics, Metrics, RouteMetrics};
 use crate::policy;
 use crate::router::Router;
 use crate::session::{self, Dialed};
 
-/// What every connection of one gateway instance shares.
+/// What every connection of one gateway instance shares for the instance's whole life.
 pub(crate) struct Shared {
-    pub router: Router,
-    pub limits: Limits,
     pub connections: Arc<Semaphore>,
     pub handshakes: Arc<Semaphore>,
     pub next_session: AtomicU64,
-    /// Cancelled when a shutdown begins: stop accepting, close sessions with 1001.
+    /// Cancelled when the drain begins: stop accepting, close sessions with 1001.
     pub stop: CancellationToken,
-    /// Cancelled when the grace period is over: drop whatever is left.
+    /// Cancelled at the shutdown deadline: drop whatever is left.
     pub abort: CancellationToken,
     /// Tracks every connection and session task, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    pub metrics: Arc<Metrics>,
+    /// The current config snapshot; replaced whole by a reload.
+    snapshot: RwLock<Arc<Snapshot>>,
+}
+
+/// Everything a reload may change, as one value.
+pub(crate) struct Snapshot {
+    pub router: Router,
+    pub limits: Limits,
+    /// How a shutdown proceeds (read when it starts).
+    pub shutdown: crate::config::Shutdown,
+    /// TLS acceptors by listener name (`wss` listeners only).
+    pub tls: HashMap<String, TlsAcceptor>,
     /// Pages served for plain GET on an exact path (the console), given by `lib.rs`.
     pub pages: Vec<Page>,
 }
@@ -66,6 +83,29 @@ pub(crate) struct Page {
 }
 
 impl Shared {
+    pub fn new(limits: &Limits, metrics: Arc<Metrics>, snapshot: Snapshot) -> Shared {
+        Shared {
+            connections: Arc::new(Semaphore::new(limits.max_connections)),
+            handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
+            next_session: AtomicU64::new(1),
+            stop: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            metrics,
+            snapshot: RwLock::new(Arc::new(snapshot)),
+        }
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn replace(&self, snapshot: Snapshot) {
+        *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(snapshot);
+    }
+}
+
+impl Snapshot {
     fn ws_config(&self) -> WebSocketConfig {
         let max = self.limits.max_message_bytes;
         WebSocketConfig::default()
@@ -85,13 +125,15 @@ impl Shared {
 pub(crate) struct Listener {
     pub name: String,
     pub tcp: TcpListener,
-    pub tls: Option<TlsAcceptor>,
+    pub secure: bool,
+    pub metrics: ListenerMetrics,
 }
 
-/// Accepts connections until a shutdown begins. Accept errors (such as running out of file
+/// Accepts connections until the drain begins. Accept errors (such as running out of file
 /// descriptors) are logged and retried with a growing pause, never fatal.
 pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(10);
+    let m = &listener.metrics;
     loop {
         let accepted = tokio::select! {
             _ = shared.stop.cancelled() => return,
@@ -112,32 +154,56 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
                 continue;
             }
         };
+        m.accepted.increment(1);
         let Ok(conn_permit) = shared.connections.clone().try_acquire_owned() else {
+            m.refused_connection_limit.increment(1);
             warn!(listener = %listener.name, client.addr = %peer, "connection limit reached (limits.max_connections); closing");
             continue;
         };
         let Ok(handshake_permit) = shared.handshakes.clone().try_acquire_owned() else {
+            m.refused_handshake_limit.increment(1);
             warn!(listener = %listener.name, client.addr = %peer, "handshake limit reached (limits.max_handshakes); closing");
             continue;
         };
+        let snapshot = shared.snapshot();
+        let tls = snapshot.tls.get(&listener.name).cloned();
+        if listener.secure && tls.is_none() {
+            // Cannot happen: reloads that would change a listener's scheme are refused.
+            warn!(listener = %listener.name, "no certificate for this wss listener; closing");
+            continue;
+        }
         let span = info_span!("conn", listener = %listener.name, client.addr = %peer);
-        let conn = Connection {
-            peer,
-            secure: listener.tls.is_some(),
-            permit: Arc::new(conn_permit),
-        };
-        let tls = listener.tls.clone();
-        let shared2 = shared.clone();
+        let conn = Connection { peer, secure: listener.secure, slot: Arc::new(Slot::new(conn_permit, m)), snapshot };
+        let (shared2, metrics) = (shared.clone(), listener.metrics.clone());
         shared.tasks.spawn(
             async move {
                 let abort = shared2.abort.clone();
                 tokio::select! {
                     _ = abort.cancelled() => {}
-                    _ = handle_connection(tcp, tls, conn, handshake_permit, shared2) => {}
+                    _ = handle_connection(tcp, tls, conn, handshake_permit, metrics, shared2) => {}
                 }
             }
             .instrument(span),
         );
+    }
+}
+
+/// A client socket's place under `max_connections`, and in the open-connections gauge.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    open: metrics::Gauge,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit, m: &ListenerMetrics) -> Slot {
+        m.open.increment(1.0);
+        Slot { _permit: permit, open: m.open.clone() }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.decrement(1.0);
     }
 }
 
@@ -147,7 +213,9 @@ struct Connection {
     secure: bool,
     /// Held by the connection task and by the session it upgrades to; the socket counts against
     /// `max_connections` until both are done.
-    permit: Arc<OwnedSemaphorePermit>,
+    slot: Arc<Slot>,
+    /// The config this connection was accepted under.
+    snapshot: Arc<Snapshot>,
 }
 
 async fn handle_connection(
@@ -155,23 +223,27 @@ async fn handle_connection(
     tls: Option<TlsAcceptor>,
     conn: Connection,
     handshake_permit: OwnedSemaphorePermit,
+    metrics: ListenerMetrics,
     shared: Arc<Shared>,
 ) {
     let _ = tcp.set_nodelay(true);
-    let conn = Arc::new(conn);
     // One deadline for the whole handshake, TLS included, so a wss client gets no more time
     // than a ws one.
-    let timeout = shared.limits.handshake_timeout;
+    let timeout = conn.snapshot.limits.handshake_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
+    let conn = Arc::new(conn);
     match tls {
         None => serve_http(tcp, conn, deadline, shared).await,
         Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
             Ok(Ok(stream)) => serve_http(stream, conn, deadline, shared).await,
-            Ok(Err(e)) => debug!(error = %e, "tls handshake failed"),
-            Err(_) => debug!(
-                ?timeout,
-                "tls handshake timed out (limits.handshake_timeout_secs)"
-            ),
+            Ok(Err(e)) => {
+                metrics.tls_failed.increment(1);
+                debug!(error = %e, "tls handshake failed");
+            }
+            Err(_) => {
+                metrics.tls_timeout.increment(1);
+                debug!(?timeout, "tls handshake timed out (limits.handshake_timeout_secs)");
+            }
         },
     }
     drop(handshake_permit);
@@ -182,12 +254,8 @@ async fn handle_connection(
 /// gateway has nothing to serve on a second request, and one request per connection means the
 /// handshake permit bounds sockets that have not upgraded, whatever the client does. (hyper's
 /// `keep_alive(false)` cannot be used: it would also put `close` on the 101.)
-async fn serve_http<IO>(
-    io: IO,
-    conn: Arc<Connection>,
-    deadline: tokio::time::Instant,
-    shared: Arc<Shared>,
-) where
+async fn serve_http<IO>(io: IO, conn: Arc<Connection>, deadline: tokio::time::Instant, shared: Arc<Shared>)
+where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -206,9 +274,7 @@ async fn serve_http<IO>(
         // minimum is 8 KiB.)
         .max_buf_size(16 * 1024)
         .keep_alive(true);
-    let http = builder
-        .serve_connection(TokioIo::new(io), service)
-        .with_upgrades();
+    let http = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
     tokio::pin!(http);
     tokio::select! {
         result = http.as_mut() => if let Err(e) = result { debug!(error = %e, "http connection ended with an error") },
@@ -220,11 +286,26 @@ async fn serve_http<IO>(
     }
 }
 
+/// Answers one request and counts the answer by route and status.
 async fn respond(
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     conn: Arc<Connection>,
     shared: Arc<Shared>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (route, response) = decide(req, &conn, &shared).await;
+    match route {
+        Some(route) => route.handshake(response.status().as_u16()),
+        None => shared.metrics.unrouted_request(response.status().as_u16()),
+    }
+    Ok(response)
+}
+
+async fn decide(
+    mut req: Request<Incoming>,
+    conn: &Connection,
+    shared: &Shared,
+) -> (Option<Arc<RouteMetrics>>, Response<Full<Bytes>>) {
+    let snap = &conn.snapshot;
     let host = req
         .headers()
         .get(header::HOST)
@@ -234,31 +315,27 @@ async fn respond(
     let path = req.uri().path().to_owned();
     if (req.method() == Method::GET || req.method() == Method::HEAD)
         && !is_upgrade(&req)
-        && let Some(page) = shared.pages.iter().find(|p| p.path == path)
+        && let Some(page) = snap.pages.iter().find(|p| p.path == path)
     {
         let mut page = (page.render)();
-        page.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return Ok(page);
+        page.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return (None, page);
     }
-    let Some(route) = shared.router.find(host.as_deref(), &path).cloned() else {
+    let Some(route) = snap.router.find(host.as_deref(), &path).cloned() else {
         debug!(%path, "no route");
-        return Ok(text(StatusCode::NOT_FOUND, &format!("no route for {path}")));
+        return (None, text(StatusCode::NOT_FOUND, &format!("no route for {path}")));
     };
+    let m = shared.metrics.route(&route.name);
     if let Some(refusal) = upgrade_refusal(&req) {
         debug!(route = %route.name, status = refusal.status().as_u16(), "not a valid websocket upgrade");
-        return Ok(refusal);
+        return (Some(m), refusal);
     }
-    let origin = req
-        .headers()
-        .get(header::ORIGIN)
-        .map(|v| v.to_str().unwrap_or("(not text)"));
+    let origin = req.headers().get(header::ORIGIN).map(|v| v.to_str().unwrap_or("(not text)"));
     if let Err(refusal) = policy::check_origin(&route, origin, host.as_deref(), conn.secure) {
         warn!(route = %route.name, status = refusal.status, reason = %refusal.reason, "request refused");
         let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::FORBIDDEN);
-        return Ok(text(status, &refusal.reason));
+        return (Some(m), text(status, &refusal.reason));
     }
-
     let offered = req
         .headers()
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
@@ -271,70 +348,73 @@ async fn respond(
         Ok(chosen) => chosen,
         Err(refusal) => {
             warn!(route = %route.name, status = refusal.status, reason = %refusal.reason, "request refused");
-            return Ok(text(StatusCode::BAD_REQUEST, &refusal.reason));
+            return (Some(m), text(StatusCode::BAD_REQUEST, &refusal.reason));
         }
     };
-
-    let dialed = match &route.backend {
-        Backend::Echo => Dialed::Echo,
-        Backend::Tcp { host, port } => {
-            match backend::connect(host, *port, shared.limits.connect_timeout).await {
-                Ok(stream) => Dialed::Tcp(stream),
-                Err(e) => {
-                    warn!(route = %route.name, error = %e, "backend unavailable");
-                    if route.on_backend_unavailable == Unavailable::Http {
-                        let status = if e.is_timeout() {
-                            StatusCode::GATEWAY_TIMEOUT
-                        } else if e.kind() == "connection refused" {
-                            StatusCode::BAD_GATEWAY
-                        } else {
-                            StatusCode::SERVICE_UNAVAILABLE
-                        };
-                        return Ok(text(status, &format!("backend unavailable: {}", e.kind())));
-                    }
-                    Dialed::Unavailable(e)
-                }
-            }
-        }
+    let dialed = match dial(&route, snap, &m).await {
+        Ok(dialed) => dialed,
+        Err(response) => return (Some(m), response),
     };
-
-    let (response, upgrade) = match hyper_tungstenite::upgrade(&mut req, Some(shared.ws_config())) {
+    let (response, upgrade) = match hyper_tungstenite::upgrade(&mut req, Some(snap.ws_config())) {
         Ok((mut response, upgrade)) => {
             if let Some(chosen) = subprotocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
-                response
-                    .headers_mut()
-                    .insert(header::SEC_WEBSOCKET_PROTOCOL, chosen);
+                response.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, chosen);
             }
             (response, upgrade)
         }
-        Err(e) => {
-            return Ok(text(
-                StatusCode::BAD_REQUEST,
-                &format!("bad websocket upgrade: {e}"),
-            ));
-        }
+        Err(e) => return (Some(m), text(StatusCode::BAD_REQUEST, &format!("bad websocket upgrade: {e}"))),
     };
     let ctx = session::Context {
         id: shared.next_session.fetch_add(1, Ordering::Relaxed),
         route,
         client_addr: conn.peer,
-        max_message_bytes: shared.limits.max_message_bytes,
-        backend_read_bytes: shared.limits.backend_read_bytes,
-        close_timeout: shared.limits.close_timeout,
+        max_message_bytes: snap.limits.max_message_bytes,
+        backend_read_bytes: snap.limits.backend_read_bytes,
+        close_timeout: snap.limits.close_timeout,
+        close_window: snap.shutdown.close_window,
+        metrics: m.clone(),
     };
-    let permit = conn.permit.clone();
+    let slot = conn.slot.clone();
     let (stop, abort) = (shared.stop.clone(), shared.abort.clone());
     shared.tasks.spawn(
         async move {
             tokio::select! {
-                _ = abort.cancelled() => warn!("session dropped at the end of the shutdown grace period"),
+                _ = abort.cancelled() => warn!("session dropped at the shutdown deadline"),
                 _ = session::run(upgrade, dialed, ctx, stop) => {}
             }
-            drop(permit);
+            drop(slot);
         }
         .in_current_span(),
     );
-    Ok(response)
+    (Some(m), response)
+}
+
+/// Connects the route's backend before the upgrade is answered. `Err` is the HTTP refusal for a
+/// route that reports an unreachable backend that way.
+async fn dial(route: &Route, snap: &Snapshot, m: &RouteMetrics) -> Result<Dialed, Response<Full<Bytes>>> {
+    let Backend::Tcp { host, port } = &route.backend else { return Ok(Dialed::Echo) };
+    let started = Instant::now();
+    match backend::connect(host, *port, snap.limits.connect_timeout).await {
+        Ok(stream) => {
+            m.connect_duration.record(started.elapsed().as_secs_f64());
+            Ok(Dialed::Tcp(stream))
+        }
+        Err(e) => {
+            m.connect_failed(e.kind());
+            warn!(route = %route.name, error = %e, "backend unavailable");
+            if route.on_backend_unavailable == Unavailable::Close {
+                return Ok(Dialed::Unavailable(e));
+            }
+            let status = if e.is_timeout() {
+                StatusCode::GATEWAY_TIMEOUT
+            } else if e.kind() == "connection refused" {
+                StatusCode::BAD_GATEWAY
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            Err(text(status, &format!("backend unavailable: {}", e.kind())))
+        }
+    }
 }
 
 /// `None` when `req` is a WebSocket upgrade we can accept; otherwise the response RFC 6455 (and
@@ -342,14 +422,10 @@ async fn respond(
 fn upgrade_refusal(req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
     if !is_upgrade(req) {
         if req.method() == Method::GET || req.method() == Method::HEAD {
-            let mut r = text(
-                StatusCode::UPGRADE_REQUIRED,
-                "this is a WebSocket endpoint: connect with a WebSocket client",
-            );
-            r.headers_mut()
-                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            r.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            let mut r =
+                text(StatusCode::UPGRADE_REQUIRED, "this is a WebSocket endpoint: connect with a WebSocket client");
+            r.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("Upgrade, close"));
             return Some(r);
         }
         return Some(method_not_allowed());
@@ -358,46 +434,24 @@ fn upgrade_refusal(req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
         return Some(method_not_allowed());
     }
     if req.version() != Version::HTTP_11 {
-        return Some(text(
-            StatusCode::BAD_REQUEST,
-            "a WebSocket upgrade needs HTTP/1.1",
-        ));
+        return Some(text(StatusCode::BAD_REQUEST, "a WebSocket upgrade needs HTTP/1.1"));
     }
     if !header_has_token(req, header::CONNECTION, "upgrade") {
-        return Some(text(
-            StatusCode::BAD_REQUEST,
-            "a WebSocket upgrade needs \"Connection: Upgrade\"",
-        ));
+        return Some(text(StatusCode::BAD_REQUEST, "a WebSocket upgrade needs \"Connection: Upgrade\""));
     }
-    let version = req
-        .headers()
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .map(HeaderValue::as_bytes);
+    let version = req.headers().get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes);
     if version != Some(b"13") {
-        let mut r = text(
-            StatusCode::UPGRADE_REQUIRED,
-            "unsupported Sec-WebSocket-Version: only 13 is supported",
-        );
-        r.headers_mut().insert(
-            header::SEC_WEBSOCKET_VERSION,
-            HeaderValue::from_static("13"),
-        );
+        let mut r = text(StatusCode::UPGRADE_REQUIRED, "unsupported Sec-WebSocket-Version: only 13 is supported");
+        r.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
         return Some(r);
     }
     let key_ok = req
         .headers()
         .get(header::SEC_WEBSOCKET_KEY)
-        .and_then(|k| {
-            base64::engine::general_purpose::STANDARD
-                .decode(k.as_bytes())
-                .ok()
-        })
+        .and_then(|k| base64::engine::general_purpose::STANDARD.decode(k.as_bytes()).ok())
         .is_some_and(|k| k.len() == 16);
     if !key_ok {
-        return Some(text(
-            StatusCode::BAD_REQUEST,
-            "missing or malformed Sec-WebSocket-Key",
-        ));
+        return Some(text(StatusCode::BAD_REQUEST, "missing or malformed Sec-WebSocket-Key"));
     }
     None
 }
@@ -418,23 +472,15 @@ fn header_has_token<B>(req: &Request<B>, name: header::HeaderName, token: &str) 
 }
 
 fn method_not_allowed() -> Response<Full<Bytes>> {
-    let mut r = text(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "a WebSocket upgrade must use GET",
-    );
-    r.headers_mut()
-        .insert(header::ALLOW, HeaderValue::from_static("GET"));
+    let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "a WebSocket upgrade must use GET");
+    r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
     r
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     r
 }

@@ -27,9 +27,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, field, info, info_span};
 
 use crate::backend::BackendError;
-use crate::bridge::{self, Accept, End, Framing, Kind, Stats};
+use crate::bridge::{self, Accept, End, Flows, Framing, Kind, Stats};
 use crate::config::{Outbound, Route};
 use crate::echo;
+use crate::metrics::RouteMetrics;
 
 /// The backend side of a session, as the server found it before upgrading.
 #[derive(Debug)]
@@ -57,6 +58,11 @@ pub struct Context {
     pub backend_read_bytes: usize,
     /// Time allowed for each closing handshake.
     pub close_timeout: Duration,
+    /// On shutdown, sessions close at a point spread over this window (by session id), so
+    /// thousands of clients do not reconnect in the same second.
+    pub close_window: Duration,
+    /// The route's metrics.
+    pub metrics: Arc<RouteMetrics>,
 }
 
 /// Which side ended a session.
@@ -142,35 +148,19 @@ impl Outcome {
             Outcome::BackendClosed => (1000, "backend closed the connection".into()),
             Outcome::Shutdown => (1001, "gateway shutting down".into()),
             Outcome::ClientProtocolError(detail) => (1002, format!("protocol error: {detail}")),
-            Outcome::ClientUnsupported(kind) => (
-                1003,
-                format!("{kind} messages are not accepted on this route"),
-            ),
+            Outcome::ClientUnsupported(kind) => (1003, format!("{kind} messages are not accepted on this route")),
             Outcome::ClientInvalidUtf8 => (1007, "text message is not valid UTF-8".into()),
-            Outcome::ClientTooBig { limit } => {
-                (1009, format!("message too big: limit is {limit} bytes"))
-            }
+            Outcome::ClientTooBig { limit } => (1009, format!("message too big: limit is {limit} bytes")),
             Outcome::BackendFailed(kind) => (1011, format!("backend error: {kind}")),
-            Outcome::BackendNotUtf8 => (
-                1011,
-                "backend sent bytes that are not UTF-8 on a text route".into(),
-            ),
+            Outcome::BackendNotUtf8 => (1011, "backend sent bytes that are not UTF-8 on a text route".into()),
             Outcome::BackendUnavailable(kind) => (1013, format!("backend unavailable: {kind}")),
         };
-        Some(CloseFrame {
-            code: CloseCode::from(code),
-            reason: truncate_reason(&reason).to_string().into(),
-        })
+        Some(CloseFrame { code: CloseCode::from(code), reason: truncate_reason(&reason).to_string().into() })
     }
 
     /// Whether the client's stream failed on a read (tungstenite then reads no more).
     fn is_read_error(&self) -> bool {
-        matches!(
-            self,
-            Outcome::ClientProtocolError(_)
-                | Outcome::ClientInvalidUtf8
-                | Outcome::ClientTooBig { .. }
-        )
+        matches!(self, Outcome::ClientProtocolError(_) | Outcome::ClientInvalidUtf8 | Outcome::ClientTooBig { .. })
     }
 
     fn from_end(end: End, max_message_bytes: usize) -> Outcome {
@@ -190,14 +180,12 @@ impl Outcome {
 
     fn from_client_error(e: WsError, max_message_bytes: usize) -> Outcome {
         match e {
-            WsError::Capacity(CapacityError::MessageTooLong { .. }) => Outcome::ClientTooBig {
-                limit: max_message_bytes,
-            },
+            WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
+                Outcome::ClientTooBig { limit: max_message_bytes }
+            }
             WsError::Utf8(_) => Outcome::ClientInvalidUtf8,
             WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => Outcome::ClientGone,
-            WsError::Io(_) | WsError::ConnectionClosed | WsError::AlreadyClosed => {
-                Outcome::ClientGone
-            }
+            WsError::Io(_) | WsError::ConnectionClosed | WsError::AlreadyClosed => Outcome::ClientGone,
             WsError::Protocol(p) => Outcome::ClientProtocolError(p.to_string().to_lowercase()),
             other => Outcome::ClientProtocolError(other.to_string().to_lowercase()),
         }
@@ -254,31 +242,46 @@ async fn run_inner(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: 
             return;
         }
     };
+    let m = &ctx.metrics;
+    m.sessions_open.increment(1.0);
     let mut stats = Stats::default();
-    let accept = Accept {
-        text: ctx.route.accept.text,
-        binary: ctx.route.accept.binary,
+    let accept = Accept { text: ctx.route.accept.text, binary: ctx.route.accept.binary };
+    let flows = Flows { to_backend: &m.to_backend, to_client: &m.to_client };
+    // This session's own stop: the shutdown signal, delayed by its place in the close window.
+    let session_stop = CancellationToken::new();
+    let spread = async {
+        stop.cancelled().await;
+        tokio::time::sleep(spread_offset(ctx.id, ctx.close_window)).await;
+        session_stop.cancel();
+        // Done: let `relay` finish on its own (it sees `session_stop`).
+        std::future::pending().await
     };
-    let (outcome, backend) = match dialed {
-        Dialed::Unavailable(e) => (Outcome::BackendUnavailable(e.kind()), None),
-        Dialed::Echo => {
-            let end = echo::run_ws(&mut ws, accept, &stop, &mut stats).await;
-            (Outcome::from_end(end, ctx.max_message_bytes), None)
+    let relay = async {
+        match dialed {
+            Dialed::Unavailable(e) => (Outcome::BackendUnavailable(e.kind()), None),
+            Dialed::Echo => {
+                let end = echo::run_ws(&mut ws, accept, &session_stop, &mut stats, flows).await;
+                (Outcome::from_end(end, ctx.max_message_bytes), None)
+            }
+            Dialed::Tcp(stream) => {
+                let options = bridge::Options {
+                    backend_read_bytes: ctx.backend_read_bytes,
+                    framing: match ctx.route.outbound {
+                        Outbound::Binary => Framing::Binary,
+                        Outbound::Text => Framing::Text,
+                        Outbound::Mirror => Framing::Mirror,
+                    },
+                    accept,
+                    finish_timeout: ctx.close_timeout,
+                };
+                let (end, backend) = bridge::run(&mut ws, stream, options, &session_stop, &mut stats, flows).await;
+                (Outcome::from_end(end, ctx.max_message_bytes), Some(backend))
+            }
         }
-        Dialed::Tcp(stream) => {
-            let options = bridge::Options {
-                backend_read_bytes: ctx.backend_read_bytes,
-                framing: match ctx.route.outbound {
-                    Outbound::Binary => Framing::Binary,
-                    Outbound::Text => Framing::Text,
-                    Outbound::Mirror => Framing::Mirror,
-                },
-                accept,
-                finish_timeout: ctx.close_timeout,
-            };
-            let (end, backend) = bridge::run(&mut ws, stream, options, &stop, &mut stats).await;
-            (Outcome::from_end(end, ctx.max_message_bytes), Some(backend))
-        }
+    };
+    let (outcome, backend): (Outcome, Option<TcpStream>) = tokio::select! {
+        done = relay => done,
+        never = spread => never,
     };
     close_client(&mut ws, &outcome, ctx.close_timeout).await;
     // Release the client socket before lingering on the backend: the page's `onclose` waits for
@@ -291,7 +294,33 @@ async fn run_inner(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: 
         bridge::shutdown_write(&mut backend).await;
         stats.dropped_bytes = bridge::drain(&mut backend, ctx.close_timeout).await;
     }
-    log_end(&ctx, &outcome, &stats, started.elapsed());
+    let duration = started.elapsed();
+    let code = close_code(&outcome);
+    m.sessions_open.decrement(1.0);
+    m.session_ended(code, outcome.side().as_str());
+    m.duration.record(duration.as_secs_f64());
+    m.to_backend.peak.record(stats.to_backend.peak_buffered as f64);
+    m.to_client.peak.record(stats.to_client.peak_buffered as f64);
+    m.dropped_bytes.increment(stats.dropped_bytes);
+    log_end(&ctx, &outcome, code, &stats, duration);
+}
+
+/// Where in `window` session `id` closes on shutdown: a fixed, well-spread point (Fibonacci
+/// hashing of the id), so the spread needs no random number generator.
+fn spread_offset(id: u64, window: Duration) -> Duration {
+    let fraction = (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
+    window.mul_f64(fraction)
+}
+
+/// The close code the client saw: ours, the client's own (echoed), or 1005/1006 as a browser
+/// would report them.
+fn close_code(outcome: &Outcome) -> u16 {
+    match (outcome, outcome.close_frame()) {
+        (Outcome::ClientClosed(code), _) => code.unwrap_or(1005),
+        (_, Some(f)) => u16::from(f.code),
+        // 1006: no close frame was exchanged.
+        (_, None) => 1006,
+    }
 }
 
 /// Sends the outcome's close frame (or flushes tungstenite's reply to the client's Close) and
@@ -331,36 +360,26 @@ where
         }
     };
     if tokio::time::timeout(timeout, closing).await.is_err() {
-        debug!(
-            ?timeout,
-            "client did not finish the closing handshake in time"
-        );
+        debug!(?timeout, "client did not finish the closing handshake in time");
     }
 }
 
-fn log_end(ctx: &Context, outcome: &Outcome, stats: &Stats, duration: Duration) {
-    let frame = outcome.close_frame();
-    let code = match (outcome, &frame) {
-        (Outcome::ClientClosed(code), _) => code.map(i64::from).unwrap_or(1005),
-        (_, Some(f)) => i64::from(u16::from(f.code)),
-        // 1006: no close frame was exchanged.
-        (_, None) => 1006,
-    };
-    let reason = frame
-        .as_ref()
-        .map(|f| f.reason.as_str().to_string())
-        .unwrap_or_default();
+fn log_end(ctx: &Context, outcome: &Outcome, code: u16, stats: &Stats, duration: Duration) {
+    let reason = outcome.close_frame().map(|f| f.reason.as_str().to_string()).unwrap_or_default();
     info!(
+        client.addr = %ctx.client_addr,
+        route.backend = %ctx.route.backend,
         duration_secs = duration.as_secs_f64(),
-        to_backend.bytes = stats.to_backend_bytes,
-        to_backend.messages = stats.to_backend_messages,
-        to_client.bytes = stats.to_client_bytes,
-        to_client.messages = stats.to_client_messages,
+        to_backend.bytes = stats.to_backend.bytes,
+        to_backend.messages = stats.to_backend.messages,
+        to_backend.peak_buffered = stats.to_backend.peak_buffered,
+        to_client.bytes = stats.to_client.bytes,
+        to_client.messages = stats.to_client.messages,
+        to_client.peak_buffered = stats.to_client.peak_buffered,
         dropped.bytes = stats.dropped_bytes,
         close.code = code,
         close.reason = %reason,
         closed_by = outcome.side().as_str(),
-        route.backend = %ctx.route.backend,
         "session ended"
     );
 }
@@ -370,25 +389,15 @@ mod tests {
     use super::*;
 
     fn code(o: Outcome) -> Option<(u16, String)> {
-        o.close_frame()
-            .map(|f| (u16::from(f.code), f.reason.as_str().to_string()))
+        o.close_frame().map(|f| (u16::from(f.code), f.reason.as_str().to_string()))
     }
 
     /// Every row of docs/close-codes.md.
     #[test]
     fn close_code_contract() {
-        assert_eq!(
-            code(Outcome::BackendClosed),
-            Some((1000, "backend closed the connection".into()))
-        );
-        assert_eq!(
-            code(Outcome::Shutdown),
-            Some((1001, "gateway shutting down".into()))
-        );
-        assert_eq!(
-            code(Outcome::ClientProtocolError("x".into())).unwrap().0,
-            1002
-        );
+        assert_eq!(code(Outcome::BackendClosed), Some((1000, "backend closed the connection".into())));
+        assert_eq!(code(Outcome::Shutdown), Some((1001, "gateway shutting down".into())));
+        assert_eq!(code(Outcome::ClientProtocolError("x".into())).unwrap().0, 1002);
         assert_eq!(
             code(Outcome::ClientUnsupported("text")),
             Some((1003, "text messages are not accepted on this route".into()))
@@ -413,6 +422,19 @@ mod tests {
     }
 
     #[test]
+    fn shutdown_spread_covers_the_window() {
+        let window = Duration::from_secs(10);
+        let offsets: Vec<Duration> = (1..=1000).map(|id| spread_offset(id, window)).collect();
+        assert!(offsets.iter().all(|o| *o < window));
+        // Every tenth of the window gets a share of the closes.
+        for tenth in 0..10 {
+            let n = offsets.iter().filter(|o| o.as_secs() == tenth).count();
+            assert!((50..=150).contains(&n), "second {tenth}: {n} of 1000");
+        }
+        assert_eq!(spread_offset(7, Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
     fn sides() {
         assert_eq!(Outcome::BackendClosed.side(), Side::Backend);
         assert_eq!(Outcome::ClientTooBig { limit: 1 }.side(), Side::Client);
@@ -425,9 +447,7 @@ mod tests {
         let cut = truncate_reason(&long);
         assert!(cut.len() <= 123 && cut.len() >= 122);
         assert!(long.starts_with(cut));
-        let frame = Outcome::ClientProtocolError("x".repeat(500))
-            .close_frame()
-            .unwrap();
+        let frame = Outcome::ClientProtocolError("x".repeat(500)).close_frame().unwrap();
         assert_eq!(frame.reason.len(), 123);
     }
 }

@@ -61,10 +61,7 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// Builds a server config from a PEM certificate chain and key.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
-    let cert_err = |problem: String| TlsError::Cert {
-        path: cert.to_path_buf(),
-        problem,
-    };
+    let cert_err = |problem: String| TlsError::Cert { path: cert.to_path_buf(), problem };
     let chain = CertificateDer::pem_file_iter(cert)
         .map_err(|e| cert_err(e.to_string()))?
         .collect::<Result<Vec<_>, _>>()
@@ -72,15 +69,9 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
     if chain.is_empty() {
         return Err(cert_err("no PEM certificate in the file".into()));
     }
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
-        path: key.to_path_buf(),
-        problem: e.to_string(),
-    })?;
-    let pair_err = |source| TlsError::Pair {
-        cert: cert.to_path_buf(),
-        key: key.to_path_buf(),
-        source,
-    };
+    let key_der = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| TlsError::Key { path: key.to_path_buf(), problem: e.to_string() })?;
+    let pair_err = |source| TlsError::Pair { cert: cert.to_path_buf(), key: key.to_path_buf(), source };
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(pair_err)?
@@ -100,15 +91,9 @@ pub fn needs_dev_pair(cert: &Path, key: &Path) -> bool {
 /// Writes a self-signed certificate for `localhost`, 127.0.0.1 and ::1 to `cert`, and its key
 /// to `key` with mode 0600. Creates the directories. Never overwrites an existing file.
 pub fn generate_dev_pair(cert: &Path, key: &Path) -> Result<(), TlsError> {
-    let names = vec![
-        "localhost".to_string(),
-        "127.0.0.1".to_string(),
-        "::1".to_string(),
-    ];
-    let generated = rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate {
-        path: cert.to_path_buf(),
-        problem: e.to_string(),
-    })?;
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let generated = rcgen::generate_simple_self_signed(names)
+        .map_err(|e| TlsError::Generate { path: cert.to_path_buf(), problem: e.to_string() })?;
     write_new(key, generated.signing_key.serialize_pem().as_bytes(), 0o600)?;
     if let Err(e) = write_new(cert, generated.cert.pem().as_bytes(), 0o644) {
         // A lone key would make every later start fail ("only one file exists"): remove it.
@@ -119,10 +104,7 @@ pub fn generate_dev_pair(cert: &Path, key: &Path) -> Result<(), TlsError> {
 }
 
 fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
-    let err = |e: std::io::Error| TlsError::Generate {
-        path: path.to_path_buf(),
-        problem: e.to_string(),
-    };
+    let err = |e: std::io::Error| TlsError::Generate { path: path.to_path_buf(), problem: e.to_string() };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
@@ -144,10 +126,7 @@ mod tests {
     #[test]
     fn generated_pair_loads_and_key_is_private() {
         let dir = tempfile::tempdir().unwrap();
-        let (cert, key) = (
-            dir.path().join("sub/cert.pem"),
-            dir.path().join("sub/key.pem"),
-        );
+        let (cert, key) = (dir.path().join("sub/cert.pem"), dir.path().join("sub/key.pem"));
         assert!(needs_dev_pair(&cert, &key));
         generate_dev_pair(&cert, &key).unwrap();
         assert!(!needs_dev_pair(&cert, &key));
@@ -171,9 +150,6 @@ mod tests {
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "").unwrap();
         let e = server_config(&empty, &missing).unwrap_err().to_string();
-        assert!(
-            e.contains("empty.pem") && e.contains("no PEM certificate"),
-            "{e}"
-        );
+        assert!(e.contains("empty.pem") && e.contains("no PEM certificate"), "{e}");
     }
 }

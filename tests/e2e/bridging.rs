@@ -8,10 +8,7 @@ use crate::support::*;
 #[tokio::test]
 async fn ten_megabyte_message_round_trips_over_ws() {
     let echo = Backend::echo().await;
-    let gw = Gateway::builder()
-        .route("tcp", "/tcp", &echo.target())
-        .start()
-        .await;
+    let gw = Gateway::builder().route("tcp", "/tcp", &echo.target()).start().await;
     let mut ws = gw.ws("/tcp").await;
     let data = payload(10_000_000, 1);
     send_binary(&mut ws, &data).await;
@@ -23,11 +20,7 @@ async fn ten_megabyte_message_round_trips_over_ws() {
 #[tokio::test]
 async fn ten_megabyte_message_round_trips_over_wss() {
     let echo = Backend::echo().await;
-    let gw = Gateway::builder()
-        .tls()
-        .route("tcp", "/tcp", &echo.target())
-        .start()
-        .await;
+    let gw = Gateway::builder().tls().route("tcp", "/tcp", &echo.target()).start().await;
     let mut ws = gw.wss("/tcp").await;
     let data = payload(10_000_000, 2);
     send_binary(&mut ws, &data).await;
@@ -40,10 +33,7 @@ async fn ten_megabyte_message_round_trips_over_wss() {
 #[tokio::test]
 async fn text_messages_reach_the_backend_as_utf8_bytes() {
     let echo = Backend::echo().await;
-    let gw = Gateway::builder()
-        .route("tcp", "/tcp", &echo.target())
-        .start()
-        .await;
+    let gw = Gateway::builder().route("tcp", "/tcp", &echo.target()).start().await;
     let mut ws = gw.ws("/tcp").await;
     let text = "héllo wörld — ✓";
     within("send", ws.send(Message::text(text))).await.unwrap();
@@ -56,12 +46,7 @@ async fn text_messages_reach_the_backend_as_utf8_bytes() {
 #[tokio::test]
 async fn hundred_concurrent_sessions_stay_separate() {
     let echo = Backend::echo().await;
-    let gw = std::sync::Arc::new(
-        Gateway::builder()
-            .route("tcp", "/tcp", &echo.target())
-            .start()
-            .await,
-    );
+    let gw = std::sync::Arc::new(Gateway::builder().route("tcp", "/tcp", &echo.target()).start().await);
     let mut tasks = Vec::new();
     for i in 0..100u64 {
         let gw = gw.clone();
@@ -86,11 +71,7 @@ async fn hundred_concurrent_sessions_stay_separate() {
 #[tokio::test]
 async fn backend_reads_become_bounded_messages() {
     let echo = Backend::echo().await;
-    let gw = Gateway::builder()
-        .route("tcp", "/tcp", &echo.target())
-        .limit("backend_read_bytes", "4096")
-        .start()
-        .await;
+    let gw = Gateway::builder().route("tcp", "/tcp", &echo.target()).limit("backend_read_bytes", "4096").start().await;
     let mut ws = gw.ws("/tcp").await;
     let data = payload(100_000, 3);
     send_binary(&mut ws, &data).await;
@@ -98,11 +79,7 @@ async fn backend_reads_become_bounded_messages() {
     while got.len() < data.len() {
         match within("data", futures_util::StreamExt::next(&mut ws)).await {
             Some(Ok(Message::Binary(b))) => {
-                assert!(
-                    b.len() <= 4096,
-                    "message of {} bytes exceeds backend_read_bytes",
-                    b.len()
-                );
+                assert!(b.len() <= 4096, "message of {} bytes exceeds backend_read_bytes", b.len());
                 got.extend_from_slice(&b);
             }
             other => panic!("unexpected {other:?}"),
@@ -127,10 +104,7 @@ async fn text_route_carries_split_utf8_sequences() {
         s.shutdown().await.unwrap();
     })
     .await;
-    let gw = Gateway::builder()
-        .route_with("t", "/t", &backend.target(), "outbound = \"text\"")
-        .start()
-        .await;
+    let gw = Gateway::builder().route_with("t", "/t", &backend.target(), "outbound = \"text\"").start().await;
     let mut ws = gw.ws("/t").await;
     let mut text = String::new();
     loop {

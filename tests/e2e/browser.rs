@@ -17,9 +17,7 @@ async fn page(browser: &mut Browser, gw: &Gateway) -> Tab {
 }
 
 async fn scenario(browser: &mut Browser, tab: &Tab, url: &str, options: &str) -> Value {
-    browser
-        .eval(tab, &format!("wsgateScenario({url:?}, {options})"))
-        .await
+    browser.eval(tab, &format!("wsgateScenario({url:?}, {options})")).await
 }
 
 fn created() -> Value {
@@ -65,15 +63,7 @@ async fn browser_echo_and_round_trips() {
         "{ onopen: (ws) => ws.send('Hello, world!'), onmessage: (ws) => ws.close(1000, 'done') }",
     )
     .await;
-    assert_eq!(
-        r["events"],
-        json!([
-            created(),
-            open(""),
-            text("Hello, world!"),
-            close(1000, "done", true)
-        ])
-    );
+    assert_eq!(r["events"], json!([created(), open(""), text("Hello, world!"), close(1000, "done", true)]));
 
     // Text, ArrayBuffer and Blob sends, received as Blob and as ArrayBuffer.
     for binary_type in ["blob", "arraybuffer"] {
@@ -115,15 +105,8 @@ async fn browser_echo_and_round_trips() {
     )
     .await;
     assert_eq!(r["bytes"], json!(300000));
-    assert_eq!(
-        r["result"],
-        json!(true),
-        "bytes through the bridge differ from what the page sent"
-    );
-    assert_eq!(
-        r["events"].as_array().unwrap().last().unwrap(),
-        &close(1000, "checked", true)
-    );
+    assert_eq!(r["result"], json!(true), "bytes through the bridge differ from what the page sent");
+    assert_eq!(r["events"].as_array().unwrap().last().unwrap(), &close(1000, "checked", true));
     browser.close().await;
 }
 
@@ -132,11 +115,7 @@ async fn browser_echo_and_round_trips() {
 #[tokio::test]
 async fn browser_ten_megabytes_and_buffered_amount() {
     let (sink, mut received) = Backend::sink().await;
-    let gw = Gateway::builder()
-        .console()
-        .route("sink", "/sink", &sink.target())
-        .start()
-        .await;
+    let gw = Gateway::builder().console().route("sink", "/sink", &sink.target()).start().await;
     let mut browser = Browser::launch().await;
     let tab = page(&mut browser, &gw).await;
     let r = scenario(
@@ -151,28 +130,12 @@ async fn browser_ten_megabytes_and_buffered_amount() {
                if (ws.bufferedAmount === 0) { clearInterval(t); rec.result.drained = true; ws.close(1000, 'sent'); } }, 5); } }",
     )
     .await;
-    assert_eq!(
-        r["events"],
-        json!([created(), open(""), close(1000, "sent", true)])
-    );
-    assert_eq!(
-        r["result"]["afterSend"],
-        json!(10_000_000),
-        "bufferedAmount right after send"
-    );
-    assert_eq!(
-        r["result"]["drained"],
-        json!(true),
-        "bufferedAmount returned to 0"
-    );
-    let got = within("sink receives everything", received.recv())
-        .await
-        .unwrap();
+    assert_eq!(r["events"], json!([created(), open(""), close(1000, "sent", true)]));
+    assert_eq!(r["result"]["afterSend"], json!(10_000_000), "bufferedAmount right after send");
+    assert_eq!(r["result"]["drained"], json!(true), "bufferedAmount returned to 0");
+    let got = within("sink receives everything", received.recv()).await.unwrap();
     assert_eq!(got.len(), 10_000_000);
-    assert!(
-        got == js_pattern(10_000_000, 5),
-        "the backend received altered bytes"
-    );
+    assert!(got == js_pattern(10_000_000, 5), "the backend received altered bytes");
     browser.close().await;
 }
 
@@ -204,22 +167,9 @@ async fn browser_failures_are_reported() {
     let tab = page(&mut browser, &gw).await;
 
     let r = scenario(&mut browser, &tab, &gw.url("/down"), "{}").await;
-    assert_eq!(
-        r["events"],
-        json!([
-            created(),
-            open(""),
-            close(1013, "backend unavailable: connection refused", true)
-        ])
-    );
+    assert_eq!(r["events"], json!([created(), open(""), close(1013, "backend unavailable: connection refused", true)]));
 
-    let r = scenario(
-        &mut browser,
-        &tab,
-        &gw.url("/eof"),
-        "{ binaryType: 'arraybuffer' }",
-    )
-    .await;
+    let r = scenario(&mut browser, &tab, &gw.url("/eof"), "{ binaryType: 'arraybuffer' }").await;
     assert_eq!(
         r["events"],
         json!([
@@ -230,13 +180,7 @@ async fn browser_failures_are_reported() {
         ])
     );
 
-    let r = scenario(
-        &mut browser,
-        &tab,
-        &gw.url("/reset"),
-        "{ binaryType: 'arraybuffer' }",
-    )
-    .await;
+    let r = scenario(&mut browser, &tab, &gw.url("/reset"), "{ binaryType: 'arraybuffer' }").await;
     assert_eq!(
         r["events"],
         json!([
@@ -247,56 +191,24 @@ async fn browser_failures_are_reported() {
         ])
     );
 
-    let r = scenario(
-        &mut browser,
-        &tab,
-        &gw.url("/sink"),
-        "{ onopen: (ws) => ws.send(new Uint8Array(3000000).buffer) }",
-    )
-    .await;
-    assert_eq!(
-        r["events"],
-        json!([
-            created(),
-            open(""),
-            close(1009, "message too big: limit is 4096 bytes", true)
-        ])
-    );
+    let r =
+        scenario(&mut browser, &tab, &gw.url("/sink"), "{ onopen: (ws) => ws.send(new Uint8Array(3000000).buffer) }")
+            .await;
+    assert_eq!(r["events"], json!([created(), open(""), close(1009, "message too big: limit is 4096 bytes", true)]));
 
     let refused = json!([created(), {"type": "error", "readyState": 3}, close(1006, "", false)]);
     let r = scenario(&mut browser, &tab, &gw.url("/nope"), "{}").await;
     assert_eq!(r["events"], refused, "unknown route");
 
     // Subprotocols: selected when the route accepts it; refused when it does not.
-    let r = scenario(
-        &mut browser,
-        &tab,
-        &gw.url("/mqtt"),
-        "{ protocols: ['mqtt'], onopen: (ws) => ws.close(1000) }",
-    )
-    .await;
-    assert_eq!(
-        r["events"],
-        json!([created(), open("mqtt"), close(1000, "", true)])
-    );
-    let r = scenario(
-        &mut browser,
-        &tab,
-        &gw.url("/sink"),
-        "{ protocols: ['mqtt'] }",
-    )
-    .await;
-    assert_eq!(
-        r["events"], refused,
-        "a subprotocol the route does not accept"
-    );
+    let r =
+        scenario(&mut browser, &tab, &gw.url("/mqtt"), "{ protocols: ['mqtt'], onopen: (ws) => ws.close(1000) }").await;
+    assert_eq!(r["events"], json!([created(), open("mqtt"), close(1000, "", true)]));
+    let r = scenario(&mut browser, &tab, &gw.url("/sink"), "{ protocols: ['mqtt'] }").await;
+    assert_eq!(r["events"], refused, "a subprotocol the route does not accept");
 
     // A page from another origin (a second gateway's console) is refused on a TCP route.
-    let other = Gateway::builder()
-        .console()
-        .route("e", "/e", "builtin:echo")
-        .start()
-        .await;
+    let other = Gateway::builder().console().route("e", "/e", "builtin:echo").start().await;
     let foreign = page(&mut browser, &other).await;
     let r = scenario(&mut browser, &foreign, &gw.url("/sink"), "{}").await;
     assert_eq!(r["events"], refused, "cross-origin page");
@@ -309,16 +221,9 @@ async fn browser_failures_are_reported() {
         }
     })
     .await;
-    gw.shutdown.cancel();
+    gw.shutdown.now();
     let r = browser.eval(&tab, "window.pendingScenario").await;
-    assert_eq!(
-        r["events"],
-        json!([
-            created(),
-            open(""),
-            close(1001, "gateway shutting down", true)
-        ])
-    );
+    assert_eq!(r["events"], json!([created(), open(""), close(1001, "gateway shutting down", true)]));
     gw.stop().await;
     browser.close().await;
 }
@@ -327,11 +232,7 @@ async fn browser_failures_are_reported() {
 /// a screenshot is saved as a test artifact.
 #[tokio::test]
 async fn console_page_works() {
-    let gw = Gateway::builder()
-        .console()
-        .route("echo", "/echo", "builtin:echo")
-        .start()
-        .await;
+    let gw = Gateway::builder().console().route("echo", "/echo", "builtin:echo").start().await;
     let mut browser = Browser::launch().await;
     let tab = page(&mut browser, &gw).await;
     let wait_for = |ty: &'static str| {
@@ -340,59 +241,27 @@ async fn console_page_works() {
         )
     };
 
-    assert_eq!(
-        browser
-            .eval(&tab, "document.getElementById('url').value")
-            .await,
-        json!(gw.url("/echo"))
-    );
-    browser
-        .eval(&tab, "document.getElementById('connect').click(); true")
-        .await;
-    assert_eq!(
-        browser.eval(&tab, &wait_for("open")).await["readyState"],
-        json!(1)
-    );
+    assert_eq!(browser.eval(&tab, "document.getElementById('url').value").await, json!(gw.url("/echo")));
+    browser.eval(&tab, "document.getElementById('connect').click(); true").await;
+    assert_eq!(browser.eval(&tab, &wait_for("open")).await["readyState"], json!(1));
     browser.eval(&tab, "document.getElementById('text').value = 'from the console'; document.getElementById('sendText').click(); true").await;
     let echoed = browser.eval(&tab, &wait_for("message")).await;
-    assert_eq!(
-        (echoed["kind"].clone(), echoed["text"].clone()),
-        (json!("text"), json!("from the console"))
-    );
+    assert_eq!((echoed["kind"].clone(), echoed["text"].clone()), (json!("text"), json!("from the console")));
     browser.eval(&tab, "document.getElementById('hex').value = '01 ff'; document.getElementById('binaryType').value = 'arraybuffer'; document.getElementById('binaryType').dispatchEvent(new Event('change')); document.getElementById('sendBinary').click(); true").await;
     let bin = browser
         .eval(&tab, "new Promise(r => { const t = setInterval(() => { const m = wsgateEvents.filter(e => e.type === 'message'); if (m.length === 2) { clearInterval(t); r(m[1]); } }, 10); })")
         .await;
-    assert_eq!(
-        (bin["kind"].clone(), bin["size"].clone()),
-        (json!("arraybuffer"), json!(2))
-    );
+    assert_eq!((bin["kind"].clone(), bin["size"].clone()), (json!("arraybuffer"), json!(2)));
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-artifacts/console.png");
     browser.screenshot(&tab, &shot).await;
-    assert!(
-        std::fs::metadata(&shot).unwrap().len() > 1000,
-        "screenshot is empty"
-    );
-    browser
-        .eval(&tab, "document.getElementById('disconnect').click(); true")
-        .await;
+    assert!(std::fs::metadata(&shot).unwrap().len() > 1000, "screenshot is empty");
+    browser.eval(&tab, "document.getElementById('disconnect').click(); true").await;
     let closed = browser.eval(&tab, &wait_for("close")).await;
     assert_eq!(
-        (
-            closed["code"].clone(),
-            closed["reason"].clone(),
-            closed["wasClean"].clone()
-        ),
+        (closed["code"].clone(), closed["reason"].clone(), closed["wasClean"].clone()),
         (json!(1000), json!("bye"), json!(true))
     );
-    let log = browser
-        .eval(&tab, "document.getElementById('log').textContent")
-        .await;
-    assert!(
-        log.as_str()
-            .unwrap()
-            .contains("code=1000 reason=\"bye\" wasClean=true"),
-        "{log}"
-    );
+    let log = browser.eval(&tab, "document.getElementById('log').textContent").await;
+    assert!(log.as_str().unwrap().contains("code=1000 reason=\"bye\" wasClean=true"), "{log}");
     browser.close().await;
 }

@@ -16,22 +16,11 @@ use crate::support::*;
 async fn backend_eof_delivers_everything_then_1000() {
     let data = payload(300_000, 10);
     let backend = Backend::say_and_close(data.clone()).await;
-    let gw = Gateway::builder()
-        .route("tcp", "/tcp", &backend.target())
-        .start()
-        .await;
+    let gw = Gateway::builder().route("tcp", "/tcp", &backend.target()).start().await;
     let mut ws = gw.ws("/tcp").await;
     let (got, code, reason) = read_until_close(&mut ws).await;
-    assert!(
-        got == data,
-        "got {} of {} bytes, or altered",
-        got.len(),
-        data.len()
-    );
-    assert_eq!(
-        (code, reason.as_str()),
-        (1000, "backend closed the connection")
-    );
+    assert!(got == data, "got {} of {} bytes, or altered", got.len(), data.len());
+    assert_eq!((code, reason.as_str()), (1000, "backend closed the connection"));
     expect_end(&mut ws).await;
 }
 
@@ -40,34 +29,18 @@ async fn backend_eof_delivers_everything_then_1000() {
 #[tokio::test]
 async fn client_close_is_answered_and_half_closes_the_backend() {
     let (backend, mut received) = Backend::sink().await;
-    let gw = Gateway::builder()
-        .route("tcp", "/tcp", &backend.target())
-        .start()
-        .await;
+    let gw = Gateway::builder().route("tcp", "/tcp", &backend.target()).start().await;
     let mut ws = gw.ws("/tcp").await;
     let data = payload(50_000, 11);
     send_binary(&mut ws, &data).await;
-    within(
-        "close",
-        ws.close(Some(CloseFrame {
-            code: CloseCode::Normal,
-            reason: "bye".into(),
-        })),
-    )
-    .await
-    .unwrap();
+    within("close", ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "bye".into() }))).await.unwrap();
     match within("close reply", ws.next()).await {
         Some(Ok(Message::Close(Some(f)))) => assert_eq!(u16::from(f.code), 1000),
         other => panic!("expected the close reply, got {other:?}"),
     }
     expect_end(&mut ws).await;
     let seen = within("backend EOF", received.recv()).await.unwrap();
-    assert!(
-        seen == data,
-        "backend saw {} of {} bytes",
-        seen.len(),
-        data.len()
-    );
+    assert!(seen == data, "backend saw {} of {} bytes", seen.len(), data.len());
 }
 
 /// A backend that streams without pause does not delay the answer to a client's Close: the
@@ -90,21 +63,12 @@ async fn client_close_while_backend_streams() {
         }
     })
     .await;
-    let gw = Gateway::builder()
-        .route("tcp", "/tcp", &backend.target())
-        .start()
-        .await;
+    let gw = Gateway::builder().route("tcp", "/tcp", &backend.target()).start().await;
     let mut ws = gw.ws("/tcp").await;
     read_at_least(&mut ws, 100_000).await;
-    within(
-        "close",
-        ws.send(Message::Close(Some(CloseFrame {
-            code: CloseCode::Away,
-            reason: "".into(),
-        }))),
-    )
-    .await
-    .unwrap();
+    within("close", ws.send(Message::Close(Some(CloseFrame { code: CloseCode::Away, reason: "".into() }))))
+        .await
+        .unwrap();
     let reply = loop {
         match within("close reply", ws.next()).await {
             Some(Ok(Message::Binary(_))) => continue, // in flight before our close
@@ -121,17 +85,11 @@ async fn client_close_while_backend_streams() {
 #[tokio::test]
 async fn backend_down_closes_in_band_with_1013() {
     let dead = RefusingPort::new();
-    let gw = Gateway::builder()
-        .route("tcp", "/tcp", &dead.addr.to_string())
-        .start()
-        .await;
+    let gw = Gateway::builder().route("tcp", "/tcp", &dead.addr.to_string()).start().await;
     let mut ws = gw.ws("/tcp").await;
     let (data, code, reason) = read_until_close(&mut ws).await;
     assert!(data.is_empty());
-    assert_eq!(
-        (code, reason.as_str()),
-        (1013, "backend unavailable: connection refused")
-    );
+    assert_eq!((code, reason.as_str()), (1013, "backend unavailable: connection refused"));
     expect_end(&mut ws).await;
 }
 
@@ -140,20 +98,12 @@ async fn backend_down_closes_in_band_with_1013() {
 async fn backend_down_refuses_with_502_when_configured() {
     let dead = RefusingPort::new();
     let gw = Gateway::builder()
-        .route_with(
-            "tcp",
-            "/tcp",
-            &dead.addr.to_string(),
-            "on_backend_unavailable = \"http\"",
-        )
+        .route_with("tcp", "/tcp", &dead.addr.to_string(), "on_backend_unavailable = \"http\"")
         .start()
         .await;
     let (status, _, body) = raw_http(gw.plain, &upgrade_request("/tcp", "")).await;
     assert_eq!(status, 502);
-    assert!(
-        body.contains("backend unavailable: connection refused"),
-        "{body}"
-    );
+    assert!(body.contains("backend unavailable: connection refused"), "{body}");
 }
 
 /// A backend that resets its connection mid-session: the data before the reset is delivered,
@@ -169,28 +119,19 @@ async fn backend_reset_mid_session_gives_1011() {
         drop(s);
     })
     .await;
-    let gw = Gateway::builder()
-        .route("tcp", "/tcp", &backend.target())
-        .start()
-        .await;
+    let gw = Gateway::builder().route("tcp", "/tcp", &backend.target()).start().await;
     let mut ws = gw.ws("/tcp").await;
     let (data, code, reason) = read_until_close(&mut ws).await;
     assert_eq!(data, b"hello");
-    assert_eq!(
-        (code, reason.as_str()),
-        (1011, "backend error: connection reset")
-    );
+    assert_eq!((code, reason.as_str()), (1011, "backend error: connection reset"));
 }
 
 /// Gateway shutdown: every session, bridged or echo, gets 1001, and `run` returns.
 #[tokio::test]
 async fn shutdown_closes_every_session_with_1001() {
     let echo = Backend::echo().await;
-    let mut gw = Gateway::builder()
-        .route("tcp", "/tcp", &echo.target())
-        .route("echo", "/echo", "builtin:echo")
-        .start()
-        .await;
+    let mut gw =
+        Gateway::builder().route("tcp", "/tcp", &echo.target()).route("echo", "/echo", "builtin:echo").start().await;
     let mut sessions = Vec::new();
     for i in 0..10 {
         let mut ws = gw.ws(if i % 2 == 0 { "/tcp" } else { "/echo" }).await;
@@ -199,7 +140,7 @@ async fn shutdown_closes_every_session_with_1001() {
         read_bytes(&mut ws, 4).await;
         sessions.push(ws);
     }
-    gw.shutdown.cancel();
+    gw.shutdown.now();
     for ws in &mut sessions {
         let (_, code, reason) = read_until_close(ws).await;
         assert_eq!((code, reason.as_str()), (1001, "gateway shutting down"));
@@ -214,35 +155,22 @@ async fn shutdown_closes_every_session_with_1001() {
 #[tokio::test]
 async fn message_too_big_gives_1009_naming_the_limit() {
     let (backend, mut received) = Backend::sink().await;
-    let gw = Gateway::builder()
-        .route("tcp", "/tcp", &backend.target())
-        .limit("max_message_bytes", "4096")
-        .start()
-        .await;
+    let gw =
+        Gateway::builder().route("tcp", "/tcp", &backend.target()).limit("max_message_bytes", "4096").start().await;
     let mut ws = gw.ws("/tcp").await;
     send_binary(&mut ws, &payload(4096, 1)).await; // exactly the limit: fine
     let _ = ws.send(Message::Binary(payload(5000, 2).into())).await;
     let (_, code, reason) = read_until_close(&mut ws).await;
-    assert_eq!(
-        (code, reason.as_str()),
-        (1009, "message too big: limit is 4096 bytes")
-    );
+    assert_eq!((code, reason.as_str()), (1009, "message too big: limit is 4096 bytes"));
     let seen = within("backend EOF", received.recv()).await.unwrap();
-    assert_eq!(
-        seen.len(),
-        4096,
-        "only the message within the limit reaches the backend"
-    );
+    assert_eq!(seen.len(), 4096, "only the message within the limit reaches the backend");
 }
 
 /// A text frame that is not UTF-8 ends the session with 1007.
 #[tokio::test]
 async fn invalid_utf8_text_gives_1007() {
     let echo = Backend::echo().await;
-    let gw = Gateway::builder()
-        .route("tcp", "/tcp", &echo.target())
-        .start()
-        .await;
+    let gw = Gateway::builder().route("tcp", "/tcp", &echo.target()).start().await;
     let mut ws = gw.ws("/tcp").await;
     let bad = Frame::message(vec![b'a', 0xff, 0xfe], OpCode::Data(Data::Text), true);
     within("send", ws.send(Message::Frame(bad))).await.unwrap();
@@ -255,15 +183,10 @@ async fn invalid_utf8_text_gives_1007() {
 #[tokio::test]
 async fn protocol_violation_gives_1002() {
     let echo = Backend::echo().await;
-    let gw = Gateway::builder()
-        .route("tcp", "/tcp", &echo.target())
-        .start()
-        .await;
+    let gw = Gateway::builder().route("tcp", "/tcp", &echo.target()).start().await;
     let mut ws = gw.ws("/tcp").await;
     let stray = Frame::message(b"x".to_vec(), OpCode::Data(Data::Continue), true);
-    within("send", ws.send(Message::Frame(stray)))
-        .await
-        .unwrap();
+    within("send", ws.send(Message::Frame(stray))).await.unwrap();
     let (_, code, reason) = read_until_close(&mut ws).await;
     assert_eq!(code, 1002, "{reason}");
     assert!(reason.starts_with("protocol error"), "{reason}");
@@ -281,37 +204,20 @@ async fn non_utf8_backend_bytes_on_text_route_give_1011() {
         let _ = s.read_to_end(&mut sink).await;
     })
     .await;
-    let gw = Gateway::builder()
-        .route_with("t", "/t", &backend.target(), "outbound = \"text\"")
-        .start()
-        .await;
+    let gw = Gateway::builder().route_with("t", "/t", &backend.target(), "outbound = \"text\"").start().await;
     let mut ws = gw.ws("/t").await;
     let (data, code, reason) = read_until_close(&mut ws).await;
     assert_eq!(data, b"fine\n");
-    assert_eq!(
-        (code, reason.as_str()),
-        (
-            1011,
-            "backend sent bytes that are not UTF-8 on a text route"
-        )
-    );
+    assert_eq!((code, reason.as_str()), (1011, "backend sent bytes that are not UTF-8 on a text route"));
 }
 
 /// Pings from the client are answered with pongs carrying the same payload, on bridged routes.
 #[tokio::test]
 async fn pings_are_answered_on_bridged_routes() {
     let echo = Backend::echo().await;
-    let gw = Gateway::builder()
-        .route("tcp", "/tcp", &echo.target())
-        .start()
-        .await;
+    let gw = Gateway::builder().route("tcp", "/tcp", &echo.target()).start().await;
     let mut ws = gw.ws("/tcp").await;
-    within(
-        "ping",
-        ws.send(Message::Ping(b"are you there".to_vec().into())),
-    )
-    .await
-    .unwrap();
+    within("ping", ws.send(Message::Ping(b"are you there".to_vec().into()))).await.unwrap();
     match within("pong", ws.next()).await {
         Some(Ok(Message::Pong(p))) => assert_eq!(&p[..], b"are you there"),
         other => panic!("expected pong, got {other:?}"),
@@ -348,17 +254,11 @@ async fn backend_ending_on_signal(reset: bool) -> (Backend, tokio::sync::broadca
 async fn simultaneous_close_from_both_sides_ends_once() {
     for reset in [false, true] {
         let (backend, signal) = backend_ending_on_signal(reset).await;
-        let gw = Gateway::builder()
-            .route("tcp", "/tcp", &backend.target())
-            .start()
-            .await;
+        let gw = Gateway::builder().route("tcp", "/tcp", &backend.target()).start().await;
         for round in 0..20 {
             let mut ws = gw.ws("/tcp").await;
             assert_eq!(read_bytes(&mut ws, 5).await, b"ready");
-            let close = Message::Close(Some(CloseFrame {
-                code: CloseCode::from(4001),
-                reason: "client".into(),
-            }));
+            let close = Message::Close(Some(CloseFrame { code: CloseCode::from(4001), reason: "client".into() }));
             let (sent, fired) = tokio::join!(ws.send(close), async { signal.send(()) });
             sent.unwrap();
             fired.unwrap();
@@ -373,16 +273,9 @@ async fn simultaneous_close_from_both_sides_ends_once() {
                     None => break,
                 }
             }
-            assert_eq!(
-                closes.len(),
-                1,
-                "round {round} (reset={reset}): close frames {closes:?}"
-            );
+            assert_eq!(closes.len(), 1, "round {round} (reset={reset}): close frames {closes:?}");
             let allowed: &[u16] = if reset { &[4001, 1011] } else { &[4001, 1000] };
-            assert!(
-                allowed.contains(&closes[0].unwrap()),
-                "round {round} (reset={reset}): {closes:?}"
-            );
+            assert!(allowed.contains(&closes[0].unwrap()), "round {round} (reset={reset}): {closes:?}");
         }
     }
 }

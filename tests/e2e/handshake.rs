@@ -3,10 +3,7 @@ use crate::support::*;
 /// A path no route matches gets 404, whether or not it is an upgrade.
 #[tokio::test]
 async fn unknown_path_is_404() {
-    let gw = Gateway::builder()
-        .route("echo", "/echo", "builtin:echo")
-        .start()
-        .await;
+    let gw = Gateway::builder().route("echo", "/echo", "builtin:echo").start().await;
     let (status, _, body) = raw_http(gw.plain, &upgrade_request("/nope", "")).await;
     assert_eq!(status, 404);
     assert!(body.contains("no route for /nope"), "{body}");
@@ -18,57 +15,32 @@ async fn unknown_path_is_404() {
 /// routing.
 #[tokio::test]
 async fn plain_get_is_426() {
-    let gw = Gateway::builder()
-        .route("echo", "/echo", "builtin:echo")
-        .start()
-        .await;
+    let gw = Gateway::builder().route("echo", "/echo", "builtin:echo").start().await;
     let (status, head, _) = raw_http(gw.plain, "GET /echo?x=1 HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(status, 426);
-    assert!(
-        head.to_ascii_lowercase().contains("upgrade: websocket"),
-        "{head}"
-    );
+    assert!(head.to_ascii_lowercase().contains("upgrade: websocket"), "{head}");
 }
 
 /// Malformed upgrades get 400 (bad key, missing key, no `Connection: Upgrade`, HTTP/1.0), a
 /// wrong version 426 naming version 13, a non-GET upgrade 405.
 #[tokio::test]
 async fn malformed_upgrades_get_the_right_status() {
-    let gw = Gateway::builder()
-        .route("echo", "/echo", "builtin:echo")
-        .start()
-        .await;
+    let gw = Gateway::builder().route("echo", "/echo", "builtin:echo").start().await;
     let good = upgrade_request("/echo", "");
     let cases: Vec<(String, u16)> = vec![
         (good.replace("dGhlIHNhbXBsZSBub25jZQ==", "not-base64!"), 400),
         (good.replace("dGhlIHNhbXBsZSBub25jZQ==", "c2hvcnQ="), 400),
-        (
-            good.replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""),
-            400,
-        ),
-        (
-            good.replace("Connection: Upgrade", "Connection: keep-alive"),
-            400,
-        ),
+        (good.replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""), 400),
+        (good.replace("Connection: Upgrade", "Connection: keep-alive"), 400),
         (good.replace("HTTP/1.1", "HTTP/1.0"), 400),
-        (
-            good.replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"),
-            426,
-        ),
+        (good.replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"), 426),
         (good.replace("GET ", "POST "), 405),
     ];
     for (request, want) in cases {
         let (status, head, body) = raw_http(gw.plain, &request).await;
-        assert_eq!(
-            status, want,
-            "request:\n{request}\nresponse:\n{head}\n{body}"
-        );
+        assert_eq!(status, want, "request:\n{request}\nresponse:\n{head}\n{body}");
         if want == 426 {
-            assert!(
-                head.to_ascii_lowercase()
-                    .contains("sec-websocket-version: 13"),
-                "{head}"
-            );
+            assert!(head.to_ascii_lowercase().contains("sec-websocket-version: 13"), "{head}");
         }
     }
     let (status, _, _) = raw_http(gw.plain, &good).await;
@@ -80,32 +52,16 @@ async fn malformed_upgrades_get_the_right_status() {
 #[tokio::test]
 async fn cross_origin_request_is_403_and_backend_untouched() {
     let echo = Backend::echo().await;
-    let gw = Gateway::builder()
-        .route("tcp", "/tcp", &echo.target())
-        .start()
-        .await;
-    let (status, _, body) = raw_http(
-        gw.plain,
-        &upgrade_request("/tcp", "Origin: http://evil.example\r\n"),
-    )
-    .await;
+    let gw = Gateway::builder().route("tcp", "/tcp", &echo.target()).start().await;
+    let (status, _, body) = raw_http(gw.plain, &upgrade_request("/tcp", "Origin: http://evil.example\r\n")).await;
     assert_eq!(status, 403);
-    assert!(
-        body.contains("origin \"http://evil.example\" is not allowed"),
-        "{body}"
-    );
-    let refused = gw
-        .ws_with("/tcp", &[("Origin", "http://evil.example")])
-        .await;
+    assert!(body.contains("origin \"http://evil.example\" is not allowed"), "{body}");
+    let refused = gw.ws_with("/tcp", &[("Origin", "http://evil.example")]).await;
     match refused {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 403),
         other => panic!("expected HTTP 403, got {:?}", other.map(|_| "a session")),
     }
-    assert_eq!(
-        echo.accepted(),
-        0,
-        "a refused request must not reach the backend"
-    );
+    assert_eq!(echo.accepted(), 0, "a refused request must not reach the backend");
 }
 
 /// The request's own origin passes, a listed origin passes, and a request without `Origin`
@@ -115,43 +71,24 @@ async fn same_listed_and_absent_origins_pass() {
     let echo = Backend::echo().await;
     let gw = Gateway::builder()
         .route("tcp", "/tcp", &echo.target())
-        .route_with(
-            "listed",
-            "/listed",
-            &echo.target(),
-            "allowed_origins = [\"https://app.example.com\"]",
-        )
+        .route_with("listed", "/listed", &echo.target(), "allowed_origins = [\"https://app.example.com\"]")
         .start()
         .await;
     let own = format!("http://{}", gw.plain);
-    for (path, origin) in [
-        ("/tcp", Some(own.as_str())),
-        ("/listed", Some("https://app.example.com")),
-        ("/tcp", None),
-    ] {
+    for (path, origin) in [("/tcp", Some(own.as_str())), ("/listed", Some("https://app.example.com")), ("/tcp", None)] {
         let headers: Vec<(&str, &str)> = origin.map(|o| ("Origin", o)).into_iter().collect();
-        let mut ws = gw
-            .ws_with(path, &headers)
-            .await
-            .unwrap_or_else(|e| panic!("{path} {origin:?}: {e}"));
+        let mut ws = gw.ws_with(path, &headers).await.unwrap_or_else(|e| panic!("{path} {origin:?}: {e}"));
         send_binary(&mut ws, b"hi").await;
         assert_eq!(read_bytes(&mut ws, 2).await, b"hi");
     }
-    assert!(
-        gw.ws_with("/listed", &[("Origin", "https://other.example.com")])
-            .await
-            .is_err()
-    );
+    assert!(gw.ws_with("/listed", &[("Origin", "https://other.example.com")]).await.is_err());
     assert_eq!(echo.accepted(), 3);
 }
 
 /// A route can require a Host: a wildcard pattern matches its subdomains (any port) and no other host.
 #[tokio::test]
 async fn host_routing() {
-    let gw = Gateway::builder()
-        .route_with("a", "/x", "builtin:echo", "host = \"*.example.com\"")
-        .start()
-        .await;
+    let gw = Gateway::builder().route_with("a", "/x", "builtin:echo", "host = \"*.example.com\"").start().await;
     let req = upgrade_request("/x", "").replace("Host: 127.0.0.1", "Host: vnc.example.com:8080");
     assert_eq!(raw_http(gw.plain, &req).await.0, 101);
     let req = upgrade_request("/x", "").replace("Host: 127.0.0.1", "Host: example.org");
@@ -163,41 +100,27 @@ async fn host_routing() {
 #[tokio::test]
 async fn connection_closes_after_a_refusal() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let gw = Gateway::builder()
-        .route("echo", "/echo", "builtin:echo")
-        .start()
-        .await;
+    let gw = Gateway::builder().route("echo", "/echo", "builtin:echo").start().await;
     let mut s = tokio::net::TcpStream::connect(gw.plain).await.unwrap();
     let two = "GET /nope HTTP/1.1\r\nHost: x\r\n\r\nGET /nope HTTP/1.1\r\nHost: x\r\n\r\n";
     s.write_all(two.as_bytes()).await.unwrap();
     let mut all = String::new();
-    within("server closes the connection", s.read_to_string(&mut all))
-        .await
-        .unwrap();
+    within("server closes the connection", s.read_to_string(&mut all)).await.unwrap();
     assert_eq!(all.matches("HTTP/1.1 404").count(), 1, "{all}");
-    assert!(
-        all.to_ascii_lowercase().contains("connection: close"),
-        "{all}"
-    );
+    assert!(all.to_ascii_lowercase().contains("connection: close"), "{all}");
 }
 
 /// A client that connects and sends nothing is dropped once `handshake_timeout_secs` passes.
 #[tokio::test]
 async fn silent_client_is_dropped_after_the_handshake_timeout() {
     use tokio::io::AsyncReadExt;
-    let gw = Gateway::builder()
-        .route("echo", "/echo", "builtin:echo")
-        .limit("handshake_timeout_secs", "0.3")
-        .start()
-        .await;
+    let gw =
+        Gateway::builder().route("echo", "/echo", "builtin:echo").limit("handshake_timeout_secs", "0.3").start().await;
     let mut s = tokio::net::TcpStream::connect(gw.plain).await.unwrap();
     let mut buf = Vec::new();
     let started = std::time::Instant::now();
     let _ = within("server drops the silent client", s.read_to_end(&mut buf)).await;
-    assert!(
-        started.elapsed() >= std::time::Duration::from_millis(250),
-        "dropped too early"
-    );
+    assert!(started.elapsed() >= std::time::Duration::from_millis(250), "dropped too early");
 }
 
 /// At `limits.max_connections`, a further socket is closed at once, and is served again once a
@@ -205,11 +128,7 @@ async fn silent_client_is_dropped_after_the_handshake_timeout() {
 #[tokio::test]
 async fn connection_limit_closes_extra_sockets() {
     use tokio::io::AsyncReadExt;
-    let gw = Gateway::builder()
-        .route("echo", "/echo", "builtin:echo")
-        .limit("max_connections", "2")
-        .start()
-        .await;
+    let gw = Gateway::builder().route("echo", "/echo", "builtin:echo").limit("max_connections", "2").start().await;
     let mut a = gw.ws("/echo").await;
     send_binary(&mut a, b"a").await;
     read_bytes(&mut a, 1).await;
@@ -218,9 +137,7 @@ async fn connection_limit_closes_extra_sockets() {
     read_bytes(&mut b, 1).await;
     let mut extra = tokio::net::TcpStream::connect(gw.plain).await.unwrap();
     let mut buf = [0u8; 1];
-    let n = within("extra socket closed", extra.read(&mut buf))
-        .await
-        .unwrap_or(0);
+    let n = within("extra socket closed", extra.read(&mut buf)).await.unwrap_or(0);
     assert_eq!(n, 0, "the third socket must be closed without an answer");
     drop(a);
     // The slot comes back once the first session has ended; retry until it has.

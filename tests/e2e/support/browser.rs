@@ -25,11 +25,7 @@ fn find_chromium() -> PathBuf {
     if let Ok(p) = std::env::var("WSGATE_CHROMIUM") {
         return PathBuf::from(p);
     }
-    for p in [
-        "/usr/bin/chromium",
-        "/usr/bin/chromium-browser",
-        "/usr/bin/google-chrome",
-    ] {
+    for p in ["/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"] {
         if Path::new(p).exists() {
             return PathBuf::from(p);
         }
@@ -94,15 +90,8 @@ impl Browser {
         .await;
         // Keep draining stderr so Chromium never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let (cdp, _) = within("CDP connect", tokio_tungstenite::connect_async(url))
-            .await
-            .expect("connect to CDP");
-        Browser {
-            child,
-            cdp,
-            next_id: 1,
-            _profile: profile,
-        }
+        let (cdp, _) = within("CDP connect", tokio_tungstenite::connect_async(url)).await.expect("connect to CDP");
+        Browser { child, cdp, next_id: 1, _profile: profile }
     }
 
     /// Sends a CDP command (to a tab when `session` is given) and returns its result.
@@ -113,18 +102,10 @@ impl Browser {
         if let Some(s) = session {
             msg["sessionId"] = json!(s);
         }
-        self.cdp
-            .send(Message::text(msg.to_string()))
-            .await
-            .expect("CDP send");
+        self.cdp.send(Message::text(msg.to_string())).await.expect("CDP send");
         within(&format!("CDP {method}"), async {
             loop {
-                let frame = self
-                    .cdp
-                    .next()
-                    .await
-                    .expect("CDP closed")
-                    .expect("CDP read");
+                let frame = self.cdp.next().await.expect("CDP closed").expect("CDP read");
                 let Message::Text(text) = frame else { continue };
                 let v: Value = serde_json::from_str(&text).unwrap();
                 if v["id"] == json!(id) {
@@ -140,24 +121,13 @@ impl Browser {
 
     /// Opens `url` in a new tab, waits for it to load, and installs the scenario helpers.
     pub async fn open(&mut self, url: &str) -> Tab {
-        let target = self
-            .call(None, "Target.createTarget", json!({ "url": "about:blank" }))
-            .await;
+        let target = self.call(None, "Target.createTarget", json!({ "url": "about:blank" })).await;
         let target_id = target["targetId"].as_str().unwrap().to_string();
-        let attached = self
-            .call(
-                None,
-                "Target.attachToTarget",
-                json!({ "targetId": target_id, "flatten": true }),
-            )
-            .await;
-        let tab = Tab {
-            session: attached["sessionId"].as_str().unwrap().to_string(),
-        };
-        self.call(Some(&tab.session), "Page.enable", json!({}))
-            .await;
-        self.call(Some(&tab.session), "Page.navigate", json!({ "url": url }))
-            .await;
+        let attached =
+            self.call(None, "Target.attachToTarget", json!({ "targetId": target_id, "flatten": true })).await;
+        let tab = Tab { session: attached["sessionId"].as_str().unwrap().to_string() };
+        self.call(Some(&tab.session), "Page.enable", json!({})).await;
+        self.call(Some(&tab.session), "Page.navigate", json!({ "url": url })).await;
         // Wait until the document has loaded (polling; CDP events are not tracked here).
         within(&format!("page {url} to load"), async {
             loop {
@@ -192,25 +162,14 @@ impl Browser {
 
     /// Saves a PNG screenshot of the tab to `path` (a test artifact, not committed).
     pub async fn screenshot(&mut self, tab: &Tab, path: &Path) {
-        let r = self
-            .call(
-                Some(&tab.session),
-                "Page.captureScreenshot",
-                json!({ "format": "png" }),
-            )
-            .await;
+        let r = self.call(Some(&tab.session), "Page.captureScreenshot", json!({ "format": "png" })).await;
         let png = base64_decode(r["data"].as_str().unwrap());
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, png).unwrap();
     }
 
     pub async fn close(mut self) {
-        let _ = self
-            .cdp
-            .send(Message::text(
-                json!({"id": 0, "method": "Browser.close"}).to_string(),
-            ))
-            .await;
+        let _ = self.cdp.send(Message::text(json!({"id": 0, "method": "Browser.close"}).to_string())).await;
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.child.wait()).await;
     }
 }

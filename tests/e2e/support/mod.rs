@@ -27,7 +27,6 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{WebSocketStream, client_async_with_config};
-use tokio_util::sync::CancellationToken;
 
 /// Default bound on any single wait in a test.
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -55,9 +54,7 @@ pub fn payload(len: usize, seed: u64) -> Vec<u8> {
 
 /// The byte pattern the browser helpers use: byte i is (i * 31 + seed) mod 251.
 pub fn js_pattern(len: usize, seed: u64) -> Vec<u8> {
-    (0..len as u64)
-        .map(|i| ((i * 31 + seed) % 251) as u8)
-        .collect()
+    (0..len as u64).map(|i| ((i * 31 + seed) % 251) as u8).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -85,10 +82,7 @@ impl TestCa {
             .unwrap();
         std::fs::write(dir.path().join("cert.pem"), leaf.pem()).unwrap();
         std::fs::write(dir.path().join("key.pem"), leaf_key.serialize_pem()).unwrap();
-        TestCa {
-            ca_der: ca_cert.der().clone(),
-            dir,
-        }
+        TestCa { ca_der: ca_cert.der().clone(), dir }
     }
 
     pub fn cert_path(&self) -> String {
@@ -105,9 +99,7 @@ impl TestCa {
 }
 
 /// A rustls client config that trusts exactly `root`.
-pub fn client_config_trusting(
-    root: rustls::pki_types::CertificateDer<'static>,
-) -> Arc<rustls::ClientConfig> {
+pub fn client_config_trusting(root: rustls::pki_types::CertificateDer<'static>) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(root).unwrap();
     Arc::new(
@@ -133,22 +125,14 @@ pub struct GatewayBuilder {
 
 impl Default for GatewayBuilder {
     fn default() -> Self {
-        GatewayBuilder {
-            routes: String::new(),
-            console: false,
-            limits: Vec::new(),
-            tls: None,
-            grace_secs: 5.0,
-        }
+        GatewayBuilder { routes: String::new(), console: false, limits: Vec::new(), tls: None, grace_secs: 5.0 }
     }
 }
 
 impl GatewayBuilder {
     /// Adds a route; `extra` is more TOML lines for the route table (e.g. `outbound = "text"`).
     pub fn route_with(mut self, name: &str, path: &str, backend: &str, extra: &str) -> Self {
-        self.routes.push_str(&format!(
-            "[routes.{name}]\npath = \"{path}\"\nbackend = \"{backend}\"\n{extra}\n"
-        ));
+        self.routes.push_str(&format!("[routes.{name}]\npath = \"{path}\"\nbackend = \"{backend}\"\n{extra}\n"));
         self
     }
 
@@ -193,7 +177,10 @@ impl GatewayBuilder {
         for (k, v) in &self.limits {
             t.push_str(&format!("{k} = {v}\n"));
         }
-        t.push_str(&format!("[shutdown]\ngrace_secs = {}\n", self.grace_secs));
+        t.push_str(&format!(
+            "[shutdown]\ndrain_delay_secs = 0\nclose_window_secs = 0\ndeadline_secs = {}\n[admin]\naddress = \"127.0.0.1:0\"\n",
+            self.grace_secs
+        ));
         if self.console {
             t.push_str("[console]\nenabled = true\n");
         }
@@ -207,15 +194,11 @@ impl GatewayBuilder {
         let gateway = wsgate::Gateway::bind(config).await.expect("bind gateway");
         let plain = gateway.local_addr("plain").unwrap();
         let secure = gateway.local_addr("secure");
-        let shutdown = CancellationToken::new();
+        let admin = gateway.admin_addr().unwrap();
+        let reloader = gateway.reloader();
+        let shutdown = wsgate::Shutdown::new();
         let task = tokio::spawn(gateway.run(shutdown.clone()));
-        Gateway {
-            plain,
-            secure,
-            shutdown,
-            task: Some(task),
-            ca: self.tls,
-        }
+        Gateway { plain, secure, admin, reloader, shutdown, task: Some(task), ca: self.tls }
     }
 }
 
@@ -223,7 +206,9 @@ impl GatewayBuilder {
 pub struct Gateway {
     pub plain: SocketAddr,
     pub secure: Option<SocketAddr>,
-    pub shutdown: CancellationToken,
+    pub admin: SocketAddr,
+    pub reloader: wsgate::Reloader,
+    pub shutdown: wsgate::Shutdown,
     task: Option<JoinHandle<()>>,
     ca: Option<TestCa>,
 }
@@ -239,27 +224,17 @@ impl Gateway {
 
     /// Opens a ws:// session to `path` (no Origin header, like a non-browser client).
     pub async fn ws(&self, path: &str) -> Ws {
-        self.ws_with(path, &[])
-            .await
-            .unwrap_or_else(|e| panic!("connect {path}: {e}"))
+        self.ws_with(path, &[]).await.unwrap_or_else(|e| panic!("connect {path}: {e}"))
     }
 
     /// Opens a ws:// session with extra request headers; returns the handshake error if refused.
-    pub async fn ws_with(
-        &self,
-        path: &str,
-        headers: &[(&str, &str)],
-    ) -> Result<Ws, tungstenite::Error> {
+    pub async fn ws_with(&self, path: &str, headers: &[(&str, &str)]) -> Result<Ws, tungstenite::Error> {
         let mut req = self.url(path).into_client_request().unwrap();
         for (k, v) in headers {
-            req.headers_mut().insert(
-                tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                v.parse().unwrap(),
-            );
+            req.headers_mut()
+                .insert(tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
         }
-        let tcp = within("tcp connect", TcpStream::connect(self.plain))
-            .await
-            .unwrap();
+        let tcp = within("tcp connect", TcpStream::connect(self.plain)).await.unwrap();
         let (ws, _) = within(
             "ws handshake",
             client_async_with_config(req, Box::new(tcp) as Box<dyn Io>, Some(client_ws_config())),
@@ -272,16 +247,11 @@ impl Gateway {
     pub async fn wss(&self, path: &str) -> Ws {
         let addr = self.secure.expect("gateway built with .tls()");
         let ca = self.ca.as_ref().unwrap();
-        let tcp = within("tcp connect", TcpStream::connect(addr))
-            .await
-            .unwrap();
+        let tcp = within("tcp connect", TcpStream::connect(addr)).await.unwrap();
         let connector = tokio_rustls::TlsConnector::from(ca.client_config());
-        let tls = within(
-            "tls handshake",
-            connector.connect(ServerName::try_from("localhost").unwrap(), tcp),
-        )
-        .await
-        .expect("tls handshake");
+        let tls = within("tls handshake", connector.connect(ServerName::try_from("localhost").unwrap(), tcp))
+            .await
+            .expect("tls handshake");
         let url = format!("wss://localhost:{}{path}", addr.port());
         let (ws, _) = within(
             "wss handshake",
@@ -294,7 +264,7 @@ impl Gateway {
 
     /// Starts the graceful shutdown and waits until `run` has returned.
     pub async fn stop(&mut self) {
-        self.shutdown.cancel();
+        self.shutdown.now();
         if let Some(task) = self.task.take() {
             within("gateway shutdown", task).await.unwrap();
         }
@@ -308,15 +278,13 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        self.shutdown.cancel();
+        self.shutdown.now();
     }
 }
 
 /// Client side: allow big messages back (the gateway bounds what it sends, not the test).
 fn client_ws_config() -> tungstenite::protocol::WebSocketConfig {
-    tungstenite::protocol::WebSocketConfig::default()
-        .max_message_size(Some(64 << 20))
-        .max_frame_size(Some(64 << 20))
+    tungstenite::protocol::WebSocketConfig::default().max_message_size(Some(64 << 20)).max_frame_size(Some(64 << 20))
 }
 
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -334,10 +302,7 @@ pub async fn read_bytes(ws: &mut Ws, want: usize) -> Vec<u8> {
             Some(Ok(Message::Binary(b))) => got.extend_from_slice(&b),
             Some(Ok(Message::Text(t))) => got.extend_from_slice(t.as_bytes()),
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-            other => panic!(
-                "expected data after {} of {want} bytes, got {other:?}",
-                got.len()
-            ),
+            other => panic!("expected data after {} of {want} bytes, got {other:?}", got.len()),
         }
     }
     assert_eq!(got.len(), want, "more bytes than sent came back");
@@ -370,10 +335,7 @@ pub async fn read_until_close(ws: &mut Ws) -> (Vec<u8>, u16, String) {
             }
             Some(Ok(Message::Close(None))) => return (data, 1005, String::new()),
             Some(Ok(_)) => {}
-            other => panic!(
-                "expected a close frame after {} data bytes, got {other:?}",
-                data.len()
-            ),
+            other => panic!("expected a close frame after {} data bytes, got {other:?}", data.len()),
         }
     }
 }
@@ -391,9 +353,7 @@ pub async fn expect_end(ws: &mut Ws) {
 }
 
 pub async fn send_binary(ws: &mut Ws, data: &[u8]) {
-    within("send", ws.send(Message::Binary(data.to_vec().into())))
-        .await
-        .expect("send binary");
+    within("send", ws.send(Message::Binary(data.to_vec().into()))).await.expect("send binary");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -422,11 +382,7 @@ impl Backend {
                 tokio::spawn(handler(stream));
             }
         });
-        Backend {
-            addr,
-            accepted,
-            _task: task,
-        }
+        Backend { addr, accepted, _task: task }
     }
 
     /// A TCP echo backend.
@@ -501,9 +457,7 @@ impl RefusingPort {
 /// Sends `request` verbatim and returns (status, head, body) of the response.
 pub async fn raw_http(addr: SocketAddr, request: &str) -> (u16, String, String) {
     let mut s = within("connect", TcpStream::connect(addr)).await.unwrap();
-    within("write request", s.write_all(request.as_bytes()))
-        .await
-        .unwrap();
+    within("write request", s.write_all(request.as_bytes())).await.unwrap();
     let mut buf = Vec::new();
     // Read until the head and a Content-Length body are complete (the connection may stay open).
     loop {
@@ -515,9 +469,7 @@ pub async fn raw_http(addr: SocketAddr, request: &str) -> (u16, String, String) 
             let len = head
                 .lines()
                 .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse::<usize>().unwrap())
+                    l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap())
                 })
                 .unwrap_or(0);
             if body.len() >= len || n == 0 {
@@ -525,11 +477,7 @@ pub async fn raw_http(addr: SocketAddr, request: &str) -> (u16, String, String) 
                 return (status, head.to_string(), body.to_string());
             }
         }
-        assert!(
-            n > 0,
-            "connection closed before a full response: {:?}",
-            String::from_utf8_lossy(&buf)
-        );
+        assert!(n > 0, "connection closed before a full response: {:?}", String::from_utf8_lossy(&buf));
     }
 }
 

@@ -1,0 +1,352 @@
+//! Every metric wsgate exports, with its name and help text, in one place.
+//!
+//! Each gateway instance owns its own Prometheus recorder: nothing is installed process-wide,
+//! so tests can run several gateways in one process and read exact counts from each one's
+//! `/metrics`. Code that records takes the handles it needs from here ([`Metrics`] for the
+//! listener, [`RouteMetrics`] per route, [`Flow`] per direction for the bridge); nobody reads
+//! the values back to decide anything.
+//!
+//! Labels stay bounded: listener and route names come from the config, directions and outcomes
+//! from fixed sets. A client address is never a label.
+//!
+//! This module is a leaf: it imports no other wsgate module.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+static METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+/// Metric names: one constant each, so docs/metrics.md and tests can name them exactly.
+pub mod names {
+    /// Counter{listener}: TCP connections accepted.
+    pub const CONNECTIONS_ACCEPTED: &str = "wsgate_connections_accepted_total";
+    /// Gauge{listener}: client connections open (handshaking or upgraded).
+    pub const CONNECTIONS_OPEN: &str = "wsgate_connections_open";
+    /// Counter{listener, reason}: connections closed at once because a limit was reached.
+    pub const CONNECTIONS_REFUSED: &str = "wsgate_connections_refused_total";
+    /// Counter{listener, reason}: TLS handshakes that failed or timed out.
+    pub const TLS_HANDSHAKE_FAILURES: &str = "wsgate_tls_handshake_failures_total";
+    /// Counter{route, status}: HTTP requests answered, by status (101 for upgrades).
+    pub const HANDSHAKES: &str = "wsgate_handshakes_total";
+    /// Gauge{route}: sessions open.
+    pub const SESSIONS_OPEN: &str = "wsgate_sessions_open";
+    /// Counter{route, code, closed_by}: sessions ended.
+    pub const SESSIONS: &str = "wsgate_sessions_total";
+    /// Histogram{route}: session duration.
+    pub const SESSION_DURATION: &str = "wsgate_session_duration_seconds";
+    /// Counter{route, direction}: payload bytes relayed.
+    pub const BYTES: &str = "wsgate_bytes_total";
+    /// Counter{route, direction}: messages relayed (client messages in, messages out).
+    pub const MESSAGES: &str = "wsgate_messages_total";
+    /// Gauge{route, direction}: bytes read from one side and not yet written to the other.
+    pub const BUFFERED: &str = "wsgate_buffered_bytes";
+    /// Histogram{route, direction}: each session's peak buffered bytes.
+    pub const SESSION_PEAK_BUFFERED: &str = "wsgate_session_peak_buffered_bytes";
+    /// Counter{route}: backend bytes dropped because the client had closed.
+    pub const DROPPED_BYTES: &str = "wsgate_dropped_bytes_total";
+    /// Histogram{route}: time to connect the backend (successful connects).
+    pub const BACKEND_CONNECT_DURATION: &str = "wsgate_backend_connect_duration_seconds";
+    /// Counter{route, kind}: backend connects that failed.
+    pub const BACKEND_CONNECT_FAILURES: &str = "wsgate_backend_connect_failures_total";
+    /// Counter{result}: config reloads, `ok` or `error`.
+    pub const CONFIG_RELOADS: &str = "wsgate_config_reloads_total";
+    /// Gauge: 1 while accepting new connections, 0 before and while draining.
+    pub const READY: &str = "wsgate_ready";
+}
+
+/// Direction label values.
+pub const TO_BACKEND: &str = "to_backend";
+/// Direction label values.
+pub const TO_CLIENT: &str = "to_client";
+
+/// The recorder of one gateway instance and the handles it serves.
+pub struct Metrics {
+    recorder: Arc<PrometheusRecorder>,
+    handle: PrometheusHandle,
+    routes: Mutex<HashMap<String, Arc<RouteMetrics>>>,
+    /// 1 while accepting.
+    pub ready: Gauge,
+    /// Reloads that applied.
+    pub reloads_ok: Counter,
+    /// Reloads rejected (the old config stayed).
+    pub reloads_failed: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// Seconds buckets for connect time and session duration.
+const CONNECT_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const DURATION_BUCKETS: &[f64] = &[0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0];
+/// Bytes buckets for the per-session peak of buffered bytes (powers of 4 from 1 KiB to 64 MiB).
+const PEAK_BUCKETS: &[f64] =
+    &[0.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0, 67108864.0];
+
+impl Metrics {
+    /// A fresh recorder with every metric described.
+    pub fn new() -> Metrics {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(names::BACKEND_CONNECT_DURATION.into()), CONNECT_BUCKETS)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(names::SESSION_DURATION.into()), DURATION_BUCKETS))
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(names::SESSION_PEAK_BUFFERED.into()), PEAK_BUCKETS))
+            .expect("bucket lists are non-empty constants")
+            .build_recorder();
+        let handle = recorder.handle();
+        describe(&recorder);
+        let recorder = Arc::new(recorder);
+        let ready = recorder.register_gauge(&Key::from_static_name(names::READY), &METADATA);
+        let reload = |result: &'static str| {
+            recorder.register_counter(
+                &Key::from_parts(names::CONFIG_RELOADS, vec![Label::new("result", result)]),
+                &METADATA,
+            )
+        };
+        let (reloads_ok, reloads_failed) = (reload("ok"), reload("error"));
+        Metrics { recorder, handle, routes: Mutex::new(HashMap::new()), ready, reloads_ok, reloads_failed }
+    }
+
+    /// The Prometheus text exposition of everything recorded so far.
+    pub fn render(&self) -> String {
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+
+    fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
+        self.recorder.register_counter(&key(name, labels), &METADATA)
+    }
+
+    fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
+        self.recorder.register_gauge(&key(name, labels), &METADATA)
+    }
+
+    fn histogram(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Histogram {
+        self.recorder.register_histogram(&key(name, labels), &METADATA)
+    }
+
+    /// Handles for one listener.
+    pub fn listener(&self, listener: &str) -> ListenerMetrics {
+        let l = [("listener", listener)];
+        let refused = |reason| self.counter(names::CONNECTIONS_REFUSED, &[("listener", listener), ("reason", reason)]);
+        let tls = |reason| self.counter(names::TLS_HANDSHAKE_FAILURES, &[("listener", listener), ("reason", reason)]);
+        ListenerMetrics {
+            accepted: self.counter(names::CONNECTIONS_ACCEPTED, &l),
+            open: self.gauge(names::CONNECTIONS_OPEN, &l),
+            refused_connection_limit: refused("connection_limit"),
+            refused_handshake_limit: refused("handshake_limit"),
+            tls_failed: tls("error"),
+            tls_timeout: tls("timeout"),
+        }
+    }
+
+    /// Handles for one route, created once and shared by its sessions (and kept across
+    /// reloads, so counters continue).
+    pub fn route(&self, route: &str) -> Arc<RouteMetrics> {
+        let mut routes = self.routes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        routes
+            .entry(route.to_string())
+            .or_insert_with(|| {
+                let r = [("route", route)];
+                let flow = |direction| Flow {
+                    bytes: self.counter(names::BYTES, &[("route", route), ("direction", direction)]),
+                    messages: self.counter(names::MESSAGES, &[("route", route), ("direction", direction)]),
+                    buffered: self.gauge(names::BUFFERED, &[("route", route), ("direction", direction)]),
+                    peak: self.histogram(names::SESSION_PEAK_BUFFERED, &[("route", route), ("direction", direction)]),
+                };
+                Arc::new(RouteMetrics {
+                    name: route.to_string(),
+                    to_backend: flow(TO_BACKEND),
+                    to_client: flow(TO_CLIENT),
+                    sessions_open: self.gauge(names::SESSIONS_OPEN, &r),
+                    duration: self.histogram(names::SESSION_DURATION, &r),
+                    dropped_bytes: self.counter(names::DROPPED_BYTES, &r),
+                    connect_duration: self.histogram(names::BACKEND_CONNECT_DURATION, &r),
+                    recorder: self.recorder.clone(),
+                })
+            })
+            .clone()
+    }
+
+    /// Counts an HTTP answer to a request that matched no route (404, the console page).
+    pub fn unrouted_request(&self, status: u16) {
+        self.counter(names::HANDSHAKES, &[("route", ""), ("status", &status.to_string())]).increment(1);
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+    Key::from_parts(name, labels.iter().map(|(k, v)| Label::new(*k, v.to_string())).collect::<Vec<_>>())
+}
+
+fn describe(r: &PrometheusRecorder) {
+    let d = |name: &'static str, unit: Option<Unit>, help: &'static str| {
+        (KeyName::from_const_str(name), unit, SharedString::const_str(help))
+    };
+    for (name, unit, help) in [
+        d(names::CONNECTIONS_ACCEPTED, Some(Unit::Count), "TCP connections accepted, by listener."),
+        d(
+            names::CONNECTIONS_REFUSED,
+            Some(Unit::Count),
+            "Connections closed at once because limits.max_connections or limits.max_handshakes was reached.",
+        ),
+        d(names::TLS_HANDSHAKE_FAILURES, Some(Unit::Count), "TLS handshakes that failed or timed out."),
+        d(names::HANDSHAKES, Some(Unit::Count), "HTTP requests answered, by route and status (101: upgraded)."),
+        d(names::SESSIONS, Some(Unit::Count), "Sessions ended, by route, close code and the side that ended them."),
+        d(names::BYTES, Some(Unit::Bytes), "Payload bytes relayed, by route and direction."),
+        d(
+            names::MESSAGES,
+            Some(Unit::Count),
+            "Messages relayed: client messages written to the backend, and messages sent to the client.",
+        ),
+        d(names::DROPPED_BYTES, Some(Unit::Bytes), "Backend bytes read after the client closed, never delivered."),
+        d(names::BACKEND_CONNECT_FAILURES, Some(Unit::Count), "Backend connects that failed, by route and kind."),
+        d(
+            names::CONFIG_RELOADS,
+            Some(Unit::Count),
+            "Config reloads, by result (ok: applied; error: rejected, the old config stayed).",
+        ),
+    ] {
+        r.describe_counter(name, unit, help);
+    }
+    for (name, unit, help) in [
+        d(names::CONNECTIONS_OPEN, Some(Unit::Count), "Client connections open, handshaking or upgraded."),
+        d(names::SESSIONS_OPEN, Some(Unit::Count), "WebSocket sessions open, by route."),
+        d(
+            names::BUFFERED,
+            Some(Unit::Bytes),
+            "Bytes read from one side and not yet written to the other (the server-side bufferedAmount), by route and direction.",
+        ),
+        d(names::READY, None, "1 while accepting connections; 0 before listeners are bound and while draining."),
+    ] {
+        r.describe_gauge(name, unit, help);
+    }
+    for (name, unit, help) in [
+        d(names::SESSION_DURATION, Some(Unit::Seconds), "Session duration, by route."),
+        d(
+            names::SESSION_PEAK_BUFFERED,
+            Some(Unit::Bytes),
+            "Each session's peak buffered bytes, by route and direction.",
+        ),
+        d(
+            names::BACKEND_CONNECT_DURATION,
+            Some(Unit::Seconds),
+            "Time to connect the backend, by route (successful connects).",
+        ),
+    ] {
+        r.describe_histogram(name, unit, help);
+    }
+}
+
+/// Handles for one listener.
+#[derive(Debug, Clone)]
+pub struct ListenerMetrics {
+    /// Connections accepted.
+    pub accepted: Counter,
+    /// Connections open.
+    pub open: Gauge,
+    /// Closed at `max_connections`.
+    pub refused_connection_limit: Counter,
+    /// Closed at `max_handshakes`.
+    pub refused_handshake_limit: Counter,
+    /// TLS handshakes that failed.
+    pub tls_failed: Counter,
+    /// TLS handshakes that timed out.
+    pub tls_timeout: Counter,
+}
+
+/// Handles for one route.
+pub struct RouteMetrics {
+    name: String,
+    recorder: Arc<PrometheusRecorder>,
+    /// Client → backend.
+    pub to_backend: Flow,
+    /// Backend → client.
+    pub to_client: Flow,
+    /// Sessions open.
+    pub sessions_open: Gauge,
+    /// Session durations.
+    pub duration: Histogram,
+    /// Backend bytes dropped after the client closed.
+    pub dropped_bytes: Counter,
+    /// Backend connect time.
+    pub connect_duration: Histogram,
+}
+
+impl std::fmt::Debug for RouteMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteMetrics").field("route", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl RouteMetrics {
+    fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
+        let mut all = vec![("route", self.name.as_str())];
+        all.extend_from_slice(labels);
+        self.recorder.register_counter(&key(name, &all), &METADATA)
+    }
+
+    /// Counts an HTTP answer on this route (101 for an upgrade).
+    pub fn handshake(&self, status: u16) {
+        self.counter(names::HANDSHAKES, &[("status", &status.to_string())]).increment(1);
+    }
+
+    /// Counts a failed backend connect; `kind` is one of a fixed set of short descriptions.
+    pub fn connect_failed(&self, kind: &str) {
+        self.counter(names::BACKEND_CONNECT_FAILURES, &[("kind", kind)]).increment(1);
+    }
+
+    /// Counts an ended session by close code and the side that ended it.
+    pub fn session_ended(&self, code: u16, closed_by: &str) {
+        self.counter(names::SESSIONS, &[("code", &code.to_string()), ("closed_by", closed_by)]).increment(1);
+    }
+}
+
+/// Handles for one direction of one route, as the bridge records them.
+#[derive(Debug, Clone)]
+pub struct Flow {
+    /// Payload bytes written to the destination side.
+    pub bytes: Counter,
+    /// Messages relayed.
+    pub messages: Counter,
+    /// Bytes read and not yet written (summed over the route's sessions).
+    pub buffered: Gauge,
+    /// Each session's peak of buffered bytes.
+    pub peak: Histogram,
+}
+
+impl Flow {
+    /// Handles that record nowhere, for pumps run outside a gateway (tests, client mode).
+    pub fn detached() -> Flow {
+        Flow { bytes: Counter::noop(), messages: Counter::noop(), buffered: Gauge::noop(), peak: Histogram::noop() }
+    }
+
+    /// Marks `n` bytes as read and not yet written until the returned guard is dropped, so the
+    /// gauge is right even when a session ends mid-write.
+    pub fn hold(&self, n: usize) -> Held<'_> {
+        self.buffered.increment(n as f64);
+        Held { gauge: &self.buffered, n }
+    }
+}
+
+/// Bytes counted in a [`Flow`]'s buffered gauge until dropped.
+#[derive(Debug)]
+pub struct Held<'a> {
+    gauge: &'a Gauge,
+    n: usize,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.gauge.decrement(self.n as f64);
+    }
+}
