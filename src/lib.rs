@@ -125,7 +125,7 @@ impl Gateway {
     /// allows it.
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
         let metrics = Arc::new(Metrics::new());
-        let snapshot = snapshot(&config)?;
+        let snapshot = snapshot(&config, &metrics)?;
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
             listeners.push(server::Listener {
@@ -265,7 +265,7 @@ impl Reloader {
         if let Some(what) = restart_required(&running, &new) {
             return Err(ReloadError::RestartRequired(what));
         }
-        let snapshot = snapshot(&new).map_err(ReloadError::Tls)?;
+        let snapshot = snapshot(&new, &self.shared.metrics).map_err(ReloadError::Tls)?;
         self.shared.replace(snapshot);
         *running = Arc::new(new);
         Ok(())
@@ -307,7 +307,7 @@ fn restart_required(old: &Config, new: &Config) -> Option<String> {
 }
 
 /// Everything a reload may change, built from `config`: routes, limits, certificates, pages.
-fn snapshot(config: &Config) -> Result<Snapshot, StartError> {
+fn snapshot(config: &Config, metrics: &Metrics) -> Result<Snapshot, StartError> {
     let mut tls = HashMap::new();
     for l in &config.listeners {
         if let Some(files) = &l.tls {
@@ -320,6 +320,7 @@ fn snapshot(config: &Config) -> Result<Snapshot, StartError> {
         shutdown: config.shutdown.clone(),
         tls,
         pages: config.console.iter().map(|path| server::Page { path: path.clone(), render: console::page }).collect(),
+        route_metrics: config.routes.iter().map(|r| (r.name.clone(), metrics.route(&r.name))).collect(),
     })
 }
 

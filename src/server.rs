@@ -74,6 +74,9 @@ pub(crate) struct Snapshot {
     pub tls: HashMap<String, TlsAcceptor>,
     /// Pages served for plain GET on an exact path (the console), given by `lib.rs`.
     pub pages: Vec<Page>,
+    /// Metric handles of every route, registered up front so each route shows in `/metrics`
+    /// (with zeros) before its first session.
+    pub route_metrics: HashMap<String, Arc<RouteMetrics>>,
 }
 
 /// A static page: served for GET or HEAD on exactly `path`, on every listener.
@@ -325,7 +328,7 @@ async fn decide(
         debug!(%path, "no route");
         return (None, text(StatusCode::NOT_FOUND, &format!("no route for {path}")));
     };
-    let m = shared.metrics.route(&route.name);
+    let m = snap.route_metrics.get(&route.name).cloned().unwrap_or_else(|| shared.metrics.route(&route.name));
     if let Some(refusal) = upgrade_refusal(&req) {
         debug!(route = %route.name, status = refusal.status().as_u16(), "not a valid websocket upgrade");
         return (Some(m), refusal);

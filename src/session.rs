@@ -21,7 +21,7 @@ use hyper_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use hyper_tungstenite::tungstenite::protocol::CloseFrame;
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, field, info, info_span};
@@ -344,15 +344,12 @@ where
             }
         }
         if outcome.is_read_error() {
-            // tungstenite reads nothing more after an error, and the client may still be
+            // tungstenite reads nothing more after an error, yet the client may still be
             // sending (the rest of a too-big message). Closing now would answer those bytes
-            // with a reset, and the page would see 1006 instead of our code. So linger, as web
-            // servers do: end our side after the close frame, then read and discard until the
-            // client closes its side.
-            let io = ws.get_mut();
-            let _ = io.shutdown().await;
-            let mut scratch = [0u8; 4096];
-            while let Ok(1..) = io.read(&mut scratch).await {}
+            // with a reset, and a browser would report 1006 instead of our code; half-closing
+            // now makes Chromium call the close unclean. So read and discard until the client's
+            // own Close frame has arrived (or it goes quiet), then close with nothing unread.
+            linger_until_client_close(ws.get_mut()).await;
         } else {
             // Read until the client's Close arrives and the stream ends; discard data that
             // crosses it.
@@ -362,6 +359,40 @@ where
     if tokio::time::timeout(timeout, closing).await.is_err() {
         debug!(?timeout, "client did not finish the closing handshake in time");
     }
+}
+
+/// How long a client may pause mid-stream before lingering gives up on its Close frame.
+const LINGER_QUIET: Duration = Duration::from_secs(1);
+
+/// Reads and discards raw bytes until they end with a client Close frame, the client closes,
+/// or it sends nothing for [`LINGER_QUIET`]. The caller bounds the whole wait.
+async fn linger_until_client_close<S: AsyncRead + Unpin>(io: &mut S) {
+    let mut tail = Vec::with_capacity(2 * MAX_CLOSE_FRAME);
+    let mut buf = [0u8; 8192];
+    while let Ok(Ok(n @ 1..)) = tokio::time::timeout(LINGER_QUIET, io.read(&mut buf)).await {
+        tail.extend_from_slice(&buf[..n]);
+        if tail.len() > MAX_CLOSE_FRAME {
+            tail.drain(..tail.len() - MAX_CLOSE_FRAME);
+        }
+        if ends_with_client_close(&tail) {
+            return;
+        }
+    }
+}
+
+/// A client Close frame is at most 2 + 4 (mask) + 125 bytes.
+const MAX_CLOSE_FRAME: usize = 131;
+
+/// Whether `bytes` end with a complete client Close frame: `0x88` (FIN, opcode 8), a masked
+/// length of at most 125, the 4-byte mask and that many payload bytes. Data that happens to end
+/// the same way only makes the linger end early.
+fn ends_with_client_close(bytes: &[u8]) -> bool {
+    (0..=125usize).any(|n| {
+        bytes.len() >= 6 + n && {
+            let frame = &bytes[bytes.len() - 6 - n..];
+            frame[0] == 0x88 && usize::from(frame[1]) == (0x80 | n)
+        }
+    })
 }
 
 fn log_end(ctx: &Context, outcome: &Outcome, code: u16, stats: &Stats, duration: Duration) {
@@ -432,6 +463,19 @@ mod tests {
             assert!((50..=150).contains(&n), "second {tenth}: {n} of 1000");
         }
         assert_eq!(spread_offset(7, Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn client_close_frames_are_recognised_at_the_end() {
+        // Masked close, code 1000 + "bye" (5 payload bytes).
+        let close = [0x88, 0x85, 1, 2, 3, 4, 0xaa, 0xbb, 0xcc, 0xdd, 0xee];
+        let mut stream = vec![0x42; 1000];
+        stream.extend_from_slice(&close);
+        assert!(ends_with_client_close(&stream));
+        assert!(ends_with_client_close(&[0x88, 0x80, 9, 9, 9, 9]), "empty close");
+        assert!(!ends_with_client_close(&stream[..stream.len() - 1]), "incomplete");
+        assert!(!ends_with_client_close(&[0x88, 0x05, 1, 2, 3, 4, 5]), "unmasked is not a client frame");
+        assert!(!ends_with_client_close(&[0x42; 200]));
     }
 
     #[test]

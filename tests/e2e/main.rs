@@ -15,5 +15,7 @@ mod closing;
 mod echo;
 /// Answers before the upgrade: 404, 426, 400, 405, 403.
 mod handshake;
+/// Metrics over HTTP, health and readiness, graceful drain, hot reload.
+mod operations;
 /// Start-up: config fixtures, the shipped config.toml, development certificates, bind errors.
 mod startup;

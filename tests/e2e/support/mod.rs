@@ -188,9 +188,27 @@ impl GatewayBuilder {
     }
 
     pub async fn start(self) -> Gateway {
-        let text = self.toml();
-        let config = wsgate::config::parse(&text, std::path::Path::new("test.toml"))
+        let mut gw = Gateway::from_toml(&self.toml()).await;
+        gw.ca = self.tls;
+        gw
+    }
+}
+
+impl Gateway {
+    /// Starts a gateway on config text (as if read from `test.toml`).
+    pub async fn from_toml(text: &str) -> Gateway {
+        let config = wsgate::config::parse(text, std::path::Path::new("test.toml"))
             .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n---\n{text}"));
+        Gateway::from_config(config).await
+    }
+
+    /// Starts a gateway on a config file.
+    pub async fn from_file(path: &std::path::Path) -> Gateway {
+        let config = wsgate::config::load(path).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
+        Gateway::from_config(config).await
+    }
+
+    async fn from_config(config: wsgate::Config) -> Gateway {
         let gateway = wsgate::Gateway::bind(config).await.expect("bind gateway");
         let plain = gateway.local_addr("plain").unwrap();
         let secure = gateway.local_addr("secure");
@@ -198,8 +216,23 @@ impl GatewayBuilder {
         let reloader = gateway.reloader();
         let shutdown = wsgate::Shutdown::new();
         let task = tokio::spawn(gateway.run(shutdown.clone()));
-        Gateway { plain, secure, admin, reloader, shutdown, task: Some(task), ca: self.tls }
+        Gateway { plain, secure, admin, reloader, shutdown, task: Some(task), ca: None }
     }
+}
+
+/// Opens a wss:// session at `addr` trusting only `ca`; the error says what failed.
+pub async fn wss_connect(addr: SocketAddr, ca: &TestCa, path: &str) -> Result<Ws, String> {
+    let tcp = within("tcp connect", TcpStream::connect(addr)).await.map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(ca.client_config());
+    let tls = within("tls handshake", connector.connect(ServerName::try_from("localhost").unwrap(), tcp))
+        .await
+        .map_err(|e| format!("tls: {e}"))?;
+    let url = format!("wss://localhost:{}{path}", addr.port());
+    let (ws, _) =
+        within("wss handshake", client_async_with_config(url, Box::new(tls) as Box<dyn Io>, Some(client_ws_config())))
+            .await
+            .map_err(|e| format!("websocket: {e}"))?;
+    Ok(ws)
 }
 
 /// A running gateway; shut down when dropped.
@@ -487,4 +520,47 @@ pub fn upgrade_request(path: &str, extra: &str) -> String {
         "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
     )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admin endpoints and metrics
+
+/// GET `path` on the admin listener: (status, body).
+pub async fn admin_get(gw: &Gateway, path: &str) -> (u16, String) {
+    let (status, _, body) =
+        raw_http(gw.admin, &format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")).await;
+    (status, body)
+}
+
+/// The value of the sample `name{labels}` in a Prometheus text exposition; labels not named
+/// must not matter, so the match is on each given `key="value"`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .reduce(|a, b| a + b)
+}
+
+/// Reads `/metrics` and returns `name{labels}` (0 when absent).
+pub async fn scrape(gw: &Gateway, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let (status, body) = admin_get(gw, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    metric(&body, name, labels).unwrap_or(0.0)
+}
+
+/// Polls `check` until it returns true; state that settles later (metrics recorded when a
+/// session ends) is waited for, never slept for.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    within(what, async {
+        while !check().await {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
 }
