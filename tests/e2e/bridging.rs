@@ -119,3 +119,18 @@ async fn text_route_carries_split_utf8_sequences() {
     }
     assert_eq!(text, "price: €5");
 }
+
+/// `outbound = "mirror"`: backend bytes come back as the type the client last sent.
+#[tokio::test]
+async fn mirror_route_answers_in_the_clients_type() {
+    use futures_util::StreamExt;
+    let echo = Backend::echo().await;
+    let gw = Gateway::builder().route_with("m", "/m", &echo.target(), "outbound = \"mirror\"").start().await;
+    let mut ws = gw.ws("/m").await;
+    within("send", ws.send(Message::text("as text"))).await.unwrap();
+    assert_eq!(within("echo", ws.next()).await.unwrap().unwrap(), Message::text("as text"));
+    send_binary(&mut ws, b"as binary").await;
+    assert_eq!(within("echo", ws.next()).await.unwrap().unwrap(), Message::Binary(b"as binary".to_vec().into()));
+    within("send", ws.send(Message::text("text again"))).await.unwrap();
+    assert_eq!(within("echo", ws.next()).await.unwrap().unwrap(), Message::text("text again"));
+}

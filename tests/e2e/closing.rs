@@ -279,3 +279,83 @@ async fn simultaneous_close_from_both_sides_ends_once() {
         }
     }
 }
+
+/// A route that accepts only binary ends a session that sends text with 1003; nothing of the
+/// text reaches the backend.
+#[tokio::test]
+async fn refused_message_type_gives_1003() {
+    let (sink, mut received) = Backend::sink().await;
+    let gw = Gateway::builder().route_with("bin", "/bin", &sink.target(), "accept = [\"binary\"]").start().await;
+    let mut ws = gw.ws("/bin").await;
+    send_binary(&mut ws, b"ok").await;
+    within("send", ws.send(Message::text("not here"))).await.unwrap();
+    let (_, code, reason) = read_until_close(&mut ws).await;
+    assert_eq!((code, reason.as_str()), (1003, "text messages are not accepted on this route"));
+    expect_end(&mut ws).await;
+    assert_eq!(within("backend EOF", received.recv()).await.unwrap(), b"ok");
+}
+
+/// docs/close-codes.md matches the code: every close code its session table documents is
+/// produced over real sockets by the scenario that table names, and no other.
+#[tokio::test]
+async fn every_documented_close_code_is_produced() {
+    let doc =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/close-codes.md")).unwrap();
+    let section =
+        doc.split("## After the upgrade").nth(1).expect("session table section").split("\n## ").next().unwrap();
+    let mut documented: Vec<u16> = section
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .filter_map(|l| l.split('|').nth(4)?.trim().parse().ok())
+        .collect();
+    documented.sort();
+    documented.dedup();
+    assert!(documented.len() >= 8, "parsed only {documented:?} from docs/close-codes.md");
+
+    let dead = RefusingPort::new();
+    let eof = Backend::say_and_close(b"x".to_vec()).await;
+    let reset = Backend::start(|mut s: TcpStream| async move {
+        s.write_all(b"x").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        s.set_zero_linger().unwrap();
+    })
+    .await;
+    let (sink, _rx) = Backend::sink().await;
+    let mut gw = Gateway::builder()
+        .route("eof", "/eof", &eof.target())
+        .route("reset", "/reset", &reset.target())
+        .route("down", "/down", &dead.addr.to_string())
+        .route("sink", "/sink", &sink.target())
+        .route_with("bin", "/bin", &sink.target(), "accept = [\"binary\"]")
+        .limit("max_message_bytes", "4096")
+        .start()
+        .await;
+    let mut produced = Vec::new();
+    let code_of = async |path: &str, send: Option<Message>| {
+        let mut ws = gw.ws(path).await;
+        if let Some(m) = send {
+            let _ = ws.send(m).await;
+        }
+        let code = read_until_close(&mut ws).await.1;
+        expect_end(&mut ws).await;
+        code
+    };
+    produced.push(code_of("/eof", None).await);
+    produced.push(code_of("/reset", None).await);
+    produced.push(code_of("/down", None).await);
+    produced.push(
+        code_of("/sink", Some(Message::Frame(Frame::message(b"x".to_vec(), OpCode::Data(Data::Continue), true)))).await,
+    );
+    produced.push(code_of("/bin", Some(Message::text("t"))).await);
+    produced
+        .push(code_of("/sink", Some(Message::Frame(Frame::message(vec![0xff], OpCode::Data(Data::Text), true)))).await);
+    produced.push(code_of("/sink", Some(Message::Binary(vec![0; 5000].into()))).await);
+    let mut open = gw.ws("/sink").await;
+    gw.shutdown.now();
+    produced.push(read_until_close(&mut open).await.1);
+    expect_end(&mut open).await;
+    gw.stop().await;
+    produced.sort();
+    produced.dedup();
+    assert_eq!(produced, documented, "codes produced vs. codes in docs/close-codes.md");
+}
