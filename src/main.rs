@@ -107,6 +107,18 @@ fn check(path: &Path) -> ExitCode {
             if let Some(addr) = config.builtin.tcp_echo {
                 println!("builtin  tcp_echo     {addr}");
             }
+            if let Some(path) = &config.console {
+                println!("console               {path} (on every listener)");
+            }
+            match config.admin {
+                Some(addr) => println!("admin                 http://{addr} (/metrics /healthz /readyz)"),
+                None => println!("admin                 off"),
+            }
+            let s = &config.shutdown;
+            println!(
+                "shutdown              drain delay {:?}, close window {:?}, deadline {:?}",
+                s.drain_delay, s.close_window, s.deadline
+            );
             ExitCode::SUCCESS
         }
     }
