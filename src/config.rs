@@ -822,8 +822,15 @@ impl Validator {
         match value {
             Some(Seconds::Whole(0)) => Duration::ZERO,
             Some(Seconds::Fraction(0.0)) => Duration::ZERO,
+            Some(Seconds::Whole(n)) if n < 0 => self.negative(key, n as f64),
+            Some(Seconds::Fraction(f)) if f < 0.0 => self.negative(key, f),
             other => self.seconds(key, other, default),
         }
+    }
+
+    fn negative(&mut self, key: &str, secs: f64) -> Duration {
+        self.fail(key, format!("{secs} is out of range: 0 to {MAX_SECS} seconds"));
+        Duration::ZERO
     }
 
     fn seconds(&mut self, key: &str, value: Option<Seconds>, default: f64) -> Duration {

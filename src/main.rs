@@ -129,24 +129,40 @@ fn run(path: &Path) -> anyhow::Result<()> {
     init_logging(config.log_format);
     let runtime = tokio::runtime::Runtime::new().map_err(|e| anyhow::anyhow!("start the async runtime: {e}"))?;
     runtime.block_on(async {
+        // Install the handlers before binding, so a signal during start-up (a SIGHUP from a
+        // deploy script, say) does not take its default action and kill the process.
+        let signals = Signals::install()?;
         let gateway = wsgate::Gateway::bind(config).await?;
         let shutdown = Shutdown::new();
-        tokio::spawn(watch_signals(shutdown.clone(), gateway.reloader(), path.to_path_buf()));
+        tokio::spawn(watch_signals(signals, shutdown.clone(), gateway.reloader(), path.to_path_buf()));
         gateway.run(shutdown).await;
         Ok(())
     })
 }
 
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let install =
+            |kind: SignalKind, name: &str| signal(kind).map_err(|e| anyhow::anyhow!("install the {name} handler: {e}"));
+        Ok(Signals {
+            term: install(SignalKind::terminate(), "SIGTERM")?,
+            int: install(SignalKind::interrupt(), "SIGINT")?,
+            hup: install(SignalKind::hangup(), "SIGHUP")?,
+        })
+    }
+}
+
 /// SIGTERM: drain. SIGINT: drain without the delay. Second of either: exit now (128 + the
 /// signal's number, as a shell reports it). SIGHUP: reload.
-async fn watch_signals(shutdown: Shutdown, reloader: Reloader, path: PathBuf) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
-    else {
-        tracing::error!("cannot install signal handlers; stop wsgate with SIGKILL");
-        return;
-    };
+async fn watch_signals(signals: Signals, shutdown: Shutdown, reloader: Reloader, path: PathBuf) {
+    let Signals { mut term, mut int, mut hup } = signals;
     loop {
         let (name, code) = tokio::select! {
             _ = term.recv() => ("SIGTERM", 143),
@@ -157,7 +173,7 @@ async fn watch_signals(shutdown: Shutdown, reloader: Reloader, path: PathBuf) {
                     Ok(()) => tracing::info!(config = %path.display(), "SIGHUP: config reloaded; new connections use it"),
                     Err(e) => {
                         for line in e.to_string().lines() {
-                            tracing::error!(config = %path.display(), "SIGHUP: reload rejected, the running config stays: {line}");
+                            tracing::warn!(config = %path.display(), "SIGHUP: reload rejected, the running config stays: {line}");
                         }
                     }
                 }

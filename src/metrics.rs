@@ -306,8 +306,15 @@ impl RouteMetrics {
     }
 
     /// Counts an ended session by close code and the side that ended it.
+    /// Codes a client chose itself (3000-4999, echoed back) are grouped as `3xxx`/`4xxx`, so a
+    /// client cannot create thousands of series.
     pub fn session_ended(&self, code: u16, closed_by: &str) {
-        self.counter(names::SESSIONS, &[("code", &code.to_string()), ("closed_by", closed_by)]).increment(1);
+        let label = match code {
+            3000..=3999 => "3xxx".to_string(),
+            4000..=4999 => "4xxx".to_string(),
+            _ => code.to_string(),
+        };
+        self.counter(names::SESSIONS, &[("code", &label), ("closed_by", closed_by)]).increment(1);
     }
 }
 

@@ -243,7 +243,7 @@ async fn run_inner(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: 
         }
     };
     let m = &ctx.metrics;
-    m.sessions_open.increment(1.0);
+    let mut open = OpenSession::new(m);
     let mut stats = Stats::default();
     let accept = Accept { text: ctx.route.accept.text, binary: ctx.route.accept.binary };
     let flows = Flows { to_backend: &m.to_backend, to_client: &m.to_client };
@@ -296,13 +296,41 @@ async fn run_inner(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: 
     }
     let duration = started.elapsed();
     let code = close_code(&outcome);
-    m.sessions_open.decrement(1.0);
+    open.ended();
     m.session_ended(code, outcome.side().as_str());
     m.duration.record(duration.as_secs_f64());
     m.to_backend.peak.record(stats.to_backend.peak_buffered as f64);
     m.to_client.peak.record(stats.to_client.peak_buffered as f64);
     m.dropped_bytes.increment(stats.dropped_bytes);
     log_end(&ctx, &outcome, code, &stats, duration);
+}
+
+/// A session counted in `wsgate_sessions_open`. If the session future is dropped before it
+/// ends (at the shutdown deadline), the drop still lowers the gauge and counts the session as
+/// ended by the gateway with 1006, the code the client sees when no close frame arrives.
+struct OpenSession<'a> {
+    metrics: &'a RouteMetrics,
+    ended: bool,
+}
+
+impl<'a> OpenSession<'a> {
+    fn new(metrics: &'a RouteMetrics) -> Self {
+        metrics.sessions_open.increment(1.0);
+        OpenSession { metrics, ended: false }
+    }
+
+    fn ended(&mut self) {
+        self.ended = true;
+    }
+}
+
+impl Drop for OpenSession<'_> {
+    fn drop(&mut self) {
+        self.metrics.sessions_open.decrement(1.0);
+        if !self.ended {
+            self.metrics.session_ended(1006, Side::Gateway.as_str());
+        }
+    }
 }
 
 /// Where in `window` session `id` closes on shutdown: a fixed, well-spread point (Fibonacci

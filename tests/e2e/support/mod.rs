@@ -120,12 +120,12 @@ pub struct GatewayBuilder {
     console: bool,
     limits: Vec<(String, String)>,
     tls: Option<TestCa>,
-    grace_secs: f64,
+    deadline_secs: f64,
 }
 
 impl Default for GatewayBuilder {
     fn default() -> Self {
-        GatewayBuilder { routes: String::new(), console: false, limits: Vec::new(), tls: None, grace_secs: 5.0 }
+        GatewayBuilder { routes: String::new(), console: false, limits: Vec::new(), tls: None, deadline_secs: 5.0 }
     }
 }
 
@@ -158,8 +158,8 @@ impl GatewayBuilder {
         self
     }
 
-    pub fn grace_secs(mut self, secs: f64) -> Self {
-        self.grace_secs = secs;
+    pub fn deadline_secs(mut self, secs: f64) -> Self {
+        self.deadline_secs = secs;
         self
     }
 
@@ -179,7 +179,7 @@ impl GatewayBuilder {
         }
         t.push_str(&format!(
             "[shutdown]\ndrain_delay_secs = 0\nclose_window_secs = 0\ndeadline_secs = {}\n[admin]\naddress = \"127.0.0.1:0\"\n",
-            self.grace_secs
+            self.deadline_secs
         ));
         if self.console {
             t.push_str("[console]\nenabled = true\n");
