@@ -72,16 +72,27 @@ impl BackendError {
     }
 }
 
-/// Connects to `host:port`, trying each resolved address, all within `timeout`.
-pub async fn connect(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, BackendError> {
+/// Connects to `host:port`, trying each resolved address, all within `timeout`, and sets the
+/// socket up as [`tune`] does.
+pub async fn connect(
+    host: &str,
+    port: u16,
+    timeout: Duration,
+    keepalive: Option<Duration>,
+) -> Result<TcpStream, BackendError> {
     let target = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
-    match tokio::time::timeout(timeout, connect_any(host, port, &target)).await {
+    match tokio::time::timeout(timeout, connect_any(host, port, &target, keepalive)).await {
         Ok(result) => result,
         Err(_) => Err(BackendError::Timeout { target, after: timeout }),
     }
 }
 
-async fn connect_any(host: &str, port: u16, target: &str) -> Result<TcpStream, BackendError> {
+async fn connect_any(
+    host: &str,
+    port: u16,
+    target: &str,
+    keepalive: Option<Duration>,
+) -> Result<TcpStream, BackendError> {
     let addrs = tokio::net::lookup_host((host, port))
         .await
         .map_err(|source| BackendError::Resolve { target: target.to_string(), source })?;
@@ -89,15 +100,30 @@ async fn connect_any(host: &str, port: u16, target: &str) -> Result<TcpStream, B
     for addr in addrs {
         match TcpStream::connect(addr).await {
             Ok(stream) => {
-                // Interactive protocols (VNC, SSH, telnet) send small writes that must not wait
-                // for Nagle's algorithm.
-                let _ = stream.set_nodelay(true);
+                tune(&stream, keepalive);
                 return Ok(stream);
             }
             Err(source) => last = Some(BackendError::Connect { target: target.to_string(), addr, source }),
         }
     }
     Err(last.unwrap_or_else(|| BackendError::NoAddress { target: target.to_string() }))
+}
+
+/// Sets the options every relayed socket (client or backend) gets. Best effort: a socket that
+/// refuses an option still works.
+///
+/// - `TCP_NODELAY`: interactive protocols (VNC, SSH, telnet) send small writes that must not
+///   wait for Nagle's algorithm.
+/// - TCP keepalive, first probe after `keepalive` idle, then every 10 s, 5 probes: a peer that
+///   vanished without a FIN (NAT timeout, power loss) is noticed and its session ends, instead
+///   of holding its connection slot forever.
+pub fn tune(stream: &TcpStream, keepalive: Option<Duration>) {
+    let _ = stream.set_nodelay(true);
+    if let Some(idle) = keepalive {
+        let params =
+            socket2::TcpKeepalive::new().with_time(idle).with_interval(Duration::from_secs(10)).with_retries(5);
+        let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&params);
+    }
 }
 
 #[cfg(test)]
@@ -111,13 +137,13 @@ mod tests {
         let held = tokio::net::TcpSocket::new_v4().unwrap();
         held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let port = held.local_addr().unwrap().port();
-        let err = connect("127.0.0.1", port, Duration::from_secs(5)).await.unwrap_err();
+        let err = connect("127.0.0.1", port, Duration::from_secs(5), None).await.unwrap_err();
         assert_eq!(err.kind(), "connection refused", "{err}");
         assert!(err.to_string().contains(&format!("127.0.0.1:{port}")));
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let stream = connect("localhost", addr.port(), Duration::from_secs(5)).await;
+        let stream = connect("localhost", addr.port(), Duration::from_secs(5), Some(Duration::from_secs(60))).await;
         // "localhost" may resolve to ::1 first; the refusal there must not stop the v4 attempt.
         assert!(stream.is_ok(), "{:?}", stream.err());
     }

@@ -16,8 +16,8 @@
 //! config, routes or HTTP, so the planned client mode can reuse it over any WebSocket stream.
 //!
 //! A stop request is honoured only between messages: a message already read from one side is
-//! written to the other before the pump returns [`End::Stopped`], so a drain loses nothing that
-//! was in flight.
+//! written to the other (within `finish_timeout`) before the pump returns [`End::Stopped`]. Bytes
+//! still in the kernel's buffers, not yet read, are not delivered.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,8 +33,6 @@ use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use crate::metrics::{Flow, Held};
-
-use hyper_tungstenite::tungstenite;
 
 /// WebSocket message type used for backend bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,13 +210,23 @@ where
             end = &mut up => (end, false),
             end = &mut down => (end, true),
         };
-        if matches!(end, End::Stopped | End::BackendEof) {
-            finish.cancel();
-            let rest = async { if up_running { up.as_mut().await } else { down.as_mut().await } };
-            // Whatever the other direction reports now is secondary: the first ending decides.
-            let _ = tokio::time::timeout(options.finish_timeout, rest).await;
+        match end {
+            End::Stopped | End::BackendEof => {
+                finish.cancel();
+                let rest = async { if up_running { up.as_mut().await } else { down.as_mut().await } };
+                // Whatever the other direction reports now is secondary: the first ending decides.
+                let _ = tokio::time::timeout(options.finish_timeout, rest).await;
+                end
+            }
+            // A write to the backend failed: often because it sent its last reply and closed.
+            // Deliver what it sent before deciding; a clean EOF then means it simply finished.
+            End::BackendFailed(e) if up_running => End::BackendFailed(e),
+            End::BackendFailed(e) => match tokio::time::timeout(options.finish_timeout, down.as_mut()).await {
+                Ok(End::BackendEof) => End::BackendEof,
+                _ => End::BackendFailed(e),
+            },
+            other => other,
         }
-        end
     };
     let backend = from_backend.reunite(to_backend).expect("halves of the same stream");
     (end, backend)
@@ -292,7 +300,9 @@ where
             Ok(0) => return End::BackendNotUtf8,
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                carry = buf;
+                // Keep only the carried bytes, not the read buffer's whole allocation: an idle
+                // session should hold no read buffer.
+                carry = BytesMut::from(&buf[..]);
                 continue;
             }
             Err(e) => return End::BackendFailed(e),
@@ -307,7 +317,8 @@ where
             true => match split_utf8(&mut buf) {
                 Err(()) => return End::BackendNotUtf8,
                 Ok(rest) => {
-                    carry = rest;
+                    // A copy of at most 3 bytes, so the read buffer is not kept alive by it.
+                    carry = BytesMut::from(&rest[..]);
                     if buf.is_empty() {
                         continue;
                     }

@@ -228,6 +228,9 @@ pub struct Limits {
     /// Time allowed for the closing handshake: waiting for the client's Close reply, or for
     /// the backend to finish after the client closed.
     pub close_timeout: Duration,
+    /// Idle time before TCP keepalive probes start on client and backend sockets; `None` when
+    /// `tcp_keepalive_secs = 0`.
+    pub tcp_keepalive: Option<Duration>,
 }
 
 /// Built-in helper services.
@@ -399,6 +402,7 @@ struct RawLimits {
     backend_read_bytes: Option<u64>,
     connect_timeout_secs: Option<Seconds>,
     close_timeout_secs: Option<Seconds>,
+    tcp_keepalive_secs: Option<Seconds>,
 }
 
 #[derive(Deserialize, Default)]
@@ -451,6 +455,8 @@ const DEFAULT_WS_READ_BUFFER_BYTES: u64 = 16 * 1024;
 const DEFAULT_BACKEND_READ_BYTES: u64 = 16 * 1024;
 const DEFAULT_CONNECT_TIMEOUT_SECS: f64 = 5.0;
 const DEFAULT_CLOSE_TIMEOUT_SECS: f64 = 5.0;
+/// Below common NAT and load-balancer idle timeouts (often 350 s or more), above chatty.
+const DEFAULT_TCP_KEEPALIVE_SECS: f64 = 60.0;
 /// Long enough for a load balancer's health check (commonly 5 s apart) to see `/readyz` fail.
 const DEFAULT_DRAIN_DELAY_SECS: f64 = 5.0;
 /// Spreads reconnects of many clients over 10 s instead of one instant.
@@ -786,6 +792,12 @@ impl Validator {
                 raw.close_timeout_secs,
                 DEFAULT_CLOSE_TIMEOUT_SECS,
             ),
+            tcp_keepalive: Some(self.seconds_or_zero(
+                "limits.tcp_keepalive_secs",
+                raw.tcp_keepalive_secs,
+                DEFAULT_TCP_KEEPALIVE_SECS,
+            ))
+            .filter(|d| !d.is_zero()),
         }
     }
 
@@ -1039,6 +1051,7 @@ backend = "builtin:echo"
         assert_eq!(c.limits.connect_timeout, Duration::from_secs(5));
         assert_eq!(c.limits.handshake_timeout, Duration::from_secs(10));
         assert_eq!(c.limits.close_timeout, Duration::from_secs(5));
+        assert_eq!(c.limits.tcp_keepalive, Some(Duration::from_secs(60)));
         assert_eq!(c.shutdown.drain_delay, Duration::from_secs(5));
         assert_eq!(c.shutdown.close_window, Duration::from_secs(10));
         assert_eq!(c.shutdown.deadline, Duration::from_secs(25));

@@ -12,12 +12,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use hyper_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
+use tungstenite::{Error as WsError, Message};
 
 use crate::bridge::{Accept, End, Flows, Kind, Meter, Stats};
 

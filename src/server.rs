@@ -21,7 +21,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use bytes::Bytes;
@@ -42,11 +42,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::backend;
-use crate::config::{Backend, Limits, Route, Unavailable};
+use crate::config::Limits;
 use crate::metrics::{ListenerMetrics, Metrics, RouteMetrics};
 use crate::policy;
 use crate::router::Router;
-use crate::session::{self, Dialed};
+use crate::session;
 
 /// What every connection of one gateway instance shares for the instance's whole life.
 pub(crate) struct Shared {
@@ -116,9 +116,10 @@ impl Snapshot {
             // Write each message at once: the pumps wait for it to reach the socket before reading
             // more, which is what gives backpressure, so a write buffer would only add a copy.
             .write_buffer_size(0)
-            // Bound for frames queued behind a slow client: one message (the echo route sends
-            // back up to `max`) plus control frames.
-            .max_write_buffer_size(max + 64 * 1024)
+            // Bound for frames queued behind a slow client: one message (a backend read, or an
+            // echo of up to `max`) plus control frames. tungstenite refuses any single frame
+            // larger than this, so it must hold the largest message we send.
+            .max_write_buffer_size(max.max(self.limits.backend_read_bytes) + 64 * 1024)
             .max_message_size(Some(max))
             .max_frame_size(Some(max))
     }
@@ -160,12 +161,14 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         m.accepted.increment(1);
         let Ok(conn_permit) = shared.connections.clone().try_acquire_owned() else {
             m.refused_connection_limit.increment(1);
-            warn!(listener = %listener.name, client.addr = %peer, "connection limit reached (limits.max_connections); closing");
+            // debug, not warn: under a flood this would log once per socket; the counter
+            // wsgate_connections_refused_total is what to alert on.
+            debug!(listener = %listener.name, client.addr = %peer, "connection limit reached (limits.max_connections); closing");
             continue;
         };
         let Ok(handshake_permit) = shared.handshakes.clone().try_acquire_owned() else {
             m.refused_handshake_limit.increment(1);
-            warn!(listener = %listener.name, client.addr = %peer, "handshake limit reached (limits.max_handshakes); closing");
+            debug!(listener = %listener.name, client.addr = %peer, "handshake limit reached (limits.max_handshakes); closing");
             continue;
         };
         let snapshot = shared.snapshot();
@@ -229,7 +232,7 @@ async fn handle_connection(
     metrics: ListenerMetrics,
     shared: Arc<Shared>,
 ) {
-    let _ = tcp.set_nodelay(true);
+    backend::tune(&tcp, conn.snapshot.limits.tcp_keepalive);
     // One deadline for the whole handshake, TLS included, so a wss client gets no more time
     // than a ws one.
     let timeout = conn.snapshot.limits.handshake_timeout;
@@ -354,9 +357,11 @@ async fn decide(
             return (Some(m), text(StatusCode::BAD_REQUEST, &refusal.reason));
         }
     };
-    let dialed = match dial(&route, snap, &m).await {
+    let dialed = match session::dial(&route, &snap.limits, &m).await {
         Ok(dialed) => dialed,
-        Err(response) => return (Some(m), response),
+        Err((status, body)) => {
+            return (Some(m), text(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY), &body));
+        }
     };
     let (response, upgrade) = match hyper_tungstenite::upgrade(&mut req, Some(snap.ws_config())) {
         Ok((mut response, upgrade)) => {
@@ -390,34 +395,6 @@ async fn decide(
         .in_current_span(),
     );
     (Some(m), response)
-}
-
-/// Connects the route's backend before the upgrade is answered. `Err` is the HTTP refusal for a
-/// route that reports an unreachable backend that way.
-async fn dial(route: &Route, snap: &Snapshot, m: &RouteMetrics) -> Result<Dialed, Response<Full<Bytes>>> {
-    let Backend::Tcp { host, port } = &route.backend else { return Ok(Dialed::Echo) };
-    let started = Instant::now();
-    match backend::connect(host, *port, snap.limits.connect_timeout).await {
-        Ok(stream) => {
-            m.connect_duration.record(started.elapsed().as_secs_f64());
-            Ok(Dialed::Tcp(stream))
-        }
-        Err(e) => {
-            m.connect_failed(e.kind());
-            warn!(route = %route.name, error = %e, "backend unavailable");
-            if route.on_backend_unavailable == Unavailable::Close {
-                return Ok(Dialed::Unavailable(e));
-            }
-            let status = if e.is_timeout() {
-                StatusCode::GATEWAY_TIMEOUT
-            } else if e.kind() == "connection refused" {
-                StatusCode::BAD_GATEWAY
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            Err(text(status, &format!("backend unavailable: {}", e.kind())))
-        }
-    }
 }
 
 /// `None` when `req` is a WebSocket upgrade we can accept; otherwise the response RFC 6455 (and

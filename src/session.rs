@@ -24,11 +24,12 @@ use hyper_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, field, info, info_span};
+use tracing::{Instrument, debug, field, info, info_span, warn};
 
+use crate::backend;
 use crate::backend::BackendError;
 use crate::bridge::{self, Accept, End, Flows, Framing, Kind, Stats};
-use crate::config::{Outbound, Route};
+use crate::config::{Backend, Limits, Outbound, Route, Unavailable};
 use crate::echo;
 use crate::metrics::RouteMetrics;
 
@@ -217,6 +218,35 @@ pub fn truncate_reason(reason: &str) -> &str {
     &reason[..end]
 }
 
+/// Connects the route's backend; the server calls this before it answers the upgrade, so
+/// `onopen` means the backend is there. `Err` is the HTTP status and body for a route that
+/// reports an unreachable backend by refusing the upgrade (`on_backend_unavailable = "http"`).
+pub async fn dial(route: &Route, limits: &Limits, m: &RouteMetrics) -> Result<Dialed, (u16, String)> {
+    let Backend::Tcp { host, port } = &route.backend else { return Ok(Dialed::Echo) };
+    let started = Instant::now();
+    match backend::connect(host, *port, limits.connect_timeout, limits.tcp_keepalive).await {
+        Ok(stream) => {
+            m.connect_duration.record(started.elapsed().as_secs_f64());
+            Ok(Dialed::Tcp(stream))
+        }
+        Err(e) => {
+            m.connect_failed(e.kind());
+            warn!(route = %route.name, error = %e, "backend unavailable");
+            if route.on_backend_unavailable == Unavailable::Close {
+                return Ok(Dialed::Unavailable(e));
+            }
+            let status = if e.is_timeout() {
+                504
+            } else if e.kind() == "connection refused" {
+                502
+            } else {
+                503
+            };
+            Err((status, format!("backend unavailable: {}", e.kind())))
+        }
+    }
+}
+
 /// Runs one session from the pending upgrade to the last byte, within its own span.
 pub async fn run(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: CancellationToken) {
     let span = info_span!(
@@ -288,9 +318,10 @@ async fn run_inner(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: 
     // the TCP close, and must not wait for a slow backend.
     drop(ws);
     if let Some(mut backend) = backend
-        && matches!(outcome, Outcome::ClientClosed(_))
+        && matches!(outcome, Outcome::ClientClosed(_) | Outcome::Shutdown)
     {
-        // Tell the backend the client is done, then drop (and count) whatever it still sends.
+        // Tell the backend the client is done, then drop (and count) whatever it still sends,
+        // so it sees an orderly end rather than a reset.
         bridge::shutdown_write(&mut backend).await;
         stats.dropped_bytes = bridge::drain(&mut backend, ctx.close_timeout).await;
     }

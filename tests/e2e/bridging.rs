@@ -134,3 +134,21 @@ async fn mirror_route_answers_in_the_clients_type() {
     within("send", ws.send(Message::text("text again"))).await.unwrap();
     assert_eq!(within("echo", ws.next()).await.unwrap().unwrap(), Message::text("text again"));
 }
+
+/// Backend reads larger than the client message limit still reach the client: the limit bounds
+/// what clients send, not what wsgate sends them.
+#[tokio::test]
+async fn large_backend_reads_with_a_small_message_limit() {
+    let data = payload(3 << 20, 8);
+    let backend = Backend::say_and_close(data.clone()).await;
+    let gw = Gateway::builder()
+        .route("big", "/big", &backend.target())
+        .limit("max_message_bytes", "1024")
+        .limit("backend_read_bytes", "1048576")
+        .start()
+        .await;
+    let mut ws = gw.ws("/big").await;
+    let (got, code, _) = read_until_close(&mut ws).await;
+    assert_eq!(code, 1000);
+    assert!(got == data, "got {} of {} bytes", got.len(), data.len());
+}

@@ -153,3 +153,23 @@ async fn connection_limit_closes_extra_sockets() {
     })
     .await;
 }
+
+/// DNS rebinding: a page whose own name was re-pointed at the gateway sends an `Origin` and a
+/// `Host` that agree; that is not the gateway's own origin unless the route names that host.
+#[tokio::test]
+async fn dns_rebinding_is_not_same_origin() {
+    let echo = Backend::echo().await;
+    let gw = Gateway::builder()
+        .route("tcp", "/tcp", &echo.target())
+        .route_with("named", "/named", &echo.target(), "host = \"gw.example.com\"")
+        .start()
+        .await;
+    let port = gw.plain.port();
+    let rebound = upgrade_request("/tcp", &format!("Origin: http://rebind.evil:{port}\r\n"))
+        .replace("Host: 127.0.0.1", &format!("Host: rebind.evil:{port}"));
+    assert_eq!(raw_http(gw.plain, &rebound).await.0, 403);
+    let named = upgrade_request("/named", &format!("Origin: http://gw.example.com:{port}\r\n"))
+        .replace("Host: 127.0.0.1", &format!("Host: gw.example.com:{port}"));
+    assert_eq!(raw_http(gw.plain, &named).await.0, 101, "the route's own host is its own origin");
+    assert_eq!(echo.accepted(), 1, "only the named request reached the backend");
+}
