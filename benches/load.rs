@@ -1,0 +1,863 @@
+//! wsgate's load generator: measures, in one run and side by side, direct TCP to an echo
+//! backend (the machine's limit), a bare WebSocket→TCP bridge built here from the same
+//! libraries (the floor our dependencies allow), wsgate over ws and wss with its default limits
+//! and metrics, and peers (websocat, websockify) when they are installed.
+//!
+//! `cargo bench --bench load` runs everything (about 5 minutes on 2 cores); `-- --quick` is a
+//! shorter pass for development. Results: a markdown table on stdout, plus
+//! `target/bench/results.md` and `target/bench/chart.svg`. docs/performance.md explains each
+//! figure and holds a reference run.
+//!
+//! Every wall-clock figure is the median of interleaved runs (target A, B, C, A, B, C, ...), so
+//! drift in the machine's load hits every target alike, and is shown as a ratio to the bare
+//! bridge measured in the same run. Gateways under test run in processes of their own; the
+//! clients and the echo backend run in this process, except for the idle-memory test, where
+//! clients are held by a child process so the 2 descriptors per session stay within limits.
+//!
+//! The same binary plays helper roles (`bare-bridge`, `hold`), started by the orchestrator.
+
+use std::io::{BufRead, BufReader, Write as _};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use futures_util::{SinkExt, StreamExt};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+#[derive(Parser)]
+#[command(about = "wsgate load generator: side-by-side throughput, latency, memory and handshake figures")]
+struct Args {
+    #[command(subcommand)]
+    role: Option<Role>,
+    /// Shorter runs and fewer repetitions, for development.
+    #[arg(long)]
+    quick: bool,
+    /// Interleaved repetitions per figure (median reported); default 5, or 1 with --quick.
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Skip the valgrind (callgrind) instruction counts.
+    #[arg(long)]
+    no_callgrind: bool,
+    /// Only these targets (comma-separated names, e.g. "bare-ws,wsgate-ws").
+    #[arg(long)]
+    only: Option<String>,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+#[derive(Subcommand)]
+enum Role {
+    /// A bare bridge: tokio-tungstenite server → TCP, two copy loops, 16 KiB read buffer.
+    #[command(hide = true)]
+    BareBridge {
+        #[arg(long)]
+        backend: SocketAddr,
+        /// PEM certificate and key: serve wss.
+        #[arg(long, num_args = 2)]
+        tls: Option<Vec<PathBuf>>,
+    },
+    /// Opens and holds WebSocket sessions until standard input closes.
+    #[command(hide = true)]
+    Hold {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        count: usize,
+        /// PEM CA certificate to trust (wss).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
+}
+
+fn main() {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match args.role {
+        Some(Role::BareBridge { backend, tls }) => rt.block_on(bare_bridge(backend, tls)),
+        Some(Role::Hold { url, count, ca }) => rt.block_on(hold(url, count, ca)),
+        None => rt.block_on(orchestrate(&args)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Targets
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Tcp,
+    Ws,
+    Wss,
+}
+
+/// One thing under test: where clients connect and how.
+struct Target {
+    name: &'static str,
+    kind: Kind,
+    addr: SocketAddr,
+    path: &'static str,
+    /// The process relaying the traffic (none for direct TCP).
+    process: Option<Child>,
+    /// Peers are held to 1,000 idle sessions.
+    max_idle: usize,
+}
+
+impl Target {
+    fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Child::id)
+    }
+    fn url(&self) -> String {
+        let scheme = if self.kind == Kind::Wss { "wss" } else { "ws" };
+        format!("{scheme}://localhost:{}{}", self.addr.port(), self.path)
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(p) = &mut self.process {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+}
+
+/// Starts a child and waits for a line on stderr (or stdout) that yields its address.
+fn spawn_and_find(mut cmd: Command, find: impl Fn(&str) -> Option<SocketAddr>, from_stdout: bool) -> (Child, SocketAddr) {
+    cmd.stdin(Stdio::piped());
+    if from_stdout {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::null());
+    } else {
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    }
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));
+    let out: Box<dyn std::io::Read + Send> =
+        if from_stdout { Box::new(child.stdout.take().unwrap()) } else { Box::new(child.stderr.take().unwrap()) };
+    let mut lines = BufReader::new(out).lines();
+    let addr = loop {
+        let line = lines.next().unwrap_or_else(|| panic!("{cmd:?} exited before telling its address")).unwrap();
+        if let Some(a) = find(&line) {
+            break a;
+        }
+    };
+    // Keep draining so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr)
+}
+
+/// A port nothing listens on right now, for peers that cannot report the port they bound.
+/// (A race in principle; on an idle loopback, never seen in practice.)
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_listening(addr: SocketAddr) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < until, "nothing listening on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    echo: SocketAddr,
+    cert: PathBuf,
+    key: PathBuf,
+    ca_der: rustls::pki_types::CertificateDer<'static>,
+}
+
+fn setup_certs(dir: &Path) -> (PathBuf, PathBuf, rustls::pki_types::CertificateDer<'static>) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    (cert, key, ck.cert.der().clone())
+}
+
+fn start_targets(setup: &Setup, only: &Option<String>) -> Vec<Target> {
+    let want = |name: &str| only.as_ref().is_none_or(|o| o.split(',').any(|n| n == name));
+    let me = std::env::current_exe().unwrap();
+    let mut targets = Vec::new();
+    if want("tcp") {
+        targets.push(Target { name: "tcp", kind: Kind::Tcp, addr: setup.echo, path: "", process: None, max_idle: 8000 });
+    }
+    for (name, kind) in [("bare-ws", Kind::Ws), ("bare-wss", Kind::Wss)] {
+        if !want(name) {
+            continue;
+        }
+        let mut cmd = Command::new(&me);
+        cmd.args(["bare-bridge", "--backend", &setup.echo.to_string()]);
+        if kind == Kind::Wss {
+            cmd.arg("--tls").arg(&setup.cert).arg(&setup.key);
+        }
+        let (child, addr) = spawn_and_find(cmd, |l| l.strip_prefix("listening ")?.parse().ok(), true);
+        targets.push(Target { name, kind, addr, path: "/", process: Some(child), max_idle: 8000 });
+    }
+    if want("wsgate-ws") || want("wsgate-wss") {
+        let config = setup.dir.path().join("wsgate.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[listeners.plain]\naddress = \"127.0.0.1:0\"\n[listeners.secure]\naddress = \"127.0.0.1:0\"\n\
+                 tls = {{ cert = {:?}, key = {:?} }}\n[routes.bench]\npath = \"/bench\"\nbackend = \"{}\"\n\
+                 [admin]\naddress = \"127.0.0.1:0\"\n[shutdown]\ndrain_delay_secs = 0\nclose_window_secs = 0\n",
+                setup.cert, setup.key, setup.echo
+            ),
+        )
+        .unwrap();
+        for (name, kind, listener) in [("wsgate-ws", Kind::Ws, "plain"), ("wsgate-wss", Kind::Wss, "secure")] {
+            if !want(name) {
+                continue;
+            }
+            // One gateway process per target, so memory and CPU figures are its own.
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
+            cmd.args(["run", "--config"]).arg(&config).env("RUST_LOG", "warn,wsgate=info");
+            let tag = format!("listener={listener} url=");
+            let (child, addr) = spawn_and_find(
+                cmd,
+                |l| l.split(&tag).nth(1)?.split_whitespace().next()?.split("://").nth(1)?.parse().ok(),
+                false,
+            );
+            targets.push(Target { name, kind, addr, path: "/bench", process: Some(child), max_idle: 8000 });
+        }
+    }
+    if want("websocat") && which("websocat") {
+        let port = free_port();
+        let mut cmd = Command::new("websocat");
+        cmd.args(["--binary", "-E", &format!("ws-l:127.0.0.1:{port}"), &format!("tcp:{}", setup.echo)]);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        let child = cmd.spawn().unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        wait_listening(addr);
+        targets.push(Target { name: "websocat", kind: Kind::Ws, addr, path: "/", process: Some(child), max_idle: 1000 });
+    }
+    if want("websockify") && which("websockify") {
+        let port = free_port();
+        let mut cmd = Command::new("websockify");
+        cmd.args([&format!("127.0.0.1:{port}"), &setup.echo.to_string()]);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        let child = cmd.spawn().unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        wait_listening(addr);
+        targets.push(Target { name: "websockify", kind: Kind::Ws, addr, path: "/", process: Some(child), max_idle: 1000 });
+    }
+    targets
+}
+
+fn which(program: &str) -> bool {
+    Command::new("sh").arg("-c").arg(format!("command -v {program}")).stdout(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connections
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+type Ws = tokio_tungstenite::WebSocketStream<Box<dyn Io>>;
+
+fn client_tls(ca: &rustls::pki_types::CertificateDer<'static>) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(wsgate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
+fn client_ws_config() -> WebSocketConfig {
+    WebSocketConfig::default().max_message_size(Some(64 << 20)).max_frame_size(Some(64 << 20))
+}
+
+async fn ws_connect(t: &Target, tls: &tokio_rustls::TlsConnector) -> Ws {
+    let tcp = TcpStream::connect(t.addr).await.expect("connect");
+    let _ = tcp.set_nodelay(true);
+    let io: Box<dyn Io> = match t.kind {
+        Kind::Wss => Box::new(tls.connect(ServerName::try_from("localhost").unwrap(), tcp).await.expect("tls")),
+        _ => Box::new(tcp),
+    };
+    let (ws, _) =
+        tokio_tungstenite::client_async_with_config(t.url(), io, Some(client_ws_config())).await.expect("ws handshake");
+    ws
+}
+
+/// A connected session to a target, raw TCP or WebSocket, with a send and a receive half.
+enum Conn {
+    Tcp(TcpStream),
+    Ws(Box<Ws>),
+}
+
+async fn connect(t: &Target, tls: &tokio_rustls::TlsConnector) -> Conn {
+    match t.kind {
+        Kind::Tcp => {
+            let s = TcpStream::connect(t.addr).await.expect("connect");
+            let _ = s.set_nodelay(true);
+            Conn::Tcp(s)
+        }
+        _ => Conn::Ws(Box::new(ws_connect(t, tls).await)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurements
+
+/// Echoed payload bytes per second over `duration`, with `sessions` sessions each sending
+/// `size`-byte messages as fast as the target takes them.
+async fn throughput(t: &Target, tls: &tokio_rustls::TlsConnector, sessions: usize, size: usize, duration: Duration) -> f64 {
+    let mut conns = Vec::new();
+    for _ in 0..sessions {
+        conns.push(connect(t, tls).await);
+    }
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for conn in conns {
+        let (received, stop) = (received.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let message = vec![0x5a_u8; size];
+            match conn {
+                Conn::Tcp(s) => {
+                    let (mut r, mut w) = s.into_split();
+                    let writer = async {
+                        while !stop.load(Ordering::Relaxed) {
+                            if w.write_all(&message).await.is_err() {
+                                break;
+                            }
+                        }
+                    };
+                    let reader = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        while let Ok(n @ 1..) = r.read(&mut buf).await {
+                            received.fetch_add(n as u64, Ordering::Relaxed);
+                            if stop.load(Ordering::Relaxed) {
+                                break;
+                            }
+                        }
+                    };
+                    tokio::select! { _ = async { tokio::join!(writer, reader) } => {}, _ = wait_stop(&stop) => {} }
+                }
+                Conn::Ws(ws) => {
+                    let (mut tx, mut rx) = ws.split();
+                    let payload = bytes::Bytes::from(message);
+                    let writer = async {
+                        while !stop.load(Ordering::Relaxed) {
+                            if tx.send(Message::Binary(payload.clone())).await.is_err() {
+                                break;
+                            }
+                        }
+                    };
+                    let reader = async {
+                        while let Some(Ok(m)) = rx.next().await {
+                            received.fetch_add(m.len() as u64, Ordering::Relaxed);
+                            if stop.load(Ordering::Relaxed) {
+                                break;
+                            }
+                        }
+                    };
+                    tokio::select! { _ = async { tokio::join!(writer, reader) } => {}, _ = wait_stop(&stop) => {} }
+                }
+            }
+        }));
+    }
+    // Warm up briefly, then measure the window.
+    tokio::time::sleep(duration / 5).await;
+    let (b0, t0) = (received.load(Ordering::Relaxed), Instant::now());
+    tokio::time::sleep(duration).await;
+    let (b1, t1) = (received.load(Ordering::Relaxed), Instant::now());
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
+    let _ = start;
+    (b1 - b0) as f64 / (t1 - t0).as_secs_f64()
+}
+
+async fn wait_stop(stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+/// Round-trip times of 64-byte messages: each of `sessions` sessions sends one, waits for the
+/// echo, and repeats, for `duration`.
+async fn latency(t: &Target, tls: &tokio_rustls::TlsConnector, sessions: usize, duration: Duration) -> Vec<Duration> {
+    let mut conns = Vec::new();
+    for _ in 0..sessions {
+        conns.push(connect(t, tls).await);
+    }
+    let deadline = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for conn in conns {
+        tasks.push(tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let msg = [7u8; 64];
+            match conn {
+                Conn::Tcp(mut s) => {
+                    let mut buf = [0u8; 64];
+                    while Instant::now() < deadline {
+                        let t0 = Instant::now();
+                        s.write_all(&msg).await.unwrap();
+                        s.read_exact(&mut buf).await.unwrap();
+                        samples.push(t0.elapsed());
+                    }
+                }
+                Conn::Ws(mut ws) => {
+                    while Instant::now() < deadline {
+                        let t0 = Instant::now();
+                        ws.send(Message::Binary(bytes::Bytes::copy_from_slice(&msg))).await.unwrap();
+                        let mut got = 0;
+                        while got < 64 {
+                            match ws.next().await {
+                                Some(Ok(m)) => got += m.len(),
+                                other => panic!("latency: {other:?}"),
+                            }
+                        }
+                        samples.push(t0.elapsed());
+                    }
+                }
+            }
+            samples
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort();
+    all
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Completed wss (or ws) handshakes per second with 8 concurrent clients.
+async fn handshakes(t: &Target, tls: &tokio_rustls::TlsConnector, duration: Duration) -> f64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (done, tls) = (done.clone(), tls.clone());
+        let (addr, kind, path) = (t.addr, t.kind, t.path);
+        tasks.push(tokio::spawn(async move {
+            let probe = Target { name: "probe", kind, addr, path, process: None, max_idle: 0 };
+            while Instant::now() < deadline {
+                let mut ws = ws_connect(&probe, &tls).await;
+                let _ = ws.close(None).await;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    done.load(Ordering::Relaxed) as f64 / duration.as_secs_f64()
+}
+
+/// Resident memory of a process, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the ")" that ends the command name: utime is the 12th, stime the 13th.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Idle memory per session: resident memory of the relaying process at `low` and `high` idle
+/// sessions held by a child process; the slope between them, KiB per session.
+fn idle_memory(t: &Target, ca_pem: &Path, low: usize, high: usize) -> Option<f64> {
+    let pid = t.pid()?;
+    let me = std::env::current_exe().unwrap();
+    let hold = |count: usize| {
+        let mut cmd = Command::new(&me);
+        cmd.args(["hold", "--url", &t.url(), "--count", &count.to_string()]);
+        if t.kind == Kind::Wss {
+            cmd.arg("--ca").arg(ca_pem);
+        }
+        spawn_and_find(cmd, |l| l.strip_prefix("held ").map(|_| SocketAddr::from(([0, 0, 0, 0], 0))), true).0
+    };
+    let settle = || std::thread::sleep(Duration::from_millis(500));
+    let mut first = hold(low);
+    settle();
+    let rss_low = rss_kib(pid);
+    let mut second = hold(high - low);
+    settle();
+    let rss_high = rss_kib(pid);
+    for c in [&mut first, &mut second] {
+        drop(c.stdin.take());
+        let _ = c.wait();
+    }
+    Some((rss_high as f64 - rss_low as f64) / (high - low) as f64)
+}
+
+/// Instructions per relayed byte, from callgrind: the gateway relays `small` and then `large`
+/// bytes through one session in two runs; the slope excludes start-up and shutdown.
+fn instructions_per_byte(name: &str, setup: &Setup, small: usize, large: usize) -> Option<f64> {
+    if !which("valgrind") {
+        return None;
+    }
+    let run = |bytes: usize| -> Option<f64> {
+        let out = setup.dir.path().join(format!("callgrind.{name}.{bytes}"));
+        let me = std::env::current_exe().unwrap();
+        let mut cmd = Command::new("valgrind");
+        cmd.arg("--tool=callgrind").arg(format!("--callgrind-out-file={}", out.display()));
+        let tag;
+        let from_stdout;
+        if name == "wsgate-ws" {
+            let config = setup.dir.path().join("callgrind.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "[listeners.plain]\naddress = \"127.0.0.1:0\"\n[routes.bench]\npath = \"/bench\"\nbackend = \"{}\"\n\
+                     [admin]\naddress = \"127.0.0.1:0\"\n[shutdown]\ndrain_delay_secs = 0\nclose_window_secs = 0\n",
+                    setup.echo
+                ),
+            )
+            .ok()?;
+            cmd.arg(env!("CARGO_BIN_EXE_wsgate")).args(["run", "--config"]).arg(&config).env("RUST_LOG", "warn,wsgate=info");
+            tag = "listener=plain url=ws://";
+            from_stdout = false;
+        } else {
+            cmd.arg(&me).args(["bare-bridge", "--backend", &setup.echo.to_string()]);
+            tag = "listening ";
+            from_stdout = true;
+        }
+        let (mut child, addr) =
+            spawn_and_find(cmd, |l| l.split(tag).nth(1)?.split_whitespace().next()?.parse().ok(), from_stdout);
+        let path = if name == "wsgate-ws" { "/bench" } else { "/" };
+        let target = Target { name: "callgrind", kind: Kind::Ws, addr, path, process: None, max_idle: 0 };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let tls = client_tls(&setup.ca_der);
+            let mut ws = ws_connect(&target, &tls).await;
+            let chunk = bytes::Bytes::from(vec![1u8; 64 * 1024]);
+            let mut sent = 0;
+            let mut got = 0;
+            while sent < bytes {
+                ws.send(Message::Binary(chunk.clone())).await.unwrap();
+                sent += chunk.len();
+                while got + 4 * chunk.len() < sent {
+                    got += ws.next().await.unwrap().unwrap().len();
+                }
+            }
+            while got < sent {
+                got += ws.next().await.unwrap().unwrap().len();
+            }
+            let _ = ws.close(None).await;
+        });
+        // SIGTERM: wsgate drains and exits; the bare bridge dies; callgrind writes its totals.
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let _ = child.wait();
+        let text = std::fs::read_to_string(&out).ok()?;
+        text.lines().find_map(|l| l.strip_prefix("totals: ").or_else(|| l.strip_prefix("summary: ")))?.split_whitespace().next()?.parse().ok()
+    };
+    let (a, b) = (run(small)?, run(large)?);
+    // Each byte crosses the relay twice (to the backend and back).
+    Some((b - a) / (2.0 * (large - small) as f64))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helper roles
+
+async fn bare_bridge(backend: SocketAddr, tls: Option<Vec<PathBuf>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    println!("listening {}", listener.local_addr().unwrap());
+    std::io::stdout().flush().unwrap();
+    let acceptor = tls.map(|files| {
+        use rustls::pki_types::pem::PemObject;
+        let chain = rustls::pki_types::CertificateDer::pem_file_iter(&files[0]).unwrap().collect::<Result<Vec<_>, _>>().unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&files[1]).unwrap();
+        let mut cfg = rustls::ServerConfig::builder_with_provider(wsgate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
+    });
+    // Stop when the orchestrator goes away (stdin closes).
+    tokio::task::spawn_blocking(|| {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        std::process::exit(0);
+    });
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let io: Box<dyn Io> = match acceptor {
+                Some(a) => match a.accept(tcp).await {
+                    Ok(s) => Box::new(s),
+                    Err(_) => return,
+                },
+                None => Box::new(tcp),
+            };
+            let cfg = WebSocketConfig::default().read_buffer_size(16 * 1024).write_buffer_size(0);
+            let Ok(ws) = tokio_tungstenite::accept_async_with_config(io, Some(cfg)).await else { return };
+            let Ok(backend) = TcpStream::connect(backend).await else { return };
+            let _ = backend.set_nodelay(true);
+            let (mut br, mut bw) = backend.into_split();
+            let (mut tx, mut rx) = ws.split();
+            let up = async {
+                while let Some(Ok(m)) = rx.next().await {
+                    if m.is_binary() || m.is_text() {
+                        if bw.write_all(&m.into_data()).await.is_err() {
+                            break;
+                        }
+                    } else if m.is_close() {
+                        break;
+                    }
+                }
+            };
+            let down = async {
+                let mut buf = bytes::BytesMut::with_capacity(16 * 1024);
+                loop {
+                    buf.reserve(16 * 1024);
+                    match br.read_buf(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {
+                            if tx.send(Message::Binary(buf.split().freeze())).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            };
+            tokio::select! { _ = up => {}, _ = down => {} }
+        });
+    }
+}
+
+async fn hold(url: String, count: usize, ca: Option<PathBuf>) {
+    let tls = ca.map(|p| {
+        use rustls::pki_types::pem::PemObject;
+        client_tls(&rustls::pki_types::CertificateDer::from_pem_file(p).unwrap())
+    });
+    let addr: SocketAddr = {
+        let rest = url.split("://").nth(1).unwrap();
+        let hostport = rest.split('/').next().unwrap().replace("localhost", "127.0.0.1");
+        hostport.parse().unwrap()
+    };
+    let kind = if url.starts_with("wss") { Kind::Wss } else { Kind::Ws };
+    let path: &'static str = Box::leak(format!("/{}", url.split("://").nth(1).unwrap().split_once('/').map_or("", |x| x.1)).into_boxed_str());
+    let t = Target { name: "hold", kind, addr, path, process: None, max_idle: 0 };
+    let tls = tls.unwrap_or_else(|| client_tls(&rcgen::generate_simple_self_signed(vec!["x".into()]).unwrap().cert.der().clone()));
+    let mut held = Vec::with_capacity(count);
+    for _ in 0..count {
+        held.push(ws_connect(&t, &tls).await);
+    }
+    println!("held {count}");
+    std::io::stdout().flush().unwrap();
+    let _ = tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink())).await;
+    drop(held);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run
+
+#[derive(Default, Clone)]
+struct Row {
+    name: &'static str,
+    mbps_1x64k: Vec<f64>,
+    mbps_50x4k: Vec<f64>,
+    rtt1: Vec<[f64; 3]>,
+    rtt50: Vec<[f64; 3]>,
+    handshakes: Vec<f64>,
+    cpu_per_gib: Vec<f64>,
+    idle_kib: Option<f64>,
+    instr_per_byte: Option<f64>,
+}
+
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    s[s.len() / 2]
+}
+
+fn median3(v: &[[f64; 3]]) -> [f64; 3] {
+    let col = |i: usize| median(&v.iter().map(|r| r[i]).collect::<Vec<_>>());
+    [col(0), col(1), col(2)]
+}
+
+async fn orchestrate(args: &Args) {
+    let quick = args.quick;
+    let runs = args.runs.unwrap_or(if quick { 1 } else { 5 });
+    let secs = if quick { 0.5 } else { 1.5 };
+    let dur = Duration::from_secs_f64(secs);
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, ca_der) = setup_certs(dir.path());
+    let echo = start_echo().await;
+    let setup = Setup { dir, echo, cert, key, ca_der };
+    let tls = client_tls(&setup.ca_der);
+    let mut targets = start_targets(&setup, &args.only);
+    eprintln!(
+        "targets: {} ({} interleaved runs of {secs} s per figure)",
+        targets.iter().map(|t| t.name).collect::<Vec<_>>().join(", "),
+        runs
+    );
+    let mut rows: Vec<Row> = targets.iter().map(|t| Row { name: t.name, ..Row::default() }).collect();
+
+    for run in 0..runs {
+        for (t, row) in targets.iter().zip(rows.iter_mut()) {
+            eprint!("\rrun {}/{runs}: {:<11} throughput      ", run + 1, t.name);
+            let cpu0 = t.pid().map(cpu_secs);
+            let bps = throughput(t, &tls, 1, 64 * 1024, dur).await;
+            if let (Some(c0), Some(pid)) = (cpu0, t.pid()) {
+                // Bytes relayed: the echoed bytes crossed the relay twice.
+                let relayed = bps * (dur.as_secs_f64() * 1.2) * 2.0;
+                row.cpu_per_gib.push((cpu_secs(pid) - c0) / (relayed / (1u64 << 30) as f64));
+            }
+            row.mbps_1x64k.push(bps / 1e6);
+            row.mbps_50x4k.push(throughput(t, &tls, 50, 4096, dur).await / 1e6);
+            eprint!("\rrun {}/{runs}: {:<11} latency         ", run + 1, t.name);
+            let one = latency(t, &tls, 1, dur).await;
+            let fifty = latency(t, &tls, 50, dur).await;
+            let us = |s: &[Duration]| [0.5, 0.99, 0.999].map(|p| percentile(s, p).as_secs_f64() * 1e6);
+            row.rtt1.push(us(&one));
+            row.rtt50.push(us(&fifty));
+            if t.kind == Kind::Wss {
+                eprint!("\rrun {}/{runs}: {:<11} handshakes      ", run + 1, t.name);
+                row.handshakes.push(handshakes(t, &tls, dur).await);
+            }
+        }
+    }
+    let ca_pem = setup.dir.path().join("ca.pem");
+    std::fs::write(&ca_pem, std::fs::read(&setup.cert).unwrap()).unwrap();
+    for (t, row) in targets.iter_mut().zip(rows.iter_mut()) {
+        if t.kind == Kind::Tcp {
+            continue;
+        }
+        let (low, high) = if quick { (100, 1000.min(t.max_idle)) } else { (t.max_idle / 8, t.max_idle) };
+        eprint!("\ridle memory: {:<11} {low} → {high} sessions      ", t.name);
+        row.idle_kib = tokio::task::block_in_place(|| idle_memory(t, &ca_pem, low, high));
+    }
+    if !args.no_callgrind {
+        let (small, large) = if quick { (4 << 20, 12 << 20) } else { (16 << 20, 48 << 20) };
+        for row in rows.iter_mut().filter(|r| r.name == "bare-ws" || r.name == "wsgate-ws") {
+            eprint!("\rcallgrind: {:<11}                         ", row.name);
+            row.instr_per_byte = tokio::task::block_in_place(|| instructions_per_byte(row.name, &setup, small, large));
+        }
+    }
+    eprintln!("\rdone.                                                     ");
+    drop(targets);
+    let table = render_table(&rows, runs);
+    println!("{table}");
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("results.md"), &table).unwrap();
+    std::fs::write(out.join("chart.svg"), render_chart(&rows)).unwrap();
+    eprintln!("wrote {}/results.md and chart.svg", out.display());
+}
+
+async fn start_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { continue };
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+fn render_table(rows: &[Row], runs: usize) -> String {
+    let base = rows.iter().find(|r| r.name == "bare-ws").cloned().unwrap_or_default();
+    let base_tls = rows.iter().find(|r| r.name == "bare-wss").cloned().unwrap_or_default();
+    let ratio = |v: f64, b: f64| if b.is_finite() && b > 0.0 && v.is_finite() { format!(" ({:.2}×)", v / b) } else { String::new() };
+    let mut s = format!(
+        "Medians of {runs} interleaved runs; (×) is the ratio to the bare bridge of the same scheme in this run.\n\n\
+         | target | 1 × 64 KiB MB/s | 50 × 4 KiB MB/s | RTT 1 session p50/p99/p99.9 µs | RTT 50 sessions p50/p99/p99.9 µs | idle KiB/session | wss handshakes/s | CPU s/GiB | instr/byte |\n\
+         |---|---|---|---|---|---|---|---|---|\n"
+    );
+    for r in rows {
+        let b = if r.name.ends_with("wss") { &base_tls } else { &base };
+        let (t1, t50) = (median(&r.mbps_1x64k), median(&r.mbps_50x4k));
+        let (l1, l50) = (median3(&r.rtt1), median3(&r.rtt50));
+        let (b1, b50) = (median3(&b.rtt1), median3(&b.rtt50));
+        s += &format!(
+            "| {} | {:.0}{} | {:.0}{} | {:.0}/{:.0}/{:.0}{} | {:.0}/{:.0}/{:.0}{} | {} | {} | {} | {} |\n",
+            r.name,
+            t1,
+            ratio(t1, median(&b.mbps_1x64k)),
+            t50,
+            ratio(t50, median(&b.mbps_50x4k)),
+            l1[0],
+            l1[1],
+            l1[2],
+            ratio(l1[1], b1[1]),
+            l50[0],
+            l50[1],
+            l50[2],
+            ratio(l50[1], b50[1]),
+            r.idle_kib.map_or("–".into(), |k| format!("{k:.1}")),
+            if r.handshakes.is_empty() { "–".into() } else { format!("{:.0}", median(&r.handshakes)) },
+            if r.cpu_per_gib.is_empty() { "–".into() } else { format!("{:.2}", median(&r.cpu_per_gib)) },
+            r.instr_per_byte.map_or("–".into(), |i| format!("{i:.1}")),
+        );
+    }
+    s
+}
+
+/// A bar chart of single-session and 50-session throughput per target, as SVG.
+fn render_chart(rows: &[Row]) -> String {
+    let max = rows.iter().flat_map(|r| [median(&r.mbps_1x64k), median(&r.mbps_50x4k)]).filter(|v| v.is_finite()).fold(1.0, f64::max);
+    let (w, bar, gap, left) = (760.0, 14.0, 14.0, 110.0);
+    let h = 50.0 + rows.len() as f64 * (2.0 * bar + gap);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <text x=\"10\" y=\"20\" font-size=\"14\">Echo throughput, MB/s (dark: 1 session × 64 KiB; light: 50 sessions × 4 KiB)</text>\n"
+    );
+    for (i, r) in rows.iter().enumerate() {
+        let y = 40.0 + i as f64 * (2.0 * bar + gap);
+        s += &format!("<text x=\"10\" y=\"{}\">{}</text>\n", y + bar + 4.0, r.name);
+        for (j, (v, color)) in [(median(&r.mbps_1x64k), "#1d4f91"), (median(&r.mbps_50x4k), "#7fa7d9")].into_iter().enumerate() {
+            if !v.is_finite() {
+                continue;
+            }
+            let len = (w - left - 80.0) * v / max;
+            let yy = y + j as f64 * bar;
+            s += &format!(
+                "<rect x=\"{left}\" y=\"{yy}\" width=\"{len:.1}\" height=\"{}\" fill=\"{color}\"/><text x=\"{:.1}\" y=\"{:.1}\">{v:.0}</text>\n",
+                bar - 2.0,
+                left + len + 4.0,
+                yy + bar - 4.0
+            );
+        }
+    }
+    s + "</svg>\n"
+}
