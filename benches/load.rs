@@ -49,6 +49,9 @@ struct Args {
     /// Only these targets (comma-separated names, e.g. "bare-ws,wsgate-ws").
     #[arg(long)]
     only: Option<String>,
+    /// Extra `[limits]` lines for the wsgate under test, e.g. "ws_read_buffer_bytes = 4096".
+    #[arg(long, default_value = "")]
+    wsgate_limits: String,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -182,7 +185,7 @@ fn setup_certs(dir: &Path) -> (PathBuf, PathBuf, rustls::pki_types::CertificateD
     (cert, key, ck.cert.der().clone())
 }
 
-fn start_targets(setup: &Setup, only: &Option<String>) -> Vec<Target> {
+fn start_targets(setup: &Setup, only: &Option<String>, limits: &str) -> Vec<Target> {
     let want = |name: &str| only.as_ref().is_none_or(|o| o.split(',').any(|n| n == name));
     let me = std::env::current_exe().unwrap();
     let mut targets = Vec::new();
@@ -208,8 +211,12 @@ fn start_targets(setup: &Setup, only: &Option<String>) -> Vec<Target> {
             format!(
                 "[listeners.plain]\naddress = \"127.0.0.1:0\"\n[listeners.secure]\naddress = \"127.0.0.1:0\"\n\
                  tls = {{ cert = {:?}, key = {:?} }}\n[routes.bench]\npath = \"/bench\"\nbackend = \"{}\"\n\
-                 [admin]\naddress = \"127.0.0.1:0\"\n[shutdown]\ndrain_delay_secs = 0\nclose_window_secs = 0\n",
-                setup.cert, setup.key, setup.echo
+                 [admin]\naddress = \"127.0.0.1:0\"\n[shutdown]\ndrain_delay_secs = 0\nclose_window_secs = 0\n\
+                 [limits]\n{}\n",
+                setup.cert,
+                setup.key,
+                setup.echo,
+                limits.replace(';', "\n")
             ),
         )
         .unwrap();
@@ -719,7 +726,7 @@ async fn orchestrate(args: &Args) {
     let echo = start_echo().await;
     let setup = Setup { dir, echo, cert, key, ca_der };
     let tls = client_tls(&setup.ca_der);
-    let mut targets = start_targets(&setup, &args.only);
+    let mut targets = start_targets(&setup, &args.only, &args.wsgate_limits);
     eprintln!(
         "targets: {} ({} interleaved runs of {secs} s per figure)",
         targets.iter().map(|t| t.name).collect::<Vec<_>>().join(", "),
