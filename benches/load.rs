@@ -133,7 +133,11 @@ impl Drop for Target {
 }
 
 /// Starts a child and waits for a line on stderr (or stdout) that yields its address.
-fn spawn_and_find(mut cmd: Command, find: impl Fn(&str) -> Option<SocketAddr>, from_stdout: bool) -> (Child, SocketAddr) {
+fn spawn_and_find(
+    mut cmd: Command,
+    find: impl Fn(&str) -> Option<SocketAddr>,
+    from_stdout: bool,
+) -> (Child, SocketAddr) {
     cmd.stdin(Stdio::piped());
     if from_stdout {
         cmd.stdout(Stdio::piped()).stderr(Stdio::null());
@@ -190,7 +194,14 @@ fn start_targets(setup: &Setup, only: &Option<String>, limits: &str) -> Vec<Targ
     let me = std::env::current_exe().unwrap();
     let mut targets = Vec::new();
     if want("tcp") {
-        targets.push(Target { name: "tcp", kind: Kind::Tcp, addr: setup.echo, path: "", process: None, max_idle: 8000 });
+        targets.push(Target {
+            name: "tcp",
+            kind: Kind::Tcp,
+            addr: setup.echo,
+            path: "",
+            process: None,
+            max_idle: 8000,
+        });
     }
     for (name, kind) in [("bare-ws", Kind::Ws), ("bare-wss", Kind::Wss)] {
         if !want(name) {
@@ -244,7 +255,14 @@ fn start_targets(setup: &Setup, only: &Option<String>, limits: &str) -> Vec<Targ
         let child = cmd.spawn().unwrap();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         wait_listening(addr);
-        targets.push(Target { name: "websocat", kind: Kind::Ws, addr, path: "/", process: Some(child), max_idle: 1000 });
+        targets.push(Target {
+            name: "websocat",
+            kind: Kind::Ws,
+            addr,
+            path: "/",
+            process: Some(child),
+            max_idle: 1000,
+        });
     }
     if want("websockify") && which("websockify") {
         let port = free_port();
@@ -254,13 +272,25 @@ fn start_targets(setup: &Setup, only: &Option<String>, limits: &str) -> Vec<Targ
         let child = cmd.spawn().unwrap();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         wait_listening(addr);
-        targets.push(Target { name: "websockify", kind: Kind::Ws, addr, path: "/", process: Some(child), max_idle: 1000 });
+        targets.push(Target {
+            name: "websockify",
+            kind: Kind::Ws,
+            addr,
+            path: "/",
+            process: Some(child),
+            max_idle: 1000,
+        });
     }
     targets
 }
 
 fn which(program: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {program}")).stdout(Stdio::null()).status().is_ok_and(|s| s.success())
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -319,7 +349,13 @@ async fn connect(t: &Target, tls: &tokio_rustls::TlsConnector) -> Conn {
 
 /// Echoed payload bytes per second over `duration`, with `sessions` sessions each sending
 /// `size`-byte messages as fast as the target takes them.
-async fn throughput(t: &Target, tls: &tokio_rustls::TlsConnector, sessions: usize, size: usize, duration: Duration) -> f64 {
+async fn throughput(
+    t: &Target,
+    tls: &tokio_rustls::TlsConnector,
+    sessions: usize,
+    size: usize,
+    duration: Duration,
+) -> f64 {
     let mut conns = Vec::new();
     for _ in 0..sessions {
         conns.push(connect(t, tls).await);
@@ -547,7 +583,10 @@ fn instructions_per_byte(name: &str, setup: &Setup, small: usize, large: usize) 
                 ),
             )
             .ok()?;
-            cmd.arg(env!("CARGO_BIN_EXE_wsgate")).args(["run", "--config"]).arg(&config).env("RUST_LOG", "warn,wsgate=info");
+            cmd.arg(env!("CARGO_BIN_EXE_wsgate"))
+                .args(["run", "--config"])
+                .arg(&config)
+                .env("RUST_LOG", "warn,wsgate=info");
             tag = "listener=plain url=ws://";
             from_stdout = false;
         } else {
@@ -582,7 +621,12 @@ fn instructions_per_byte(name: &str, setup: &Setup, small: usize, large: usize) 
         let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
         let _ = child.wait();
         let text = std::fs::read_to_string(&out).ok()?;
-        text.lines().find_map(|l| l.strip_prefix("totals: ").or_else(|| l.strip_prefix("summary: ")))?.split_whitespace().next()?.parse().ok()
+        text.lines()
+            .find_map(|l| l.strip_prefix("totals: ").or_else(|| l.strip_prefix("summary: ")))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
     };
     let (a, b) = (run(small)?, run(large)?);
     // Each byte crosses the relay twice (to the backend and back).
@@ -598,7 +642,10 @@ async fn bare_bridge(backend: SocketAddr, tls: Option<Vec<PathBuf>>) {
     std::io::stdout().flush().unwrap();
     let acceptor = tls.map(|files| {
         use rustls::pki_types::pem::PemObject;
-        let chain = rustls::pki_types::CertificateDer::pem_file_iter(&files[0]).unwrap().collect::<Result<Vec<_>, _>>().unwrap();
+        let chain = rustls::pki_types::CertificateDer::pem_file_iter(&files[0])
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
         let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&files[1]).unwrap();
         let mut cfg = rustls::ServerConfig::builder_with_provider(wsgate::tls::provider())
             .with_safe_default_protocol_versions()
@@ -673,9 +720,13 @@ async fn hold(url: String, count: usize, ca: Option<PathBuf>) {
         hostport.parse().unwrap()
     };
     let kind = if url.starts_with("wss") { Kind::Wss } else { Kind::Ws };
-    let path: &'static str = Box::leak(format!("/{}", url.split("://").nth(1).unwrap().split_once('/').map_or("", |x| x.1)).into_boxed_str());
+    let path: &'static str = Box::leak(
+        format!("/{}", url.split("://").nth(1).unwrap().split_once('/').map_or("", |x| x.1)).into_boxed_str(),
+    );
     let t = Target { name: "hold", kind, addr, path, process: None, max_idle: 0 };
-    let tls = tls.unwrap_or_else(|| client_tls(&rcgen::generate_simple_self_signed(vec!["x".into()]).unwrap().cert.der().clone()));
+    let tls = tls.unwrap_or_else(|| {
+        client_tls(&rcgen::generate_simple_self_signed(vec!["x".into()]).unwrap().cert.der().clone())
+    });
     let mut held = Vec::with_capacity(count);
     for _ in 0..count {
         held.push(ws_connect(&t, &tls).await);
@@ -805,7 +856,9 @@ async fn start_echo() -> SocketAddr {
 fn render_table(rows: &[Row], runs: usize) -> String {
     let base = rows.iter().find(|r| r.name == "bare-ws").cloned().unwrap_or_default();
     let base_tls = rows.iter().find(|r| r.name == "bare-wss").cloned().unwrap_or_default();
-    let ratio = |v: f64, b: f64| if b.is_finite() && b > 0.0 && v.is_finite() { format!(" ({:.2}×)", v / b) } else { String::new() };
+    let ratio = |v: f64, b: f64| {
+        if b.is_finite() && b > 0.0 && v.is_finite() { format!(" ({:.2}×)", v / b) } else { String::new() }
+    };
     let mut s = format!(
         "Medians of {runs} interleaved runs; (×) is the ratio to the bare bridge of the same scheme in this run.\n\n\
          | target | 1 × 64 KiB MB/s | 50 × 4 KiB MB/s | RTT 1 session p50/p99/p99.9 µs | RTT 50 sessions p50/p99/p99.9 µs | idle KiB/session | wss handshakes/s | CPU s/GiB | instr/byte |\n\
@@ -842,7 +895,11 @@ fn render_table(rows: &[Row], runs: usize) -> String {
 
 /// A bar chart of single-session and 50-session throughput per target, as SVG.
 fn render_chart(rows: &[Row]) -> String {
-    let max = rows.iter().flat_map(|r| [median(&r.mbps_1x64k), median(&r.mbps_50x4k)]).filter(|v| v.is_finite()).fold(1.0, f64::max);
+    let max = rows
+        .iter()
+        .flat_map(|r| [median(&r.mbps_1x64k), median(&r.mbps_50x4k)])
+        .filter(|v| v.is_finite())
+        .fold(1.0, f64::max);
     let (w, bar, gap, left) = (760.0, 14.0, 14.0, 110.0);
     let h = 50.0 + rows.len() as f64 * (2.0 * bar + gap);
     let mut s = format!(
@@ -852,7 +909,9 @@ fn render_chart(rows: &[Row]) -> String {
     for (i, r) in rows.iter().enumerate() {
         let y = 40.0 + i as f64 * (2.0 * bar + gap);
         s += &format!("<text x=\"10\" y=\"{}\">{}</text>\n", y + bar + 4.0, r.name);
-        for (j, (v, color)) in [(median(&r.mbps_1x64k), "#1d4f91"), (median(&r.mbps_50x4k), "#7fa7d9")].into_iter().enumerate() {
+        for (j, (v, color)) in
+            [(median(&r.mbps_1x64k), "#1d4f91"), (median(&r.mbps_50x4k), "#7fa7d9")].into_iter().enumerate()
+        {
             if !v.is_finite() {
                 continue;
             }

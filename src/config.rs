@@ -792,12 +792,25 @@ impl Validator {
                 raw.close_timeout_secs,
                 DEFAULT_CLOSE_TIMEOUT_SECS,
             ),
-            tcp_keepalive: Some(self.seconds_or_zero(
-                "limits.tcp_keepalive_secs",
-                raw.tcp_keepalive_secs,
-                DEFAULT_TCP_KEEPALIVE_SECS,
-            ))
-            .filter(|d| !d.is_zero()),
+            tcp_keepalive: self.keepalive(raw.tcp_keepalive_secs),
+        }
+    }
+
+    /// Whole seconds from 1 to 32767 (what Linux accepts for TCP_KEEPIDLE), or 0 for off.
+    fn keepalive(&mut self, value: Option<Seconds>) -> Option<Duration> {
+        let key = "limits.tcp_keepalive_secs";
+        match value {
+            None => Some(Duration::from_secs_f64(DEFAULT_TCP_KEEPALIVE_SECS)),
+            Some(Seconds::Whole(0)) => None,
+            Some(Seconds::Whole(n @ 1..=32767)) => Some(Duration::from_secs(n.unsigned_abs())),
+            Some(Seconds::Whole(n)) => {
+                self.fail(key, format!("{n} is out of range: 0 (off) or 1 to 32767 whole seconds"));
+                None
+            }
+            Some(Seconds::Fraction(f)) => {
+                self.fail(key, format!("{f} must be a whole number of seconds: 0 (off) or 1 to 32767"));
+                None
+            }
         }
     }
 
@@ -1178,6 +1191,9 @@ backend = "builtin:echo"
         let e =
             err(&format!("{MINIMAL}[shutdown]\ndrain_delay_secs = 5\nclose_window_secs = 10\ndeadline_secs = 12\n"));
         assert!(e.contains("shutdown.deadline_secs: 12 must be greater than"), "{e}");
+        assert!(err(&format!("{MINIMAL}[limits]\ntcp_keepalive_secs = 0.5\n")).contains("limits.tcp_keepalive_secs"));
+        assert!(err(&format!("{MINIMAL}[limits]\ntcp_keepalive_secs = 40000\n")).contains("1 to 32767"));
+        assert_eq!(ok(&format!("{MINIMAL}[limits]\ntcp_keepalive_secs = 0\n")).limits.tcp_keepalive, None);
     }
 
     #[test]

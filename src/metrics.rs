@@ -45,7 +45,7 @@ pub mod names {
     pub const BUFFERED: &str = "wsgate_buffered_bytes";
     /// Histogram{route, direction}: each session's peak buffered bytes.
     pub const SESSION_PEAK_BUFFERED: &str = "wsgate_session_peak_buffered_bytes";
-    /// Counter{route}: backend bytes dropped because the client had closed.
+    /// Counter{route}: backend bytes read and discarded after the client closed or at shutdown.
     pub const DROPPED_BYTES: &str = "wsgate_dropped_bytes_total";
     /// Histogram{route}: time to connect the backend (successful connects).
     pub const BACKEND_CONNECT_DURATION: &str = "wsgate_backend_connect_duration_seconds";
@@ -208,7 +208,11 @@ fn describe(r: &PrometheusRecorder) {
             Some(Unit::Count),
             "Messages relayed: client messages written to the backend, and messages sent to the client.",
         ),
-        d(names::DROPPED_BYTES, Some(Unit::Bytes), "Backend bytes read after the client closed, never delivered."),
+        d(
+            names::DROPPED_BYTES,
+            Some(Unit::Bytes),
+            "Backend bytes read and discarded after the client closed or at shutdown, never delivered.",
+        ),
         d(names::BACKEND_CONNECT_FAILURES, Some(Unit::Count), "Backend connects that failed, by route and kind."),
         d(
             names::CONFIG_RELOADS,
@@ -276,7 +280,7 @@ pub struct RouteMetrics {
     pub sessions_open: Gauge,
     /// Session durations.
     pub duration: Histogram,
-    /// Backend bytes dropped after the client closed.
+    /// Backend bytes discarded after the client closed or at shutdown.
     pub dropped_bytes: Counter,
     /// Backend connect time.
     pub connect_duration: Histogram,

@@ -314,6 +314,9 @@ async fn run_inner(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: 
         never = spread => never,
     };
     close_client(&mut ws, &outcome, ctx.close_timeout).await;
+    // Counted now: the client has its close; lingering on the backend below (and a deadline
+    // that may cut it short) does not change how the session ended.
+    open.ended(close_code(&outcome), outcome.side());
     // Release the client socket before lingering on the backend: the page's `onclose` waits for
     // the TCP close, and must not wait for a slow backend.
     drop(ws);
@@ -327,8 +330,6 @@ async fn run_inner(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: 
     }
     let duration = started.elapsed();
     let code = close_code(&outcome);
-    open.ended();
-    m.session_ended(code, outcome.side().as_str());
     m.duration.record(duration.as_secs_f64());
     m.to_backend.peak.record(stats.to_backend.peak_buffered as f64);
     m.to_client.peak.record(stats.to_client.peak_buffered as f64);
@@ -336,9 +337,10 @@ async fn run_inner(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: 
     log_end(&ctx, &outcome, code, &stats, duration);
 }
 
-/// A session counted in `wsgate_sessions_open`. If the session future is dropped before it
-/// ends (at the shutdown deadline), the drop still lowers the gauge and counts the session as
-/// ended by the gateway with 1006, the code the client sees when no close frame arrives.
+/// A session counted in `wsgate_sessions_open` and, once its close is settled, in
+/// `wsgate_sessions_total`. If the session future is dropped before that (at the shutdown
+/// deadline), the drop still lowers the gauge and counts the session as ended by the gateway
+/// with 1006, the code the client sees when no close frame arrives.
 struct OpenSession<'a> {
     metrics: &'a RouteMetrics,
     ended: bool,
@@ -350,7 +352,8 @@ impl<'a> OpenSession<'a> {
         OpenSession { metrics, ended: false }
     }
 
-    fn ended(&mut self) {
+    fn ended(&mut self, code: u16, side: Side) {
+        self.metrics.session_ended(code, side.as_str());
         self.ended = true;
     }
 }
