@@ -356,7 +356,9 @@ fn split_utf8(buf: &mut BytesMut) -> Result<BytesMut, ()> {
 /// dropped. The caller has already shut down the backend's write side.
 pub async fn drain<R: AsyncRead + Unpin>(backend: &mut R, timeout: Duration) -> u64 {
     let mut dropped = 0u64;
-    let mut scratch = [0u8; 4096];
+    // On the heap, and only now: an array here would be part of every session's future, idle
+    // ones included (an async fn's state is as large as its largest await point).
+    let mut scratch = vec![0u8; 4096];
     let _ = tokio::time::timeout(timeout, async {
         while let Ok(n @ 1..) = backend.read(&mut scratch).await {
             dropped += n as u64;

@@ -430,7 +430,9 @@ const LINGER_QUIET: Duration = Duration::from_secs(1);
 /// or it sends nothing for [`LINGER_QUIET`]. The caller bounds the whole wait.
 async fn linger_until_client_close<S: AsyncRead + Unpin>(io: &mut S) {
     let mut tail = Vec::with_capacity(2 * MAX_CLOSE_FRAME);
-    let mut buf = [0u8; 8192];
+    // On the heap, and only now: an array here would make every session's future (and so every
+    // idle session) 8 KiB larger, since an async fn's state is as large as its largest await.
+    let mut buf = vec![0u8; 8192];
     while let Ok(Ok(n @ 1..)) = tokio::time::timeout(LINGER_QUIET, io.read(&mut buf)).await {
         tail.extend_from_slice(&buf[..n]);
         if tail.len() > MAX_CLOSE_FRAME {
