@@ -14,6 +14,7 @@
 //! - [`policy`]: origin checks → allow, or a refusal with its HTTP status. Pure.
 //! - [`session`]: one upgraded WebSocket: runs the pump, maps the ending to a close frame, logs.
 //! - [`bridge`]: the WebSocket ⇄ TCP pump; knows nothing of config or HTTP.
+//! - [`readahead`]: the client read buffer that exists only while data flows.
 //! - [`backend`]: connects backend TCP services (resolve, try every address, timeout).
 //! - [`echo`]: the built-in WebSocket echo backend and TCP echo service.
 //! - [`console`]: the built-in console page (HTML embedded in the binary).
@@ -46,6 +47,7 @@ pub mod console;
 pub mod echo;
 pub mod metrics;
 pub mod policy;
+pub mod readahead;
 pub mod router;
 mod server;
 pub mod session;

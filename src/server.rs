@@ -31,7 +31,6 @@ use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, Version};
-use hyper_tungstenite::tungstenite::protocol::WebSocketConfig;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -40,6 +39,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
+use tungstenite::handshake::derive_accept_key;
+use tungstenite::protocol::WebSocketConfig;
 
 use crate::backend;
 use crate::config::Limits;
@@ -112,7 +113,9 @@ impl Snapshot {
     fn ws_config(&self) -> WebSocketConfig {
         let max = self.limits.max_message_bytes;
         WebSocketConfig::default()
-            .read_buffer_size(self.limits.ws_read_buffer_bytes)
+            // Allocated for every session, idle or not; large reads go through `ReadAhead`'s
+            // buffer, which exists only while data flows.
+            .read_buffer_size(WS_READ_BUFFER_BYTES)
             // Write each message at once: the pumps wait for it to reach the socket before reading
             // more, which is what gives backpressure, so a write buffer would only add a copy.
             .write_buffer_size(0)
@@ -124,6 +127,10 @@ impl Snapshot {
             .max_frame_size(Some(max))
     }
 }
+
+/// tungstenite's own read buffer: small, because every session holds it for its whole life.
+/// It also caps each read tungstenite makes, which is why `ReadAhead` reads for it while busy.
+const WS_READ_BUFFER_BYTES: usize = 2048;
 
 /// One listener as the accept loop sees it.
 pub(crate) struct Listener {
@@ -363,15 +370,23 @@ async fn decide(
             return (Some(m), text(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY), &body));
         }
     };
-    let (response, upgrade) = match hyper_tungstenite::upgrade(&mut req, Some(snap.ws_config())) {
-        Ok((mut response, upgrade)) => {
-            if let Some(chosen) = subprotocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
-                response.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, chosen);
-            }
-            (response, upgrade)
-        }
-        Err(e) => return (Some(m), text(StatusCode::BAD_REQUEST, &format!("bad websocket upgrade: {e}"))),
+    // The 101 is built here rather than by hyper-tungstenite so the session can put its own
+    // read-ahead buffer between the socket and tungstenite (see `readahead`).
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).map(|k| derive_accept_key(k.as_bytes())) else {
+        return (Some(m), text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key"));
     };
+    let upgrade = hyper::upgrade::on(&mut req);
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&key) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    if let Some(chosen) = subprotocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
+        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, chosen);
+    }
     let ctx = session::Context {
         id: shared.next_session.fetch_add(1, Ordering::Relaxed),
         route,
@@ -381,6 +396,8 @@ async fn decide(
         close_timeout: snap.limits.close_timeout,
         close_window: snap.shutdown.close_window,
         metrics: m.clone(),
+        ws_config: snap.ws_config(),
+        read_ahead_bytes: snap.limits.ws_read_buffer_bytes,
     };
     let slot = conn.slot.clone();
     let (stop, abort) = (shared.stop.clone(), shared.abort.clone());

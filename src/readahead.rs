@@ -1,0 +1,144 @@
+//! A read buffer that exists only while data flows.
+//!
+//! tungstenite allocates its read buffer when a session starts, keeps it for the session's
+//! life, and never reads more than that buffer's size in one call. A large buffer makes every
+//! idle session expensive; a small one makes a busy session pay a system call per few KiB.
+//! [`ReadAhead`] sits between the client socket and tungstenite so wsgate can have both: tungstenite
+//! gets a small buffer (paid by every session), and while data arrives faster than tungstenite
+//! takes it, this adapter reads the socket in large chunks into a buffer of its own, which it
+//! frees as soon as the socket has nothing more to give. An idle session holds no buffer here.
+//!
+//! Writes pass straight through.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Wraps a stream; reads ahead in `chunk`-byte reads while data flows.
+#[derive(Debug)]
+pub struct ReadAhead<S> {
+    inner: S,
+    /// Empty while idle; `chunk` bytes long while busy. Invariant: `start <= end <= buf.len()`,
+    /// and `buf[start..end]` is data read from `inner` and not yet handed out.
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    chunk: usize,
+}
+
+impl<S> ReadAhead<S> {
+    /// Wraps `inner`; `chunk` is the size of each read while data flows.
+    pub fn new(inner: S, chunk: usize) -> Self {
+        ReadAhead { inner, buf: Vec::new(), start: 0, end: 0, chunk: chunk.max(1) }
+    }
+
+    /// Bytes held for the reader right now (buffered or not): 0 for an idle stream.
+    pub fn allocated(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    fn hand_out(&mut self, out: &mut ReadBuf<'_>) {
+        let n = out.remaining().min(self.end - self.start);
+        out.put_slice(&self.buf[self.start..self.start + n]);
+        self.start += n;
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.start < this.end {
+            this.hand_out(out);
+            return Poll::Ready(Ok(()));
+        }
+        if this.buf.is_empty() {
+            // Idle: read straight into the caller's buffer. If that fills it, more is likely
+            // waiting, so read ahead from the next call on.
+            let before = out.filled().len();
+            ready!(Pin::new(&mut this.inner).poll_read(cx, out))?;
+            if out.filled().len() > before && out.remaining() == 0 {
+                this.buf = vec![0; this.chunk];
+            }
+            return Poll::Ready(Ok(()));
+        }
+        // Busy and drained: read the next chunk, or go idle (and free the buffer) if the socket
+        // has nothing right now.
+        let mut chunk = ReadBuf::new(&mut this.buf);
+        match Pin::new(&mut this.inner).poll_read(cx, &mut chunk) {
+            Poll::Pending => {
+                this.buf = Vec::new();
+                (this.start, this.end) = (0, 0);
+                Poll::Pending
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => {
+                (this.start, this.end) = (0, chunk.filled().len());
+                this.hand_out(out);
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Bytes come out in order whatever the read sizes; the buffer exists only while data
+    /// flows and is gone once the socket has nothing more.
+    #[tokio::test]
+    async fn reads_ahead_while_busy_and_frees_when_idle() {
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        let mut r = ReadAhead::new(rx, 16 * 1024);
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        tx.write_all(&data).await.unwrap();
+        let mut got = Vec::new();
+        let mut small = [0u8; 1000];
+        while got.len() < data.len() {
+            let n = r.read(&mut small).await.unwrap();
+            got.extend_from_slice(&small[..n]);
+            if got.len() < data.len() - 16 * 1024 {
+                assert!(r.allocated() <= 16 * 1024);
+            }
+        }
+        assert_eq!(got, data);
+        // Nothing more to read: the next read is pending, and the buffer is freed.
+        let pending = tokio::time::timeout(std::time::Duration::from_millis(20), r.read(&mut small)).await;
+        assert!(pending.is_err(), "no data, so the read waits");
+        assert_eq!(r.allocated(), 0, "an idle stream holds no read-ahead buffer");
+        tx.write_all(b"again").await.unwrap();
+        let n = r.read(&mut small).await.unwrap();
+        assert_eq!(&small[..n], b"again");
+        drop(tx);
+        assert_eq!(r.read(&mut small).await.unwrap(), 0, "EOF passes through");
+    }
+}
