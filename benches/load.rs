@@ -512,24 +512,52 @@ async fn handshakes(t: &Target, tls: &tokio_rustls::TlsConnector, duration: Dura
     done.load(Ordering::Relaxed) as f64 / duration.as_secs_f64()
 }
 
-/// Resident memory of a process, KiB.
+/// Proportional set size of a process and all its descendants, KiB: PSS splits pages shared
+/// between processes (websockify forks one per connection), so the sum is not inflated.
 fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    let pss = |p: u32| -> u64 {
+        let text = std::fs::read_to_string(format!("/proc/{p}/smaps_rollup")).unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix("Pss:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    descendants(pid).into_iter().map(pss).sum()
 }
 
-/// CPU seconds (user + system) a process has used.
+/// `pid` and every process below it.
+fn descendants(pid: u32) -> Vec<u32> {
+    let parent_of = |p: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()
+    };
+    let all: Vec<u32> = std::fs::read_dir("/proc")
+        .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default();
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        tree.extend(all.iter().copied().filter(|c| parent_of(*c) == Some(p)));
+        i += 1;
+    }
+    tree
+}
+
+/// CPU seconds (user + system) a process tree has used: its own, its live descendants', and
+/// its reaped children's.
 fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the ")" that ends the command name: utime is the 12th, stime the 13th.
-    let rest = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
+    let one = |p: u32, with_children: bool| -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        // Fields after the ")" that ends the command name: utime, stime, cutime, cstime are the
+        // 12th to 15th.
+        let rest = stat.rsplit(')').next().unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        let children = if with_children { ticks(13) + ticks(14) } else { 0.0 };
+        (ticks(11) + ticks(12) + children) / 100.0
+    };
+    descendants(pid).into_iter().enumerate().map(|(i, p)| one(p, i == 0)).sum()
 }
 
 /// Idle memory per session: resident memory of the relaying process at `low` and `high` idle
@@ -770,7 +798,7 @@ fn median3(v: &[[f64; 3]]) -> [f64; 3] {
 async fn orchestrate(args: &Args) {
     let quick = args.quick;
     let runs = args.runs.unwrap_or(if quick { 1 } else { 5 });
-    let secs = if quick { 0.5 } else { 1.5 };
+    let secs = if quick { 0.5 } else { 1.0 };
     let dur = Duration::from_secs_f64(secs);
     let dir = tempfile::tempdir().unwrap();
     let (cert, key, ca_der) = setup_certs(dir.path());

@@ -219,7 +219,7 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// Largest WebSocket message (fragments joined) or frame accepted from a client.
     pub max_message_bytes: usize,
-    /// Read buffer of each client WebSocket, allocated up front for the session's life.
+    /// Size of each read from a client socket while data flows; the buffer is freed when idle.
     pub ws_read_buffer_bytes: usize,
     /// Largest single read from a backend, and so the largest message sent to a client.
     pub backend_read_bytes: usize,
@@ -447,9 +447,8 @@ const DEFAULT_MAX_HANDSHAKES: u64 = 256;
 const DEFAULT_HANDSHAKE_TIMEOUT_SECS: f64 = 10.0;
 /// 10 MiB: above the 10,000,000 bytes a page may hand `send` in one ArrayBuffer.
 const DEFAULT_MAX_MESSAGE_BYTES: u64 = 10 * 1024 * 1024;
-/// Small on purpose: tungstenite allocates its read buffer when the session starts and keeps it
-/// until the end, so this is paid by every idle session. 16 KiB still reads a large message in
-/// few system calls. (tungstenite's own default, 128 KiB, would cost 1.2 GiB per 10,000 sessions.)
+/// Each read from a client while data flows. The buffer exists only then (see `readahead`), so
+/// idle sessions do not pay it; 16 KiB reads a large message in few system calls.
 const DEFAULT_WS_READ_BUFFER_BYTES: u64 = 16 * 1024;
 /// One backend read becomes one message; 16 KiB matches a TLS record.
 const DEFAULT_BACKEND_READ_BYTES: u64 = 16 * 1024;
