@@ -3,10 +3,11 @@
 //! tungstenite allocates its read buffer when a session starts, keeps it for the session's
 //! life, and never reads more than that buffer's size in one call. A large buffer makes every
 //! idle session expensive; a small one makes a busy session pay a system call per few KiB.
-//! [`ReadAhead`] sits between the client socket and tungstenite so wsgate can have both: tungstenite
-//! gets a small buffer (paid by every session), and while data arrives faster than tungstenite
-//! takes it, this adapter reads the socket in large chunks into a buffer of its own, which it
-//! frees as soon as the socket has nothing more to give. An idle session holds no buffer here.
+//! [`ReadAhead`] wraps the client socket (the TLS stream for wss) below hyper, so the WebSocket
+//! that hyper upgrades reads through it, and wsgate can have both: tungstenite gets a small
+//! buffer (paid by every session), and while data arrives faster than tungstenite takes it, this
+//! adapter reads the socket in large chunks into a buffer of its own, which it frees as soon as
+//! the socket has nothing more to give. An idle session holds no buffer here.
 //!
 //! Writes pass straight through.
 

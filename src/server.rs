@@ -39,13 +39,13 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
-use tungstenite::handshake::derive_accept_key;
 use tungstenite::protocol::WebSocketConfig;
 
 use crate::backend;
 use crate::config::Limits;
 use crate::metrics::{ListenerMetrics, Metrics, RouteMetrics};
 use crate::policy;
+use crate::readahead::ReadAhead;
 use crate::router::Router;
 use crate::session;
 
@@ -245,10 +245,13 @@ async fn handle_connection(
     let timeout = conn.snapshot.limits.handshake_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let conn = Arc::new(conn);
+    // Reads from the client go through `ReadAhead` (below hyper, so the WebSocket upgraded from
+    // this connection reads through it too): large reads while data flows, no buffer when idle.
+    let chunk = conn.snapshot.limits.ws_read_buffer_bytes;
     match tls {
-        None => serve_http(tcp, conn, deadline, shared).await,
+        None => serve_http(ReadAhead::new(tcp, chunk), conn, deadline, shared).await,
         Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
-            Ok(Ok(stream)) => serve_http(stream, conn, deadline, shared).await,
+            Ok(Ok(stream)) => serve_http(ReadAhead::new(stream, chunk), conn, deadline, shared).await,
             Ok(Err(e)) => {
                 metrics.tls_failed.increment(1);
                 debug!(error = %e, "tls handshake failed");
@@ -370,23 +373,15 @@ async fn decide(
             return (Some(m), text(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY), &body));
         }
     };
-    // The 101 is built here rather than by hyper-tungstenite so the session can put its own
-    // read-ahead buffer between the socket and tungstenite (see `readahead`).
-    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).map(|k| derive_accept_key(k.as_bytes())) else {
-        return (Some(m), text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key"));
+    let (response, upgrade) = match hyper_tungstenite::upgrade(&mut req, Some(snap.ws_config())) {
+        Ok((mut response, upgrade)) => {
+            if let Some(chosen) = subprotocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
+                response.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, chosen);
+            }
+            (response, upgrade)
+        }
+        Err(e) => return (Some(m), text(StatusCode::BAD_REQUEST, &format!("bad websocket upgrade: {e}"))),
     };
-    let upgrade = hyper::upgrade::on(&mut req);
-    let mut response = Response::new(Full::new(Bytes::new()));
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let headers = response.headers_mut();
-    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    if let Ok(accept) = HeaderValue::from_str(&key) {
-        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
-    }
-    if let Some(chosen) = subprotocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
-        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, chosen);
-    }
     let ctx = session::Context {
         id: shared.next_session.fetch_add(1, Ordering::Relaxed),
         route,
@@ -396,8 +391,6 @@ async fn decide(
         close_timeout: snap.limits.close_timeout,
         close_window: snap.shutdown.close_window,
         metrics: m.clone(),
-        ws_config: snap.ws_config(),
-        read_ahead_bytes: snap.limits.ws_read_buffer_bytes,
     };
     let slot = conn.slot.clone();
     let (stop, abort) = (shared.stop.clone(), shared.abort.clone());

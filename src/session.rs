@@ -15,16 +15,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
+use hyper_tungstenite::{HyperWebsocket, WebSocketStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, field, info, info_span, warn};
 use tungstenite::error::{CapacityError, ProtocolError};
+use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message};
 
 use crate::backend;
@@ -33,7 +31,6 @@ use crate::bridge::{self, Accept, End, Flows, Framing, Kind, Stats};
 use crate::config::{Backend, Limits, Outbound, Route, Unavailable};
 use crate::echo;
 use crate::metrics::RouteMetrics;
-use crate::readahead::ReadAhead;
 
 /// The backend side of a session, as the server found it before upgrading.
 #[derive(Debug)]
@@ -66,10 +63,6 @@ pub struct Context {
     pub close_window: Duration,
     /// The route's metrics.
     pub metrics: Arc<RouteMetrics>,
-    /// WebSocket limits and buffers.
-    pub ws_config: WebSocketConfig,
-    /// Size of each read from the client while data flows (`limits.ws_read_buffer_bytes`).
-    pub read_ahead_bytes: usize,
 }
 
 /// Which side ended a session.
@@ -254,7 +247,7 @@ pub async fn dial(route: &Route, limits: &Limits, m: &RouteMetrics) -> Result<Di
 }
 
 /// Runs one session from the pending upgrade to the last byte, within its own span.
-pub async fn run(upgrade: OnUpgrade, dialed: Dialed, ctx: Context, stop: CancellationToken) {
+pub async fn run(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: CancellationToken) {
     let span = info_span!(
         "session",
         id = ctx.id,
@@ -269,17 +262,15 @@ pub async fn run(upgrade: OnUpgrade, dialed: Dialed, ctx: Context, stop: Cancell
     run_inner(upgrade, dialed, ctx, stop).instrument(span).await
 }
 
-async fn run_inner(upgrade: OnUpgrade, dialed: Dialed, ctx: Context, stop: CancellationToken) {
+async fn run_inner(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: CancellationToken) {
     let started = Instant::now();
-    let upgraded = match upgrade.await {
-        Ok(upgraded) => upgraded,
+    let mut ws = match upgrade.await {
+        Ok(ws) => ws,
         Err(e) => {
             debug!(error = %e, "upgrade did not complete");
             return;
         }
     };
-    let io = ReadAhead::new(TokioIo::new(upgraded), ctx.read_ahead_bytes);
-    let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ctx.ws_config)).await;
     let m = &ctx.metrics;
     let mut open = OpenSession::new(m);
     let mut stats = Stats::default();
