@@ -15,24 +15,23 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Wraps a stream; reads ahead in `chunk`-byte reads while data flows.
 #[derive(Debug)]
 pub struct ReadAhead<S> {
     inner: S,
-    /// Empty while idle; `chunk` bytes long while busy. Invariant: `start <= end <= buf.len()`,
-    /// and `buf[start..end]` is data read from `inner` and not yet handed out.
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
+    /// Data read from `inner` and not yet handed out. Its allocation (`chunk` bytes, never
+    /// zero-filled) exists only while busy: capacity 0 means idle.
+    buf: BytesMut,
     chunk: usize,
 }
 
 impl<S> ReadAhead<S> {
     /// Wraps `inner`; `chunk` is the size of each read while data flows.
     pub fn new(inner: S, chunk: usize) -> Self {
-        ReadAhead { inner, buf: Vec::new(), start: 0, end: 0, chunk: chunk.max(1) }
+        ReadAhead { inner, buf: BytesMut::new(), chunk: chunk.max(1) }
     }
 
     /// Bytes held for the reader right now (buffered or not): 0 for an idle stream.
@@ -41,41 +40,41 @@ impl<S> ReadAhead<S> {
     }
 
     fn hand_out(&mut self, out: &mut ReadBuf<'_>) {
-        let n = out.remaining().min(self.end - self.start);
-        out.put_slice(&self.buf[self.start..self.start + n]);
-        self.start += n;
+        let n = out.remaining().min(self.buf.len());
+        out.put_slice(&self.buf[..n]);
+        self.buf.advance(n);
     }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.start < this.end {
+        if !this.buf.is_empty() {
             this.hand_out(out);
             return Poll::Ready(Ok(()));
         }
-        if this.buf.is_empty() {
+        if this.buf.capacity() == 0 {
             // Idle: read straight into the caller's buffer. If that fills it, more is likely
             // waiting, so read ahead from the next call on.
             let before = out.filled().len();
             ready!(Pin::new(&mut this.inner).poll_read(cx, out))?;
             if out.filled().len() > before && out.remaining() == 0 {
-                this.buf = vec![0; this.chunk];
+                this.buf = BytesMut::with_capacity(this.chunk);
             }
             return Poll::Ready(Ok(()));
         }
         // Busy and drained: read the next chunk, or go idle (and free the buffer) if the socket
-        // has nothing right now.
-        let mut chunk = ReadBuf::new(&mut this.buf);
-        match Pin::new(&mut this.inner).poll_read(cx, &mut chunk) {
+        // has nothing right now. Everything handed out was copied, so `reserve` on the empty
+        // buffer reclaims the same allocation rather than making a new one.
+        this.buf.clear();
+        this.buf.reserve(this.chunk);
+        match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.buf) {
             Poll::Pending => {
-                this.buf = Vec::new();
-                (this.start, this.end) = (0, 0);
+                this.buf = BytesMut::new();
                 Poll::Pending
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Ready(Ok(())) => {
-                (this.start, this.end) = (0, chunk.filled().len());
+            Poll::Ready(Ok(_)) => {
                 this.hand_out(out);
                 Poll::Ready(Ok(()))
             }
