@@ -589,7 +589,13 @@ fn idle_memory(t: &Target, ca_pem: &Path, low: usize, high: usize) -> Option<f64
 
 /// Instructions per relayed byte, from callgrind: the gateway relays `small` and then `large`
 /// bytes through one session in two runs; the slope excludes start-up and shutdown.
-fn instructions_per_byte(name: &str, setup: &Setup, small: usize, large: usize) -> Option<f64> {
+fn instructions_per_byte(
+    name: &str,
+    setup: &Setup,
+    (small, large): (usize, usize),
+    repeats: usize,
+    metrics: bool,
+) -> Option<f64> {
     if !which("valgrind") {
         return None;
     }
@@ -606,7 +612,8 @@ fn instructions_per_byte(name: &str, setup: &Setup, small: usize, large: usize) 
                 &config,
                 format!(
                     "[listeners.plain]\naddress = \"127.0.0.1:0\"\n[routes.bench]\npath = \"/bench\"\nbackend = \"{}\"\n\
-                     [admin]\naddress = \"127.0.0.1:0\"\n[shutdown]\ndrain_delay_secs = 0\nclose_window_secs = 0\n",
+                     [admin]\naddress = \"127.0.0.1:0\"\n[shutdown]\ndrain_delay_secs = 0\nclose_window_secs = 0\n\
+                     [metrics]\nenabled = {metrics}\n",
                     setup.echo
                 ),
             )
@@ -631,17 +638,16 @@ fn instructions_per_byte(name: &str, setup: &Setup, small: usize, large: usize) 
             let tls = client_tls(&setup.ca_der);
             let mut ws = ws_connect(&target, &tls).await;
             let chunk = bytes::Bytes::from(vec![1u8; 64 * 1024]);
+            // Lockstep (one message out, its echo back, then the next) so each message meets
+            // the same sequence of reads and wake-ups, and the count repeats from run to run.
             let mut sent = 0;
-            let mut got = 0;
             while sent < bytes {
                 ws.send(Message::Binary(chunk.clone())).await.unwrap();
                 sent += chunk.len();
-                while got + 4 * chunk.len() < sent {
+                let mut got = 0;
+                while got < chunk.len() {
                     got += ws.next().await.unwrap().unwrap().len();
                 }
-            }
-            while got < sent {
-                got += ws.next().await.unwrap().unwrap().len();
             }
             let _ = ws.close(None).await;
         });
@@ -656,9 +662,14 @@ fn instructions_per_byte(name: &str, setup: &Setup, small: usize, large: usize) 
             .parse()
             .ok()
     };
-    let (a, b) = (run(small)?, run(large)?);
-    // Each byte crosses the relay twice (to the backend and back).
-    Some((b - a) / (2.0 * (large - small) as f64))
+    // The median of `repeats` slopes: thread scheduling still moves the count by some percent.
+    let mut slopes = Vec::new();
+    for _ in 0..repeats {
+        let (a, b) = (run(small)?, run(large)?);
+        // Each byte crosses the relay twice (to the backend and back).
+        slopes.push((b - a) / (2.0 * (large - small) as f64));
+    }
+    Some(median(&slopes))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -847,16 +858,32 @@ async fn orchestrate(args: &Args) {
         eprint!("\ridle memory: {:<11} {low} → {high} sessions      ", t.name);
         row.idle_kib = tokio::task::block_in_place(|| idle_memory(t, &ca_pem, low, high));
     }
+    let mut metrics_off = None;
     if !args.no_callgrind {
-        let (small, large) = if quick { (4 << 20, 12 << 20) } else { (16 << 20, 48 << 20) };
+        let sizes = if quick { (4 << 20, 12 << 20) } else { (16 << 20, 48 << 20) };
+        let repeats = if quick { 1 } else { 3 };
         for row in rows.iter_mut().filter(|r| r.name == "bare-ws" || r.name == "wsgate-ws") {
             eprint!("\rcallgrind: {:<11}                         ", row.name);
-            row.instr_per_byte = tokio::task::block_in_place(|| instructions_per_byte(row.name, &setup, small, large));
+            row.instr_per_byte =
+                tokio::task::block_in_place(|| instructions_per_byte(row.name, &setup, sizes, repeats, true));
+        }
+        if rows.iter().any(|r| r.name == "wsgate-ws") {
+            eprint!("\rcallgrind: wsgate-ws, metrics off              ");
+            metrics_off =
+                tokio::task::block_in_place(|| instructions_per_byte("wsgate-ws", &setup, sizes, repeats, false));
         }
     }
     eprintln!("\rdone.                                                     ");
     drop(targets);
-    let table = render_table(&rows, runs);
+    let mut table = render_table(&rows, runs);
+    if let (Some(on), Some(off)) =
+        (rows.iter().find(|r| r.name == "wsgate-ws").and_then(|r| r.instr_per_byte), metrics_off)
+    {
+        table += &format!(
+            "\nwsgate-ws metrics on vs. off (callgrind): {on:.2} vs. {off:.2} instructions per relayed byte ({:+.1} %)\n",
+            (on / off - 1.0) * 100.0
+        );
+    }
     println!("{table}");
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&out).unwrap();
@@ -915,7 +942,7 @@ fn render_table(rows: &[Row], runs: usize) -> String {
             r.idle_kib.map_or("–".into(), |k| format!("{k:.1}")),
             if r.handshakes.is_empty() { "–".into() } else { format!("{:.0}", median(&r.handshakes)) },
             if r.cpu_per_gib.is_empty() { "–".into() } else { format!("{:.2}", median(&r.cpu_per_gib)) },
-            r.instr_per_byte.map_or("–".into(), |i| format!("{i:.1}")),
+            r.instr_per_byte.map_or("–".into(), |i| format!("{i:.2}")),
         );
     }
     s

@@ -41,6 +41,8 @@ pub struct Config {
     pub admin: Option<SocketAddr>,
     /// Log line format.
     pub log_format: LogFormat,
+    /// Whether metrics are recorded (`[metrics] enabled`, default true).
+    pub metrics: bool,
 }
 
 /// How log lines are written.
@@ -348,6 +350,14 @@ struct RawConfig {
     admin: RawAdmin,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    enabled: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -522,7 +532,19 @@ impl Validator {
             (true, None) => Some(DEFAULT_CONSOLE_PATH.to_string()),
             (true, Some(p)) => self.route_path("console", p),
         };
-        Config { path: self.file.clone(), listeners, routes, limits, builtin, shutdown, console, admin, log_format }
+        let metrics = raw.metrics.enabled.unwrap_or(true);
+        Config {
+            path: self.file.clone(),
+            listeners,
+            routes,
+            limits,
+            builtin,
+            shutdown,
+            console,
+            admin,
+            log_format,
+            metrics,
+        }
     }
 
     fn listener(&mut self, name: String, raw: RawListener) -> Option<Listener> {
@@ -1069,6 +1091,7 @@ backend = "builtin:echo"
         assert_eq!(c.shutdown.deadline, Duration::from_secs(25));
         assert_eq!(c.admin, Some("127.0.0.1:9090".parse().unwrap()));
         assert_eq!(c.log_format, LogFormat::Text);
+        assert!(c.metrics, "metrics are on unless the config turns them off");
         let r = &c.routes[0];
         assert_eq!(r.path_match, PathMatch::Exact);
         assert_eq!(r.outbound, Outbound::Binary);

@@ -126,7 +126,7 @@ impl Gateway {
     /// enabled) and loads TLS, generating the development certificate pair where the config
     /// allows it.
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::new(config.metrics));
         let snapshot = snapshot(&config, &metrics)?;
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
@@ -304,6 +304,9 @@ fn restart_required(old: &Config, new: &Config) -> Option<String> {
     }
     if old.log_format != new.log_format {
         return Some("log.format".into());
+    }
+    if old.metrics != new.metrics {
+        return Some("metrics.enabled".into());
     }
     None
 }

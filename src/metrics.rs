@@ -66,6 +66,8 @@ pub const TO_CLIENT: &str = "to_client";
 pub struct Metrics {
     recorder: Arc<PrometheusRecorder>,
     handle: PrometheusHandle,
+    /// False: every handle is a no-op (`[metrics] enabled = false`).
+    enabled: bool,
     routes: Mutex<HashMap<String, Arc<RouteMetrics>>>,
     /// 1 while accepting.
     pub ready: Gauge,
@@ -90,7 +92,10 @@ const PEAK_BUCKETS: &[f64] =
 
 impl Metrics {
     /// A fresh recorder with every metric described.
-    pub fn new() -> Metrics {
+    ///
+    /// With `enabled` false every handle records nowhere (the recorder stays, empty), so the
+    /// cost of metrics can be measured against their absence.
+    pub fn new(enabled: bool) -> Metrics {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(names::BACKEND_CONNECT_DURATION.into()), CONNECT_BUCKETS)
             .and_then(|b| b.set_buckets_for_metric(Matcher::Full(names::SESSION_DURATION.into()), DURATION_BUCKETS))
@@ -99,16 +104,19 @@ impl Metrics {
             .build_recorder();
         let handle = recorder.handle();
         describe(&recorder);
-        let recorder = Arc::new(recorder);
-        let ready = recorder.register_gauge(&Key::from_static_name(names::READY), &METADATA);
-        let reload = |result: &'static str| {
-            recorder.register_counter(
-                &Key::from_parts(names::CONFIG_RELOADS, vec![Label::new("result", result)]),
-                &METADATA,
-            )
+        let mut metrics = Metrics {
+            recorder: Arc::new(recorder),
+            handle,
+            enabled,
+            routes: Mutex::new(HashMap::new()),
+            ready: Gauge::noop(),
+            reloads_ok: Counter::noop(),
+            reloads_failed: Counter::noop(),
         };
-        let (reloads_ok, reloads_failed) = (reload("ok"), reload("error"));
-        Metrics { recorder, handle, routes: Mutex::new(HashMap::new()), ready, reloads_ok, reloads_failed }
+        metrics.ready = metrics.gauge(names::READY, &[]);
+        metrics.reloads_ok = metrics.counter(names::CONFIG_RELOADS, &[("result", "ok")]);
+        metrics.reloads_failed = metrics.counter(names::CONFIG_RELOADS, &[("result", "error")]);
+        metrics
     }
 
     /// The Prometheus text exposition of everything recorded so far.
@@ -118,14 +126,23 @@ impl Metrics {
     }
 
     fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
+        if !self.enabled {
+            return Counter::noop();
+        }
         self.recorder.register_counter(&key(name, labels), &METADATA)
     }
 
     fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
+        if !self.enabled {
+            return Gauge::noop();
+        }
         self.recorder.register_gauge(&key(name, labels), &METADATA)
     }
 
     fn histogram(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Histogram {
+        if !self.enabled {
+            return Histogram::noop();
+        }
         self.recorder.register_histogram(&key(name, labels), &METADATA)
     }
 
@@ -167,6 +184,7 @@ impl Metrics {
                     dropped_bytes: self.counter(names::DROPPED_BYTES, &r),
                     connect_duration: self.histogram(names::BACKEND_CONNECT_DURATION, &r),
                     recorder: self.recorder.clone(),
+                    enabled: self.enabled,
                 })
             })
             .clone()
@@ -180,7 +198,7 @@ impl Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics::new()
+        Metrics::new(true)
     }
 }
 
@@ -272,6 +290,7 @@ pub struct ListenerMetrics {
 pub struct RouteMetrics {
     name: String,
     recorder: Arc<PrometheusRecorder>,
+    enabled: bool,
     /// Client → backend.
     pub to_backend: Flow,
     /// Backend → client.
@@ -294,6 +313,9 @@ impl std::fmt::Debug for RouteMetrics {
 
 impl RouteMetrics {
     fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
+        if !self.enabled {
+            return Counter::noop();
+        }
         let mut all = vec![("route", self.name.as_str())];
         all.extend_from_slice(labels);
         self.recorder.register_counter(&key(name, &all), &METADATA)

@@ -277,3 +277,18 @@ async fn reload_applies_to_new_sessions_only() {
     assert_eq!(scrape(&gw, "wsgate_config_reloads_total", &[("result", "ok")]).await, 1.0);
     assert_eq!(scrape(&gw, "wsgate_config_reloads_total", &[("result", "error")]).await, 2.0);
 }
+
+/// `[metrics] enabled = false` records nothing (so the cost of metrics can be measured), while
+/// sessions and the admin endpoints work as before.
+#[tokio::test]
+async fn metrics_can_be_turned_off() {
+    let text = Gateway::builder().route("echo", "/echo", "builtin:echo").toml() + "[metrics]\nenabled = false\n";
+    let gw = Gateway::from_toml(&text).await;
+    let mut ws = gw.ws("/echo").await;
+    send_binary(&mut ws, b"1234").await;
+    assert_eq!(read_bytes(&mut ws, 4).await, b"1234");
+    let (status, body) = admin_get(&gw, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(!body.contains("wsgate_bytes_total"), "{body}");
+    assert_eq!(admin_get(&gw, "/readyz").await.0, 200);
+}
