@@ -312,20 +312,23 @@ where
             Framing::Text => true,
             Framing::Mirror => last_text.load(Ordering::Relaxed),
         };
+        // Bytes that can never be UTF-8 end the session, after the valid text before them.
+        let mut not_utf8 = false;
         let message = match as_text {
             false => Message::Binary(buf.freeze()),
-            true => match split_utf8(&mut buf) {
-                Err(()) => return End::BackendNotUtf8,
-                Ok(rest) => {
-                    // A copy of at most 3 bytes, so the read buffer is not kept alive by it.
-                    carry = BytesMut::from(&rest[..]);
-                    if buf.is_empty() {
-                        continue;
+            true => {
+                let (rest, invalid) = split_utf8(&mut buf);
+                // A copy of at most 3 bytes, so the read buffer is not kept alive by it.
+                carry = BytesMut::from(&rest[..]);
+                not_utf8 = invalid;
+                if buf.is_empty() {
+                    if not_utf8 {
+                        return End::BackendNotUtf8;
                     }
-                    let text = Utf8Bytes::try_from(buf.freeze()).expect("checked by split_utf8");
-                    Message::Text(text)
+                    continue;
                 }
-            },
+                Message::Text(Utf8Bytes::try_from(buf.freeze()).expect("checked by split_utf8"))
+            }
         };
         let len = match &message {
             Message::Binary(b) => b.len(),
@@ -338,16 +341,23 @@ where
         }
         drop(held);
         meter.relayed(len);
+        if not_utf8 {
+            return End::BackendNotUtf8;
+        }
     }
 }
 
-/// Keeps the valid UTF-8 prefix in `buf` and returns the incomplete sequence at its end;
-/// `Err` when the bytes are not UTF-8 whatever follows.
-fn split_utf8(buf: &mut BytesMut) -> Result<BytesMut, ()> {
+/// Keeps the longest valid UTF-8 prefix in `buf` and returns the bytes after it that a later
+/// read may still complete (an incomplete sequence at the end, < 4 bytes), and whether the bytes
+/// after the prefix can never be UTF-8 (those are dropped from `buf`).
+fn split_utf8(buf: &mut BytesMut) -> (BytesMut, bool) {
     match std::str::from_utf8(buf) {
-        Ok(_) => Ok(BytesMut::new()),
-        Err(e) if e.error_len().is_none() => Ok(buf.split_off(e.valid_up_to())),
-        Err(_) => Err(()),
+        Ok(_) => (BytesMut::new(), false),
+        Err(e) if e.error_len().is_none() => (buf.split_off(e.valid_up_to()), false),
+        Err(e) => {
+            buf.truncate(e.valid_up_to());
+            (BytesMut::new(), true)
+        }
     }
 }
 
@@ -378,19 +388,24 @@ mod tests {
     use super::*;
 
     #[test]
+    /// A complete string passes whole; a sequence cut at the end is carried; bytes that can
+    /// never be UTF-8 are reported, with the valid text before them kept.
     fn utf8_split_keeps_incomplete_tail_and_rejects_garbage() {
         let mut b = BytesMut::from("héllo");
-        assert!(split_utf8(&mut b).unwrap().is_empty());
+        assert_eq!(split_utf8(&mut b), (BytesMut::new(), false));
         assert_eq!(&b[..], "héllo".as_bytes());
 
         let euro = "€".as_bytes(); // 3 bytes
         let mut b = BytesMut::from(&b"ab"[..]);
         b.extend_from_slice(&euro[..2]);
-        let rest = split_utf8(&mut b).unwrap();
+        let (rest, invalid) = split_utf8(&mut b);
+        assert!(!invalid);
         assert_eq!(&b[..], b"ab");
         assert_eq!(&rest[..], &euro[..2]);
 
         let mut b = BytesMut::from(&b"ok\xff\xfe"[..]);
-        assert!(split_utf8(&mut b).is_err());
+        let (rest, invalid) = split_utf8(&mut b);
+        assert!(invalid && rest.is_empty());
+        assert_eq!(&b[..], b"ok", "the valid text before the bad bytes is kept");
     }
 }

@@ -10,6 +10,8 @@
 //! - SIGHUP: reload the config file and certificates; an invalid file is rejected and the
 //!   running config stays.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -134,6 +136,8 @@ fn run(path: &Path) -> anyhow::Result<()> {
         let signals = Signals::install()?;
         let gateway = wsgate::Gateway::bind(config).await?;
         let shutdown = Shutdown::new();
+        // Not awaited: it lives as long as the process; it ends the process itself on a second
+        // signal, and is dropped with the runtime when `run` returns.
         tokio::spawn(watch_signals(signals, shutdown.clone(), gateway.reloader(), path.to_path_buf()));
         gateway.run(shutdown).await;
         Ok(())

@@ -92,21 +92,33 @@ async fn backend_reads_become_bounded_messages() {
 /// backend writes is carried over, never broken.
 #[tokio::test]
 async fn text_route_carries_split_utf8_sequences() {
-    let backend = Backend::start(|mut s: tokio::net::TcpStream| async move {
-        use tokio::io::AsyncWriteExt;
-        let euro = "€".as_bytes();
-        s.write_all(b"price: ").await.unwrap();
-        s.write_all(&euro[..1]).await.unwrap();
-        s.flush().await.unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        s.write_all(&euro[1..]).await.unwrap();
-        s.write_all(b"5").await.unwrap();
-        s.shutdown().await.unwrap();
+    // The backend sends the first byte of "€", then waits until the client has received the text
+    // before it, so the two halves of the character surely arrive in different reads.
+    let go_on = std::sync::Arc::new(tokio::sync::Notify::new());
+    let resume = go_on.clone();
+    let backend = Backend::start(move |mut s: tokio::net::TcpStream| {
+        let resume = resume.clone();
+        async move {
+            use tokio::io::AsyncWriteExt;
+            let euro = "€".as_bytes();
+            s.write_all(b"price: ").await.unwrap();
+            s.write_all(&euro[..1]).await.unwrap();
+            resume.notified().await;
+            s.write_all(&euro[1..]).await.unwrap();
+            s.write_all(b"5").await.unwrap();
+            s.shutdown().await.unwrap();
+        }
     })
     .await;
     let gw = Gateway::builder().route_with("t", "/t", &backend.target(), "outbound = \"text\"").start().await;
     let mut ws = gw.ws("/t").await;
-    let mut text = String::new();
+    // The text before the cut character arrives alone: the lone lead byte was carried, not sent.
+    match within("first text", futures_util::StreamExt::next(&mut ws)).await {
+        Some(Ok(Message::Text(t))) => assert_eq!(t.as_str(), "price: "),
+        other => panic!("expected the text before the cut character, got {other:?}"),
+    }
+    go_on.notify_one();
+    let mut text = String::from("price: ");
     loop {
         match within("text", futures_util::StreamExt::next(&mut ws)).await {
             Some(Ok(Message::Text(t))) => text.push_str(&t),

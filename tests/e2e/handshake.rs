@@ -19,6 +19,7 @@ async fn plain_get_is_426() {
     let (status, head, _) = raw_http(gw.plain, "GET /echo?x=1 HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(status, 426);
     assert!(head.to_ascii_lowercase().contains("upgrade: websocket"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("connection: upgrade, close"), "{head}");
 }
 
 /// Malformed upgrades get 400 (bad key, missing key, no `Connection: Upgrade`, HTTP/1.0), a
@@ -137,8 +138,14 @@ async fn connection_limit_closes_extra_sockets() {
     read_bytes(&mut b, 1).await;
     let mut extra = tokio::net::TcpStream::connect(gw.plain).await.unwrap();
     let mut buf = [0u8; 1];
-    let n = within("extra socket closed", extra.read(&mut buf)).await.unwrap_or(0);
+    // Closed at once: well before the 10 s handshake timeout could close it instead.
+    let n = tokio::time::timeout(std::time::Duration::from_secs(3), extra.read(&mut buf))
+        .await
+        .expect("the third socket must be closed at once, not left to time out")
+        .unwrap_or(0);
     assert_eq!(n, 0, "the third socket must be closed without an answer");
+    let refused = [("listener", "plain"), ("reason", "connection_limit")];
+    assert_eq!(scrape(&gw, "wsgate_connections_refused_total", &refused).await, 1.0);
     drop(a);
     // The slot comes back once the first session has ended; retry until it has.
     within("a slot frees up", async {

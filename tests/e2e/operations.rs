@@ -52,8 +52,9 @@ async fn slow_consumer_shows_bounded_buffered_bytes() {
     let got = read_bytes(&mut ws, TOTAL).await;
     assert!(got == payload(TOTAL, 42), "bytes lost, duplicated or reordered");
     eventually("buffered bytes return to 0", || async { scrape(&gw, BUFFERED, &labels).await == 0.0 }).await;
-    let peaks = scrape(&gw, "wsgate_session_peak_buffered_bytes_count", &labels).await;
-    assert_eq!(peaks, 0.0, "the peak is recorded when the session ends, not before");
+    let (_, body) = admin_get(&gw, "/metrics").await;
+    let peaks = metric(&body, "wsgate_session_peak_buffered_bytes_count", &labels);
+    assert_eq!(peaks, Some(0.0), "the series exists, and the peak is recorded when the session ends");
 }
 
 /// Counters equal what the test did: bytes and messages each way, sessions by close code and
@@ -104,10 +105,14 @@ async fn counters_match_the_traffic() {
             .await,
         1.0
     );
-    assert_eq!(scrape(&gw, "wsgate_sessions_open", &[("route", "tcp")]).await, 0.0);
+    eventually("no session open", || async { scrape(&gw, "wsgate_sessions_open", &[("route", "tcp")]).await == 0.0 })
+        .await;
     assert_eq!(scrape(&gw, BUFFERED, &tcp("to_backend")).await, 0.0);
     assert_eq!(scrape(&gw, "wsgate_connections_accepted_total", &[("listener", "plain")]).await, 5.0);
-    assert_eq!(scrape(&gw, "wsgate_session_duration_seconds_count", &[("route", "tcp")]).await, 3.0);
+    eventually("three durations recorded", || async {
+        scrape(&gw, "wsgate_session_duration_seconds_count", &[("route", "tcp")]).await == 3.0
+    })
+    .await;
 }
 
 /// Two gateways in one process keep separate counts: no global recorder.
@@ -145,9 +150,9 @@ async fn drain_with_200_streaming_sessions() {
     let echo = Backend::echo().await;
     let text = Gateway::builder().route("tcp", "/tcp", &echo.target()).toml().replace(
         "drain_delay_secs = 0\nclose_window_secs = 0\ndeadline_secs = 5\n",
-        "drain_delay_secs = 0.5\nclose_window_secs = 1\ndeadline_secs = 10\n",
+        "drain_delay_secs = 2\nclose_window_secs = 1\ndeadline_secs = 10\n",
     );
-    assert!(text.contains("drain_delay_secs = 0.5"));
+    assert!(text.contains("drain_delay_secs = 2"));
     let gw = Gateway::from_toml(&text).await;
 
     let sent_before_drain: Arc<Vec<AtomicU64>> = Arc::new((0..SESSIONS).map(|_| AtomicU64::new(0)).collect());
@@ -194,7 +199,7 @@ async fn drain_with_200_streaming_sessions() {
     draining.store(true, Ordering::SeqCst);
     gw.shutdown.drain();
     eventually("/readyz turns 503", || async { admin_get(&gw, "/readyz").await.0 == 503 }).await;
-    assert!(started.elapsed() < Duration::from_millis(500), "readyz must fail before the drain delay ends");
+    assert!(started.elapsed() < Duration::from_millis(1500), "readyz must fail well before the 2 s drain delay ends");
     // Still accepting during the drain delay (load balancers may not have noticed yet).
     let mut late = gw.ws("/tcp").await;
     send_binary(&mut late, b"late").await;
@@ -212,7 +217,7 @@ async fn drain_with_200_streaming_sessions() {
     gw.stop().await;
     let took = started.elapsed();
     assert!(took < Duration::from_secs(10), "shutdown took {took:?}, past the 10 s deadline");
-    assert!(took >= Duration::from_millis(500), "sessions closed before the drain delay ended ({took:?})");
+    assert!(took >= Duration::from_secs(2), "sessions closed before the drain delay ended ({took:?})");
 }
 
 /// Hot reload with sessions streaming: a route change and a certificate change apply to new
