@@ -236,8 +236,8 @@ impl Gateway {
 /// Applies a new config to a running gateway: routes, policies, limits and certificates for new
 /// connections; sessions already open keep the config they started with. What cannot change
 /// without a restart (listener set and addresses, schemes, connection and handshake limits, the
-/// admin and built-in listeners, the log format) makes the whole reload fail, so nothing is
-/// half-applied.
+/// admin and built-in listeners, the log format, metrics on or off) makes the whole reload fail,
+/// so nothing is half-applied.
 #[derive(Clone)]
 pub struct Reloader {
     shared: Arc<Shared>,
