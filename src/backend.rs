@@ -130,6 +130,7 @@ pub fn tune(stream: &TcpStream, keepalive: Option<Duration>) {
 mod tests {
     use super::*;
 
+    /// A refused port and a name that resolves are told apart, and a dual-stack name still connects.
     #[tokio::test]
     async fn refused_and_resolved_errors_are_told_apart() {
         // A socket that is bound but not listening holds the port and refuses connections:

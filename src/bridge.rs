@@ -387,9 +387,9 @@ pub async fn shutdown_write<W: AsyncWrite + Unpin>(backend: &mut W) {
 mod tests {
     use super::*;
 
-    #[test]
     /// A complete string passes whole; a sequence cut at the end is carried; bytes that can
     /// never be UTF-8 are reported, with the valid text before them kept.
+    #[test]
     fn utf8_split_keeps_incomplete_tail_and_rejects_garbage() {
         let mut b = BytesMut::from("héllo");
         assert_eq!(split_utf8(&mut b), (BytesMut::new(), false));

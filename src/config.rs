@@ -1103,12 +1103,14 @@ backend = "builtin:echo"
         assert_eq!(c.console, None, "the console is off unless the config enables it");
     }
 
+    /// The issue's own example: a backend without a port is one line naming file, key and value.
     #[test]
     fn backend_without_port_names_route_and_key() {
         let e = err(&MINIMAL.replace("builtin:echo", "localhost"));
         assert_eq!(e, "test.toml: routes.echo.backend: \"localhost\" has no port");
     }
 
+    /// Backends parse with or without `tcp://`, IPv6 in brackets; bad ports and kinds are refused.
     #[test]
     fn backends_parse_with_and_without_scheme() {
         let c = ok(&MINIMAL.replace("builtin:echo", "tcp://[::1]:5900"));
@@ -1121,12 +1123,14 @@ backend = "builtin:echo"
         assert!(err(&MINIMAL.replace("builtin:echo", "builtin:ftp")).contains("builtin:echo"));
     }
 
+    /// An unknown key keeps toml's line and column and is named with its table.
     #[test]
     fn unknown_key_keeps_line_and_column_and_names_the_key() {
         let e = err(&format!("{MINIMAL}bogus = 1\n"));
         assert!(e.starts_with("test.toml:7:1: routes.echo.bogus: unknown field `bogus`"), "{e}");
     }
 
+    /// A value of the wrong type names its dotted key.
     #[test]
     fn wrong_type_names_the_key() {
         let e = err(&format!("{MINIMAL}[limits]\nmax_connections = \"many\"\n"));
@@ -1134,12 +1138,14 @@ backend = "builtin:echo"
         assert!(e.contains("limits.max_connections"), "{e}");
     }
 
+    /// A missing required key is named with its table.
     #[test]
     fn missing_field_names_the_key() {
         let e = err("[listeners.plain]\naddress = \"127.0.0.1:1\"\n[routes.echo]\npath = \"/echo\"\n");
         assert!(e.contains("routes.echo.backend") && e.contains("missing field"), "{e}");
     }
 
+    /// Validation reports every problem, one line each, not just the first.
     #[test]
     fn all_problems_are_listed_one_per_line() {
         let e = err(
@@ -1153,6 +1159,7 @@ backend = "builtin:echo"
         assert!(lines.iter().any(|l| l.contains("limits.max_connections: 0 is out of range")));
     }
 
+    /// Relative certificate paths resolve against the config file's directory; generation is off by default.
     #[test]
     fn relative_tls_paths_resolve_against_the_config_directory() {
         let text = format!(
@@ -1165,6 +1172,7 @@ backend = "builtin:echo"
         assert!(!tls.generate_self_signed, "generation is off unless the config asks for it");
     }
 
+    /// Origins are normalised (case, default port, trailing slash); "*" cannot be mixed with others.
     #[test]
     fn origins_normalise_and_star_stands_alone() {
         assert_eq!(normalize_origin("HTTPS://App.Example.com:443/"), Some("https://app.example.com".into()));
@@ -1178,6 +1186,7 @@ backend = "builtin:echo"
         );
     }
 
+    /// Two routes matching the same requests, or two listeners on one address, are refused.
     #[test]
     fn duplicate_routes_and_addresses_are_refused() {
         let e = err(&format!("{MINIMAL}[routes.again]\npath = \"/echo\"\nbackend = \"builtin:echo\"\n"));
@@ -1186,6 +1195,7 @@ backend = "builtin:echo"
         assert!(e.contains("listeners.plain.address"), "{e}");
     }
 
+    /// `accept`, `subprotocols`, `outbound = "mirror"` and `[console]` parse and validate.
     #[test]
     fn accept_subprotocols_and_console() {
         let c = ok(&format!(
@@ -1201,6 +1211,7 @@ backend = "builtin:echo"
         assert!(err(&format!("{MINIMAL}[console]\nenabled = true\npath = \"console\"\n")).contains("console.path"));
     }
 
+    /// `[shutdown]` (with zero delays), `[admin]`, `[log]` and `tcp_keepalive_secs` parse and validate.
     #[test]
     fn shutdown_admin_and_log() {
         let c = ok(&format!(
@@ -1218,6 +1229,7 @@ backend = "builtin:echo"
         assert_eq!(ok(&format!("{MINIMAL}[limits]\ntcp_keepalive_secs = 0\n")).limits.tcp_keepalive, None);
     }
 
+    /// `*.example.com` matches subdomains only; a host with a port is refused.
     #[test]
     fn host_patterns() {
         let c = ok(&format!("{MINIMAL}host = \"*.Example.com\"\n"));

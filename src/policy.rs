@@ -91,6 +91,7 @@ mod tests {
         r
     }
 
+    /// The request's own origin passes (scheme included); other origins, `null` and a missing Host get 403.
     #[test]
     fn same_origin_passes_cross_origin_is_403() {
         let mut r = route(AllowedOrigins::List(vec![]));
@@ -106,6 +107,7 @@ mod tests {
         assert!(check_origin(&r, Some("http://127.0.0.1:8080"), None, false).is_err());
     }
 
+    /// A rebound name whose Origin and Host agree is refused; IPs, localhost and the route's host pass.
     #[test]
     fn dns_rebinding_does_not_count_as_same_origin() {
         let mut r = route(AllowedOrigins::List(vec![]));
@@ -119,6 +121,7 @@ mod tests {
         assert!(check_origin(&r, Some("https://gw.example.com"), Some("gw.example.com"), true).is_ok());
     }
 
+    /// The first subprotocol the client offers that the route accepts is chosen; otherwise 400, without echoing the offer.
     #[test]
     fn subprotocol_selection_follows_the_client_order() {
         let mut r = route(AllowedOrigins::Any);
@@ -133,6 +136,7 @@ mod tests {
         assert!(select_subprotocol(&r, ["base64"]).unwrap_err().reason.contains("accepts binary, mqtt"));
     }
 
+    /// Listed origins, "*" and requests without Origin pass.
     #[test]
     fn listed_and_any_origins_and_non_browsers_pass() {
         let r = route(AllowedOrigins::List(vec!["https://app.example.com".into()]));

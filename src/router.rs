@@ -82,6 +82,7 @@ mod tests {
         r.find(host, path).map(|r| r.name.clone())
     }
 
+    /// Exact beats prefix, longer prefix beats shorter, and prefixes stop at segment boundaries.
     #[test]
     fn exact_and_prefix_with_segment_boundaries() {
         let r = Router::new(&[
@@ -100,6 +101,7 @@ mod tests {
         assert_eq!(found(&r, None, "/"), None);
     }
 
+    /// Host specificity decides before path length, as in nginx.
     #[test]
     fn host_specificity_comes_first() {
         let r = Router::new(&[
@@ -118,6 +120,7 @@ mod tests {
         assert_eq!(found(&r, Some("b.example.com"), "/long/path").as_deref(), Some("wild"));
     }
 
+    /// Host values lose port, case and trailing dot; IPv6 keeps its brackets.
     #[test]
     fn host_normalisation() {
         assert_eq!(normalize_host("Example.COM.:8443"), "example.com");

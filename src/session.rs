@@ -515,6 +515,7 @@ mod tests {
         assert_eq!(code(Outcome::ClientWriteFailed), None);
     }
 
+    /// Shutdown closes spread evenly over the window, never past it.
     #[test]
     fn shutdown_spread_covers_the_window() {
         let window = Duration::from_secs(10);
@@ -528,6 +529,7 @@ mod tests {
         assert_eq!(spread_offset(7, Duration::ZERO), Duration::ZERO);
     }
 
+    /// The linger recognises a masked client Close frame at the end of the bytes, and nothing else.
     #[test]
     fn client_close_frames_are_recognised_at_the_end() {
         // Masked close, code 1000 + "bye" (5 payload bytes).
@@ -541,6 +543,7 @@ mod tests {
         assert!(!ends_with_client_close(&[0x42; 200]));
     }
 
+    /// Each outcome is blamed on the side that caused it.
     #[test]
     fn sides() {
         assert_eq!(Outcome::BackendClosed.side(), Side::Backend);
@@ -548,6 +551,7 @@ mod tests {
         assert_eq!(Outcome::Shutdown.side(), Side::Gateway);
     }
 
+    /// Close reasons are cut to 123 bytes on a UTF-8 boundary.
     #[test]
     fn reasons_are_cut_at_123_bytes_on_a_char_boundary() {
         let long = "é".repeat(100); // 200 bytes

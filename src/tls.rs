@@ -123,6 +123,7 @@ fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
 mod tests {
     use super::*;
 
+    /// The development pair loads, its key is mode 0600, and it is never overwritten.
     #[test]
     fn generated_pair_loads_and_key_is_private() {
         let dir = tempfile::tempdir().unwrap();
@@ -141,6 +142,7 @@ mod tests {
         assert!(generate_dev_pair(&cert, &key).is_err());
     }
 
+    /// TLS errors name the file they are about.
     #[test]
     fn errors_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
