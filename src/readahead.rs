@@ -5,15 +5,15 @@
 //! idle session expensive; a small one makes a busy session pay a system call per few KiB.
 //! [`ReadAhead`] wraps the client socket (the TLS stream for wss) below hyper, so the WebSocket
 //! that hyper upgrades reads through it, and wsgate can have both: tungstenite gets a small
-//! buffer (paid by every session), and while data arrives faster than tungstenite takes it, this
-//! adapter reads the socket in large chunks into a buffer of its own, which it frees as soon as
-//! the socket has nothing more to give. An idle session holds no buffer here.
+//! buffer (paid by every session), and this adapter reads the socket in large chunks into a
+//! buffer of its own, which it frees as soon as the socket has nothing more to give. An idle
+//! session holds no buffer here.
 //!
 //! Writes pass straight through.
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -53,19 +53,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
             this.hand_out(out);
             return Poll::Ready(Ok(()));
         }
-        if this.buf.capacity() == 0 {
-            // Idle: read straight into the caller's buffer. If that fills it, more is likely
-            // waiting, so read ahead from the next call on.
-            let before = out.filled().len();
-            ready!(Pin::new(&mut this.inner).poll_read(cx, out))?;
-            if out.filled().len() > before && out.remaining() == 0 {
-                this.buf = BytesMut::with_capacity(this.chunk);
-            }
-            return Poll::Ready(Ok(()));
-        }
-        // Busy and drained: read the next chunk, or go idle (and free the buffer) if the socket
-        // has nothing right now. Everything handed out was copied, so `reserve` on the empty
-        // buffer reclaims the same allocation rather than making a new one.
+        // Read a whole chunk, into a buffer that exists only for as long as reads find data:
+        // `poll_read` is called again only when the socket is likely readable, so allocating
+        // here costs idle sessions nothing, and the buffer goes as soon as a read would wait.
+        // Everything handed out was copied, so `reserve` on the emptied buffer reclaims the same
+        // allocation rather than making a new one.
         this.buf.clear();
         this.buf.reserve(this.chunk);
         match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.buf) {
