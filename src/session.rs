@@ -90,7 +90,12 @@ impl Side {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// The client sent Close with this code; tungstenite echoes it.
-    ClientClosed(Option<u16>),
+    ClientClosed {
+        /// The client's code (`None`: a Close without one, which reads as 1005).
+        code: Option<u16>,
+        /// The client's reason, for the log line.
+        reason: String,
+    },
     /// The client's socket ended or failed without a Close; nothing can be sent.
     ClientGone,
     /// The client broke the protocol (bad opcode, unmasked frame, bad close code, ...).
@@ -122,7 +127,7 @@ impl Outcome {
     /// Which side caused the ending.
     pub fn side(&self) -> Side {
         match self {
-            Outcome::ClientClosed(_)
+            Outcome::ClientClosed { .. }
             | Outcome::ClientGone
             | Outcome::ClientProtocolError(_)
             | Outcome::ClientInvalidUtf8
@@ -142,7 +147,7 @@ impl Outcome {
     /// answers with the client's own code) or the client socket is gone.
     pub fn close_frame(&self) -> Option<CloseFrame> {
         let (code, reason): (u16, String) = match self {
-            Outcome::ClientClosed(_) | Outcome::ClientGone | Outcome::ClientWriteFailed => {
+            Outcome::ClientClosed { .. } | Outcome::ClientGone | Outcome::ClientWriteFailed => {
                 return None;
             }
             Outcome::BackendClosed => (1000, "backend closed the connection".into()),
@@ -165,7 +170,10 @@ impl Outcome {
 
     fn from_end(end: End, max_message_bytes: usize) -> Outcome {
         match end {
-            End::ClientClosed(frame) => Outcome::ClientClosed(frame.map(|f| u16::from(f.code))),
+            End::ClientClosed(frame) => Outcome::ClientClosed {
+                code: frame.as_ref().map(|f| u16::from(f.code)),
+                reason: frame.map(|f| f.reason.as_str().to_string()).unwrap_or_default(),
+            },
             End::ClientGone => Outcome::ClientGone,
             End::ClientFailed(e) => Outcome::from_client_error(e, max_message_bytes),
             End::ClientUnsupported(Kind::Text) => Outcome::ClientUnsupported("text"),
@@ -320,7 +328,7 @@ async fn run_inner(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: 
     // the TCP close, and must not wait for a slow backend.
     drop(ws);
     if let Some(mut backend) = backend
-        && matches!(outcome, Outcome::ClientClosed(_) | Outcome::Shutdown)
+        && matches!(outcome, Outcome::ClientClosed { .. } | Outcome::Shutdown)
     {
         // Tell the backend the client is done, then drop (and count) whatever it still sends,
         // so it sees an orderly end rather than a reset.
@@ -377,7 +385,7 @@ fn spread_offset(id: u64, window: Duration) -> Duration {
 /// would report them.
 fn close_code(outcome: &Outcome) -> u16 {
     match (outcome, outcome.close_frame()) {
-        (Outcome::ClientClosed(code), _) => code.unwrap_or(1005),
+        (Outcome::ClientClosed { code, .. }, _) => code.unwrap_or(1005),
         (_, Some(f)) => u16::from(f.code),
         // 1006: no close frame was exchanged.
         (_, None) => 1006,
@@ -393,7 +401,7 @@ where
     let closing = async {
         match outcome {
             Outcome::ClientGone | Outcome::ClientWriteFailed => return,
-            Outcome::ClientClosed(_) => {
+            Outcome::ClientClosed { .. } => {
                 if ws.flush().await.is_err() {
                     return;
                 }
@@ -459,7 +467,11 @@ fn ends_with_client_close(bytes: &[u8]) -> bool {
 }
 
 fn log_end(ctx: &Context, outcome: &Outcome, code: u16, stats: &Stats, duration: Duration) {
-    let reason = outcome.close_frame().map(|f| f.reason.as_str().to_string()).unwrap_or_default();
+    // Ours, or the client's own (untrusted text: logged with its quotes and escapes).
+    let reason = match outcome {
+        Outcome::ClientClosed { reason, .. } => reason.clone(),
+        other => other.close_frame().map(|f| f.reason.as_str().to_string()).unwrap_or_default(),
+    };
     info!(
         client.addr = %ctx.client_addr,
         route.backend = %ctx.route.backend,
@@ -472,7 +484,7 @@ fn log_end(ctx: &Context, outcome: &Outcome, code: u16, stats: &Stats, duration:
         to_client.peak_buffered = stats.to_client.peak_buffered,
         dropped.bytes = stats.dropped_bytes,
         close.code = code,
-        close.reason = %reason,
+        close.reason = ?reason,
         closed_by = outcome.side().as_str(),
         "session ended"
     );
@@ -510,7 +522,7 @@ mod tests {
             code(Outcome::BackendUnavailable("connection refused")),
             Some((1013, "backend unavailable: connection refused".into()))
         );
-        assert_eq!(code(Outcome::ClientClosed(Some(1000))), None);
+        assert_eq!(code(Outcome::ClientClosed { code: Some(1000), reason: "bye".into() }), None);
         assert_eq!(code(Outcome::ClientGone), None);
         assert_eq!(code(Outcome::ClientWriteFailed), None);
     }
