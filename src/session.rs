@@ -323,7 +323,8 @@ async fn run_inner(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: 
     close_client(&mut ws, &outcome, ctx.close_timeout).await;
     // Counted now: the client has its close; lingering on the backend below (and a deadline
     // that may cut it short) does not change how the session ended.
-    open.ended(close_code(&outcome), outcome.side());
+    let code = close_code(&outcome);
+    open.ended(code, outcome.side());
     // Release the client socket before lingering on the backend: the page's `onclose` waits for
     // the TCP close, and must not wait for a slow backend.
     drop(ws);
@@ -336,7 +337,6 @@ async fn run_inner(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: 
         stats.dropped_bytes = bridge::drain(&mut backend, ctx.close_timeout).await;
     }
     let duration = started.elapsed();
-    let code = close_code(&outcome);
     m.duration.record(duration.as_secs_f64());
     m.to_backend.peak.record(stats.to_backend.peak_buffered as f64);
     m.to_client.peak.record(stats.to_client.peak_buffered as f64);

@@ -191,10 +191,26 @@ async fn browser_failures_are_reported() {
         ])
     );
 
+    // A message over the limit that has fully arrived: 1009, the reason, and a clean close.
+    let r = scenario(&mut browser, &tab, &gw.url("/sink"), "{ onopen: (ws) => ws.send(new Uint8Array(5000).buffer) }")
+        .await;
+    assert_eq!(r["events"], json!([created(), open(""), close(1009, "message too big: limit is 4096 bytes", true)]));
+    // Far over the limit and still arriving when wsgate closes: the page still gets 1009 and the
+    // reason (not 1006). Whether Chromium calls it clean depends on whether it finished sending
+    // before the connection ended; under load it sometimes has not (docs/close-codes.md), so
+    // `wasClean` is not asserted here.
     let r =
         scenario(&mut browser, &tab, &gw.url("/sink"), "{ onopen: (ws) => ws.send(new Uint8Array(3000000).buffer) }")
             .await;
-    assert_eq!(r["events"], json!([created(), open(""), close(1009, "message too big: limit is 4096 bytes", true)]));
+    let events = r["events"].as_array().unwrap();
+    assert_eq!(events[..2], [created(), open("")]);
+    assert_eq!(events.len(), 3, "{events:?}");
+    let last = &events[2];
+    assert_eq!(
+        (&last["type"], &last["code"], &last["reason"]),
+        (&json!("close"), &json!(1009), &json!("message too big: limit is 4096 bytes")),
+        "{last}"
+    );
 
     let refused = json!([created(), {"type": "error", "readyState": 3}, close(1006, "", false)]);
     let r = scenario(&mut browser, &tab, &gw.url("/nope"), "{}").await;
