@@ -53,7 +53,7 @@ struct Args {
     #[arg(long, default_value = "")]
     wsgate_limits: String,
     /// Passed by `cargo bench`; ignored.
-    #[arg(long, hide = true)]
+    #[arg(long, hide = true, global = true)]
     bench: bool,
 }
 
@@ -68,6 +68,33 @@ enum Role {
         #[arg(long, num_args = 2)]
         tls: Option<Vec<PathBuf>>,
     },
+    /// Drives load at any endpoint (a deployed wsgate, a peer, a backend) and prints one figure.
+    Drive {
+        /// `ws://host:port/path`, `wss://host:port/path` or `tcp://host:port`.
+        url: String,
+        /// What to measure.
+        #[arg(long, value_enum, default_value = "echo")]
+        mode: Mode,
+        /// Concurrent sessions.
+        #[arg(long, default_value_t = 1)]
+        sessions: usize,
+        /// Message size, bytes (TCP: write size).
+        #[arg(long, default_value_t = 64 * 1024)]
+        size: usize,
+        /// Measuring window, seconds (after a warm-up of a fifth of it).
+        #[arg(long, default_value_t = 5.0)]
+        secs: f64,
+        /// PEM CA certificate to trust for wss (the default trusts no one).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
+    /// A TCP backend: echo (sends back what it reads), sink (discards), source (sends without end).
+    Backend {
+        #[arg(value_enum)]
+        kind: BackendKind,
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
     /// Opens and holds WebSocket sessions until standard input closes.
     #[command(hide = true)]
     Hold {
@@ -81,12 +108,39 @@ enum Role {
     },
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+enum Mode {
+    /// Send messages as fast as they are taken; count the bytes that come back (echo backend).
+    Echo,
+    /// Send messages as fast as they are taken; count the bytes sent (sink backend).
+    Send,
+    /// Send nothing; count the bytes received (source backend).
+    Receive,
+    /// Round trips: send one message, wait for all of it to come back, repeat (echo backend).
+    Rtt,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+enum BackendKind {
+    Echo,
+    Sink,
+    Source,
+}
+
 fn main() {
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match args.role {
         Some(Role::BareBridge { backend, tls }) => rt.block_on(bare_bridge(backend, tls)),
         Some(Role::Hold { url, count, ca }) => rt.block_on(hold(url, count, ca)),
+        Some(Role::Drive { url, mode, sessions, size, secs, ca }) => {
+            let at = Endpoint::parse(&url).unwrap_or_else(|e| {
+                eprintln!("drive: {e}");
+                std::process::exit(2)
+            });
+            rt.block_on(drive(&at, mode, sessions, size, Duration::from_secs_f64(secs), ca.as_deref()))
+        }
+        Some(Role::Backend { kind, listen }) => rt.block_on(backend(kind, listen)),
         None => rt.block_on(orchestrate(&args)),
     }
 }
@@ -101,12 +155,62 @@ enum Kind {
     Wss,
 }
 
-/// One thing under test: where clients connect and how.
-struct Target {
-    name: &'static str,
+/// Where clients connect and how: a WebSocket URL, or a TCP address.
+#[derive(Clone, Debug)]
+struct Endpoint {
     kind: Kind,
     addr: SocketAddr,
-    path: &'static str,
+    /// The URL's host: the TLS server name and the Host header.
+    host: String,
+    path: String,
+}
+
+impl Endpoint {
+    fn local(kind: Kind, addr: SocketAddr, path: &str) -> Endpoint {
+        Endpoint { kind, addr, host: "localhost".into(), path: path.into() }
+    }
+
+    /// `ws://host:port/path`, `wss://host:port/path` or `tcp://host:port`.
+    fn parse(url: &str) -> Result<Endpoint, String> {
+        use std::net::ToSocketAddrs;
+        let (scheme, rest) =
+            url.split_once("://").ok_or_else(|| format!("{url}: no scheme (ws://, wss://, tcp://)"))?;
+        let kind = match scheme {
+            "ws" => Kind::Ws,
+            "wss" => Kind::Wss,
+            "tcp" => Kind::Tcp,
+            other => return Err(format!("{url}: scheme {other:?} is not ws, wss or tcp")),
+        };
+        let (authority, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(a, p)| (a, format!("/{p}")));
+        let default_port = if kind == Kind::Wss { 443 } else { 80 };
+        let with_port = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+            authority.to_string()
+        } else {
+            format!("{authority}:{default_port}")
+        };
+        let addr = with_port
+            .to_socket_addrs()
+            .map_err(|e| format!("{url}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{url}: no address"))?;
+        let host = with_port.rsplit_once(':').map_or(authority, |(h, _)| h).trim_matches(['[', ']']).to_string();
+        Ok(Endpoint { kind, addr, host, path })
+    }
+
+    fn url(&self) -> String {
+        let scheme = match self.kind {
+            Kind::Tcp => "tcp",
+            Kind::Ws => "ws",
+            Kind::Wss => "wss",
+        };
+        format!("{scheme}://{}:{}{}", self.host, self.addr.port(), self.path)
+    }
+}
+
+/// One thing under test: an endpoint and the process relaying its traffic.
+struct Target {
+    name: &'static str,
+    at: Endpoint,
     /// The process relaying the traffic (none for direct TCP).
     process: Option<Child>,
     /// Peers are held to 1,000 idle sessions.
@@ -116,10 +220,6 @@ struct Target {
 impl Target {
     fn pid(&self) -> Option<u32> {
         self.process.as_ref().map(Child::id)
-    }
-    fn url(&self) -> String {
-        let scheme = if self.kind == Kind::Wss { "wss" } else { "ws" };
-        format!("{scheme}://localhost:{}{}", self.addr.port(), self.path)
     }
 }
 
@@ -196,9 +296,7 @@ fn start_targets(setup: &Setup, only: &Option<String>, limits: &str) -> Vec<Targ
     if want("tcp") {
         targets.push(Target {
             name: "tcp",
-            kind: Kind::Tcp,
-            addr: setup.echo,
-            path: "",
+            at: Endpoint::local(Kind::Tcp, setup.echo, ""),
             process: None,
             max_idle: 8000,
         });
@@ -213,7 +311,7 @@ fn start_targets(setup: &Setup, only: &Option<String>, limits: &str) -> Vec<Targ
             cmd.arg("--tls").arg(&setup.cert).arg(&setup.key);
         }
         let (child, addr) = spawn_and_find(cmd, |l| l.strip_prefix("listening ")?.parse().ok(), true);
-        targets.push(Target { name, kind, addr, path: "/", process: Some(child), max_idle: 8000 });
+        targets.push(Target { name, at: Endpoint::local(kind, addr, "/"), process: Some(child), max_idle: 8000 });
     }
     if want("wsgate-ws") || want("wsgate-wss") {
         let config = setup.dir.path().join("wsgate.toml");
@@ -244,7 +342,12 @@ fn start_targets(setup: &Setup, only: &Option<String>, limits: &str) -> Vec<Targ
                 |l| l.split(&tag).nth(1)?.split_whitespace().next()?.split("://").nth(1)?.parse().ok(),
                 false,
             );
-            targets.push(Target { name, kind, addr, path: "/bench", process: Some(child), max_idle: 8000 });
+            targets.push(Target {
+                name,
+                at: Endpoint::local(kind, addr, "/bench"),
+                process: Some(child),
+                max_idle: 8000,
+            });
         }
     }
     if want("websocat") && which("websocat") {
@@ -257,9 +360,7 @@ fn start_targets(setup: &Setup, only: &Option<String>, limits: &str) -> Vec<Targ
         wait_listening(addr);
         targets.push(Target {
             name: "websocat",
-            kind: Kind::Ws,
-            addr,
-            path: "/",
+            at: Endpoint::local(Kind::Ws, addr, "/"),
             process: Some(child),
             max_idle: 1000,
         });
@@ -274,9 +375,7 @@ fn start_targets(setup: &Setup, only: &Option<String>, limits: &str) -> Vec<Targ
         wait_listening(addr);
         targets.push(Target {
             name: "websockify",
-            kind: Kind::Ws,
-            addr,
-            path: "/",
+            at: Endpoint::local(Kind::Ws, addr, "/"),
             process: Some(child),
             max_idle: 1000,
         });
@@ -311,15 +410,30 @@ fn client_tls(ca: &rustls::pki_types::CertificateDer<'static>) -> tokio_rustls::
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
 }
 
+/// A TLS client trusting the PEM CA certificate at `ca`, or (without one) a throwaway
+/// certificate, which is enough for ws:// and tcp:// endpoints.
+fn client_tls_from(ca: Option<&Path>) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::pem::PemObject;
+    let ca = match ca {
+        Some(p) => rustls::pki_types::CertificateDer::from_pem_file(p)
+            .unwrap_or_else(|e| panic!("read the CA certificate {}: {e}", p.display())),
+        None => rcgen::generate_simple_self_signed(vec!["x".into()]).unwrap().cert.der().clone(),
+    };
+    client_tls(&ca)
+}
+
 fn client_ws_config() -> WebSocketConfig {
     WebSocketConfig::default().max_message_size(Some(64 << 20)).max_frame_size(Some(64 << 20))
 }
 
-async fn ws_connect(t: &Target, tls: &tokio_rustls::TlsConnector) -> Ws {
+async fn ws_connect(t: &Endpoint, tls: &tokio_rustls::TlsConnector) -> Ws {
     let tcp = TcpStream::connect(t.addr).await.expect("connect");
     let _ = tcp.set_nodelay(true);
     let io: Box<dyn Io> = match t.kind {
-        Kind::Wss => Box::new(tls.connect(ServerName::try_from("localhost").unwrap(), tcp).await.expect("tls")),
+        Kind::Wss => {
+            let name = ServerName::try_from(t.host.clone()).expect("a TLS server name");
+            Box::new(tls.connect(name, tcp).await.expect("tls"))
+        }
         _ => Box::new(tcp),
     };
     let (ws, _) =
@@ -333,7 +447,7 @@ enum Conn {
     Ws(Box<Ws>),
 }
 
-async fn connect(t: &Target, tls: &tokio_rustls::TlsConnector) -> Conn {
+async fn connect(t: &Endpoint, tls: &tokio_rustls::TlsConnector) -> Conn {
     match t.kind {
         Kind::Tcp => {
             let s = TcpStream::connect(t.addr).await.expect("connect");
@@ -347,11 +461,13 @@ async fn connect(t: &Target, tls: &tokio_rustls::TlsConnector) -> Conn {
 // ---------------------------------------------------------------------------------------------
 // Measurements
 
-/// Echoed payload bytes per second over `duration`, with `sessions` sessions each sending
-/// `size`-byte messages as fast as the target takes them.
+/// Payload bytes per second over `duration`, with `sessions` sessions each sending `size`-byte
+/// messages as fast as the target takes them: the bytes that came back (`Echo`), that were sent
+/// (`Send`), or, sending nothing, that arrived (`Receive`).
 async fn throughput(
-    t: &Target,
+    t: &Endpoint,
     tls: &tokio_rustls::TlsConnector,
+    mode: Mode,
     sessions: usize,
     size: usize,
     duration: Duration,
@@ -360,28 +476,36 @@ async fn throughput(
     for _ in 0..sessions {
         conns.push(connect(t, tls).await);
     }
-    let received = Arc::new(AtomicU64::new(0));
+    let counted = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let start = Instant::now();
+    let (send, count_sent) = (mode != Mode::Receive, mode == Mode::Send);
     let mut tasks = Vec::new();
     for conn in conns {
-        let (received, stop) = (received.clone(), stop.clone());
+        let (counted, stop) = (counted.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             let message = vec![0x5a_u8; size];
+            let count = |n: usize| {
+                counted.fetch_add(n as u64, Ordering::Relaxed);
+            };
             match conn {
                 Conn::Tcp(s) => {
                     let (mut r, mut w) = s.into_split();
                     let writer = async {
-                        while !stop.load(Ordering::Relaxed) {
+                        while send && !stop.load(Ordering::Relaxed) {
                             if w.write_all(&message).await.is_err() {
                                 break;
+                            }
+                            if count_sent {
+                                count(message.len());
                             }
                         }
                     };
                     let reader = async {
                         let mut buf = vec![0u8; 64 * 1024];
                         while let Ok(n @ 1..) = r.read(&mut buf).await {
-                            received.fetch_add(n as u64, Ordering::Relaxed);
+                            if !count_sent {
+                                count(n);
+                            }
                             if stop.load(Ordering::Relaxed) {
                                 break;
                             }
@@ -393,15 +517,20 @@ async fn throughput(
                     let (mut tx, mut rx) = ws.split();
                     let payload = bytes::Bytes::from(message);
                     let writer = async {
-                        while !stop.load(Ordering::Relaxed) {
+                        while send && !stop.load(Ordering::Relaxed) {
                             if tx.send(Message::Binary(payload.clone())).await.is_err() {
                                 break;
+                            }
+                            if count_sent {
+                                count(payload.len());
                             }
                         }
                     };
                     let reader = async {
                         while let Some(Ok(m)) = rx.next().await {
-                            received.fetch_add(m.len() as u64, Ordering::Relaxed);
+                            if !count_sent {
+                                count(m.len());
+                            }
                             if stop.load(Ordering::Relaxed) {
                                 break;
                             }
@@ -414,14 +543,13 @@ async fn throughput(
     }
     // Warm up briefly, then measure the window.
     tokio::time::sleep(duration / 5).await;
-    let (b0, t0) = (received.load(Ordering::Relaxed), Instant::now());
+    let (b0, t0) = (counted.load(Ordering::Relaxed), Instant::now());
     tokio::time::sleep(duration).await;
-    let (b1, t1) = (received.load(Ordering::Relaxed), Instant::now());
+    let (b1, t1) = (counted.load(Ordering::Relaxed), Instant::now());
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
     }
-    let _ = start;
     (b1 - b0) as f64 / (t1 - t0).as_secs_f64()
 }
 
@@ -432,9 +560,15 @@ async fn wait_stop(stop: &AtomicBool) {
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
-/// Round-trip times of 64-byte messages: each of `sessions` sessions sends one, waits for the
-/// echo, and repeats, for `duration`.
-async fn latency(t: &Target, tls: &tokio_rustls::TlsConnector, sessions: usize, duration: Duration) -> Vec<Duration> {
+/// Round-trip times of `size`-byte messages: each of `sessions` sessions sends one, waits for the
+/// whole echo, and repeats, for `duration`.
+async fn latency(
+    t: &Endpoint,
+    tls: &tokio_rustls::TlsConnector,
+    sessions: usize,
+    size: usize,
+    duration: Duration,
+) -> Vec<Duration> {
     let mut conns = Vec::new();
     for _ in 0..sessions {
         conns.push(connect(t, tls).await);
@@ -444,10 +578,10 @@ async fn latency(t: &Target, tls: &tokio_rustls::TlsConnector, sessions: usize, 
     for conn in conns {
         tasks.push(tokio::spawn(async move {
             let mut samples = Vec::new();
-            let msg = [7u8; 64];
+            let msg = vec![7u8; size];
             match conn {
                 Conn::Tcp(mut s) => {
-                    let mut buf = [0u8; 64];
+                    let mut buf = vec![0u8; size];
                     while Instant::now() < deadline {
                         let t0 = Instant::now();
                         s.write_all(&msg).await.unwrap();
@@ -460,7 +594,7 @@ async fn latency(t: &Target, tls: &tokio_rustls::TlsConnector, sessions: usize, 
                         let t0 = Instant::now();
                         ws.send(Message::Binary(bytes::Bytes::copy_from_slice(&msg))).await.unwrap();
                         let mut got = 0;
-                        while got < 64 {
+                        while got < size {
                             match ws.next().await {
                                 Some(Ok(m)) => got += m.len(),
                                 other => panic!("latency: {other:?}"),
@@ -490,17 +624,15 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 /// Completed wss (or ws) handshakes per second with 8 concurrent clients.
-async fn handshakes(t: &Target, tls: &tokio_rustls::TlsConnector, duration: Duration) -> f64 {
+async fn handshakes(t: &Endpoint, tls: &tokio_rustls::TlsConnector, duration: Duration) -> f64 {
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + duration;
     let mut tasks = Vec::new();
     for _ in 0..8 {
-        let (done, tls) = (done.clone(), tls.clone());
-        let (addr, kind, path) = (t.addr, t.kind, t.path);
+        let (done, tls, t) = (done.clone(), tls.clone(), t.clone());
         tasks.push(tokio::spawn(async move {
-            let probe = Target { name: "probe", kind, addr, path, process: None, max_idle: 0 };
             while Instant::now() < deadline {
-                let mut ws = ws_connect(&probe, &tls).await;
+                let mut ws = ws_connect(&t, &tls).await;
                 let _ = ws.close(None).await;
                 done.fetch_add(1, Ordering::Relaxed);
             }
@@ -567,8 +699,8 @@ fn idle_memory(t: &Target, ca_pem: &Path, low: usize, high: usize) -> Option<f64
     let me = std::env::current_exe().unwrap();
     let hold = |count: usize| {
         let mut cmd = Command::new(&me);
-        cmd.args(["hold", "--url", &t.url(), "--count", &count.to_string()]);
-        if t.kind == Kind::Wss {
+        cmd.args(["hold", "--url", &t.at.url(), "--count", &count.to_string()]);
+        if t.at.kind == Kind::Wss {
             cmd.arg("--ca").arg(ca_pem);
         }
         spawn_and_find(cmd, |l| l.strip_prefix("held ").map(|_| SocketAddr::from(([0, 0, 0, 0], 0))), true).0
@@ -632,7 +764,7 @@ fn instructions_per_byte(
         let (mut child, addr) =
             spawn_and_find(cmd, |l| l.split(tag).nth(1)?.split_whitespace().next()?.parse().ok(), from_stdout);
         let path = if name == "wsgate-ws" { "/bench" } else { "/" };
-        let target = Target { name: "callgrind", kind: Kind::Ws, addr, path, process: None, max_idle: 0 };
+        let target = Endpoint::local(Kind::Ws, addr, path);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let tls = client_tls(&setup.ca_der);
@@ -749,23 +881,8 @@ async fn bare_bridge(backend: SocketAddr, tls: Option<Vec<PathBuf>>) {
 }
 
 async fn hold(url: String, count: usize, ca: Option<PathBuf>) {
-    let tls = ca.map(|p| {
-        use rustls::pki_types::pem::PemObject;
-        client_tls(&rustls::pki_types::CertificateDer::from_pem_file(p).unwrap())
-    });
-    let addr: SocketAddr = {
-        let rest = url.split("://").nth(1).unwrap();
-        let hostport = rest.split('/').next().unwrap().replace("localhost", "127.0.0.1");
-        hostport.parse().unwrap()
-    };
-    let kind = if url.starts_with("wss") { Kind::Wss } else { Kind::Ws };
-    let path: &'static str = Box::leak(
-        format!("/{}", url.split("://").nth(1).unwrap().split_once('/').map_or("", |x| x.1)).into_boxed_str(),
-    );
-    let t = Target { name: "hold", kind, addr, path, process: None, max_idle: 0 };
-    let tls = tls.unwrap_or_else(|| {
-        client_tls(&rcgen::generate_simple_self_signed(vec!["x".into()]).unwrap().cert.der().clone())
-    });
+    let t = Endpoint::parse(&url).unwrap_or_else(|e| panic!("hold: {e}"));
+    let tls = client_tls_from(ca.as_deref());
     let mut held = Vec::with_capacity(count);
     for _ in 0..count {
         held.push(ws_connect(&t, &tls).await);
@@ -813,7 +930,13 @@ async fn orchestrate(args: &Args) {
     let dur = Duration::from_secs_f64(secs);
     let dir = tempfile::tempdir().unwrap();
     let (cert, key, ca_der) = setup_certs(dir.path());
-    let echo = start_echo().await;
+    // The echo backend runs in a process of its own, like the relays, so that the relay's
+    // descriptors, memory and CPU figures are its own and this process holds only clients.
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["backend", "echo"]);
+    let (echo_process, echo) = spawn_and_find(cmd, |l| l.strip_prefix("listening ")?.parse().ok(), true);
+    let _echo =
+        Target { name: "echo", at: Endpoint::local(Kind::Tcp, echo, ""), process: Some(echo_process), max_idle: 0 };
     let setup = Setup { dir, echo, cert, key, ca_der };
     let tls = client_tls(&setup.ca_der);
     let mut targets = start_targets(&setup, &args.only, &args.wsgate_limits);
@@ -828,30 +951,30 @@ async fn orchestrate(args: &Args) {
         for (t, row) in targets.iter().zip(rows.iter_mut()) {
             eprint!("\rrun {}/{runs}: {:<11} throughput      ", run + 1, t.name);
             let cpu0 = t.pid().map(cpu_secs);
-            let bps = throughput(t, &tls, 1, 64 * 1024, dur).await;
+            let bps = throughput(&t.at, &tls, Mode::Echo, 1, 64 * 1024, dur).await;
             if let (Some(c0), Some(pid)) = (cpu0, t.pid()) {
                 // Bytes relayed: the echoed bytes crossed the relay twice.
                 let relayed = bps * (dur.as_secs_f64() * 1.2) * 2.0;
                 row.cpu_per_gib.push((cpu_secs(pid) - c0) / (relayed / (1u64 << 30) as f64));
             }
             row.mbps_1x64k.push(bps / 1e6);
-            row.mbps_50x4k.push(throughput(t, &tls, 50, 4096, dur).await / 1e6);
+            row.mbps_50x4k.push(throughput(&t.at, &tls, Mode::Echo, 50, 4096, dur).await / 1e6);
             eprint!("\rrun {}/{runs}: {:<11} latency         ", run + 1, t.name);
-            let one = latency(t, &tls, 1, dur).await;
-            let fifty = latency(t, &tls, 50, dur).await;
+            let one = latency(&t.at, &tls, 1, 64, dur).await;
+            let fifty = latency(&t.at, &tls, 50, 64, dur).await;
             let us = |s: &[Duration]| [0.5, 0.99, 0.999].map(|p| percentile(s, p).as_secs_f64() * 1e6);
             row.rtt1.push(us(&one));
             row.rtt50.push(us(&fifty));
-            if t.kind == Kind::Wss {
+            if t.at.kind == Kind::Wss {
                 eprint!("\rrun {}/{runs}: {:<11} handshakes      ", run + 1, t.name);
-                row.handshakes.push(handshakes(t, &tls, dur).await);
+                row.handshakes.push(handshakes(&t.at, &tls, dur).await);
             }
         }
     }
     let ca_pem = setup.dir.path().join("ca.pem");
     std::fs::write(&ca_pem, std::fs::read(&setup.cert).unwrap()).unwrap();
     for (t, row) in targets.iter_mut().zip(rows.iter_mut()) {
-        if t.kind == Kind::Tcp {
+        if t.at.kind == Kind::Tcp {
             continue;
         }
         let (low, high) = if quick { (100, 1000.min(t.max_idle)) } else { (t.max_idle / 8, t.max_idle) };
@@ -892,20 +1015,54 @@ async fn orchestrate(args: &Args) {
     eprintln!("wrote {}/results.md and chart.svg", out.display());
 }
 
-async fn start_echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else { continue };
-            let _ = s.set_nodelay(true);
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
+/// A TCP backend in a process of its own, until standard input closes.
+async fn backend(kind: BackendKind, listen: SocketAddr) {
+    let listener = TcpListener::bind(listen).await.unwrap_or_else(|e| panic!("backend: bind {listen}: {e}"));
+    println!("listening {}", listener.local_addr().unwrap());
+    std::io::stdout().flush().unwrap();
+    tokio::task::spawn_blocking(|| {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        std::process::exit(0);
     });
-    addr
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else { continue };
+        let _ = s.set_nodelay(true);
+        tokio::spawn(async move {
+            let (mut r, mut w) = s.split();
+            match kind {
+                BackendKind::Echo => {
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+                BackendKind::Sink => {
+                    let _ = tokio::io::copy(&mut r, &mut tokio::io::sink()).await;
+                }
+                BackendKind::Source => {
+                    let chunk = vec![0xa5_u8; 64 * 1024];
+                    while w.write_all(&chunk).await.is_ok() {}
+                }
+            }
+        });
+    }
+}
+
+/// Runs one measurement against any endpoint and prints it.
+async fn drive(at: &Endpoint, mode: Mode, sessions: usize, size: usize, window: Duration, ca: Option<&Path>) {
+    let tls = client_tls_from(ca);
+    let what = format!("{} × {size} B to {}", sessions, at.url());
+    if mode == Mode::Rtt {
+        let rtts = latency(at, &tls, sessions, size, window).await;
+        let us = |p| percentile(&rtts, p).as_secs_f64() * 1e6;
+        println!(
+            "rtt: {what}: p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs ({} round trips)",
+            us(0.5),
+            us(0.99),
+            us(0.999),
+            rtts.len()
+        );
+    } else {
+        let bps = throughput(at, &tls, mode, sessions, size, window).await;
+        println!("{}: {what}: {:.1} MB/s", format!("{mode:?}").to_lowercase(), bps / 1e6);
+    }
 }
 
 fn render_table(rows: &[Row], runs: usize) -> String {
