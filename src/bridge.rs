@@ -20,7 +20,9 @@
 //! still in the kernel's buffers, not yet read, are not delivered.
 
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -28,11 +30,13 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_util::io::poll_read_buf;
 use tokio_util::sync::CancellationToken;
 use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use crate::metrics::{Flow, Held};
+use crate::shutdown::Cancelled;
 
 /// WebSocket message type used for backend bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,7 +195,7 @@ pub async fn run<W>(
 where
     W: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {
-    let (from_backend, mut to_backend) = backend.into_split();
+    let (mut from_backend, mut to_backend) = backend.into_split();
     let (mut sink, mut stream) = ws.split();
     let mut up_meter = Meter::new(flows.to_backend, &mut stats.to_backend);
     let mut down_meter = Meter::new(flows.to_client, &mut stats.to_client);
@@ -204,7 +208,7 @@ where
     let finish = stop.child_token();
     let end = {
         let up = client_to_backend(&mut stream, &mut to_backend, options.accept, &last_text, &finish, &mut up_meter);
-        let down = backend_to_client(&from_backend, &mut sink, options, &last_text, &finish, &mut down_meter);
+        let down = backend_to_client(&mut from_backend, &mut sink, options, &last_text, &finish, &mut down_meter);
         tokio::pin!(up, down);
         let (end, up_running) = tokio::select! {
             end = &mut up => (end, false),
@@ -243,10 +247,12 @@ async fn client_to_backend<S>(
 where
     S: Stream<Item = Result<Message, WsError>> + Unpin,
 {
+    let stopped = Cancelled::new(stop);
+    tokio::pin!(stopped);
     loop {
         let next = tokio::select! {
             biased;
-            _ = stop.cancelled() => return End::Stopped,
+            _ = stopped.as_mut() => return End::Stopped,
             next = stream.next() => next,
         };
         let data = match next {
@@ -273,7 +279,7 @@ where
 }
 
 async fn backend_to_client<S>(
-    from_backend: &OwnedReadHalf,
+    from_backend: &mut OwnedReadHalf,
     sink: &mut S,
     options: Options,
     last_text: &AtomicBool,
@@ -285,27 +291,37 @@ where
 {
     // Text mode only: the start of a UTF-8 sequence that the last read cut in two (< 4 bytes).
     let mut carry = BytesMut::new();
+    let stopped = Cancelled::new(stop);
+    tokio::pin!(stopped);
     loop {
         tokio::select! {
             biased;
-            _ = stop.cancelled() => return End::Stopped,
+            _ = stopped.as_mut() => return End::Stopped,
             ready = from_backend.readable() => if let Err(e) = ready { return End::BackendFailed(e) },
         }
         let mut buf = BytesMut::with_capacity(carry.len() + options.backend_read_bytes);
         buf.extend_from_slice(&carry);
         carry.clear();
-        match from_backend.try_read_buf(&mut buf) {
-            Ok(0) if buf.is_empty() => return End::BackendEof,
+        // One read through `poll_read`, not `try_read_buf`: tokio clears the socket's readiness
+        // after a read that did not fill the buffer, which saves the read that would only
+        // return EAGAIN (strace: one system call fewer per message). Pending means the
+        // readiness was stale; the buffer is then dropped, and the loop waits again.
+        let read = std::future::poll_fn(|cx| match poll_read_buf(Pin::new(&mut *from_backend), cx, &mut buf) {
+            Poll::Pending => Poll::Ready(None),
+            Poll::Ready(r) => Poll::Ready(Some(r)),
+        });
+        match read.await {
+            Some(Ok(0)) if buf.is_empty() => return End::BackendEof,
             // EOF in the middle of a UTF-8 sequence: those bytes can never become text.
-            Ok(0) => return End::BackendNotUtf8,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            Some(Ok(0)) => return End::BackendNotUtf8,
+            Some(Ok(_)) => {}
+            None => {
                 // Keep only the carried bytes, not the read buffer's whole allocation: an idle
                 // session should hold no read buffer.
                 carry = BytesMut::from(&buf[..]);
                 continue;
             }
-            Err(e) => return End::BackendFailed(e),
+            Some(Err(e)) => return End::BackendFailed(e),
         }
         let as_text = match options.framing {
             Framing::Binary => false,

@@ -20,6 +20,7 @@ use tracing::{debug, warn};
 use tungstenite::{Error as WsError, Message};
 
 use crate::bridge::{Accept, End, Flows, Kind, Meter, Stats};
+use crate::shutdown::Cancelled;
 
 /// Echoes every message on `ws` until the client closes, fails, or `stop` is cancelled.
 /// Reports the ending the same way the bridge does, so `session` maps both alike.
@@ -27,10 +28,12 @@ pub async fn run_ws<W>(ws: &mut W, accept: Accept, stop: &CancellationToken, sta
 where
     W: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {
+    let stopped = Cancelled::new(stop);
+    tokio::pin!(stopped);
     loop {
         let next = tokio::select! {
             biased;
-            _ = stop.cancelled() => return End::Stopped,
+            _ = stopped.as_mut() => return End::Stopped,
             next = ws.next() => next,
         };
         let message = match next {

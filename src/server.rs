@@ -48,6 +48,7 @@ use crate::policy;
 use crate::readahead::ReadAhead;
 use crate::router::Router;
 use crate::session;
+use crate::shutdown::Cancelled;
 
 /// What every connection of one gateway instance shares for the instance's whole life.
 pub(crate) struct Shared {
@@ -397,7 +398,7 @@ async fn decide(
     shared.tasks.spawn(
         async move {
             tokio::select! {
-                _ = abort.cancelled() => warn!("session dropped at the shutdown deadline"),
+                _ = Cancelled::new(&abort) => warn!("session dropped at the shutdown deadline"),
                 _ = session::run(upgrade, dialed, ctx, stop) => {}
             }
             drop(slot);

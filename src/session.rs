@@ -31,6 +31,7 @@ use crate::bridge::{self, Accept, End, Flows, Framing, Kind, Stats};
 use crate::config::{Backend, Limits, Outbound, Route, Unavailable};
 use crate::echo;
 use crate::metrics::RouteMetrics;
+use crate::shutdown::Cancelled;
 
 /// The backend side of a session, as the server found it before upgrading.
 #[derive(Debug)]
@@ -287,7 +288,7 @@ async fn run_inner(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: 
     // This session's own stop: the shutdown signal, delayed by its place in the close window.
     let session_stop = CancellationToken::new();
     let spread = async {
-        stop.cancelled().await;
+        Cancelled::new(&stop).await;
         tokio::time::sleep(spread_offset(ctx.id, ctx.close_window)).await;
         session_stop.cancel();
         // Done: let `relay` finish on its own (it sees `session_stop`).
