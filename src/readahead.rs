@@ -17,6 +17,30 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Streams that can tell, without a buffer, that a read would wait.
+///
+/// A session's task is polled whenever either of its sockets is ready, and each poll asks the
+/// client side for its next message; without this, every such poll would allocate a read
+/// buffer only to find nothing to read.
+pub trait ReadReady {
+    /// `Pending` (and `cx` woken later) when a read would wait; `Ready` when it may not.
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl ReadReady for TcpStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
+}
+
+impl<S> ReadReady for tokio_rustls::server::TlsStream<S> {
+    /// rustls may hold decrypted bytes while the socket is empty: only a read can tell.
+    fn poll_read_ready(&self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
 
 /// Wraps a stream; reads ahead in `chunk`-byte reads while data flows.
 #[derive(Debug)]
@@ -46,7 +70,7 @@ impl<S> ReadAhead<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
+impl<S: AsyncRead + ReadReady + Unpin> AsyncRead for ReadAhead<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.buf.is_empty() {
@@ -54,10 +78,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
             return Poll::Ready(Ok(()));
         }
         // Read a whole chunk, into a buffer that exists only for as long as reads find data:
-        // `poll_read` is called again only when the socket is likely readable, so allocating
-        // here costs idle sessions nothing, and the buffer goes as soon as a read would wait.
-        // Everything handed out was copied, so `reserve` on the emptied buffer reclaims the same
-        // allocation rather than making a new one.
+        // it is allocated only when the socket may have data, and goes as soon as a read would
+        // wait. Everything handed out was copied, so `reserve` on the emptied buffer reclaims
+        // the same allocation rather than making a new one.
+        if this.inner.poll_read_ready(cx)?.is_pending() {
+            this.buf = BytesMut::new();
+            return Poll::Pending;
+        }
         this.buf.clear();
         this.buf.reserve(this.chunk);
         match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.buf) {
@@ -109,10 +136,20 @@ mod tests {
     /// flows and is gone once the socket has nothing more.
     #[tokio::test]
     async fn reads_ahead_while_busy_and_frees_when_idle() {
-        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tx = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (rx, _) = listener.accept().await.unwrap();
         let mut r = ReadAhead::new(rx, 16 * 1024);
         let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
-        tx.write_all(&data).await.unwrap();
+        // Written from another task: more than the socket buffers may hold at once.
+        let writer = tokio::spawn({
+            let data = data.clone();
+            async move {
+                let mut tx = tx;
+                tx.write_all(&data).await.unwrap();
+                tx
+            }
+        });
         let mut got = Vec::new();
         let mut small = [0u8; 1000];
         while got.len() < data.len() {
@@ -123,6 +160,7 @@ mod tests {
             }
         }
         assert_eq!(got, data);
+        let mut tx = writer.await.unwrap();
         // Nothing more to read: the next read is pending, and the buffer is freed.
         let pending = tokio::time::timeout(std::time::Duration::from_millis(20), r.read(&mut small)).await;
         assert!(pending.is_err(), "no data, so the read waits");

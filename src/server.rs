@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
@@ -48,7 +49,6 @@ use crate::policy;
 use crate::readahead::ReadAhead;
 use crate::router::Router;
 use crate::session;
-use crate::shutdown::Cancelled;
 
 /// What every connection of one gateway instance shares for the instance's whole life.
 pub(crate) struct Shared {
@@ -395,16 +395,10 @@ async fn decide(
     };
     let slot = conn.slot.clone();
     let (stop, abort) = (shared.stop.clone(), shared.abort.clone());
-    shared.tasks.spawn(
-        async move {
-            tokio::select! {
-                _ = Cancelled::new(&abort) => warn!("session dropped at the shutdown deadline"),
-                _ = session::run(upgrade, dialed, ctx, stop) => {}
-            }
-            drop(slot);
-        }
-        .in_current_span(),
-    );
+    // `map`, not `async move { session.await; .. }`: an async block that awaits a future it
+    // captured stores it twice, and a session's future is most of what an idle session costs.
+    let session = session::run(upgrade, dialed, ctx, stop, abort).map(move |()| drop(slot));
+    shared.tasks.spawn(session);
     (Some(m), response)
 }
 

@@ -255,8 +255,19 @@ pub async fn dial(route: &Route, limits: &Limits, m: &RouteMetrics) -> Result<Di
     }
 }
 
-/// Runs one session from the pending upgrade to the last byte, within its own span.
-pub async fn run(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: CancellationToken) {
+/// One session from the pending upgrade to the last byte, or until `abort` (the shutdown
+/// deadline) drops it, to be spawned as a task of its own.
+///
+/// Its span is created now, as a child of the caller's (the connection's), and is the only one
+/// the task enters: a span is entered and left on every poll, and a session is polled on every
+/// message.
+pub fn run(
+    upgrade: HyperWebsocket,
+    dialed: Dialed,
+    ctx: Context,
+    stop: CancellationToken,
+    abort: CancellationToken,
+) -> impl Future<Output = ()> + Send {
     let span = info_span!(
         "session",
         id = ctx.id,
@@ -268,7 +279,13 @@ pub async fn run(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: Ca
     {
         span.record("backend.addr", field::display(addr));
     }
-    run_inner(upgrade, dialed, ctx, stop).instrument(span).await
+    async move {
+        tokio::select! {
+            _ = Cancelled::new(&abort) => warn!("session dropped at the shutdown deadline"),
+            _ = run_inner(upgrade, dialed, ctx, stop) => {}
+        }
+    }
+    .instrument(span)
 }
 
 async fn run_inner(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: CancellationToken) {
