@@ -1047,6 +1047,11 @@ async fn backend(kind: BackendKind, listen: SocketAddr) {
 
 /// Runs one measurement against any endpoint and prints it.
 async fn drive(at: &Endpoint, mode: Mode, sessions: usize, size: usize, window: Duration, ca: Option<&Path>) {
+    // A clear line for the usual mistake (nothing listening), rather than a panic per session.
+    if let Err(e) = TcpStream::connect(at.addr).await {
+        eprintln!("drive: connect to {} ({}): {e}", at.url(), at.addr);
+        std::process::exit(1);
+    }
     let tls = client_tls_from(ca);
     let what = format!("{} × {size} B to {}", sessions, at.url());
     if mode == Mode::Rtt {
