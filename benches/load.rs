@@ -350,35 +350,25 @@ fn start_targets(setup: &Setup, only: &Option<String>, limits: &str) -> Vec<Targ
             });
         }
     }
-    if want("websocat") && which("websocat") {
+    // Peers cannot report the port they bound: give them a free one and wait for it.
+    type PeerArgs = fn(u16, SocketAddr) -> Vec<String>;
+    let peers: [(&'static str, PeerArgs); 2] = [
+        ("websocat", |port, echo| {
+            vec!["--binary".into(), "-E".into(), format!("ws-l:127.0.0.1:{port}"), format!("tcp:{echo}")]
+        }),
+        ("websockify", |port, echo| vec![format!("127.0.0.1:{port}"), echo.to_string()]),
+    ];
+    for (name, args) in peers {
+        if !want(name) || !which(name) {
+            continue;
+        }
         let port = free_port();
-        let mut cmd = Command::new("websocat");
-        cmd.args(["--binary", "-E", &format!("ws-l:127.0.0.1:{port}"), &format!("tcp:{}", setup.echo)]);
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        let mut cmd = Command::new(name);
+        cmd.args(args(port, setup.echo)).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
         let child = cmd.spawn().unwrap();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         wait_listening(addr);
-        targets.push(Target {
-            name: "websocat",
-            at: Endpoint::local(Kind::Ws, addr, "/"),
-            process: Some(child),
-            max_idle: 1000,
-        });
-    }
-    if want("websockify") && which("websockify") {
-        let port = free_port();
-        let mut cmd = Command::new("websockify");
-        cmd.args([&format!("127.0.0.1:{port}"), &setup.echo.to_string()]);
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-        let child = cmd.spawn().unwrap();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        wait_listening(addr);
-        targets.push(Target {
-            name: "websockify",
-            at: Endpoint::local(Kind::Ws, addr, "/"),
-            process: Some(child),
-            max_idle: 1000,
-        });
+        targets.push(Target { name, at: Endpoint::local(Kind::Ws, addr, "/"), process: Some(child), max_idle: 1000 });
     }
     targets
 }
@@ -827,11 +817,7 @@ async fn bare_bridge(backend: SocketAddr, tls: Option<Vec<PathBuf>>) {
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
     });
-    // Stop when the orchestrator goes away (stdin closes).
-    tokio::task::spawn_blocking(|| {
-        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
-        std::process::exit(0);
-    });
+    exit_when_stdin_closes();
     loop {
         let Ok((tcp, _)) = listener.accept().await else { continue };
         let acceptor = acceptor.clone();
@@ -878,6 +864,14 @@ async fn bare_bridge(backend: SocketAddr, tls: Option<Vec<PathBuf>>) {
             tokio::select! { _ = up => {}, _ = down => {} }
         });
     }
+}
+
+/// Helper roles end when the orchestrator goes away (it holds their standard input).
+fn exit_when_stdin_closes() {
+    tokio::task::spawn_blocking(|| {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        std::process::exit(0);
+    });
 }
 
 async fn hold(url: String, count: usize, ca: Option<PathBuf>) {
@@ -1020,10 +1014,7 @@ async fn backend(kind: BackendKind, listen: SocketAddr) {
     let listener = TcpListener::bind(listen).await.unwrap_or_else(|e| panic!("backend: bind {listen}: {e}"));
     println!("listening {}", listener.local_addr().unwrap());
     std::io::stdout().flush().unwrap();
-    tokio::task::spawn_blocking(|| {
-        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
-        std::process::exit(0);
-    });
+    exit_when_stdin_closes();
     loop {
         let Ok((mut s, _)) = listener.accept().await else { continue };
         let _ = s.set_nodelay(true);

@@ -304,7 +304,7 @@ where
         carry.clear();
         // One read through `poll_read`, not `try_read_buf`: tokio clears the socket's readiness
         // after a read that did not fill the buffer, which saves the read that would only
-        // return EAGAIN (strace: one system call fewer per message). Pending means the
+        // return EAGAIN (`perf stat`: one system call fewer per message). Pending means the
         // readiness was stale; the buffer is then dropped, and the loop waits again.
         let read = std::future::poll_fn(|cx| match poll_read_buf(Pin::new(&mut *from_backend), cx, &mut buf) {
             Poll::Pending => Poll::Ready(None),
