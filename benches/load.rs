@@ -46,6 +46,12 @@ struct Args {
     /// Skip the valgrind (callgrind) instruction counts.
     #[arg(long)]
     no_callgrind: bool,
+    /// Only the callgrind instruction counts (no wall-clock or memory figures).
+    #[arg(long)]
+    callgrind_only: bool,
+    /// callgrind slopes per figure (median reported); default 3, or 1 with --quick.
+    #[arg(long)]
+    callgrind_repeats: Option<usize>,
     /// Only these targets (comma-separated names, e.g. "bare-ws,wsgate-ws").
     #[arg(long)]
     only: Option<String>,
@@ -804,20 +810,24 @@ fn idle_memory(t: &Target, ca_pem: &Path, low: usize, high: usize) -> Option<f64
     Some((rss_high as f64 - rss_low as f64) / (high - low) as f64)
 }
 
-/// Instructions per relayed byte, from callgrind: the gateway relays `small` and then `large`
-/// bytes through one session in two runs; the slope excludes start-up and shutdown.
+/// Instructions per relayed byte, from callgrind: the relay runs under callgrind, one session
+/// warms up, the counters are zeroed (`callgrind_control -z`), `messages` messages of `size`
+/// bytes go through in lockstep, and the counters are dumped (`callgrind_control -d`). Counting
+/// only that window leaves out start-up and shutdown, whose counts move with wall-clock time
+/// (quanta calibrating its clock for metrics-exporter-prometheus runs for a set time, not a set
+/// number of instructions), so repeated runs agree within about 0.1 %.
 fn instructions_per_byte(
     name: &str,
     setup: &Setup,
-    (small, large): (usize, usize),
+    (size, messages): (usize, usize),
     repeats: usize,
     metrics: bool,
 ) -> Option<f64> {
-    if !which("valgrind") {
+    if !which("valgrind") || !which("callgrind_control") {
         return None;
     }
-    let run = |bytes: usize| -> Option<f64> {
-        let out = setup.dir.path().join(format!("callgrind.{name}.{bytes}"));
+    let run = || -> Option<f64> {
+        let out = setup.dir.path().join(format!("callgrind.{name}.{size}.{metrics}"));
         let me = std::env::current_exe().unwrap();
         let mut cmd = Command::new("valgrind");
         cmd.arg("--tool=callgrind").arg(format!("--callgrind-out-file={}", out.display()));
@@ -848,45 +858,49 @@ fn instructions_per_byte(
         }
         let (mut child, addr) =
             spawn_and_find(cmd, |l| l.split(tag).nth(1)?.split_whitespace().next()?.parse().ok(), from_stdout);
+        let pid = child.id().to_string();
+        let control = |what: &str| {
+            let ok = Command::new("callgrind_control").args([what, &pid]).stdout(Stdio::null()).status();
+            assert!(ok.is_ok_and(|s| s.success()), "callgrind_control {what} {pid} failed");
+        };
         let path = if name == "wsgate-ws" { "/bench" } else { "/" };
         let target = Endpoint::local(Kind::Ws, addr, path);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let tls = client_tls(&setup.ca_der);
-            let mut ws = ws_connect(&target, &tls).await;
-            let chunk = bytes::Bytes::from(vec![1u8; 64 * 1024]);
+            let conn = Conn::open(&target, &tls).await;
+            let wire = conn.wire(&vec![1u8; size]);
+            let Conn { mut io, mut reader, .. } = conn;
+            let mut buf = vec![0u8; 256 * 1024];
             // Lockstep (one message out, its echo back, then the next) so each message meets
             // the same sequence of reads and wake-ups, and the count repeats from run to run.
-            let mut sent = 0;
-            while sent < bytes {
-                ws.send(Message::Binary(chunk.clone())).await.unwrap();
-                sent += chunk.len();
-                let mut got = 0;
-                while got < chunk.len() {
-                    got += ws.next().await.unwrap().unwrap().len();
+            let mut round_trips = async |n: usize| {
+                for _ in 0..n {
+                    io.write_all(&wire).await.unwrap();
+                    let mut got = 0;
+                    while got < size {
+                        let n = io.read(&mut buf).await.unwrap();
+                        assert!(n > 0, "callgrind: {name} closed the session");
+                        got += reader.count(&buf[..n]);
+                    }
                 }
-            }
-            let _ = ws.close(None).await;
+            };
+            round_trips(16).await;
+            control("-z");
+            round_trips(messages).await;
+            control("-d");
         });
-        // SIGTERM: wsgate drains and exits; the bare bridge dies; callgrind writes its totals.
-        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
         let _ = child.wait();
-        let text = std::fs::read_to_string(&out).ok()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("totals: ").or_else(|| l.strip_prefix("summary: ")))?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
-    };
-    // The median of `repeats` slopes: thread scheduling still moves the count by some percent.
-    let mut slopes = Vec::new();
-    for _ in 0..repeats {
-        let (a, b) = (run(small)?, run(large)?);
+        // The dump of the window is the first numbered one.
+        let text = std::fs::read_to_string(format!("{}.1", out.display())).ok()?;
+        let total: f64 =
+            text.lines().find_map(|l| l.strip_prefix("totals: "))?.split_whitespace().next()?.parse().ok()?;
         // Each byte crosses the relay twice (to the backend and back).
-        slopes.push((b - a) / (2.0 * (large - small) as f64));
-    }
-    Some(median(&slopes))
+        Some(total / (2.0 * (size * messages) as f64))
+    };
+    let counts: Vec<f64> = (0..repeats).map(|_| run()).collect::<Option<_>>()?;
+    Some(median(&counts))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1036,7 +1050,7 @@ async fn orchestrate(args: &Args) {
     );
     let mut rows: Vec<Row> = targets.iter().map(|t| Row { name: t.name, ..Row::default() }).collect();
 
-    for run in 0..runs {
+    for run in 0..if args.callgrind_only { 0 } else { runs } {
         for (t, row) in targets.iter().zip(rows.iter_mut()) {
             eprint!("\rrun {}/{runs}: {:<11} throughput      ", run + 1, t.name);
             let cpu0 = t.pid().map(cpu_secs);
@@ -1063,36 +1077,41 @@ async fn orchestrate(args: &Args) {
     let ca_pem = setup.dir.path().join("ca.pem");
     std::fs::write(&ca_pem, std::fs::read(&setup.cert).unwrap()).unwrap();
     for (t, row) in targets.iter_mut().zip(rows.iter_mut()) {
-        if t.at.kind == Kind::Tcp {
+        if t.at.kind == Kind::Tcp || args.callgrind_only {
             continue;
         }
         let (low, high) = if quick { (100, 1000.min(t.max_idle)) } else { (t.max_idle / 8, t.max_idle) };
         eprint!("\ridle memory: {:<11} {low} → {high} sessions      ", t.name);
         row.idle_kib = tokio::task::block_in_place(|| idle_memory(t, &ca_pem, low, high));
     }
-    let mut metrics_off = None;
+    // Metrics on vs. off, per relayed byte: with 64 KiB messages (the table's figure) and with
+    // 64-byte ones, where the per-message cost of recording is largest relative to the bytes.
+    let mut metrics_cost = Vec::new();
     if !args.no_callgrind {
-        let sizes = if quick { (4 << 20, 12 << 20) } else { (16 << 20, 48 << 20) };
-        let repeats = if quick { 1 } else { 3 };
+        let scale = if quick { 4 } else { 1 };
+        let (large, small) = ((64 * 1024, 256 / scale), (64, 4096 / scale));
+        let repeats = args.callgrind_repeats.unwrap_or(if quick { 1 } else { 3 });
+        let count = |name: &str, window: (usize, usize), metrics: bool| {
+            eprint!("\rcallgrind: {name:<11} {} B, metrics {}      ", window.0, if metrics { "on" } else { "off" });
+            tokio::task::block_in_place(|| instructions_per_byte(name, &setup, window, repeats, metrics))
+        };
         for row in rows.iter_mut().filter(|r| r.name == "bare-ws" || r.name == "wsgate-ws") {
-            eprint!("\rcallgrind: {:<11}                         ", row.name);
-            row.instr_per_byte =
-                tokio::task::block_in_place(|| instructions_per_byte(row.name, &setup, sizes, repeats, true));
+            row.instr_per_byte = count(row.name, large, true);
         }
-        if rows.iter().any(|r| r.name == "wsgate-ws") {
-            eprint!("\rcallgrind: wsgate-ws, metrics off              ");
-            metrics_off =
-                tokio::task::block_in_place(|| instructions_per_byte("wsgate-ws", &setup, sizes, repeats, false));
+        if let Some(on) = rows.iter().find(|r| r.name == "wsgate-ws").and_then(|r| r.instr_per_byte) {
+            for (window, on) in [(large, Some(on)), (small, count("wsgate-ws", small, true))] {
+                if let (Some(on), Some(off)) = (on, count("wsgate-ws", window, false)) {
+                    metrics_cost.push((window.0, on, off));
+                }
+            }
         }
     }
     eprintln!("\rdone.                                                     ");
     drop(targets);
     let mut table = render_table(&rows, runs);
-    if let (Some(on), Some(off)) =
-        (rows.iter().find(|r| r.name == "wsgate-ws").and_then(|r| r.instr_per_byte), metrics_off)
-    {
+    for (size, on, off) in metrics_cost {
         table += &format!(
-            "\nwsgate-ws metrics on vs. off (callgrind): {on:.2} vs. {off:.2} instructions per relayed byte ({:+.1} %)\n",
+            "\nwsgate-ws metrics on vs. off (callgrind, {size} B messages): {on:.3} vs. {off:.3} instructions per relayed byte ({:+.2} %)\n",
             (on / off - 1.0) * 100.0
         );
     }
