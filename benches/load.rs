@@ -74,6 +74,12 @@ enum Role {
         #[arg(long, num_args = 2)]
         tls: Option<Vec<PathBuf>>,
     },
+    /// A plain TCP relay: TCP in, TCP to the backend, two copy loops with 64 KiB buffers.
+    #[command(hide = true)]
+    TcpRelay {
+        #[arg(long)]
+        backend: SocketAddr,
+    },
     /// Drives load at any endpoint (a deployed wsgate, a peer, a backend) and prints one figure.
     Drive {
         /// `ws://host:port/path`, `wss://host:port/path` or `tcp://host:port`.
@@ -138,6 +144,7 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match args.role {
         Some(Role::BareBridge { backend, tls }) => rt.block_on(bare_bridge(backend, tls)),
+        Some(Role::TcpRelay { backend }) => rt.block_on(tcp_relay(backend)),
         Some(Role::Hold { url, count, ca }) => rt.block_on(hold(url, count, ca)),
         Some(Role::Drive { url, mode, sessions, size, secs, ca }) => {
             let at = Endpoint::parse(&url).unwrap_or_else(|e| {
@@ -305,6 +312,17 @@ fn start_targets(setup: &Setup, only: &Option<String>, limits: &str) -> Vec<Targ
             at: Endpoint::local(Kind::Tcp, setup.echo, ""),
             process: None,
             max_idle: 8000,
+        });
+    }
+    if want("tcp-relay") {
+        let mut cmd = Command::new(&me);
+        cmd.args(["tcp-relay", "--backend", &setup.echo.to_string()]);
+        let (child, addr) = spawn_and_find(cmd, |l| l.strip_prefix("listening ")?.parse().ok(), true);
+        targets.push(Target {
+            name: "tcp-relay",
+            at: Endpoint::local(Kind::Tcp, addr, ""),
+            process: Some(child),
+            max_idle: 0,
         });
     }
     for (name, kind) in [("bare-ws", Kind::Ws), ("bare-wss", Kind::Wss)] {
@@ -971,6 +989,24 @@ async fn bare_bridge(backend: SocketAddr, tls: Option<Vec<PathBuf>>) {
                 }
             };
             tokio::select! { _ = up => {}, _ = down => {} }
+        });
+    }
+}
+
+/// What any relay that moves bytes through user space can do on this machine: each byte is
+/// received and sent once more per direction than on the direct path, with no WebSocket work at
+/// all. No WebSocket relay can beat it.
+async fn tcp_relay(backend: SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    println!("listening {}", listener.local_addr().unwrap());
+    std::io::stdout().flush().unwrap();
+    exit_when_stdin_closes();
+    loop {
+        let Ok((mut client, _)) = listener.accept().await else { continue };
+        tokio::spawn(async move {
+            let Ok(mut server) = TcpStream::connect(backend).await else { return };
+            let _ = (client.set_nodelay(true), server.set_nodelay(true));
+            let _ = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut server, 64 * 1024, 64 * 1024).await;
         });
     }
 }

@@ -1,8 +1,11 @@
 //! The WebSocket ⇄ TCP pump: moves bytes both ways at once until one side ends.
 //!
 //! Client → backend: each WebSocket message (binary, or text as its UTF-8 bytes) is written to the
-//! backend whole before the next message is read, so at most one message (bounded by the
-//! WebSocket's `max_message_size`) is held per session in that direction.
+//! backend whole before the next message is waited for. Messages that have already arrived when
+//! one is written (a burst of small ones that came in one read of the client socket) are joined
+//! into the same write, up to `client_batch_bytes`, so a burst costs one system call rather than
+//! one per message; nothing ever waits to be joined. At most one message (bounded by the
+//! WebSocket's `max_message_size`) plus one batch is held per session in that direction.
 //!
 //! Backend → client: each read (at most `backend_read_bytes`) becomes one message, and the next
 //! read waits until that message has been handed to the client socket. The read buffer is
@@ -25,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -93,6 +96,8 @@ impl Accept {
 pub struct Options {
     /// Largest single backend read, and so the largest message sent to the client.
     pub backend_read_bytes: usize,
+    /// Most bytes of client messages that have already arrived joined into one backend write.
+    pub client_batch_bytes: usize,
     /// Message type for backend bytes.
     pub framing: Framing,
     /// Message types accepted from the client.
@@ -150,12 +155,12 @@ impl<'a> Meter<'a> {
         self.flow.hold(n)
     }
 
-    /// A message of `n` bytes was written to its destination.
-    pub(crate) fn relayed(&mut self, n: usize) {
+    /// `messages` messages, `n` bytes in all, were written to their destination.
+    pub(crate) fn relayed(&mut self, n: usize, messages: u64) {
         self.tally.bytes += n as u64;
-        self.tally.messages += 1;
+        self.tally.messages += messages;
         self.flow.bytes.increment(n as u64);
-        self.flow.messages.increment(1);
+        self.flow.messages.increment(messages);
     }
 }
 
@@ -207,7 +212,7 @@ where
     // to `finish_timeout` to complete the message it is writing, so nothing read is lost.
     let finish = stop.child_token();
     let end = {
-        let up = client_to_backend(&mut stream, &mut to_backend, options.accept, &last_text, &finish, &mut up_meter);
+        let up = client_to_backend(&mut stream, &mut to_backend, options, &last_text, &finish, &mut up_meter);
         let down = backend_to_client(&mut from_backend, &mut sink, options, &last_text, &finish, &mut down_meter);
         tokio::pin!(up, down);
         let (end, up_running) = tokio::select! {
@@ -239,7 +244,7 @@ where
 async fn client_to_backend<S>(
     stream: &mut S,
     to_backend: &mut OwnedWriteHalf,
-    accept: Accept,
+    options: Options,
     last_text: &AtomicBool,
     stop: &CancellationToken,
     meter: &mut Meter<'_>,
@@ -249,33 +254,120 @@ where
 {
     let stopped = Cancelled::new(stop);
     tokio::pin!(stopped);
+    // A message already read that did not fit the last batch; it goes first in the next one.
+    let mut carried = None;
     loop {
-        let next = tokio::select! {
-            biased;
-            _ = stopped.as_mut() => return End::Stopped,
-            next = stream.next() => next,
-        };
-        let data = match next {
-            None => return End::ClientGone,
-            Some(Err(e)) => return End::ClientFailed(e),
-            Some(Ok(Message::Close(frame))) => return End::ClientClosed(frame),
-            Some(Ok(message)) => match Kind::of(&message) {
-                // Pings are answered by tungstenite; pongs carry nothing for the backend.
-                None => continue,
-                Some(kind) if !accept.allows(kind) => return End::ClientUnsupported(kind),
-                Some(kind) => {
-                    last_text.store(kind == Kind::Text, Ordering::Relaxed);
-                    message.into_data()
+        let first = match carried.take() {
+            Some(data) => data,
+            None => {
+                let next = tokio::select! {
+                    biased;
+                    _ = stopped.as_mut() => return End::Stopped,
+                    next = stream.next() => next,
+                };
+                match data_of(next, options.accept, last_text) {
+                    Ok(Some(data)) => data,
+                    Ok(None) => continue,
+                    Err(end) => return end,
                 }
-            },
+            }
         };
-        let held = meter.hold(data.len());
-        if let Err(e) = to_backend.write_all(&data).await {
+        let batch = gather(stream, first, &options, last_text).await;
+        let held = meter.hold(batch.data.len());
+        if let Err(e) = to_backend.write_all(&batch.data).await {
             return End::BackendFailed(e);
         }
         drop(held);
-        meter.relayed(data.len());
+        meter.relayed(batch.data.len(), batch.messages);
+        match batch.after {
+            After::More => {}
+            After::Carried(data) => carried = Some(data),
+            After::End(end) => return end,
+        }
     }
+}
+
+/// What one item from the client's stream means for the backend: bytes to write, nothing
+/// (control messages: tungstenite answers pings, pongs carry nothing), or the end of the pump.
+fn data_of(
+    next: Option<Result<Message, WsError>>,
+    accept: Accept,
+    last_text: &AtomicBool,
+) -> Result<Option<Bytes>, End> {
+    match next {
+        None => Err(End::ClientGone),
+        Some(Err(e)) => Err(End::ClientFailed(e)),
+        Some(Ok(Message::Close(frame))) => Err(End::ClientClosed(frame)),
+        Some(Ok(message)) => match Kind::of(&message) {
+            None => Ok(None),
+            Some(kind) if !accept.allows(kind) => Err(End::ClientUnsupported(kind)),
+            Some(kind) => {
+                last_text.store(kind == Kind::Text, Ordering::Relaxed);
+                Ok(Some(message.into_data()))
+            }
+        },
+    }
+}
+
+/// Client messages bound for one backend write.
+struct Batch {
+    data: Bytes,
+    messages: u64,
+    after: After,
+}
+
+/// What `gather` met after the batch.
+enum After {
+    /// Nothing more was waiting.
+    More,
+    /// A message that would have made the batch larger than its bound.
+    Carried(Bytes),
+    /// The client's stream ended or failed; the batch is still to be written.
+    End(End),
+}
+
+/// Joins to `first` the client messages that have already arrived, without waiting for more,
+/// while the batch stays within `client_batch_bytes`: small messages that came in one read of
+/// the client socket go to the backend in one write, not a system call each. A message already
+/// as large as the bound goes alone, uncopied.
+async fn gather<S>(stream: &mut S, first: Bytes, options: &Options, last_text: &AtomicBool) -> Batch
+where
+    S: Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    let limit = options.client_batch_bytes;
+    let mut joined: Option<BytesMut> = None;
+    let mut messages = 1;
+    let mut after = After::More;
+    let mut len = first.len();
+    while len < limit {
+        // Polled with the task's own waker: Pending also registers interest in more data.
+        let next = match std::future::poll_fn(|cx| Poll::Ready(stream.poll_next_unpin(cx))).await {
+            Poll::Pending => break,
+            Poll::Ready(next) => next,
+        };
+        let data = match data_of(next, options.accept, last_text) {
+            Ok(Some(data)) => data,
+            Ok(None) => continue,
+            Err(end) => {
+                after = After::End(end);
+                break;
+            }
+        };
+        if len + data.len() > limit {
+            after = After::Carried(data);
+            break;
+        }
+        let joined = joined.get_or_insert_with(|| {
+            let mut b = BytesMut::with_capacity(limit);
+            b.extend_from_slice(&first);
+            b
+        });
+        joined.extend_from_slice(&data);
+        len += data.len();
+        messages += 1;
+    }
+    let data = joined.map_or(first, BytesMut::freeze);
+    Batch { data, messages, after }
 }
 
 async fn backend_to_client<S>(
@@ -356,7 +448,7 @@ where
             return End::ClientWriteFailed(e);
         }
         drop(held);
-        meter.relayed(len);
+        meter.relayed(len, 1);
         if not_utf8 {
             return End::BackendNotUtf8;
         }

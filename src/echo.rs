@@ -49,7 +49,7 @@ where
             Some(_) => {}
         }
         let len = message.len();
-        Meter::new(flows.to_backend, &mut stats.to_backend).relayed(len);
+        Meter::new(flows.to_backend, &mut stats.to_backend).relayed(len, 1);
         let mut out = Meter::new(flows.to_client, &mut stats.to_client);
         // The message is held from its arrival until the client has taken the echo.
         let held = out.hold(len);
@@ -57,7 +57,7 @@ where
             return End::ClientWriteFailed(e);
         }
         drop(held);
-        out.relayed(len);
+        out.relayed(len, 1);
     }
 }
 

@@ -389,6 +389,7 @@ async fn decide(
         client_addr: conn.peer,
         max_message_bytes: snap.limits.max_message_bytes,
         backend_read_bytes: snap.limits.backend_read_bytes,
+        client_batch_bytes: snap.limits.ws_read_buffer_bytes,
         close_timeout: snap.limits.close_timeout,
         close_window: snap.shutdown.close_window,
         metrics: m.clone(),

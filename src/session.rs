@@ -57,6 +57,9 @@ pub struct Context {
     pub max_message_bytes: usize,
     /// Largest single backend read.
     pub backend_read_bytes: usize,
+    /// Most bytes of waiting client messages joined into one backend write: the client-side
+    /// read size, so messages that arrived in one read leave in one write.
+    pub client_batch_bytes: usize,
     /// Time allowed for each closing handshake.
     pub close_timeout: Duration,
     /// On shutdown, sessions close at a point spread over this window (by session id), so
@@ -321,6 +324,7 @@ async fn run_inner(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: 
             Dialed::Tcp(stream) => {
                 let options = bridge::Options {
                     backend_read_bytes: ctx.backend_read_bytes,
+                    client_batch_bytes: ctx.client_batch_bytes,
                     framing: match ctx.route.outbound {
                         Outbound::Binary => Framing::Binary,
                         Outbound::Text => Framing::Text,

@@ -1,4 +1,6 @@
 use futures_util::SinkExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::*;
@@ -163,4 +165,79 @@ async fn large_backend_reads_with_a_small_message_limit() {
     let (got, code, _) = read_until_close(&mut ws).await;
     assert_eq!(code, 1000);
     assert!(got == data, "got {} of {} bytes", got.len(), data.len());
+}
+
+/// Small messages that arrive together leave in one backend write: a client that writes 1,000
+/// ten-byte messages in one burst makes the session hold them as one batch (its peak buffered
+/// bytes are far above one message, yet within `ws_read_buffer_bytes`), while every message is
+/// still counted and every byte reaches the backend in order. A message too large to join a
+/// batch goes on its own, after the ones before it; the Close frame that ends the burst is
+/// honoured only after everything sent before it was written.
+#[tokio::test]
+async fn small_messages_sent_together_reach_the_backend_in_one_write() {
+    let (sink, mut received) = Backend::sink().await;
+    let gw = Gateway::builder().route("tcp", "/tcp", &sink.target()).start().await;
+    let small = |i: usize| payload(10, i as u64);
+    let bursts = [
+        (0..1000).map(small).collect::<Vec<_>>(),
+        (0..500).map(small).chain([payload(100_000, 7)]).chain((500..510).map(small)).collect(),
+    ];
+    for messages in &bursts {
+        let mut tcp = within("connect", TcpStream::connect(gw.plain)).await.unwrap();
+        tcp.write_all(upgrade_request("/tcp", "").as_bytes()).await.unwrap();
+        let mut head = vec![0u8; 4096];
+        let n = within("101", tcp.read(&mut head)).await.unwrap();
+        assert!(head[..n].starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head[..n]));
+        // One write: every frame, then a Close (1000), so they arrive together.
+        let mut burst: Vec<u8> = messages.iter().flat_map(|m| masked_frame(0x2, m)).collect();
+        burst.extend(masked_frame(0x8, &1000u16.to_be_bytes()));
+        within("burst", tcp.write_all(&burst)).await.unwrap();
+        let mut rest = Vec::new();
+        within("the gateway's close", tcp.read_to_end(&mut rest)).await.unwrap();
+        let got = within("backend bytes", received.recv()).await.unwrap();
+        assert!(got == messages.concat(), "backend bytes lost, reordered or duplicated");
+    }
+    let dir = [("route", "tcp"), ("direction", "to_backend")];
+    eventually("both sessions ended", || async {
+        scrape(&gw, "wsgate_sessions_total", &[("route", "tcp")]).await == 2.0
+    })
+    .await;
+    assert_eq!(scrape(&gw, "wsgate_messages_total", &dir).await, 1511.0, "every message counted");
+    let peak = |le: &'static str| {
+        let gw = &gw;
+        async move {
+            scrape(
+                gw,
+                "wsgate_session_peak_buffered_bytes_bucket",
+                &[("route", "tcp"), ("direction", "to_backend"), ("le", le)],
+            )
+            .await
+        }
+    };
+    assert_eq!(peak("1024").await, 0.0, "the first session held its small messages as one batch");
+    assert_eq!(
+        peak("65536").await,
+        1.0,
+        "a batch stays within ws_read_buffer_bytes; the 100,000-byte message went alone"
+    );
+}
+
+/// A client frame: FIN set, `opcode`, masked with a fixed key.
+fn masked_frame(opcode: u8, data: &[u8]) -> Vec<u8> {
+    let mask = [0x12, 0x34, 0x56, 0x78];
+    let mut f = vec![0x80 | opcode];
+    match data.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            f.push(0x80 | 126);
+            f.extend((n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend((n as u64).to_be_bytes());
+        }
+    }
+    f.extend(mask);
+    f.extend(data.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+    f
 }
