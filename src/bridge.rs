@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::{Error as WsError, Message, Utf8Bytes};
 
-use crate::metrics::{Flow, Held};
+use crate::metrics::Flow;
 use crate::shutdown::Cancelled;
 
 /// WebSocket message type used for backend bytes.
@@ -149,10 +149,19 @@ impl<'a> Meter<'a> {
         Meter { flow, tally }
     }
 
-    /// `n` bytes were read and are held until the returned guard drops.
-    pub(crate) fn hold(&mut self, n: usize) -> Held<'a> {
+    /// Runs `write`, which hands `n` bytes read from one side to the other. The route's
+    /// buffered-bytes gauge counts them only once the write has to wait: a write the socket
+    /// takes at once (nearly every one) then costs no update of a gauge that all the route's
+    /// sessions share, and two such updates per message measured about 1 % of the relay's CPU
+    /// with 50 sessions trading small messages.
+    pub(crate) async fn write<F: Future>(&mut self, n: usize, write: F) -> F::Output {
         self.tally.peak_buffered = self.tally.peak_buffered.max(n as u64);
-        self.flow.hold(n)
+        let mut write = std::pin::pin!(write);
+        if let Poll::Ready(done) = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+            return done;
+        }
+        let _held = self.flow.hold(n);
+        write.await
     }
 
     /// `messages` messages, `n` bytes in all, were written to their destination.
@@ -273,11 +282,9 @@ where
             }
         };
         let batch = gather(stream, first, &options, last_text).await;
-        let held = meter.hold(batch.data.len());
-        if let Err(e) = to_backend.write_all(&batch.data).await {
+        if let Err(e) = meter.write(batch.data.len(), to_backend.write_all(&batch.data)).await {
             return End::BackendFailed(e);
         }
-        drop(held);
         meter.relayed(batch.data.len(), batch.messages);
         match batch.after {
             After::More => {}
@@ -443,11 +450,9 @@ where
             Message::Text(t) => t.len(),
             _ => 0,
         };
-        let held = meter.hold(len);
-        if let Err(e) = sink.send(message).await {
+        if let Err(e) = meter.write(len, sink.send(message)).await {
             return End::ClientWriteFailed(e);
         }
-        drop(held);
         meter.relayed(len, 1);
         if not_utf8 {
             return End::BackendNotUtf8;

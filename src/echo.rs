@@ -51,12 +51,9 @@ where
         let len = message.len();
         Meter::new(flows.to_backend, &mut stats.to_backend).relayed(len, 1);
         let mut out = Meter::new(flows.to_client, &mut stats.to_client);
-        // The message is held from its arrival until the client has taken the echo.
-        let held = out.hold(len);
-        if let Err(e) = ws.send(message).await {
+        if let Err(e) = out.write(len, ws.send(message)).await {
             return End::ClientWriteFailed(e);
         }
-        drop(held);
         out.relayed(len, 1);
     }
 }
