@@ -1235,20 +1235,19 @@ fn render_table(rows: &[Row], runs: usize) -> String {
         let (t1, t50) = (median(&r.mbps_1x64k), median(&r.mbps_50x4k));
         let (l1, l50) = (median3(&r.rtt1), median3(&r.rtt50));
         let (b1, b50) = (median3(&b.rtt1), median3(&b.rtt50));
+        // A figure not taken in this run (e.g. with --callgrind-only) shows as "–".
+        let num = |v: f64| if v.is_finite() { format!("{v:.0}") } else { "–".into() };
+        let rtt = |l: [f64; 3]| l.map(num).join("/");
         s += &format!(
-            "| {} | {:.0}{} | {:.0}{} | {:.0}/{:.0}/{:.0}{} | {:.0}/{:.0}/{:.0}{} | {} | {} | {} | {} |\n",
+            "| {} | {}{} | {}{} | {}{} | {}{} | {} | {} | {} | {} |\n",
             r.name,
-            t1,
+            num(t1),
             ratio(t1, median(&b.mbps_1x64k)),
-            t50,
+            num(t50),
             ratio(t50, median(&b.mbps_50x4k)),
-            l1[0],
-            l1[1],
-            l1[2],
+            rtt(l1),
             ratio(l1[1], b1[1]),
-            l50[0],
-            l50[1],
-            l50[2],
+            rtt(l50),
             ratio(l50[1], b50[1]),
             r.idle_kib.map_or("–".into(), |k| format!("{k:.1}")),
             if r.handshakes.is_empty() { "–".into() } else { format!("{:.0}", median(&r.handshakes)) },

@@ -2,7 +2,7 @@
 //!
 //! Client → backend: each WebSocket message (binary, or text as its UTF-8 bytes) is written to the
 //! backend whole before the next message is waited for. Messages that have already arrived when
-//! one is written (a burst of small ones that came in one read of the client socket) are joined
+//! one is written (a burst of small ones, readable without waiting) are joined
 //! into the same write, up to `client_batch_bytes`, so a burst costs one system call rather than
 //! one per message; nothing ever waits to be joined. At most one message (bounded by the
 //! WebSocket's `max_message_size`) plus one batch is held per session in that direction.
@@ -264,43 +264,52 @@ where
     let stopped = Cancelled::new(stop);
     tokio::pin!(stopped);
     // A message already read that did not fit the last batch; it goes first in the next one.
-    let mut carried = None;
+    let mut carried: Option<(Kind, Bytes)> = None;
     loop {
-        let first = match carried.take() {
-            Some(data) => data,
+        let (first, is_stopping) = match carried.take() {
+            // Already read, so it is delivered whatever happens; but once a stop is requested
+            // nothing more is gathered behind it.
+            Some(message) => (message, is_ready(stopped.as_mut()).await),
             None => {
                 let next = tokio::select! {
                     biased;
                     _ = stopped.as_mut() => return End::Stopped,
                     next = stream.next() => next,
                 };
-                match data_of(next, options.accept, last_text) {
-                    Ok(Some(data)) => data,
+                match data_of(next, options.accept) {
+                    Ok(Some(message)) => (message, false),
                     Ok(None) => continue,
                     Err(end) => return end,
                 }
             }
         };
-        let batch = gather(stream, first, &options, last_text).await;
-        if let Err(e) = meter.write(batch.data.len(), to_backend.write_all(&batch.data)).await {
+        let batch = match is_stopping {
+            true => Batch::alone(first, last_text, After::End(End::Stopped)),
+            false => gather(stream, first, &options, last_text).await,
+        };
+        // The carried message was read too and waits with the batch.
+        let held = batch.data.len() + batch.after.carried_len();
+        if let Err(e) = meter.write(held, to_backend.write_all(&batch.data)).await {
             return End::BackendFailed(e);
         }
         meter.relayed(batch.data.len(), batch.messages);
         match batch.after {
             After::More => {}
-            After::Carried(data) => carried = Some(data),
+            After::Carried(message) => carried = Some(message),
             After::End(end) => return end,
         }
     }
 }
 
-/// What one item from the client's stream means for the backend: bytes to write, nothing
-/// (control messages: tungstenite answers pings, pongs carry nothing), or the end of the pump.
-fn data_of(
-    next: Option<Result<Message, WsError>>,
-    accept: Accept,
-    last_text: &AtomicBool,
-) -> Result<Option<Bytes>, End> {
+/// Whether `fut` is ready now, without waiting.
+async fn is_ready<F: Future + Unpin>(mut fut: F) -> bool {
+    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut fut).poll(cx).is_ready())).await
+}
+
+/// What one item from the client's stream means for the backend: a data message's kind and
+/// bytes, nothing (control messages: tungstenite answers pings, pongs carry nothing), or the end
+/// of the pump.
+fn data_of(next: Option<Result<Message, WsError>>, accept: Accept) -> Result<Option<(Kind, Bytes)>, End> {
     match next {
         None => Err(End::ClientGone),
         Some(Err(e)) => Err(End::ClientFailed(e)),
@@ -308,10 +317,7 @@ fn data_of(
         Some(Ok(message)) => match Kind::of(&message) {
             None => Ok(None),
             Some(kind) if !accept.allows(kind) => Err(End::ClientUnsupported(kind)),
-            Some(kind) => {
-                last_text.store(kind == Kind::Text, Ordering::Relaxed);
-                Ok(Some(message.into_data()))
-            }
+            Some(kind) => Ok(Some((kind, message.into_data()))),
         },
     }
 }
@@ -323,58 +329,87 @@ struct Batch {
     after: After,
 }
 
+impl Batch {
+    /// One message on its own, followed by `after`.
+    fn alone((kind, data): (Kind, Bytes), last_text: &AtomicBool, after: After) -> Batch {
+        last_text.store(kind == Kind::Text, Ordering::Relaxed);
+        Batch { data, messages: 1, after }
+    }
+}
+
 /// What `gather` met after the batch.
 enum After {
     /// Nothing more was waiting.
     More,
     /// A message that would have made the batch larger than its bound.
-    Carried(Bytes),
-    /// The client's stream ended or failed; the batch is still to be written.
+    Carried((Kind, Bytes)),
+    /// The client's stream ended or failed, or a stop was requested; the batch is still to be
+    /// written.
     End(End),
 }
 
-/// Joins to `first` the client messages that have already arrived, without waiting for more,
-/// while the batch stays within `client_batch_bytes`: small messages that came in one read of
-/// the client socket go to the backend in one write, not a system call each. A message already
-/// as large as the bound goes alone, uncopied.
-async fn gather<S>(stream: &mut S, first: Bytes, options: &Options, last_text: &AtomicBool) -> Batch
+impl After {
+    fn carried_len(&self) -> usize {
+        match self {
+            After::Carried((_, data)) => data.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// Most items (messages, pings, pongs) one batch looks at, so that a flood of empty messages or
+/// pings cannot keep `gather` from returning to the stop check.
+const MAX_BATCH_ITEMS: usize = 4096;
+
+/// Joins to `first` the client messages that can be read now, without waiting for more, while
+/// the batch stays within `client_batch_bytes`: a burst of small messages goes to the backend in
+/// one write, not a system call each. A message as large as the bound goes alone, uncopied.
+/// `last_text` follows the messages as they join, so mirror framing sees the type of the last
+/// message the backend has been sent.
+async fn gather<S>(stream: &mut S, first: (Kind, Bytes), options: &Options, last_text: &AtomicBool) -> Batch
 where
     S: Stream<Item = Result<Message, WsError>> + Unpin,
 {
     let limit = options.client_batch_bytes;
+    let mut batch = Batch::alone(first, last_text, After::More);
     let mut joined: Option<BytesMut> = None;
-    let mut messages = 1;
-    let mut after = After::More;
-    let mut len = first.len();
-    while len < limit {
+    for _ in 1..MAX_BATCH_ITEMS {
+        if batch.data.len() + joined.as_ref().map_or(0, |j| j.len()) >= limit {
+            break;
+        }
         // Polled with the task's own waker: Pending also registers interest in more data.
         let next = match std::future::poll_fn(|cx| Poll::Ready(stream.poll_next_unpin(cx))).await {
             Poll::Pending => break,
             Poll::Ready(next) => next,
         };
-        let data = match data_of(next, options.accept, last_text) {
-            Ok(Some(data)) => data,
+        let (kind, data) = match data_of(next, options.accept) {
+            Ok(Some(message)) => message,
             Ok(None) => continue,
             Err(end) => {
-                after = After::End(end);
+                batch.after = After::End(end);
                 break;
             }
         };
+        let len = batch.data.len() + joined.as_ref().map_or(0, |j| j.len());
         if len + data.len() > limit {
-            after = After::Carried(data);
+            batch.after = After::Carried((kind, data));
             break;
         }
+        // Grown as messages join (doubling), not sized to the bound up front: bursts are
+        // usually far smaller than `client_batch_bytes`.
         let joined = joined.get_or_insert_with(|| {
-            let mut b = BytesMut::with_capacity(limit);
-            b.extend_from_slice(&first);
+            let mut b = BytesMut::with_capacity(2 * (batch.data.len() + data.len()));
+            b.extend_from_slice(&std::mem::take(&mut batch.data));
             b
         });
         joined.extend_from_slice(&data);
-        len += data.len();
-        messages += 1;
+        last_text.store(kind == Kind::Text, Ordering::Relaxed);
+        batch.messages += 1;
     }
-    let data = joined.map_or(first, BytesMut::freeze);
-    Batch { data, messages, after }
+    if let Some(joined) = joined {
+        batch.data = joined.freeze();
+    }
+    batch
 }
 
 async fn backend_to_client<S>(

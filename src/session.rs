@@ -58,7 +58,7 @@ pub struct Context {
     /// Largest single backend read.
     pub backend_read_bytes: usize,
     /// Most bytes of waiting client messages joined into one backend write: the client-side
-    /// read size, so messages that arrived in one read leave in one write.
+    /// read size, so a burst of small messages leaves in one write.
     pub client_batch_bytes: usize,
     /// Time allowed for each closing handshake.
     pub close_timeout: Duration,

@@ -79,7 +79,10 @@ pin_project_lite::pin_project! {
         wake: Arc<WakeFlag>,
         // The task waker last registered in `wake`. A task's waker stays the same from one poll
         // to the next, so registering again (two atomic read-modify-writes on a line the waking
-        // thread also writes) is skipped unless it changed.
+        // thread also writes) is skipped unless it changed. Sound because a wake always sets
+        // `woken` before it takes the waker out of `wake.task`, and the poll that clears `woken`
+        // registers again; it relies on the token waking us only when cancelled (as tokio-util's
+        // does), since a spurious wake consumed on another thread could leave `wake.task` empty.
         registered: Option<Waker>,
     }
 }

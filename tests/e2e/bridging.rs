@@ -167,59 +167,109 @@ async fn large_backend_reads_with_a_small_message_limit() {
     assert!(got == data, "got {} of {} bytes", got.len(), data.len());
 }
 
-/// Small messages that arrive together leave in one backend write: a client that writes 1,000
-/// ten-byte messages in one burst makes the session hold them as one batch (its peak buffered
-/// bytes are far above one message, yet within `ws_read_buffer_bytes`), while every message is
-/// still counted and every byte reaches the backend in order. A message too large to join a
-/// batch goes on its own, after the ones before it; the Close frame that ends the burst is
-/// honoured only after everything sent before it was written.
+/// A burst of small messages leaves in batches, each one backend write: 10,000 sixteen-byte
+/// messages written by the client in one go make the session hold far more than one message at
+/// a time (its peak buffered bytes are above 1 KiB), yet never more than `ws_read_buffer_bytes`
+/// (set to 4 KiB here; the burst is 160,000 bytes); every message is counted and every byte
+/// reaches the backend in order.
 #[tokio::test]
-async fn small_messages_sent_together_reach_the_backend_in_one_write() {
+async fn a_burst_of_small_messages_is_written_in_bounded_batches() {
     let (sink, mut received) = Backend::sink().await;
-    let gw = Gateway::builder().route("tcp", "/tcp", &sink.target()).start().await;
-    let small = |i: usize| payload(10, i as u64);
-    let bursts = [
-        (0..1000).map(small).collect::<Vec<_>>(),
-        (0..500).map(small).chain([payload(100_000, 7)]).chain((500..510).map(small)).collect(),
-    ];
-    for messages in &bursts {
-        let mut tcp = within("connect", TcpStream::connect(gw.plain)).await.unwrap();
-        tcp.write_all(upgrade_request("/tcp", "").as_bytes()).await.unwrap();
-        let mut head = vec![0u8; 4096];
-        let n = within("101", tcp.read(&mut head)).await.unwrap();
-        assert!(head[..n].starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head[..n]));
-        // One write: every frame, then a Close (1000), so they arrive together.
-        let mut burst: Vec<u8> = messages.iter().flat_map(|m| masked_frame(0x2, m)).collect();
-        burst.extend(masked_frame(0x8, &1000u16.to_be_bytes()));
-        within("burst", tcp.write_all(&burst)).await.unwrap();
-        let mut rest = Vec::new();
-        within("the gateway's close", tcp.read_to_end(&mut rest)).await.unwrap();
-        let got = within("backend bytes", received.recv()).await.unwrap();
-        assert!(got == messages.concat(), "backend bytes lost, reordered or duplicated");
+    let gw =
+        Gateway::builder().route("burst", "/burst", &sink.target()).limit("ws_read_buffer_bytes", "4096").start().await;
+    let messages: Vec<Vec<u8>> = (0..10_000).map(|i| payload(16, i)).collect();
+    let mut burst: Vec<u8> = messages.iter().flat_map(|m| masked_frame(0x2, m)).collect();
+    burst.extend(masked_frame(0x8, &1000u16.to_be_bytes()));
+    let frames = raw_session(&gw, "/burst", &burst).await;
+    assert_eq!(frames.last().map(|f| f.0), Some(0x8), "the gateway answered the Close");
+    let got = within("backend bytes", received.recv()).await.unwrap();
+    assert!(got == messages.concat(), "backend bytes lost, reordered or duplicated");
+
+    let peaks = |le: &'static str| {
+        let gw = &gw;
+        let labels = [("route", "burst"), ("direction", "to_backend"), ("le", le)];
+        async move { scrape(gw, "wsgate_session_peak_buffered_bytes_bucket", &labels).await }
+    };
+    eventually("the session's peak recorded", || async { peaks("+Inf").await == 1.0 }).await;
+    assert_eq!(peaks("1024").await, 0.0, "small messages were written in batches, not one by one");
+    assert_eq!(peaks("4096").await, 1.0, "no batch exceeded ws_read_buffer_bytes");
+    let dir = [("route", "burst"), ("direction", "to_backend")];
+    assert_eq!(scrape(&gw, "wsgate_messages_total", &dir).await, 10_000.0, "every message counted");
+    assert_eq!(scrape(&gw, "wsgate_bytes_total", &dir).await, 160_000.0);
+}
+
+/// Everything in a burst keeps its place: small binary messages, a message larger than a batch,
+/// a ping (answered with its pong, never sent to the backend), a text message (its UTF-8 bytes)
+/// and more small ones reach the backend in the order sent, and the Close that ends the burst is
+/// honoured only after all of them were written.
+#[tokio::test]
+async fn a_mixed_burst_reaches_the_backend_in_order() {
+    let (sink, mut received) = Backend::sink().await;
+    let gw = Gateway::builder().route("mixed", "/mixed", &sink.target()).start().await;
+    let small = |i: u64| payload(10, i);
+    let big = payload(100_000, 7);
+    let text = "héllo ✓";
+    let mut burst = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..500 {
+        burst.extend(masked_frame(0x2, &small(i)));
+        expected.extend(small(i));
     }
-    let dir = [("route", "tcp"), ("direction", "to_backend")];
-    eventually("both sessions ended", || async {
-        scrape(&gw, "wsgate_sessions_total", &[("route", "tcp")]).await == 2.0
+    burst.extend(masked_frame(0x2, &big));
+    expected.extend(&big);
+    burst.extend(masked_frame(0x9, b"are you there"));
+    burst.extend(masked_frame(0x1, text.as_bytes()));
+    expected.extend(text.as_bytes());
+    for i in 500..510 {
+        burst.extend(masked_frame(0x2, &small(i)));
+        expected.extend(small(i));
+    }
+    burst.extend(masked_frame(0x8, &1000u16.to_be_bytes()));
+    let frames = raw_session(&gw, "/mixed", &burst).await;
+    let opcodes: Vec<u8> = frames.iter().map(|f| f.0).collect();
+    assert_eq!(opcodes, [0xA, 0x8], "a pong, then the Close");
+    assert_eq!(frames[0].1, b"are you there", "the pong carries the ping's payload");
+    let got = within("backend bytes", received.recv()).await.unwrap();
+    assert!(got == expected, "backend bytes lost, reordered or duplicated (got {} of {})", got.len(), expected.len());
+    let dir = [("route", "mixed"), ("direction", "to_backend")];
+    eventually("the session ended", || async {
+        scrape(&gw, "wsgate_sessions_open", &[("route", "mixed")]).await == 0.0
     })
     .await;
-    assert_eq!(scrape(&gw, "wsgate_messages_total", &dir).await, 1511.0, "every message counted");
-    let peak = |le: &'static str| {
-        let gw = &gw;
-        async move {
-            scrape(
-                gw,
-                "wsgate_session_peak_buffered_bytes_bucket",
-                &[("route", "tcp"), ("direction", "to_backend"), ("le", le)],
-            )
-            .await
+    assert_eq!(scrape(&gw, "wsgate_messages_total", &dir).await, 512.0, "data messages counted, the ping not");
+}
+
+/// Upgrades a raw TCP connection on `path`, writes `burst` in one write, reads until the gateway
+/// closes the connection, and returns the frames it sent (opcode, payload).
+async fn raw_session(gw: &Gateway, path: &str, burst: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut tcp = within("connect", TcpStream::connect(gw.plain)).await.unwrap();
+    tcp.write_all(upgrade_request(path, "").as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    let head_end = loop {
+        let mut buf = [0u8; 4096];
+        let n = within("101", tcp.read(&mut buf)).await.unwrap();
+        assert!(n > 0, "closed during the handshake");
+        response.extend_from_slice(&buf[..n]);
+        if let Some(i) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
         }
     };
-    assert_eq!(peak("1024").await, 0.0, "the first session held its small messages as one batch");
-    assert_eq!(
-        peak("65536").await,
-        1.0,
-        "a batch stays within ws_read_buffer_bytes; the 100,000-byte message went alone"
-    );
+    assert!(response.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&response));
+    within("burst", tcp.write_all(burst)).await.unwrap();
+    within("the gateway's close", tcp.read_to_end(&mut response)).await.unwrap();
+    let mut frames = Vec::new();
+    let mut rest = &response[head_end..];
+    while rest.len() >= 2 {
+        let (opcode, len7) = (rest[0] & 0x0f, usize::from(rest[1] & 0x7f));
+        let (len, at) = match len7 {
+            126 => (usize::from(u16::from_be_bytes([rest[2], rest[3]])), 4),
+            127 => (usize::try_from(u64::from_be_bytes(rest[2..10].try_into().unwrap())).unwrap(), 10),
+            n => (n, 2),
+        };
+        frames.push((opcode, rest[at..at + len].to_vec()));
+        rest = &rest[at + len..];
+    }
+    frames
 }
 
 /// A client frame: FIN set, `opcode`, masked with a fixed key.
