@@ -1,7 +1,8 @@
 //! wsgate's load generator: measures, in one run and side by side, direct TCP to an echo
-//! backend (the machine's limit), a bare WebSocket→TCP bridge built here from the same
-//! libraries (the floor our dependencies allow), wsgate over ws and wss with its default limits
-//! and metrics, and peers (websocat, websockify) when they are installed.
+//! backend (the machine's limit), a plain TCP relay built here (what any relay that copies bytes
+//! can do), a bare WebSocket→TCP bridge built here from the same libraries (the floor our
+//! dependencies allow), wsgate over ws and wss with its default limits and metrics, and peers
+//! (websocat, websockify) when they are installed.
 //!
 //! `cargo bench --bench load` runs everything (about 7 minutes on 2 cores); `-- --quick` is a
 //! shorter pass for development. Results: a markdown table on stdout, plus
@@ -9,12 +10,13 @@
 //! figure and holds a reference run.
 //!
 //! Every wall-clock figure is the median of interleaved runs (target A, B, C, A, B, C, ...), so
-//! drift in the machine's load hits every target alike, and is shown as a ratio to the bare
-//! bridge measured in the same run. Gateways under test run in processes of their own; the
-//! clients and the echo backend run in this process, except for the idle-memory test, where
-//! clients are held by a child process so the 2 descriptors per session stay within limits.
+//! drift in the machine's load hits every target alike, and is shown with the median of its
+//! per-run ratios to the bare bridge. Relays under test and the echo backend run in processes of
+//! their own; the clients run in this process, except for the idle-memory test, where clients
+//! are held by a child process so the 2 descriptors per session stay within limits.
 //!
-//! The same binary plays helper roles (`bare-bridge`, `hold`), started by the orchestrator.
+//! The same binary plays helper roles (`bare-bridge`, `tcp-relay`, `backend`, `hold`), started by
+//! the orchestrator, and `drive`, which measures one figure against any endpoint.
 
 use std::io::{BufRead, BufReader, Write as _};
 use std::net::SocketAddr;
@@ -49,7 +51,7 @@ struct Args {
     /// Only the callgrind instruction counts (no wall-clock or memory figures).
     #[arg(long)]
     callgrind_only: bool,
-    /// callgrind slopes per figure (median reported); default 3, or 1 with --quick.
+    /// callgrind windows per figure (median reported); default 3, or 1 with --quick.
     #[arg(long)]
     callgrind_repeats: Option<usize>,
     /// Only these targets (comma-separated names, e.g. "bare-ws,wsgate-ws").
@@ -467,8 +469,8 @@ async fn ws_connect(t: &Endpoint, tls: &tokio_rustls::TlsConnector) -> Ws {
 ///
 /// Not tokio-tungstenite. A general client masks every byte it sends with a fresh key and builds
 /// a message from every frame it reads; on 2 shared cores that cost more CPU than the relays
-/// under test and capped them all alike (the bare bridge measured 1.6× websocat, against 2.3×
-/// where relays are the bottleneck). This client masks a message once and sends the same frame
+/// under test and capped them all alike (direct TCP measured only 1.6× the bare bridge; with
+/// this client, about 2.7×). This client masks a message once and sends the same frame
 /// every time, and counts payload bytes as they arrive without copying them anywhere, so the
 /// relay's work dominates. Servers see ordinary masked binary frames; RFC 6455 asks for a fresh
 /// mask per frame to protect intermediaries from bytes a page chose, which a load generator has
@@ -1187,7 +1189,7 @@ async fn orchestrate(args: &Args) {
     }
     for (size, on, off) in metrics_cost {
         table += &format!(
-            "\nwsgate-ws metrics on vs. off (callgrind, {size} B messages): {on:.3} vs. {off:.3} instructions per relayed byte ({:+.2} %)\n",
+            "\nwsgate-ws metrics on vs. off (callgrind, {size} B messages): {on:.4} vs. {off:.4} instructions per relayed byte ({:+.2} %)\n",
             (on / off - 1.0) * 100.0
         );
     }

@@ -372,7 +372,7 @@ where
 {
     let limit = options.client_batch_bytes;
     let mut batch = Batch::alone(first, last_text, After::More);
-    let mut joined: Option<BytesMut> = None;
+    let mut joined: Option<Vec<u8>> = None;
     for _ in 1..MAX_BATCH_ITEMS {
         if batch.data.len() + joined.as_ref().map_or(0, |j| j.len()) >= limit {
             break;
@@ -395,19 +395,23 @@ where
             batch.after = After::Carried((kind, data));
             break;
         }
-        // Grown as messages join (doubling), not sized to the bound up front: bursts are
-        // usually far smaller than `client_batch_bytes`.
+        // Grown as messages join (doubling, but never past the bound), not sized to the bound
+        // up front: bursts are usually far smaller than `client_batch_bytes`.
+        let needed = len + data.len();
         let joined = joined.get_or_insert_with(|| {
-            let mut b = BytesMut::with_capacity(2 * (batch.data.len() + data.len()));
-            b.extend_from_slice(&std::mem::take(&mut batch.data));
-            b
+            let mut v = Vec::with_capacity((2 * needed).min(limit));
+            v.extend_from_slice(&std::mem::take(&mut batch.data));
+            v
         });
+        if joined.capacity() < needed {
+            joined.reserve_exact((2 * needed).min(limit) - joined.len());
+        }
         joined.extend_from_slice(&data);
         last_text.store(kind == Kind::Text, Ordering::Relaxed);
         batch.messages += 1;
     }
     if let Some(joined) = joined {
-        batch.data = joined.freeze();
+        batch.data = Bytes::from(joined);
     }
     batch
 }
