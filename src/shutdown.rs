@@ -160,4 +160,31 @@ mod tests {
             .expect("the cancel wakes the waiting future");
         assert!(Cancelled::new(&token).now_or_never().is_some(), "already cancelled: ready at once");
     }
+
+    /// Counts its wakes.
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    impl Wake for Counting {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// The waker registration that is skipped while the waker stays the same is not skipped
+    /// when it changes: a cancel wakes the waker of the latest poll, also after the future was
+    /// polled again (with a registration skipped) and after an earlier wake emptied the slot.
+    #[test]
+    fn cancel_wakes_the_latest_waker() {
+        let token = CancellationToken::new();
+        let mut waiting = std::pin::pin!(Cancelled::new(&token));
+        let (a, b) = (Arc::new(Counting(0.into())), Arc::new(Counting(0.into())));
+        let (wa, wb) = (Waker::from(a.clone()), Waker::from(b.clone()));
+        for waker in [&wa, &wa, &wb, &wb] {
+            assert!(waiting.as_mut().poll(&mut Context::from_waker(waker)).is_pending());
+        }
+        token.cancel();
+        assert_eq!(b.0.load(Ordering::SeqCst), 1, "the latest waker is woken once");
+        assert_eq!(a.0.load(Ordering::SeqCst), 0, "the replaced waker is not");
+        assert!(waiting.as_mut().poll(&mut Context::from_waker(&wb)).is_ready());
+    }
 }
