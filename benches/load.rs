@@ -33,6 +33,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::{Frame, FrameHeader};
 
 #[derive(Parser)]
 #[command(about = "wsgate load generator: side-by-side throughput, latency, memory and handshake figures")]
@@ -496,22 +498,11 @@ impl Conn {
         if !self.reader.is_ws {
             return payload.to_vec();
         }
-        const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
-        let mut frame = vec![0x82]; // FIN, binary
-        match payload.len() {
-            n if n < 126 => frame.push(0x80 | n as u8),
-            n if n <= 0xffff => {
-                frame.push(0x80 | 126);
-                frame.extend((n as u16).to_be_bytes());
-            }
-            n => {
-                frame.push(0x80 | 127);
-                frame.extend((n as u64).to_be_bytes());
-            }
-        }
-        frame.extend(MASK);
-        frame.extend(payload.iter().zip(MASK.iter().cycle()).map(|(b, m)| b ^ m));
-        frame
+        let mut frame = Frame::message(bytes::Bytes::copy_from_slice(payload), OpCode::Data(Data::Binary), true);
+        frame.header_mut().mask = Some([0x37, 0xfa, 0x21, 0x3d]);
+        let mut wire = Vec::with_capacity(frame.len());
+        frame.format(&mut wire).expect("formatting into a Vec cannot fail");
+        wire
     }
 }
 
@@ -578,31 +569,13 @@ impl Payload {
             self.header[self.have] = data[0];
             self.have += 1;
             data = &data[1..];
-            if let Some((opcode, len)) = parse_header(&self.header[..self.have]) {
-                (self.have, self.remaining, self.is_data) = (0, len, opcode <= 2);
+            let parsed = FrameHeader::parse(&mut std::io::Cursor::new(&self.header[..self.have]));
+            if let Some((header, len)) = parsed.expect("the server sent a malformed frame header") {
+                (self.have, self.remaining, self.is_data) = (0, len, matches!(header.opcode, OpCode::Data(_)));
             }
         }
         n
     }
-}
-
-/// The opcode and payload length of a complete frame header, or `None` while it is incomplete.
-fn parse_header(h: &[u8]) -> Option<(u8, u64)> {
-    let (&b0, &b1) = (h.first()?, h.get(1)?);
-    let extra = match b1 & 0x7f {
-        126 => 2,
-        127 => 8,
-        _ => 0,
-    };
-    let mask = if b1 & 0x80 != 0 { 4 } else { 0 };
-    if h.len() < 2 + extra + mask {
-        return None;
-    }
-    let len = match extra {
-        0 => u64::from(b1 & 0x7f),
-        _ => h[2..2 + extra].iter().fold(0, |l, b| l << 8 | u64::from(*b)),
-    };
-    Some((b0 & 0x0f, len))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@ use futures_util::SinkExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Control, Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::{Frame, FrameHeader};
 
 use crate::support::*;
 
@@ -178,10 +180,10 @@ async fn a_burst_of_small_messages_is_written_in_bounded_batches() {
     let gw =
         Gateway::builder().route("burst", "/burst", &sink.target()).limit("ws_read_buffer_bytes", "4096").start().await;
     let messages: Vec<Vec<u8>> = (0..10_000).map(|i| payload(16, i)).collect();
-    let mut burst: Vec<u8> = messages.iter().flat_map(|m| masked_frame(0x2, m)).collect();
-    burst.extend(masked_frame(0x8, &1000u16.to_be_bytes()));
+    let mut burst: Vec<u8> = messages.iter().flat_map(|m| client_frame(BINARY, m)).collect();
+    burst.extend(client_frame(CLOSE, &1000u16.to_be_bytes()));
     let frames = raw_session(&gw, "/burst", &burst).await;
-    assert_eq!(frames.last().map(|f| f.0), Some(0x8), "the gateway answered the Close");
+    assert_eq!(frames.last().map(|f| f.0), Some(CLOSE), "the gateway answered the Close");
     let got = within("backend bytes", received.recv()).await.unwrap();
     assert!(got == messages.concat(), "backend bytes lost, reordered or duplicated");
 
@@ -212,22 +214,22 @@ async fn a_mixed_burst_reaches_the_backend_in_order() {
     let mut burst = Vec::new();
     let mut expected = Vec::new();
     for i in 0..500 {
-        burst.extend(masked_frame(0x2, &small(i)));
+        burst.extend(client_frame(BINARY, &small(i)));
         expected.extend(small(i));
     }
-    burst.extend(masked_frame(0x2, &big));
+    burst.extend(client_frame(BINARY, &big));
     expected.extend(&big);
-    burst.extend(masked_frame(0x9, b"are you there"));
-    burst.extend(masked_frame(0x1, text.as_bytes()));
+    burst.extend(client_frame(PING, b"are you there"));
+    burst.extend(client_frame(TEXT, text.as_bytes()));
     expected.extend(text.as_bytes());
     for i in 500..510 {
-        burst.extend(masked_frame(0x2, &small(i)));
+        burst.extend(client_frame(BINARY, &small(i)));
         expected.extend(small(i));
     }
-    burst.extend(masked_frame(0x8, &1000u16.to_be_bytes()));
+    burst.extend(client_frame(CLOSE, &1000u16.to_be_bytes()));
     let frames = raw_session(&gw, "/mixed", &burst).await;
-    let opcodes: Vec<u8> = frames.iter().map(|f| f.0).collect();
-    assert_eq!(opcodes, [0xA, 0x8], "a pong, then the Close");
+    let opcodes: Vec<OpCode> = frames.iter().map(|f| f.0).collect();
+    assert_eq!(opcodes, [PONG, CLOSE], "a pong, then the Close");
     assert_eq!(frames[0].1, b"are you there", "the pong carries the ping's payload");
     let got = within("backend bytes", received.recv()).await.unwrap();
     assert!(got == expected, "backend bytes lost, reordered or duplicated (got {} of {})", got.len(), expected.len());
@@ -241,7 +243,7 @@ async fn a_mixed_burst_reaches_the_backend_in_order() {
 
 /// Upgrades a raw TCP connection on `path`, writes `burst` in one write, reads until the gateway
 /// closes the connection, and returns the frames it sent (opcode, payload).
-async fn raw_session(gw: &Gateway, path: &str, burst: &[u8]) -> Vec<(u8, Vec<u8>)> {
+async fn raw_session(gw: &Gateway, path: &str, burst: &[u8]) -> Vec<(OpCode, Vec<u8>)> {
     let mut tcp = within("connect", TcpStream::connect(gw.plain)).await.unwrap();
     tcp.write_all(upgrade_request(path, "").as_bytes()).await.unwrap();
     let mut response = Vec::new();
@@ -258,36 +260,27 @@ async fn raw_session(gw: &Gateway, path: &str, burst: &[u8]) -> Vec<(u8, Vec<u8>
     within("burst", tcp.write_all(burst)).await.unwrap();
     within("the gateway's close", tcp.read_to_end(&mut response)).await.unwrap();
     let mut frames = Vec::new();
-    let mut rest = &response[head_end..];
-    while rest.len() >= 2 {
-        let (opcode, len7) = (rest[0] & 0x0f, usize::from(rest[1] & 0x7f));
-        let (len, at) = match len7 {
-            126 => (usize::from(u16::from_be_bytes([rest[2], rest[3]])), 4),
-            127 => (usize::try_from(u64::from_be_bytes(rest[2..10].try_into().unwrap())).unwrap(), 10),
-            n => (n, 2),
-        };
-        frames.push((opcode, rest[at..at + len].to_vec()));
-        rest = &rest[at + len..];
+    let mut cursor = std::io::Cursor::new(&response[head_end..]);
+    while let Some((header, len)) = FrameHeader::parse(&mut cursor).unwrap() {
+        let at = usize::try_from(cursor.position()).unwrap();
+        let end = at + usize::try_from(len).unwrap();
+        frames.push((header.opcode, cursor.get_ref()[at..end].to_vec()));
+        cursor.set_position(end as u64);
     }
     frames
 }
 
-/// A client frame: FIN set, `opcode`, masked with a fixed key.
-fn masked_frame(opcode: u8, data: &[u8]) -> Vec<u8> {
-    let mask = [0x12, 0x34, 0x56, 0x78];
-    let mut f = vec![0x80 | opcode];
-    match data.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n if n <= 0xffff => {
-            f.push(0x80 | 126);
-            f.extend((n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend((n as u64).to_be_bytes());
-        }
-    }
-    f.extend(mask);
-    f.extend(data.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
-    f
+const BINARY: OpCode = OpCode::Data(Data::Binary);
+const TEXT: OpCode = OpCode::Data(Data::Text);
+const PING: OpCode = OpCode::Control(Control::Ping);
+const PONG: OpCode = OpCode::Control(Control::Pong);
+const CLOSE: OpCode = OpCode::Control(Control::Close);
+
+/// A client frame (FIN set, masked with a fixed key), as tungstenite writes it.
+fn client_frame(opcode: OpCode, data: &[u8]) -> Vec<u8> {
+    let header = FrameHeader { opcode, mask: Some([0x12, 0x34, 0x56, 0x78]), ..FrameHeader::default() };
+    let frame = Frame::from_payload(header, data.to_vec().into());
+    let mut wire = Vec::new();
+    frame.format(&mut wire).unwrap();
+    wire
 }
