@@ -504,6 +504,18 @@ impl Conn {
         frame.format(&mut wire).expect("formatting into a Vec cannot fail");
         wire
     }
+
+    /// Sends `wire`, one message of `size` payload bytes, and waits until `size` payload bytes
+    /// have come back.
+    async fn round_trip(&mut self, wire: &[u8], size: usize, buf: &mut [u8]) {
+        self.io.write_all(wire).await.expect("send a message");
+        let mut got = 0;
+        while got < size {
+            let n = self.io.read(buf).await.expect("read the echo");
+            assert!(n > 0, "the target closed the session");
+            got += self.reader.count(&buf[..n]);
+        }
+    }
 }
 
 /// Sends the HTTP upgrade request and reads the response; returns the bytes that followed it.
@@ -675,17 +687,11 @@ async fn latency(
         tasks.push(tokio::spawn(async move {
             let mut samples = Vec::new();
             let wire = conn.wire(&vec![7u8; size]);
-            let Conn { mut io, mut reader, .. } = conn;
+            let mut conn = conn;
             let mut buf = vec![0u8; 64 * 1024];
             while Instant::now() < deadline {
                 let t0 = Instant::now();
-                io.write_all(&wire).await.unwrap();
-                let mut got = 0;
-                while got < size {
-                    let n = io.read(&mut buf).await.unwrap();
-                    assert!(n > 0, "latency: the target closed the session");
-                    got += reader.count(&buf[..n]);
-                }
+                conn.round_trip(&wire, size, &mut buf).await;
                 samples.push(t0.elapsed());
             }
             samples
@@ -863,19 +869,13 @@ fn instructions_per_byte(
             let tls = client_tls(&setup.ca_der);
             let conn = Conn::open(&target, &tls).await;
             let wire = conn.wire(&vec![1u8; size]);
-            let Conn { mut io, mut reader, .. } = conn;
+            let mut conn = conn;
             let mut buf = vec![0u8; 256 * 1024];
             // Lockstep (one message out, its echo back, then the next) so each message meets
             // the same sequence of reads and wake-ups, and the count repeats from run to run.
             let mut round_trips = async |n: usize| {
                 for _ in 0..n {
-                    io.write_all(&wire).await.unwrap();
-                    let mut got = 0;
-                    while got < size {
-                        let n = io.read(&mut buf).await.unwrap();
-                        assert!(n > 0, "callgrind: {name} closed the session");
-                        got += reader.count(&buf[..n]);
-                    }
+                    conn.round_trip(&wire, size, &mut buf).await;
                 }
             };
             round_trips(16).await;
