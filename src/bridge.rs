@@ -373,8 +373,10 @@ where
     let limit = options.client_batch_bytes;
     let mut batch = Batch::alone(first, last_text, After::More);
     let mut joined: Option<Vec<u8>> = None;
+    // Bytes in the batch so far: `batch.data` until a second message joins, then `joined`.
+    let mut len = batch.data.len();
     for _ in 1..MAX_BATCH_ITEMS {
-        if batch.data.len() + joined.as_ref().map_or(0, |j| j.len()) >= limit {
+        if len >= limit {
             break;
         }
         // Polled with the task's own waker: Pending also registers interest in more data.
@@ -390,7 +392,6 @@ where
                 break;
             }
         };
-        let len = batch.data.len() + joined.as_ref().map_or(0, |j| j.len());
         if len + data.len() > limit {
             batch.after = After::Carried((kind, data));
             break;
@@ -407,6 +408,7 @@ where
             joined.reserve_exact((2 * needed).min(limit) - joined.len());
         }
         joined.extend_from_slice(&data);
+        len = needed;
         last_text.store(kind == Kind::Text, Ordering::Relaxed);
         batch.messages += 1;
     }
