@@ -154,14 +154,16 @@ impl<'a> Meter<'a> {
     /// takes at once (nearly every one) then costs no update of a gauge that all the route's
     /// sessions share, and two such updates per message measured about 1 % of the relay's CPU
     /// with 50 sessions trading small messages.
-    pub(crate) async fn write<F: Future>(&mut self, n: usize, write: F) -> F::Output {
+    ///
+    /// Also returns whether the write had to wait (the task gave way to the runtime).
+    pub(crate) async fn write<F: Future>(&mut self, n: usize, write: F) -> (F::Output, bool) {
         self.tally.peak_buffered = self.tally.peak_buffered.max(n as u64);
         let mut write = std::pin::pin!(write);
         if let Poll::Ready(done) = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
-            return done;
+            return (done, false);
         }
         let _held = self.flow.hold(n);
-        write.await
+        (write.await, true)
     }
 
     /// `messages` messages, `n` bytes in all, were written to their destination.
@@ -265,12 +267,19 @@ where
     tokio::pin!(stopped);
     // A message already read that did not fit the last batch; it goes first in the next one.
     let mut carried: Option<(Kind, Bytes)> = None;
+    // Whether the client stream's last poll returned Pending and the task has not given way
+    // since: the stream has this task's waker, so polling it again now would only repeat that
+    // Pending (one poll through tungstenite, hyper and the socket's readiness per message).
+    let mut registered = false;
     loop {
         let (first, is_stopping) = match carried.take() {
             // Already read, so it is delivered whatever happens; but once a stop is requested
             // nothing more is gathered behind it.
             Some(message) => (message, is_ready(stopped.as_mut()).await),
             None => {
+                if std::mem::take(&mut registered) {
+                    until_woken().await;
+                }
                 let next = tokio::select! {
                     biased;
                     _ = stopped.as_mut() => return End::Stopped,
@@ -289,16 +298,32 @@ where
         };
         // The carried message was read too and waits with the batch.
         let held = batch.data.len() + batch.after.carried_len();
-        if let Err(e) = meter.write(held, to_backend.write_all(&batch.data)).await {
+        let (written, waited) = meter.write(held, to_backend.write_all(&batch.data)).await;
+        if let Err(e) = written {
             return End::BackendFailed(e);
         }
         meter.relayed(batch.data.len(), batch.messages);
         match batch.after {
             After::More => {}
+            After::Drained => registered = !waited,
             After::Carried(message) => carried = Some(message),
             After::End(end) => return end,
         }
     }
+}
+
+/// Gives the task back to the runtime once, until one of the wakers it registered wakes it.
+///
+/// Sound only where a poll in this task has just returned Pending (so a waker is registered)
+/// and the task has not given way since (so no wake-up has been spent): a wake-up that comes
+/// while the task runs makes the runtime poll it again, and a spurious poll just returns Ready.
+async fn until_woken() {
+    let mut first = true;
+    std::future::poll_fn(|_| match std::mem::take(&mut first) {
+        true => Poll::Pending,
+        false => Poll::Ready(()),
+    })
+    .await
 }
 
 /// Whether `fut` is ready now, without waiting.
@@ -339,8 +364,11 @@ impl Batch {
 
 /// What `gather` met after the batch.
 enum After {
-    /// Nothing more was waiting.
+    /// The batch reached its bound in bytes or in items; more may be ready.
     More,
+    /// Nothing more was ready: the client stream returned Pending, which registered the
+    /// task's waker for the next message.
+    Drained,
     /// A message that would have made the batch larger than its bound.
     Carried((Kind, Bytes)),
     /// The client's stream ended or failed, or a stop was requested; the batch is still to be
@@ -381,7 +409,10 @@ where
         }
         // Polled with the task's own waker: Pending also registers interest in more data.
         let next = match std::future::poll_fn(|cx| Poll::Ready(stream.poll_next_unpin(cx))).await {
-            Poll::Pending => break,
+            Poll::Pending => {
+                batch.after = After::Drained;
+                break;
+            }
             Poll::Ready(next) => next,
         };
         let (kind, data) = match data_of(next, options.accept) {
@@ -491,7 +522,7 @@ where
             Message::Text(t) => t.len(),
             _ => 0,
         };
-        if let Err(e) = meter.write(len, sink.send(message)).await {
+        if let (Err(e), _) = meter.write(len, sink.send(message)).await {
             return End::ClientWriteFailed(e);
         }
         meter.relayed(len, 1);

@@ -51,7 +51,7 @@ where
         let len = message.len();
         Meter::new(flows.to_backend, &mut stats.to_backend).relayed(len, 1);
         let mut out = Meter::new(flows.to_client, &mut stats.to_client);
-        if let Err(e) = out.write(len, ws.send(message)).await {
+        if let (Err(e), _) = out.write(len, ws.send(message)).await {
             return End::ClientWriteFailed(e);
         }
         out.relayed(len, 1);

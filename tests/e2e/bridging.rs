@@ -241,6 +241,41 @@ async fn a_mixed_burst_reaches_the_backend_in_order() {
     assert_eq!(scrape(&gw, "wsgate_messages_total", &dir).await, 512.0, "data messages counted, the ping not");
 }
 
+/// A backend that stops reading still gets every byte of a client that sends one small message
+/// at a time, once it reads again. The gateway reads each message with nothing behind it yet;
+/// once the socket to the backend is full, writing one has to wait, and the client's next
+/// messages arrive during that wait. When the write completes, the session must still be
+/// listening to the client: a wake-up lost there stalls the session for good, and this test
+/// then times out.
+#[tokio::test]
+async fn a_stalled_backend_gets_a_trickle_whole_once_it_reads() {
+    let (tx, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let stalled = Backend::start(move |mut s: TcpStream| {
+        let tx = tx.clone();
+        async move {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let mut all = Vec::new();
+            let _ = s.read_to_end(&mut all).await;
+            let _ = tx.send(all);
+        }
+    })
+    .await;
+    let gw = Gateway::builder().route("stalled", "/stalled", &stalled.target()).start().await;
+    let mut ws = gw.ws("/stalled").await;
+    let messages: Vec<Vec<u8>> = (0..250).map(|i| payload(32 * 1024 + i as usize, i)).collect();
+    // 5 MiB at once fill the loopback socket buffers (about 4 MiB) while the backend reads
+    // nothing; then a trickle, one message at a time.
+    for (i, m) in messages.iter().enumerate() {
+        within("send", ws.send(Message::binary(m.clone()))).await.unwrap();
+        if i >= 160 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+    within("close", ws.close(None)).await.unwrap();
+    let got = within("every byte at the backend", received.recv()).await.unwrap();
+    assert!(got == messages.concat(), "backend bytes lost, reordered or duplicated (got {} bytes)", got.len());
+}
+
 /// Upgrades a raw TCP connection on `path`, writes `burst` in one write, reads until the gateway
 /// closes the connection, and returns the frames it sent (opcode, payload).
 async fn raw_session(gw: &Gateway, path: &str, burst: &[u8]) -> Vec<(OpCode, Vec<u8>)> {
