@@ -317,6 +317,8 @@ where
 /// Sound only where a poll in this task has just returned Pending (so a waker is registered)
 /// and the task has not given way since (so no wake-up has been spent): a wake-up that comes
 /// while the task runs makes the runtime poll it again, and a spurious poll just returns Ready.
+/// The task's other wake-up sources must stay registered across such a wait too: the stop
+/// check (`Cancelled`) does, until the token is cancelled.
 async fn until_woken() {
     let mut first = true;
     std::future::poll_fn(|_| match std::mem::take(&mut first) {
@@ -592,5 +594,60 @@ mod tests {
         let (rest, invalid) = split_utf8(&mut b);
         assert!(invalid && rest.is_empty());
         assert_eq!(&b[..], b"ok", "the valid text before the bad bytes is kept");
+    }
+
+    /// The case `until_woken` must not be used in, made to happen every time: a message is read
+    /// with nothing behind it (the client stream returns Pending), its write to a full backend
+    /// socket has to wait, and the next message arrives during that wait, spending the wake-up
+    /// the stream had registered. Once the backend reads again, the pump must read that message
+    /// itself; waiting for another wake-up would stall the session for good.
+    #[tokio::test]
+    async fn a_message_that_arrives_while_a_write_waits_is_relayed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gateway_side = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (mut backend, _) = listener.accept().await.unwrap();
+        let (_from_backend, mut to_backend) = gateway_side.into_split();
+        // Fill the socket buffers towards the backend, so that the next write waits.
+        let mut filled = 0;
+        while let Ok(n) = to_backend.try_write(&[0u8; 64 * 1024]) {
+            filled += n;
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Result<Message, WsError>>();
+        let pump = tokio::spawn(async move {
+            let mut stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+            let options = Options {
+                backend_read_bytes: 1024,
+                client_batch_bytes: 64 * 1024,
+                framing: Framing::Binary,
+                accept: Accept { text: true, binary: true },
+                finish_timeout: Duration::from_secs(1),
+            };
+            let (flow, mut tally, stop, last_text) =
+                (Flow::detached(), Tally::default(), CancellationToken::new(), AtomicBool::new(false));
+            let mut meter = Meter::new(&flow, &mut tally);
+            client_to_backend(&mut stream, &mut to_backend, options, &last_text, &stop, &mut meter).await
+        });
+        tx.send(Ok(Message::binary(&b"first"[..]))).unwrap();
+        // The pump reads it, finds nothing behind it, and waits to write it.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!pump.is_finished());
+        tx.send(Ok(Message::binary(&b"second"[..]))).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The backend reads again: everything must arrive, the second message included.
+        let want = filled + b"firstsecond".len();
+        let mut got = Vec::with_capacity(want);
+        let read = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut buf = vec![0u8; 256 * 1024];
+            while got.len() < want {
+                let n = backend.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the backend socket closed early");
+                got.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await;
+        assert!(read.is_ok(), "stalled: {} of {want} bytes reached the backend", got.len());
+        assert_eq!(&got[filled..], b"firstsecond");
+        drop(tx);
+        assert!(matches!(pump.await.unwrap(), End::ClientGone));
     }
 }

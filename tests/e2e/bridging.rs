@@ -241,12 +241,14 @@ async fn a_mixed_burst_reaches_the_backend_in_order() {
     assert_eq!(scrape(&gw, "wsgate_messages_total", &dir).await, 512.0, "data messages counted, the ping not");
 }
 
-/// A backend that stops reading still gets every byte of a client that sends one small message
-/// at a time, once it reads again. The gateway reads each message with nothing behind it yet;
-/// once the socket to the backend is full, writing one has to wait, and the client's next
-/// messages arrive during that wait. When the write completes, the session must still be
+/// A backend that stops reading still gets every byte of a client that sends a burst and then
+/// one message at a time, once it reads again. Once the socket to the backend is full, a write
+/// has to wait, often for a message the gateway read with nothing behind it, and the client's
+/// next messages arrive during that wait. When the write completes, the session must still be
 /// listening to the client: a wake-up lost there stalls the session for good, and this test
-/// then times out.
+/// then times out (it did, with the pump changed to skip that read after such a write; the
+/// unit test `bridge::tests::a_message_that_arrives_while_a_write_waits_is_relayed` makes the
+/// same sequence happen every time, whatever the machine's timing).
 #[tokio::test]
 async fn a_stalled_backend_gets_a_trickle_whole_once_it_reads() {
     let (tx, mut received) = tokio::sync::mpsc::unbounded_channel();
