@@ -9,14 +9,17 @@
 //!
 //! Backend → client: each read (at most `backend_read_bytes`) becomes one message, and the next
 //! read waits until that message has been handed to the client socket. The read buffer is
-//! allocated only once the backend socket is readable, so an idle session holds none.
+//! allocated only once the backend socket is readable, so an idle session holds none, and it
+//! becomes the frame: the payload is read in after room for the header and written to the
+//! client's socket as it is, not copied into tungstenite's write buffer ([`crate::frames`]).
 //!
 //! Text mode carries an incomplete trailing UTF-8 sequence (at most 3 bytes) over to the next
 //! read; bytes that can never be UTF-8 end the session.
 //!
 //! The pump only reports how it ended ([`End`]); it sends no close frame and picks no close code.
 //! That belongs to `session`, the one place that sees both sides. The pump knows nothing of
-//! config, routes or HTTP, so the planned client mode can reuse it over any WebSocket stream.
+//! config, routes or HTTP, so the planned client mode can reuse it over any WebSocket built on a
+//! [`FrameGate`](crate::frames::FrameGate).
 //!
 //! A stop request is honoured only between messages: a message already read from one side is
 //! written to the other (within `finish_timeout`) before the pump returns [`End::Stopped`]. Bytes
@@ -24,20 +27,22 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use futures_util::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::io::poll_read_buf;
 use tokio_util::sync::CancellationToken;
 use tungstenite::protocol::frame::CloseFrame;
-use tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tungstenite::{Error as WsError, Message};
 
+use crate::frames::{self, ClientWs, HEADROOM};
 use crate::metrics::Flow;
 use crate::shutdown::Cancelled;
 
@@ -200,8 +205,8 @@ pub enum End {
 
 /// Pumps `ws` ⇄ `backend` until one side ends, and returns how, with the backend socket (so the
 /// caller can shut it down or drain it as the ending requires).
-pub async fn run<W>(
-    ws: &mut W,
+pub async fn run<C>(
+    ws: &mut ClientWs<C>,
     backend: TcpStream,
     options: Options,
     stop: &CancellationToken,
@@ -209,10 +214,11 @@ pub async fn run<W>(
     flows: Flows<'_>,
 ) -> (End, TcpStream)
 where
-    W: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+    C: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (mut from_backend, mut to_backend) = backend.into_split();
-    let (mut sink, mut stream) = ws.split();
+    let client = Client(Mutex::new(ws));
+    let mut stream = futures_util::stream::poll_fn(|cx| client.with(|ws| ws.poll_next_unpin(cx)));
     let mut up_meter = Meter::new(flows.to_backend, &mut stats.to_backend);
     let mut down_meter = Meter::new(flows.to_client, &mut stats.to_client);
     // Mirror framing: whether the client's last data message was text. Both directions run in
@@ -224,7 +230,7 @@ where
     let finish = stop.child_token();
     let end = {
         let up = client_to_backend(&mut stream, &mut to_backend, options, &last_text, &finish, &mut up_meter);
-        let down = backend_to_client(&mut from_backend, &mut sink, options, &last_text, &finish, &mut down_meter);
+        let down = backend_to_client(&mut from_backend, &client, options, &last_text, &finish, &mut down_meter);
         tokio::pin!(up, down);
         let (end, up_running) = tokio::select! {
             end = &mut up => (end, false),
@@ -250,6 +256,23 @@ where
     };
     let backend = from_backend.reunite(to_backend).expect("halves of the same stream");
     (end, backend)
+}
+
+/// The client's WebSocket, shared by the two directions: one reads messages from it, the other
+/// writes frames to it. They run in one task and never hold it across an await, so the lock is
+/// never contended; it is there so the shared borrow is `Send` (as `split`'s lock would be).
+struct Client<'a, C>(Mutex<&'a mut ClientWs<C>>);
+
+impl<C: AsyncRead + AsyncWrite + Unpin> Client<'_, C> {
+    fn with<R>(&self, f: impl FnOnce(&mut ClientWs<C>) -> R) -> R {
+        f(&mut self.0.lock().expect("never held across a panic"))
+    }
+
+    /// Writes one frame (from `frames::frame`) to the client.
+    async fn send(&self, frame: Bytes) -> Result<(), WsError> {
+        let mut frame = Some(frame);
+        std::future::poll_fn(|cx| self.with(|ws| frames::poll_send(ws, cx, &mut frame))).await
+    }
 }
 
 async fn client_to_backend<S>(
@@ -451,16 +474,16 @@ where
     batch
 }
 
-async fn backend_to_client<S>(
+async fn backend_to_client<C>(
     from_backend: &mut OwnedReadHalf,
-    sink: &mut S,
+    client: &Client<'_, C>,
     options: Options,
     last_text: &AtomicBool,
     stop: &CancellationToken,
     meter: &mut Meter<'_>,
 ) -> End
 where
-    S: Sink<Message, Error = WsError> + Unpin,
+    C: AsyncRead + AsyncWrite + Unpin,
 {
     // Text mode only: the start of a UTF-8 sequence that the last read cut in two (< 4 bytes).
     let mut carry = BytesMut::new();
@@ -472,7 +495,9 @@ where
             _ = stopped.as_mut() => return End::Stopped,
             ready = from_backend.readable() => if let Err(e) = ready { return End::BackendFailed(e) },
         }
-        let mut buf = BytesMut::with_capacity(carry.len() + options.backend_read_bytes);
+        // Room for the frame header, then the payload: the read buffer becomes the frame.
+        let mut buf = BytesMut::with_capacity(HEADROOM + carry.len() + options.backend_read_bytes);
+        buf.extend_from_slice(&[0; HEADROOM]);
         buf.extend_from_slice(&carry);
         carry.clear();
         // One read through `poll_read`, not `try_read_buf`: tokio clears the socket's readiness
@@ -484,14 +509,14 @@ where
             Poll::Ready(r) => Poll::Ready(Some(r)),
         });
         match read.await {
-            Some(Ok(0)) if buf.is_empty() => return End::BackendEof,
+            Some(Ok(0)) if buf.len() == HEADROOM => return End::BackendEof,
             // EOF in the middle of a UTF-8 sequence: those bytes can never become text.
             Some(Ok(0)) => return End::BackendNotUtf8,
             Some(Ok(_)) => {}
             None => {
                 // Keep only the carried bytes, not the read buffer's whole allocation: an idle
                 // session should hold no read buffer.
-                carry = BytesMut::from(&buf[..]);
+                carry = BytesMut::from(&buf[HEADROOM..]);
                 continue;
             }
             Some(Err(e)) => return End::BackendFailed(e),
@@ -503,28 +528,23 @@ where
         };
         // Bytes that can never be UTF-8 end the session, after the valid text before them.
         let mut not_utf8 = false;
-        let message = match as_text {
-            false => Message::Binary(buf.freeze()),
-            true => {
-                let (rest, invalid) = split_utf8(&mut buf);
+        if as_text {
+            let (valid, invalid) = utf8_prefix(&buf[HEADROOM..]);
+            if !invalid {
                 // A copy of at most 3 bytes, so the read buffer is not kept alive by it.
-                carry = BytesMut::from(&rest[..]);
-                not_utf8 = invalid;
-                if buf.is_empty() {
-                    if not_utf8 {
-                        return End::BackendNotUtf8;
-                    }
-                    continue;
-                }
-                Message::Text(Utf8Bytes::try_from(buf.freeze()).expect("checked by split_utf8"))
+                carry = BytesMut::from(&buf[HEADROOM + valid..]);
             }
-        };
-        let len = match &message {
-            Message::Binary(b) => b.len(),
-            Message::Text(t) => t.len(),
-            _ => 0,
-        };
-        if let (Err(e), _) = meter.write(len, sink.send(message)).await {
+            buf.truncate(HEADROOM + valid);
+            not_utf8 = invalid;
+            if valid == 0 {
+                if not_utf8 {
+                    return End::BackendNotUtf8;
+                }
+                continue;
+            }
+        }
+        let len = buf.len() - HEADROOM;
+        if let (Err(e), _) = meter.write(len, client.send(frames::frame(buf, as_text))).await {
             return End::ClientWriteFailed(e);
         }
         meter.relayed(len, 1);
@@ -534,17 +554,12 @@ where
     }
 }
 
-/// Keeps the longest valid UTF-8 prefix in `buf` and returns the bytes after it that a later
-/// read may still complete (an incomplete sequence at the end, < 4 bytes), and whether the bytes
-/// after the prefix can never be UTF-8 (those are dropped from `buf`).
-fn split_utf8(buf: &mut BytesMut) -> (BytesMut, bool) {
-    match std::str::from_utf8(buf) {
-        Ok(_) => (BytesMut::new(), false),
-        Err(e) if e.error_len().is_none() => (buf.split_off(e.valid_up_to()), false),
-        Err(e) => {
-            buf.truncate(e.valid_up_to());
-            (BytesMut::new(), true)
-        }
+/// The length of the longest valid UTF-8 prefix of `bytes`, and whether the bytes after it can
+/// never be UTF-8 (rather than being the start of a sequence that a later read may complete).
+fn utf8_prefix(bytes: &[u8]) -> (usize, bool) {
+    match std::str::from_utf8(bytes) {
+        Ok(_) => (bytes.len(), false),
+        Err(e) => (e.valid_up_to(), e.error_len().is_some()),
     }
 }
 
@@ -574,26 +589,15 @@ pub async fn shutdown_write<W: AsyncWrite + Unpin>(backend: &mut W) {
 mod tests {
     use super::*;
 
-    /// A complete string passes whole; a sequence cut at the end is carried; bytes that can
-    /// never be UTF-8 are reported, with the valid text before them kept.
+    /// A complete string is valid whole; a sequence cut at the end is left for the next read;
+    /// bytes that can never be UTF-8 are reported, with the valid text before them counted.
     #[test]
-    fn utf8_split_keeps_incomplete_tail_and_rejects_garbage() {
-        let mut b = BytesMut::from("héllo");
-        assert_eq!(split_utf8(&mut b), (BytesMut::new(), false));
-        assert_eq!(&b[..], "héllo".as_bytes());
-
+    fn utf8_prefix_leaves_an_incomplete_tail_and_rejects_garbage() {
+        assert_eq!(utf8_prefix("héllo".as_bytes()), (6, false));
         let euro = "€".as_bytes(); // 3 bytes
-        let mut b = BytesMut::from(&b"ab"[..]);
-        b.extend_from_slice(&euro[..2]);
-        let (rest, invalid) = split_utf8(&mut b);
-        assert!(!invalid);
-        assert_eq!(&b[..], b"ab");
-        assert_eq!(&rest[..], &euro[..2]);
-
-        let mut b = BytesMut::from(&b"ok\xff\xfe"[..]);
-        let (rest, invalid) = split_utf8(&mut b);
-        assert!(invalid && rest.is_empty());
-        assert_eq!(&b[..], b"ok", "the valid text before the bad bytes is kept");
+        assert_eq!(utf8_prefix(&[b"ab", &euro[..2]].concat()), (2, false));
+        assert_eq!(utf8_prefix(b"ok\xff\xfe"), (2, true));
+        assert_eq!(utf8_prefix(&euro[..1]), (0, false));
     }
 
     /// The case `until_woken` must not be used in, made to happen every time: a message is read

@@ -14,6 +14,7 @@
 //! - [`policy`]: origin checks → allow, or a refusal with its HTTP status. Pure.
 //! - [`session`]: one upgraded WebSocket: runs the pump, maps the ending to a close frame, logs.
 //! - [`bridge`]: the WebSocket ⇄ TCP pump; knows nothing of config or HTTP.
+//! - [`frames`]: data frames to the client, written past tungstenite's copy.
 //! - [`readahead`]: the client read buffer that exists only while data flows.
 //! - [`backend`]: connects backend TCP services (resolve, try every address, timeout).
 //! - [`echo`]: the built-in WebSocket echo backend and TCP echo service.
@@ -45,6 +46,7 @@ pub mod bridge;
 pub mod config;
 pub mod console;
 pub mod echo;
+pub mod frames;
 pub mod metrics;
 pub mod policy;
 pub mod readahead;

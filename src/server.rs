@@ -40,6 +40,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
+use tungstenite::handshake::derive_accept_key;
 use tungstenite::protocol::WebSocketConfig;
 
 use crate::backend;
@@ -120,10 +121,11 @@ impl Snapshot {
             // Write each message at once: the pumps wait for it to reach the socket before reading
             // more, which is what gives backpressure, so a write buffer would only add a copy.
             .write_buffer_size(0)
-            // Bound for frames queued behind a slow client: one message (a backend read, or an
-            // echo of up to `max`) plus control frames. tungstenite refuses any single frame
-            // larger than this, so it must hold the largest message we send.
-            .max_write_buffer_size(max.max(self.limits.backend_read_bytes) + 64 * 1024)
+            // Bound for frames queued behind a slow client: one echoed message (up to `max`)
+            // plus control frames. tungstenite refuses any single frame larger than this, so it
+            // must hold the largest message it sends. (The bridge's data frames do not pass
+            // through tungstenite: `frames`.)
+            .max_write_buffer_size(max + 64 * 1024)
             .max_message_size(Some(max))
             .max_frame_size(Some(max))
     }
@@ -374,15 +376,20 @@ async fn decide(
             return (Some(m), text(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY), &body));
         }
     };
-    let (response, upgrade) = match hyper_tungstenite::upgrade(&mut req, Some(snap.ws_config())) {
-        Ok((mut response, upgrade)) => {
-            if let Some(chosen) = subprotocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
-                response.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, chosen);
-            }
-            (response, upgrade)
-        }
-        Err(e) => return (Some(m), text(StatusCode::BAD_REQUEST, &format!("bad websocket upgrade: {e}"))),
-    };
+    // The key's form was checked by `upgrade_refusal`.
+    let key = req.headers().get(header::SEC_WEBSOCKET_KEY).map(HeaderValue::as_bytes).unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key)) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    if let Some(chosen) = subprotocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
+        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, chosen);
+    }
+    let upgrade = session::Upgrade { on: hyper::upgrade::on(&mut req), config: snap.ws_config() };
     let ctx = session::Context {
         id: shared.next_session.fetch_add(1, Ordering::Relaxed),
         route,

@@ -15,14 +15,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use hyper_tungstenite::{HyperWebsocket, WebSocketStream};
+use hyper::upgrade::OnUpgrade;
+use hyper_tungstenite::WebSocketStream;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, field, info, info_span, warn};
 use tungstenite::error::{CapacityError, ProtocolError};
-use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message};
 
 use crate::backend;
@@ -30,6 +32,7 @@ use crate::backend::BackendError;
 use crate::bridge::{self, Accept, End, Flows, Framing, Kind, Stats};
 use crate::config::{Backend, Limits, Outbound, Route, Unavailable};
 use crate::echo;
+use crate::frames::FrameGate;
 use crate::metrics::RouteMetrics;
 use crate::shutdown::Cancelled;
 
@@ -42,6 +45,15 @@ pub enum Dialed {
     Echo,
     /// The backend could not be reached; the session closes at once with 1013.
     Unavailable(BackendError),
+}
+
+/// The client side of a session until hyper hands over the connection (after the 101 is sent).
+#[derive(Debug)]
+pub struct Upgrade {
+    /// Resolves to the connection.
+    pub on: OnUpgrade,
+    /// The WebSocket's buffers and size limits.
+    pub config: WebSocketConfig,
 }
 
 /// What a session needs besides its sockets.
@@ -265,7 +277,7 @@ pub async fn dial(route: &Route, limits: &Limits, m: &RouteMetrics) -> Result<Di
 /// the task enters: a span is entered and left on every poll, and a session is polled on every
 /// message.
 pub fn run(
-    upgrade: HyperWebsocket,
+    upgrade: Upgrade,
     dialed: Dialed,
     ctx: Context,
     stop: CancellationToken,
@@ -291,15 +303,17 @@ pub fn run(
     .instrument(span)
 }
 
-async fn run_inner(upgrade: HyperWebsocket, dialed: Dialed, ctx: Context, stop: CancellationToken) {
+async fn run_inner(upgrade: Upgrade, dialed: Dialed, ctx: Context, stop: CancellationToken) {
     let started = Instant::now();
-    let mut ws = match upgrade.await {
-        Ok(ws) => ws,
+    let upgraded = match upgrade.on.await {
+        Ok(upgraded) => upgraded,
         Err(e) => {
             debug!(error = %e, "upgrade did not complete");
             return;
         }
     };
+    let io = FrameGate::new(TokioIo::new(upgraded));
+    let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(upgrade.config)).await;
     let m = &ctx.metrics;
     let mut open = OpenSession::new(m);
     let mut stats = Stats::default();

@@ -1,0 +1,271 @@
+//! Data frames to the client, written past tungstenite's write buffer.
+//!
+//! tungstenite copies every frame it sends into its write buffer before writing it, and keeps
+//! that buffer as large as the largest frame it has sent. For the bridge's backend → client
+//! direction that is one more copy of every byte, and, after bulk traffic, a buffer of up to
+//! `backend_read_bytes` kept for the rest of the session. So the bridge builds each frame itself,
+//! in the buffer the backend was read into (the payload lands after [`HEADROOM`] bytes, and the
+//! header is written into their end), and writes it straight to the client's socket.
+//!
+//! tungstenite still writes to the same socket: pongs and close replies, which it sends from its
+//! read side, and the close frame `session` sends through it. [`FrameGate`] is the stream the
+//! WebSocket is built on, so it sees every one of those writes, and it keeps frames whole:
+//! - one of our frames starts only when tungstenite has nothing half-written ([`poll_send`]
+//!   first lets tungstenite finish, through the gate);
+//! - while one of ours is half-written, the gate finishes it before passing on any of
+//!   tungstenite's writes, whether or not the bridge is still there to drive it (a stop or a
+//!   finish timeout may drop the bridge mid-frame; the frame is still completed before the close
+//!   frame goes out).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::SinkExt;
+use hyper_tungstenite::WebSocketStream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tungstenite::Error as WsError;
+use tungstenite::protocol::frame::FrameHeader;
+use tungstenite::protocol::frame::coding::{Data, OpCode};
+
+/// Bytes to leave in front of a payload for the longest header a server's frame has (2 bytes,
+/// then a 64-bit length; no mask).
+pub const HEADROOM: usize = 10;
+
+/// A WebSocket to the client whose data frames can be written past tungstenite.
+pub type ClientWs<S> = WebSocketStream<FrameGate<S>>;
+
+/// The client's byte stream under tungstenite, shared with the frames the bridge writes itself.
+#[derive(Debug)]
+pub struct FrameGate<S> {
+    io: S,
+    /// What is still to be written of our last frame; empty (and holding no buffer) otherwise.
+    rest: Bytes,
+    /// Whether tungstenite's last write stopped short or had to wait: its write buffer then
+    /// holds the rest of a frame, which must go out before any of ours.
+    short: bool,
+}
+
+impl<S> FrameGate<S> {
+    /// Wraps the client's stream.
+    pub fn new(io: S) -> Self {
+        FrameGate { io, rest: Bytes::new(), short: false }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> FrameGate<S> {
+    /// Writes the rest of our frame, if any.
+    fn poll_rest(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.rest.is_empty() {
+            match ready!(Pin::new(&mut self.io).poll_write(cx, &self.rest))? {
+                0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                n => self.rest.advance(n),
+            }
+        }
+        // An emptied `Bytes` still holds its buffer.
+        self.rest = Bytes::new();
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Turns `buf` ([`HEADROOM`] bytes, then a payload) into one final, unmasked data frame: its
+/// header goes into the end of the headroom, so header and payload go out in one write, and the
+/// payload is not copied.
+pub fn frame(mut buf: BytesMut, text: bool) -> Bytes {
+    let len = (buf.len() - HEADROOM) as u64;
+    let header =
+        FrameHeader { opcode: OpCode::Data(if text { Data::Text } else { Data::Binary }), ..FrameHeader::default() };
+    let start = HEADROOM - header.len(len);
+    header.format(len, &mut &mut buf[start..HEADROOM]).expect("the headroom fits any server frame header");
+    let mut frame = buf.freeze();
+    frame.advance(start);
+    frame
+}
+
+/// Writes `frame` (from [`frame`]) to the client: first whatever tungstenite has half-written,
+/// then the frame, then whatever tungstenite tried to write meanwhile (a pong held back by the
+/// frame, say), so that goes out now rather than at tungstenite's next write. `frame` is taken
+/// on the first poll; from then on the frame belongs to the gate, which completes it even if
+/// this is not polled again.
+pub fn poll_send<S>(ws: &mut ClientWs<S>, cx: &mut Context<'_>, frame: &mut Option<Bytes>) -> Poll<Result<(), WsError>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if frame.is_some() {
+        if ws.get_ref().short {
+            ready!(ws.poll_flush_unpin(cx))?;
+        }
+        ws.get_mut().rest = frame.take().expect("checked");
+    }
+    ready!(ws.get_mut().poll_rest(cx))?;
+    if ws.get_ref().short {
+        ready!(ws.poll_flush_unpin(cx))?;
+    }
+    Poll::Ready(Ok(()))
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for FrameGate<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+/// tungstenite's writes. It writes its whole write buffer each time, so a write that takes all
+/// of it leaves nothing half-written.
+impl<S: AsyncWrite + Unpin> AsyncWrite for FrameGate<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.short = true;
+        ready!(this.poll_rest(cx))?;
+        let written = ready!(Pin::new(&mut this.io).poll_write(cx, data))?;
+        this.short = written < data.len();
+        Poll::Ready(Ok(written))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_rest(cx))?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_rest(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+    use tokio::net::{TcpListener, TcpStream};
+    use tungstenite::protocol::frame::coding::CloseCode;
+    use tungstenite::protocol::{CloseFrame, Role};
+    use tungstenite::{Message, Utf8Bytes};
+
+    /// A server WebSocket over a gate and a plain tungstenite client, on a loopback connection.
+    async fn pair() -> (ClientWs<TcpStream>, WebSocketStream<TcpStream>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (
+            WebSocketStream::from_raw_socket(FrameGate::new(server), Role::Server, None).await,
+            WebSocketStream::from_raw_socket(client, Role::Client, None).await,
+        )
+    }
+
+    fn frame_of(payload: &[u8], text: bool) -> Bytes {
+        let mut buf = BytesMut::with_capacity(HEADROOM + payload.len());
+        buf.extend_from_slice(&[0; HEADROOM]);
+        buf.extend_from_slice(payload);
+        frame(buf, text)
+    }
+
+    async fn send(ws: &mut ClientWs<TcpStream>, payload: &[u8], text: bool) {
+        let mut frame = Some(frame_of(payload, text));
+        std::future::poll_fn(|cx| poll_send(ws, cx, &mut frame)).await.unwrap();
+    }
+
+    /// Polls `fut` once: whether it finished.
+    async fn poll_once<F: Future + Unpin>(fut: &mut F) -> bool {
+        std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *fut).poll(cx).is_ready())).await
+    }
+
+    /// A broken gate shows as a stream the client cannot parse, or as a stall: give up then.
+    async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+        tokio::time::timeout(std::time::Duration::from_secs(10), fut)
+            .await
+            .unwrap_or_else(|_| panic!("stalled: {what}"))
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8).collect()
+    }
+
+    /// Every length form of the header (7-bit, 16-bit, 64-bit) at its edges, text and binary,
+    /// reaches a standard client as the same message.
+    #[tokio::test]
+    async fn frames_of_every_header_form_arrive_as_sent() {
+        let (mut server, mut client) = pair().await;
+        let sizes = [0, 1, 125, 126, 127, 65_535, 65_536, 300_000];
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            for _ in 0..2 * sizes.len() {
+                got.push(within("reading a frame", client.next()).await.unwrap().unwrap());
+            }
+            got
+        });
+        for &n in &sizes {
+            within("sending", send(&mut server, &pattern(n), false)).await;
+            within("sending", send(&mut server, "é".repeat(n / 2).as_bytes(), true)).await;
+        }
+        let got = within("reading", reader).await.unwrap();
+        for (i, &n) in sizes.iter().enumerate() {
+            assert_eq!(got[2 * i], Message::Binary(pattern(n).into()), "binary, {n} bytes");
+            assert_eq!(got[2 * i + 1], Message::Text(Utf8Bytes::from("é".repeat(n / 2))), "text, {n} bytes");
+        }
+        assert!(server.get_ref().rest.is_empty(), "no frame left behind");
+    }
+
+    /// A frame of ours is half-written (the client is not reading) and the bridge that was
+    /// writing it goes away; tungstenite then answers a ping and sends a close frame. Both must
+    /// wait for the rest of the frame, and it must be completed without the bridge: the client
+    /// reads the whole message, then the pong, then the close.
+    #[tokio::test]
+    async fn tungstenite_writes_wait_for_a_half_written_frame() {
+        let (mut server, client) = pair().await;
+        let big = pattern(8 << 20);
+        let mut frame = Some(frame_of(&big, false));
+        let mut sending = std::future::poll_fn(|cx| poll_send(&mut server, cx, &mut frame));
+        assert!(!poll_once(&mut sending).await, "8 MiB do not fit in the socket buffers");
+        drop(sending);
+        let (mut to_server, mut from_server) = client.split();
+        to_server.send(Message::Ping(Bytes::from_static(b"p"))).await.unwrap();
+        let ping = within("reading the ping", server.next()).await;
+        assert_eq!(ping.unwrap().unwrap(), Message::Ping(Bytes::from_static(b"p")));
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(Ok(message)) = from_server.next().await {
+                let done = matches!(message, Message::Close(_));
+                got.push(message);
+                if done {
+                    break;
+                }
+            }
+            got
+        });
+        // The pong goes out at tungstenite's next flush (then the close: a close frame
+        // written with a pong pending would go first).
+        within("writing the pong", server.flush()).await.unwrap();
+        let bye = CloseFrame { code: CloseCode::Normal, reason: "bye".into() };
+        within("writing the close", server.send(Message::Close(Some(bye.clone())))).await.unwrap();
+        let got = within("reading", reader).await.unwrap();
+        assert_eq!(got.len(), 3, "message, pong, close: {:?}", got.iter().map(Message::len).collect::<Vec<_>>());
+        assert!(got[0] == Message::Binary(big.into()), "the frame arrives whole");
+        assert_eq!(got[1], Message::Pong(Bytes::from_static(b"p")));
+        assert_eq!(got[2], Message::Close(Some(bye)));
+    }
+
+    /// tungstenite has half-written a message (the client is not reading) when the bridge
+    /// sends a frame: the frame waits for the rest of tungstenite's, and both arrive whole.
+    #[tokio::test]
+    async fn a_frame_waits_for_what_tungstenite_half_wrote() {
+        let (mut server, mut client) = pair().await;
+        let (first, second) = (pattern(8 << 20), pattern(3 << 20));
+        let mut sending = server.send(Message::binary(first.clone()));
+        assert!(!poll_once(&mut sending).await, "8 MiB do not fit in the socket buffers");
+        drop(sending);
+        assert!(server.get_ref().short);
+        let reader = tokio::spawn(async move {
+            let a = client.next().await.unwrap();
+            let b = client.next().await.unwrap();
+            (a.unwrap(), b.unwrap())
+        });
+        within("sending the frame", send(&mut server, &second, false)).await;
+        let (a, b) = within("reading", reader).await.unwrap();
+        assert!(a == Message::Binary(first.into()), "tungstenite's message arrives whole, first");
+        assert!(b == Message::Binary(second.into()), "then the frame");
+    }
+}
