@@ -321,3 +321,37 @@ fn client_frame(opcode: OpCode, data: &[u8]) -> Vec<u8> {
     frame.format(&mut wire).unwrap();
     wire
 }
+
+/// Pings that arrive while a frame to the client is half-written (the client stopped reading, so
+/// the gateway waits in the middle of one) are answered between frames, never inside one, over
+/// ws and wss: the stream parses, every byte arrives in order, and each ping gets its pong before
+/// the close. The gateway writes data frames past tungstenite and tungstenite writes the pongs,
+/// to the same socket (`src/frames.rs`).
+#[tokio::test]
+async fn pings_during_a_stalled_download_are_answered_between_frames() {
+    use futures_util::StreamExt;
+    let data = payload(16 << 20, 3);
+    let backend = Backend::say_and_close(data.clone()).await;
+    let gw = Gateway::builder().route("down", "/down", &backend.target()).tls().start().await;
+    for secure in [false, true] {
+        let mut ws = if secure { gw.wss("/down").await } else { gw.ws("/down").await };
+        // Not reading: the gateway fills the socket buffers and waits mid-frame.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let pings = [b"one".to_vec(), b"two".to_vec(), b"three".to_vec()];
+        for p in &pings {
+            within("ping", ws.send(Message::Ping(p.clone().into()))).await.unwrap();
+        }
+        let (mut got, mut pongs) = (Vec::with_capacity(data.len()), Vec::new());
+        let code = loop {
+            match within("the download", ws.next()).await {
+                Some(Ok(Message::Binary(b))) => got.extend_from_slice(&b),
+                Some(Ok(Message::Pong(p))) => pongs.push(p.to_vec()),
+                Some(Ok(Message::Close(f))) => break f.map(|f| u16::from(f.code)),
+                other => panic!("secure: {secure}, after {} bytes: {other:?}", got.len()),
+            }
+        };
+        assert!(got == data, "secure: {secure}: got {} of {} bytes, or altered", got.len(), data.len());
+        assert_eq!(pongs, pings, "secure: {secure}: a pong for each ping, in order");
+        assert_eq!(code, Some(1000), "secure: {secure}");
+    }
+}
