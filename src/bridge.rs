@@ -7,8 +7,9 @@
 //! one per message; nothing ever waits to be joined. At most one message (bounded by the
 //! WebSocket's `max_message_size`) plus one batch is held per session in that direction.
 //!
-//! Backend → client: each read (at most `backend_read_bytes`) becomes one message, and the next
-//! read waits until that message has been handed to the client socket. The read buffer is
+//! Backend → client: each read becomes one message, and the next read waits until that message
+//! has been handed to the client socket. Reads start at 64 KiB and double while they come back
+//! full, up to `backend_read_bytes`. The read buffer is
 //! allocated only once the backend socket is readable, so an idle session holds none, and it
 //! becomes the frame: the payload is read in after room for the header and written to the
 //! client's socket as it is, not copied into tungstenite's write buffer ([`crate::frames`]).
@@ -221,16 +222,14 @@ where
     let mut stream = futures_util::stream::poll_fn(|cx| client.with(|ws| ws.poll_next_unpin(cx)));
     let mut up_meter = Meter::new(flows.to_backend, &mut stats.to_backend);
     let mut down_meter = Meter::new(flows.to_client, &mut stats.to_client);
-    // Mirror framing: whether the client's last data message was text. Both directions run in
-    // this one task, so Relaxed is enough; the atomic only makes the shared borrow Send.
-    let last_text = AtomicBool::new(false);
+    let seen = Seen::default();
     // Both directions stop at a message boundary once `finish` is cancelled: on a stop request,
     // or after the backend's last byte was delivered. The direction still running then gets up
     // to `finish_timeout` to complete the message it is writing, so nothing read is lost.
     let finish = stop.child_token();
     let end = {
-        let up = client_to_backend(&mut stream, &mut to_backend, options, &last_text, &finish, &mut up_meter);
-        let down = backend_to_client(&mut from_backend, &client, options, &last_text, &finish, &mut down_meter);
+        let up = client_to_backend(&mut stream, &mut to_backend, options, &seen, &finish, &mut up_meter);
+        let down = backend_to_client(&mut from_backend, &client, options, &seen, &finish, &mut down_meter);
         tokio::pin!(up, down);
         let (end, up_running) = tokio::select! {
             end = &mut up => (end, false),
@@ -258,6 +257,19 @@ where
     (end, backend)
 }
 
+/// What the client → backend direction has seen of the client, for the other direction. Both
+/// run in one task, so Relaxed is enough; the atomics only make the shared borrow `Send`.
+#[derive(Default)]
+struct Seen {
+    /// Mirror framing: whether the client's last data message was text.
+    last_text: AtomicBool,
+    /// The client's stream has ended (its Close, an error, its socket) while the messages read
+    /// before that are still being written to the backend. Nothing more goes to the client then:
+    /// after its Close, tungstenite may write the reply at any flush, and no data frame may
+    /// follow that.
+    client_ended: AtomicBool,
+}
+
 /// The client's WebSocket, shared by the two directions: one reads messages from it, the other
 /// writes frames to it. They run in one task and never hold it across an await, so the lock is
 /// never contended; it is there so the shared borrow is `Send` (as `split`'s lock would be).
@@ -279,7 +291,7 @@ async fn client_to_backend<S>(
     stream: &mut S,
     to_backend: &mut OwnedWriteHalf,
     options: Options,
-    last_text: &AtomicBool,
+    seen: &Seen,
     stop: &CancellationToken,
     meter: &mut Meter<'_>,
 ) -> End
@@ -316,12 +328,25 @@ where
             }
         };
         let batch = match is_stopping {
-            true => Batch::alone(first, last_text, After::End(End::Stopped)),
-            false => gather(stream, first, &options, last_text).await,
+            true => Batch::alone(first, &seen.last_text, After::End(End::Stopped)),
+            false => gather(stream, first, &options, seen).await,
         };
         // The carried message was read too and waits with the batch.
         let held = batch.data.len() + batch.after.carried_len();
-        let (written, waited) = meter.write(held, to_backend.write_all(&batch.data)).await;
+        let write = meter.write(held, to_backend.write_all(&batch.data));
+        let (written, waited) = match batch.after {
+            // The last messages before the client's Close (or its error, or a stop) get
+            // `finish_timeout` to reach the backend; then the ending decides, delivered or not,
+            // so a backend that stopped reading cannot keep the client waiting for its close.
+            After::End(_) => match tokio::time::timeout(options.finish_timeout, write).await {
+                Ok(done) => done,
+                Err(_) => match batch.after {
+                    After::End(end) => return end,
+                    _ => unreachable!("matched above"),
+                },
+            },
+            _ => write.await,
+        };
         if let Err(e) = written {
             return End::BackendFailed(e);
         }
@@ -417,14 +442,14 @@ const MAX_BATCH_ITEMS: usize = 4096;
 /// Joins to `first` the client messages that can be read now, without waiting for more, while
 /// the batch stays within `client_batch_bytes`: a burst of small messages goes to the backend in
 /// one write, not a system call each. A message as large as the bound goes alone, uncopied.
-/// `last_text` follows the messages as they join, so mirror framing sees the type of the last
+/// `seen.last_text` follows the messages as they join, so mirror framing sees the type of the last
 /// message the backend has been sent.
-async fn gather<S>(stream: &mut S, first: (Kind, Bytes), options: &Options, last_text: &AtomicBool) -> Batch
+async fn gather<S>(stream: &mut S, first: (Kind, Bytes), options: &Options, seen: &Seen) -> Batch
 where
     S: Stream<Item = Result<Message, WsError>> + Unpin,
 {
     let limit = options.client_batch_bytes;
-    let mut batch = Batch::alone(first, last_text, After::More);
+    let mut batch = Batch::alone(first, &seen.last_text, After::More);
     let mut joined: Option<Vec<u8>> = None;
     // Bytes in the batch so far: `batch.data` until a second message joins, then `joined`.
     let mut len = batch.data.len();
@@ -444,6 +469,7 @@ where
             Ok(Some(message)) => message,
             Ok(None) => continue,
             Err(end) => {
+                seen.client_ended.store(true, Ordering::Relaxed);
                 batch.after = After::End(end);
                 break;
             }
@@ -465,7 +491,7 @@ where
         }
         joined.extend_from_slice(&data);
         len = needed;
-        last_text.store(kind == Kind::Text, Ordering::Relaxed);
+        seen.last_text.store(kind == Kind::Text, Ordering::Relaxed);
         batch.messages += 1;
     }
     if let Some(joined) = joined {
@@ -478,7 +504,7 @@ async fn backend_to_client<C>(
     from_backend: &mut OwnedReadHalf,
     client: &Client<'_, C>,
     options: Options,
-    last_text: &AtomicBool,
+    seen: &Seen,
     stop: &CancellationToken,
     meter: &mut Meter<'_>,
 ) -> End
@@ -487,6 +513,13 @@ where
 {
     // Text mode only: the start of a UTF-8 sequence that the last read cut in two (< 4 bytes).
     let mut carry = BytesMut::new();
+    // The next read's size. A read buffer is held whole until the client has taken the message
+    // read into it, so reads start at `FIRST_READ_BYTES` (a small message does not hold
+    // `backend_read_bytes`), double, up to `backend_read_bytes`, while they come back full (a
+    // bulk stream gets there in two reads), and halve, back to the first size, while they come
+    // back less than half full.
+    let first_read = options.backend_read_bytes.min(FIRST_READ_BYTES);
+    let mut read_size = first_read;
     let stopped = Cancelled::new(stop);
     tokio::pin!(stopped);
     loop {
@@ -495,8 +528,13 @@ where
             _ = stopped.as_mut() => return End::Stopped,
             ready = from_backend.readable() => if let Err(e) = ready { return End::BackendFailed(e) },
         }
+        if seen.client_ended.load(Ordering::Relaxed) {
+            // The other direction ends the pump once its last write is done; what the backend
+            // sends meanwhile stays unread, for `session` to drain and count.
+            return std::future::pending().await;
+        }
         // Room for the frame header, then the payload: the read buffer becomes the frame.
-        let mut buf = BytesMut::with_capacity(HEADROOM + carry.len() + options.backend_read_bytes);
+        let mut buf = BytesMut::with_capacity(HEADROOM + carry.len() + read_size);
         buf.extend_from_slice(&[0; HEADROOM]);
         buf.extend_from_slice(&carry);
         carry.clear();
@@ -512,7 +550,13 @@ where
             Some(Ok(0)) if buf.len() == HEADROOM => return End::BackendEof,
             // EOF in the middle of a UTF-8 sequence: those bytes can never become text.
             Some(Ok(0)) => return End::BackendNotUtf8,
-            Some(Ok(_)) => {}
+            Some(Ok(n)) => {
+                read_size = match n {
+                    n if n >= read_size => (2 * read_size).min(options.backend_read_bytes),
+                    n if n < read_size / 2 => (read_size / 2).max(first_read),
+                    _ => read_size,
+                };
+            }
             None => {
                 // Keep only the carried bytes, not the read buffer's whole allocation: an idle
                 // session should hold no read buffer.
@@ -524,7 +568,7 @@ where
         let as_text = match options.framing {
             Framing::Binary => false,
             Framing::Text => true,
-            Framing::Mirror => last_text.load(Ordering::Relaxed),
+            Framing::Mirror => seen.last_text.load(Ordering::Relaxed),
         };
         // Bytes that can never be UTF-8 end the session, after the valid text before them.
         let mut not_utf8 = false;
@@ -553,6 +597,9 @@ where
         }
     }
 }
+
+/// The first backend read's size, and the smallest reads shrink back to.
+const FIRST_READ_BYTES: usize = 64 * 1024;
 
 /// The length of the longest valid UTF-8 prefix of `bytes`, and whether the bytes after it can
 /// never be UTF-8 (rather than being the start of a sequence that a later read may complete).
@@ -626,10 +673,10 @@ mod tests {
                 accept: Accept { text: true, binary: true },
                 finish_timeout: Duration::from_secs(1),
             };
-            let (flow, mut tally, stop, last_text) =
-                (Flow::detached(), Tally::default(), CancellationToken::new(), AtomicBool::new(false));
+            let (flow, mut tally, stop, seen) =
+                (Flow::detached(), Tally::default(), CancellationToken::new(), Seen::default());
             let mut meter = Meter::new(&flow, &mut tally);
-            client_to_backend(&mut stream, &mut to_backend, options, &last_text, &stop, &mut meter).await
+            client_to_backend(&mut stream, &mut to_backend, options, &seen, &stop, &mut meter).await
         });
         tx.send(Ok(Message::binary(&b"first"[..]))).unwrap();
         // The pump reads it, finds nothing behind it, and waits to write it.
@@ -653,5 +700,38 @@ mod tests {
         assert_eq!(&got[filled..], b"firstsecond");
         drop(tx);
         assert!(matches!(pump.await.unwrap(), End::ClientGone));
+    }
+
+    /// The client's last message and its Close arrive together, and the backend has stopped
+    /// reading: the message gets `finish_timeout` to reach the backend, then the Close ends the
+    /// pump (so the session can answer it), and the other direction has been told to send the
+    /// client nothing more.
+    #[tokio::test]
+    async fn a_close_behind_a_stalled_write_ends_the_pump_after_finish_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gateway_side = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (_backend, _) = listener.accept().await.unwrap();
+        let (_from_backend, mut to_backend) = gateway_side.into_split();
+        while to_backend.try_write(&[0u8; 64 * 1024]).is_ok() {}
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Result<Message, WsError>>();
+        tx.send(Ok(Message::binary(&b"last"[..]))).unwrap();
+        tx.send(Ok(Message::Close(None))).unwrap();
+        let mut stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let options = Options {
+            backend_read_bytes: 1024,
+            client_batch_bytes: 64 * 1024,
+            framing: Framing::Binary,
+            accept: Accept { text: true, binary: true },
+            finish_timeout: Duration::from_millis(200),
+        };
+        let (flow, mut tally, stop, seen) =
+            (Flow::detached(), Tally::default(), CancellationToken::new(), Seen::default());
+        let mut meter = Meter::new(&flow, &mut tally);
+        let started = std::time::Instant::now();
+        let pump = client_to_backend(&mut stream, &mut to_backend, options, &seen, &stop, &mut meter);
+        let end = tokio::time::timeout(Duration::from_secs(5), pump).await.expect("the pump waited on the backend");
+        assert!(matches!(end, End::ClientClosed(None)), "{end:?}");
+        assert!(started.elapsed() >= Duration::from_millis(200), "the message got its finish_timeout");
+        assert!(seen.client_ended.load(Ordering::Relaxed), "the backend → client direction was told");
     }
 }

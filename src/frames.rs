@@ -83,9 +83,9 @@ pub fn frame(mut buf: BytesMut, text: bool) -> Bytes {
     frame
 }
 
-/// Writes `frame` (from [`frame`]) to the client: first whatever tungstenite has half-written,
-/// then the frame, then whatever tungstenite tried to write meanwhile (a pong held back by the
-/// frame, say), so that goes out now rather than at tungstenite's next write. `frame` is taken
+/// Writes `frame` (from [`frame`]) to the client and flushes it: first whatever tungstenite has
+/// half-written, then the frame, then whatever tungstenite tried to write meanwhile (a pong held
+/// back by the frame, say), so that goes out now rather than at tungstenite's next write. `frame` is taken
 /// on the first poll; from then on the frame belongs to the gate, which completes it even if
 /// this is not polled again.
 pub fn poll_send<S>(ws: &mut ClientWs<S>, cx: &mut Context<'_>, frame: &mut Option<Bytes>) -> Poll<Result<(), WsError>>
@@ -98,7 +98,10 @@ where
         }
         ws.get_mut().rest = frame.take().expect("checked");
     }
-    ready!(ws.get_mut().poll_rest(cx))?;
+    // A flush, not just the rest of the frame: TLS takes the end of a frame into its buffer and
+    // reports it written before it has reached the socket, and nothing else may write to the
+    // client again until the backend sends more. (A no-op on plain TCP.)
+    ready!(Pin::new(ws.get_mut()).poll_flush(cx))?;
     if ws.get_ref().short {
         ready!(ws.poll_flush_unpin(cx))?;
     }
@@ -147,11 +150,20 @@ mod tests {
 
     /// A server WebSocket over a gate and a plain tungstenite client, on a loopback connection.
     async fn pair() -> (ClientWs<TcpStream>, WebSocketStream<TcpStream>) {
+        pair_over(|tcp| tcp).await
+    }
+
+    /// The same, with the server's socket wrapped by `wrap`.
+    async fn pair_over<S, F>(wrap: F) -> (ClientWs<S>, WebSocketStream<TcpStream>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+        F: FnOnce(TcpStream) -> S,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
         (
-            WebSocketStream::from_raw_socket(FrameGate::new(server), Role::Server, None).await,
+            WebSocketStream::from_raw_socket(FrameGate::new(wrap(server)), Role::Server, None).await,
             WebSocketStream::from_raw_socket(client, Role::Client, None).await,
         )
     }
@@ -163,7 +175,7 @@ mod tests {
         frame(buf, text)
     }
 
-    async fn send(ws: &mut ClientWs<TcpStream>, payload: &[u8], text: bool) {
+    async fn send<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut ClientWs<S>, payload: &[u8], text: bool) {
         let mut frame = Some(frame_of(payload, text));
         std::future::poll_fn(|cx| poll_send(ws, cx, &mut frame)).await.unwrap();
     }
@@ -267,5 +279,15 @@ mod tests {
         let (a, b) = within("reading", reader).await.unwrap();
         assert!(a == Message::Binary(first.into()), "tungstenite's message arrives whole, first");
         assert!(b == Message::Binary(second.into()), "then the frame");
+    }
+
+    /// A stream that holds written bytes until it is flushed (as TLS may hold the end of a frame
+    /// it has reported written): a frame sent with nothing after it still reaches the client.
+    #[tokio::test]
+    async fn a_frame_is_flushed_through_a_stream_that_buffers() {
+        let (mut server, mut client) = pair_over(|tcp| tokio::io::BufWriter::with_capacity(64 * 1024, tcp)).await;
+        within("sending", send(&mut server, b"the last words", false)).await;
+        let got = within("reading the frame", client.next()).await.unwrap().unwrap();
+        assert_eq!(got, Message::Binary(Bytes::from_static(b"the last words")));
     }
 }
