@@ -652,32 +652,50 @@ mod tests {
     /// socket has to wait, and the next message arrives during that wait, spending the wake-up
     /// the stream had registered. Once the backend reads again, the pump must read that message
     /// itself; waiting for another wake-up would stall the session for good.
-    #[tokio::test]
-    async fn a_message_that_arrives_while_a_write_waits_is_relayed() {
+    /// A connection to a backend whose socket buffers towards it are full, so that the next write
+    /// waits: the backend's end, the gateway's write half (and its read half, kept open), and how
+    /// many bytes filled them.
+    async fn full_backend() -> (TcpStream, OwnedWriteHalf, OwnedReadHalf, usize) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let gateway_side = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        let (mut backend, _) = listener.accept().await.unwrap();
-        let (_from_backend, mut to_backend) = gateway_side.into_split();
-        // Fill the socket buffers towards the backend, so that the next write waits.
+        let (backend, _) = listener.accept().await.unwrap();
+        let (from_backend, to_backend) = gateway_side.into_split();
         let mut filled = 0;
         while let Ok(n) = to_backend.try_write(&[0u8; 64 * 1024]) {
             filled += n;
         }
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Result<Message, WsError>>();
-        let pump = tokio::spawn(async move {
-            let mut stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-            let options = Options {
-                backend_read_bytes: 1024,
-                client_batch_bytes: 64 * 1024,
-                framing: Framing::Binary,
-                accept: Accept { text: true, binary: true },
-                finish_timeout: Duration::from_secs(1),
-            };
-            let (flow, mut tally, stop, seen) =
-                (Flow::detached(), Tally::default(), CancellationToken::new(), Seen::default());
-            let mut meter = Meter::new(&flow, &mut tally);
-            client_to_backend(&mut stream, &mut to_backend, options, &seen, &stop, &mut meter).await
-        });
+        (backend, to_backend, from_backend, filled)
+    }
+
+    /// Runs the client → backend direction over `client` (a channel's messages) until it ends.
+    async fn pump_client(
+        client: tokio::sync::mpsc::UnboundedReceiver<Result<Message, WsError>>,
+        to_backend: &mut OwnedWriteHalf,
+        finish_timeout: Duration,
+        seen: &Seen,
+    ) -> End {
+        let mut client = client;
+        let mut stream = futures_util::stream::poll_fn(move |cx| client.poll_recv(cx));
+        let options = Options {
+            backend_read_bytes: 1024,
+            client_batch_bytes: 64 * 1024,
+            framing: Framing::Binary,
+            accept: Accept { text: true, binary: true },
+            finish_timeout,
+        };
+        let (flow, mut tally, stop) = (Flow::detached(), Tally::default(), CancellationToken::new());
+        let mut meter = Meter::new(&flow, &mut tally);
+        client_to_backend(&mut stream, to_backend, options, seen, &stop, &mut meter).await
+    }
+
+    #[tokio::test]
+    async fn a_message_that_arrives_while_a_write_waits_is_relayed() {
+        let (mut backend, mut to_backend, _from_backend, filled) = full_backend().await;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let pump =
+            tokio::spawn(
+                async move { pump_client(rx, &mut to_backend, Duration::from_secs(1), &Seen::default()).await },
+            );
         tx.send(Ok(Message::binary(&b"first"[..]))).unwrap();
         // The pump reads it, finds nothing behind it, and waits to write it.
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -708,27 +726,13 @@ mod tests {
     /// client nothing more.
     #[tokio::test]
     async fn a_close_behind_a_stalled_write_ends_the_pump_after_finish_timeout() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let gateway_side = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        let (_backend, _) = listener.accept().await.unwrap();
-        let (_from_backend, mut to_backend) = gateway_side.into_split();
-        while to_backend.try_write(&[0u8; 64 * 1024]).is_ok() {}
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Result<Message, WsError>>();
+        let (_backend, mut to_backend, _from_backend, _) = full_backend().await;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tx.send(Ok(Message::binary(&b"last"[..]))).unwrap();
         tx.send(Ok(Message::Close(None))).unwrap();
-        let mut stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-        let options = Options {
-            backend_read_bytes: 1024,
-            client_batch_bytes: 64 * 1024,
-            framing: Framing::Binary,
-            accept: Accept { text: true, binary: true },
-            finish_timeout: Duration::from_millis(200),
-        };
-        let (flow, mut tally, stop, seen) =
-            (Flow::detached(), Tally::default(), CancellationToken::new(), Seen::default());
-        let mut meter = Meter::new(&flow, &mut tally);
+        let seen = Seen::default();
         let started = std::time::Instant::now();
-        let pump = client_to_backend(&mut stream, &mut to_backend, options, &seen, &stop, &mut meter);
+        let pump = pump_client(rx, &mut to_backend, Duration::from_millis(200), &seen);
         let end = tokio::time::timeout(Duration::from_secs(5), pump).await.expect("the pump waited on the backend");
         assert!(matches!(end, End::ClientClosed(None)), "{end:?}");
         assert!(started.elapsed() >= Duration::from_millis(200), "the message got its finish_timeout");
