@@ -280,10 +280,19 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Client<'_, C> {
         f(&mut self.0.lock().expect("never held across a panic"))
     }
 
-    /// Writes one frame (from `frames::frame`) to the client.
-    async fn send(&self, frame: Bytes) -> Result<(), WsError> {
+    /// Writes one frame (from `frames::frame`) to the client, unless the client's stream has
+    /// ended before the frame could start (`poll_send` may first have to let tungstenite finish
+    /// a write, which may then include its reply to the client's Close): then it never
+    /// completes, and the other direction ends the pump.
+    async fn send(&self, frame: Bytes, seen: &Seen) -> Result<(), WsError> {
         let mut frame = Some(frame);
-        std::future::poll_fn(|cx| self.with(|ws| frames::poll_send(ws, cx, &mut frame))).await
+        std::future::poll_fn(|cx| {
+            if frame.is_some() && seen.client_ended.load(Ordering::Relaxed) {
+                return Poll::Pending;
+            }
+            self.with(|ws| frames::poll_send(ws, cx, &mut frame))
+        })
+        .await
     }
 }
 
@@ -334,17 +343,20 @@ where
         // The carried message was read too and waits with the batch.
         let held = batch.data.len() + batch.after.carried_len();
         let write = meter.write(held, to_backend.write_all(&batch.data));
-        let (written, waited) = match batch.after {
-            // The last messages before the client's Close (or its error, or a stop) get
-            // `finish_timeout` to reach the backend; then the ending decides, delivered or not,
-            // so a backend that stopped reading cannot keep the client waiting for its close.
-            After::End(_) => match tokio::time::timeout(options.finish_timeout, write).await {
-                Ok(done) => done,
-                Err(_) => match batch.after {
-                    After::End(end) => return end,
-                    _ => unreachable!("matched above"),
-                },
-            },
+        let (written, waited) = match &batch.after {
+            // The last messages before the client's Close (or its error, or its socket's end)
+            // get `finish_timeout` to reach the backend; then the client's ending decides,
+            // delivered or not, so a backend that stopped reading (or failed) cannot keep the
+            // client waiting for its close. (A stop is bounded by `run`.)
+            After::End(end) if !matches!(end, End::Stopped) => {
+                match tokio::time::timeout(options.finish_timeout, write).await {
+                    Ok((Ok(()), waited)) => (Ok(()), waited),
+                    Ok((Err(_), _)) | Err(_) => match batch.after {
+                        After::End(end) => return end,
+                        _ => unreachable!("matched above"),
+                    },
+                }
+            }
             _ => write.await,
         };
         if let Err(e) = written {
@@ -550,13 +562,7 @@ where
             Some(Ok(0)) if buf.len() == HEADROOM => return End::BackendEof,
             // EOF in the middle of a UTF-8 sequence: those bytes can never become text.
             Some(Ok(0)) => return End::BackendNotUtf8,
-            Some(Ok(n)) => {
-                read_size = match n {
-                    n if n >= read_size => (2 * read_size).min(options.backend_read_bytes),
-                    n if n < read_size / 2 => (read_size / 2).max(first_read),
-                    _ => read_size,
-                };
-            }
+            Some(Ok(n)) => read_size = next_read_size(read_size, n, first_read, options.backend_read_bytes),
             None => {
                 // Keep only the carried bytes, not the read buffer's whole allocation: an idle
                 // session should hold no read buffer.
@@ -588,7 +594,7 @@ where
             }
         }
         let len = buf.len() - HEADROOM;
-        if let (Err(e), _) = meter.write(len, client.send(frames::frame(buf, as_text))).await {
+        if let (Err(e), _) = meter.write(len, client.send(frames::frame(buf, as_text), seen)).await {
             return End::ClientWriteFailed(e);
         }
         meter.relayed(len, 1);
@@ -600,6 +606,16 @@ where
 
 /// The first backend read's size, and the smallest reads shrink back to.
 const FIRST_READ_BYTES: usize = 64 * 1024;
+
+/// The size of the backend read after one of `size` bytes that read `n`: double (up to `most`)
+/// when it came back full, half (down to `least`) when it came back less than half full.
+fn next_read_size(size: usize, n: usize, least: usize, most: usize) -> usize {
+    match n {
+        n if n >= size => (2 * size).min(most),
+        n if n < size / 2 => (size / 2).max(least),
+        _ => size,
+    }
+}
 
 /// The length of the longest valid UTF-8 prefix of `bytes`, and whether the bytes after it can
 /// never be UTF-8 (rather than being the start of a sequence that a later read may complete).
@@ -737,5 +753,79 @@ mod tests {
         assert!(matches!(end, End::ClientClosed(None)), "{end:?}");
         assert!(started.elapsed() >= Duration::from_millis(200), "the message got its finish_timeout");
         assert!(seen.client_ended.load(Ordering::Relaxed), "the backend → client direction was told");
+    }
+
+    /// The same with a backend that has reset the connection: the failed write does not make the
+    /// backend's failure the ending; the client's Close still decides, at once.
+    #[tokio::test]
+    async fn a_close_behind_a_failed_write_still_ends_the_pump_as_closed() {
+        let (backend, mut to_backend, _from_backend, _) = full_backend().await;
+        socket2::SockRef::from(&backend).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(backend);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send(Ok(Message::binary(&b"last"[..]))).unwrap();
+        tx.send(Ok(Message::Close(None))).unwrap();
+        let seen = Seen::default();
+        let pump = pump_client(rx, &mut to_backend, Duration::from_secs(30), &seen);
+        let end = tokio::time::timeout(Duration::from_secs(5), pump).await.expect("the pump waited");
+        assert!(matches!(end, End::ClientClosed(None)), "{end:?}");
+    }
+
+    /// Reads double while they come back full, up to the most; halve while they come back less
+    /// than half full, down to the least; otherwise keep their size.
+    #[test]
+    fn read_sizes_grow_while_full_and_shrink_while_mostly_empty() {
+        const K: usize = 1024;
+        let (least, most) = (64 * K, 256 * K);
+        let mut size = least;
+        let mut sizes = Vec::new();
+        for n in [64 * K, 128 * K, 256 * K, 200 * K, 100 * K, 10, 10] {
+            size = next_read_size(size, n, least, most);
+            sizes.push(size / K);
+        }
+        assert_eq!(sizes, [128, 256, 256, 256, 128, 64, 64]);
+        // A bound below 64 KiB is both the least and the most.
+        assert_eq!(next_read_size(4 * K, 4 * K, 4 * K, 4 * K), 4 * K);
+        assert_eq!(next_read_size(4 * K, 1, 4 * K, 4 * K), 4 * K);
+    }
+
+    /// A frame that has not started when the client's stream ends is never sent: here it waits
+    /// behind a message tungstenite half-wrote to a client that is not reading; the client's
+    /// stream then ends, the client reads everything, and the frame must not follow (after a
+    /// client's Close, what tungstenite finishes first may be its reply).
+    #[tokio::test]
+    async fn a_frame_not_started_when_the_client_ends_is_never_sent() {
+        use futures_util::SinkExt;
+        use hyper_tungstenite::WebSocketStream;
+        use tungstenite::protocol::Role;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mut server = WebSocketStream::from_raw_socket(frames::FrameGate::new(server), Role::Server, None).await;
+        let mut peer = WebSocketStream::from_raw_socket(peer, Role::Client, None).await;
+        let big = vec![7u8; 8 << 20];
+        let mut sending = server.send(Message::binary(big.clone()));
+        assert!(!is_ready(&mut sending).await, "8 MiB do not fit in the socket buffers");
+        drop(sending);
+        let seen = Seen::default();
+        let client = Client(Mutex::new(&mut server));
+        let mut buf = BytesMut::from(&[0u8; HEADROOM][..]);
+        buf.extend_from_slice(b"late");
+        let mut send = std::pin::pin!(client.send(frames::frame(buf, false), &seen));
+        assert!(!is_ready(send.as_mut()).await, "the frame waits for tungstenite's message");
+        seen.client_ended.store(true, Ordering::Relaxed);
+        let reader = tokio::spawn(async move {
+            let first = peer.next().await.unwrap().unwrap();
+            let next = tokio::time::timeout(Duration::from_millis(300), peer.next()).await;
+            (first, next.is_ok())
+        });
+        // tungstenite finishes its message (in the pump, the session's close does that) while
+        // the send is polled again: it must not start the frame.
+        let flush = std::future::poll_fn(|cx| client.with(|ws| ws.poll_flush_unpin(cx)));
+        tokio::time::timeout(Duration::from_secs(10), flush).await.expect("flushed").unwrap();
+        assert!(tokio::time::timeout(Duration::from_millis(200), send.as_mut()).await.is_err());
+        let (first, more) = tokio::time::timeout(Duration::from_secs(10), reader).await.expect("read").unwrap();
+        assert!(first == Message::Binary(big.into()), "tungstenite's message arrives whole");
+        assert!(!more, "nothing may follow it");
     }
 }

@@ -170,6 +170,9 @@ async fn large_backend_reads_with_a_small_message_limit() {
     loop {
         match within("the stream", futures_util::StreamExt::next(&mut ws)).await {
             Some(Ok(Message::Binary(b))) => {
+                if got.is_empty() {
+                    assert!(b.len() <= 64 * 1024, "the first read is 64 KiB at most, not {}", b.len());
+                }
                 largest = largest.max(b.len());
                 got.extend_from_slice(&b);
             }
