@@ -85,9 +85,11 @@ pub fn frame(mut buf: BytesMut, text: bool) -> Bytes {
 
 /// Writes `frame` (from [`frame`]) to the client and flushes it: first whatever tungstenite has
 /// half-written, then the frame, then whatever tungstenite tried to write meanwhile (a pong held
-/// back by the frame, say), so that goes out now rather than at tungstenite's next write. `frame` is taken
-/// on the first poll; from then on the frame belongs to the gate, which completes it even if
-/// this is not polled again.
+/// back by the frame, say), so that goes out now rather than at tungstenite's next write.
+/// `frame` is taken once tungstenite has nothing half-written; from then on the frame belongs to
+/// the gate, which completes it even if this is not polled again. What tungstenite finishes
+/// first may be its reply to a client's Close: the caller decides whether a frame may still
+/// start (the bridge stops once the client's stream has ended).
 pub fn poll_send<S>(ws: &mut ClientWs<S>, cx: &mut Context<'_>, frame: &mut Option<Bytes>) -> Poll<Result<(), WsError>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
