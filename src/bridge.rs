@@ -663,11 +663,6 @@ mod tests {
         assert_eq!(utf8_prefix(&euro[..1]), (0, false));
     }
 
-    /// The case `until_woken` must not be used in, made to happen every time: a message is read
-    /// with nothing behind it (the client stream returns Pending), its write to a full backend
-    /// socket has to wait, and the next message arrives during that wait, spending the wake-up
-    /// the stream had registered. Once the backend reads again, the pump must read that message
-    /// itself; waiting for another wake-up would stall the session for good.
     /// A connection to a backend whose socket buffers towards it are full, so that the next write
     /// waits: the backend's end, the gateway's write half (and its read half, kept open), and how
     /// many bytes filled them.
@@ -704,6 +699,11 @@ mod tests {
         client_to_backend(&mut stream, to_backend, options, seen, &stop, &mut meter).await
     }
 
+    /// The case `until_woken` must not be used in, made to happen every time: a message is read
+    /// with nothing behind it (the client stream returns Pending), its write to a full backend
+    /// socket has to wait, and the next message arrives during that wait, spending the wake-up
+    /// the stream had registered. Once the backend reads again, the pump must read that message
+    /// itself; waiting for another wake-up would stall the session for good.
     #[tokio::test]
     async fn a_message_that_arrives_while_a_write_waits_is_relayed() {
         let (mut backend, mut to_backend, _from_backend, filled) = full_backend().await;
