@@ -231,10 +231,23 @@ where
         let up = client_to_backend(&mut stream, &mut to_backend, options, &seen, &finish, &mut up_meter);
         let down = backend_to_client(&mut from_backend, &client, options, &seen, &finish, &mut down_meter);
         tokio::pin!(up, down);
-        let (end, up_running) = tokio::select! {
-            end = &mut up => (end, false),
-            end = &mut down => (end, true),
-        };
+        // The two directions take turns at going first, so one that is always ready cannot
+        // starve the other (what `select!` does with a random number on every poll).
+        let mut up_first = false;
+        let (end, up_running) = std::future::poll_fn(|cx| {
+            up_first = !up_first;
+            for up_turn in [up_first, !up_first] {
+                let polled = match up_turn {
+                    true => up.as_mut().poll(cx).map(|end| (end, false)),
+                    false => down.as_mut().poll(cx).map(|end| (end, true)),
+                };
+                if polled.is_ready() {
+                    return polled;
+                }
+            }
+            Poll::Pending
+        })
+        .await;
         match end {
             End::Stopped | End::BackendEof => {
                 finish.cancel();
@@ -532,45 +545,50 @@ where
     // back less than half full.
     let first_read = options.backend_read_bytes.min(FIRST_READ_BYTES);
     let mut read_size = first_read;
+    // Whether the last read was small: the next one then goes through the stack.
+    let mut small = true;
     let stopped = Cancelled::new(stop);
     tokio::pin!(stopped);
     loop {
         tokio::select! {
             biased;
             _ = stopped.as_mut() => return End::Stopped,
-            ready = from_backend.readable() => if let Err(e) = ready { return End::BackendFailed(e) },
+            // `poll_read_ready`, not `readable()`: the socket's own waker slot rather than a
+            // waiter queued and unqueued on every wait (about 400 instructions per message).
+            ready = std::future::poll_fn(|cx| from_backend.as_ref().poll_read_ready(cx)) => {
+                if let Err(e) = ready {
+                    return End::BackendFailed(e);
+                }
+            }
         }
         if seen.client_ended.load(Ordering::Relaxed) {
             // The other direction ends the pump once its last write is done; what the backend
             // sends meanwhile stays unread, for `session` to drain and count.
             return std::future::pending().await;
         }
-        // Room for the frame header, then the payload: the read buffer becomes the frame.
-        let mut buf = BytesMut::with_capacity(HEADROOM + carry.len() + read_size);
-        buf.extend_from_slice(&[0; HEADROOM]);
-        buf.extend_from_slice(&carry);
-        carry.clear();
         // One read through `poll_read`, not `try_read_buf`: tokio clears the socket's readiness
         // after a read that did not fill the buffer, which saves the read that would only
         // return EAGAIN (`perf stat`: one system call fewer per message). Pending means the
-        // readiness was stale; the buffer is then dropped, and the loop waits again.
-        let read = std::future::poll_fn(|cx| match poll_read_buf(Pin::new(&mut *from_backend), cx, &mut buf) {
-            Poll::Pending => Poll::Ready(None),
-            Poll::Ready(r) => Poll::Ready(Some(r)),
+        // readiness was stale; the loop then waits again.
+        let mut buf = BytesMut::new();
+        let read = std::future::poll_fn(|cx| {
+            match poll_read_frame(from_backend, cx, &carry, if small { None } else { Some(read_size) }, &mut buf) {
+                Poll::Pending => Poll::Ready(None),
+                Poll::Ready(r) => Poll::Ready(Some(r)),
+            }
         });
         match read.await {
             Some(Ok(0)) if buf.len() == HEADROOM => return End::BackendEof,
             // EOF in the middle of a UTF-8 sequence: those bytes can never become text.
             Some(Ok(0)) => return End::BackendNotUtf8,
-            Some(Ok(n)) => read_size = next_read_size(read_size, n, first_read, options.backend_read_bytes),
-            None => {
-                // Keep only the carried bytes, not the read buffer's whole allocation: an idle
-                // session should hold no read buffer.
-                carry = BytesMut::from(&buf[HEADROOM..]);
-                continue;
+            Some(Ok(n)) => {
+                small = n < SMALL_READ_BYTES;
+                read_size = next_read_size(read_size, n, first_read, options.backend_read_bytes);
             }
+            None => continue,
             Some(Err(e)) => return End::BackendFailed(e),
         }
+        carry.clear();
         let as_text = match options.framing {
             Framing::Binary => false,
             Framing::Text => true,
@@ -602,6 +620,42 @@ where
             return End::BackendNotUtf8;
         }
     }
+}
+
+/// Largest read taken on the stack first while the backend sends small messages.
+const SMALL_READ_BYTES: usize = 1024;
+
+/// One read from the backend into a new frame buffer, `buf`: [`HEADROOM`] bytes, then `carry`,
+/// then what was read; returns the bytes read. With `size`, a buffer of that many bytes is read
+/// into. Without (after a small read), the read goes to the stack, up to [`SMALL_READ_BYTES`],
+/// and the buffer is made just large enough for it: a small message then costs one small
+/// allocation, served from the allocator's per-thread cache, instead of a 64 KiB one (callgrind,
+/// 64-byte round trips: about 300 instructions fewer each). A read that fills the stack buffer
+/// is delivered as it is; more is likely waiting, and the caller's next read is a large one.
+fn poll_read_frame(
+    from_backend: &mut OwnedReadHalf,
+    cx: &mut std::task::Context<'_>,
+    carry: &[u8],
+    size: Option<usize>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    let frame_of = |payload: usize| {
+        let mut buf = BytesMut::with_capacity(HEADROOM + carry.len() + payload);
+        buf.extend_from_slice(&[0; HEADROOM]);
+        buf.extend_from_slice(carry);
+        buf
+    };
+    if let Some(size) = size {
+        *buf = frame_of(size);
+        return poll_read_buf(Pin::new(from_backend), cx, buf);
+    }
+    let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); SMALL_READ_BYTES];
+    let mut read = tokio::io::ReadBuf::uninit(&mut stack);
+    std::task::ready!(Pin::new(from_backend).poll_read(cx, &mut read))?;
+    let got = read.filled();
+    *buf = frame_of(got.len());
+    buf.extend_from_slice(got);
+    Poll::Ready(Ok(got.len()))
 }
 
 /// The first backend read's size, and the smallest reads shrink back to.

@@ -7,13 +7,15 @@
 //! that hyper upgrades reads through it, and wsgate can have both: tungstenite gets a small
 //! buffer (paid by every session), and this adapter reads the socket in large chunks into a
 //! buffer of its own, which it frees as soon as the socket has nothing more to give. An idle
-//! session holds no buffer here.
+//! session holds no buffer here. It reads ahead only once a read has filled the caller's buffer
+//! (more is then likely waiting); until then it reads straight into the caller's buffer, so a
+//! small message costs neither an allocation nor a copy here.
 //!
 //! Writes pass straight through.
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -50,12 +52,27 @@ pub struct ReadAhead<S> {
     /// zero-filled) exists only while busy: capacity 0 means idle.
     buf: BytesMut,
     chunk: usize,
+    /// Whether the last read filled its buffer, so more is likely waiting: read ahead then.
+    /// Otherwise read straight into the caller's buffer, and a small message costs no
+    /// allocation or copy here.
+    busy: bool,
 }
 
 impl<S> ReadAhead<S> {
     /// Wraps `inner`; `chunk` is the size of each read while data flows.
     pub fn new(inner: S, chunk: usize) -> Self {
-        ReadAhead { inner, buf: BytesMut::new(), chunk: chunk.max(1) }
+        ReadAhead { inner, buf: BytesMut::new(), chunk: chunk.max(1), busy: false }
+    }
+
+    /// Wraps `inner` with `buffered` already read from it, to be handed out first (a stream
+    /// taken back from hyper after an upgrade, with what hyper had read and not parsed).
+    pub fn resume(inner: S, buffered: BytesMut, chunk: usize) -> Self {
+        ReadAhead { inner, buf: buffered, chunk: chunk.max(1), busy: false }
+    }
+
+    /// The wrapped stream, the bytes read from it and not yet handed out, and the chunk size.
+    pub fn into_parts(self) -> (S, BytesMut, usize) {
+        (self.inner, self.buf, self.chunk)
     }
 
     /// Bytes held for the reader right now (buffered or not): 0 for an idle stream.
@@ -83,17 +100,27 @@ impl<S: AsyncRead + ReadReady + Unpin> AsyncRead for ReadAhead<S> {
         // the same allocation rather than making a new one.
         if this.inner.poll_read_ready(cx)?.is_pending() {
             this.buf = BytesMut::new();
+            this.busy = false;
             return Poll::Pending;
+        }
+        if !this.busy {
+            let room = out.remaining();
+            let before = out.filled().len();
+            ready!(Pin::new(&mut this.inner).poll_read(cx, out))?;
+            this.busy = room > 0 && out.filled().len() - before == room;
+            return Poll::Ready(Ok(()));
         }
         this.buf.clear();
         this.buf.reserve(this.chunk);
         match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.buf) {
             Poll::Pending => {
                 this.buf = BytesMut::new();
+                this.busy = false;
                 Poll::Pending
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Ready(Ok(_)) => {
+            Poll::Ready(Ok(n)) => {
+                this.busy = n >= this.chunk;
                 this.hand_out(out);
                 Poll::Ready(Ok(()))
             }
@@ -168,6 +195,7 @@ mod tests {
         tx.write_all(b"again").await.unwrap();
         let n = r.read(&mut small).await.unwrap();
         assert_eq!(&small[..n], b"again");
+        assert_eq!(r.allocated(), 0, "a message smaller than the caller's buffer is read straight into it");
         drop(tx);
         assert_eq!(r.read(&mut small).await.unwrap(), 0, "EOF passes through");
     }

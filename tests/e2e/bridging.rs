@@ -259,6 +259,29 @@ async fn a_mixed_burst_reaches_the_backend_in_order() {
     assert_eq!(scrape(&gw, "wsgate_messages_total", &dir).await, 512.0, "data messages counted, the ping not");
 }
 
+/// A client that sends its first messages in the same write as its upgrade request, before the
+/// 101 arrives: hyper reads some of them with the request, and the session, which takes the
+/// connection back from hyper, must put those bytes back in front, in order, with nothing lost.
+#[tokio::test]
+async fn messages_sent_with_the_upgrade_request_are_relayed() {
+    let (sink, mut received) = Backend::sink().await;
+    let gw = Gateway::builder().route("early", "/early", &sink.target()).start().await;
+    let mut early = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..50 {
+        early.extend(client_frame(BINARY, &payload(1000, i)));
+        expected.extend(payload(1000, i));
+    }
+    let last = payload(3000, 99);
+    expected.extend(&last);
+    let burst = [client_frame(BINARY, &last), client_frame(CLOSE, &1000u16.to_be_bytes())].concat();
+    let frames = raw_session_from(&gw, "/early", &early, &burst).await;
+    let opcodes: Vec<OpCode> = frames.iter().map(|f| f.0).collect();
+    assert_eq!(opcodes, [CLOSE], "the Close echoed, nothing else");
+    let got = within("backend bytes", received.recv()).await.unwrap();
+    assert!(got == expected, "backend bytes lost, reordered or duplicated (got {} of {})", got.len(), expected.len());
+}
+
 /// A backend that stops reading still gets every byte of a client that sends a burst and then
 /// one message at a time, once it reads again. Once the socket to the backend is full, a write
 /// has to wait, often for a message the gateway read with nothing behind it, and the client's
@@ -299,8 +322,13 @@ async fn a_stalled_backend_gets_a_trickle_whole_once_it_reads() {
 /// Upgrades a raw TCP connection on `path`, writes `burst` in one write, reads until the gateway
 /// closes the connection, and returns the frames it sent (opcode, payload).
 async fn raw_session(gw: &Gateway, path: &str, burst: &[u8]) -> Vec<(OpCode, Vec<u8>)> {
+    raw_session_from(gw, path, b"", burst).await
+}
+
+/// The same, with `early` sent in the same write as the upgrade request.
+async fn raw_session_from(gw: &Gateway, path: &str, early: &[u8], burst: &[u8]) -> Vec<(OpCode, Vec<u8>)> {
     let mut tcp = within("connect", TcpStream::connect(gw.plain)).await.unwrap();
-    tcp.write_all(upgrade_request(path, "").as_bytes()).await.unwrap();
+    tcp.write_all(&[upgrade_request(path, "").as_bytes(), early].concat()).await.unwrap();
     let mut response = Vec::new();
     let head_end = loop {
         let mut buf = [0u8; 4096];
