@@ -7,9 +7,10 @@
 //! that hyper upgrades reads through it, and wsgate can have both: tungstenite gets a small
 //! buffer (paid by every session), and this adapter reads the socket in large chunks into a
 //! buffer of its own, which it frees as soon as the socket has nothing more to give. An idle
-//! session holds no buffer here. It reads ahead only once a read has filled the caller's buffer
-//! (more is then likely waiting); until then it reads straight into the caller's buffer, so a
-//! small message costs neither an allocation nor a copy here.
+//! session holds no buffer here. While messages are small (the last read brought less than the
+//! caller's buffer holds), it reads straight into the caller's buffer instead, so a small message
+//! costs neither an allocation nor a copy here; a read that fills the caller's buffer switches
+//! it back to whole chunks.
 //!
 //! Writes pass straight through.
 
@@ -52,22 +53,24 @@ pub struct ReadAhead<S> {
     /// zero-filled) exists only while busy: capacity 0 means idle.
     buf: BytesMut,
     chunk: usize,
-    /// Whether the last read filled its buffer, so more is likely waiting: read ahead then.
-    /// Otherwise read straight into the caller's buffer, and a small message costs no
-    /// allocation or copy here.
-    busy: bool,
+    /// Whether the last read from `inner` brought less than the caller's buffer holds: messages
+    /// are small, so the next read goes straight into the caller's buffer (no allocation, no
+    /// copy). After a read that filled it, reads go through `buf` in whole chunks until one
+    /// brings less than the caller could have taken, so a stream of large messages still costs
+    /// one read each.
+    small: bool,
 }
 
 impl<S> ReadAhead<S> {
     /// Wraps `inner`; `chunk` is the size of each read while data flows.
     pub fn new(inner: S, chunk: usize) -> Self {
-        ReadAhead { inner, buf: BytesMut::new(), chunk: chunk.max(1), busy: false }
+        ReadAhead { inner, buf: BytesMut::new(), chunk: chunk.max(1), small: true }
     }
 
     /// Wraps `inner` with `buffered` already read from it, to be handed out first (a stream
     /// taken back from hyper after an upgrade, with what hyper had read and not parsed).
     pub fn resume(inner: S, buffered: BytesMut, chunk: usize) -> Self {
-        ReadAhead { inner, buf: buffered, chunk: chunk.max(1), busy: false }
+        ReadAhead { inner, buf: buffered, chunk: chunk.max(1), small: true }
     }
 
     /// The wrapped stream, the bytes read from it and not yet handed out, and the chunk size.
@@ -100,14 +103,16 @@ impl<S: AsyncRead + ReadReady + Unpin> AsyncRead for ReadAhead<S> {
         // the same allocation rather than making a new one.
         if this.inner.poll_read_ready(cx)?.is_pending() {
             this.buf = BytesMut::new();
-            this.busy = false;
             return Poll::Pending;
         }
-        if !this.busy {
-            let room = out.remaining();
+        let room = out.remaining();
+        if room == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        if this.small {
             let before = out.filled().len();
             ready!(Pin::new(&mut this.inner).poll_read(cx, out))?;
-            this.busy = room > 0 && out.filled().len() - before == room;
+            this.small = out.filled().len() - before < room;
             return Poll::Ready(Ok(()));
         }
         this.buf.clear();
@@ -115,12 +120,11 @@ impl<S: AsyncRead + ReadReady + Unpin> AsyncRead for ReadAhead<S> {
         match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.buf) {
             Poll::Pending => {
                 this.buf = BytesMut::new();
-                this.busy = false;
                 Poll::Pending
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Ready(Ok(n)) => {
-                this.busy = n >= this.chunk;
+                this.small = n < room;
                 this.hand_out(out);
                 Poll::Ready(Ok(()))
             }
@@ -195,7 +199,14 @@ mod tests {
         tx.write_all(b"again").await.unwrap();
         let n = r.read(&mut small).await.unwrap();
         assert_eq!(&small[..n], b"again");
-        assert_eq!(r.allocated(), 0, "a message smaller than the caller's buffer is read straight into it");
+        // That read brought less than the caller's buffer holds: once the socket is empty again,
+        // the next message is read straight into the caller's buffer, with no buffer here.
+        let pending = tokio::time::timeout(std::time::Duration::from_millis(20), r.read(&mut small)).await;
+        assert!(pending.is_err(), "no data, so the read waits");
+        tx.write_all(b"small").await.unwrap();
+        let n = r.read(&mut small).await.unwrap();
+        assert_eq!(&small[..n], b"small");
+        assert_eq!(r.allocated(), 0, "a small message is read straight into the caller's buffer");
         drop(tx);
         assert_eq!(r.read(&mut small).await.unwrap(), 0, "EOF passes through");
     }
