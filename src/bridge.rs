@@ -9,7 +9,8 @@
 //!
 //! Backend → client: each read becomes one message, and the next read waits until that message
 //! has been handed to the client socket. Reads start at 64 KiB and double while they come back
-//! full, up to `backend_read_bytes`. The read buffer is
+//! full, up to `backend_read_bytes`; after a small read (under 1 KiB) the next one goes to the
+//! stack first and gets a buffer of its own size. The read buffer is
 //! allocated only once the backend socket is readable, so an idle session holds none, and it
 //! becomes the frame: the payload is read in after room for the header and written to the
 //! client's socket as it is, not copied into tungstenite's write buffer ([`crate::frames`]).
@@ -547,9 +548,14 @@ where
     let mut read_size = first_read;
     // Whether the last read was small: the next one then goes through the stack.
     let mut small = true;
+    // A read error that came after bytes the same read delivered.
+    let mut failed = None;
     let stopped = Cancelled::new(stop);
     tokio::pin!(stopped);
     loop {
+        if let Some(e) = failed.take() {
+            return End::BackendFailed(e);
+        }
         tokio::select! {
             biased;
             _ = stopped.as_mut() => return End::Stopped,
@@ -572,7 +578,7 @@ where
         // readiness was stale; the loop then waits again.
         let mut buf = BytesMut::new();
         let read = std::future::poll_fn(|cx| {
-            match poll_read_frame(from_backend, cx, &carry, if small { None } else { Some(read_size) }, &mut buf) {
+            match poll_read_frame(from_backend, cx, &carry, (small, read_size), &mut buf, &mut failed) {
                 Poll::Pending => Poll::Ready(None),
                 Poll::Ready(r) => Poll::Ready(Some(r)),
             }
@@ -626,18 +632,21 @@ where
 const SMALL_READ_BYTES: usize = 1024;
 
 /// One read from the backend into a new frame buffer, `buf`: [`HEADROOM`] bytes, then `carry`,
-/// then what was read; returns the bytes read. With `size`, a buffer of that many bytes is read
-/// into. Without (after a small read), the read goes to the stack, up to [`SMALL_READ_BYTES`],
-/// and the buffer is made just large enough for it: a small message then costs one small
-/// allocation, served from the allocator's per-thread cache, instead of a 64 KiB one (callgrind,
-/// 64-byte round trips: about 300 instructions fewer each). A read that fills the stack buffer
-/// is delivered as it is; more is likely waiting, and the caller's next read is a large one.
+/// then at most `size` bytes read; returns the bytes read. After a small read (`small`), the read
+/// goes to the stack first, up to [`SMALL_READ_BYTES`], and if that is all there was, the buffer
+/// is made just large enough for it: a small message then costs one small allocation, served
+/// from the allocator's per-thread cache, instead of a 64 KiB one (callgrind, 64-byte round
+/// trips: about 300 instructions fewer each). If it filled the stack buffer, more is likely
+/// waiting: the bytes go into a buffer of `size` and the read goes on there, without waiting, so
+/// a large message after small ones is not split. An error in that second read is left in
+/// `failed`, after the bytes already read.
 fn poll_read_frame(
     from_backend: &mut OwnedReadHalf,
     cx: &mut std::task::Context<'_>,
     carry: &[u8],
-    size: Option<usize>,
+    (small, size): (bool, usize),
     buf: &mut BytesMut,
+    failed: &mut Option<io::Error>,
 ) -> Poll<io::Result<usize>> {
     let frame_of = |payload: usize| {
         let mut buf = BytesMut::with_capacity(HEADROOM + carry.len() + payload);
@@ -645,17 +654,29 @@ fn poll_read_frame(
         buf.extend_from_slice(carry);
         buf
     };
-    if let Some(size) = size {
+    if !small {
         *buf = frame_of(size);
         return poll_read_buf(Pin::new(from_backend), cx, buf);
     }
     let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); SMALL_READ_BYTES];
     let mut read = tokio::io::ReadBuf::uninit(&mut stack);
-    std::task::ready!(Pin::new(from_backend).poll_read(cx, &mut read))?;
+    std::task::ready!(Pin::new(&mut *from_backend).poll_read(cx, &mut read))?;
     let got = read.filled();
-    *buf = frame_of(got.len());
+    if got.len() < SMALL_READ_BYTES || size <= SMALL_READ_BYTES {
+        *buf = frame_of(got.len());
+        buf.extend_from_slice(got);
+        return Poll::Ready(Ok(got.len()));
+    }
+    *buf = frame_of(size);
     buf.extend_from_slice(got);
-    Poll::Ready(Ok(got.len()))
+    match poll_read_buf(Pin::new(from_backend), cx, buf) {
+        Poll::Ready(Ok(more)) => Poll::Ready(Ok(got.len() + more)),
+        Poll::Pending => Poll::Ready(Ok(got.len())),
+        Poll::Ready(Err(e)) => {
+            *failed = Some(e);
+            Poll::Ready(Ok(got.len()))
+        }
+    }
 }
 
 /// The first backend read's size, and the smallest reads shrink back to.
@@ -881,5 +902,49 @@ mod tests {
         let (first, more) = tokio::time::timeout(Duration::from_secs(10), reader).await.expect("read").unwrap();
         assert!(first == Message::Binary(big.into()), "tungstenite's message arrives whole");
         assert!(!more, "nothing may follow it");
+    }
+
+    /// After small reads, a large message already waiting is read whole (the stack read fills,
+    /// and the read goes on in a buffer of the read size), and a small one gets a buffer of just
+    /// its size.
+    #[tokio::test]
+    async fn reads_after_small_ones_are_whole_and_small_ones_sized() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gateway_side = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (mut backend, _) = listener.accept().await.unwrap();
+        let (mut from_backend, _to_backend) = gateway_side.into_split();
+        let mut read = async |expect: usize| {
+            for _ in 0..100 {
+                from_backend.readable().await.unwrap();
+                let (mut buf, mut failed) = (BytesMut::new(), None);
+                let frame = |cx: &mut std::task::Context<'_>| match poll_read_frame(
+                    &mut from_backend,
+                    cx,
+                    b"",
+                    (true, 64 * 1024),
+                    &mut buf,
+                    &mut failed,
+                ) {
+                    Poll::Pending => Poll::Ready(None),
+                    Poll::Ready(r) => Poll::Ready(Some(r)),
+                };
+                if let Some(n) = std::future::poll_fn(frame).await {
+                    assert!(failed.is_none());
+                    assert_eq!(n.unwrap(), expect, "one read");
+                    return buf;
+                }
+            }
+            panic!("never readable");
+        };
+        let big: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        backend.write_all(&big).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let buf = read(big.len()).await;
+        assert_eq!(&buf[HEADROOM..], &big[..]);
+        backend.write_all(b"hi").await.unwrap();
+        let buf = read(2).await;
+        assert_eq!(&buf[HEADROOM..], b"hi");
+        assert_eq!(buf.capacity(), HEADROOM + 2, "a small read gets a buffer of its size");
     }
 }

@@ -110,6 +110,9 @@ impl<S: AsyncRead + ReadReady + Unpin> AsyncRead for ReadAhead<S> {
             return Poll::Ready(Ok(()));
         }
         if this.small {
+            // Nothing is buffered, but an emptied buffer may still hold its allocation (a TLS
+            // stream is always "ready", so an idle one never frees it above).
+            this.buf = BytesMut::new();
             let before = out.filled().len();
             ready!(Pin::new(&mut this.inner).poll_read(cx, out))?;
             this.small = out.filled().len() - before < room;
@@ -126,6 +129,9 @@ impl<S: AsyncRead + ReadReady + Unpin> AsyncRead for ReadAhead<S> {
             Poll::Ready(Ok(n)) => {
                 this.small = n < room;
                 this.hand_out(out);
+                if this.buf.is_empty() && this.small {
+                    this.buf = BytesMut::new();
+                }
                 Poll::Ready(Ok(()))
             }
         }
@@ -209,5 +215,38 @@ mod tests {
         assert_eq!(r.allocated(), 0, "a small message is read straight into the caller's buffer");
         drop(tx);
         assert_eq!(r.read(&mut small).await.unwrap(), 0, "EOF passes through");
+    }
+
+    /// A stream that cannot tell whether a read would wait (as TLS): an idle one must still end
+    /// up holding no buffer, after a message that switched to whole chunks and back.
+    #[tokio::test]
+    async fn a_stream_always_ready_frees_its_buffer_when_idle() {
+        struct AlwaysReady(TcpStream);
+        impl AsyncRead for AlwaysReady {
+            fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+                Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+            }
+        }
+        impl ReadReady for AlwaysReady {
+            fn poll_read_ready(&self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut tx = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (rx, _) = listener.accept().await.unwrap();
+        let mut r = ReadAhead::new(AlwaysReady(rx), 16 * 1024);
+        let data = vec![7u8; 3000];
+        tx.write_all(&data).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        while got.len() < data.len() {
+            let n = r.read(&mut buf).await.unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, data);
+        let idle = tokio::time::timeout(std::time::Duration::from_millis(20), r.read(&mut buf)).await;
+        assert!(idle.is_err(), "no data, so the read waits");
+        assert_eq!(r.allocated(), 0, "an idle stream holds no read-ahead buffer");
     }
 }

@@ -262,8 +262,15 @@ async fn a_mixed_burst_reaches_the_backend_in_order() {
 /// A client that sends its first messages in the same write as its upgrade request, before the
 /// 101 arrives: hyper reads some of them with the request, and the session, which takes the
 /// connection back from hyper, must put those bytes back in front, in order, with nothing lost.
+/// With a short request head hyper holds early bytes; with a long one (more than hyper's first
+/// 8 KiB read) `ReadAhead` holds some too, behind hyper's.
 #[tokio::test]
 async fn messages_sent_with_the_upgrade_request_are_relayed() {
+    early_messages_are_relayed("").await;
+    early_messages_are_relayed(&format!("X-Padding: {}\r\n", "p".repeat(10_000))).await;
+}
+
+async fn early_messages_are_relayed(extra: &str) {
     let (sink, mut received) = Backend::sink().await;
     let gw = Gateway::builder().route("early", "/early", &sink.target()).start().await;
     let mut early = Vec::new();
@@ -275,7 +282,7 @@ async fn messages_sent_with_the_upgrade_request_are_relayed() {
     let last = payload(3000, 99);
     expected.extend(&last);
     let burst = [client_frame(BINARY, &last), client_frame(CLOSE, &1000u16.to_be_bytes())].concat();
-    let frames = raw_session_from(&gw, "/early", &early, &burst).await;
+    let frames = raw_session_from(&gw, "/early", extra, &early, &burst).await;
     let opcodes: Vec<OpCode> = frames.iter().map(|f| f.0).collect();
     assert_eq!(opcodes, [CLOSE], "the Close echoed, nothing else");
     let got = within("backend bytes", received.recv()).await.unwrap();
@@ -322,13 +329,13 @@ async fn a_stalled_backend_gets_a_trickle_whole_once_it_reads() {
 /// Upgrades a raw TCP connection on `path`, writes `burst` in one write, reads until the gateway
 /// closes the connection, and returns the frames it sent (opcode, payload).
 async fn raw_session(gw: &Gateway, path: &str, burst: &[u8]) -> Vec<(OpCode, Vec<u8>)> {
-    raw_session_from(gw, path, b"", burst).await
+    raw_session_from(gw, path, "", b"", burst).await
 }
 
-/// The same, with `early` sent in the same write as the upgrade request.
-async fn raw_session_from(gw: &Gateway, path: &str, early: &[u8], burst: &[u8]) -> Vec<(OpCode, Vec<u8>)> {
+/// The same, with `extra` header lines in the upgrade request and `early` sent in the same write.
+async fn raw_session_from(gw: &Gateway, path: &str, extra: &str, early: &[u8], burst: &[u8]) -> Vec<(OpCode, Vec<u8>)> {
     let mut tcp = within("connect", TcpStream::connect(gw.plain)).await.unwrap();
-    tcp.write_all(&[upgrade_request(path, "").as_bytes(), early].concat()).await.unwrap();
+    tcp.write_all(&[upgrade_request(path, extra).as_bytes(), early].concat()).await.unwrap();
     let mut response = Vec::new();
     let head_end = loop {
         let mut buf = [0u8; 4096];
