@@ -129,9 +129,6 @@ impl<S: AsyncRead + ReadReady + Unpin> AsyncRead for ReadAhead<S> {
             Poll::Ready(Ok(n)) => {
                 this.small = n < room;
                 this.hand_out(out);
-                if this.buf.is_empty() && this.small {
-                    this.buf = BytesMut::new();
-                }
                 Poll::Ready(Ok(()))
             }
         }

@@ -279,8 +279,8 @@ pub async fn dial(route: &Route, limits: &Limits, m: &RouteMetrics) -> Result<Di
 /// what the session logs (an upgrade that fails, its close, its end line), not for the relay:
 /// an instrumented future enters and leaves its span on every poll, a session is polled on
 /// every message, and that (with the random number of two `select!`s, now biased) was 1,033 of
-/// the 13,304 instructions of a 64-byte round trip (callgrind). Nothing in the relay logs; what tungstenite logs at debug level
-/// meanwhile carries no session fields.
+/// the 13,304 instructions of a 64-byte round trip (callgrind). Nothing in the relay logs; what
+/// tungstenite logs at debug level meanwhile carries no session fields.
 pub fn run(
     upgrade: Upgrade,
     dialed: Dialed,
