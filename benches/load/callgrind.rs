@@ -1,0 +1,156 @@
+//! Instruction counts from callgrind: repeatable where wall-clock figures are not, so they are
+//! what CI's regression gate compares.
+
+use std::process::{Command, Stdio};
+
+use crate::client::*;
+use crate::median;
+use crate::targets::*;
+
+/// Instructions per relayed byte, from callgrind: all of them, and those outside glibc's
+/// `memcpy`/`memmove`/`memset`. Those functions copy and fill large buffers with `rep movsb` and
+/// `rep stosb`, which callgrind counts as one instruction per byte moved: a zero-filled read
+/// buffer then weighs by its size, not by its cost (the bare bridge's 16 KiB zero-fill before each
+/// read is 70 % of its count at 64 B and a fraction of a percent of its CPU time in `perf`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Instructions {
+    pub(crate) all: f64,
+    pub(crate) outside_mem: f64,
+}
+
+/// The lockstep windows counted: message size and number of round trips. 64 KiB messages show
+/// the cost per byte moved; 64-byte ones the cost per message.
+pub(crate) const LARGE: (usize, usize) = (64 * 1024, 256);
+/// See [`LARGE`].
+pub(crate) const SMALL: (usize, usize) = (64, 4096);
+
+/// Instructions per relayed byte, from callgrind: the relay runs under callgrind, one session
+/// warms up, the counters are zeroed (`callgrind_control -z`), `messages` messages of `size`
+/// bytes go through in lockstep, and the counters are dumped (`callgrind_control -d`). Counting
+/// only that window leaves out start-up and shutdown, whose counts move with wall-clock time
+/// (quanta calibrating its clock for metrics-exporter-prometheus runs for a set time, not a set
+/// number of instructions), so repeated runs agree within about 0.1 %.
+pub(crate) fn instructions_per_byte(
+    name: &str,
+    setup: &Setup,
+    (size, messages): (usize, usize),
+    repeats: usize,
+    metrics: bool,
+) -> Option<Instructions> {
+    if !which("valgrind") || !which("callgrind_control") {
+        return None;
+    }
+    let run = || -> Option<Instructions> {
+        let out = setup.dir.path().join(format!("callgrind.{name}.{size}.{metrics}"));
+        let me = std::env::current_exe().unwrap();
+        let mut cmd = Command::new("valgrind");
+        cmd.arg("--tool=callgrind").arg(format!("--callgrind-out-file={}", out.display()));
+        let tag;
+        let from_stdout;
+        if name == "wsgate-ws" {
+            let config = setup.dir.path().join("callgrind.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "[listeners.plain]\naddress = \"127.0.0.1:0\"\n[routes.bench]\npath = \"/bench\"\nbackend = \"{}\"\n\
+                     [admin]\naddress = \"127.0.0.1:0\"\n[shutdown]\ndrain_delay_secs = 0\nclose_window_secs = 0\n\
+                     [metrics]\nenabled = {metrics}\n",
+                    setup.echo
+                ),
+            )
+            .ok()?;
+            cmd.arg(env!("CARGO_BIN_EXE_wsgate"))
+                .args(["run", "--config"])
+                .arg(&config)
+                .env("RUST_LOG", "warn,wsgate=info");
+            tag = "listener=plain url=ws://";
+            from_stdout = false;
+        } else {
+            cmd.arg(&me).args(["bare-bridge", "--backend", &setup.echo.to_string()]);
+            tag = "listening ";
+            from_stdout = true;
+        }
+        let (mut child, addr) =
+            spawn_and_find(cmd, |l| l.split(tag).nth(1)?.split_whitespace().next()?.parse().ok(), from_stdout);
+        let pid = child.id().to_string();
+        let control = |what: &str| {
+            let ok = Command::new("callgrind_control").args([what, &pid]).stdout(Stdio::null()).status();
+            assert!(ok.is_ok_and(|s| s.success()), "callgrind_control {what} {pid} failed");
+        };
+        let path = if name == "wsgate-ws" { "/bench" } else { "/" };
+        let target = Endpoint::local(Kind::Ws, addr, path);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let tls = client_tls(&setup.ca_der);
+            let mut conn = Conn::open(&target, &tls).await;
+            let wire = conn.wire(&vec![1u8; size]);
+            let mut buf = vec![0u8; 256 * 1024];
+            // Lockstep (one message out, its echo back, then the next) so each message meets
+            // the same sequence of reads and wake-ups, and the count repeats from run to run.
+            let mut round_trips = async |n: usize| {
+                for _ in 0..n {
+                    conn.round_trip(&wire, size, &mut buf).await;
+                }
+            };
+            round_trips(16).await;
+            control("-z");
+            round_trips(messages).await;
+            control("-d");
+        });
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        let _ = child.wait();
+        // The dump of the window is the first numbered one.
+        let text = std::fs::read_to_string(format!("{}.1", out.display())).ok()?;
+        let total: f64 =
+            text.lines().find_map(|l| l.strip_prefix("totals: "))?.split_whitespace().next()?.parse().ok()?;
+        // Each byte crosses the relay twice (to the backend and back).
+        let per_byte = |n: f64| n / (2.0 * (size * messages) as f64);
+        let mem = mem_function_instructions(&text);
+        if mem == 0 {
+            // A libc without symbols shows its memcpy/memset as addresses: nothing is subtracted.
+            eprintln!("\ncallgrind: no memcpy/memset symbols in the dump; the count outside them is the total");
+        }
+        Some(Instructions { all: per_byte(total), outside_mem: per_byte(total - mem as f64) })
+    };
+    let counts: Vec<Instructions> = (0..repeats).map(|_| run()).collect::<Option<_>>()?;
+    let all: Vec<f64> = counts.iter().map(|c| c.all).collect();
+    let outside: Vec<f64> = counts.iter().map(|c| c.outside_mem).collect();
+    Some(Instructions { all: median(&all), outside_mem: median(&outside) })
+}
+
+/// The instructions a callgrind dump counts in glibc's `memcpy`, `memmove` and `memset` (their
+/// own, not their callers'). The format: `fn=` starts a function's lines (`fn=(id) name` the
+/// first time a name appears, here or in `cfn=`, then `fn=(id)`); a line of numbers is a
+/// position and its cost, except the line after `calls=`, which is the call's inclusive cost.
+pub(crate) fn mem_function_instructions(dump: &str) -> u64 {
+    let mut names = std::collections::HashMap::new();
+    let mut name_of = |spec: &str| -> String {
+        match spec.strip_prefix('(').and_then(|s| s.split_once(')')) {
+            Some((id, rest)) if !rest.trim().is_empty() => {
+                names.insert(id.to_string(), rest.trim().to_string());
+                rest.trim().to_string()
+            }
+            Some((id, _)) => names.get(id).cloned().unwrap_or_default(),
+            None => spec.trim().to_string(),
+        }
+    };
+    let (mut in_mem, mut call_cost_next, mut total) = (false, false, 0u64);
+    for line in dump.lines() {
+        if let Some(spec) = line.strip_prefix("fn=") {
+            let name = name_of(spec);
+            in_mem = ["__memcpy", "__memmove", "__memset", "__mempcpy"].iter().any(|p| name.starts_with(p));
+        } else if let Some(spec) = line.strip_prefix("cfn=") {
+            name_of(spec);
+        } else if line.starts_with("calls=") {
+            call_cost_next = true;
+        } else if line.starts_with(|c: char| c.is_ascii_digit() || matches!(c, '+' | '-' | '*')) {
+            if std::mem::take(&mut call_cost_next) {
+                continue;
+            }
+            if in_mem {
+                total += line.split_whitespace().nth(1).and_then(|c| c.parse::<u64>().ok()).unwrap_or(0);
+            }
+        }
+    }
+    total
+}

@@ -1,0 +1,289 @@
+//! What is measured: the relays under test, started as processes of their own, and where to
+//! reach each one.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Kind {
+    Tcp,
+    Ws,
+    Wss,
+}
+
+/// Where clients connect and how: a WebSocket URL, or a TCP address.
+#[derive(Clone, Debug)]
+pub(crate) struct Endpoint {
+    pub(crate) kind: Kind,
+    pub(crate) addr: SocketAddr,
+    /// The URL's host: the TLS server name and the Host header.
+    pub(crate) host: String,
+    pub(crate) path: String,
+}
+
+impl Endpoint {
+    pub(crate) fn local(kind: Kind, addr: SocketAddr, path: &str) -> Endpoint {
+        Endpoint { kind, addr, host: "localhost".into(), path: path.into() }
+    }
+
+    /// `ws://host:port/path`, `wss://host:port/path` or `tcp://host:port`.
+    pub(crate) fn parse(url: &str) -> Result<Endpoint, String> {
+        use std::net::ToSocketAddrs;
+        let (scheme, rest) =
+            url.split_once("://").ok_or_else(|| format!("{url}: no scheme (ws://, wss://, tcp://)"))?;
+        let kind = match scheme {
+            "ws" => Kind::Ws,
+            "wss" => Kind::Wss,
+            "tcp" => Kind::Tcp,
+            other => return Err(format!("{url}: scheme {other:?} is not ws, wss or tcp")),
+        };
+        let (authority, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(a, p)| (a, format!("/{p}")));
+        let default_port = if kind == Kind::Wss { 443 } else { 80 };
+        let with_port = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+            authority.to_string()
+        } else {
+            format!("{authority}:{default_port}")
+        };
+        let addr = with_port
+            .to_socket_addrs()
+            .map_err(|e| format!("{url}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{url}: no address"))?;
+        let host = with_port.rsplit_once(':').map_or(authority, |(h, _)| h).trim_matches(['[', ']']).to_string();
+        Ok(Endpoint { kind, addr, host, path })
+    }
+
+    pub(crate) fn url(&self) -> String {
+        let scheme = match self.kind {
+            Kind::Tcp => "tcp",
+            Kind::Ws => "ws",
+            Kind::Wss => "wss",
+        };
+        format!("{scheme}://{}:{}{}", self.host, self.addr.port(), self.path)
+    }
+}
+
+/// One thing under test: an endpoint and the process relaying its traffic.
+pub(crate) struct Target {
+    pub(crate) name: &'static str,
+    pub(crate) at: Endpoint,
+    /// The process relaying the traffic (none for direct TCP).
+    pub(crate) process: Option<Child>,
+    /// Peers are held to 1,000 idle sessions.
+    pub(crate) max_idle: usize,
+}
+
+impl Target {
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Child::id)
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(p) = &mut self.process {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+}
+
+/// Starts a child and waits for a line on stderr (or stdout) that yields its address.
+pub(crate) fn spawn_and_find(
+    mut cmd: Command,
+    find: impl Fn(&str) -> Option<SocketAddr>,
+    from_stdout: bool,
+) -> (Child, SocketAddr) {
+    cmd.stdin(Stdio::piped());
+    if from_stdout {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::null());
+    } else {
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    }
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));
+    let out: Box<dyn std::io::Read + Send> =
+        if from_stdout { Box::new(child.stdout.take().unwrap()) } else { Box::new(child.stderr.take().unwrap()) };
+    let mut lines = BufReader::new(out).lines();
+    let addr = loop {
+        let line = lines.next().unwrap_or_else(|| panic!("{cmd:?} exited before telling its address")).unwrap();
+        if let Some(a) = find(&line) {
+            break a;
+        }
+    };
+    // Keep draining so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr)
+}
+
+/// The address a child process is listening on, read from `/proc` once it has bound one: for
+/// peers that bind port 0 but cannot say which port they got. (No probe-and-drop: nothing else
+/// can take the port between our choosing it and the peer binding it.)
+pub(crate) fn listening_addr(child: &Child) -> SocketAddr {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(addr) = listening_addr_now(child.id()) {
+            return addr;
+        }
+        assert!(Instant::now() < until, "process {} never listened on a TCP port", child.id());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A listening IPv4 socket that process `pid` holds, if any: its descriptors name socket inodes,
+/// and `/proc/PID/net/tcp` lists each socket's inode, state (0A: listening) and address.
+fn listening_addr_now(pid: u32) -> Option<SocketAddr> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|link| Some(link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.to_string()))
+        .collect();
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (local, state, inode) = (fields.get(1)?, fields.get(3)?, fields.get(9)?);
+        if *state != "0A" || !inodes.iter().any(|i| i == inode) {
+            return None;
+        }
+        let (ip, port) = local.split_once(':')?;
+        let ip = std::net::Ipv4Addr::from(u32::from_str_radix(ip, 16).ok()?.swap_bytes());
+        Some(SocketAddr::from((ip, u16::from_str_radix(port, 16).ok()?)))
+    })
+}
+
+/// What every run shares: a scratch directory, a certificate for the wss targets, and the echo
+/// backend every relay forwards to.
+pub(crate) struct Setup {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) echo: SocketAddr,
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
+    pub(crate) ca_der: rustls::pki_types::CertificateDer<'static>,
+}
+
+impl Setup {
+    /// Makes the directory and certificate and starts the echo backend (the returned target; it
+    /// stops when dropped). The backend runs in a process of its own, like the relays, so that
+    /// the relay's descriptors, memory and CPU figures are its own and this process holds only
+    /// clients.
+    pub(crate) fn start() -> (Setup, Target) {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, ca_der) = setup_certs(dir.path());
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args(["backend", "echo"]);
+        let (echo_process, echo) = spawn_and_find(cmd, |l| l.strip_prefix("listening ")?.parse().ok(), true);
+        let target =
+            Target { name: "echo", at: Endpoint::local(Kind::Tcp, echo, ""), process: Some(echo_process), max_idle: 0 };
+        (Setup { dir, echo, cert, key, ca_der }, target)
+    }
+}
+
+pub(crate) fn setup_certs(dir: &Path) -> (PathBuf, PathBuf, rustls::pki_types::CertificateDer<'static>) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    (cert, key, ck.cert.der().clone())
+}
+
+pub(crate) fn start_targets(setup: &Setup, only: &Option<String>, limits: &str) -> Vec<Target> {
+    let want = |name: &str| only.as_ref().is_none_or(|o| o.split(',').any(|n| n == name));
+    let me = std::env::current_exe().unwrap();
+    let mut targets = Vec::new();
+    if want("tcp") {
+        targets.push(Target {
+            name: "tcp",
+            at: Endpoint::local(Kind::Tcp, setup.echo, ""),
+            process: None,
+            max_idle: 8000,
+        });
+    }
+    if want("tcp-relay") {
+        let mut cmd = Command::new(&me);
+        cmd.args(["tcp-relay", "--backend", &setup.echo.to_string()]);
+        let (child, addr) = spawn_and_find(cmd, |l| l.strip_prefix("listening ")?.parse().ok(), true);
+        targets.push(Target {
+            name: "tcp-relay",
+            at: Endpoint::local(Kind::Tcp, addr, ""),
+            process: Some(child),
+            max_idle: 0,
+        });
+    }
+    for (name, kind) in [("bare-ws", Kind::Ws), ("bare-wss", Kind::Wss)] {
+        if !want(name) {
+            continue;
+        }
+        let mut cmd = Command::new(&me);
+        cmd.args(["bare-bridge", "--backend", &setup.echo.to_string()]);
+        if kind == Kind::Wss {
+            cmd.arg("--tls").arg(&setup.cert).arg(&setup.key);
+        }
+        let (child, addr) = spawn_and_find(cmd, |l| l.strip_prefix("listening ")?.parse().ok(), true);
+        targets.push(Target { name, at: Endpoint::local(kind, addr, "/"), process: Some(child), max_idle: 8000 });
+    }
+    if want("wsgate-ws") || want("wsgate-wss") {
+        let config = setup.dir.path().join("wsgate.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[listeners.plain]\naddress = \"127.0.0.1:0\"\n[listeners.secure]\naddress = \"127.0.0.1:0\"\n\
+                 tls = {{ cert = {:?}, key = {:?} }}\n[routes.bench]\npath = \"/bench\"\nbackend = \"{}\"\n\
+                 [admin]\naddress = \"127.0.0.1:0\"\n[shutdown]\ndrain_delay_secs = 0\nclose_window_secs = 0\n\
+                 [limits]\n{}\n",
+                setup.cert,
+                setup.key,
+                setup.echo,
+                limits.replace(';', "\n")
+            ),
+        )
+        .unwrap();
+        for (name, kind, listener) in [("wsgate-ws", Kind::Ws, "plain"), ("wsgate-wss", Kind::Wss, "secure")] {
+            if !want(name) {
+                continue;
+            }
+            // One gateway process per target, so memory and CPU figures are its own.
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
+            cmd.args(["run", "--config"]).arg(&config).env("RUST_LOG", "warn,wsgate=info");
+            let tag = format!("listener={listener} url=");
+            let (child, addr) = spawn_and_find(
+                cmd,
+                |l| l.split(&tag).nth(1)?.split_whitespace().next()?.split("://").nth(1)?.parse().ok(),
+                false,
+            );
+            targets.push(Target {
+                name,
+                at: Endpoint::local(kind, addr, "/bench"),
+                process: Some(child),
+                max_idle: 8000,
+            });
+        }
+    }
+    // Peers bind port 0 and cannot say which port they got: `listening_addr` finds it.
+    type PeerArgs = fn(SocketAddr) -> Vec<String>;
+    let peers: [(&'static str, PeerArgs); 2] = [
+        ("websocat", |echo| vec!["--binary".into(), "-E".into(), "ws-l:127.0.0.1:0".into(), format!("tcp:{echo}")]),
+        ("websockify", |echo| vec!["127.0.0.1:0".into(), echo.to_string()]),
+    ];
+    for (name, args) in peers {
+        if !want(name) || !which(name) {
+            continue;
+        }
+        let mut cmd = Command::new(name);
+        cmd.args(args(setup.echo)).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        let child = cmd.spawn().unwrap();
+        let addr = listening_addr(&child);
+        targets.push(Target { name, at: Endpoint::local(Kind::Ws, addr, "/"), process: Some(child), max_idle: 1000 });
+    }
+    targets
+}
+
+pub(crate) fn which(program: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
