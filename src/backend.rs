@@ -50,25 +50,73 @@ pub enum BackendError {
     },
 }
 
-impl BackendError {
-    /// A short, stable description for clients and metric labels: it names no address, so it can
-    /// go into a close reason that a web page reads.
-    pub fn kind(&self) -> &'static str {
+/// What kind of connect failure a [`BackendError`] is: the one value that the HTTP status, the
+/// close reason and the metric label are derived from (each in one place: `policy`, `session`
+/// and [`ConnectFailure::label`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// The name did not resolve, or resolved to nothing.
+    NotResolved,
+    /// The connect timeout passed, or the OS timed the connect out.
+    TimedOut,
+    /// The backend host answered with a refusal (nothing listens on the port).
+    Refused,
+    /// No route to the host or its network.
+    Unreachable,
+    /// Any other connect error.
+    Other,
+}
+
+impl ConnectFailure {
+    /// A short, stable description for close reasons and the `kind` metric label: it names no
+    /// address, so a web page may read it.
+    pub fn label(self) -> &'static str {
         match self {
-            BackendError::Resolve { .. } | BackendError::NoAddress { .. } => "name not resolved",
-            BackendError::Timeout { .. } => "connect timed out",
-            BackendError::Connect { source, .. } if source.kind() == io::ErrorKind::TimedOut => "connect timed out",
+            ConnectFailure::NotResolved => "name not resolved",
+            ConnectFailure::TimedOut => "connect timed out",
+            ConnectFailure::Refused => "connection refused",
+            ConnectFailure::Unreachable => "unreachable",
+            ConnectFailure::Other => "connect failed",
+        }
+    }
+}
+
+impl BackendError {
+    /// The kind of failure, for the status, close reason and metric label.
+    pub fn failure(&self) -> ConnectFailure {
+        match self {
+            BackendError::Resolve { .. } | BackendError::NoAddress { .. } => ConnectFailure::NotResolved,
+            BackendError::Timeout { .. } => ConnectFailure::TimedOut,
             BackendError::Connect { source, .. } => match source.kind() {
-                io::ErrorKind::ConnectionRefused => "connection refused",
-                io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => "unreachable",
-                _ => "connect failed",
+                io::ErrorKind::TimedOut => ConnectFailure::TimedOut,
+                io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
+                io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => ConnectFailure::Unreachable,
+                _ => ConnectFailure::Other,
             },
         }
     }
+}
 
-    /// Whether the failure was the timeout (maps to HTTP 504 rather than 502).
-    pub fn is_timeout(&self) -> bool {
-        self.kind() == "connect timed out"
+/// How a route reaches its TCP backend: the address and the connect settings, fixed when the
+/// route table is built. One address today; the seam where a pool of them will go.
+#[derive(Debug, Clone)]
+pub struct Dialer {
+    host: String,
+    port: u16,
+    timeout: Duration,
+    keepalive: Option<Duration>,
+}
+
+impl Dialer {
+    /// Connects to `host:port` within `timeout`; sockets get `keepalive` (see [`tune`]).
+    pub fn new(host: &str, port: u16, timeout: Duration, keepalive: Option<Duration>) -> Dialer {
+        Dialer { host: host.to_string(), port, timeout, keepalive }
+    }
+
+    /// Connects the backend: resolves the name now (so DNS changes apply without a reload) and
+    /// tries every address, all within the timeout.
+    pub async fn connect(&self) -> Result<TcpStream, BackendError> {
+        connect(&self.host, self.port, self.timeout, self.keepalive).await
     }
 }
 
@@ -139,7 +187,8 @@ mod tests {
         held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let port = held.local_addr().unwrap().port();
         let err = connect("127.0.0.1", port, Duration::from_secs(5), None).await.unwrap_err();
-        assert_eq!(err.kind(), "connection refused", "{err}");
+        assert_eq!(err.failure(), ConnectFailure::Refused, "{err}");
+        assert_eq!(err.failure().label(), "connection refused");
         assert!(err.to_string().contains(&format!("127.0.0.1:{port}")));
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -9,10 +9,15 @@
 //!
 //! - [`config`]: `config.toml` → validated [`Config`]; defaults and limits; one-line errors.
 //! - [`tls`]: rustls server configs from PEM files; the self-signed development pair.
-//! - `server`: accept loop, connection and handshake limits, TLS, HTTP/1.1, the upgrade decision.
-//! - [`router`]: (`Host`, path) → route. Pure.
-//! - [`policy`]: origin checks → allow, or a refusal with its HTTP status. Pure.
-//! - [`session`]: one upgraded WebSocket: runs the pump, maps the ending to a close frame, logs.
+//! - `server`: accept loop, connection and handshake limits, TLS, HTTP/1.1, the answer to each
+//!   request (route, admit, dial, 101, spawn), refusals answered, logged and counted.
+//! - [`client_stream`]: the client connection as one type, from accept through hyper's upgrade.
+//! - [`router`]: the route table (route, limits, metrics, backend per entry); (`Host`, path) →
+//!   entry. Pure.
+//! - [`policy`]: the admission step (upgrade, origin, subprotocol) → admitted, or a [`Refusal`]
+//!   with its status, reason and headers. Pure.
+//! - [`session`]: dials the backend; one upgraded WebSocket: runs the pump, maps the ending to a
+//!   close frame, logs.
 //! - [`bridge`]: the WebSocket ⇄ TCP pump; knows nothing of config or HTTP.
 //! - [`frames`]: data frames to the client, written past tungstenite's copy.
 //! - [`readahead`]: the client read buffer that exists only while data flows.
@@ -27,9 +32,9 @@
 //!
 //! ```text
 //! config.toml → config → Gateway::bind (listeners, TLS) → Gateway::run
-//! TCP → server → tls → HTTP/1.1 → router → policy ──refuse──→ HTTP 4xx/5xx
-//!                                             └─accept─→ dial backend, answer 101
-//!                                                        └── session → bridge: WS ⇄ TCP
+//! TCP → server → tls → HTTP/1.1 → router → policy::admit ──refuse──→ HTTP 4xx/5xx
+//!                                                     └─admit─→ session::dial, answer 101
+//!                                                               └── session → bridge: WS ⇄ TCP
 //! Shutdown (main: SIGTERM/SIGINT) → /readyz 503 → drain delay → stop accepting
 //!        → sessions close with 1001 over the close window → deadline → drop the rest
 //! Reloader (main: SIGHUP) → config + certificates → new snapshot for new connections
@@ -43,6 +48,7 @@
 mod admin;
 pub mod backend;
 pub mod bridge;
+pub mod client_stream;
 pub mod config;
 pub mod console;
 pub mod echo;
@@ -69,6 +75,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 pub use config::Config;
+pub use policy::Refusal;
 pub use shutdown::Shutdown;
 
 use crate::metrics::Metrics;
@@ -322,12 +329,11 @@ fn snapshot(config: &Config, metrics: &Metrics) -> Result<Snapshot, StartError> 
         }
     }
     Ok(Snapshot {
-        router: router::Router::new(&config.routes),
+        router: router::Router::new(&config.routes, &config.limits, |name| metrics.route(name)),
         limits: config.limits.clone(),
         shutdown: config.shutdown.clone(),
         tls,
         pages: config.console.iter().map(|path| server::Page { path: path.clone(), render: console::page }).collect(),
-        route_metrics: config.routes.iter().map(|r| (r.name.clone(), metrics.route(&r.name))).collect(),
     })
 }
 

@@ -38,13 +38,6 @@ impl ReadReady for TcpStream {
     }
 }
 
-impl<S> ReadReady for tokio_rustls::server::TlsStream<S> {
-    /// rustls may hold decrypted bytes while the socket is empty: only a read can tell.
-    fn poll_read_ready(&self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
-
 /// Wraps a stream; reads ahead in `chunk`-byte reads while data flows.
 #[derive(Debug)]
 pub struct ReadAhead<S> {

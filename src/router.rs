@@ -1,4 +1,9 @@
-//! Picks the route for a request from its `Host` and path. Pure: request parts in, route out.
+//! The route table of one config snapshot, and the choice of a route for a request from its
+//! `Host` and path. Pure: built once when a config is loaded, then request parts in, entry out.
+//!
+//! Each [`Entry`] carries everything a request on its route needs, resolved at load time: the
+//! route, its session limits (the global `[limits]`, where per-route overrides will apply), its
+//! metric handles and how to reach its backend. Nothing is looked up by name per request.
 //!
 //! Precedence follows nginx, where the server name is chosen before the location: a route whose
 //! `host` matches exactly beats a wildcard host (longer suffix first), which beats a route with no
@@ -6,30 +11,99 @@
 //! The query string never takes part (the server passes only the path).
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::config::{HostPattern, PathMatch, Route};
+use crate::backend::Dialer;
+use crate::config::{Backend, HostPattern, Limits, PathMatch, Route};
+use crate::metrics::RouteMetrics;
 
-/// The compiled route table of one config snapshot.
+/// One route with everything its requests and sessions need.
+#[derive(Debug)]
+pub struct Entry {
+    /// The route as configured.
+    pub route: Route,
+    /// The limits its sessions run under.
+    pub limits: SessionLimits,
+    /// Its metric handles, registered when the table is built (so the route shows in `/metrics`
+    /// before its first session) and kept across reloads.
+    pub metrics: Arc<RouteMetrics>,
+    /// Where its sessions go.
+    pub target: Target,
+}
+
+/// Where a route's sessions go.
+#[derive(Debug)]
+pub enum Target {
+    /// A TCP service, dialled before the upgrade is answered.
+    Tcp(Dialer),
+    /// The built-in WebSocket echo: nothing to dial.
+    Echo,
+}
+
+/// The limits one session runs under: the global `[limits]` with the route's overrides applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// Largest message (or frame) accepted from the client.
+    pub max_message_bytes: usize,
+    /// Largest single backend read, and so the largest message sent to the client.
+    pub backend_read_bytes: usize,
+    /// Size of each client read while data flows; also the most bytes of waiting client
+    /// messages joined into one backend write.
+    pub client_read_bytes: usize,
+    /// Time allowed to connect the backend.
+    pub connect_timeout: Duration,
+    /// Time allowed for each closing handshake, and for the message in flight to finish.
+    pub close_timeout: Duration,
+    /// TCP keepalive idle time for the backend socket.
+    pub tcp_keepalive: Option<Duration>,
+}
+
+impl SessionLimits {
+    /// The limits for `route`: the global ones (no route overrides any yet).
+    pub fn resolve(global: &Limits, _route: &Route) -> SessionLimits {
+        SessionLimits {
+            max_message_bytes: global.max_message_bytes,
+            backend_read_bytes: global.backend_read_bytes,
+            client_read_bytes: global.ws_read_buffer_bytes,
+            connect_timeout: global.connect_timeout,
+            close_timeout: global.close_timeout,
+            tcp_keepalive: global.tcp_keepalive,
+        }
+    }
+}
+
+/// The route table of one config snapshot.
 #[derive(Debug, Clone)]
 pub struct Router {
-    routes: Vec<Arc<Route>>,
+    entries: Vec<Arc<Entry>>,
 }
 
 impl Router {
     /// Builds the table; the routes were validated by `config`, so this cannot fail.
-    pub fn new(routes: &[Route]) -> Self {
-        Router { routes: routes.iter().cloned().map(Arc::new).collect() }
+    /// `metrics_for` gives a route's metric handles by name.
+    pub fn new(routes: &[Route], limits: &Limits, metrics_for: impl Fn(&str) -> Arc<RouteMetrics>) -> Self {
+        let entry = |route: &Route| {
+            let limits = SessionLimits::resolve(limits, route);
+            let target = match &route.backend {
+                Backend::Tcp { host, port } => {
+                    Target::Tcp(Dialer::new(host, *port, limits.connect_timeout, limits.tcp_keepalive))
+                }
+                Backend::Echo => Target::Echo,
+            };
+            Arc::new(Entry { route: route.clone(), limits, metrics: metrics_for(&route.name), target })
+        };
+        Router { entries: routes.iter().map(entry).collect() }
     }
 
     /// The best route for `host` (as sent, port allowed) and `path`, if any.
-    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Arc<Entry>> {
         let host = host.map(normalize_host);
-        self.routes
+        self.entries
             .iter()
-            .filter(|r| path_matches(r, path))
-            .filter_map(|r| host_rank(r.host.as_ref(), host.as_deref()).map(|h| (h, r)))
-            .max_by_key(|(h, r)| (*h, r.path_match == PathMatch::Exact, r.path.len()))
-            .map(|(_, r)| r)
+            .filter(|e| path_matches(&e.route, path))
+            .filter_map(|e| host_rank(e.route.host.as_ref(), host.as_deref()).map(|h| (h, e)))
+            .max_by_key(|(h, e)| (*h, e.route.path_match == PathMatch::Exact, e.route.path.len()))
+            .map(|(_, e)| e)
     }
 }
 
@@ -79,13 +153,22 @@ mod tests {
     }
 
     fn found(r: &Router, host: Option<&str>, path: &str) -> Option<String> {
-        r.find(host, path).map(|r| r.name.clone())
+        r.find(host, path).map(|e| e.route.name.clone())
+    }
+
+    /// A table of `routes` under the default limits, recording no metrics.
+    fn table(routes: &[Route]) -> Router {
+        let minimal =
+            "[listeners.a]\naddress = \"127.0.0.1:1\"\n[routes.e]\npath = \"/e\"\nbackend = \"builtin:echo\"\n";
+        let limits = crate::config::parse(minimal, std::path::Path::new("t.toml")).expect("valid").limits;
+        let metrics = crate::metrics::Metrics::new(false);
+        Router::new(routes, &limits, |name| metrics.route(name))
     }
 
     /// Exact beats prefix, longer prefix beats shorter, and prefixes stop at segment boundaries.
     #[test]
     fn exact_and_prefix_with_segment_boundaries() {
-        let r = Router::new(&[
+        let r = table(&[
             route("exact", "/vnc", PathMatch::Exact, None),
             route("prefix", "/vnc", PathMatch::Prefix, None),
             route("deeper", "/vnc/admin", PathMatch::Prefix, None),
@@ -104,7 +187,7 @@ mod tests {
     /// Host specificity decides before path length, as in nginx.
     #[test]
     fn host_specificity_comes_first() {
-        let r = Router::new(&[
+        let r = table(&[
             route("any", "/", PathMatch::Prefix, None),
             route("wild", "/", PathMatch::Prefix, Some(HostPattern::Wildcard(".example.com".into()))),
             route("deep-wild", "/", PathMatch::Prefix, Some(HostPattern::Wildcard(".a.example.com".into()))),

@@ -1,12 +1,12 @@
 //! The client-facing listener: accept loop, connection and handshake limits, TLS, HTTP/1.1, and
-//! the upgrade decision for each request.
+//! the answer to each request.
 //!
-//! Per request, in order: route by `Host` and path (404), check that it is a well-formed
-//! WebSocket upgrade (426 for a plain GET, 400 for a malformed upgrade), check the origin
-//! policy (403) and the subprotocol (400), dial the backend, and only then answer 101 and hand
-//! the socket to `session`. Dialling first means a client never sees `onopen` for a backend
-//! that is not there; how it learns of a dead backend instead is the route's choice (an
-//! in-band 1013 close, or HTTP 502/503/504).
+//! Per request, in order ([`upgrade`]): match a route (`router`, 404), admit the request
+//! (`policy::admit`: a well-formed upgrade, origin, subprotocol), dial the backend
+//! (`session::dial`), and only then answer 101 and spawn the session. Dialling first means a
+//! client never sees `onopen` for a backend that is not there; how it learns of a dead backend
+//! instead is the route's choice (an in-band 1013 close, or HTTP 502/503/504). Every refusal is a
+//! `policy::Refusal`, answered, logged and counted in [`respond`].
 //!
 //! Each connection works under the [`Snapshot`] (routes, limits, certificates) current when it
 //! was accepted; a reload swaps the snapshot whole, so new connections see the new config and
@@ -23,7 +23,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use base64::Engine;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use http_body_util::Full;
@@ -31,9 +30,8 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode, Version};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -41,15 +39,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 use tungstenite::handshake::derive_accept_key;
-use tungstenite::protocol::WebSocketConfig;
 
 use crate::backend;
-use crate::config::Limits;
-use crate::metrics::{ListenerMetrics, Metrics, RouteMetrics};
-use crate::policy;
+use crate::client_stream::{ClientIo, ClientStream};
+use crate::config::{Limits, Unavailable};
+use crate::metrics::{ListenerMetrics, Metrics};
+use crate::policy::{self, Refusal};
 use crate::readahead::ReadAhead;
-use crate::router::Router;
-use crate::session;
+use crate::router::{Entry, Router};
+use crate::session::{self, Dialed};
 
 /// What every connection of one gateway instance shares for the instance's whole life.
 pub(crate) struct Shared {
@@ -77,9 +75,6 @@ pub(crate) struct Snapshot {
     pub tls: HashMap<String, TlsAcceptor>,
     /// Pages served for plain GET on an exact path (the console), given by `lib.rs`.
     pub pages: Vec<Page>,
-    /// Metric handles of every route, registered up front so each route shows in `/metrics`
-    /// (with zeros) before its first session.
-    pub route_metrics: HashMap<String, Arc<RouteMetrics>>,
 }
 
 /// A static page: served for GET or HEAD on exactly `path`, on every listener.
@@ -110,30 +105,6 @@ impl Shared {
         *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(snapshot);
     }
 }
-
-impl Snapshot {
-    fn ws_config(&self) -> WebSocketConfig {
-        let max = self.limits.max_message_bytes;
-        WebSocketConfig::default()
-            // Allocated for every session, idle or not; large reads go through `ReadAhead`'s
-            // buffer, which exists only while data flows.
-            .read_buffer_size(WS_READ_BUFFER_BYTES)
-            // Write each message at once: the pumps wait for it to reach the socket before reading
-            // more, which is what gives backpressure, so a write buffer would only add a copy.
-            .write_buffer_size(0)
-            // Bound for frames queued behind a slow client: one echoed message (up to `max`)
-            // plus control frames. tungstenite refuses any single frame larger than this, so it
-            // must hold the largest message it sends. (The bridge's data frames do not pass
-            // through tungstenite: `frames`.)
-            .max_write_buffer_size(max + 64 * 1024)
-            .max_message_size(Some(max))
-            .max_frame_size(Some(max))
-    }
-}
-
-/// tungstenite's own read buffer: small, because every session holds it for its whole life.
-/// It also caps each read tungstenite makes, which is why `ReadAhead` reads for it while busy.
-const WS_READ_BUFFER_BYTES: usize = 2048;
 
 /// One listener as the accept loop sees it.
 pub(crate) struct Listener {
@@ -252,9 +223,12 @@ async fn handle_connection(
     // this connection reads through it too): large reads while data flows, no buffer when idle.
     let chunk = conn.snapshot.limits.ws_read_buffer_bytes;
     match tls {
-        None => serve_http(ReadAhead::new(tcp, chunk), conn, deadline, shared).await,
+        None => serve_http(ReadAhead::new(ClientStream::Tcp(tcp), chunk), conn, deadline, shared).await,
         Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
-            Ok(Ok(stream)) => serve_http(ReadAhead::new(stream, chunk), conn, deadline, shared).await,
+            Ok(Ok(stream)) => {
+                let io = ReadAhead::new(ClientStream::Tls(Box::new(stream)), chunk);
+                serve_http(io, conn, deadline, shared).await
+            }
             Ok(Err(e)) => {
                 metrics.tls_failed.increment(1);
                 debug!(error = %e, "tls handshake failed");
@@ -273,10 +247,9 @@ async fn handle_connection(
 /// gateway has nothing to serve on a second request, and one request per connection means the
 /// handshake permit bounds sockets that have not upgraded, whatever the client does. (hyper's
 /// `keep_alive(false)` cannot be used: it would also put `close` on the 101.)
-async fn serve_http<IO>(io: IO, conn: Arc<Connection>, deadline: tokio::time::Instant, shared: Arc<Shared>)
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+///
+/// It takes a [`ClientIo`], the one type the session takes back from hyper after the upgrade.
+async fn serve_http(io: ClientIo, conn: Arc<Connection>, deadline: tokio::time::Instant, shared: Arc<Shared>) {
     let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
     if remaining.is_zero() {
         return;
@@ -305,79 +278,107 @@ where
     }
 }
 
-/// Answers one request and counts the answer by route and status.
+/// Answers one request; logs a refusal and counts every answer by route and status.
 async fn respond(
     req: Request<Incoming>,
     conn: Arc<Connection>,
     shared: Arc<Shared>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let (route, response) = decide(req, &conn, &shared).await;
-    match route {
-        Some(route) => route.handshake(response.status().as_u16()),
+    let (entry, answer) = answer(req, &conn, &shared).await;
+    let route = entry.as_ref().map(|e| e.route.name.as_str());
+    let response = answer.unwrap_or_else(|refusal| {
+        let (status, reason) = (refusal.status.as_u16(), &refusal.reason);
+        match refusal.is_notable {
+            true => warn!(route, status, %reason, "request refused"),
+            false => debug!(route, status, %reason, "request refused"),
+        }
+        refused(refusal)
+    });
+    match entry {
+        Some(entry) => entry.metrics.handshake(response.status().as_u16()),
         None => shared.metrics.unrouted_request(response.status().as_u16()),
     }
     Ok(response)
 }
 
-async fn decide(
+/// The page, the upgrade, or why not; with the route the request matched, if any.
+async fn answer(
     mut req: Request<Incoming>,
     conn: &Connection,
     shared: &Shared,
-) -> (Option<Arc<RouteMetrics>>, Response<Full<Bytes>>) {
+) -> (Option<Arc<Entry>>, Result<Response<Full<Bytes>>, Refusal>) {
     let snap = &conn.snapshot;
+    if let Some(page) = page(&req, snap) {
+        return (None, Ok(page));
+    }
     let host = req
         .headers()
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()));
-    let path = req.uri().path().to_owned();
-    if (req.method() == Method::GET || req.method() == Method::HEAD)
-        && !is_upgrade(&req)
-        && let Some(page) = snap.pages.iter().find(|p| p.path == path)
-    {
-        let mut page = (page.render)();
-        page.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return (None, page);
-    }
-    let Some(route) = snap.router.find(host.as_deref(), &path).cloned() else {
-        debug!(%path, "no route");
-        return (None, text(StatusCode::NOT_FOUND, &format!("no route for {path}")));
+    let Some(entry) = snap.router.find(host.as_deref(), req.uri().path()).cloned() else {
+        return (None, Err(Refusal::no_route(req.uri().path())));
     };
-    let m = snap.route_metrics.get(&route.name).cloned().unwrap_or_else(|| shared.metrics.route(&route.name));
-    if let Some(refusal) = upgrade_refusal(&req) {
-        debug!(route = %route.name, status = refusal.status().as_u16(), "not a valid websocket upgrade");
-        return (Some(m), refusal);
+    let answer = upgrade(&mut req, host.as_deref(), &entry, conn, shared).await;
+    (Some(entry), answer)
+}
+
+/// The console page, for a plain GET or HEAD on its path.
+fn page<B>(req: &Request<B>, snap: &Snapshot) -> Option<Response<Full<Bytes>>> {
+    if (req.method() != Method::GET && req.method() != Method::HEAD) || policy::is_upgrade(req.headers()) {
+        return None;
     }
-    let origin = req.headers().get(header::ORIGIN).map(|v| v.to_str().unwrap_or("(not text)"));
-    if let Err(refusal) = policy::check_origin(&route, origin, host.as_deref(), conn.secure) {
-        warn!(route = %route.name, status = refusal.status, reason = %refusal.reason, "request refused");
-        let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::FORBIDDEN);
-        return (Some(m), text(status, &refusal.reason));
-    }
-    let offered = req
-        .headers()
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|p| !p.is_empty());
-    let subprotocol = match policy::select_subprotocol(&route, offered) {
-        Ok(chosen) => chosen,
-        Err(refusal) => {
-            warn!(route = %route.name, status = refusal.status, reason = %refusal.reason, "request refused");
-            return (Some(m), text(StatusCode::BAD_REQUEST, &refusal.reason));
-        }
+    let page = snap.pages.iter().find(|p| p.path == req.uri().path())?;
+    let mut page = (page.render)();
+    page.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    Some(page)
+}
+
+/// Admit, dial, answer 101, spawn the session.
+async fn upgrade(
+    req: &mut Request<Incoming>,
+    host: Option<&str>,
+    entry: &Arc<Entry>,
+    conn: &Connection,
+    shared: &Shared,
+) -> Result<Response<Full<Bytes>>, Refusal> {
+    let parts = policy::Request {
+        method: req.method(),
+        version: req.version(),
+        headers: req.headers(),
+        host,
+        secure: conn.secure,
     };
-    let dialed = match session::dial(&route, &snap.limits, &m).await {
+    let admitted = policy::admit(parts, &entry.route)?;
+    let dialed = match session::dial(entry).await {
         Ok(dialed) => dialed,
-        Err((status, body)) => {
-            return (Some(m), text(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY), &body));
+        Err(e) if entry.route.on_backend_unavailable == Unavailable::Http => {
+            return Err(Refusal::backend_unavailable(e.failure()));
         }
+        Err(e) => Dialed::Unavailable(e.failure()),
     };
-    // The key's form was checked by `upgrade_refusal`.
+    // The key's form was checked by `admit`.
     let key = req.headers().get(header::SEC_WEBSOCKET_KEY).map(HeaderValue::as_bytes).unwrap_or_default();
+    let response = switching_protocols(key, admitted.subprotocol.as_deref());
+    let ctx = session::Context {
+        id: shared.next_session.fetch_add(1, Ordering::Relaxed),
+        entry: entry.clone(),
+        client_addr: conn.peer,
+        close_window: conn.snapshot.shutdown.close_window,
+    };
+    let slot = conn.slot.clone();
+    let (stop, abort) = (shared.stop.clone(), shared.abort.clone());
+    let upgrading = hyper::upgrade::on(req);
+    // `map`, not `async move { session.await; .. }`: an async block that awaits a future it
+    // captured stores it twice, and a session's future is most of what an idle session costs.
+    let session = session::run(upgrading, dialed, ctx, stop, abort).map(move |()| drop(slot));
+    shared.tasks.spawn(session);
+    Ok(response)
+}
+
+/// The 101 that completes a WebSocket handshake.
+fn switching_protocols(key: &[u8], subprotocol: Option<&str>) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
@@ -386,94 +387,22 @@ async fn decide(
     if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key)) {
         headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     }
-    if let Some(chosen) = subprotocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
+    if let Some(chosen) = subprotocol.and_then(|p| HeaderValue::from_str(p).ok()) {
         headers.insert(header::SEC_WEBSOCKET_PROTOCOL, chosen);
     }
-    let upgrade = session::Upgrade { on: hyper::upgrade::on(&mut req), config: snap.ws_config() };
-    let ctx = session::Context {
-        id: shared.next_session.fetch_add(1, Ordering::Relaxed),
-        route,
-        client_addr: conn.peer,
-        max_message_bytes: snap.limits.max_message_bytes,
-        backend_read_bytes: snap.limits.backend_read_bytes,
-        client_batch_bytes: snap.limits.ws_read_buffer_bytes,
-        close_timeout: snap.limits.close_timeout,
-        close_window: snap.shutdown.close_window,
-        metrics: m.clone(),
-    };
-    let slot = conn.slot.clone();
-    let (stop, abort) = (shared.stop.clone(), shared.abort.clone());
-    // `map`, not `async move { session.await; .. }`: an async block that awaits a future it
-    // captured stores it twice, and a session's future is most of what an idle session costs.
-    let session = session::run(upgrade, dialed, ctx, stop, abort).map(move |()| drop(slot));
-    shared.tasks.spawn(session);
-    (Some(m), response)
+    response
 }
 
-/// `None` when `req` is a WebSocket upgrade we can accept; otherwise the response RFC 6455 (and
-/// RFC 9110) prescribe for what is wrong with it.
-fn upgrade_refusal(req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
-    if !is_upgrade(req) {
-        if req.method() == Method::GET || req.method() == Method::HEAD {
-            let mut r =
-                text(StatusCode::UPGRADE_REQUIRED, "this is a WebSocket endpoint: connect with a WebSocket client");
-            r.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("Upgrade, close"));
-            return Some(r);
-        }
-        return Some(method_not_allowed());
+/// A refusal as the client sees it: its status, its reason as a line of text, its headers, and
+/// `Connection: close` unless it names its own.
+fn refused(refusal: Refusal) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(format!("{}\n", refusal.reason))));
+    *r.status_mut() = refusal.status;
+    let headers = r.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    for (name, value) in refusal.headers {
+        headers.insert(name, value);
     }
-    if req.method() != Method::GET {
-        return Some(method_not_allowed());
-    }
-    if req.version() != Version::HTTP_11 {
-        return Some(text(StatusCode::BAD_REQUEST, "a WebSocket upgrade needs HTTP/1.1"));
-    }
-    if !header_has_token(req, header::CONNECTION, "upgrade") {
-        return Some(text(StatusCode::BAD_REQUEST, "a WebSocket upgrade needs \"Connection: Upgrade\""));
-    }
-    let version = req.headers().get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes);
-    if version != Some(b"13") {
-        let mut r = text(StatusCode::UPGRADE_REQUIRED, "unsupported Sec-WebSocket-Version: only 13 is supported");
-        r.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
-        return Some(r);
-    }
-    let key_ok = req
-        .headers()
-        .get(header::SEC_WEBSOCKET_KEY)
-        .and_then(|k| base64::engine::general_purpose::STANDARD.decode(k.as_bytes()).ok())
-        .is_some_and(|k| k.len() == 16);
-    if !key_ok {
-        return Some(text(StatusCode::BAD_REQUEST, "missing or malformed Sec-WebSocket-Key"));
-    }
-    None
-}
-
-/// Whether the request asks for a WebSocket upgrade at all (`Upgrade: websocket`); whether it
-/// asks well is `upgrade_refusal`'s question.
-fn is_upgrade<B>(req: &Request<B>) -> bool {
-    header_has_token(req, header::UPGRADE, "websocket")
-}
-
-fn header_has_token<B>(req: &Request<B>, name: header::HeaderName, token: &str) -> bool {
-    req.headers()
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
-fn method_not_allowed() -> Response<Full<Bytes>> {
-    let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "a WebSocket upgrade must use GET");
-    r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
-    r
-}
-
-fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
-    *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     r
 }

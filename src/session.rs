@@ -1,8 +1,8 @@
 //! One upgraded WebSocket session: runs the pump for its route, decides how it ended, sends the
 //! one close frame that says so, and writes the session's log line.
 //!
-//! The server has already dialled the backend before answering the upgrade (so `onopen` means
-//! the backend is there); the session receives the result as [`Dialed`]. It is the only place
+//! The server has already dialled the backend ([`dial`]) before answering the upgrade (so
+//! `onopen` means the backend is there); the session receives the result as [`Dialed`]. It is the only place
 //! that sees both sides, so it alone maps an ending to a close code: [`Outcome::close_frame`] is
 //! that mapping, and `docs/close-codes.md` mirrors it row for row.
 //!
@@ -15,27 +15,25 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper::upgrade::OnUpgrade;
 use hyper_tungstenite::WebSocketStream;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, Span, debug, field, info, info_span, warn};
+use tracing::{Instrument, Span, debug, error, field, info, info_span, warn};
 use tungstenite::error::{CapacityError, ProtocolError};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message};
 
-use crate::backend;
-use crate::backend::BackendError;
+use crate::backend::{BackendError, ConnectFailure};
 use crate::bridge::{self, Accept, End, Flows, Framing, Kind, Stats};
-use crate::config::{Backend, Limits, Outbound, Route, Unavailable};
+use crate::client_stream;
+use crate::config::Outbound;
 use crate::echo;
 use crate::frames::FrameGate;
 use crate::metrics::RouteMetrics;
-use crate::readahead::{ReadAhead, ReadReady};
+use crate::router::{Entry, SessionLimits, Target};
 use crate::shutdown::Cancelled;
 
 /// The backend side of a session, as the server found it before upgrading.
@@ -46,16 +44,7 @@ pub enum Dialed {
     /// The built-in echo: nothing to dial.
     Echo,
     /// The backend could not be reached; the session closes at once with 1013.
-    Unavailable(BackendError),
-}
-
-/// The client side of a session until hyper hands over the connection (after the 101 is sent).
-#[derive(Debug)]
-pub struct Upgrade {
-    /// Resolves to the connection.
-    pub on: OnUpgrade,
-    /// The WebSocket's buffers and size limits.
-    pub config: WebSocketConfig,
+    Unavailable(ConnectFailure),
 }
 
 /// What a session needs besides its sockets.
@@ -63,24 +52,13 @@ pub struct Upgrade {
 pub struct Context {
     /// Unique within this gateway instance.
     pub id: u64,
-    /// The matched route.
-    pub route: Arc<Route>,
+    /// The matched route, with its limits and metrics.
+    pub entry: Arc<Entry>,
     /// The client's address.
     pub client_addr: SocketAddr,
-    /// Largest message accepted from the client (named in the 1009 reason).
-    pub max_message_bytes: usize,
-    /// Largest single backend read.
-    pub backend_read_bytes: usize,
-    /// Most bytes of waiting client messages joined into one backend write: the client-side
-    /// read size, so a burst of small messages leaves in one write.
-    pub client_batch_bytes: usize,
-    /// Time allowed for each closing handshake.
-    pub close_timeout: Duration,
     /// On shutdown, sessions close at a point spread over this window (by session id), so
     /// thousands of clients do not reconnect in the same second.
     pub close_window: Duration,
-    /// The route's metrics.
-    pub metrics: Arc<RouteMetrics>,
 }
 
 /// Which side ended a session.
@@ -117,7 +95,7 @@ pub enum Outcome {
     /// The client's socket ended or failed without a Close; nothing can be sent.
     ClientGone,
     /// The client broke the protocol (bad opcode, unmasked frame, bad close code, ...).
-    ClientProtocolError(String),
+    ClientProtocolError(ProtocolError),
     /// A text message from the client was not UTF-8.
     ClientInvalidUtf8,
     /// The client sent a message type the route does not accept ("text" or "binary").
@@ -132,11 +110,11 @@ pub enum Outcome {
     /// The backend closed its side after all its bytes were delivered.
     BackendClosed,
     /// The backend failed mid-session (reset, write error).
-    BackendFailed(String),
+    BackendFailed(IoFailure),
     /// The backend sent bytes that are not UTF-8 on a text route.
     BackendNotUtf8,
     /// The backend could not be reached at all.
-    BackendUnavailable(&'static str),
+    BackendUnavailable(ConnectFailure),
     /// The gateway is shutting down.
     Shutdown,
 }
@@ -170,13 +148,13 @@ impl Outcome {
             }
             Outcome::BackendClosed => (1000, "backend closed the connection".into()),
             Outcome::Shutdown => (1001, "gateway shutting down".into()),
-            Outcome::ClientProtocolError(detail) => (1002, format!("protocol error: {detail}")),
+            Outcome::ClientProtocolError(e) => (1002, format!("protocol error: {}", e.to_string().to_lowercase())),
             Outcome::ClientUnsupported(kind) => (1003, format!("{kind} messages are not accepted on this route")),
             Outcome::ClientInvalidUtf8 => (1007, "text message is not valid UTF-8".into()),
             Outcome::ClientTooBig { limit } => (1009, format!("message too big: limit is {limit} bytes")),
-            Outcome::BackendFailed(kind) => (1011, format!("backend error: {kind}")),
+            Outcome::BackendFailed(failure) => (1011, format!("backend error: {}", failure.label())),
             Outcome::BackendNotUtf8 => (1011, "backend sent bytes that are not UTF-8 on a text route".into()),
-            Outcome::BackendUnavailable(kind) => (1013, format!("backend unavailable: {kind}")),
+            Outcome::BackendUnavailable(failure) => (1013, format!("backend unavailable: {}", failure.label())),
         };
         Some(CloseFrame { code: CloseCode::from(code), reason: truncate_reason(&reason).to_string().into() })
     }
@@ -198,7 +176,7 @@ impl Outcome {
             End::ClientUnsupported(Kind::Binary) => Outcome::ClientUnsupported("binary"),
             End::ClientWriteFailed(_) => Outcome::ClientWriteFailed,
             End::BackendEof => Outcome::BackendClosed,
-            End::BackendFailed(e) => Outcome::BackendFailed(io_kind(&e).into()),
+            End::BackendFailed(e) => Outcome::BackendFailed(IoFailure::of(&e)),
             End::BackendNotUtf8 => Outcome::BackendNotUtf8,
             End::Stopped => Outcome::Shutdown,
         }
@@ -211,21 +189,51 @@ impl Outcome {
             }
             WsError::Utf8(_) => Outcome::ClientInvalidUtf8,
             WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => Outcome::ClientGone,
-            WsError::Io(_) | WsError::ConnectionClosed | WsError::AlreadyClosed => Outcome::ClientGone,
-            WsError::Protocol(p) => Outcome::ClientProtocolError(p.to_string().to_lowercase()),
-            other => Outcome::ClientProtocolError(other.to_string().to_lowercase()),
+            WsError::Protocol(p) => Outcome::ClientProtocolError(p),
+            // The socket's end or failure. The other errors (TLS, URL, HTTP, a full write
+            // buffer) come from tungstenite's own handshake, TLS or writes, never from a server
+            // reading messages.
+            _ => Outcome::ClientGone,
         }
     }
 }
 
-fn io_kind(e: &std::io::Error) -> &'static str {
-    use std::io::ErrorKind::*;
-    match e.kind() {
-        ConnectionReset => "connection reset",
-        ConnectionAborted => "connection aborted",
-        BrokenPipe => "connection closed while writing",
-        TimedOut => "timed out",
-        _ => "i/o error",
+/// How a backend failed mid-session: the close reason's words, from the I/O error's kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoFailure {
+    /// The backend reset the connection.
+    Reset,
+    /// The connection was aborted.
+    Aborted,
+    /// A write found the connection closed.
+    BrokenPipe,
+    /// The connection timed out (TCP keepalive or retransmission).
+    TimedOut,
+    /// Any other I/O error.
+    Other,
+}
+
+impl IoFailure {
+    fn of(e: &std::io::Error) -> IoFailure {
+        use std::io::ErrorKind;
+        match e.kind() {
+            ErrorKind::ConnectionReset => IoFailure::Reset,
+            ErrorKind::ConnectionAborted => IoFailure::Aborted,
+            ErrorKind::BrokenPipe => IoFailure::BrokenPipe,
+            ErrorKind::TimedOut => IoFailure::TimedOut,
+            _ => IoFailure::Other,
+        }
+    }
+
+    /// The words a close reason uses; they name no address.
+    pub fn label(self) -> &'static str {
+        match self {
+            IoFailure::Reset => "connection reset",
+            IoFailure::Aborted => "connection aborted",
+            IoFailure::BrokenPipe => "connection closed while writing",
+            IoFailure::TimedOut => "timed out",
+            IoFailure::Other => "i/o error",
+        }
     }
 }
 
@@ -244,33 +252,46 @@ pub fn truncate_reason(reason: &str) -> &str {
 }
 
 /// Connects the route's backend; the server calls this before it answers the upgrade, so
-/// `onopen` means the backend is there. `Err` is the HTTP status and body for a route that
-/// reports an unreachable backend by refusing the upgrade (`on_backend_unavailable = "http"`).
-pub async fn dial(route: &Route, limits: &Limits, m: &RouteMetrics) -> Result<Dialed, (u16, String)> {
-    let Backend::Tcp { host, port } = &route.backend else { return Ok(Dialed::Echo) };
+/// `onopen` means the backend is there. Records the connect time or the failure (metric and
+/// warning, with the address); what the client sees of a failure is the caller's choice.
+pub async fn dial(entry: &Entry) -> Result<Dialed, BackendError> {
+    let Target::Tcp(dialer) = &entry.target else { return Ok(Dialed::Echo) };
     let started = Instant::now();
-    match backend::connect(host, *port, limits.connect_timeout, limits.tcp_keepalive).await {
+    match dialer.connect().await {
         Ok(stream) => {
-            m.connect_duration.record(started.elapsed().as_secs_f64());
+            entry.metrics.connect_duration.record(started.elapsed().as_secs_f64());
             Ok(Dialed::Tcp(stream))
         }
         Err(e) => {
-            m.connect_failed(e.kind());
-            warn!(route = %route.name, error = %e, "backend unavailable");
-            if route.on_backend_unavailable == Unavailable::Close {
-                return Ok(Dialed::Unavailable(e));
-            }
-            let status = if e.is_timeout() {
-                504
-            } else if e.kind() == "connection refused" {
-                502
-            } else {
-                503
-            };
-            Err((status, format!("backend unavailable: {}", e.kind())))
+            entry.metrics.connect_failed(e.failure().label());
+            warn!(route = %entry.route.name, error = %e, "backend unavailable");
+            Err(e)
         }
     }
 }
+
+/// The client's WebSocket buffers and size limits under `limits`.
+fn ws_config(limits: &SessionLimits) -> WebSocketConfig {
+    let max = limits.max_message_bytes;
+    WebSocketConfig::default()
+        // Allocated for every session, idle or not; large reads go through `ReadAhead`'s
+        // buffer, which exists only while data flows.
+        .read_buffer_size(WS_READ_BUFFER_BYTES)
+        // Write each message at once: the pumps wait for it to reach the socket before reading
+        // more, which is what gives backpressure, so a write buffer would only add a copy.
+        .write_buffer_size(0)
+        // Bound for frames queued behind a slow client: one echoed message (up to `max`)
+        // plus control frames. tungstenite refuses any single frame larger than this, so it
+        // must hold the largest message it sends. (The bridge's data frames do not pass
+        // through tungstenite: `frames`.)
+        .max_write_buffer_size(max + 64 * 1024)
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
+}
+
+/// tungstenite's own read buffer: small, because every session holds it for its whole life.
+/// It also caps each read tungstenite makes, which is why `ReadAhead` reads for it while busy.
+const WS_READ_BUFFER_BYTES: usize = 2048;
 
 /// One session from the pending upgrade to the last byte, or until `abort` (the shutdown
 /// deadline) drops it, to be spawned as a task of its own.
@@ -282,7 +303,7 @@ pub async fn dial(route: &Route, limits: &Limits, m: &RouteMetrics) -> Result<Di
 /// the 13,304 instructions of a 64-byte round trip (callgrind). Nothing in the relay logs; what
 /// tungstenite logs at debug level meanwhile carries no session fields.
 pub fn run(
-    upgrade: Upgrade,
+    upgrade: OnUpgrade,
     dialed: Dialed,
     ctx: Context,
     stop: CancellationToken,
@@ -291,7 +312,7 @@ pub fn run(
     let span = info_span!(
         "session",
         id = ctx.id,
-        route = %ctx.route.name,
+        route = %ctx.entry.route.name,
         backend.addr = field::Empty,
     );
     if let Dialed::Tcp(stream) = &dialed
@@ -308,57 +329,28 @@ pub fn run(
     }
 }
 
-/// The client's connection, whichever listener it came from.
-trait ClientIo: AsyncRead + AsyncWrite + Send + Unpin {}
-
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> ClientIo for T {}
-
-/// The client's connection, taken back from hyper as the stream `server` served HTTP on, with
-/// the bytes hyper had read and not parsed put back in front. Reading and writing through
-/// hyper's upgraded stream instead costs two more layers (its rewind buffer and two
-/// conversions between hyper's and tokio's I/O traits) on every read and write: about 180
-/// instructions per 64-byte round trip (callgrind).
-fn client_io(upgraded: Upgraded) -> Box<dyn ClientIo> {
-    fn resume<S: ClientIo + ReadReady + 'static>(
-        parts: hyper::upgrade::Parts<TokioIo<ReadAhead<S>>>,
-    ) -> Box<dyn ClientIo> {
-        let (io, buffered, chunk) = parts.io.into_inner().into_parts();
-        let unread = match parts.read_buf.is_empty() {
-            true => buffered,
-            false => {
-                let mut all = bytes::BytesMut::with_capacity(parts.read_buf.len() + buffered.len());
-                all.extend_from_slice(&parts.read_buf);
-                all.extend_from_slice(&buffered);
-                all
-            }
-        };
-        Box::new(ReadAhead::resume(io, unread, chunk))
-    }
-    match upgraded.downcast::<TokioIo<ReadAhead<TcpStream>>>() {
-        Ok(parts) => resume(parts),
-        Err(upgraded) => match upgraded.downcast::<TokioIo<ReadAhead<TlsStream<TcpStream>>>>() {
-            Ok(parts) => resume(parts),
-            // Not a stream `server` makes: correct still, through hyper's layers.
-            Err(upgraded) => Box::new(TokioIo::new(upgraded)),
-        },
-    }
-}
-
-async fn run_inner(upgrade: Upgrade, dialed: Dialed, ctx: Context, stop: CancellationToken, span: &Span) {
+async fn run_inner(upgrade: OnUpgrade, dialed: Dialed, ctx: Context, stop: CancellationToken, span: &Span) {
     let started = Instant::now();
-    let upgraded = match upgrade.on.await {
+    let limits = &ctx.entry.limits;
+    let upgraded = match upgrade.await {
         Ok(upgraded) => upgraded,
         Err(e) => {
             span.in_scope(|| debug!(error = %e, "upgrade did not complete"));
             return;
         }
     };
-    let io = FrameGate::new(client_io(upgraded));
-    let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(upgrade.config)).await;
-    let m = &ctx.metrics;
+    let io = client_stream::take_back(upgraded, limits.client_read_bytes).unwrap_or_else(|io| {
+        span.in_scope(|| {
+            error!("bug: the client connection came back as another type; relaying through hyper's layers")
+        });
+        io
+    });
+    let mut ws = WebSocketStream::from_raw_socket(FrameGate::new(io), Role::Server, Some(ws_config(limits))).await;
+    let route = &ctx.entry.route;
+    let m = &ctx.entry.metrics;
     let mut open = OpenSession::new(m);
     let mut stats = Stats::default();
-    let accept = Accept { text: ctx.route.accept.text, binary: ctx.route.accept.binary };
+    let accept = Accept { text: route.accept.text, binary: route.accept.binary };
     let flows = Flows { to_backend: &m.to_backend, to_client: &m.to_client };
     // This session's own stop: the shutdown signal, delayed by its place in the close window.
     let session_stop = CancellationToken::new();
@@ -371,25 +363,25 @@ async fn run_inner(upgrade: Upgrade, dialed: Dialed, ctx: Context, stop: Cancell
     };
     let relay = async {
         match dialed {
-            Dialed::Unavailable(e) => (Outcome::BackendUnavailable(e.kind()), None),
+            Dialed::Unavailable(failure) => (Outcome::BackendUnavailable(failure), None),
             Dialed::Echo => {
                 let end = echo::run_ws(&mut ws, accept, &session_stop, &mut stats, flows).await;
-                (Outcome::from_end(end, ctx.max_message_bytes), None)
+                (Outcome::from_end(end, limits.max_message_bytes), None)
             }
             Dialed::Tcp(stream) => {
                 let options = bridge::Options {
-                    backend_read_bytes: ctx.backend_read_bytes,
-                    client_batch_bytes: ctx.client_batch_bytes,
-                    framing: match ctx.route.outbound {
+                    backend_read_bytes: limits.backend_read_bytes,
+                    client_batch_bytes: limits.client_read_bytes,
+                    framing: match route.outbound {
                         Outbound::Binary => Framing::Binary,
                         Outbound::Text => Framing::Text,
                         Outbound::Mirror => Framing::Mirror,
                     },
                     accept,
-                    finish_timeout: ctx.close_timeout,
+                    finish_timeout: limits.close_timeout,
                 };
                 let (end, backend) = bridge::run(&mut ws, stream, options, &session_stop, &mut stats, flows).await;
-                (Outcome::from_end(end, ctx.max_message_bytes), Some(backend))
+                (Outcome::from_end(end, limits.max_message_bytes), Some(backend))
             }
         }
     };
@@ -398,7 +390,7 @@ async fn run_inner(upgrade: Upgrade, dialed: Dialed, ctx: Context, stop: Cancell
         done = relay => done,
         never = spread => never,
     };
-    close_client(&mut ws, &outcome, ctx.close_timeout).instrument(span.clone()).await;
+    close_client(&mut ws, &outcome, limits.close_timeout).instrument(span.clone()).await;
     // Counted now: the client has its close; lingering on the backend below (and a deadline
     // that may cut it short) does not change how the session ended.
     let code = close_code(&outcome);
@@ -412,7 +404,7 @@ async fn run_inner(upgrade: Upgrade, dialed: Dialed, ctx: Context, stop: Cancell
         // Tell the backend the client is done, then drop (and count) whatever it still sends,
         // so it sees an orderly end rather than a reset.
         bridge::shutdown_write(&mut backend).await;
-        stats.dropped_bytes = bridge::drain(&mut backend, ctx.close_timeout).await;
+        stats.dropped_bytes = bridge::drain(&mut backend, limits.close_timeout).await;
     }
     let duration = started.elapsed();
     m.duration.record(duration.as_secs_f64());
@@ -552,7 +544,7 @@ fn log_end(ctx: &Context, outcome: &Outcome, code: u16, stats: &Stats, duration:
     };
     info!(
         client.addr = %ctx.client_addr,
-        route.backend = %ctx.route.backend,
+        route.backend = %ctx.entry.route.backend,
         duration_secs = duration.as_secs_f64(),
         to_backend.bytes = stats.to_backend.bytes,
         to_backend.messages = stats.to_backend.messages,
@@ -581,7 +573,7 @@ mod tests {
     fn close_code_contract() {
         assert_eq!(code(Outcome::BackendClosed), Some((1000, "backend closed the connection".into())));
         assert_eq!(code(Outcome::Shutdown), Some((1001, "gateway shutting down".into())));
-        assert_eq!(code(Outcome::ClientProtocolError("x".into())).unwrap().0, 1002);
+        assert_eq!(code(Outcome::ClientProtocolError(ProtocolError::UnmaskedFrameFromClient)).unwrap().0, 1002);
         assert_eq!(
             code(Outcome::ClientUnsupported("text")),
             Some((1003, "text messages are not accepted on this route".into()))
@@ -592,12 +584,12 @@ mod tests {
             Some((1009, "message too big: limit is 10485760 bytes".into()))
         );
         assert_eq!(
-            code(Outcome::BackendFailed("connection reset".into())),
+            code(Outcome::BackendFailed(IoFailure::Reset)),
             Some((1011, "backend error: connection reset".into()))
         );
         assert_eq!(code(Outcome::BackendNotUtf8).unwrap().0, 1011);
         assert_eq!(
-            code(Outcome::BackendUnavailable("connection refused")),
+            code(Outcome::BackendUnavailable(ConnectFailure::Refused)),
             Some((1013, "backend unavailable: connection refused".into()))
         );
         assert_eq!(code(Outcome::ClientClosed { code: Some(1000), reason: "bye".into() }), None);
@@ -648,7 +640,8 @@ mod tests {
         let cut = truncate_reason(&long);
         assert!(cut.len() <= 123 && cut.len() >= 122);
         assert!(long.starts_with(cut));
-        let frame = Outcome::ClientProtocolError("x".repeat(500)).close_frame().unwrap();
+        let long = hyper::header::HeaderName::from_bytes("x".repeat(500).as_bytes()).unwrap();
+        let frame = Outcome::ClientProtocolError(ProtocolError::InvalidHeader(Box::new(long))).close_frame().unwrap();
         assert_eq!(frame.reason.len(), 123);
     }
 }

@@ -1,4 +1,4 @@
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -30,6 +30,26 @@ async fn ten_megabyte_message_round_trips_over_wss() {
     send_binary(&mut ws, &data).await;
     let back = read_bytes(&mut ws, data.len()).await;
     assert!(back == data, "10 MB payload came back altered over wss");
+}
+
+/// ws and wss sessions relay over the client connection taken back from hyper as the stream the
+/// server served HTTP on (`client_stream::take_back`), skipping hyper's layers: a server that
+/// wrapped the socket in a type the session does not take back would log a bug for each.
+#[tokio::test]
+async fn ws_and_wss_sessions_take_the_fast_path() {
+    let (logs, _guard) = Logs::capture();
+    let echo = Backend::echo().await;
+    let gw = Gateway::builder().tls().route("tcp", "/tcp", &echo.target()).start().await;
+    for (scheme, mut ws) in [("ws", gw.ws("/tcp").await), ("wss", gw.wss("/tcp").await)] {
+        send_binary(&mut ws, b"fast").await;
+        assert_eq!(read_bytes(&mut ws, 4).await, b"fast", "{scheme}");
+        within("close", ws.close(None)).await.unwrap();
+        // Until the close reply and the end of the stream (wss: without a TLS close_notify).
+        within("the close reply", async { while let Some(Ok(_)) = ws.next().await {} }).await;
+    }
+    eventually("both sessions logged their end", || async { logs.text().matches("session ended").count() == 2 }).await;
+    let text = logs.text();
+    assert!(!text.contains("bug:"), "a session fell off the fast path:\n{text}");
 }
 
 /// Text messages become their UTF-8 bytes on the TCP stream; the backend's bytes come back as
