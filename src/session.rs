@@ -297,10 +297,8 @@ const WS_READ_BUFFER_BYTES: usize = 2048;
 /// deadline) drops it, to be spawned as a task of its own.
 ///
 /// Its span is created now, as a child of the caller's (the connection's). It is entered around
-/// what the session logs (an upgrade that fails, its close, its end line), not for the relay:
-/// an instrumented future enters and leaves its span on every poll, a session is polled on
-/// every message, and that (with the random number of two `select!`s, now biased) was 1,033 of
-/// the 13,304 instructions of a 64-byte round trip (callgrind). Nothing in the relay logs; what
+/// what the session logs (an upgrade that fails, its close, its end line), not for the relay,
+/// which is polled on every message and logs nothing (docs/performance.md, item 15); what
 /// tungstenite logs at debug level meanwhile carries no session fields.
 pub fn run(
     upgrade: OnUpgrade,
