@@ -53,6 +53,13 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+impl ConfigError {
+    /// A problem at byte offset `at` of `text`, the file's contents.
+    pub(super) fn at(file: &Path, text: &str, at: usize, key: String, problem: String) -> ConfigError {
+        ConfigError { file: file.to_path_buf(), position: Some(line_col(text, at)), key, problem }
+    }
+}
+
 /// Turns a toml error into one line, naming the key where the file shows it.
 pub(super) fn toml_error(err: &toml::de::Error, text: &str, path: &Path) -> ConfigError {
     let message = err.message().trim().trim_end_matches('.').to_string();

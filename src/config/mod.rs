@@ -9,8 +9,9 @@
 //! error becomes one.
 //!
 //! Errors name the file, the key and the problem on one line (`config.toml: routes.vnc.backend:
-//! "localhost" has no port`), with toml's line and column when the file did not parse. Validation
-//! collects every problem rather than stopping at the first, so `wsgate check` can list them all.
+//! "localhost" has no port`), with toml's line and column when the file did not parse, and with
+//! the value's line and column when it is not one of a fixed set. Validation collects every
+//! problem rather than stopping at the first, so `wsgate check` can list them all.
 //!
 //! This module knows nothing of sockets or of the rest of wsgate: it is data in, data out.
 
@@ -22,6 +23,8 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use serde::Deserialize;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use validate::normalize_origin;
@@ -52,7 +55,8 @@ pub struct Config {
 }
 
 /// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable text.
     Text,
@@ -125,7 +129,8 @@ pub struct Accept {
 }
 
 /// How a route's `path` is compared with a request path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PathMatch {
     /// The whole path must be equal.
     Exact,
@@ -197,7 +202,8 @@ pub enum AllowedOrigins {
 }
 
 /// WebSocket message type for bytes read from the backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Outbound {
     /// Binary messages (noVNC, MQTT, most TCP protocols).
     Binary,
@@ -208,7 +214,8 @@ pub enum Outbound {
 }
 
 /// What a client sees when the backend cannot be reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Unavailable {
     /// Complete the upgrade, then close at once with 1013 and the reason (a page can read it).
     Close,
@@ -278,7 +285,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
     let raw: raw::RawConfig =
         toml::from_str(text).map_err(|e| ConfigErrors(vec![error::toml_error(&e, text, path)]))?;
-    validate::validate(raw, path)
+    validate::validate(raw, text, path)
 }
 
 /// A route with every optional key at its default, for unit tests elsewhere in the crate.

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::raw::{RawConfig, RawLimits, RawListener, RawRoute, RawShutdown, Seconds};
+use super::raw::{AcceptKind, Choice, RawConfig, RawLimits, RawListener, RawRoute, RawShutdown, Seconds};
 use super::{
     Accept, AllowedOrigins, Backend, Builtin, Config, ConfigError, ConfigErrors, HostPattern, Limits, Listener,
     LogFormat, Outbound, PathMatch, Route, Shutdown, TlsFiles, Unavailable,
@@ -43,9 +43,9 @@ const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:9090";
 const MAX_SECS: f64 = 86_400.0;
 const DEFAULT_CONSOLE_PATH: &str = "/console";
 
-/// Validates `raw`, read from `path`: the config, or every problem found.
-pub(super) fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
-    let mut v = Validator { file: path.to_path_buf(), dir: base_dir(path), errors: Vec::new() };
+/// Validates `raw`, read from `text` at `path`: the config, or every problem found.
+pub(super) fn validate(raw: RawConfig, text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+    let mut v = Validator { file: path.to_path_buf(), dir: base_dir(path), text, errors: Vec::new() };
     let config = v.config(raw);
     if v.errors.is_empty() { Ok(config) } else { Err(ConfigErrors(v.errors)) }
 }
@@ -57,13 +57,15 @@ fn base_dir(path: &Path) -> PathBuf {
     }
 }
 
-struct Validator {
+struct Validator<'t> {
     file: PathBuf,
     dir: PathBuf,
+    /// The file's contents, to turn a value's span into a line and column.
+    text: &'t str,
     errors: Vec<ConfigError>,
 }
 
-impl Validator {
+impl Validator<'_> {
     fn fail(&mut self, key: impl Into<String>, problem: impl Into<String>) {
         self.errors.push(ConfigError {
             file: self.file.clone(),
@@ -71,6 +73,20 @@ impl Validator {
             key: key.into(),
             problem: problem.into(),
         });
+    }
+
+    /// The value of a fixed-set key, `default` when absent, `None` (reported) when not in the set.
+    fn choice<T>(&mut self, key: &str, value: Option<Choice<T>>, default: T) -> Option<T> {
+        match value {
+            None => Some(default),
+            Some(Choice::Listed(v)) => Some(v),
+            Some(Choice::Unlisted { written, span, allowed }) => {
+                let allowed: Vec<String> = allowed.iter().map(|a| format!("{a:?}")).collect();
+                let problem = format!("{written:?} is not one of {}", allowed.join(", "));
+                self.errors.push(ConfigError::at(&self.file, self.text, span.start, key.to_string(), problem));
+                None
+            }
+        }
     }
 
     fn config(&mut self, raw: RawConfig) -> Config {
@@ -98,14 +114,7 @@ impl Validator {
             Some(false) => None,
             _ => self.socket_addr("admin.address", raw.admin.address.as_deref().unwrap_or(DEFAULT_ADMIN_ADDRESS)),
         };
-        let log_format = match raw.log.format.as_deref() {
-            None | Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some(other) => {
-                self.fail("log.format", format!("{other:?} is not one of \"text\", \"json\""));
-                LogFormat::Text
-            }
-        };
+        let log_format = self.choice("log.format", raw.log.format, LogFormat::Text).unwrap_or(LogFormat::Text);
         let console = match (raw.console.enabled, raw.console.path) {
             (false, _) => None,
             (true, None) => Some(DEFAULT_CONSOLE_PATH.to_string()),
@@ -183,14 +192,7 @@ impl Validator {
     fn route(&mut self, name: String, raw: RawRoute) -> Option<Route> {
         let key = format!("routes.{name}");
         let path = self.route_path(&key, raw.path);
-        let path_match = match raw.path_match.as_deref() {
-            None | Some("exact") => Some(PathMatch::Exact),
-            Some("prefix") => Some(PathMatch::Prefix),
-            Some(other) => {
-                self.fail(format!("{key}.match"), format!("{other:?} is not one of \"exact\", \"prefix\""));
-                None
-            }
-        };
+        let path_match = self.choice(&format!("{key}.match"), raw.path_match, PathMatch::Exact);
         let host = match raw.host {
             None => Some(None),
             Some(h) => self.host_pattern(&format!("{key}.host"), &h).map(Some),
@@ -198,30 +200,10 @@ impl Validator {
         let backend = self.backend(&format!("{key}.backend"), &raw.backend);
         let allowed_origins = self.origins(&format!("{key}.allowed_origins"), raw.allowed_origins);
         let accept = self.accept(&format!("{key}.accept"), raw.accept);
-        let outbound = match raw.outbound.as_deref() {
-            None | Some("binary") => Some(Outbound::Binary),
-            Some("text") => Some(Outbound::Text),
-            Some("mirror") => Some(Outbound::Mirror),
-            Some(other) => {
-                self.fail(
-                    format!("{key}.outbound"),
-                    format!("{other:?} is not one of \"binary\", \"text\", \"mirror\""),
-                );
-                None
-            }
-        };
+        let outbound = self.choice(&format!("{key}.outbound"), raw.outbound, Outbound::Binary);
         let subprotocols = self.subprotocols(&format!("{key}.subprotocols"), raw.subprotocols);
-        let on_backend_unavailable = match raw.on_backend_unavailable.as_deref() {
-            None | Some("close") => Some(Unavailable::Close),
-            Some("http") => Some(Unavailable::Http),
-            Some(other) => {
-                self.fail(
-                    format!("{key}.on_backend_unavailable"),
-                    format!("{other:?} is not one of \"close\", \"http\""),
-                );
-                None
-            }
-        };
+        let on_backend_unavailable =
+            self.choice(&format!("{key}.on_backend_unavailable"), raw.on_backend_unavailable, Unavailable::Close);
         Some(Route {
             name,
             path: path?,
@@ -307,19 +289,16 @@ impl Validator {
         Some(AllowedOrigins::List(out))
     }
 
-    fn accept(&mut self, key: &str, list: Option<Vec<String>>) -> Option<Accept> {
+    fn accept(&mut self, key: &str, list: Option<Vec<Choice<AcceptKind>>>) -> Option<Accept> {
         let Some(list) = list else {
             return Some(Accept { text: true, binary: true });
         };
         let mut accept = Accept { text: false, binary: false };
-        for kind in &list {
-            match kind.as_str() {
-                "text" => accept.text = true,
-                "binary" => accept.binary = true,
-                other => {
-                    self.fail(key, format!("{other:?} is not one of \"text\", \"binary\""));
-                    return None;
-                }
+        for kind in list {
+            // The first item outside the set is reported; the rest of the list is not looked at.
+            match self.choice(key, Some(kind), AcceptKind::Text)? {
+                AcceptKind::Text => accept.text = true,
+                AcceptKind::Binary => accept.binary = true,
             }
         }
         if !accept.text && !accept.binary {
@@ -701,5 +680,55 @@ mod tests {
         assert!(h.matches("a.example.com") && h.matches("a.b.example.com"));
         assert!(!h.matches("example.com") && !h.matches("badexample.com"));
         assert!(err(&format!("{MINIMAL}host = \"example.com:80\"\n")).contains("routes.echo.host"));
+    }
+
+    /// A value outside a fixed set names its line, column, key and the allowed values, and is
+    /// listed with every other problem in the file instead of stopping the parse.
+    #[test]
+    fn fixed_set_values_are_listed_with_the_other_problems() {
+        let e = err(&format!(
+            "{MINIMAL}outbound = \"bogus\"\nmatch = \"regex\"\naccept = [\"text\", \"json\"]\non_backend_unavailable = \"retry\"\n\
+             [limits]\nmax_connections = 0\n[log]\nformat = \"xml\"\n"
+        ));
+        let lines: Vec<&str> = e.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "test.toml:8:9: routes.echo.match: \"regex\" is not one of \"exact\", \"prefix\"",
+                "test.toml:9:19: routes.echo.accept: \"json\" is not one of \"text\", \"binary\"",
+                "test.toml:7:12: routes.echo.outbound: \"bogus\" is not one of \"binary\", \"text\", \"mirror\"",
+                "test.toml:10:26: routes.echo.on_backend_unavailable: \"retry\" is not one of \"close\", \"http\"",
+                "test.toml: limits.max_connections: 0 is out of range 1..=1000000",
+                "test.toml:14:10: log.format: \"xml\" is not one of \"text\", \"json\"",
+            ],
+            "{e}"
+        );
+    }
+
+    /// Every value of each fixed set is read, so the serde names match the documented ones.
+    #[test]
+    fn fixed_set_values_parse() {
+        let c = ok(&format!(
+            "{MINIMAL}match = \"prefix\"\noutbound = \"text\"\non_backend_unavailable = \"http\"\naccept = [\"text\"]\n"
+        ));
+        let r = &c.routes[0];
+        assert_eq!(r.path_match, PathMatch::Prefix);
+        assert_eq!(r.outbound, Outbound::Text);
+        assert_eq!(r.on_backend_unavailable, Unavailable::Http);
+        assert_eq!(r.accept, Accept { text: true, binary: false });
+        let c = ok(&format!(
+            "{MINIMAL}match = \"exact\"\noutbound = \"binary\"\non_backend_unavailable = \"close\"\n[log]\nformat = \"text\"\n"
+        ));
+        assert_eq!(c.routes[0].path_match, PathMatch::Exact);
+        assert_eq!(c.routes[0].outbound, Outbound::Binary);
+        assert_eq!(c.routes[0].on_backend_unavailable, Unavailable::Close);
+        assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    /// A fixed-set key given a non-string is still a toml type error naming the key.
+    #[test]
+    fn fixed_set_key_of_the_wrong_type_names_the_key() {
+        let e = err(&format!("{MINIMAL}outbound = 5\n"));
+        assert!(e.starts_with("test.toml:7:12: routes.echo.outbound: invalid type"), "{e}");
     }
 }
