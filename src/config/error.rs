@@ -2,10 +2,15 @@
 //! [`ConfigErrors`] (every problem in a file), plus the conversion of a toml parse error.
 //!
 //! It exists so that both stages report alike: a toml error (syntax, unknown or missing key,
-//! wrong type) and a validation problem both come out as `file[:line:col]: key: problem`.
+//! wrong type) and a validation problem both come out as `file[:line:col]: key: problem`. The
+//! dotted key of a toml error is found in the document's parsed structure by the error's span,
+//! never by scanning the text for table headers.
 
 use std::fmt;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+
+use toml::de::{DeTable, DeValue};
 
 /// One problem found in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,65 +65,80 @@ impl ConfigError {
     }
 }
 
-/// Turns a toml error into one line, naming the key where the file shows it.
+/// Turns a toml error into one line, naming the key that the error's span falls on.
 pub(super) fn toml_error(err: &toml::de::Error, text: &str, path: &Path) -> ConfigError {
-    let message = err.message().trim().trim_end_matches('.').to_string();
-    let (position, key) = match err.span() {
-        Some(span) => {
-            let (line, col) = line_col(text, span.start);
-            (Some((line, col)), key_at(text, line, &message))
-        }
-        None => (None, String::new()),
+    let problem = err.message().trim().trim_end_matches('.').to_string();
+    let Some(span) = err.span() else {
+        return ConfigError { file: path.to_path_buf(), position: None, key: String::new(), problem };
     };
-    ConfigError { file: path.to_path_buf(), position, key, problem: message }
+    // The recovering parser still yields the keys around a syntax error (an empty value included).
+    let (document, _) = DeTable::parse_recoverable(text);
+    let mut key = key_path(document.get_ref(), span.start).join(".");
+    // A missing field has no span of its own: the error points at the table that lacks it, and
+    // only serde's message names the field.
+    if let Some((field, _)) = problem.strip_prefix("missing field `").and_then(|r| r.split_once('`')) {
+        key = if key.is_empty() { field.to_string() } else { format!("{key}.{field}") };
+    }
+    ConfigError::at(path, text, span.start, key, problem)
 }
 
+/// The dotted key of the error at byte `at`: the key or value whose span holds it or, when none
+/// does (a syntax error the parser recovered from by dropping the value, a duplicate key), the
+/// key being written, which is the last one that starts before it.
+fn key_path(table: &DeTable<'_>, at: usize) -> Vec<String> {
+    let held = path_holding(table, at);
+    if !held.is_empty() {
+        return held;
+    }
+    last_key_before(table, at).map(|(_, path)| path).unwrap_or_default()
+}
+
+/// The keys from the root down to the deepest key or value whose span holds `at`. Every table
+/// is searched, not only those whose span holds `at`: a `[header]` table's span covers the
+/// header alone, not the keys below it.
+fn path_holding(table: &DeTable<'_>, at: usize) -> Vec<String> {
+    for (key, value) in table.iter() {
+        let inner = match value.get_ref() {
+            DeValue::Table(t) => path_holding(t, at),
+            _ => Vec::new(),
+        };
+        if !inner.is_empty() || holds(key.span(), at) || holds(value.span(), at) {
+            let mut path = vec![key.get_ref().to_string()];
+            path.extend(inner);
+            return path;
+        }
+    }
+    Vec::new()
+}
+
+/// The path of the key with the greatest start at or before `at`, and that start. Tables are
+/// kept in key order, not file order, so every one is searched.
+fn last_key_before(table: &DeTable<'_>, at: usize) -> Option<(usize, Vec<String>)> {
+    let mut best: Option<(usize, Vec<String>)> = None;
+    for (key, value) in table.iter() {
+        let mut found = (key.span().start <= at).then(|| (key.span().start, Vec::new()));
+        if let DeValue::Table(t) = value.get_ref() {
+            found = last_key_before(t, at).or(found);
+        }
+        if let Some((start, mut path)) = found.filter(|(start, _)| best.as_ref().is_none_or(|(b, _)| start > b)) {
+            path.insert(0, key.get_ref().to_string());
+            best = Some((start, path));
+        }
+    }
+    best
+}
+
+/// Whether `span` holds `at`; an empty span (a value missing after `=`) holds its own start.
+fn holds(span: Range<usize>, at: usize) -> bool {
+    span.contains(&at) || (span.is_empty() && span.start == at)
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
 pub(super) fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
+    let before = text.get(..offset.min(text.len())).unwrap_or(text);
     let line = before.matches('\n').count() + 1;
     let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     (line, col)
-}
-
-/// The dotted key at 1-based `line`: the nearest table header above it plus the key on the line.
-/// For "missing field `x`" the error points at the table, so the field comes from the message.
-fn key_at(text: &str, line: usize, message: &str) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    let here = lines.get(line.saturating_sub(1)).copied().unwrap_or("").trim();
-    let header = |l: &str| -> Option<String> {
-        let l = l.trim();
-        let inner = l
-            .strip_prefix("[[")
-            .and_then(|r| r.split_once("]]"))
-            .map(|(h, _)| h)
-            .or_else(|| l.strip_prefix('[').and_then(|r| r.split_once(']')).map(|(h, _)| h))?;
-        Some(inner.trim().replace(['"', '\''], ""))
-    };
-    let table = lines[..line.saturating_sub(1).min(lines.len())].iter().rev().find_map(|l| header(l));
-    let missing = message.strip_prefix("missing field `").and_then(|r| r.split_once('`')).map(|(f, _)| f.to_string());
-    let join = |t: Option<String>, k: String| match t {
-        Some(t) if !t.is_empty() => format!("{t}.{k}"),
-        _ => k,
-    };
-    if let Some(h) = header(here) {
-        return match missing {
-            Some(field) => format!("{h}.{field}"),
-            None => h,
-        };
-    }
-    if let Some((k, _)) = here.split_once('=') {
-        let k = k.trim().replace(['"', '\''], "");
-        // A field missing from an inline table (`tls = { cert = ".." }`) is reported there.
-        let k = match missing {
-            Some(field) => format!("{k}.{field}"),
-            None => k,
-        };
-        return join(table, k);
-    }
-    match missing {
-        Some(field) => join(table, field),
-        None => table.unwrap_or_default(),
-    }
 }
 
 #[cfg(test)]
@@ -145,5 +165,38 @@ mod tests {
     fn missing_field_names_the_key() {
         let e = err("[listeners.plain]\naddress = \"127.0.0.1:1\"\n[routes.echo]\npath = \"/echo\"\n");
         assert!(e.contains("routes.echo.backend") && e.contains("missing field"), "{e}");
+    }
+
+    /// A syntax error (a value missing after `=`) still names the key it happened at.
+    #[test]
+    fn syntax_error_names_the_key() {
+        let e = err(&format!("{MINIMAL}[limits]\nmax_connections = \n"));
+        assert!(e.starts_with("test.toml:8:19: limits.max_connections: "), "{e}");
+    }
+
+    /// A syntax error the parser recovers from by dropping the value, and a duplicate key, name
+    /// the key being written.
+    #[test]
+    fn recovered_syntax_errors_name_the_key_being_written() {
+        let e = err(&format!("{MINIMAL}x = = 1\n"));
+        assert!(e.starts_with("test.toml:7:5: routes.echo.x: "), "{e}");
+        let e = err(&format!("{MINIMAL}[limits]\nmax_connections = 1\nmax_connections = 2\n"));
+        assert!(e.starts_with("test.toml:9:1: limits.max_connections: duplicate key"), "{e}");
+    }
+
+    /// A field missing from an inline table is named below the key that holds the table.
+    #[test]
+    fn missing_field_of_an_inline_table_names_the_key() {
+        let e = err(&format!("{MINIMAL}[listeners.secure]\naddress = \"127.0.0.1:1\"\ntls = {{ cert = \"c.pem\" }}\n"));
+        assert!(e.starts_with("test.toml:9:7: listeners.secure.tls.key: missing field `key`"), "{e}");
+    }
+
+    /// An unknown table is named itself, and a wrong type inside an array names the array's key.
+    #[test]
+    fn unknown_table_and_array_items_name_their_key() {
+        let e = err(&format!("{MINIMAL}[bogus]\nx = 1\n"));
+        assert!(e.starts_with("test.toml:7:2: bogus: unknown field `bogus`"), "{e}");
+        let e = err(&format!("{MINIMAL}subprotocols = [\"a\", 5]\n"));
+        assert!(e.starts_with("test.toml:7:22: routes.echo.subprotocols: invalid type"), "{e}");
     }
 }
