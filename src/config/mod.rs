@@ -13,6 +13,9 @@
 //! the value's line and column when it is not one of a fixed set. Validation collects every
 //! problem rather than stopping at the first, so `wsgate check` can list them all.
 //!
+//! Whether a running gateway may change a key on reload is declared once per key in `raw`, next
+//! to the structs that read it; [`restart_required`] only walks that list.
+//!
 //! This module knows nothing of sockets or of the rest of wsgate: it is data in, data out.
 
 mod error;
@@ -286,6 +289,15 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
     let raw: raw::RawConfig =
         toml::from_str(text).map_err(|e| ConfigErrors(vec![error::toml_error(&e, text, path)]))?;
     validate::validate(raw, text, path)
+}
+
+/// The first key changed between `old` and `new` that a running gateway cannot apply, if any,
+/// as the reload error names it (`limits.max_connections`, `listeners.NAME.address`).
+pub(crate) fn restart_required(old: &Config, new: &Config) -> Option<String> {
+    raw::KEYS.iter().find_map(|(_, on_change)| match on_change {
+        raw::OnChange::Restart(changed) => changed(old, new),
+        raw::OnChange::Reload => None,
+    })
 }
 
 /// A route with every optional key at its default, for unit tests elsewhere in the crate.
