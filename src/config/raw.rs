@@ -271,6 +271,7 @@ impl<'de, T: DeserializeOwned> Deserialize<'de> for Choice<T> {
 struct NotListed(&'static [&'static str]);
 
 impl serde::de::Error for NotListed {
+    // Not reached when `T` is an enum of unit variants, the only kind `Choice` is used with.
     fn custom<M: fmt::Display>(_: M) -> Self {
         NotListed(&[])
     }
