@@ -285,39 +285,7 @@ impl Reloader {
 
 /// The first key whose change needs a restart, if any.
 fn restart_required(old: &Config, new: &Config) -> Option<String> {
-    let names =
-        |c: &Config| c.listeners.iter().map(|l| (l.name.clone(), l.address, l.tls.is_some())).collect::<Vec<_>>();
-    if names(old) != names(new) {
-        let old_l: HashMap<_, _> = old.listeners.iter().map(|l| (l.name.clone(), l)).collect();
-        for l in &new.listeners {
-            match old_l.get(&l.name) {
-                None => return Some(format!("listeners.{} (new listener)", l.name)),
-                Some(o) if o.address != l.address => return Some(format!("listeners.{}.address", l.name)),
-                Some(o) if o.tls.is_some() != l.tls.is_some() => return Some(format!("listeners.{}.tls", l.name)),
-                Some(_) => {}
-            }
-        }
-        return Some("listeners (a listener was removed)".into());
-    }
-    if old.limits.max_connections != new.limits.max_connections {
-        return Some("limits.max_connections".into());
-    }
-    if old.limits.max_handshakes != new.limits.max_handshakes {
-        return Some("limits.max_handshakes".into());
-    }
-    if old.builtin.tcp_echo != new.builtin.tcp_echo {
-        return Some("builtin.tcp_echo".into());
-    }
-    if old.admin != new.admin {
-        return Some("admin".into());
-    }
-    if old.log_format != new.log_format {
-        return Some("log.format".into());
-    }
-    if old.metrics != new.metrics {
-        return Some("metrics.enabled".into());
-    }
-    None
+    config::restart_required(old, new)
 }
 
 /// Everything a reload may change, built from `config`: routes, limits, certificates, pages.

@@ -1,454 +1,18 @@
-//! `config.toml` → a validated [`Config`].
+//! Stage two: `Raw*` values → a validated [`Config`], with every default and bound in one place.
 //!
-//! Loading happens in two stages, as ripgrep does with its flags: serde reads the file into `Raw*`
-//! structs that mirror the TOML exactly (unknown keys rejected), then [`parse`] checks every value
-//! and builds ready-to-use types (`SocketAddr`, `Duration`, compiled routes), so that runtime code
-//! never meets an `Option` meaning "use the default". Every default lives in this file, next to
-//! the key it belongs to, and is repeated in `docs/config.md` and the shipped `config.toml`.
-//!
-//! Errors name the file, the key and the problem on one line (`config.toml: routes.vnc.backend:
-//! "localhost" has no port`), with toml's line and column when the file did not parse. Validation
-//! collects every problem rather than stopping at the first, so `wsgate check` can list them all.
-//!
-//! This module knows nothing of sockets or of the rest of wsgate: it is data in, data out.
+//! The `Validator` checks each key, turns it into a ready type and collects every problem
+//! instead of stopping at the first, so `wsgate check` can list them all. The defaults below are
+//! the documented ones: docs/config.md and the shipped `config.toml` repeat them.
 
-use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
-
-/// A whole, validated configuration: what one gateway instance runs.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// The file this was loaded from; used in messages and to resolve relative paths.
-    pub path: PathBuf,
-    /// Client-facing listeners, in name order. Never empty.
-    pub listeners: Vec<Listener>,
-    /// Routes, in name order. Never empty. Matching order is decided by the router, not by this.
-    pub routes: Vec<Route>,
-    /// Bounds on connections, handshakes, messages and buffers.
-    pub limits: Limits,
-    /// Built-in helper services (the TCP echo).
-    pub builtin: Builtin,
-    /// How a shutdown proceeds.
-    pub shutdown: Shutdown,
-    /// Path of the built-in test console page, when enabled.
-    pub console: Option<String>,
-    /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`), when enabled.
-    pub admin: Option<SocketAddr>,
-    /// Log line format.
-    pub log_format: LogFormat,
-    /// Whether metrics are recorded (`[metrics] enabled`, default true).
-    pub metrics: bool,
-}
-
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable text.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-/// One client-facing listener: plain `ws` or, with TLS, `wss`.
-#[derive(Debug, Clone)]
-pub struct Listener {
-    /// The name under `[listeners.NAME]`.
-    pub name: String,
-    /// Address to bind.
-    pub address: SocketAddr,
-    /// Present for `wss` listeners.
-    pub tls: Option<TlsFiles>,
-}
-
-impl Listener {
-    /// `"wss"` for TLS listeners, `"ws"` otherwise.
-    pub fn scheme(&self) -> &'static str {
-        if self.tls.is_some() { "wss" } else { "ws" }
-    }
-}
-
-/// Certificate files of a `wss` listener; paths already resolved against the config's directory.
-#[derive(Debug, Clone)]
-pub struct TlsFiles {
-    /// PEM certificate chain, leaf first.
-    pub cert: PathBuf,
-    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
-    pub key: PathBuf,
-    /// Generate a self-signed development pair when both files are missing.
-    pub generate_self_signed: bool,
-}
-
-/// One route: which requests it takes and where their sessions go.
-#[derive(Debug, Clone)]
-pub struct Route {
-    /// The name under `[routes.NAME]`; used in logs and metric labels.
-    pub name: String,
-    /// URL path to match, always starting with `/`.
-    pub path: String,
-    /// How `path` is compared with the request's path.
-    pub path_match: PathMatch,
-    /// `Host` the request must carry, if any.
-    pub host: Option<HostPattern>,
-    /// Where sessions on this route are bridged to.
-    pub backend: Backend,
-    /// Browser origins allowed besides the request's own.
-    pub allowed_origins: AllowedOrigins,
-    /// WebSocket message types accepted from the client.
-    pub accept: Accept,
-    /// WebSocket message type used for bytes coming from the backend.
-    pub outbound: Outbound,
-    /// `Sec-WebSocket-Protocol` values the route accepts, in the route's order. Empty: the route
-    /// selects none, and a client that requires one is refused.
-    pub subprotocols: Vec<String>,
-    /// How a client learns that the backend could not be reached.
-    pub on_backend_unavailable: Unavailable,
-}
-
-/// Which client message types a route accepts; at least one is true.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Accept {
-    /// Text messages (sent to the backend as their UTF-8 bytes).
-    pub text: bool,
-    /// Binary messages.
-    pub binary: bool,
-}
-
-/// How a route's `path` is compared with a request path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PathMatch {
-    /// The whole path must be equal.
-    Exact,
-    /// The path must equal the route path or continue it after a `/` (so `/vnc` matches `/vnc`,
-    /// `/vnc/` and `/vnc/a`, but not `/vncx`).
-    Prefix,
-}
-
-/// A `Host` pattern: an exact name or `*.suffix` for any name below `suffix`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HostPattern {
-    /// Exact, lower-case host name (no port).
-    Exact(String),
-    /// Lower-case suffix including the leading dot (`.example.com`).
-    Wildcard(String),
-}
-
-impl HostPattern {
-    /// Whether `host` (lower-case, port already removed) matches.
-    pub fn matches(&self, host: &str) -> bool {
-        match self {
-            HostPattern::Exact(name) => host == name,
-            HostPattern::Wildcard(suffix) => host.len() > suffix.len() && host.ends_with(suffix.as_str()),
-        }
-    }
-}
-
-impl fmt::Display for HostPattern {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            HostPattern::Exact(name) => f.write_str(name),
-            HostPattern::Wildcard(suffix) => write!(f, "*{suffix}"),
-        }
-    }
-}
-
-/// Where a route's sessions go. An enum resolved per session, so that new kinds (Unix sockets,
-/// TLS backends, pools) arrive as new variants without changing configs users already wrote.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Backend {
-    /// A TCP service; the host is resolved at connect time and every address is tried.
-    Tcp {
-        /// Host name or IP literal (IPv6 without brackets).
-        host: String,
-        /// TCP port, never 0.
-        port: u16,
-    },
-    /// wsgate answers each message with the same message (`builtin:echo`).
-    Echo,
-}
-
-impl fmt::Display for Backend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Backend::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
-            Backend::Tcp { host, port } => write!(f, "{host}:{port}"),
-            Backend::Echo => f.write_str("builtin:echo"),
-        }
-    }
-}
-
-/// Browser origins a route accepts besides the request's own origin.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AllowedOrigins {
-    /// Any origin (`["*"]`).
-    Any,
-    /// These origins, normalised to lower-case `scheme://host[:port]` without default ports.
-    List(Vec<String>),
-}
-
-/// WebSocket message type for bytes read from the backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outbound {
-    /// Binary messages (noVNC, MQTT, most TCP protocols).
-    Binary,
-    /// Text messages; backend bytes must be UTF-8.
-    Text,
-    /// The type of the client's last message (binary until it sends one); text as above.
-    Mirror,
-}
-
-/// What a client sees when the backend cannot be reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unavailable {
-    /// Complete the upgrade, then close at once with 1013 and the reason (a page can read it).
-    Close,
-    /// Refuse the upgrade with HTTP 502 (refused), 504 (timed out) or 503 (other).
-    Http,
-}
-
-/// Bounds on what one gateway instance holds. Each has a documented default (docs/config.md).
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Client sockets open at once, handshaking or upgraded. Beyond it new sockets are closed.
-    pub max_connections: usize,
-    /// Client sockets in TLS or HTTP handshake at once. Beyond it new sockets are closed.
-    pub max_handshakes: usize,
-    /// Time a client has from connect to a complete HTTP request (TLS included).
-    pub handshake_timeout: Duration,
-    /// Largest WebSocket message (fragments joined) or frame accepted from a client.
-    pub max_message_bytes: usize,
-    /// Size of each read from a client socket while data flows; the buffer is freed when idle.
-    pub ws_read_buffer_bytes: usize,
-    /// Largest single read from a backend, and so the largest message sent to a client.
-    pub backend_read_bytes: usize,
-    /// Time allowed to connect a backend, all resolved addresses included.
-    pub connect_timeout: Duration,
-    /// Time allowed for the closing handshake: waiting for the client's Close reply, or for
-    /// the backend to finish after the client closed.
-    pub close_timeout: Duration,
-    /// Idle time before TCP keepalive probes start on client and backend sockets; `None` when
-    /// `tcp_keepalive_secs = 0`.
-    pub tcp_keepalive: Option<Duration>,
-}
-
-/// Built-in helper services.
-#[derive(Debug, Clone, Default)]
-pub struct Builtin {
-    /// Address of the built-in TCP echo service, when enabled.
-    pub tcp_echo: Option<SocketAddr>,
-}
-
-/// How shutdown proceeds (SIGTERM; SIGINT skips `drain_delay`).
-#[derive(Debug, Clone)]
-pub struct Shutdown {
-    /// After the signal, `/readyz` answers 503 at once but listeners keep accepting for this
-    /// long, so load balancers stop sending new clients first.
-    pub drain_delay: Duration,
-    /// Then listeners stop and open sessions are closed with 1001, spread over this window.
-    pub close_window: Duration,
-    /// Counted from the signal: sessions still open then are dropped and the process exits.
-    pub deadline: Duration,
-}
-
-/// One problem found in a config file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    /// The file.
-    pub file: PathBuf,
-    /// 1-based line and column, when the problem has a position in the file.
-    pub position: Option<(usize, usize)>,
-    /// The dotted key (`routes.vnc.backend`), or empty when the problem is with the whole file.
-    pub key: String,
-    /// What is wrong, lower-case, no trailing period.
-    pub problem: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file.display())?;
-        if let Some((line, col)) = self.position {
-            write!(f, ":{line}:{col}")?;
-        }
-        if !self.key.is_empty() {
-            write!(f, ": {}", self.key)?;
-        }
-        write!(f, ": {}", self.problem)
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
-/// Every problem found in a config file; never empty.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str("\n")?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigErrors {}
-
-/// Reads and validates the file at `path`.
-pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigErrors(vec![ConfigError {
-            file: path.to_path_buf(),
-            position: None,
-            key: String::new(),
-            problem: format!("cannot read file: {e}"),
-        }])
-    })?;
-    parse(&text, path)
-}
-
-/// Validates `text` as if read from `path` (which names the file in errors and anchors relative
-/// paths).
-pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
-    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigErrors(vec![toml_error(&e, text, path)]))?;
-    let mut v = Validator { file: path.to_path_buf(), dir: base_dir(path), errors: Vec::new() };
-    let config = v.config(raw);
-    if v.errors.is_empty() { Ok(config) } else { Err(ConfigErrors(v.errors)) }
-}
-
-fn base_dir(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::new(),
-    }
-}
-
-// ---- Stage one: the TOML as written. ----
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    #[serde(default)]
-    listeners: BTreeMap<String, RawListener>,
-    #[serde(default)]
-    routes: BTreeMap<String, RawRoute>,
-    #[serde(default)]
-    limits: RawLimits,
-    #[serde(default)]
-    builtin: RawBuiltin,
-    #[serde(default)]
-    shutdown: RawShutdown,
-    #[serde(default)]
-    console: RawConsole,
-    #[serde(default)]
-    admin: RawAdmin,
-    #[serde(default)]
-    log: RawLog,
-    #[serde(default)]
-    metrics: RawMetrics,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawMetrics {
-    enabled: Option<bool>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawConsole {
-    #[serde(default)]
-    enabled: bool,
-    path: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawListener {
-    address: String,
-    tls: Option<RawTls>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTls {
-    cert: String,
-    key: String,
-    #[serde(default)]
-    generate_self_signed: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRoute {
-    path: String,
-    #[serde(rename = "match")]
-    path_match: Option<String>,
-    host: Option<String>,
-    backend: String,
-    #[serde(default)]
-    allowed_origins: Vec<String>,
-    accept: Option<Vec<String>>,
-    outbound: Option<String>,
-    #[serde(default)]
-    subprotocols: Vec<String>,
-    on_backend_unavailable: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawLimits {
-    max_connections: Option<u64>,
-    max_handshakes: Option<u64>,
-    handshake_timeout_secs: Option<Seconds>,
-    max_message_bytes: Option<u64>,
-    ws_read_buffer_bytes: Option<u64>,
-    backend_read_bytes: Option<u64>,
-    connect_timeout_secs: Option<Seconds>,
-    close_timeout_secs: Option<Seconds>,
-    tcp_keepalive_secs: Option<Seconds>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawBuiltin {
-    tcp_echo: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawShutdown {
-    drain_delay_secs: Option<Seconds>,
-    close_window_secs: Option<Seconds>,
-    deadline_secs: Option<Seconds>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawAdmin {
-    enabled: Option<bool>,
-    address: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawLog {
-    format: Option<String>,
-}
-
-/// A duration in seconds, written as an integer or a decimal (`5`, `0.25`).
-#[derive(Deserialize, Clone, Copy)]
-#[serde(untagged)]
-enum Seconds {
-    Whole(i64),
-    Fraction(f64),
-}
+use super::raw::{AcceptKind, Choice, RawConfig, RawLimits, RawListener, RawRoute, RawShutdown, Seconds};
+use super::{
+    Accept, AllowedOrigins, Backend, Builtin, Config, ConfigError, ConfigErrors, HostPattern, Limits, Listener,
+    LogFormat, Outbound, PathMatch, Route, Shutdown, TlsFiles, Unavailable,
+};
 
 // ---- Defaults and bounds: one place, mirrored in docs/config.md and config.toml. ----
 
@@ -462,8 +26,8 @@ const DEFAULT_MAX_MESSAGE_BYTES: u64 = 10 * 1024 * 1024;
 /// two system calls, which measured faster than 16 KiB (docs/performance.md).
 const DEFAULT_WS_READ_BUFFER_BYTES: u64 = 64 * 1024;
 /// One backend read becomes one message. The buffer exists only while a read is being delivered
-/// and becomes the frame (`frames`), so nothing of it stays after traffic; 256 KiB measured about
-/// 9 % faster than 64 KiB for a bulk stream, and 64 KiB faster than 16 KiB (docs/performance.md).
+/// and becomes the frame (`frames`), so nothing of it stays after traffic; larger reads carried a
+/// bulk stream faster, up to this size (figures in docs/performance.md).
 const DEFAULT_BACKEND_READ_BYTES: u64 = 256 * 1024;
 const DEFAULT_CONNECT_TIMEOUT_SECS: f64 = 5.0;
 const DEFAULT_CLOSE_TIMEOUT_SECS: f64 = 5.0;
@@ -479,15 +43,29 @@ const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:9090";
 const MAX_SECS: f64 = 86_400.0;
 const DEFAULT_CONSOLE_PATH: &str = "/console";
 
-// ---- Stage two: validation into typed values. ----
+/// Validates `raw`, read from `text` at `path`: the config, or every problem found.
+pub(super) fn validate(raw: RawConfig, text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+    let mut v = Validator { file: path.to_path_buf(), dir: base_dir(path), text, errors: Vec::new() };
+    let config = v.config(raw);
+    if v.errors.is_empty() { Ok(config) } else { Err(ConfigErrors(v.errors)) }
+}
 
-struct Validator {
+fn base_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::new(),
+    }
+}
+
+struct Validator<'t> {
     file: PathBuf,
     dir: PathBuf,
+    /// The file's contents, to turn a value's span into a line and column.
+    text: &'t str,
     errors: Vec<ConfigError>,
 }
 
-impl Validator {
+impl Validator<'_> {
     fn fail(&mut self, key: impl Into<String>, problem: impl Into<String>) {
         self.errors.push(ConfigError {
             file: self.file.clone(),
@@ -495,6 +73,20 @@ impl Validator {
             key: key.into(),
             problem: problem.into(),
         });
+    }
+
+    /// The value of a fixed-set key, `default` when absent, `None` (reported) when not in the set.
+    fn choice<T>(&mut self, key: &str, value: Option<Choice<T>>, default: T) -> Option<T> {
+        match value {
+            None => Some(default),
+            Some(Choice::Listed(v)) => Some(v),
+            Some(Choice::Unlisted { written, span, allowed }) => {
+                let allowed: Vec<String> = allowed.iter().map(|a| format!("{a:?}")).collect();
+                let problem = format!("{written:?} is not one of {}", allowed.join(", "));
+                self.errors.push(ConfigError::at(&self.file, self.text, span.start, key.to_string(), problem));
+                None
+            }
+        }
     }
 
     fn config(&mut self, raw: RawConfig) -> Config {
@@ -522,14 +114,7 @@ impl Validator {
             Some(false) => None,
             _ => self.socket_addr("admin.address", raw.admin.address.as_deref().unwrap_or(DEFAULT_ADMIN_ADDRESS)),
         };
-        let log_format = match raw.log.format.as_deref() {
-            None | Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some(other) => {
-                self.fail("log.format", format!("{other:?} is not one of \"text\", \"json\""));
-                LogFormat::Text
-            }
-        };
+        let log_format = self.choice("log.format", raw.log.format, LogFormat::Text).unwrap_or(LogFormat::Text);
         let console = match (raw.console.enabled, raw.console.path) {
             (false, _) => None,
             (true, None) => Some(DEFAULT_CONSOLE_PATH.to_string()),
@@ -607,14 +192,7 @@ impl Validator {
     fn route(&mut self, name: String, raw: RawRoute) -> Option<Route> {
         let key = format!("routes.{name}");
         let path = self.route_path(&key, raw.path);
-        let path_match = match raw.path_match.as_deref() {
-            None | Some("exact") => Some(PathMatch::Exact),
-            Some("prefix") => Some(PathMatch::Prefix),
-            Some(other) => {
-                self.fail(format!("{key}.match"), format!("{other:?} is not one of \"exact\", \"prefix\""));
-                None
-            }
-        };
+        let path_match = self.choice(&format!("{key}.match"), raw.path_match, PathMatch::Exact);
         let host = match raw.host {
             None => Some(None),
             Some(h) => self.host_pattern(&format!("{key}.host"), &h).map(Some),
@@ -622,30 +200,10 @@ impl Validator {
         let backend = self.backend(&format!("{key}.backend"), &raw.backend);
         let allowed_origins = self.origins(&format!("{key}.allowed_origins"), raw.allowed_origins);
         let accept = self.accept(&format!("{key}.accept"), raw.accept);
-        let outbound = match raw.outbound.as_deref() {
-            None | Some("binary") => Some(Outbound::Binary),
-            Some("text") => Some(Outbound::Text),
-            Some("mirror") => Some(Outbound::Mirror),
-            Some(other) => {
-                self.fail(
-                    format!("{key}.outbound"),
-                    format!("{other:?} is not one of \"binary\", \"text\", \"mirror\""),
-                );
-                None
-            }
-        };
+        let outbound = self.choice(&format!("{key}.outbound"), raw.outbound, Outbound::Binary);
         let subprotocols = self.subprotocols(&format!("{key}.subprotocols"), raw.subprotocols);
-        let on_backend_unavailable = match raw.on_backend_unavailable.as_deref() {
-            None | Some("close") => Some(Unavailable::Close),
-            Some("http") => Some(Unavailable::Http),
-            Some(other) => {
-                self.fail(
-                    format!("{key}.on_backend_unavailable"),
-                    format!("{other:?} is not one of \"close\", \"http\""),
-                );
-                None
-            }
-        };
+        let on_backend_unavailable =
+            self.choice(&format!("{key}.on_backend_unavailable"), raw.on_backend_unavailable, Unavailable::Close);
         Some(Route {
             name,
             path: path?,
@@ -731,19 +289,16 @@ impl Validator {
         Some(AllowedOrigins::List(out))
     }
 
-    fn accept(&mut self, key: &str, list: Option<Vec<String>>) -> Option<Accept> {
+    fn accept(&mut self, key: &str, list: Option<Vec<Choice<AcceptKind>>>) -> Option<Accept> {
         let Some(list) = list else {
             return Some(Accept { text: true, binary: true });
         };
         let mut accept = Accept { text: false, binary: false };
-        for kind in &list {
-            match kind.as_str() {
-                "text" => accept.text = true,
-                "binary" => accept.binary = true,
-                other => {
-                    self.fail(key, format!("{other:?} is not one of \"text\", \"binary\""));
-                    return None;
-                }
+        for kind in list {
+            // The first item outside the set is reported; the rest of the list is not looked at.
+            match self.choice(key, Some(kind), AcceptKind::Text)? {
+                AcceptKind::Text => accept.text = true,
+                AcceptKind::Binary => accept.binary = true,
             }
         }
         if !accept.text && !accept.binary {
@@ -975,106 +530,13 @@ pub fn normalize_origin(origin: &str) -> Option<String> {
     Some(format!("{scheme}://{hostport}"))
 }
 
-/// Turns a toml error into one line, naming the key where the file shows it.
-fn toml_error(err: &toml::de::Error, text: &str, path: &Path) -> ConfigError {
-    let message = err.message().trim().trim_end_matches('.').to_string();
-    let (position, key) = match err.span() {
-        Some(span) => {
-            let (line, col) = line_col(text, span.start);
-            (Some((line, col)), key_at(text, line, &message))
-        }
-        None => (None, String::new()),
-    };
-    ConfigError { file: path.to_path_buf(), position, key, problem: message }
-}
-
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, col)
-}
-
-/// The dotted key at 1-based `line`: the nearest table header above it plus the key on the line.
-/// For "missing field `x`" the error points at the table, so the field comes from the message.
-fn key_at(text: &str, line: usize, message: &str) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    let here = lines.get(line.saturating_sub(1)).copied().unwrap_or("").trim();
-    let header = |l: &str| -> Option<String> {
-        let l = l.trim();
-        let inner = l
-            .strip_prefix("[[")
-            .and_then(|r| r.split_once("]]"))
-            .map(|(h, _)| h)
-            .or_else(|| l.strip_prefix('[').and_then(|r| r.split_once(']')).map(|(h, _)| h))?;
-        Some(inner.trim().replace(['"', '\''], ""))
-    };
-    let table = lines[..line.saturating_sub(1).min(lines.len())].iter().rev().find_map(|l| header(l));
-    let missing = message.strip_prefix("missing field `").and_then(|r| r.split_once('`')).map(|(f, _)| f.to_string());
-    let join = |t: Option<String>, k: String| match t {
-        Some(t) if !t.is_empty() => format!("{t}.{k}"),
-        _ => k,
-    };
-    if let Some(h) = header(here) {
-        return match missing {
-            Some(field) => format!("{h}.{field}"),
-            None => h,
-        };
-    }
-    if let Some((k, _)) = here.split_once('=') {
-        let k = k.trim().replace(['"', '\''], "");
-        // A field missing from an inline table (`tls = { cert = ".." }`) is reported there.
-        let k = match missing {
-            Some(field) => format!("{k}.{field}"),
-            None => k,
-        };
-        return join(table, k);
-    }
-    match missing {
-        Some(field) => join(table, field),
-        None => table.unwrap_or_default(),
-    }
-}
-
-/// A route with every optional key at its default, for unit tests elsewhere in the crate.
-#[cfg(test)]
-pub(crate) fn test_route(name: &str, path: &str, backend: Backend) -> Route {
-    Route {
-        name: name.into(),
-        path: path.into(),
-        path_match: PathMatch::Exact,
-        host: None,
-        backend,
-        allowed_origins: AllowedOrigins::List(vec![]),
-        accept: Accept { text: true, binary: true },
-        outbound: Outbound::Binary,
-        subprotocols: vec![],
-        on_backend_unavailable: Unavailable::Close,
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::path::Path;
+    use std::time::Duration;
 
-    fn ok(text: &str) -> Config {
-        parse(text, Path::new("test.toml")).unwrap_or_else(|e| panic!("expected valid config, got:\n{e}"))
-    }
-
-    fn err(text: &str) -> String {
-        match parse(text, Path::new("test.toml")) {
-            Ok(_) => panic!("expected an error for:\n{text}"),
-            Err(e) => e.to_string(),
-        }
-    }
-
-    const MINIMAL: &str = r#"
-[listeners.plain]
-address = "127.0.0.1:8080"
-[routes.echo]
-path = "/echo"
-backend = "builtin:echo"
-"#;
+    use crate::config::test_support::{MINIMAL, err, ok};
+    use crate::config::*;
 
     /// The defaults documented in docs/config.md are the ones applied.
     #[test]
@@ -1124,28 +586,6 @@ backend = "builtin:echo"
         assert!(err(&MINIMAL.replace("builtin:echo", "host:0")).contains("no valid port"));
         assert!(err(&MINIMAL.replace("builtin:echo", "::1:5900")).contains("brackets"));
         assert!(err(&MINIMAL.replace("builtin:echo", "builtin:ftp")).contains("builtin:echo"));
-    }
-
-    /// An unknown key keeps toml's line and column and is named with its table.
-    #[test]
-    fn unknown_key_keeps_line_and_column_and_names_the_key() {
-        let e = err(&format!("{MINIMAL}bogus = 1\n"));
-        assert!(e.starts_with("test.toml:7:1: routes.echo.bogus: unknown field `bogus`"), "{e}");
-    }
-
-    /// A value of the wrong type names its dotted key.
-    #[test]
-    fn wrong_type_names_the_key() {
-        let e = err(&format!("{MINIMAL}[limits]\nmax_connections = \"many\"\n"));
-        assert!(e.starts_with("test.toml:8:"), "{e}");
-        assert!(e.contains("limits.max_connections"), "{e}");
-    }
-
-    /// A missing required key is named with its table.
-    #[test]
-    fn missing_field_names_the_key() {
-        let e = err("[listeners.plain]\naddress = \"127.0.0.1:1\"\n[routes.echo]\npath = \"/echo\"\n");
-        assert!(e.contains("routes.echo.backend") && e.contains("missing field"), "{e}");
     }
 
     /// Validation reports every problem, one line each, not just the first.
@@ -1240,5 +680,55 @@ backend = "builtin:echo"
         assert!(h.matches("a.example.com") && h.matches("a.b.example.com"));
         assert!(!h.matches("example.com") && !h.matches("badexample.com"));
         assert!(err(&format!("{MINIMAL}host = \"example.com:80\"\n")).contains("routes.echo.host"));
+    }
+
+    /// A value outside a fixed set names its line, column, key and the allowed values, and is
+    /// listed with every other problem in the file instead of stopping the parse.
+    #[test]
+    fn fixed_set_values_are_listed_with_the_other_problems() {
+        let e = err(&format!(
+            "{MINIMAL}outbound = \"bogus\"\nmatch = \"regex\"\naccept = [\"text\", \"json\"]\non_backend_unavailable = \"retry\"\n\
+             [limits]\nmax_connections = 0\n[log]\nformat = \"xml\"\n"
+        ));
+        let lines: Vec<&str> = e.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "test.toml:8:9: routes.echo.match: \"regex\" is not one of \"exact\", \"prefix\"",
+                "test.toml:9:19: routes.echo.accept: \"json\" is not one of \"text\", \"binary\"",
+                "test.toml:7:12: routes.echo.outbound: \"bogus\" is not one of \"binary\", \"text\", \"mirror\"",
+                "test.toml:10:26: routes.echo.on_backend_unavailable: \"retry\" is not one of \"close\", \"http\"",
+                "test.toml: limits.max_connections: 0 is out of range 1..=1000000",
+                "test.toml:14:10: log.format: \"xml\" is not one of \"text\", \"json\"",
+            ],
+            "{e}"
+        );
+    }
+
+    /// Every value of each fixed set is read, so the serde names match the documented ones.
+    #[test]
+    fn fixed_set_values_parse() {
+        let c = ok(&format!(
+            "{MINIMAL}match = \"prefix\"\noutbound = \"text\"\non_backend_unavailable = \"http\"\naccept = [\"text\"]\n"
+        ));
+        let r = &c.routes[0];
+        assert_eq!(r.path_match, PathMatch::Prefix);
+        assert_eq!(r.outbound, Outbound::Text);
+        assert_eq!(r.on_backend_unavailable, Unavailable::Http);
+        assert_eq!(r.accept, Accept { text: true, binary: false });
+        let c = ok(&format!(
+            "{MINIMAL}match = \"exact\"\noutbound = \"binary\"\non_backend_unavailable = \"close\"\n[log]\nformat = \"text\"\n"
+        ));
+        assert_eq!(c.routes[0].path_match, PathMatch::Exact);
+        assert_eq!(c.routes[0].outbound, Outbound::Binary);
+        assert_eq!(c.routes[0].on_backend_unavailable, Unavailable::Close);
+        assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    /// A fixed-set key given a non-string is still a toml type error naming the key.
+    #[test]
+    fn fixed_set_key_of_the_wrong_type_names_the_key() {
+        let e = err(&format!("{MINIMAL}outbound = 5\n"));
+        assert!(e.starts_with("test.toml:7:12: routes.echo.outbound: invalid type"), "{e}");
     }
 }

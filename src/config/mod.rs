@@ -1,0 +1,345 @@
+//! `config.toml` → a validated [`Config`].
+//!
+//! Loading happens in two stages, as ripgrep does with its flags: serde reads the file into `Raw*`
+//! structs that mirror the TOML exactly (`raw`: unknown keys rejected), then `validate` checks
+//! every value and builds ready-to-use types (`SocketAddr`, `Duration`, compiled routes), so that
+//! runtime code never meets an `Option` meaning "use the default". Every default lives in
+//! `validate`, and is repeated in `docs/config.md` and the shipped `config.toml`. This file holds
+//! the validated types, [`load`] and [`parse`]; `error` holds [`ConfigError`] and how a toml
+//! error becomes one.
+//!
+//! Errors name the file, the key and the problem on one line (`config.toml: routes.vnc.backend:
+//! "localhost" has no port`), with toml's line and column when the file did not parse, and with
+//! the value's line and column when it is not one of a fixed set. Validation collects every
+//! problem rather than stopping at the first, so `wsgate check` can list them all.
+//!
+//! Whether a running gateway may change a key on reload is declared once per key in `raw`, next
+//! to the structs that read it; [`restart_required`] only walks that list.
+//!
+//! This module knows nothing of sockets or of the rest of wsgate: it is data in, data out.
+
+mod error;
+mod raw;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use error::{ConfigError, ConfigErrors};
+pub use validate::normalize_origin;
+
+/// A whole, validated configuration: what one gateway instance runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this was loaded from; used in messages and to resolve relative paths.
+    pub path: PathBuf,
+    /// Client-facing listeners, in name order. Never empty.
+    pub listeners: Vec<Listener>,
+    /// Routes, in name order. Never empty. Matching order is decided by the router, not by this.
+    pub routes: Vec<Route>,
+    /// Bounds on connections, handshakes, messages and buffers.
+    pub limits: Limits,
+    /// Built-in helper services (the TCP echo).
+    pub builtin: Builtin,
+    /// How a shutdown proceeds.
+    pub shutdown: Shutdown,
+    /// Path of the built-in test console page, when enabled.
+    pub console: Option<String>,
+    /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`), when enabled.
+    pub admin: Option<SocketAddr>,
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// Whether metrics are recorded (`[metrics] enabled`, default true).
+    pub metrics: bool,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable text.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// One client-facing listener: plain `ws` or, with TLS, `wss`.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    /// The name under `[listeners.NAME]`.
+    pub name: String,
+    /// Address to bind.
+    pub address: SocketAddr,
+    /// Present for `wss` listeners.
+    pub tls: Option<TlsFiles>,
+}
+
+impl Listener {
+    /// `"wss"` for TLS listeners, `"ws"` otherwise.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "wss" } else { "ws" }
+    }
+}
+
+/// Certificate files of a `wss` listener; paths already resolved against the config's directory.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// Generate a self-signed development pair when both files are missing.
+    pub generate_self_signed: bool,
+}
+
+/// One route: which requests it takes and where their sessions go.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The name under `[routes.NAME]`; used in logs and metric labels.
+    pub name: String,
+    /// URL path to match, always starting with `/`.
+    pub path: String,
+    /// How `path` is compared with the request's path.
+    pub path_match: PathMatch,
+    /// `Host` the request must carry, if any.
+    pub host: Option<HostPattern>,
+    /// Where sessions on this route are bridged to.
+    pub backend: Backend,
+    /// Browser origins allowed besides the request's own.
+    pub allowed_origins: AllowedOrigins,
+    /// WebSocket message types accepted from the client.
+    pub accept: Accept,
+    /// WebSocket message type used for bytes coming from the backend.
+    pub outbound: Outbound,
+    /// `Sec-WebSocket-Protocol` values the route accepts, in the route's order. Empty: the route
+    /// selects none, and a client that requires one is refused.
+    pub subprotocols: Vec<String>,
+    /// How a client learns that the backend could not be reached.
+    pub on_backend_unavailable: Unavailable,
+}
+
+/// Which client message types a route accepts; at least one is true.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accept {
+    /// Text messages (sent to the backend as their UTF-8 bytes).
+    pub text: bool,
+    /// Binary messages.
+    pub binary: bool,
+}
+
+/// How a route's `path` is compared with a request path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PathMatch {
+    /// The whole path must be equal.
+    Exact,
+    /// The path must equal the route path or continue it after a `/` (so `/vnc` matches `/vnc`,
+    /// `/vnc/` and `/vnc/a`, but not `/vncx`).
+    Prefix,
+}
+
+/// A `Host` pattern: an exact name or `*.suffix` for any name below `suffix`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    /// Exact, lower-case host name (no port).
+    Exact(String),
+    /// Lower-case suffix including the leading dot (`.example.com`).
+    Wildcard(String),
+}
+
+impl HostPattern {
+    /// Whether `host` (lower-case, port already removed) matches.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Exact(name) => host == name,
+            HostPattern::Wildcard(suffix) => host.len() > suffix.len() && host.ends_with(suffix.as_str()),
+        }
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPattern::Exact(name) => f.write_str(name),
+            HostPattern::Wildcard(suffix) => write!(f, "*{suffix}"),
+        }
+    }
+}
+
+/// Where a route's sessions go. An enum resolved per session, so that new kinds (Unix sockets,
+/// TLS backends, pools) arrive as new variants without changing configs users already wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// A TCP service; the host is resolved at connect time and every address is tried.
+    Tcp {
+        /// Host name or IP literal (IPv6 without brackets).
+        host: String,
+        /// TCP port, never 0.
+        port: u16,
+    },
+    /// wsgate answers each message with the same message (`builtin:echo`).
+    Echo,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Backend::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
+            Backend::Tcp { host, port } => write!(f, "{host}:{port}"),
+            Backend::Echo => f.write_str("builtin:echo"),
+        }
+    }
+}
+
+/// Browser origins a route accepts besides the request's own origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowedOrigins {
+    /// Any origin (`["*"]`).
+    Any,
+    /// These origins, normalised to lower-case `scheme://host[:port]` without default ports.
+    List(Vec<String>),
+}
+
+/// WebSocket message type for bytes read from the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outbound {
+    /// Binary messages (noVNC, MQTT, most TCP protocols).
+    Binary,
+    /// Text messages; backend bytes must be UTF-8.
+    Text,
+    /// The type of the client's last message (binary until it sends one); text as above.
+    Mirror,
+}
+
+/// What a client sees when the backend cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unavailable {
+    /// Complete the upgrade, then close at once with 1013 and the reason (a page can read it).
+    Close,
+    /// Refuse the upgrade with HTTP 502 (refused), 504 (timed out) or 503 (other).
+    Http,
+}
+
+/// Bounds on what one gateway instance holds. Each has a documented default (docs/config.md).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Client sockets open at once, handshaking or upgraded. Beyond it new sockets are closed.
+    pub max_connections: usize,
+    /// Client sockets in TLS or HTTP handshake at once. Beyond it new sockets are closed.
+    pub max_handshakes: usize,
+    /// Time a client has from connect to a complete HTTP request (TLS included).
+    pub handshake_timeout: Duration,
+    /// Largest WebSocket message (fragments joined) or frame accepted from a client.
+    pub max_message_bytes: usize,
+    /// Size of each read from a client socket while data flows; the buffer is freed when idle.
+    pub ws_read_buffer_bytes: usize,
+    /// Largest single read from a backend, and so the largest message sent to a client.
+    pub backend_read_bytes: usize,
+    /// Time allowed to connect a backend, all resolved addresses included.
+    pub connect_timeout: Duration,
+    /// Time allowed for the closing handshake: waiting for the client's Close reply, or for
+    /// the backend to finish after the client closed.
+    pub close_timeout: Duration,
+    /// Idle time before TCP keepalive probes start on client and backend sockets; `None` when
+    /// `tcp_keepalive_secs = 0`.
+    pub tcp_keepalive: Option<Duration>,
+}
+
+/// Built-in helper services.
+#[derive(Debug, Clone, Default)]
+pub struct Builtin {
+    /// Address of the built-in TCP echo service, when enabled.
+    pub tcp_echo: Option<SocketAddr>,
+}
+
+/// How shutdown proceeds (SIGTERM; SIGINT skips `drain_delay`).
+#[derive(Debug, Clone)]
+pub struct Shutdown {
+    /// After the signal, `/readyz` answers 503 at once but listeners keep accepting for this
+    /// long, so load balancers stop sending new clients first.
+    pub drain_delay: Duration,
+    /// Then listeners stop and open sessions are closed with 1001, spread over this window.
+    pub close_window: Duration,
+    /// Counted from the signal: sessions still open then are dropped and the process exits.
+    pub deadline: Duration,
+}
+
+/// Reads and validates the file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_path_buf(),
+            position: None,
+            key: String::new(),
+            problem: format!("cannot read file: {e}"),
+        }])
+    })?;
+    parse(&text, path)
+}
+
+/// Validates `text` as if read from `path` (which names the file in errors and anchors relative
+/// paths).
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+    let raw: raw::RawConfig =
+        toml::from_str(text).map_err(|e| ConfigErrors(vec![error::toml_error(&e, text, path)]))?;
+    validate::validate(raw, text, path)
+}
+
+/// The first key changed between `old` and `new` that a running gateway cannot apply, if any,
+/// as the reload error names it (`limits.max_connections`, `listeners.NAME.address`).
+pub(crate) fn restart_required(old: &Config, new: &Config) -> Option<String> {
+    raw::KEYS.iter().find_map(|(_, on_change)| match on_change {
+        raw::OnChange::Restart(changed) => changed(old, new),
+        raw::OnChange::Reload => None,
+    })
+}
+
+/// A route with every optional key at its default, for unit tests elsewhere in the crate.
+#[cfg(test)]
+pub(crate) fn test_route(name: &str, path: &str, backend: Backend) -> Route {
+    Route {
+        name: name.into(),
+        path: path.into(),
+        path_match: PathMatch::Exact,
+        host: None,
+        backend,
+        allowed_origins: AllowedOrigins::List(vec![]),
+        accept: Accept { text: true, binary: true },
+        outbound: Outbound::Binary,
+        subprotocols: vec![],
+        on_backend_unavailable: Unavailable::Close,
+    }
+}
+
+/// Helpers shared by the unit tests of this module's files.
+#[cfg(test)]
+mod test_support {
+    use std::path::Path;
+
+    use super::{Config, parse};
+
+    pub(super) fn ok(text: &str) -> Config {
+        parse(text, Path::new("test.toml")).unwrap_or_else(|e| panic!("expected valid config, got:\n{e}"))
+    }
+
+    pub(super) fn err(text: &str) -> String {
+        match parse(text, Path::new("test.toml")) {
+            Ok(_) => panic!("expected an error for:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    pub(super) const MINIMAL: &str = r#"
+[listeners.plain]
+address = "127.0.0.1:8080"
+[routes.echo]
+path = "/echo"
+backend = "builtin:echo"
+"#;
+}

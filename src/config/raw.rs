@@ -1,0 +1,415 @@
+//! Stage one: the TOML exactly as written, read by serde into `Raw*` structs.
+//!
+//! Every struct denies unknown keys, so a typo is an error naming the key rather than a setting
+//! silently ignored. Optional keys stay `Option` here; the defaults and bounds are applied by
+//! `validate`, which is the only reader of these types. A key whose value comes from a fixed set
+//! is read as a `Choice`, which never fails the parse, so that a value outside the set is
+//! reported together with every other problem in the file.
+//!
+//! `KEYS` sits next to the structs: every key must be declared reloadable or restart-only
+//! there, and a unit test reads the key set back from serde to make sure none is left out.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+
+use serde::Deserialize;
+use serde::de::value::StrDeserializer;
+use serde::de::{DeserializeOwned, Deserializer};
+use toml::Spanned;
+
+use super::{Config, LogFormat, Outbound, PathMatch, Unavailable};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    #[serde(default)]
+    pub listeners: BTreeMap<String, RawListener>,
+    #[serde(default)]
+    pub routes: BTreeMap<String, RawRoute>,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub builtin: RawBuiltin,
+    #[serde(default)]
+    pub shutdown: RawShutdown,
+    #[serde(default)]
+    pub console: RawConsole,
+    #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
+    pub metrics: RawMetrics,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawListener {
+    pub address: String,
+    pub tls: Option<RawTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    pub cert: String,
+    pub key: String,
+    #[serde(default)]
+    pub generate_self_signed: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRoute {
+    pub path: String,
+    #[serde(rename = "match")]
+    pub path_match: Option<Choice<PathMatch>>,
+    pub host: Option<String>,
+    pub backend: String,
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    pub accept: Option<Vec<Choice<AcceptKind>>>,
+    pub outbound: Option<Choice<Outbound>>,
+    #[serde(default)]
+    pub subprotocols: Vec<String>,
+    pub on_backend_unavailable: Option<Choice<Unavailable>>,
+}
+
+/// One item of a route's `accept` list.
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum AcceptKind {
+    Text,
+    Binary,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLimits {
+    pub max_connections: Option<u64>,
+    pub max_handshakes: Option<u64>,
+    pub handshake_timeout_secs: Option<Seconds>,
+    pub max_message_bytes: Option<u64>,
+    pub ws_read_buffer_bytes: Option<u64>,
+    pub backend_read_bytes: Option<u64>,
+    pub connect_timeout_secs: Option<Seconds>,
+    pub close_timeout_secs: Option<Seconds>,
+    pub tcp_keepalive_secs: Option<Seconds>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBuiltin {
+    pub tcp_echo: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawShutdown {
+    pub drain_delay_secs: Option<Seconds>,
+    pub close_window_secs: Option<Seconds>,
+    pub deadline_secs: Option<Seconds>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConsole {
+    #[serde(default)]
+    pub enabled: bool,
+    pub path: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    pub enabled: Option<bool>,
+    pub address: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLog {
+    pub format: Option<Choice<LogFormat>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMetrics {
+    pub enabled: Option<bool>,
+}
+
+/// A duration in seconds, written as an integer or a decimal (`5`, `0.25`).
+#[derive(Deserialize, Clone, Copy)]
+#[serde(untagged)]
+pub(super) enum Seconds {
+    Whole(i64),
+    Fraction(f64),
+}
+
+// ---- Reloadable or restart-only: one entry per key. ----
+
+/// What a reload (SIGHUP) does when it finds a key changed.
+pub(super) enum OnChange {
+    /// The new value applies to connections accepted from then on.
+    Reload,
+    /// A running gateway cannot change it, so the reload is refused. The function compares the
+    /// running config with the new one and names the key that changed (`listeners.NAME` with
+    /// the listener's name filled in), or returns `None` when it did not.
+    Restart(fn(&Config, &Config) -> Option<String>),
+}
+
+use OnChange::{Reload, Restart};
+
+/// Every key of the file (`NAME` standing for a listener or route name), in file order, which is
+/// also the order in which restart-only changes are looked for. A unit test compares this list
+/// with the keys the structs above accept, so a new key cannot go unclassified.
+pub(super) const KEYS: &[(&str, OnChange)] = &[
+    // The set of listeners, their addresses and schemes are compared in one pass, in name
+    // order, so the first listener that differs is named.
+    ("listeners.NAME", Restart(listeners_changed)),
+    ("listeners.NAME.address", Restart(listeners_changed)),
+    ("listeners.NAME.tls", Restart(listeners_changed)),
+    ("listeners.NAME.tls.cert", Reload),
+    ("listeners.NAME.tls.key", Reload),
+    ("listeners.NAME.tls.generate_self_signed", Reload),
+    ("routes.NAME.path", Reload),
+    ("routes.NAME.match", Reload),
+    ("routes.NAME.host", Reload),
+    ("routes.NAME.backend", Reload),
+    ("routes.NAME.allowed_origins", Reload),
+    ("routes.NAME.accept", Reload),
+    ("routes.NAME.outbound", Reload),
+    ("routes.NAME.subprotocols", Reload),
+    ("routes.NAME.on_backend_unavailable", Reload),
+    // The connection and handshake semaphores are sized once, when the gateway binds.
+    (
+        "limits.max_connections",
+        Restart(|a, b| differs("limits.max_connections", a.limits.max_connections, b.limits.max_connections)),
+    ),
+    (
+        "limits.max_handshakes",
+        Restart(|a, b| differs("limits.max_handshakes", a.limits.max_handshakes, b.limits.max_handshakes)),
+    ),
+    ("limits.handshake_timeout_secs", Reload),
+    ("limits.max_message_bytes", Reload),
+    ("limits.ws_read_buffer_bytes", Reload),
+    ("limits.backend_read_bytes", Reload),
+    ("limits.connect_timeout_secs", Reload),
+    ("limits.close_timeout_secs", Reload),
+    ("limits.tcp_keepalive_secs", Reload),
+    ("builtin.tcp_echo", Restart(|a, b| differs("builtin.tcp_echo", a.builtin.tcp_echo, b.builtin.tcp_echo))),
+    ("shutdown.drain_delay_secs", Reload),
+    ("shutdown.close_window_secs", Reload),
+    ("shutdown.deadline_secs", Reload),
+    ("console.enabled", Reload),
+    ("console.path", Reload),
+    // Both keys decide one listener, reported as `admin`.
+    ("admin.enabled", Restart(|a, b| differs("admin", a.admin, b.admin))),
+    ("admin.address", Restart(|a, b| differs("admin", a.admin, b.admin))),
+    // The log subscriber and the metrics recorder are installed once, at start.
+    ("log.format", Restart(|a, b| differs("log.format", a.log_format, b.log_format))),
+    ("metrics.enabled", Restart(|a, b| differs("metrics.enabled", a.metrics, b.metrics))),
+];
+
+fn differs<T: PartialEq>(key: &str, old: T, new: T) -> Option<String> {
+    (old != new).then(|| key.to_string())
+}
+
+/// The first listener added, moved or changed between `ws` and `wss`, or one removed.
+fn listeners_changed(old: &Config, new: &Config) -> Option<String> {
+    let shape =
+        |c: &Config| c.listeners.iter().map(|l| (l.name.clone(), l.address, l.tls.is_some())).collect::<Vec<_>>();
+    if shape(old) == shape(new) {
+        return None;
+    }
+    for l in &new.listeners {
+        match old.listeners.iter().find(|o| o.name == l.name) {
+            None => return Some(format!("listeners.{} (new listener)", l.name)),
+            Some(o) if o.address != l.address => return Some(format!("listeners.{}.address", l.name)),
+            Some(o) if o.tls.is_some() != l.tls.is_some() => return Some(format!("listeners.{}.tls", l.name)),
+            Some(_) => {}
+        }
+    }
+    Some("listeners (a listener was removed)".into())
+}
+
+// ---- Values from a fixed set. ----
+
+/// A value that must be one of a fixed set (`outbound = "text"`). serde's derive on `T` decides
+/// which strings are in the set; a string outside it is kept with its span instead of failing
+/// the parse, which would hide every other problem in the file. A value that is not a string is
+/// still a toml type error.
+pub(super) enum Choice<T> {
+    /// A value of the set.
+    Listed(T),
+    /// Anything else, for validation to report.
+    Unlisted {
+        /// The string as written.
+        written: String,
+        /// Where it is in the file (byte offsets).
+        span: Range<usize>,
+        /// The strings the set accepts, in declaration order.
+        allowed: &'static [&'static str],
+    },
+}
+
+impl<'de, T: DeserializeOwned> Deserialize<'de> for Choice<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let written = Spanned::<String>::deserialize(deserializer)?;
+        let span = written.span();
+        match T::deserialize(StrDeserializer::<NotListed>::new(written.get_ref())) {
+            Ok(value) => Ok(Choice::Listed(value)),
+            Err(NotListed(allowed)) => Ok(Choice::Unlisted { written: written.into_inner(), span, allowed }),
+        }
+    }
+}
+
+/// The error of matching a string against an enum's variants: keeps the variant names that
+/// serde's derive passes to `unknown_variant`, which no other serde API exposes.
+#[derive(Debug)]
+struct NotListed(&'static [&'static str]);
+
+impl serde::de::Error for NotListed {
+    // Not reached when `T` is an enum of unit variants, the only kind `Choice` is used with.
+    fn custom<M: fmt::Display>(_: M) -> Self {
+        NotListed(&[])
+    }
+
+    fn unknown_variant(_: &str, expected: &'static [&'static str]) -> Self {
+        NotListed(expected)
+    }
+}
+
+impl fmt::Display for NotListed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "not one of {:?}", self.0)
+    }
+}
+
+impl std::error::Error for NotListed {}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use serde::Deserialize;
+    use serde::de::DeserializeOwned;
+
+    use super::{KEYS, OnChange, RawConfig};
+    use crate::config::restart_required;
+    use crate::config::test_support::{MINIMAL, ok};
+
+    /// The keys `T` accepts, read back from serde (not from a hand-kept list): `(leaves, tables)`,
+    /// with `NAME` for the key of a map of tables. Each table is probed with an unknown key, and
+    /// `deny_unknown_fields` answers with the list of the fields it expected.
+    fn keys_of<T: DeserializeOwned>() -> (BTreeSet<String>, BTreeSet<String>) {
+        let (mut leaves, mut tables) = (BTreeSet::new(), BTreeSet::new());
+        walk::<T>(&mut Vec::new(), &mut leaves, &mut tables);
+        (leaves, tables)
+    }
+
+    fn walk<T: DeserializeOwned>(path: &mut Vec<String>, leaves: &mut BTreeSet<String>, tables: &mut BTreeSet<String>) {
+        let fields = match fields_at::<T>(path) {
+            Some(fields) => fields,
+            None => {
+                path.push("NAME".into());
+                if fields_at::<T>(path).is_some() {
+                    tables.insert(path[..path.len() - 1].join("."));
+                    walk::<T>(path, leaves, tables);
+                } else {
+                    leaves.insert(path[..path.len() - 1].join("."));
+                }
+                path.pop();
+                return;
+            }
+        };
+        if !path.is_empty() {
+            tables.insert(path.join("."));
+        }
+        for field in fields {
+            path.push(field);
+            walk::<T>(path, leaves, tables);
+            path.pop();
+        }
+    }
+
+    /// The fields of the table at `path` if it is a struct that denies unknown keys.
+    fn fields_at<T: DeserializeOwned>(path: &[String]) -> Option<Vec<String>> {
+        let header = path.iter().map(|k| if k == "NAME" { "n" } else { k }).collect::<Vec<_>>().join(".");
+        let text = if path.is_empty() { "zzz = 1\n".to_string() } else { format!("[{header}]\nzzz = 1\n") };
+        let message = toml::from_str::<T>(&text).err()?.message().to_string();
+        let rest = message.strip_prefix("unknown field `zzz`")?;
+        Some(rest.split('`').skip(1).step_by(2).map(str::to_string).collect())
+    }
+
+    /// Every key the file may hold is declared reloadable or restart-only in `KEYS`, and `KEYS`
+    /// names no key the file cannot hold: a new field fails here until it is classified.
+    #[test]
+    fn every_key_is_classified() {
+        let (leaves, tables) = keys_of::<RawConfig>();
+        assert!(leaves.len() >= 30 && leaves.contains("routes.NAME.outbound"), "{leaves:?}");
+        let declared: BTreeSet<String> = KEYS.iter().map(|(k, _)| k.to_string()).collect();
+        assert_eq!(declared.len(), KEYS.len(), "a key is declared twice");
+        let missing: Vec<_> = leaves.difference(&declared).collect();
+        assert!(missing.is_empty(), "not classified as Reload or Restart in raw::KEYS: {missing:?}");
+        let unknown: Vec<_> = declared.iter().filter(|k| !leaves.contains(*k) && !tables.contains(*k)).collect();
+        assert!(unknown.is_empty(), "in raw::KEYS but not a key of the file: {unknown:?}");
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Probe {
+        kept: Option<u64>,
+        #[serde(default)]
+        named: BTreeMap<String, ProbeTable>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct ProbeTable {
+        added: String,
+        #[serde(rename = "match")]
+        renamed: Option<bool>,
+    }
+
+    /// The key discovery behind `every_key_is_classified` sees a field as soon as a struct has
+    /// it (nested, under a map, renamed), so a new key cannot slip past the classification.
+    #[test]
+    fn key_discovery_sees_every_field() {
+        let (leaves, tables) = keys_of::<Probe>();
+        let expected = ["kept", "named.NAME.added", "named.NAME.match"];
+        assert_eq!(leaves, expected.iter().map(|k| k.to_string()).collect::<BTreeSet<_>>());
+        assert_eq!(tables, ["named", "named.NAME"].iter().map(|k| k.to_string()).collect::<BTreeSet<_>>());
+    }
+
+    /// Each restart-only key refuses a reload under its documented name; reloadable keys do not.
+    #[test]
+    fn restart_only_changes_are_named() {
+        let base = ok(MINIMAL);
+        let changed = |extra: &str| restart_required(&base, &ok(&format!("{MINIMAL}{extra}")));
+        assert_eq!(restart_required(&base, &ok(MINIMAL)), None);
+        assert_eq!(changed("[limits]\nmax_connections = 5\n").as_deref(), Some("limits.max_connections"));
+        assert_eq!(changed("[limits]\nmax_handshakes = 5\n").as_deref(), Some("limits.max_handshakes"));
+        assert_eq!(changed("[builtin]\ntcp_echo = \"127.0.0.1:7\"\n").as_deref(), Some("builtin.tcp_echo"));
+        assert_eq!(changed("[admin]\nenabled = false\n").as_deref(), Some("admin"));
+        assert_eq!(changed("[admin]\naddress = \"127.0.0.1:9\"\n").as_deref(), Some("admin"));
+        assert_eq!(changed("[log]\nformat = \"json\"\n").as_deref(), Some("log.format"));
+        assert_eq!(changed("[metrics]\nenabled = false\n").as_deref(), Some("metrics.enabled"));
+        let other = "[listeners.other]\naddress = \"127.0.0.1:8081\"\n";
+        assert_eq!(changed(other).as_deref(), Some("listeners.other (new listener)"));
+        let moved = ok(&MINIMAL.replace("8080", "8082"));
+        assert_eq!(restart_required(&base, &moved).as_deref(), Some("listeners.plain.address"));
+        let tls = ok(&MINIMAL.replace("8080\"", "8080\"\ntls = { cert = \"c\", key = \"k\" }"));
+        assert_eq!(restart_required(&base, &tls).as_deref(), Some("listeners.plain.tls"));
+        let two = ok(&format!("{MINIMAL}{other}"));
+        assert_eq!(restart_required(&two, &base).as_deref(), Some("listeners (a listener was removed)"));
+        // Reloadable: routes, other limits, shutdown timings, the console.
+        let reloadable = "outbound = \"text\"\n[limits]\nconnect_timeout_secs = 1\n[shutdown]\ndrain_delay_secs = 0\n\
+                          [console]\nenabled = true\n";
+        assert_eq!(changed(reloadable), None);
+        assert!(KEYS.iter().any(|(_, c)| matches!(c, OnChange::Reload)));
+    }
+}
