@@ -30,7 +30,7 @@ use tungstenite::{Error as WsError, Message};
 
 use crate::backend;
 use crate::backend::BackendError;
-use crate::bridge::{self, Accept, End, Flows, Framing, Kind, Stats};
+use crate::bridge::{self, Accept, BridgeMetrics, End, Framing, Kind, SessionTotals};
 use crate::config::{Backend, Limits, Outbound, Route, Unavailable};
 use crate::echo;
 use crate::frames::FrameGate;
@@ -357,9 +357,9 @@ async fn run_inner(upgrade: Upgrade, dialed: Dialed, ctx: Context, stop: Cancell
     let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(upgrade.config)).await;
     let m = &ctx.metrics;
     let mut open = OpenSession::new(m);
-    let mut stats = Stats::default();
+    let mut stats = SessionTotals::default();
     let accept = Accept { text: ctx.route.accept.text, binary: ctx.route.accept.binary };
-    let flows = Flows { to_backend: &m.to_backend, to_client: &m.to_client };
+    let flows = BridgeMetrics { to_backend: &m.to_backend, to_client: &m.to_client };
     // This session's own stop: the shutdown signal, delayed by its place in the close window.
     let session_stop = CancellationToken::new();
     let spread = async {
@@ -544,7 +544,7 @@ fn ends_with_client_close(bytes: &[u8]) -> bool {
     })
 }
 
-fn log_end(ctx: &Context, outcome: &Outcome, code: u16, stats: &Stats, duration: Duration) {
+fn log_end(ctx: &Context, outcome: &Outcome, code: u16, stats: &SessionTotals, duration: Duration) {
     // Ours, or the client's own (untrusted text: logged with its quotes and escapes).
     let reason = match outcome {
         Outcome::ClientClosed { reason, .. } => reason.clone(),
