@@ -6,8 +6,8 @@
 //! - backend → client ([`to_client`]): each backend read becomes one message, read into the
 //!   buffer that becomes its frame, with read sizes by the read-size rule stated there.
 //!
-//! The backend is a TCP stream; the client is a WebSocket built on a
-//! [`FrameGate`](crate::frames::FrameGate).
+//! The backend is any [`BackendStream`] ([`backend_io`]: TCP, Unix sockets, TLS); the client is a
+//! WebSocket built on a [`FrameGate`](crate::frames::FrameGate).
 //! What the pump moves is counted in the session's totals and the route's metrics ([`counting`]).
 //!
 //! The pump only reports how it ended ([`End`]); it sends no close frame and picks no close code.
@@ -18,6 +18,7 @@
 //! written to the other (within `finish_timeout`) before the pump returns [`End::Stopped`]. Bytes
 //! still in the kernel's buffers, not yet read, are not delivered.
 
+mod backend_io;
 mod client;
 mod counting;
 mod polling;
@@ -30,11 +31,11 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::{Error as WsError, Message};
 
+pub use backend_io::{BackendStream, TlsReadHalf, TlsWriteHalf};
 pub(crate) use counting::DirectionMeter;
 pub use counting::{BridgeMetrics, DirectionTotals, SessionTotals};
 
@@ -132,16 +133,17 @@ pub enum End {
 
 /// Pumps `ws` ⇄ `backend` until one side ends, and returns how, with the backend stream (so the
 /// caller can shut it down or drain it as the ending requires).
-pub async fn run<C>(
+pub async fn run<C, B>(
     ws: &mut ClientWs<C>,
-    backend: TcpStream,
+    backend: B,
     options: Options,
     stop: &CancellationToken,
     totals: &mut SessionTotals,
     metrics: BridgeMetrics<'_>,
-) -> (End, TcpStream)
+) -> (End, B)
 where
     C: AsyncRead + AsyncWrite + Unpin + Send,
+    B: BackendStream,
 {
     let (mut from_backend, mut to_backend) = backend.into_split();
     let client = Client(Mutex::new(ws));
@@ -176,8 +178,7 @@ where
             other => other,
         }
     };
-    let backend = from_backend.reunite(to_backend).expect("halves of the same stream");
-    (end, backend)
+    (end, B::reunite(from_backend, to_backend))
 }
 
 /// After the client closed: reads and discards what the backend still sends until it closes or

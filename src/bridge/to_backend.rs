@@ -11,8 +11,7 @@ use std::task::Poll;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tungstenite::{Error as WsError, Message};
 
@@ -24,9 +23,9 @@ use crate::shutdown::Cancelled;
 
 /// Relays the client's messages (`stream`) to the backend (`to_backend`) until either ends or
 /// `stop` is cancelled between messages.
-pub(super) async fn client_to_backend<S>(
+pub(super) async fn client_to_backend<S, W>(
     stream: &mut S,
-    to_backend: &mut OwnedWriteHalf,
+    to_backend: &mut W,
     options: Options,
     seen: &Seen,
     stop: &CancellationToken,
@@ -34,6 +33,7 @@ pub(super) async fn client_to_backend<S>(
 ) -> End
 where
     S: Stream<Item = Result<Message, WsError>> + Unpin,
+    W: AsyncWrite + Unpin,
 {
     let stopped = Cancelled::new(stop);
     tokio::pin!(stopped);
@@ -94,15 +94,19 @@ enum Written {
 }
 
 /// Writes `batch` to the backend and counts it.
-async fn write_batch(
-    to_backend: &mut OwnedWriteHalf,
+async fn write_batch<W: AsyncWrite + Unpin>(
+    to_backend: &mut W,
     batch: &Batch,
     options: Options,
     meter: &mut DirectionMeter<'_>,
 ) -> Written {
     // The carried message was read too and waits with the batch.
     let held = batch.data.len() + batch.after.carried_len();
-    let write = meter.write(held, to_backend.write_all(&batch.data));
+    // Flushed: a TLS backend may keep the end of a write in its buffer (a no-op on TCP).
+    let write = meter.write(held, async {
+        to_backend.write_all(&batch.data).await?;
+        to_backend.flush().await
+    });
     // The last messages before the client's Close (or its error, or its socket's end) get
     // `finish_timeout` to reach the backend; then the client's ending decides, delivered or not,
     // so a backend that stopped reading (or failed) cannot keep the client waiting for its close.

@@ -26,7 +26,6 @@ use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::tcp::OwnedReadHalf;
 use tokio_util::io::poll_read_buf;
 use tokio_util::sync::CancellationToken;
 
@@ -34,12 +33,13 @@ use super::client::{Client, Seen};
 use super::counting::DirectionMeter;
 use super::{End, Framing, Options};
 use crate::frames::{self, HEADROOM};
+use crate::readahead::ReadReady;
 use crate::shutdown::Cancelled;
 
 /// Relays what the backend sends (`from_backend`) to the client until either ends or `stop` is
 /// cancelled between messages.
-pub(super) async fn backend_to_client<C>(
-    from_backend: &mut OwnedReadHalf,
+pub(super) async fn backend_to_client<R, C>(
+    from_backend: &mut R,
     client: &Client<'_, C>,
     options: Options,
     seen: &Seen,
@@ -47,6 +47,7 @@ pub(super) async fn backend_to_client<C>(
     meter: &mut DirectionMeter<'_>,
 ) -> End
 where
+    R: AsyncRead + ReadReady + Unpin,
     C: AsyncRead + AsyncWrite + Unpin,
 {
     // Text mode only: the start of a UTF-8 sequence that the last read cut in two (< 4 bytes).
@@ -63,9 +64,9 @@ where
         tokio::select! {
             biased;
             _ = stopped.as_mut() => return End::Stopped,
-            // The socket's own readiness, not `readable()`, which queues a waiter on every wait
+            // The stream's own readiness, not `readable()`, which queues a waiter on every wait
             // (docs/performance.md, item 15).
-            ready = std::future::poll_fn(|cx| from_backend.as_ref().poll_read_ready(cx)) => {
+            ready = std::future::poll_fn(|cx| from_backend.poll_read_ready(cx)) => {
                 if let Err(e) = ready {
                     return End::BackendFailed(e);
                 }

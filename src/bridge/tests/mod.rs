@@ -21,6 +21,9 @@ use super::{Accept, DirectionMeter, DirectionTotals, End, Framing, Options};
 use crate::frames::{self, HEADROOM};
 use crate::metrics::DirectionMetrics;
 
+mod backends;
+mod pump;
+
 /// A complete string is valid whole; a sequence cut at the end is left for the next read;
 /// bytes that can never be UTF-8 are reported, with the valid text before them counted.
 #[test]
