@@ -387,6 +387,7 @@ async fn run_inner(upgrade: Upgrade, dialed: Dialed, ctx: Context, stop: Cancell
                     },
                     accept,
                     finish_timeout: ctx.close_timeout,
+                    role: Role::Server,
                 };
                 let (end, backend) = bridge::run(&mut ws, stream, options, &session_stop, &mut stats, flows).await;
                 (Outcome::from_end(end, ctx.max_message_bytes), Some(backend))

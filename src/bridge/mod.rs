@@ -1,14 +1,15 @@
 //! The WebSocket ⇄ backend pump: moves bytes both ways at once until one side ends.
 //!
-//! The two directions run in one task and take turns at being polled ([`polling`]):
-//! - client → backend ([`to_backend`]): each message is written to the backend whole, with the
+//! The two directions run in one task and take turns at being polled (`polling`):
+//! - client → backend (`to_backend`): each message is written to the backend whole, with the
 //!   messages that have already arrived behind it joined into the same write;
-//! - backend → client ([`to_client`]): each backend read becomes one message, read into the
+//! - backend → client (`to_client`): each backend read becomes one message, read into the
 //!   buffer that becomes its frame, with read sizes by the read-size rule stated there.
 //!
-//! The backend is any [`BackendStream`] ([`backend_io`]: TCP, Unix sockets, TLS); the client is a
-//! WebSocket built on a [`FrameGate`](crate::frames::FrameGate).
-//! What the pump moves is counted in the session's totals and the route's metrics ([`counting`]).
+//! The backend is any [`BackendStream`] (`backend_io`: TCP, Unix sockets, TLS); the client is a
+//! WebSocket built on a [`FrameGate`](crate::frames::FrameGate), in either role
+//! ([`Options::role`]). What the pump moves is counted in the session's totals and the route's
+//! metrics (`counting`).
 //!
 //! The pump only reports how it ended ([`End`]); it sends no close frame and picks no close code.
 //! That belongs to `session`, the one place that sees both sides. The pump knows nothing of
@@ -32,6 +33,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
+use tungstenite::protocol::Role;
 use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::{Error as WsError, Message};
 
@@ -106,6 +108,9 @@ pub struct Options {
     /// After a stop or backend EOF, how long the other direction may take to finish writing
     /// the message in flight.
     pub finish_timeout: Duration,
+    /// The pump's side of the WebSocket: a client masks every frame it sends (RFC 6455 §5.3),
+    /// a server none.
+    pub role: Role,
 }
 
 /// How the pump ended: the first side to end decides.

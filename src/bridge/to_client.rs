@@ -2,7 +2,8 @@
 //! message has been handed to the client's socket. The read buffer is allocated only once the
 //! backend is readable, so an idle session holds none, and it becomes the frame: the payload is
 //! read in after [`HEADROOM`] bytes and written to the client's socket as it is, not copied into
-//! tungstenite's write buffer ([`crate::frames`]).
+//! tungstenite's write buffer ([`crate::frames`]). In the client role each frame is masked with a
+//! key of its own, as RFC 6455 §5.3 requires of a client.
 //!
 //! # Read sizes
 //!
@@ -25,9 +26,12 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use bytes::BytesMut;
+use rustls::crypto::SecureRandom;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::io::poll_read_buf;
 use tokio_util::sync::CancellationToken;
+use tungstenite::Error as WsError;
+use tungstenite::protocol::Role;
 
 use super::client::{Client, Seen};
 use super::counting::DirectionMeter;
@@ -55,6 +59,8 @@ where
     let mut sizes = ReadSizes::new(options.backend_read_bytes);
     // A read error that came after bytes the same read delivered.
     let mut failed = None;
+    // The client role's source of mask keys: rustls's, a CSPRNG.
+    let random = matches!(options.role, Role::Client).then(|| crate::tls::provider().secure_random);
     let stopped = Cancelled::new(stop);
     tokio::pin!(stopped);
     loop {
@@ -110,7 +116,13 @@ where
                 false => continue,
             }
         }
-        let frame = frames::frame(buf, as_text);
+        let frame = match random {
+            None => frames::frame(buf, as_text),
+            Some(random) => match mask_key(random) {
+                Ok(key) => frames::frame_masked(buf, as_text, key),
+                Err(e) => return End::ClientWriteFailed(e),
+            },
+        };
         if let (Err(e), _) = meter.write(len, client.send(frame, seen)).await {
             return End::ClientWriteFailed(e);
         }
@@ -118,6 +130,15 @@ where
         if not_utf8 {
             return End::BackendNotUtf8;
         }
+    }
+}
+
+/// A fresh mask key for one frame to the server.
+fn mask_key(random: &dyn SecureRandom) -> Result<[u8; 4], WsError> {
+    let mut key = [0; 4];
+    match random.fill(&mut key) {
+        Ok(()) => Ok(key),
+        Err(_) => Err(WsError::Io(io::Error::other("no randomness for a frame's mask key"))),
     }
 }
 

@@ -22,6 +22,7 @@ use crate::frames::{self, HEADROOM};
 use crate::metrics::DirectionMetrics;
 
 mod backends;
+mod client_role;
 mod pump;
 
 /// A complete string is valid whole; a sequence cut at the end is left for the next read;
@@ -65,6 +66,7 @@ async fn pump_client(
         framing: Framing::Binary,
         accept: Accept { text: true, binary: true },
         finish_timeout,
+        role: tungstenite::protocol::Role::Server,
     };
     let (metrics, mut totals, stop) =
         (DirectionMetrics::detached(), DirectionTotals::default(), CancellationToken::new());

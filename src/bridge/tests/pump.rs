@@ -14,13 +14,14 @@ use crate::bridge::{self, Accept, BackendStream, BridgeMetrics, End, Framing, Op
 use crate::frames::{ClientWs, FrameGate};
 use crate::metrics::DirectionMetrics;
 
-pub(super) fn options(backend_read_bytes: usize) -> Options {
+pub(super) fn options(role: Role, backend_read_bytes: usize) -> Options {
     Options {
         backend_read_bytes,
         client_batch_bytes: 64 * 1024,
         framing: Framing::Binary,
         accept: Accept { text: true, binary: true },
         finish_timeout: Duration::from_secs(1),
+        role,
     }
 }
 
