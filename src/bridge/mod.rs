@@ -84,6 +84,17 @@ impl Kind {
     }
 }
 
+impl Framing {
+    /// Whether backend bytes go to the client as text, given what the client has sent.
+    fn is_text(self, seen: &Seen) -> bool {
+        match self {
+            Framing::Binary => false,
+            Framing::Text => true,
+            Framing::Mirror => seen.last_text.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+}
+
 impl Accept {
     /// Whether messages of `kind` are accepted.
     pub fn allows(self, kind: Kind) -> bool {

@@ -25,7 +25,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use rustls::crypto::SecureRandom;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::io::poll_read_buf;
@@ -35,7 +35,7 @@ use tungstenite::protocol::Role;
 
 use super::client::{Client, Seen};
 use super::counting::DirectionMeter;
-use super::{End, Framing, Options};
+use super::{End, Options};
 use crate::frames::{self, HEADROOM};
 use crate::readahead::ReadReady;
 use crate::shutdown::Cancelled;
@@ -84,8 +84,7 @@ where
             return std::future::pending().await;
         }
         // One read through `poll_read`, which clears the socket's readiness after a read that
-        // did not fill the buffer (docs/performance.md, item 5). Pending means the readiness
-        // was stale; the loop then waits again.
+        // did not fill the buffer (docs/performance.md, item 5).
         let mut buf = BytesMut::new();
         let read = std::future::poll_fn(|cx| {
             match poll_read_frame(from_backend, cx, &carry, sizes.small, sizes.next, &mut buf, &mut failed) {
@@ -98,15 +97,12 @@ where
             // EOF in the middle of a UTF-8 sequence: those bytes can never become text.
             Some(Ok(0)) => return End::BackendNotUtf8,
             Some(Ok(n)) => sizes.after(n),
+            // The readiness was stale: wait again.
             None => continue,
             Some(Err(e)) => return End::BackendFailed(e),
         }
         carry.clear();
-        let as_text = match options.framing {
-            Framing::Binary => false,
-            Framing::Text => true,
-            Framing::Mirror => seen.last_text.load(Ordering::Relaxed),
-        };
+        let as_text = options.framing.is_text(seen);
         // Bytes that can never be UTF-8 end the session, after the valid text before them.
         let not_utf8 = as_text && cut_to_utf8(&mut buf, &mut carry);
         let len = buf.len() - HEADROOM;
@@ -116,12 +112,9 @@ where
                 false => continue,
             }
         }
-        let frame = match random {
-            None => frames::frame(buf, as_text),
-            Some(random) => match mask_key(random) {
-                Ok(key) => frames::frame_masked(buf, as_text, key),
-                Err(e) => return End::ClientWriteFailed(e),
-            },
+        let frame = match frame_of(buf, as_text, random) {
+            Ok(frame) => frame,
+            Err(e) => return End::ClientWriteFailed(e),
         };
         if let (Err(e), _) = meter.write(len, client.send(frame, seen)).await {
             return End::ClientWriteFailed(e);
@@ -133,13 +126,14 @@ where
     }
 }
 
-/// A fresh mask key for one frame to the server.
-fn mask_key(random: &dyn SecureRandom) -> Result<[u8; 4], WsError> {
+/// `buf` as a frame for the client; in the client role (`random` given), masked with a fresh key.
+fn frame_of(buf: BytesMut, as_text: bool, random: Option<&dyn SecureRandom>) -> Result<Bytes, WsError> {
+    let Some(random) = random else {
+        return Ok(frames::frame(buf, as_text));
+    };
     let mut key = [0; 4];
-    match random.fill(&mut key) {
-        Ok(()) => Ok(key),
-        Err(_) => Err(WsError::Io(io::Error::other("no randomness for a frame's mask key"))),
-    }
+    random.fill(&mut key).map_err(|_| WsError::Io(io::Error::other("no randomness for a frame's mask key")))?;
+    Ok(frames::frame_masked(buf, as_text, key))
 }
 
 /// Text mode: cuts the frame buffer `buf` to its longest valid UTF-8 payload, keeping an
