@@ -19,12 +19,18 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 use tungstenite::{Error as WsError, Message};
 
-use crate::bridge::{Accept, End, Flows, Kind, Meter, Stats};
+use crate::bridge::{Accept, BridgeMetrics, DirectionMeter, End, Kind, SessionTotals};
 use crate::shutdown::Cancelled;
 
 /// Echoes every message on `ws` until the client closes, fails, or `stop` is cancelled.
 /// Reports the ending the same way the bridge does, so `session` maps both alike.
-pub async fn run_ws<W>(ws: &mut W, accept: Accept, stop: &CancellationToken, stats: &mut Stats, flows: Flows<'_>) -> End
+pub async fn run_ws<W>(
+    ws: &mut W,
+    accept: Accept,
+    stop: &CancellationToken,
+    totals: &mut SessionTotals,
+    metrics: BridgeMetrics<'_>,
+) -> End
 where
     W: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {
@@ -49,8 +55,8 @@ where
             Some(_) => {}
         }
         let len = message.len();
-        Meter::new(flows.to_backend, &mut stats.to_backend).relayed(len, 1);
-        let mut out = Meter::new(flows.to_client, &mut stats.to_client);
+        DirectionMeter::new(metrics.to_backend, &mut totals.to_backend).relayed(len, 1);
+        let mut out = DirectionMeter::new(metrics.to_client, &mut totals.to_client);
         if let (Err(e), _) = out.write(len, ws.send(message)).await {
             return End::ClientWriteFailed(e);
         }

@@ -5,7 +5,8 @@
 //! direction that is one more copy of every byte, and, after bulk traffic, a buffer of up to
 //! `backend_read_bytes` kept for the rest of the session. So the bridge builds each frame itself,
 //! in the buffer the backend was read into (the payload lands after [`HEADROOM`] bytes, and the
-//! header is written into their end), and writes it straight to the client's socket.
+//! header is written into their end), and writes it straight to the client's socket. When the
+//! bridge is the WebSocket's client, it masks the payload there too ([`frame_masked`]).
 //!
 //! tungstenite still writes to the same socket: pongs and close replies, which it sends from its
 //! read side, and the close frame `session` sends through it. [`FrameGate`] is the stream the
@@ -29,9 +30,9 @@ use tungstenite::Error as WsError;
 use tungstenite::protocol::frame::FrameHeader;
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 
-/// Bytes to leave in front of a payload for the longest header a server's frame has (2 bytes,
-/// then a 64-bit length; no mask).
-pub const HEADROOM: usize = 10;
+/// Bytes to leave in front of a payload for the longest header a frame of ours has: 2 bytes, a
+/// 64-bit length and, from a client, a 4-byte mask key. A server's frame uses the last 10 at most.
+pub const HEADROOM: usize = 14;
 
 /// A WebSocket to the client whose data frames can be written past tungstenite.
 pub type ClientWs<S> = WebSocketStream<FrameGate<S>>;
@@ -69,15 +70,40 @@ impl<S: AsyncWrite + Unpin> FrameGate<S> {
     }
 }
 
-/// Turns `buf` ([`HEADROOM`] bytes, then a payload) into one final, unmasked data frame: its
-/// header goes into the end of the headroom, so header and payload go out in one write, and the
-/// payload is not copied.
-pub fn frame(mut buf: BytesMut, text: bool) -> Bytes {
+/// Turns `buf` ([`HEADROOM`] bytes, then a payload) into one final, unmasked data frame, as a
+/// server sends them: its header goes into the end of the headroom, so header and payload go out
+/// in one write, and the payload is not copied.
+pub fn frame(buf: BytesMut, text: bool) -> Bytes {
+    frame_with(buf, text, None)
+}
+
+/// The same as [`frame`] for a client, whose frames are masked (RFC 6455 §5.3): the payload is
+/// masked in place with `key`, which must be fresh from a strong source of randomness for each
+/// frame (so a peer's script cannot choose the bytes on the wire).
+pub fn frame_masked(mut buf: BytesMut, text: bool, key: [u8; 4]) -> Bytes {
+    apply_mask(&mut buf[HEADROOM..], key);
+    frame_with(buf, text, Some(key))
+}
+
+/// XORs `payload` with `key` repeated (RFC 6455 §5.3), four bytes at a time.
+fn apply_mask(payload: &mut [u8], key: [u8; 4]) {
+    let word = u32::from_ne_bytes(key);
+    let mut chunks = payload.chunks_exact_mut(4);
+    for chunk in &mut chunks {
+        let masked = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]) ^ word;
+        chunk.copy_from_slice(&masked.to_ne_bytes());
+    }
+    for (byte, k) in chunks.into_remainder().iter_mut().zip(key) {
+        *byte ^= k;
+    }
+}
+
+fn frame_with(mut buf: BytesMut, text: bool, mask: Option<[u8; 4]>) -> Bytes {
     let len = (buf.len() - HEADROOM) as u64;
-    let header =
-        FrameHeader { opcode: OpCode::Data(if text { Data::Text } else { Data::Binary }), ..FrameHeader::default() };
+    let opcode = OpCode::Data(if text { Data::Text } else { Data::Binary });
+    let header = FrameHeader { opcode, mask, ..FrameHeader::default() };
     let start = HEADROOM - header.len(len);
-    header.format(len, &mut &mut buf[start..HEADROOM]).expect("the headroom fits any server frame header");
+    header.format(len, &mut &mut buf[start..HEADROOM]).expect("the headroom fits any frame header");
     let mut frame = buf.freeze();
     frame.advance(start);
     frame
@@ -221,6 +247,40 @@ mod tests {
             assert_eq!(got[2 * i + 1], Message::Text(Utf8Bytes::from("é".repeat(n / 2))), "text, {n} bytes");
         }
         assert!(server.get_ref().rest.is_empty(), "no frame left behind");
+    }
+
+    /// Masked frames of every length form, text and binary, from a client-role WebSocket reach
+    /// a standard server (which refuses unmasked frames from a client) as the same messages.
+    #[tokio::test]
+    async fn masked_frames_of_every_header_form_reach_a_server() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (theirs, _) = listener.accept().await.unwrap();
+        let mut client = WebSocketStream::from_raw_socket(FrameGate::new(ours), Role::Client, None).await;
+        let mut server = WebSocketStream::from_raw_socket(theirs, Role::Server, None).await;
+        let sizes = [0, 1, 3, 125, 126, 65_535, 65_536, 300_001];
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            for _ in 0..2 * sizes.len() {
+                got.push(within("reading a frame", server.next()).await.unwrap().unwrap());
+            }
+            got
+        });
+        for (i, &n) in sizes.iter().enumerate() {
+            let key = [i as u8, 0x5a, 0xa5, 0xff];
+            for (payload, text) in [(pattern(n), false), ("é".repeat(n / 2).into_bytes(), true)] {
+                let mut buf = BytesMut::with_capacity(HEADROOM + payload.len());
+                buf.extend_from_slice(&[0; HEADROOM]);
+                buf.extend_from_slice(&payload);
+                let mut frame = Some(frame_masked(buf, text, key));
+                within("sending", std::future::poll_fn(|cx| poll_send(&mut client, cx, &mut frame))).await.unwrap();
+            }
+        }
+        let got = within("reading", reader).await.unwrap();
+        for (i, &n) in sizes.iter().enumerate() {
+            assert_eq!(got[2 * i], Message::Binary(pattern(n).into()), "binary, {n} bytes");
+            assert_eq!(got[2 * i + 1], Message::Text(Utf8Bytes::from("é".repeat(n / 2))), "text, {n} bytes");
+        }
     }
 
     /// A frame of ours is half-written (the client is not reading) and the bridge that was

@@ -3,8 +3,8 @@
 //! Each gateway instance owns its own Prometheus recorder: nothing is installed process-wide,
 //! so tests can run several gateways in one process and read exact counts from each one's
 //! `/metrics`. Code that records takes the handles it needs from here ([`Metrics`] for the
-//! listener, [`RouteMetrics`] per route, [`Flow`] per direction for the bridge); nobody reads
-//! the values back to decide anything.
+//! listener, [`RouteMetrics`] per route, [`DirectionMetrics`] per direction for the bridge);
+//! nobody reads the values back to decide anything.
 //!
 //! Labels stay bounded: listener and route names come from the config, directions and outcomes
 //! from fixed sets. A client address is never a label.
@@ -169,7 +169,7 @@ impl Metrics {
             .entry(route.to_string())
             .or_insert_with(|| {
                 let r = [("route", route)];
-                let flow = |direction| Flow {
+                let flow = |direction| DirectionMetrics {
                     bytes: self.counter(names::BYTES, &[("route", route), ("direction", direction)]),
                     messages: self.counter(names::MESSAGES, &[("route", route), ("direction", direction)]),
                     buffered: self.gauge(names::BUFFERED, &[("route", route), ("direction", direction)]),
@@ -292,9 +292,9 @@ pub struct RouteMetrics {
     recorder: Arc<PrometheusRecorder>,
     enabled: bool,
     /// Client → backend.
-    pub to_backend: Flow,
+    pub to_backend: DirectionMetrics,
     /// Backend → client.
-    pub to_client: Flow,
+    pub to_client: DirectionMetrics,
     /// Sessions open.
     pub sessions_open: Gauge,
     /// Session durations.
@@ -344,9 +344,10 @@ impl RouteMetrics {
     }
 }
 
-/// Handles for one direction of one route, as the bridge records them.
+/// Handles for one direction of one route, shared by the route's sessions, as the bridge and the
+/// echo loop record them (a session's own totals are `bridge::DirectionTotals`).
 #[derive(Debug, Clone)]
-pub struct Flow {
+pub struct DirectionMetrics {
     /// Payload bytes written to the destination side.
     pub bytes: Counter,
     /// Messages relayed.
@@ -357,28 +358,33 @@ pub struct Flow {
     pub peak: Histogram,
 }
 
-impl Flow {
+impl DirectionMetrics {
     /// Handles that record nowhere, for pumps run outside a gateway (tests, client mode).
-    pub fn detached() -> Flow {
-        Flow { bytes: Counter::noop(), messages: Counter::noop(), buffered: Gauge::noop(), peak: Histogram::noop() }
+    pub fn detached() -> DirectionMetrics {
+        DirectionMetrics {
+            bytes: Counter::noop(),
+            messages: Counter::noop(),
+            buffered: Gauge::noop(),
+            peak: Histogram::noop(),
+        }
     }
 
-    /// Marks `n` bytes as read and not yet written until the returned guard is dropped, so the
-    /// gauge is right even when a session ends mid-write.
-    pub fn hold(&self, n: usize) -> Held<'_> {
+    /// Counts `n` bytes as buffered (read and not yet written) until the returned guard is
+    /// dropped, so the gauge is right even when a session ends mid-write.
+    pub fn buffer(&self, n: usize) -> Buffered<'_> {
         self.buffered.increment(n as f64);
-        Held { gauge: &self.buffered, n }
+        Buffered { gauge: &self.buffered, n }
     }
 }
 
-/// Bytes counted in a [`Flow`]'s buffered gauge until dropped.
+/// Bytes counted in a [`DirectionMetrics`]'s buffered gauge until dropped.
 #[derive(Debug)]
-pub struct Held<'a> {
+pub struct Buffered<'a> {
     gauge: &'a Gauge,
     n: usize,
 }
 
-impl Drop for Held<'_> {
+impl Drop for Buffered<'_> {
     fn drop(&mut self) {
         self.gauge.decrement(self.n as f64);
     }

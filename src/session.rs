@@ -27,7 +27,7 @@ use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message};
 
 use crate::backend::{BackendError, ConnectFailure};
-use crate::bridge::{self, Accept, End, Flows, Framing, Kind, Stats};
+use crate::bridge::{self, Accept, BridgeMetrics, End, Framing, Kind, SessionTotals};
 use crate::client_stream;
 use crate::config::Outbound;
 use crate::echo;
@@ -347,9 +347,9 @@ async fn run_inner(upgrade: OnUpgrade, dialed: Dialed, ctx: Context, stop: Cance
     let route = &ctx.entry.route;
     let m = &ctx.entry.metrics;
     let mut open = OpenSession::new(m);
-    let mut stats = Stats::default();
+    let mut stats = SessionTotals::default();
     let accept = Accept { text: route.accept.text, binary: route.accept.binary };
-    let flows = Flows { to_backend: &m.to_backend, to_client: &m.to_client };
+    let flows = BridgeMetrics { to_backend: &m.to_backend, to_client: &m.to_client };
     // This session's own stop: the shutdown signal, delayed by its place in the close window.
     let session_stop = CancellationToken::new();
     let spread = async {
@@ -377,6 +377,7 @@ async fn run_inner(upgrade: OnUpgrade, dialed: Dialed, ctx: Context, stop: Cance
                     },
                     accept,
                     finish_timeout: limits.close_timeout,
+                    role: Role::Server,
                 };
                 let (end, backend) = bridge::run(&mut ws, stream, options, &session_stop, &mut stats, flows).await;
                 (Outcome::from_end(end, limits.max_message_bytes), Some(backend))
@@ -534,7 +535,7 @@ fn ends_with_client_close(bytes: &[u8]) -> bool {
     })
 }
 
-fn log_end(ctx: &Context, outcome: &Outcome, code: u16, stats: &Stats, duration: Duration) {
+fn log_end(ctx: &Context, outcome: &Outcome, code: u16, stats: &SessionTotals, duration: Duration) {
     // Ours, or the client's own (untrusted text: logged with its quotes and escapes).
     let reason = match outcome {
         Outcome::ClientClosed { reason, .. } => reason.clone(),

@@ -1,0 +1,81 @@
+//! What a session moved, counted twice: in the session's own totals (logged when it ends) and in
+//! the route's shared metrics (scraped while it runs).
+//!
+//! The names, used the same way by the bridge, the echo loop and `session`:
+//! - [`SessionTotals`]: one session's totals, both directions;
+//! - [`DirectionTotals`]: one session's totals for one direction;
+//! - [`DirectionMetrics`]: the route's shared handles for one direction (in `metrics`);
+//! - [`BridgeMetrics`]: the route's handles for both directions, as a pump is given them;
+//! - [`DirectionMeter`]: one direction's totals and metrics, updated together.
+
+use std::task::Poll;
+
+use crate::metrics::DirectionMetrics;
+
+/// Bytes and messages moved by one session, per direction.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SessionTotals {
+    /// Client → backend.
+    pub to_backend: DirectionTotals,
+    /// Backend → client.
+    pub to_client: DirectionTotals,
+    /// Backend bytes read after the client closed, and so never delivered.
+    pub dropped_bytes: u64,
+}
+
+/// One direction of one session.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DirectionTotals {
+    /// Payload bytes written to the destination.
+    pub bytes: u64,
+    /// Messages relayed.
+    pub messages: u64,
+    /// Most bytes held at once (read from one side, not yet written to the other).
+    pub peak_buffered: u64,
+}
+
+/// The route's metrics for both directions.
+#[derive(Debug, Clone, Copy)]
+pub struct BridgeMetrics<'a> {
+    /// Client → backend.
+    pub to_backend: &'a DirectionMetrics,
+    /// Backend → client.
+    pub to_client: &'a DirectionMetrics,
+}
+
+/// One direction's session totals and the route's shared metrics, updated together.
+pub(crate) struct DirectionMeter<'a> {
+    metrics: &'a DirectionMetrics,
+    totals: &'a mut DirectionTotals,
+}
+
+impl<'a> DirectionMeter<'a> {
+    /// Counts into `totals` and `metrics`.
+    pub(crate) fn new(metrics: &'a DirectionMetrics, totals: &'a mut DirectionTotals) -> Self {
+        DirectionMeter { metrics, totals }
+    }
+
+    /// Runs `write`, which hands `n` bytes read from one side to the other. The route's
+    /// buffered-bytes gauge counts them only once the write has to wait, so a write the socket
+    /// takes at once (nearly every one) updates no gauge that all the route's sessions share
+    /// (docs/performance.md, item 10).
+    ///
+    /// Also returns whether the write had to wait (the task gave way to the runtime).
+    pub(crate) async fn write<F: Future>(&mut self, n: usize, write: F) -> (F::Output, bool) {
+        self.totals.peak_buffered = self.totals.peak_buffered.max(n as u64);
+        let mut write = std::pin::pin!(write);
+        if let Poll::Ready(done) = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+            return (done, false);
+        }
+        let _buffered = self.metrics.buffer(n);
+        (write.await, true)
+    }
+
+    /// `messages` messages, `n` bytes in all, were written to their destination.
+    pub(crate) fn relayed(&mut self, n: usize, messages: u64) {
+        self.totals.bytes += n as u64;
+        self.totals.messages += messages;
+        self.metrics.bytes.increment(n as u64);
+        self.metrics.messages.increment(messages);
+    }
+}
