@@ -311,19 +311,24 @@ async fn early_messages_are_relayed(extra: &str) {
 
 /// A backend that stops reading still gets every byte of a client that sends a burst and then
 /// one message at a time, once it reads again. Once the socket to the backend is full, a write
-/// has to wait, often for a message the gateway read with nothing behind it, and the client's
-/// next messages arrive during that wait. When the write completes, the session must still be
-/// listening to the client: a wake-up lost there stalls the session for good, and this test
-/// then times out (it did, with the pump changed to skip that read after such a write; the
-/// unit test `bridge::tests::a_message_that_arrives_while_a_write_waits_is_relayed` makes the
-/// same sequence happen every time, whatever the machine's timing).
+/// has to wait, here for a message the gateway read with nothing behind it, and the client's next
+/// message arrives during that wait. When the write completes, the session must still be
+/// listening to the client: a wake-up lost there stalls the session for good, and this test then
+/// times out (it did, with the pump changed to skip that read after such a write). The test
+/// makes that sequence happen on events, not timing: it sends the next message only once the
+/// gateway holds the last one (`wsgate_buffered_bytes`), and lets the backend read only once the
+/// following message has been sent (the unit test
+/// `bridge::tests::a_message_that_arrives_while_a_write_waits_is_relayed` drives the pump alone).
 #[tokio::test]
 async fn a_stalled_backend_gets_a_trickle_whole_once_it_reads() {
     let (tx, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let go = std::sync::Arc::new(tokio::sync::Notify::new());
+    let resume = go.clone();
     let stalled = Backend::start(move |mut s: TcpStream| {
-        let tx = tx.clone();
+        let (tx, resume) = (tx.clone(), resume.clone());
         async move {
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            // Reads nothing until the test says the gateway is stuck on a write to it.
+            resume.notified().await;
             let mut all = Vec::new();
             let _ = s.read_to_end(&mut all).await;
             let _ = tx.send(all);
@@ -333,13 +338,41 @@ async fn a_stalled_backend_gets_a_trickle_whole_once_it_reads() {
     let gw = Gateway::builder().route("stalled", "/stalled", &stalled.target()).start().await;
     let mut ws = gw.ws("/stalled").await;
     let messages: Vec<Vec<u8>> = (0..250).map(|i| payload(32 * 1024 + i as usize, i)).collect();
-    // 5 MiB at once fill the loopback socket buffers (about 4 MiB) while the backend reads
-    // nothing; then a trickle, one message at a time.
-    for (i, m) in messages.iter().enumerate() {
+    let to_backend = [("route", "stalled"), ("direction", "to_backend")];
+    let held = || async { scrape(&gw, "wsgate_buffered_bytes", &to_backend).await };
+
+    // 2 MiB at once while the backend reads nothing (less than the loopback socket buffers take,
+    // about 4 MiB here), then one message at a time, each once the last is written or held, until
+    // the buffers are full and the gateway holds a message it cannot write, read with nothing
+    // behind it.
+    let mut sent = 64;
+    for m in &messages[..sent] {
         within("send", ws.send(Message::binary(m.clone()))).await.unwrap();
-        if i >= 160 {
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    loop {
+        let written: usize = messages[..sent].iter().map(Vec::len).sum();
+        eventually("the last message written to the backend, or held", || async {
+            let (_, body) = admin_get(&gw, "/metrics").await;
+            metric(&body, "wsgate_buffered_bytes", &to_backend).unwrap_or(0.0) > 0.0
+                || metric(&body, "wsgate_bytes_total", &to_backend) == Some(written as f64)
+        })
+        .await;
+        if held().await > 0.0 {
+            break;
         }
+        assert!(sent < 200, "the socket to the backend took {written} bytes without filling");
+        within("send", ws.send(Message::binary(messages[sent].clone()))).await.unwrap();
+        sent += 1;
+    }
+    // The next message arrives while that write waits; only then does the backend read again.
+    within("send", ws.send(Message::binary(messages[sent].clone()))).await.unwrap();
+    sent += 1;
+    go.notify_one();
+    // Then a trickle, one message at a time.
+    for m in &messages[sent..] {
+        within("send", ws.send(Message::binary(m.clone()))).await.unwrap();
+        // Paces the trickle (part of the scenario), not a wait for anything to happen.
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
     within("close", ws.close(None)).await.unwrap();
     let got = within("every byte at the backend", received.recv()).await.unwrap();
@@ -408,8 +441,13 @@ async fn pings_during_a_stalled_download_are_answered_between_frames() {
     let gw = Gateway::builder().route("down", "/down", &backend.target()).tls().start().await;
     for secure in [false, true] {
         let mut ws = if secure { gw.wss("/down").await } else { gw.ws("/down").await };
-        // Not reading: the gateway fills the socket buffers and waits mid-frame.
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        // Not reading: the gateway fills the socket buffers and waits mid-frame, which the
+        // buffered-bytes gauge shows (it counts a frame only while its write waits).
+        let to_client = [("route", "down"), ("direction", "to_client")];
+        eventually("the gateway holds a frame it cannot finish writing", || async {
+            scrape(&gw, "wsgate_buffered_bytes", &to_client).await > 0.0
+        })
+        .await;
         let pings = [b"one".to_vec(), b"two".to_vec(), b"three".to_vec()];
         for p in &pings {
             within("ping", ws.send(Message::Ping(p.clone().into()))).await.unwrap();

@@ -146,10 +146,16 @@ async fn browser_ten_megabytes_and_buffered_amount() {
 async fn browser_failures_are_reported() {
     let dead = RefusingPort::new();
     let eof = Backend::say_and_close(b"bye\n".to_vec()).await;
-    let reset = Backend::start(|mut s: TcpStream| async move {
-        s.write_all(b"hello").await.unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        s.set_zero_linger().unwrap();
+    // Resets once the gateway has relayed "hello", so the reset cannot overtake those bytes.
+    let relayed = std::sync::Arc::new(tokio::sync::Notify::new());
+    let reset_now = relayed.clone();
+    let reset = Backend::start(move |mut s: TcpStream| {
+        let reset_now = reset_now.clone();
+        async move {
+            s.write_all(b"hello").await.unwrap();
+            reset_now.notified().await;
+            s.set_zero_linger().unwrap();
+        }
     })
     .await;
     let (sink, _received) = Backend::sink().await;
@@ -180,7 +186,14 @@ async fn browser_failures_are_reported() {
         ])
     );
 
-    let r = scenario(&mut browser, &tab, &gw.url("/reset"), "{ binaryType: 'arraybuffer' }").await;
+    let hello_relayed = async {
+        let to_client = [("route", "reset"), ("direction", "to_client")];
+        eventually("the gateway relays hello", || async { scrape(&gw, "wsgate_bytes_total", &to_client).await == 5.0 })
+            .await;
+        relayed.notify_one();
+    };
+    let url = gw.url("/reset");
+    let (r, ()) = tokio::join!(scenario(&mut browser, &tab, &url, "{ binaryType: 'arraybuffer' }"), hello_relayed);
     assert_eq!(
         r["events"],
         json!([
@@ -233,6 +246,7 @@ async fn browser_failures_are_reported() {
     browser.eval(&tab, &format!("window.pendingScenario = wsgateScenario({:?}, {{ onopen: (ws, rec) => {{ window.opened = true; }} }}); true", gw.url("/sink"))).await;
     within("page sees open", async {
         while browser.eval(&tab, "window.opened === true").await != json!(true) {
+            // Spaces the polls of this bounded wait for the page's open event.
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     })

@@ -1,5 +1,3 @@
-use std::time::Duration;
-
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -110,20 +108,51 @@ async fn backend_down_refuses_with_502_when_configured() {
 /// then 1011 with the reason.
 #[tokio::test]
 async fn backend_reset_mid_session_gives_1011() {
-    let backend = Backend::start(|s: TcpStream| async move {
-        let mut s = s;
-        s.write_all(b"hello").await.unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        // SO_LINGER 0: closing sends RST instead of FIN.
-        s.set_zero_linger().unwrap();
-        drop(s);
-    })
-    .await;
+    let (backend, reset) = backend_writing_then(b"hello", Then::Reset).await;
     let gw = Gateway::builder().route("tcp", "/tcp", &backend.target()).start().await;
     let mut ws = gw.ws("/tcp").await;
-    let (data, code, reason) = read_until_close(&mut ws).await;
-    assert_eq!(data, b"hello");
+    // The reset comes once "hello" has reached the client, so it cannot overtake those bytes.
+    let hello = read_bytes(&mut ws, 5).await;
+    reset.notify_one();
+    let (rest, code, reason) = read_until_close(&mut ws).await;
+    assert_eq!([hello, rest].concat(), b"hello");
     assert_eq!((code, reason.as_str()), (1011, "backend error: connection reset"));
+}
+
+/// What [`backend_writing_then`] does once signalled.
+enum Then {
+    /// Closes with SO_LINGER 0, so the close sends RST instead of FIN.
+    Reset,
+    /// Writes these bytes, then reads until the gateway closes.
+    Write(&'static [u8]),
+}
+
+/// A backend whose connections write `first`, wait for the returned signal, then do `then`: so a
+/// test can let the client receive `first` before what follows is sent.
+async fn backend_writing_then(first: &'static [u8], then: Then) -> (Backend, std::sync::Arc<tokio::sync::Notify>) {
+    let signal = std::sync::Arc::new(tokio::sync::Notify::new());
+    let waiter = signal.clone();
+    let then = std::sync::Arc::new(then);
+    let backend = Backend::start(move |mut s: TcpStream| {
+        let (waiter, then) = (waiter.clone(), then.clone());
+        async move {
+            s.write_all(first).await.unwrap();
+            waiter.notified().await;
+            match *then {
+                Then::Reset => {
+                    s.set_zero_linger().unwrap();
+                    drop(s);
+                }
+                Then::Write(more) => {
+                    s.write_all(more).await.unwrap();
+                    let mut sink = Vec::new();
+                    let _ = s.read_to_end(&mut sink).await;
+                }
+            }
+        }
+    })
+    .await;
+    (backend, signal)
 }
 
 /// Gateway shutdown: every session, bridged or echo, gets 1001, and `run` returns.
@@ -196,18 +225,14 @@ async fn protocol_violation_gives_1002() {
 /// text before them was delivered.
 #[tokio::test]
 async fn non_utf8_backend_bytes_on_text_route_give_1011() {
-    let backend = Backend::start(|mut s: TcpStream| async move {
-        s.write_all(b"fine\n").await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        s.write_all(b"\xff\xfe").await.unwrap();
-        let mut sink = Vec::new();
-        let _ = s.read_to_end(&mut sink).await;
-    })
-    .await;
+    let (backend, bad_bytes) = backend_writing_then(b"fine\n", Then::Write(b"\xff\xfe")).await;
     let gw = Gateway::builder().route_with("t", "/t", &backend.target(), "outbound = \"text\"").start().await;
     let mut ws = gw.ws("/t").await;
-    let (data, code, reason) = read_until_close(&mut ws).await;
-    assert_eq!(data, b"fine\n");
+    // The bad bytes follow once the valid text has reached the client: a read of their own.
+    let fine = read_bytes(&mut ws, 5).await;
+    bad_bytes.notify_one();
+    let (rest, code, reason) = read_until_close(&mut ws).await;
+    assert_eq!([fine, rest].concat(), b"fine\n");
     assert_eq!((code, reason.as_str()), (1011, "backend sent bytes that are not UTF-8 on a text route"));
 }
 
@@ -314,12 +339,7 @@ async fn every_documented_close_code_is_produced() {
 
     let dead = RefusingPort::new();
     let eof = Backend::say_and_close(b"x".to_vec()).await;
-    let reset = Backend::start(|mut s: TcpStream| async move {
-        s.write_all(b"x").await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        s.set_zero_linger().unwrap();
-    })
-    .await;
+    let (reset, reset_now) = backend_writing_then(b"x", Then::Reset).await;
     let (sink, _rx) = Backend::sink().await;
     let mut gw = Gateway::builder()
         .route("eof", "/eof", &eof.target())
@@ -341,7 +361,12 @@ async fn every_documented_close_code_is_produced() {
         code
     };
     produced.push(code_of("/eof", None).await);
-    produced.push(code_of("/reset", None).await);
+    // The reset comes once the client has the backend's byte, as in the test above.
+    let mut ws = gw.ws("/reset").await;
+    assert_eq!(read_bytes(&mut ws, 1).await, b"x");
+    reset_now.notify_one();
+    produced.push(read_until_close(&mut ws).await.1);
+    expect_end(&mut ws).await;
     produced.push(code_of("/down", None).await);
     produced.push(
         code_of("/sink", Some(Message::Frame(Frame::message(b"x".to_vec(), OpCode::Data(Data::Continue), true)))).await,

@@ -155,6 +155,7 @@ async fn connection_limit_closes_extra_sockets() {
                 read_bytes(&mut ws, 1).await;
                 break;
             }
+            // Spaces the attempts of this bounded retry; the wait ends on the free slot itself.
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     })

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -27,8 +27,9 @@ async fn slow_consumer_shows_bounded_buffered_bytes() {
     let backend = Backend::start(|mut s: TcpStream| async move {
         let data = payload(TOTAL, 42);
         s.write_all(&data).await.unwrap();
-        // Stay open: the session must not end before the client has read everything.
-        tokio::time::sleep(Duration::from_secs(60)).await;
+        // Stay open until the gateway closes: the session must not end before the client has
+        // read everything.
+        let _ = s.read_to_end(&mut Vec::new()).await;
     })
     .await;
     let gw = Gateway::builder()
@@ -156,11 +157,12 @@ async fn drain_with_200_streaming_sessions() {
     let gw = Gateway::from_toml(&text).await;
 
     let sent_before_drain: Arc<Vec<AtomicU64>> = Arc::new((0..SESSIONS).map(|_| AtomicU64::new(0)).collect());
+    let echoed: Arc<Vec<AtomicU64>> = Arc::new((0..SESSIONS).map(|_| AtomicU64::new(0)).collect());
     let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut clients = Vec::new();
     for i in 0..SESSIONS {
         let ws = gw.ws("/tcp").await;
-        let (marks, draining) = (sent_before_drain.clone(), draining.clone());
+        let (marks, echoed, draining) = (sent_before_drain.clone(), echoed.clone(), draining.clone());
         clients.push(tokio::spawn(async move {
             let (mut tx, mut rx) = ws.split();
             let stream = payload(1 << 20, i as u64);
@@ -174,6 +176,7 @@ async fn drain_with_200_streaming_sessions() {
                     if !draining.load(Ordering::SeqCst) {
                         marks[i].store(offset as u64, Ordering::SeqCst);
                     }
+                    // Paces the stream (part of the scenario), not a wait for anything to happen.
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 std::future::pending::<()>().await
@@ -182,7 +185,10 @@ async fn drain_with_200_streaming_sessions() {
                 let mut got = Vec::new();
                 loop {
                     match rx.next().await {
-                        Some(Ok(Message::Binary(b))) => got.extend_from_slice(&b),
+                        Some(Ok(Message::Binary(b))) => {
+                            got.extend_from_slice(&b);
+                            echoed[i].store(got.len() as u64, Ordering::SeqCst);
+                        }
                         Some(Ok(Message::Close(Some(f)))) => return (got, u16::from(f.code)),
                         other => panic!("session {i}: expected data or close, got {other:?}"),
                     }
@@ -193,8 +199,11 @@ async fn drain_with_200_streaming_sessions() {
             (got.len(), code)
         }));
     }
-    // Let every session stream for a moment.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every session streams both ways: bytes of each have come back through the backend.
+    eventually("every session has its first bytes echoed", || async {
+        echoed.iter().all(|n| n.load(Ordering::SeqCst) > 0)
+    })
+    .await;
     let started = Instant::now();
     draining.store(true, Ordering::SeqCst);
     gw.shutdown.drain();

@@ -136,6 +136,7 @@ impl Browser {
                 if state == json!("complete") && href == json!(url) {
                     break;
                 }
+                // Spaces the polls of this bounded wait for the load.
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
         })

@@ -559,6 +559,7 @@ where
 {
     within(what, async {
         while !check().await {
+            // Spaces the checks of this bounded retry; the wait ends on the state itself.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
