@@ -343,7 +343,8 @@ async fn run_inner(upgrade: OnUpgrade, dialed: Dialed, ctx: Context, stop: Cance
         });
         io
     });
-    let mut ws = WebSocketStream::from_raw_socket(FrameGate::new(io), Role::Server, Some(ws_config(limits))).await;
+    let io = FrameGate::new(client_stream::into_relay(io));
+    let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config(limits))).await;
     let route = &ctx.entry.route;
     let m = &ctx.entry.metrics;
     let mut open = OpenSession::new(m);
