@@ -40,9 +40,12 @@ async fn slow_consumer_shows_bounded_buffered_bytes() {
     let labels = [("route", "slow"), ("direction", "to_client")];
     let mut ws = gw.ws("/slow").await;
 
-    // Not reading: kernel buffers fill, then the bridge holds one read it cannot hand over.
-    eventually("buffered bytes rise while the client does not read", || async {
-        scrape(&gw, BUFFERED, &labels).await > 0.0
+    // Not reading: kernel buffers fill, then the bridge holds one read it cannot hand over. The
+    // socket buffers may still grow for a moment after the first write waits (a wait that then
+    // ends), so wait until the relay has stalled: bytes held and none delivered meanwhile.
+    eventually("the relay stalls, holding bytes, while the client does not read", || async {
+        let delivered = scrape(&gw, "wsgate_bytes_total", &labels).await;
+        scrape(&gw, BUFFERED, &labels).await > 0.0 && scrape(&gw, "wsgate_bytes_total", &labels).await == delivered
     })
     .await;
     for _ in 0..10 {
