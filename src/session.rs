@@ -31,7 +31,7 @@ use crate::bridge::{self, Accept, BridgeMetrics, End, Framing, Kind, SessionTota
 use crate::client_stream;
 use crate::config::Outbound;
 use crate::echo;
-use crate::frames::FrameGate;
+use crate::frames::{ClientWs, FrameGate};
 use crate::metrics::RouteMetrics;
 use crate::router::{Entry, SessionLimits, Target};
 use crate::shutdown::Cancelled;
@@ -330,66 +330,11 @@ pub fn run(
 async fn run_inner(upgrade: OnUpgrade, dialed: Dialed, ctx: Context, stop: CancellationToken, span: &Span) {
     let started = Instant::now();
     let limits = &ctx.entry.limits;
-    let upgraded = match upgrade.await {
-        Ok(upgraded) => upgraded,
-        Err(e) => {
-            span.in_scope(|| debug!(error = %e, "upgrade did not complete"));
-            return;
-        }
-    };
-    let io = client_stream::take_back(upgraded, limits.client_read_bytes).unwrap_or_else(|io| {
-        span.in_scope(|| {
-            error!("bug: the client connection came back as another type; relaying through hyper's layers")
-        });
-        io
-    });
-    let io = FrameGate::new(client_stream::into_relay(io));
-    let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config(limits))).await;
-    let route = &ctx.entry.route;
+    let Some(mut ws) = websocket(upgrade, limits, span).await else { return };
     let m = &ctx.entry.metrics;
     let mut open = OpenSession::new(m);
-    let mut stats = SessionTotals::default();
-    let accept = Accept { text: route.accept.text, binary: route.accept.binary };
-    let flows = BridgeMetrics { to_backend: &m.to_backend, to_client: &m.to_client };
-    // This session's own stop: the shutdown signal, delayed by its place in the close window.
-    let session_stop = CancellationToken::new();
-    let spread = async {
-        Cancelled::new(&stop).await;
-        tokio::time::sleep(spread_offset(ctx.id, ctx.close_window)).await;
-        session_stop.cancel();
-        // Done: let `relay` finish on its own (it sees `session_stop`).
-        std::future::pending().await
-    };
-    let relay = async {
-        match dialed {
-            Dialed::Unavailable(failure) => (Outcome::BackendUnavailable(failure), None),
-            Dialed::Echo => {
-                let end = echo::run_ws(&mut ws, accept, &session_stop, &mut stats, flows).await;
-                (Outcome::from_end(end, limits.max_message_bytes), None)
-            }
-            Dialed::Tcp(stream) => {
-                let options = bridge::Options {
-                    backend_read_bytes: limits.backend_read_bytes,
-                    client_batch_bytes: limits.client_read_bytes,
-                    framing: match route.outbound {
-                        Outbound::Binary => Framing::Binary,
-                        Outbound::Text => Framing::Text,
-                        Outbound::Mirror => Framing::Mirror,
-                    },
-                    accept,
-                    finish_timeout: limits.close_timeout,
-                    role: Role::Server,
-                };
-                let (end, backend) = bridge::run(&mut ws, stream, options, &session_stop, &mut stats, flows).await;
-                (Outcome::from_end(end, limits.max_message_bytes), Some(backend))
-            }
-        }
-    };
-    let (outcome, backend): (Outcome, Option<TcpStream>) = tokio::select! {
-        biased;
-        done = relay => done,
-        never = spread => never,
-    };
+    let mut totals = SessionTotals::default();
+    let (outcome, backend) = relay(&mut ws, dialed, &ctx, &stop, &mut totals).await;
     close_client(&mut ws, &outcome, limits.close_timeout).instrument(span.clone()).await;
     // Counted now: the client has its close; lingering on the backend below (and a deadline
     // that may cut it short) does not change how the session ended.
@@ -404,14 +349,96 @@ async fn run_inner(upgrade: OnUpgrade, dialed: Dialed, ctx: Context, stop: Cance
         // Tell the backend the client is done, then drop (and count) whatever it still sends,
         // so it sees an orderly end rather than a reset.
         bridge::shutdown_write(&mut backend).await;
-        stats.dropped_bytes = bridge::drain(&mut backend, limits.close_timeout).await;
+        totals.dropped_bytes = bridge::drain(&mut backend, limits.close_timeout).await;
     }
     let duration = started.elapsed();
     m.duration.record(duration.as_secs_f64());
-    m.to_backend.peak.record(stats.to_backend.peak_buffered as f64);
-    m.to_client.peak.record(stats.to_client.peak_buffered as f64);
-    m.dropped_bytes.increment(stats.dropped_bytes);
-    span.in_scope(|| log_end(&ctx, &outcome, code, &stats, duration));
+    m.to_backend.peak.record(totals.to_backend.peak_buffered as f64);
+    m.to_client.peak.record(totals.to_client.peak_buffered as f64);
+    m.dropped_bytes.increment(totals.dropped_bytes);
+    span.in_scope(|| log_end(&ctx, &outcome, code, &totals, duration));
+}
+
+/// The client's WebSocket as a session relays over it.
+type Ws = ClientWs<Box<dyn client_stream::Duplex>>;
+
+/// The client's WebSocket, once hyper has handed over the connection (after the 101 went out);
+/// `None` if the upgrade did not complete.
+async fn websocket(upgrade: OnUpgrade, limits: &SessionLimits, span: &Span) -> Option<Ws> {
+    let upgraded = match upgrade.await {
+        Ok(upgraded) => upgraded,
+        Err(e) => {
+            span.in_scope(|| debug!(error = %e, "upgrade did not complete"));
+            return None;
+        }
+    };
+    let io = client_stream::take_back(upgraded, limits.client_read_bytes).unwrap_or_else(|io| {
+        span.in_scope(|| {
+            error!("bug: the client connection came back as another type; relaying through hyper's layers")
+        });
+        io
+    });
+    let io = FrameGate::new(client_stream::into_relay(io));
+    Some(WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config(limits))).await)
+}
+
+/// Runs the session's pump (the bridge, the built-in echo, or nothing for an unreachable
+/// backend) until one side ends it or the session's moment in the shutdown close window comes;
+/// returns how it ended, and the backend socket for the caller to release.
+async fn relay(
+    ws: &mut Ws,
+    dialed: Dialed,
+    ctx: &Context,
+    stop: &CancellationToken,
+    totals: &mut SessionTotals,
+) -> (Outcome, Option<TcpStream>) {
+    let (route, limits, m) = (&ctx.entry.route, &ctx.entry.limits, &ctx.entry.metrics);
+    let accept = Accept { text: route.accept.text, binary: route.accept.binary };
+    let metrics = BridgeMetrics { to_backend: &m.to_backend, to_client: &m.to_client };
+    // This session's own stop: the shutdown signal, delayed by its place in the close window.
+    let session_stop = CancellationToken::new();
+    let spread = async {
+        Cancelled::new(stop).await;
+        tokio::time::sleep(spread_offset(ctx.id, ctx.close_window)).await;
+        session_stop.cancel();
+        // Done: let the pump finish on its own (it sees `session_stop`).
+        std::future::pending().await
+    };
+    let pump = async {
+        match dialed {
+            Dialed::Unavailable(failure) => (Outcome::BackendUnavailable(failure), None),
+            Dialed::Echo => {
+                let end = echo::run_ws(ws, accept, &session_stop, totals, metrics).await;
+                (Outcome::from_end(end, limits.max_message_bytes), None)
+            }
+            Dialed::Tcp(stream) => {
+                let options = bridge_options(route.outbound, accept, limits);
+                let (end, backend) = bridge::run(ws, stream, options, &session_stop, totals, metrics).await;
+                (Outcome::from_end(end, limits.max_message_bytes), Some(backend))
+            }
+        }
+    };
+    tokio::select! {
+        biased;
+        done = pump => done,
+        never = spread => never,
+    }
+}
+
+/// How the bridge runs for a route: its framing and accepted types, under its limits.
+fn bridge_options(outbound: Outbound, accept: Accept, limits: &SessionLimits) -> bridge::Options {
+    bridge::Options {
+        backend_read_bytes: limits.backend_read_bytes,
+        client_batch_bytes: limits.client_read_bytes,
+        framing: match outbound {
+            Outbound::Binary => Framing::Binary,
+            Outbound::Text => Framing::Text,
+            Outbound::Mirror => Framing::Mirror,
+        },
+        accept,
+        finish_timeout: limits.close_timeout,
+        role: Role::Server,
+    }
 }
 
 /// A session counted in `wsgate_sessions_open` and, once its close is settled, in
@@ -536,7 +563,7 @@ fn ends_with_client_close(bytes: &[u8]) -> bool {
     })
 }
 
-fn log_end(ctx: &Context, outcome: &Outcome, code: u16, stats: &SessionTotals, duration: Duration) {
+fn log_end(ctx: &Context, outcome: &Outcome, code: u16, totals: &SessionTotals, duration: Duration) {
     // Ours, or the client's own (untrusted text: logged with its quotes and escapes).
     let reason = match outcome {
         Outcome::ClientClosed { reason, .. } => reason.clone(),
@@ -546,13 +573,13 @@ fn log_end(ctx: &Context, outcome: &Outcome, code: u16, stats: &SessionTotals, d
         client.addr = %ctx.client_addr,
         route.backend = %ctx.entry.route.backend,
         duration_secs = duration.as_secs_f64(),
-        to_backend.bytes = stats.to_backend.bytes,
-        to_backend.messages = stats.to_backend.messages,
-        to_backend.peak_buffered = stats.to_backend.peak_buffered,
-        to_client.bytes = stats.to_client.bytes,
-        to_client.messages = stats.to_client.messages,
-        to_client.peak_buffered = stats.to_client.peak_buffered,
-        dropped.bytes = stats.dropped_bytes,
+        to_backend.bytes = totals.to_backend.bytes,
+        to_backend.messages = totals.to_backend.messages,
+        to_backend.peak_buffered = totals.to_backend.peak_buffered,
+        to_client.bytes = totals.to_client.bytes,
+        to_client.messages = totals.to_client.messages,
+        to_client.peak_buffered = totals.to_client.peak_buffered,
+        dropped.bytes = totals.dropped_bytes,
         close.code = code,
         close.reason = ?reason,
         closed_by = outcome.side().as_str(),
