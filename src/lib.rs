@@ -7,7 +7,8 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: `config.toml` → validated [`Config`]; defaults and limits; one-line errors.
+//! - [`config`]: `config.toml` → validated [`Config`] (raw → validated, errors, restart-only
+//!   keys); defaults and limits; one-line errors.
 //! - [`tls`]: rustls server configs from PEM files; the self-signed development pair.
 //! - `server`: accept loop, connection and handshake limits, TLS, HTTP/1.1, the answer to each
 //!   request (route, admit, dial, 101, spawn), refusals answered, logged and counted.
@@ -18,8 +19,9 @@
 //!   with its status, reason and headers. Pure.
 //! - [`session`]: dials the backend; one upgraded WebSocket: runs the pump, maps the ending to a
 //!   close frame, logs.
-//! - [`bridge`]: the WebSocket ⇄ TCP pump; knows nothing of config or HTTP.
-//! - [`frames`]: data frames to the client, written past tungstenite's copy.
+//! - [`bridge`]: the WebSocket ⇄ backend pump over any backend stream (TCP, Unix socket, TLS),
+//!   as a WebSocket server or client; knows nothing of config or HTTP.
+//! - [`frames`]: data frames written past tungstenite's copy (masked in the client role).
 //! - [`readahead`]: the client read buffer that exists only while data flows.
 //! - [`backend`]: connects backend TCP services (resolve, try every address, timeout).
 //! - [`echo`]: the built-in WebSocket echo backend and TCP echo service.

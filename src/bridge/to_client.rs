@@ -67,32 +67,16 @@ where
         if let Some(e) = failed.take() {
             return End::BackendFailed(e);
         }
-        tokio::select! {
-            biased;
-            _ = stopped.as_mut() => return End::Stopped,
-            // The stream's own readiness, not `readable()`, which queues a waiter on every wait
-            // (docs/performance.md, item 15).
-            ready = std::future::poll_fn(|cx| from_backend.poll_read_ready(cx)) => {
-                if let Err(e) = ready {
-                    return End::BackendFailed(e);
-                }
-            }
+        if let Err(end) = readable(from_backend, stopped.as_mut()).await {
+            return end;
         }
         if seen.client_ended.load(Ordering::Relaxed) {
             // The other direction ends the pump once its last write is done; what the backend
             // sends meanwhile stays unread, for `session` to drain and count.
             return std::future::pending().await;
         }
-        // One read through `poll_read`, which clears the socket's readiness after a read that
-        // did not fill the buffer (docs/performance.md, item 5).
         let mut buf = BytesMut::new();
-        let read = std::future::poll_fn(|cx| {
-            match poll_read_frame(from_backend, cx, &carry, sizes.small, sizes.next, &mut buf, &mut failed) {
-                Poll::Pending => Poll::Ready(None),
-                Poll::Ready(r) => Poll::Ready(Some(r)),
-            }
-        });
-        match read.await {
+        match read_once(from_backend, &carry, &sizes, &mut buf, &mut failed).await {
             Some(Ok(0)) if buf.len() == HEADROOM => return End::BackendEof,
             // EOF in the middle of a UTF-8 sequence: those bytes can never become text.
             Some(Ok(0)) => return End::BackendNotUtf8,
@@ -106,11 +90,10 @@ where
         // Bytes that can never be UTF-8 end the session, after the valid text before them.
         let not_utf8 = as_text && cut_to_utf8(&mut buf, &mut carry);
         let len = buf.len() - HEADROOM;
-        if len == 0 {
-            match not_utf8 {
-                true => return End::BackendNotUtf8,
-                false => continue,
-            }
+        if len == 0 && not_utf8 {
+            return End::BackendNotUtf8;
+        } else if len == 0 {
+            continue;
         }
         let frame = match frame_of(buf, as_text, random) {
             Ok(frame) => frame,
@@ -124,6 +107,39 @@ where
             return End::BackendNotUtf8;
         }
     }
+}
+
+/// Waits until the backend stream may be read, or until a stop: its own readiness, not
+/// `readable()`, which queues a waiter on every wait (docs/performance.md, item 15). A plain
+/// function, not an `async fn`: the relay's own future holds its state.
+fn readable<'a, R: ReadReady>(
+    from_backend: &'a R,
+    mut stopped: Pin<&'a mut Cancelled<'_>>,
+) -> impl Future<Output = Result<(), End>> + 'a {
+    std::future::poll_fn(move |cx| {
+        if stopped.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(End::Stopped));
+        }
+        from_backend.poll_read_ready(cx).map_err(End::BackendFailed)
+    })
+}
+
+/// One read into a new frame buffer, `buf` ([`poll_read_frame`]), through `poll_read`, which
+/// clears the socket's readiness after a read that did not fill the buffer (docs/performance.md,
+/// item 5). `None` when the readiness was stale.
+fn read_once<'a, R: AsyncRead + Unpin>(
+    from_backend: &'a mut R,
+    carry: &'a [u8],
+    sizes: &'a ReadSizes,
+    buf: &'a mut BytesMut,
+    failed: &'a mut Option<io::Error>,
+) -> impl Future<Output = Option<io::Result<usize>>> + 'a {
+    std::future::poll_fn(move |cx| {
+        match poll_read_frame(from_backend, cx, carry, sizes.small, sizes.next, buf, failed) {
+            Poll::Pending => Poll::Ready(None),
+            Poll::Ready(r) => Poll::Ready(Some(r)),
+        }
+    })
 }
 
 /// `buf` as a frame for the client; in the client role (`random` given), masked with a fresh key.
