@@ -1,8 +1,8 @@
 //! The pump's unit tests, over loopback sockets.
 
-use std::sync::Mutex;
-use std::sync::atomic::Ordering;
-use std::task::Poll;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -79,34 +79,67 @@ async fn pump_client(
 /// socket has to wait, and the next message arrives during that wait, spending the wake-up
 /// the stream had registered. Once the backend reads again, the pump must read that message
 /// itself; waiting for another wake-up would stall the session for good.
+///
+/// The pump is polled here only when its own waker is woken, as an executor would, so a lost
+/// wake-up shows as a stall rather than being covered by a poll for something else.
 #[tokio::test]
 async fn a_message_that_arrives_while_a_write_waits_is_relayed() {
     let (mut backend, mut to_backend, _from_backend, filled) = full_backend().await;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let pump =
-        tokio::spawn(async move { pump_client(rx, &mut to_backend, Duration::from_secs(1), &Seen::default()).await });
+    let seen = Seen::default();
+    let mut pump = std::pin::pin!(pump_client(rx, &mut to_backend, Duration::from_secs(1), &seen));
+    let flag = Arc::new(WakeFlag::default());
+    let waker = Waker::from(flag.clone());
     tx.send(Ok(Message::binary(&b"first"[..]))).unwrap();
     // The pump reads it, finds nothing behind it, and waits to write it.
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(!pump.is_finished());
+    assert!(pump.as_mut().poll(&mut Context::from_waker(&waker)).is_pending());
     tx.send(Ok(Message::binary(&b"second"[..]))).unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(flag.woken.load(Ordering::SeqCst), "the second message spent the stream's wake-up");
+    let drive = async {
+        loop {
+            if flag.woken.swap(false, Ordering::SeqCst)
+                && let Poll::Ready(end) = pump.as_mut().poll(&mut Context::from_waker(&waker))
+            {
+                return end;
+            }
+            flag.notify.notified().await;
+        }
+    };
     // The backend reads again: everything must arrive, the second message included.
     let want = filled + b"firstsecond".len();
-    let mut got = Vec::with_capacity(want);
-    let read = tokio::time::timeout(Duration::from_secs(5), async {
+    let read = async {
+        let mut got = Vec::with_capacity(want);
         let mut buf = vec![0u8; 256 * 1024];
         while got.len() < want {
             let n = backend.read(&mut buf).await.unwrap();
             assert!(n > 0, "the backend socket closed early");
             got.extend_from_slice(&buf[..n]);
         }
-    })
-    .await;
-    assert!(read.is_ok(), "stalled: {} of {want} bytes reached the backend", got.len());
+        drop(tx);
+        got
+    };
+    let both = tokio::time::timeout(Duration::from_secs(5), async { tokio::join!(drive, read) }).await;
+    let (end, got) = both.expect("stalled: the pump lost the wake-up of the message that came during its write");
     assert_eq!(&got[filled..], b"firstsecond");
-    drop(tx);
-    assert!(matches!(pump.await.unwrap(), End::ClientGone));
+    assert!(matches!(end, End::ClientGone), "{end:?}");
+}
+
+/// A waker that records that it was woken and tells whoever waits.
+#[derive(Default)]
+struct WakeFlag {
+    woken: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Wake for WakeFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::SeqCst);
+        self.notify.notify_one();
+    }
 }
 
 /// The client's last message and its Close arrive together, and the backend has stopped
@@ -212,6 +245,13 @@ async fn reads_after_small_ones_are_whole_and_small_ones_sized() {
     let gateway_side = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
     let (mut backend, _) = listener.accept().await.unwrap();
     let (mut from_backend, _to_backend) = gateway_side.into_split();
+    let big: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    backend.write_all(&big).await.unwrap();
+    // Until all of it is in the socket, so that one read can take it whole.
+    let mut probe = vec![0u8; big.len()];
+    while from_backend.peek(&mut probe).await.unwrap() < big.len() {
+        tokio::task::yield_now().await;
+    }
     let mut read = async |expect: usize| {
         for _ in 0..100 {
             from_backend.readable().await.unwrap();
@@ -236,9 +276,6 @@ async fn reads_after_small_ones_are_whole_and_small_ones_sized() {
         }
         panic!("never readable");
     };
-    let big: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
-    backend.write_all(&big).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(20)).await;
     let buf = read(big.len()).await;
     assert_eq!(&buf[HEADROOM..], &big[..]);
     backend.write_all(b"hi").await.unwrap();
