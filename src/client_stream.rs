@@ -70,19 +70,20 @@ pub fn into_relay(io: ClientIo) -> Box<dyn Duplex> {
     let (stream, buffered, chunk) = io.into_parts();
     match stream {
         ClientStream::Tcp(s) => Box::new(ReadAhead::resume(s, buffered, chunk)),
-        ClientStream::Tls(s) => Box::new(ReadAhead::resume(s, buffered, chunk)),
+        ClientStream::Tls(s) => Box::new(ReadAhead::resume(*s, buffered, chunk)),
         ClientStream::Upgraded(s) => Box::new(ReadAhead::resume(s, buffered, chunk)),
     }
 }
 
-/// rustls may hold decrypted bytes while the socket is empty: only a read can tell.
-impl ReadReady for Box<TlsStream<TcpStream>> {
+/// rustls may hold decrypted bytes while the socket is empty, so this says "ready" and lets the
+/// read find out; `ReadAhead` then reads straight into its caller's buffer.
+impl ReadReady for TlsStream<TcpStream> {
     fn poll_read_ready(&self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }
 }
 
-/// hyper's stream may hold bytes it read: only a read can tell.
+/// hyper's stream may hold bytes it read: as for TLS, the read finds out.
 impl ReadReady for TokioIo<Upgraded> {
     fn poll_read_ready(&self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
@@ -90,36 +91,37 @@ impl ReadReady for TokioIo<Upgraded> {
 }
 
 impl ReadReady for ClientStream {
-    #[inline]
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             ClientStream::Tcp(s) => s.poll_read_ready(cx),
-            // rustls may hold decrypted bytes while the socket is empty, and hyper's stream may
-            // hold bytes it read: only a read can tell.
-            ClientStream::Tls(_) | ClientStream::Upgraded(_) => Poll::Ready(Ok(())),
+            ClientStream::Tls(s) => s.as_ref().poll_read_ready(cx),
+            ClientStream::Upgraded(s) => s.poll_read_ready(cx),
         }
     }
+}
+
+/// `$body` with `$s` bound to whichever stream `$stream` holds.
+macro_rules! each {
+    ($stream:expr, $s:ident => $body:expr) => {
+        match $stream {
+            ClientStream::Tcp($s) => $body,
+            ClientStream::Tls($s) => $body,
+            ClientStream::Upgraded($s) => $body,
+        }
+    };
 }
 
 impl AsyncRead for ClientStream {
     #[inline]
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            ClientStream::Tls(s) => Pin::new(s).poll_read(cx, buf),
-            ClientStream::Upgraded(s) => Pin::new(s).poll_read(cx, buf),
-        }
+        each!(self.get_mut(), s => Pin::new(s).poll_read(cx, buf))
     }
 }
 
 impl AsyncWrite for ClientStream {
     #[inline]
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ClientStream::Tcp(s) => Pin::new(s).poll_write(cx, data),
-            ClientStream::Tls(s) => Pin::new(s).poll_write(cx, data),
-            ClientStream::Upgraded(s) => Pin::new(s).poll_write(cx, data),
-        }
+        each!(self.get_mut(), s => Pin::new(s).poll_write(cx, data))
     }
 
     #[inline]
@@ -128,37 +130,21 @@ impl AsyncWrite for ClientStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ClientStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            ClientStream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            ClientStream::Upgraded(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
+        each!(self.get_mut(), s => Pin::new(s).poll_write_vectored(cx, bufs))
     }
 
     #[inline]
     fn is_write_vectored(&self) -> bool {
-        match self {
-            ClientStream::Tcp(s) => s.is_write_vectored(),
-            ClientStream::Tls(s) => s.is_write_vectored(),
-            ClientStream::Upgraded(s) => s.is_write_vectored(),
-        }
+        each!(self, s => s.is_write_vectored())
     }
 
     #[inline]
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Tcp(s) => Pin::new(s).poll_flush(cx),
-            ClientStream::Tls(s) => Pin::new(s).poll_flush(cx),
-            ClientStream::Upgraded(s) => Pin::new(s).poll_flush(cx),
-        }
+        each!(self.get_mut(), s => Pin::new(s).poll_flush(cx))
     }
 
     #[inline]
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            ClientStream::Tls(s) => Pin::new(s).poll_shutdown(cx),
-            ClientStream::Upgraded(s) => Pin::new(s).poll_shutdown(cx),
-        }
+        each!(self.get_mut(), s => Pin::new(s).poll_shutdown(cx))
     }
 }

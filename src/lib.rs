@@ -15,7 +15,7 @@
 //! - [`client_stream`]: the client connection as one type, from accept through hyper's upgrade.
 //! - [`router`]: the route table (route, limits, metrics, backend per entry); (`Host`, path) →
 //!   entry. Pure.
-//! - [`policy`]: the admission step (upgrade, origin, subprotocol) → admitted, or a [`Refusal`]
+//! - [`policy`]: the admission step (upgrade, origin, subprotocol) → admitted, or a [`policy::Refusal`]
 //!   with its status, reason and headers. Pure.
 //! - [`session`]: dials the backend; one upgraded WebSocket: runs the pump, maps the ending to a
 //!   close frame, logs.
@@ -77,7 +77,6 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 pub use config::Config;
-pub use policy::Refusal;
 pub use shutdown::Shutdown;
 
 use crate::metrics::Metrics;
@@ -275,7 +274,7 @@ impl Reloader {
 
     fn apply(&self, new: Config) -> Result<(), ReloadError> {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(what) = restart_required(&running, &new) {
+        if let Some(what) = config::restart_required(&running, &new) {
             return Err(ReloadError::RestartRequired(what));
         }
         let snapshot = snapshot(&new, &self.shared.metrics).map_err(ReloadError::Tls)?;
@@ -283,11 +282,6 @@ impl Reloader {
         *running = Arc::new(new);
         Ok(())
     }
-}
-
-/// The first key whose change needs a restart, if any.
-fn restart_required(old: &Config, new: &Config) -> Option<String> {
-    config::restart_required(old, new)
 }
 
 /// Everything a reload may change, built from `config`: routes, limits, certificates, pages.

@@ -169,7 +169,7 @@ impl Metrics {
             .entry(route.to_string())
             .or_insert_with(|| {
                 let r = [("route", route)];
-                let flow = |direction| DirectionMetrics {
+                let direction_metrics = |direction| DirectionMetrics {
                     bytes: self.counter(names::BYTES, &[("route", route), ("direction", direction)]),
                     messages: self.counter(names::MESSAGES, &[("route", route), ("direction", direction)]),
                     buffered: self.gauge(names::BUFFERED, &[("route", route), ("direction", direction)]),
@@ -177,8 +177,8 @@ impl Metrics {
                 };
                 Arc::new(RouteMetrics {
                     name: route.to_string(),
-                    to_backend: flow(TO_BACKEND),
-                    to_client: flow(TO_CLIENT),
+                    to_backend: direction_metrics(TO_BACKEND),
+                    to_client: direction_metrics(TO_CLIENT),
                     sessions_open: self.gauge(names::SESSIONS_OPEN, &r),
                     duration: self.histogram(names::SESSION_DURATION, &r),
                     dropped_bytes: self.counter(names::DROPPED_BYTES, &r),

@@ -89,6 +89,8 @@ pub struct Request<'a> {
     pub host: Option<&'a str>,
     /// Whether it arrived over TLS.
     pub secure: bool,
+    /// The client's address (what per-client limits will count by).
+    pub peer: std::net::SocketAddr,
 }
 
 /// What an admitted request gets.

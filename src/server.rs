@@ -349,6 +349,7 @@ async fn upgrade(
         headers: req.headers(),
         host,
         secure: conn.secure,
+        peer: conn.peer,
     };
     let admitted = policy::admit(parts, &entry.route)?;
     let dialed = match session::dial(entry).await {

@@ -83,7 +83,7 @@ impl Side {
 }
 
 /// How a session ended, with enough detail to choose the close frame and write the log line.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Outcome {
     /// The client sent Close with this code; tungstenite echoes it.
     ClientClosed {
@@ -95,11 +95,11 @@ pub enum Outcome {
     /// The client's socket ended or failed without a Close; nothing can be sent.
     ClientGone,
     /// The client broke the protocol (bad opcode, unmasked frame, bad close code, ...).
-    ClientProtocolError(ProtocolError),
+    ClientProtocolError(ClientFault),
     /// A text message from the client was not UTF-8.
     ClientInvalidUtf8,
     /// The client sent a message type the route does not accept ("text" or "binary").
-    ClientUnsupported(&'static str),
+    ClientUnsupported(Kind),
     /// A message from the client exceeded the limit.
     ClientTooBig {
         /// The configured limit in bytes.
@@ -148,8 +148,13 @@ impl Outcome {
             }
             Outcome::BackendClosed => (1000, "backend closed the connection".into()),
             Outcome::Shutdown => (1001, "gateway shutting down".into()),
-            Outcome::ClientProtocolError(e) => (1002, format!("protocol error: {}", e.to_string().to_lowercase())),
-            Outcome::ClientUnsupported(kind) => (1003, format!("{kind} messages are not accepted on this route")),
+            Outcome::ClientProtocolError(fault) => {
+                (1002, format!("protocol error: {}", fault.to_string().to_lowercase()))
+            }
+            Outcome::ClientUnsupported(kind) => {
+                let kind = if *kind == Kind::Text { "text" } else { "binary" };
+                (1003, format!("{kind} messages are not accepted on this route"))
+            }
             Outcome::ClientInvalidUtf8 => (1007, "text message is not valid UTF-8".into()),
             Outcome::ClientTooBig { limit } => (1009, format!("message too big: limit is {limit} bytes")),
             Outcome::BackendFailed(failure) => (1011, format!("backend error: {}", failure.label())),
@@ -172,8 +177,7 @@ impl Outcome {
             },
             End::ClientGone => Outcome::ClientGone,
             End::ClientFailed(e) => Outcome::from_client_error(e, max_message_bytes),
-            End::ClientUnsupported(Kind::Text) => Outcome::ClientUnsupported("text"),
-            End::ClientUnsupported(Kind::Binary) => Outcome::ClientUnsupported("binary"),
+            End::ClientUnsupported(kind) => Outcome::ClientUnsupported(kind),
             End::ClientWriteFailed(_) => Outcome::ClientWriteFailed,
             End::BackendEof => Outcome::BackendClosed,
             End::BackendFailed(e) => Outcome::BackendFailed(IoFailure::of(&e)),
@@ -189,11 +193,27 @@ impl Outcome {
             }
             WsError::Utf8(_) => Outcome::ClientInvalidUtf8,
             WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => Outcome::ClientGone,
-            WsError::Protocol(p) => Outcome::ClientProtocolError(p),
-            // The socket's end or failure. The other errors (TLS, URL, HTTP, a full write
-            // buffer) come from tungstenite's own handshake, TLS or writes, never from a server
-            // reading messages.
-            _ => Outcome::ClientGone,
+            WsError::Io(_) | WsError::ConnectionClosed | WsError::AlreadyClosed => Outcome::ClientGone,
+            WsError::Protocol(p) => Outcome::ClientProtocolError(ClientFault::Protocol(p)),
+            other => Outcome::ClientProtocolError(ClientFault::Other(Arc::new(other))),
+        }
+    }
+}
+
+/// What the client got wrong, for the 1002 reason.
+#[derive(Debug, Clone)]
+pub enum ClientFault {
+    /// A protocol violation tungstenite found in what the client sent.
+    Protocol(ProtocolError),
+    /// Any other error tungstenite reported on a read (none is expected after the upgrade).
+    Other(Arc<WsError>),
+}
+
+impl std::fmt::Display for ClientFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientFault::Protocol(p) => p.fmt(f),
+            ClientFault::Other(e) => e.fmt(f),
         }
     }
 }
@@ -600,9 +620,14 @@ mod tests {
     fn close_code_contract() {
         assert_eq!(code(Outcome::BackendClosed), Some((1000, "backend closed the connection".into())));
         assert_eq!(code(Outcome::Shutdown), Some((1001, "gateway shutting down".into())));
-        assert_eq!(code(Outcome::ClientProtocolError(ProtocolError::UnmaskedFrameFromClient)).unwrap().0, 1002);
         assert_eq!(
-            code(Outcome::ClientUnsupported("text")),
+            code(Outcome::ClientProtocolError(ClientFault::Protocol(ProtocolError::UnmaskedFrameFromClient)))
+                .unwrap()
+                .0,
+            1002
+        );
+        assert_eq!(
+            code(Outcome::ClientUnsupported(Kind::Text)),
             Some((1003, "text messages are not accepted on this route".into()))
         );
         assert_eq!(code(Outcome::ClientInvalidUtf8).unwrap().0, 1007);
@@ -668,7 +693,9 @@ mod tests {
         assert!(cut.len() <= 123 && cut.len() >= 122);
         assert!(long.starts_with(cut));
         let long = hyper::header::HeaderName::from_bytes("x".repeat(500).as_bytes()).unwrap();
-        let frame = Outcome::ClientProtocolError(ProtocolError::InvalidHeader(Box::new(long))).close_frame().unwrap();
+        let frame = Outcome::ClientProtocolError(ClientFault::Protocol(ProtocolError::InvalidHeader(Box::new(long))))
+            .close_frame()
+            .unwrap();
         assert_eq!(frame.reason.len(), 123);
     }
 }

@@ -101,9 +101,9 @@ async fn write_batch<W: AsyncWrite + Unpin>(
     meter: &mut DirectionMeter<'_>,
 ) -> Written {
     // The carried message was read too and waits with the batch.
-    let held = batch.data.len() + batch.after.carried_len();
+    let buffered = batch.data.len() + batch.after.carried_len();
     // Flushed: a TLS backend may keep the end of a write in its buffer (a no-op on TCP).
-    let write = meter.write(held, async {
+    let write = meter.write(buffered, async {
         to_backend.write_all(&batch.data).await?;
         to_backend.flush().await
     });
@@ -184,7 +184,7 @@ impl After {
     fn into_end(self) -> End {
         match self {
             After::End(end) => end,
-            _ => unreachable!("called on an ending"),
+            _ => unreachable!("into_end is only called on After::End"),
         }
     }
 }

@@ -35,7 +35,7 @@ use tungstenite::protocol::Role;
 
 use super::client::{Client, Seen};
 use super::counting::DirectionMeter;
-use super::{End, Options};
+use super::{End, Framing, Options};
 use crate::frames::{self, HEADROOM};
 use crate::readahead::ReadReady;
 use crate::shutdown::Cancelled;
@@ -59,8 +59,7 @@ where
     let mut sizes = ReadSizes::new(options.backend_read_bytes);
     // A read error that came after bytes the same read delivered.
     let mut failed = None;
-    // The client role's source of mask keys: rustls's, a CSPRNG.
-    let random = matches!(options.role, Role::Client).then(|| crate::tls::provider().secure_random);
+    let random = mask_keys(options.role);
     let stopped = Cancelled::new(stop);
     tokio::pin!(stopped);
     loop {
@@ -85,10 +84,7 @@ where
             None => continue,
             Some(Err(e)) => return End::BackendFailed(e),
         }
-        carry.clear();
-        let as_text = options.framing.is_text(seen);
-        // Bytes that can never be UTF-8 end the session, after the valid text before them.
-        let not_utf8 = as_text && cut_to_utf8(&mut buf, &mut carry);
+        let (as_text, not_utf8) = text_cut(&mut buf, &mut carry, options.framing, seen);
         let len = buf.len() - HEADROOM;
         if len == 0 && not_utf8 {
             return End::BackendNotUtf8;
@@ -107,6 +103,20 @@ where
             return End::BackendNotUtf8;
         }
     }
+}
+
+/// The client role's source of mask keys: rustls's, a CSPRNG. `None` for a server.
+fn mask_keys(role: Role) -> Option<&'static dyn SecureRandom> {
+    matches!(role, Role::Client).then(|| crate::tls::provider().secure_random)
+}
+
+/// Whether `buf` goes as text, and, if so, cuts it to valid UTF-8 (an incomplete sequence at its
+/// end moves to `carry`); also whether bytes that can never be UTF-8 followed, which end the
+/// session after the valid text before them.
+fn text_cut(buf: &mut BytesMut, carry: &mut BytesMut, framing: Framing, seen: &Seen) -> (bool, bool) {
+    carry.clear();
+    let as_text = framing.is_text(seen);
+    (as_text, as_text && cut_to_utf8(buf, carry))
 }
 
 /// Waits until the backend stream may be read, or until a stop: its own readiness, not
@@ -209,14 +219,14 @@ pub(super) fn poll_read_frame<R: AsyncRead + Unpin>(
     buf: &mut BytesMut,
     failed: &mut Option<io::Error>,
 ) -> Poll<io::Result<usize>> {
-    let frame_of = |payload: usize| {
+    let new_buf = |payload: usize| {
         let mut buf = BytesMut::with_capacity(HEADROOM + carry.len() + payload);
         buf.extend_from_slice(&[0; HEADROOM]);
         buf.extend_from_slice(carry);
         buf
     };
     if !small {
-        *buf = frame_of(size);
+        *buf = new_buf(size);
         return poll_read_buf(Pin::new(from_backend), cx, buf);
     }
     let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); SMALL_READ_BYTES];
@@ -224,11 +234,11 @@ pub(super) fn poll_read_frame<R: AsyncRead + Unpin>(
     std::task::ready!(Pin::new(&mut *from_backend).poll_read(cx, &mut read))?;
     let got = read.filled();
     if got.len() < SMALL_READ_BYTES || size <= SMALL_READ_BYTES {
-        *buf = frame_of(got.len());
+        *buf = new_buf(got.len());
         buf.extend_from_slice(got);
         return Poll::Ready(Ok(got.len()));
     }
-    *buf = frame_of(size);
+    *buf = new_buf(size);
     buf.extend_from_slice(got);
     match poll_read_buf(Pin::new(from_backend), cx, buf) {
         Poll::Ready(Ok(more)) => Poll::Ready(Ok(got.len() + more)),

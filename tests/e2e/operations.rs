@@ -42,10 +42,17 @@ async fn slow_consumer_shows_bounded_buffered_bytes() {
 
     // Not reading: kernel buffers fill, then the bridge holds one read it cannot hand over. The
     // socket buffers may still grow for a moment after the first write waits (a wait that then
-    // ends), so wait until the relay has stalled: bytes held and none delivered meanwhile.
+    // ends), so wait until the relay has stalled: bytes held, and none delivered, over three
+    // scrapes in a row.
     eventually("the relay stalls, holding bytes, while the client does not read", || async {
         let delivered = scrape(&gw, "wsgate_bytes_total", &labels).await;
-        scrape(&gw, BUFFERED, &labels).await > 0.0 && scrape(&gw, "wsgate_bytes_total", &labels).await == delivered
+        for _ in 0..3 {
+            let held = scrape(&gw, BUFFERED, &labels).await;
+            if held == 0.0 || scrape(&gw, "wsgate_bytes_total", &labels).await != delivered {
+                return false;
+            }
+        }
+        true
     })
     .await;
     for _ in 0..10 {
