@@ -29,43 +29,33 @@ pub trait BackendStream: Sized {
     fn reunite(read: Self::ReadHalf, write: Self::WriteHalf) -> Self;
 }
 
-impl BackendStream for TcpStream {
-    type ReadHalf = tcp::OwnedReadHalf;
-    type WriteHalf = tcp::OwnedWriteHalf;
+/// A socket type whose tokio owned halves are the pump's halves: no lock, and the read half's
+/// readiness is the socket's own.
+macro_rules! owned_halves {
+    ($stream:ty, $halves:ident) => {
+        impl BackendStream for $stream {
+            type ReadHalf = $halves::OwnedReadHalf;
+            type WriteHalf = $halves::OwnedWriteHalf;
 
-    fn into_split(self) -> (Self::ReadHalf, Self::WriteHalf) {
-        TcpStream::into_split(self)
-    }
+            fn into_split(self) -> (Self::ReadHalf, Self::WriteHalf) {
+                <$stream>::into_split(self)
+            }
 
-    fn reunite(read: Self::ReadHalf, write: Self::WriteHalf) -> Self {
-        read.reunite(write).expect("halves of the same stream")
-    }
+            fn reunite(read: Self::ReadHalf, write: Self::WriteHalf) -> Self {
+                read.reunite(write).expect("halves of the same stream")
+            }
+        }
+
+        impl ReadReady for $halves::OwnedReadHalf {
+            fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                self.as_ref().poll_read_ready(cx)
+            }
+        }
+    };
 }
 
-impl ReadReady for tcp::OwnedReadHalf {
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.as_ref().poll_read_ready(cx)
-    }
-}
-
-impl BackendStream for UnixStream {
-    type ReadHalf = unix::OwnedReadHalf;
-    type WriteHalf = unix::OwnedWriteHalf;
-
-    fn into_split(self) -> (Self::ReadHalf, Self::WriteHalf) {
-        UnixStream::into_split(self)
-    }
-
-    fn reunite(read: Self::ReadHalf, write: Self::WriteHalf) -> Self {
-        read.reunite(write).expect("halves of the same stream")
-    }
-}
-
-impl ReadReady for unix::OwnedReadHalf {
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.as_ref().poll_read_ready(cx)
-    }
-}
+owned_halves!(TcpStream, tcp);
+owned_halves!(UnixStream, unix);
 
 impl ReadReady for UnixStream {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -109,9 +99,8 @@ fn lock<S>(shared: &Mutex<TlsStream<S>>) -> MutexGuard<'_, TlsStream<S>> {
     shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Ready when a read would not wait: rustls holds decrypted bytes, or whole records it has read
-/// and not yet decrypted (both of which the socket no longer shows), or the peer has closed, or
-/// the socket is readable. A failed connection is ready too, so the read reports the failure.
+/// Ready when a read would not wait: rustls holds decrypted bytes (which the socket no longer
+/// shows), or the peer has closed, or the socket is readable. A failed connection is ready too, so the read reports the failure.
 impl<S: ReadReady> ReadReady for TlsReadHalf<S> {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut stream = lock(&self.0);
