@@ -117,6 +117,8 @@ pub enum Outcome {
     BackendUnavailable(ConnectFailure),
     /// The gateway is shutting down.
     Shutdown,
+    /// The gateway failed (no randomness for a client-role frame's mask key).
+    GatewayFailed,
 }
 
 impl Outcome {
@@ -134,7 +136,7 @@ impl Outcome {
             | Outcome::BackendFailed(_)
             | Outcome::BackendNotUtf8
             | Outcome::BackendUnavailable(_) => Side::Backend,
-            Outcome::Shutdown => Side::Gateway,
+            Outcome::Shutdown | Outcome::GatewayFailed => Side::Gateway,
         }
     }
 
@@ -160,6 +162,7 @@ impl Outcome {
             Outcome::BackendFailed(failure) => (1011, format!("backend error: {}", failure.label())),
             Outcome::BackendNotUtf8 => (1011, "backend sent bytes that are not UTF-8 on a text route".into()),
             Outcome::BackendUnavailable(failure) => (1013, format!("backend unavailable: {}", failure.label())),
+            Outcome::GatewayFailed => (1011, "gateway error".into()),
         };
         Some(CloseFrame { code: CloseCode::from(code), reason: truncate_reason(&reason).to_string().into() })
     }
@@ -183,6 +186,7 @@ impl Outcome {
             End::BackendFailed(e) => Outcome::BackendFailed(IoFailure::of(&e)),
             End::BackendNotUtf8 => Outcome::BackendNotUtf8,
             End::Stopped => Outcome::Shutdown,
+            End::NoMaskKey => Outcome::GatewayFailed,
         }
     }
 
@@ -644,6 +648,7 @@ mod tests {
             code(Outcome::BackendUnavailable(ConnectFailure::Refused)),
             Some((1013, "backend unavailable: connection refused".into()))
         );
+        assert_eq!(code(Outcome::GatewayFailed), Some((1011, "gateway error".into())));
         assert_eq!(code(Outcome::ClientClosed { code: Some(1000), reason: "bye".into() }), None);
         assert_eq!(code(Outcome::ClientGone), None);
         assert_eq!(code(Outcome::ClientWriteFailed), None);

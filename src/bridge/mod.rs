@@ -145,6 +145,8 @@ pub enum End {
     BackendNotUtf8,
     /// A stop was requested; everything in flight was delivered.
     Stopped,
+    /// The gateway could not go on: no randomness for a client-role frame's mask key.
+    NoMaskKey,
 }
 
 /// Pumps `ws` ⇄ `backend` until one side ends, and returns how, with the backend stream (so the

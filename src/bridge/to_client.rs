@@ -30,7 +30,6 @@ use rustls::crypto::SecureRandom;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::io::poll_read_buf;
 use tokio_util::sync::CancellationToken;
-use tungstenite::Error as WsError;
 use tungstenite::protocol::Role;
 
 use super::client::{Client, Seen};
@@ -91,10 +90,7 @@ where
         } else if len == 0 {
             continue;
         }
-        let frame = match frame_of(buf, as_text, random) {
-            Ok(frame) => frame,
-            Err(e) => return End::ClientWriteFailed(e),
-        };
+        let Some(frame) = frame_of(buf, as_text, random) else { return End::NoMaskKey };
         if let (Err(e), _) = meter.write(len, client.send(frame, seen)).await {
             return End::ClientWriteFailed(e);
         }
@@ -153,13 +149,14 @@ fn read_once<'a, R: AsyncRead + Unpin>(
 }
 
 /// `buf` as a frame for the client; in the client role (`random` given), masked with a fresh key.
-fn frame_of(buf: BytesMut, as_text: bool, random: Option<&dyn SecureRandom>) -> Result<Bytes, WsError> {
+/// `None` when the source of randomness fails.
+fn frame_of(buf: BytesMut, as_text: bool, random: Option<&dyn SecureRandom>) -> Option<Bytes> {
     let Some(random) = random else {
-        return Ok(frames::frame(buf, as_text));
+        return Some(frames::frame(buf, as_text));
     };
     let mut key = [0; 4];
-    random.fill(&mut key).map_err(|_| WsError::Io(io::Error::other("no randomness for a frame's mask key")))?;
-    Ok(frames::frame_masked(buf, as_text, key))
+    random.fill(&mut key).ok()?;
+    Some(frames::frame_masked(buf, as_text, key))
 }
 
 /// Text mode: cuts the frame buffer `buf` to its longest valid UTF-8 payload, keeping an
