@@ -22,9 +22,10 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::metrics::Metrics;
+use crate::server;
 
 /// Scrapers and probes need few connections; past this, new ones are closed.
 const MAX_ADMIN_CONNECTIONS: usize = 64;
@@ -40,23 +41,7 @@ pub(crate) struct State {
 /// Serves the admin endpoints on `listener` until `stop` is cancelled.
 pub(crate) async fn serve(listener: TcpListener, state: State, stop: CancellationToken, tasks: TaskTracker) {
     let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(pair) => pair,
-            Err(e) => {
-                warn!(error = %e, "admin: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            warn!(client.addr = %peer, "admin: connection limit reached; closing");
-            continue;
-        };
+    while let Some((tcp, _, slot)) = server::accept_bounded(&listener, &slots, &stop, "admin").await {
         let (state, stop) = (state.clone(), stop.clone());
         tasks.spawn(async move {
             let service = service_fn(move |req| respond(req, state.clone()));

@@ -16,10 +16,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::debug;
 use tungstenite::{Error as WsError, Message};
 
 use crate::bridge::{Accept, BridgeMetrics, DirectionMeter, End, Kind, SessionTotals};
+use crate::server;
 use crate::shutdown::Cancelled;
 
 /// Echoes every message on `ws` until the client closes, fails, or `stop` is cancelled.
@@ -71,23 +72,7 @@ const TCP_ECHO_MAX_CONNECTIONS: usize = 1024;
 /// Serves TCP echo on `listener` until `stop` is cancelled; connections are tracked by `tasks`.
 pub async fn serve_tcp(listener: TcpListener, stop: CancellationToken, tasks: TaskTracker) {
     let slots = Arc::new(Semaphore::new(TCP_ECHO_MAX_CONNECTIONS));
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, peer) = match accepted {
-            Ok(pair) => pair,
-            Err(e) => {
-                warn!(error = %e, "builtin tcp echo: accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            warn!(client.addr = %peer, "builtin tcp echo: connection limit reached, closing");
-            continue;
-        };
+    while let Some((stream, peer, slot)) = server::accept_bounded(&listener, &slots, &stop, "builtin tcp echo").await {
         let stop = stop.clone();
         tasks.spawn(async move {
             tokio::select! {

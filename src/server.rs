@@ -175,6 +175,35 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
     }
 }
 
+/// The next connection on one of the side services' listeners (admin, built-in TCP echo), with
+/// its place under `slots`; `None` once `stop` is cancelled. Accept errors are logged and
+/// retried after a pause; a connection over the limit is closed at once, with a warning.
+pub(crate) async fn accept_bounded(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+    stop: &CancellationToken,
+    service: &str,
+) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return None,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                warn!(error = %e, "{service}: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        match slots.clone().try_acquire_owned() {
+            Ok(slot) => return Some((tcp, peer, slot)),
+            Err(_) => warn!(client.addr = %peer, "{service}: connection limit reached; closing"),
+        }
+    }
+}
+
 /// A client socket's place under `max_connections`, and in the open-connections gauge.
 struct Slot {
     _permit: OwnedSemaphorePermit,
