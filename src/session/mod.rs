@@ -1,0 +1,333 @@
+//! One upgraded WebSocket session: runs the pump for its route, decides how it ended, sends the
+//! one close frame that says so, and writes the session's log line.
+//!
+//! The server has already dialled the backend ([`dial`]) before answering the upgrade (so
+//! `onopen` means the backend is there); the session receives the result as [`Dialed`]. It is
+//! the only place that sees both sides, so it alone maps an ending to a close code:
+//! [`Outcome::close_frame`] (in `close`, with the closing handshake) is that mapping, and
+//! `docs/close-codes.md` mirrors it row for row.
+//!
+//! A session ends exactly once. Whichever side ends first decides the [`Outcome`]; the pump stops
+//! the other direction; the close frame is sent once; both sockets are released when `run`
+//! returns.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::upgrade::OnUpgrade;
+use hyper_tungstenite::WebSocketStream;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, Span, debug, error, field, info, info_span, warn};
+use tungstenite::protocol::{Role, WebSocketConfig};
+
+use crate::backend::{BackendError, ConnectFailure};
+use crate::bridge::{self, Accept, BridgeMetrics, Framing, SessionTotals};
+use crate::client_stream;
+use crate::config::Outbound;
+use crate::echo;
+use crate::frames::{ClientWs, FrameGate};
+use crate::metrics::RouteMetrics;
+use crate::router::{Entry, SessionLimits, Target};
+use crate::shutdown::Cancelled;
+
+mod close;
+
+pub use close::{ClientFault, IoFailure, Outcome, Side, truncate_reason};
+use close::{close_client, close_code};
+
+/// The backend side of a session, as the server found it before upgrading.
+#[derive(Debug)]
+pub enum Dialed {
+    /// A connected TCP backend.
+    Tcp(TcpStream),
+    /// The built-in echo: nothing to dial.
+    Echo,
+    /// The backend could not be reached; the session closes at once with 1013.
+    Unavailable(ConnectFailure),
+}
+
+/// What a session needs besides its sockets.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// Unique within this gateway instance.
+    pub id: u64,
+    /// The matched route, with its limits and metrics.
+    pub entry: Arc<Entry>,
+    /// The client's address.
+    pub client_addr: SocketAddr,
+    /// On shutdown, sessions close at a point spread over this window (by session id), so
+    /// thousands of clients do not reconnect in the same second.
+    pub close_window: Duration,
+}
+
+/// Connects the route's backend; the server calls this before it answers the upgrade, so
+/// `onopen` means the backend is there. Records the connect time or the failure (metric and
+/// warning, with the address); what the client sees of a failure is the caller's choice.
+pub async fn dial(entry: &Entry) -> Result<Dialed, BackendError> {
+    let Target::Tcp(dialer) = &entry.target else { return Ok(Dialed::Echo) };
+    let started = Instant::now();
+    match dialer.connect().await {
+        Ok(stream) => {
+            entry.metrics.connect_duration.record(started.elapsed().as_secs_f64());
+            Ok(Dialed::Tcp(stream))
+        }
+        Err(e) => {
+            entry.metrics.connect_failed(e.failure().label());
+            warn!(route = %entry.route.name, error = %e, "backend unavailable");
+            Err(e)
+        }
+    }
+}
+
+/// The client's WebSocket buffers and size limits under `limits`.
+fn ws_config(limits: &SessionLimits) -> WebSocketConfig {
+    let max = limits.max_message_bytes;
+    WebSocketConfig::default()
+        // Allocated for every session, idle or not; large reads go through `ReadAhead`'s
+        // buffer, which exists only while data flows.
+        .read_buffer_size(WS_READ_BUFFER_BYTES)
+        // Write each message at once: the pumps wait for it to reach the socket before reading
+        // more, which is what gives backpressure, so a write buffer would only add a copy.
+        .write_buffer_size(0)
+        // Bound for frames queued behind a slow client: one echoed message (up to `max`)
+        // plus control frames. tungstenite refuses any single frame larger than this, so it
+        // must hold the largest message it sends. (The bridge's data frames do not pass
+        // through tungstenite: `frames`.)
+        .max_write_buffer_size(max + 64 * 1024)
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
+}
+
+/// tungstenite's own read buffer: small, because every session holds it for its whole life.
+/// It also caps each read tungstenite makes, which is why `ReadAhead` reads for it while busy.
+const WS_READ_BUFFER_BYTES: usize = 2048;
+
+/// One session from the pending upgrade to the last byte, or until `abort` (the shutdown
+/// deadline) drops it, to be spawned as a task of its own.
+///
+/// Its span is created now, as a child of the caller's (the connection's). It is entered around
+/// what the session logs (an upgrade that fails, its close, its end line), not for the relay,
+/// which is polled on every message and logs nothing (docs/performance.md, item 15); what
+/// tungstenite logs at debug level meanwhile carries no session fields.
+pub fn run(
+    upgrade: OnUpgrade,
+    dialed: Dialed,
+    ctx: Context,
+    stop: CancellationToken,
+    abort: CancellationToken,
+) -> impl Future<Output = ()> + Send {
+    let span = info_span!(
+        "session",
+        id = ctx.id,
+        route = %ctx.entry.route.name,
+        backend.addr = field::Empty,
+    );
+    if let Dialed::Tcp(stream) = &dialed
+        && let Ok(addr) = stream.peer_addr()
+    {
+        span.record("backend.addr", field::display(addr));
+    }
+    async move {
+        tokio::select! {
+            biased;
+            _ = Cancelled::new(&abort) => span.in_scope(|| warn!("session dropped at the shutdown deadline")),
+            _ = run_inner(upgrade, dialed, ctx, stop, &span) => {}
+        }
+    }
+}
+
+async fn run_inner(upgrade: OnUpgrade, dialed: Dialed, ctx: Context, stop: CancellationToken, span: &Span) {
+    let started = Instant::now();
+    let limits = &ctx.entry.limits;
+    let Some(mut ws) = websocket(upgrade, limits, span).await else { return };
+    let m = &ctx.entry.metrics;
+    let mut open = OpenSession::new(m);
+    let mut totals = SessionTotals::default();
+    let (outcome, backend) = relay(&mut ws, dialed, &ctx, &stop, &mut totals).await;
+    close_client(&mut ws, &outcome, limits.close_timeout).instrument(span.clone()).await;
+    // Counted now: the client has its close; lingering on the backend below (and a deadline
+    // that may cut it short) does not change how the session ended.
+    let code = close_code(&outcome);
+    open.ended(code, outcome.side());
+    // Release the client socket before lingering on the backend: the page's `onclose` waits for
+    // the TCP close, and must not wait for a slow backend.
+    drop(ws);
+    if let Some(mut backend) = backend
+        && matches!(outcome, Outcome::ClientClosed { .. } | Outcome::Shutdown)
+    {
+        // Tell the backend the client is done, then drop (and count) whatever it still sends,
+        // so it sees an orderly end rather than a reset.
+        bridge::shutdown_write(&mut backend).await;
+        totals.dropped_bytes = bridge::drain(&mut backend, limits.close_timeout).await;
+    }
+    let duration = started.elapsed();
+    m.duration.record(duration.as_secs_f64());
+    m.to_backend.peak.record(totals.to_backend.peak_buffered as f64);
+    m.to_client.peak.record(totals.to_client.peak_buffered as f64);
+    m.dropped_bytes.increment(totals.dropped_bytes);
+    span.in_scope(|| log_end(&ctx, &outcome, code, &totals, duration));
+}
+
+/// The client's WebSocket as a session relays over it.
+type Ws = ClientWs<Box<dyn client_stream::Duplex>>;
+
+/// The client's WebSocket, once hyper has handed over the connection (after the 101 went out);
+/// `None` if the upgrade did not complete.
+async fn websocket(upgrade: OnUpgrade, limits: &SessionLimits, span: &Span) -> Option<Ws> {
+    let upgraded = match upgrade.await {
+        Ok(upgraded) => upgraded,
+        Err(e) => {
+            span.in_scope(|| debug!(error = %e, "upgrade did not complete"));
+            return None;
+        }
+    };
+    let io = client_stream::take_back(upgraded, limits.client_read_bytes).unwrap_or_else(|io| {
+        span.in_scope(|| {
+            error!("bug: the client connection came back as another type; relaying through hyper's layers")
+        });
+        io
+    });
+    let io = FrameGate::new(client_stream::into_relay(io));
+    Some(WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config(limits))).await)
+}
+
+/// Runs the session's pump (the bridge, the built-in echo, or nothing for an unreachable
+/// backend) until one side ends it or the session's moment in the shutdown close window comes;
+/// returns how it ended, and the backend socket for the caller to release.
+async fn relay(
+    ws: &mut Ws,
+    dialed: Dialed,
+    ctx: &Context,
+    stop: &CancellationToken,
+    totals: &mut SessionTotals,
+) -> (Outcome, Option<TcpStream>) {
+    let (route, limits, m) = (&ctx.entry.route, &ctx.entry.limits, &ctx.entry.metrics);
+    let accept = Accept { text: route.accept.text, binary: route.accept.binary };
+    let metrics = BridgeMetrics { to_backend: &m.to_backend, to_client: &m.to_client };
+    // This session's own stop: the shutdown signal, delayed by its place in the close window.
+    let session_stop = CancellationToken::new();
+    let spread = async {
+        Cancelled::new(stop).await;
+        tokio::time::sleep(spread_offset(ctx.id, ctx.close_window)).await;
+        session_stop.cancel();
+        // Done: let the pump finish on its own (it sees `session_stop`).
+        std::future::pending().await
+    };
+    let pump = async {
+        match dialed {
+            Dialed::Unavailable(failure) => (Outcome::BackendUnavailable(failure), None),
+            Dialed::Echo => {
+                let end = echo::run_ws(ws, accept, &session_stop, totals, metrics).await;
+                (Outcome::from_end(end, limits.max_message_bytes), None)
+            }
+            Dialed::Tcp(stream) => {
+                let options = bridge_options(route.outbound, accept, limits);
+                let (end, backend) = bridge::run(ws, stream, options, &session_stop, totals, metrics).await;
+                (Outcome::from_end(end, limits.max_message_bytes), Some(backend))
+            }
+        }
+    };
+    tokio::select! {
+        biased;
+        done = pump => done,
+        never = spread => never,
+    }
+}
+
+/// How the bridge runs for a route: its framing and accepted types, under its limits.
+fn bridge_options(outbound: Outbound, accept: Accept, limits: &SessionLimits) -> bridge::Options {
+    bridge::Options {
+        backend_read_bytes: limits.backend_read_bytes,
+        client_batch_bytes: limits.client_read_bytes,
+        framing: match outbound {
+            Outbound::Binary => Framing::Binary,
+            Outbound::Text => Framing::Text,
+            Outbound::Mirror => Framing::Mirror,
+        },
+        accept,
+        finish_timeout: limits.close_timeout,
+        role: Role::Server,
+    }
+}
+
+/// A session counted in `wsgate_sessions_open` and, once its close is settled, in
+/// `wsgate_sessions_total`. If the session future is dropped before that (at the shutdown
+/// deadline), the drop still lowers the gauge and counts the session as ended by the gateway
+/// with 1006, the code the client sees when no close frame arrives.
+struct OpenSession<'a> {
+    metrics: &'a RouteMetrics,
+    ended: bool,
+}
+
+impl<'a> OpenSession<'a> {
+    fn new(metrics: &'a RouteMetrics) -> Self {
+        metrics.sessions_open.increment(1.0);
+        OpenSession { metrics, ended: false }
+    }
+
+    fn ended(&mut self, code: u16, side: Side) {
+        self.metrics.session_ended(code, side.as_str());
+        self.ended = true;
+    }
+}
+
+impl Drop for OpenSession<'_> {
+    fn drop(&mut self) {
+        self.metrics.sessions_open.decrement(1.0);
+        if !self.ended {
+            self.metrics.session_ended(1006, Side::Gateway.as_str());
+        }
+    }
+}
+
+/// Where in `window` session `id` closes on shutdown: a fixed, well-spread point (Fibonacci
+/// hashing of the id), so the spread needs no random number generator.
+fn spread_offset(id: u64, window: Duration) -> Duration {
+    let fraction = (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
+    window.mul_f64(fraction)
+}
+
+fn log_end(ctx: &Context, outcome: &Outcome, code: u16, totals: &SessionTotals, duration: Duration) {
+    // Ours, or the client's own (untrusted text: logged with its quotes and escapes).
+    let reason = match outcome {
+        Outcome::ClientClosed { reason, .. } => reason.clone(),
+        other => other.close_frame().map(|f| f.reason.as_str().to_string()).unwrap_or_default(),
+    };
+    info!(
+        client.addr = %ctx.client_addr,
+        route.backend = %ctx.entry.route.backend,
+        duration_secs = duration.as_secs_f64(),
+        to_backend.bytes = totals.to_backend.bytes,
+        to_backend.messages = totals.to_backend.messages,
+        to_backend.peak_buffered = totals.to_backend.peak_buffered,
+        to_client.bytes = totals.to_client.bytes,
+        to_client.messages = totals.to_client.messages,
+        to_client.peak_buffered = totals.to_client.peak_buffered,
+        dropped.bytes = totals.dropped_bytes,
+        close.code = code,
+        close.reason = ?reason,
+        closed_by = outcome.side().as_str(),
+        "session ended"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Shutdown closes spread evenly over the window, never past it.
+    #[test]
+    fn shutdown_spread_covers_the_window() {
+        let window = Duration::from_secs(10);
+        let offsets: Vec<Duration> = (1..=1000).map(|id| spread_offset(id, window)).collect();
+        assert!(offsets.iter().all(|o| *o < window));
+        // Every tenth of the window gets a share of the closes.
+        for tenth in 0..10 {
+            let n = offsets.iter().filter(|o| o.as_secs() == tenth).count();
+            assert!((50..=150).contains(&n), "second {tenth}: {n} of 1000");
+        }
+        assert_eq!(spread_offset(7, Duration::ZERO), Duration::ZERO);
+    }
+}
