@@ -10,8 +10,11 @@
 //! - [`config`]: `config.toml` → validated [`Config`] (raw → validated, errors, restart-only
 //!   keys); defaults and limits; one-line errors.
 //! - [`tls`]: rustls server configs from PEM files; the self-signed development pair.
-//! - `server`: accept loop, connection and handshake limits, TLS, HTTP/1.1, the answer to each
-//!   request (route, admit, dial, 101, spawn), refusals answered, logged and counted.
+//! - `server`: accept loop, TLS, HTTP/1.1, the answer to each request (route, admit, bounds,
+//!   dial, 101, spawn), refusals answered, logged and counted.
+//! - [`admission`]: who gets in and how much they hold: per-client connections, handshakes and
+//!   rate in one bounded table; the handshake pool that sheds its oldest; route session and
+//!   connect caps; the memory budget. Kept across reloads.
 //! - [`client_stream`]: the client connection as one type, from accept through hyper's upgrade.
 //! - [`router`]: the route table (route, limits, metrics, backend per entry); (`Host`, path) →
 //!   entry. Pure.
@@ -34,8 +37,9 @@
 //!
 //! ```text
 //! config.toml → config → Gateway::bind (listeners, TLS) → Gateway::run
-//! TCP → server → tls → HTTP/1.1 → router → policy::admit ──refuse──→ HTTP 4xx/5xx
-//!                                                     └─admit─→ session::dial, answer 101
+//! TCP → server → admission (client caps, handshake pool) → tls → HTTP/1.1 → router
+//!     → policy::admit ──refuse──→ HTTP 4xx/5xx
+//!       └─admit─→ admission (route caps, memory) → session::dial, answer 101
 //!                                                               └── session → bridge: WS ⇄ TCP
 //! Shutdown (main: SIGTERM/SIGINT) → /readyz 503 → drain delay → stop accepting
 //!        → sessions close with 1001 over the close window → deadline → drop the rest
@@ -48,6 +52,7 @@
 #![warn(missing_docs)]
 
 mod admin;
+pub mod admission;
 pub mod backend;
 pub mod bridge;
 pub mod client_stream;
@@ -70,7 +75,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -79,6 +84,7 @@ use tracing::{info, warn};
 pub use config::Config;
 pub use shutdown::Shutdown;
 
+use crate::admission::Admission;
 use crate::metrics::Metrics;
 use crate::server::{Shared, Snapshot};
 
@@ -137,12 +143,13 @@ impl Gateway {
     /// allows it.
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
         let metrics = Arc::new(Metrics::new(config.metrics));
-        let snapshot = snapshot(&config, &metrics)?;
+        let admission = Arc::new(Admission::new(&config.limits));
+        let snapshot = snapshot(&config, &metrics, &admission)?;
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
             listeners.push(server::Listener {
                 name: l.name.clone(),
-                tcp: bind(&l.name, l.address).await?,
+                tcp: bind_client_listener(&l.name, l.address, config.limits.listen_backlog)?,
                 secure: l.tls.is_some(),
                 metrics: metrics.listener(&l.name),
             });
@@ -155,7 +162,7 @@ impl Gateway {
             Some(address) => Some(bind("admin", address).await?),
             None => None,
         };
-        let shared = Arc::new(Shared::new(&config.limits, metrics, snapshot));
+        let shared = Arc::new(Shared::new(&config.limits, admission, metrics, snapshot));
         let reloader = Reloader { shared: shared.clone(), running: Arc::new(std::sync::Mutex::new(Arc::new(config))) };
         Ok(Gateway { listeners, tcp_echo, admin, shared, ready: Arc::new(AtomicBool::new(false)), reloader })
     }
@@ -277,7 +284,7 @@ impl Reloader {
         if let Some(what) = config::restart_required(&running, &new) {
             return Err(ReloadError::RestartRequired(what));
         }
-        let snapshot = snapshot(&new, &self.shared.metrics).map_err(ReloadError::Tls)?;
+        let snapshot = snapshot(&new, &self.shared.metrics, &self.shared.admission).map_err(ReloadError::Tls)?;
         self.shared.replace(snapshot);
         *running = Arc::new(new);
         Ok(())
@@ -285,7 +292,7 @@ impl Reloader {
 }
 
 /// Everything a reload may change, built from `config`: routes, limits, certificates, pages.
-fn snapshot(config: &Config, metrics: &Metrics) -> Result<Snapshot, StartError> {
+fn snapshot(config: &Config, metrics: &Metrics, admission: &Admission) -> Result<Snapshot, StartError> {
     let mut tls = HashMap::new();
     for l in &config.listeners {
         if let Some(files) = &l.tls {
@@ -293,7 +300,7 @@ fn snapshot(config: &Config, metrics: &Metrics) -> Result<Snapshot, StartError> 
         }
     }
     Ok(Snapshot {
-        router: router::Router::new(&config.routes, &config.limits, |name| metrics.route(name)),
+        router: router::Router::new(&config.routes, |name| metrics.route(name), |name| admission.route(name)),
         limits: config.limits.clone(),
         shutdown: config.shutdown.clone(),
         tls,
@@ -314,6 +321,16 @@ fn load_tls(name: &str, files: &config::TlsFiles) -> Result<Arc<rustls::ServerCo
         );
     }
     tls::server_config(&files.cert, &files.key).map_err(err)
+}
+
+/// A client-facing listener with the configured backlog (tokio's `bind` fixes it at 1024).
+fn bind_client_listener(name: &str, address: SocketAddr, backlog: u32) -> Result<TcpListener, StartError> {
+    let err = |source| StartError::Bind { name: name.to_string(), address, source };
+    let socket = if address.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(err)?;
+    // As tokio's `bind` does: a restarted gateway can bind while old connections are in TIME_WAIT.
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(address).map_err(err)?;
+    socket.listen(backlog).map_err(err)
 }
 
 async fn bind(name: &str, address: SocketAddr) -> Result<TcpListener, StartError> {

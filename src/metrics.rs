@@ -25,8 +25,16 @@ pub mod names {
     pub const CONNECTIONS_ACCEPTED: &str = "wsgate_connections_accepted_total";
     /// Gauge{listener}: client connections open (handshaking or upgraded).
     pub const CONNECTIONS_OPEN: &str = "wsgate_connections_open";
-    /// Counter{listener, reason}: connections closed at once because a limit was reached.
+    /// Counter{listener, reason}: connections refused or closed early because a limit was
+    /// reached.
     pub const CONNECTIONS_REFUSED: &str = "wsgate_connections_refused_total";
+    /// Gauge: connections in the handshake pool (TLS handshake or waiting for the request).
+    pub const HANDSHAKES_IN_PROGRESS: &str = "wsgate_handshakes_in_progress";
+    /// Gauge: clients (addresses, IPv6 prefixes) in the per-client table.
+    pub const CLIENTS_TRACKED: &str = "wsgate_clients_tracked";
+    /// Counter{route, reason}: admitted requests given no session because a route or gateway
+    /// bound was reached.
+    pub const SESSIONS_SHED: &str = "wsgate_sessions_shed_total";
     /// Counter{listener, reason}: TLS handshakes that failed or timed out.
     pub const TLS_HANDSHAKE_FAILURES: &str = "wsgate_tls_handshake_failures_total";
     /// Counter{route, status}: HTTP requests answered, by status (101 for upgrades).
@@ -75,6 +83,10 @@ pub struct Metrics {
     pub reloads_ok: Counter,
     /// Reloads rejected (the old config stayed).
     pub reloads_failed: Counter,
+    /// Connections in the handshake pool.
+    pub handshakes_in_progress: Gauge,
+    /// Clients in the per-client table.
+    pub clients_tracked: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -112,7 +124,11 @@ impl Metrics {
             ready: Gauge::noop(),
             reloads_ok: Counter::noop(),
             reloads_failed: Counter::noop(),
+            handshakes_in_progress: Gauge::noop(),
+            clients_tracked: Gauge::noop(),
         };
+        metrics.handshakes_in_progress = metrics.gauge(names::HANDSHAKES_IN_PROGRESS, &[]);
+        metrics.clients_tracked = metrics.gauge(names::CLIENTS_TRACKED, &[]);
         metrics.ready = metrics.gauge(names::READY, &[]);
         metrics.reloads_ok = metrics.counter(names::CONFIG_RELOADS, &[("result", "ok")]);
         metrics.reloads_failed = metrics.counter(names::CONFIG_RELOADS, &[("result", "error")]);
@@ -155,7 +171,10 @@ impl Metrics {
             accepted: self.counter(names::CONNECTIONS_ACCEPTED, &l),
             open: self.gauge(names::CONNECTIONS_OPEN, &l),
             refused_connection_limit: refused("connection_limit"),
-            refused_handshake_limit: refused("handshake_limit"),
+            refused_client_connections: refused("client_connection_limit"),
+            refused_client_rate: refused("client_rate_limit"),
+            refused_client_handshakes: refused("client_handshake_limit"),
+            handshake_shed: refused("handshake_shed"),
             tls_failed: tls("error"),
             tls_timeout: tls("timeout"),
         }
@@ -215,7 +234,20 @@ fn describe(r: &PrometheusRecorder) {
         d(
             names::CONNECTIONS_REFUSED,
             Some(Unit::Count),
-            "Connections closed at once because limits.max_connections or limits.max_handshakes was reached.",
+            "Connections refused or closed early at a limit, by listener and reason: connection_limit, \
+             client_connection_limit, client_rate_limit, client_handshake_limit, handshake_shed.",
+        ),
+        d(
+            names::HANDSHAKES_IN_PROGRESS,
+            Some(Unit::Count),
+            "Connections in the handshake pool: in the TLS handshake or waiting for their request.",
+        ),
+        d(names::CLIENTS_TRACKED, Some(Unit::Count), "Client addresses (IPv6: prefixes) in the per-client table."),
+        d(
+            names::SESSIONS_SHED,
+            Some(Unit::Count),
+            "Admitted requests given no session at a bound, by route and reason: max_sessions, \
+             max_pending_connects, memory.",
         ),
         d(names::TLS_HANDSHAKE_FAILURES, Some(Unit::Count), "TLS handshakes that failed or timed out."),
         d(names::HANDSHAKES, Some(Unit::Count), "HTTP requests answered, by route and status (101: upgraded)."),
@@ -276,10 +308,16 @@ pub struct ListenerMetrics {
     pub accepted: Counter,
     /// Connections open.
     pub open: Gauge,
-    /// Closed at `max_connections`.
+    /// Refused at `max_connections` (a 503 or a bare close).
     pub refused_connection_limit: Counter,
-    /// Closed at `max_handshakes`.
-    pub refused_handshake_limit: Counter,
+    /// Closed at accept: the client had `per_client.max_connections` open.
+    pub refused_client_connections: Counter,
+    /// Answered 429: the client opened connections faster than its rate.
+    pub refused_client_rate: Counter,
+    /// Answered 429: the client had `per_client.max_handshakes` unfinished.
+    pub refused_client_handshakes: Counter,
+    /// Closed mid-handshake to make room in a full handshake pool.
+    pub handshake_shed: Counter,
     /// TLS handshakes that failed.
     pub tls_failed: Counter,
     /// TLS handshakes that timed out.
@@ -324,6 +362,11 @@ impl RouteMetrics {
     /// Counts an HTTP answer on this route (101 for an upgrade).
     pub fn handshake(&self, status: u16) {
         self.counter(names::HANDSHAKES, &[("status", &status.to_string())]).increment(1);
+    }
+
+    /// Counts a request given no session at a bound; `reason` is one of a fixed set.
+    pub fn shed(&self, reason: &str) {
+        self.counter(names::SESSIONS_SHED, &[("reason", reason)]).increment(1);
     }
 
     /// Counts a failed backend connect; `kind` is one of a fixed set of short descriptions.

@@ -23,6 +23,9 @@ use base64::Engine;
 use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{HeaderMap, Method, StatusCode, Version};
 
+use std::time::Duration;
+
+use crate::admission::{Over, Shed};
 use crate::backend::ConnectFailure;
 use crate::config::{AllowedOrigins, Route, normalize_origin};
 use crate::router::normalize_host;
@@ -51,6 +54,13 @@ impl Refusal {
         self
     }
 
+    /// `Retry-After` in whole seconds, rounded up (at least 1).
+    fn retry_after(mut self, wait: Duration) -> Refusal {
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        self.headers.push((header::RETRY_AFTER, HeaderValue::from(secs.max(1))));
+        self
+    }
+
     fn notable(mut self) -> Refusal {
         self.is_notable = true;
         self
@@ -59,6 +69,29 @@ impl Refusal {
     /// No route matches the request's host and path.
     pub fn no_route(path: &str) -> Refusal {
         Refusal::new(StatusCode::NOT_FOUND, format!("no route for {path}"))
+    }
+
+    /// The client is over its rate or its handshake share (`limits.per_client`): 429 with
+    /// `Retry-After`. Debug level: a client over its share is often a flood, and the metric
+    /// `wsgate_connections_refused_total` counts each.
+    pub fn client_over(over: Over) -> Refusal {
+        let (reason, wait) = match over {
+            Over::Rate(wait) => ("too many new connections from this address".to_string(), wait),
+            Over::Handshakes(n) => {
+                (format!("too many handshakes in progress from this address (limit {n})"), Duration::from_secs(1))
+            }
+            // Closed at accept; never answered. Mapped anyway so the match stays total.
+            Over::Connections(n) => {
+                (format!("too many connections from this address (limit {n})"), Duration::from_secs(1))
+            }
+        };
+        Refusal::new(StatusCode::TOO_MANY_REQUESTS, reason).retry_after(wait)
+    }
+
+    /// The route or the gateway is at a bound, on a route that says so in HTTP: 503 with
+    /// `Retry-After`.
+    pub fn shed(shed: Shed) -> Refusal {
+        Refusal::new(StatusCode::SERVICE_UNAVAILABLE, shed.reason()).retry_after(shed.retry_after())
     }
 
     /// The backend could not be reached, on a route that says so in HTTP

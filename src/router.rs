@@ -2,7 +2,7 @@
 //! `Host` and path. Pure: built once when a config is loaded, then request parts in, entry out.
 //!
 //! Each [`Entry`] carries everything a request on its route needs, resolved at load time: the
-//! route, its session limits (the global `[limits]`, where per-route overrides will apply), its
+//! route, its limits (`[limits]` with the route's own `limits` table applied), its load, its
 //! metric handles and how to reach its backend. Nothing is looked up by name per request.
 //!
 //! Precedence follows nginx, where the server name is chosen before the location: a route whose
@@ -11,10 +11,11 @@
 //! The query string never takes part (the server passes only the path).
 
 use std::sync::Arc;
-use std::time::Duration;
 
+use crate::admission::RouteLoad;
 use crate::backend::Dialer;
-use crate::config::{Backend, HostPattern, Limits, PathMatch, Route};
+pub use crate::config::SessionLimits;
+use crate::config::{Backend, HostPattern, PathMatch, Route};
 use crate::metrics::RouteMetrics;
 
 /// One route with everything its requests and sessions need.
@@ -27,6 +28,9 @@ pub struct Entry {
     /// Its metric handles, registered when the table is built (so the route shows in `/metrics`
     /// before its first session) and kept across reloads.
     pub metrics: Arc<RouteMetrics>,
+    /// Its sessions and connects in progress, counted against its caps; kept across reloads
+    /// like its metrics.
+    pub load: Arc<RouteLoad>,
     /// Where its sessions go.
     pub target: Target,
 }
@@ -40,38 +44,6 @@ pub enum Target {
     Echo,
 }
 
-/// The limits one session runs under: the global `[limits]` with the route's overrides applied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SessionLimits {
-    /// Largest message (or frame) accepted from the client.
-    pub max_message_bytes: usize,
-    /// Largest single backend read, and so the largest message sent to the client.
-    pub backend_read_bytes: usize,
-    /// Size of each client read while data flows; also the most bytes of waiting client
-    /// messages joined into one backend write.
-    pub client_read_bytes: usize,
-    /// Time allowed to connect the backend.
-    pub connect_timeout: Duration,
-    /// Time allowed for each closing handshake, and for the message in flight to finish.
-    pub close_timeout: Duration,
-    /// TCP keepalive idle time for the backend socket.
-    pub tcp_keepalive: Option<Duration>,
-}
-
-impl SessionLimits {
-    /// The limits for `route`: the global ones (no route overrides any yet).
-    pub fn resolve(global: &Limits, _route: &Route) -> SessionLimits {
-        SessionLimits {
-            max_message_bytes: global.max_message_bytes,
-            backend_read_bytes: global.backend_read_bytes,
-            client_read_bytes: global.ws_read_buffer_bytes,
-            connect_timeout: global.connect_timeout,
-            close_timeout: global.close_timeout,
-            tcp_keepalive: global.tcp_keepalive,
-        }
-    }
-}
-
 /// The route table of one config snapshot.
 #[derive(Debug, Clone)]
 pub struct Router {
@@ -81,16 +53,21 @@ pub struct Router {
 impl Router {
     /// Builds the table; the routes were validated by `config`, so this cannot fail.
     /// `metrics_for` gives a route's metric handles by name.
-    pub fn new(routes: &[Route], limits: &Limits, metrics_for: impl Fn(&str) -> Arc<RouteMetrics>) -> Self {
+    pub fn new(
+        routes: &[Route],
+        metrics_for: impl Fn(&str) -> Arc<RouteMetrics>,
+        load_for: impl Fn(&str) -> Arc<RouteLoad>,
+    ) -> Self {
         let entry = |route: &Route| {
-            let limits = SessionLimits::resolve(limits, route);
+            let limits = route.limits;
             let target = match &route.backend {
                 Backend::Tcp { host, port } => {
                     Target::Tcp(Dialer::new(host, *port, limits.connect_timeout, limits.tcp_keepalive))
                 }
                 Backend::Echo => Target::Echo,
             };
-            Arc::new(Entry { route: route.clone(), limits, metrics: metrics_for(&route.name), target })
+            let (metrics, load) = (metrics_for(&route.name), load_for(&route.name));
+            Arc::new(Entry { route: route.clone(), limits, metrics, load, target })
         };
         Router { entries: routes.iter().map(entry).collect() }
     }
@@ -158,11 +135,8 @@ mod tests {
 
     /// A table of `routes` under the default limits, recording no metrics.
     fn table(routes: &[Route]) -> Router {
-        let minimal =
-            "[listeners.a]\naddress = \"127.0.0.1:1\"\n[routes.e]\npath = \"/e\"\nbackend = \"builtin:echo\"\n";
-        let limits = crate::config::parse(minimal, std::path::Path::new("t.toml")).expect("valid").limits;
         let metrics = crate::metrics::Metrics::new(false);
-        Router::new(routes, &limits, |name| metrics.route(name))
+        Router::new(routes, |name| metrics.route(name), |_| Arc::default())
     }
 
     /// Exact beats prefix, longer prefix beats shorter, and prefixes stop at segment boundaries.

@@ -12,16 +12,17 @@
 //! was accepted; a reload swaps the snapshot whole, so new connections see the new config and
 //! existing sessions keep theirs.
 //!
-//! Limits are semaphore permits held by the task they limit: a connection permit lives as long
-//! as the client socket (through the session), a handshake permit until the request is answered.
-//! At either limit a new socket is closed at once rather than queued, and counted.
+//! Limits (`admission`) are values held by the task they limit: a connection's place under
+//! `max_connections` and its client's count live as long as the client socket (through the
+//! session); its place in the handshake pool and its client's handshake share until the request
+//! is answered or the backend dial begins; a route's session place as long as the session.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -32,15 +33,17 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 use tungstenite::handshake::derive_accept_key;
 
-use crate::backend;
+use crate::admission::{Admission, ConnectionLease, HandshakeLease, LoadGuard, Over, Place, Pool, Shed, Verdict};
+use crate::backend::{self, ConnectFailure};
 use crate::client_stream::{ClientIo, ClientStream};
 use crate::config::{Limits, Unavailable};
 use crate::metrics::{ListenerMetrics, Metrics};
@@ -52,7 +55,9 @@ use crate::session::{self, Dialed};
 /// What every connection of one gateway instance shares for the instance's whole life.
 pub(crate) struct Shared {
     pub connections: Arc<Semaphore>,
-    pub handshakes: Arc<Semaphore>,
+    /// Sockets beyond `max_connections` being told so with a 503 (ws listeners only).
+    overflow: Arc<Semaphore>,
+    pub admission: Arc<Admission>,
     pub next_session: AtomicU64,
     /// Cancelled when the drain begins: stop accepting, close sessions with 1001.
     pub stop: CancellationToken,
@@ -84,10 +89,11 @@ pub(crate) struct Page {
 }
 
 impl Shared {
-    pub fn new(limits: &Limits, metrics: Arc<Metrics>, snapshot: Snapshot) -> Shared {
+    pub fn new(limits: &Limits, admission: Arc<Admission>, metrics: Arc<Metrics>, snapshot: Snapshot) -> Shared {
         Shared {
             connections: Arc::new(Semaphore::new(limits.max_connections)),
-            handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
+            overflow: Arc::new(Semaphore::new(OVERFLOW_RESPONSES)),
+            admission,
             next_session: AtomicU64::new(1),
             stop: CancellationToken::new(),
             abort: CancellationToken::new(),
@@ -140,19 +146,18 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             }
         };
         m.accepted.increment(1);
+        let snapshot = shared.snapshot();
         let Ok(conn_permit) = shared.connections.clone().try_acquire_owned() else {
             m.refused_connection_limit.increment(1);
             // debug, not warn: under a flood this would log once per socket; the counter
             // wsgate_connections_refused_total is what to alert on.
-            debug!(listener = %listener.name, client.addr = %peer, "connection limit reached (limits.max_connections); closing");
+            debug!(listener = %listener.name, client.addr = %peer, "connection limit reached (limits.max_connections)");
+            if !listener.secure {
+                overflow(tcp, &shared);
+            }
             continue;
         };
-        let Ok(handshake_permit) = shared.handshakes.clone().try_acquire_owned() else {
-            m.refused_handshake_limit.increment(1);
-            debug!(listener = %listener.name, client.addr = %peer, "handshake limit reached (limits.max_handshakes); closing");
-            continue;
-        };
-        let snapshot = shared.snapshot();
+        let Some(admitted) = admit_client(&listener, peer, &snapshot, &shared) else { continue };
         let tls = snapshot.tls.get(&listener.name).cloned();
         if listener.secure && tls.is_none() {
             // Cannot happen: reloads that would change a listener's scheme are refused.
@@ -160,18 +165,138 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             continue;
         }
         let span = info_span!("conn", listener = %listener.name, client.addr = %peer);
-        let conn = Connection { peer, secure: listener.secure, slot: Arc::new(Slot::new(conn_permit, m)), snapshot };
+        let (client, share) = admitted;
+        let (share, handshake) = match share {
+            Ok(share) => (Some(share), Handshake::Finished),
+            Err(over) => (None, Handshake::Over(over)),
+        };
+        let conn = Connection {
+            peer,
+            secure: listener.secure,
+            slot: Arc::new(Slot::new(conn_permit, client, m)),
+            handshake: Mutex::new(handshake),
+            snapshot,
+        };
         let (shared2, metrics) = (shared.clone(), listener.metrics.clone());
         shared.tasks.spawn(
             async move {
                 let abort = shared2.abort.clone();
                 tokio::select! {
                     _ = abort.cancelled() => {}
-                    _ = handle_connection(tcp, tls, conn, handshake_permit, metrics, shared2) => {}
+                    _ = handle_connection(tcp, tls, conn, share, metrics, shared2) => {}
                 }
             }
             .instrument(span),
         );
+    }
+}
+
+/// How many sockets beyond `max_connections` may be open at once to tell their clients so with a
+/// 503 (the limit is there for file descriptors, so only a few); past these, sockets are closed.
+pub(crate) const OVERFLOW_RESPONSES: usize = 64;
+
+/// The 503 a `ws` client gets at `max_connections`, written without reading its request.
+const OVERFLOW_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
+Retry-After: 5\r\nConnection: close\r\nContent-Length: 52\r\n\r\ngateway is at its connection limit; try again later\n";
+
+/// Answers a socket over `max_connections` with [`OVERFLOW_RESPONSE`] if one of the
+/// [`OVERFLOW_RESPONSES`] places is free, then closes it after a short, bounded linger (reading
+/// what the client sends, so the close does not reset the answer away); otherwise drops it.
+fn overflow(mut tcp: TcpStream, shared: &Shared) {
+    let Ok(place) = shared.overflow.clone().try_acquire_owned() else { return };
+    let abort = shared.abort.clone();
+    shared.tasks.spawn(async move {
+        let answer = async {
+            tcp.write_all(OVERFLOW_RESPONSE).await?;
+            tcp.shutdown().await?;
+            let mut sink = [0u8; 4096];
+            while tcp.read(&mut sink).await? > 0 {}
+            Ok::<(), std::io::Error>(())
+        };
+        tokio::select! {
+            _ = abort.cancelled() => {}
+            _ = tokio::time::timeout(Duration::from_secs(1), answer) => {}
+        }
+        drop(place);
+    });
+}
+
+/// Where a connection stands with its handshake.
+enum Handshake {
+    /// In the pool, within its client's share.
+    Pooled(HandshakePlace),
+    /// Its client is over a share: every request is answered 429.
+    Over(Over),
+    /// The request was admitted; what follows (the dial) is bounded per route instead.
+    Finished,
+}
+
+/// Counts a new connection against its client's limits: its lease, and its share of the
+/// client's handshakes or why it is over one; `None` when it is closed at accept.
+fn admit_client(
+    listener: &Listener,
+    peer: SocketAddr,
+    snapshot: &Snapshot,
+    shared: &Shared,
+) -> Option<(ConnectionLease, Result<HandshakeLease, Over>)> {
+    let (m, admission) = (&listener.metrics, &shared.admission);
+    let verdict = admission.clients.admit(peer.ip(), &snapshot.limits.per_client, Instant::now());
+    shared.metrics.clients_tracked.set(admission.clients.tracked() as f64);
+    match verdict {
+        Verdict::Closed(over) => {
+            m.refused_client_connections.increment(1);
+            debug!(listener = %listener.name, client.addr = %peer, ?over, "client connection limit reached (limits.per_client.max_connections)");
+            None
+        }
+        Verdict::Refused(client, over) => {
+            match over {
+                Over::Rate(_) => m.refused_client_rate.increment(1),
+                Over::Handshakes(_) | Over::Connections(_) => m.refused_client_handshakes.increment(1),
+            }
+            Some((client, Err(over)))
+        }
+        Verdict::Admitted(client, share) => Some((client, Ok(share))),
+    }
+}
+
+/// A connection's place in the handshake pool, with its client's handshake share, and its
+/// count in `wsgate_handshakes_in_progress`.
+struct HandshakePlace {
+    place: Option<Place>,
+    _share: HandshakeLease,
+    pool: Arc<Pool>,
+    gauge: metrics::Gauge,
+}
+
+impl HandshakePlace {
+    fn new(pool: &Arc<Pool>, share: HandshakeLease, m: &Metrics) -> HandshakePlace {
+        // A connection shed to make room counts itself when it sees that it was.
+        let (place, _shed_another) = pool.enter();
+        m.handshakes_in_progress.set(pool.occupied() as f64);
+        HandshakePlace {
+            place: Some(place),
+            _share: share,
+            pool: pool.clone(),
+            gauge: m.handshakes_in_progress.clone(),
+        }
+    }
+
+    /// Fires when the pool sheds this connection.
+    fn shed_signal(&self) -> CancellationToken {
+        self.place.as_ref().map(Place::token).unwrap_or_default()
+    }
+
+    fn progressed(&self) {
+        if let Some(place) = &self.place {
+            place.progressed();
+        }
+    }
+}
+
+impl Drop for HandshakePlace {
+    fn drop(&mut self) {
+        drop(self.place.take());
+        self.gauge.set(self.pool.occupied() as f64);
     }
 }
 
@@ -204,16 +329,18 @@ pub(crate) async fn accept_bounded(
     }
 }
 
-/// A client socket's place under `max_connections`, and in the open-connections gauge.
+/// A client socket's place under `max_connections` and among its client's connections, and in
+/// the open-connections gauge.
 struct Slot {
     _permit: OwnedSemaphorePermit,
+    _client: ConnectionLease,
     open: metrics::Gauge,
 }
 
 impl Slot {
-    fn new(permit: OwnedSemaphorePermit, m: &ListenerMetrics) -> Slot {
+    fn new(permit: OwnedSemaphorePermit, client: ConnectionLease, m: &ListenerMetrics) -> Slot {
         m.open.increment(1.0);
-        Slot { _permit: permit, open: m.open.clone() }
+        Slot { _permit: permit, _client: client, open: m.open.clone() }
     }
 }
 
@@ -228,47 +355,111 @@ struct Connection {
     peer: SocketAddr,
     secure: bool,
     /// Held by the connection task and by the session it upgrades to; the socket counts against
-    /// `max_connections` until both are done.
+    /// `max_connections` and its client's connections until both are done.
     slot: Arc<Slot>,
+    /// Its handshake place, until the request is admitted.
+    handshake: Mutex<Handshake>,
     /// The config this connection was accepted under.
     snapshot: Arc<Snapshot>,
 }
 
+impl Connection {
+    /// Leaves the handshake pool and the client's handshake share: the request has been read
+    /// and admitted, and what follows (the dial) is bounded per route instead.
+    fn finish_handshake(&self) {
+        *self.handshake.lock().unwrap_or_else(|p| p.into_inner()) = Handshake::Finished;
+    }
+
+    /// Records progress in the handshake (see `admission::Pool`).
+    fn progressed(&self) {
+        if let Handshake::Pooled(place) = &*self.handshake.lock().unwrap_or_else(|p| p.into_inner()) {
+            place.progressed();
+        }
+    }
+
+    /// Why every request on this connection is answered 429, if it is.
+    fn over(&self) -> Option<Over> {
+        match *self.handshake.lock().unwrap_or_else(|p| p.into_inner()) {
+            Handshake::Over(over) => Some(over),
+            Handshake::Pooled(_) | Handshake::Finished => None,
+        }
+    }
+}
+
+/// Serves one accepted connection: its place in the handshake pool (when it is within its
+/// client's share), TLS, then HTTP, until it is answered, upgraded, or shed from the pool.
+///
+/// The connection enters the pool here, when its task first runs, not at accept: under a flood
+/// the accept loop takes connections far faster than their tasks run, and a place taken at
+/// accept would age in the run queue, where a real client's would be shed before its
+/// request, already waiting in the socket, was ever read.
 async fn handle_connection(
     tcp: TcpStream,
     tls: Option<TlsAcceptor>,
-    conn: Connection,
-    handshake_permit: OwnedSemaphorePermit,
+    mut conn: Connection,
+    share: Option<HandshakeLease>,
     metrics: ListenerMetrics,
     shared: Arc<Shared>,
 ) {
-    backend::tune(&tcp, conn.snapshot.limits.tcp_keepalive);
+    let shed = match share {
+        Some(share) => {
+            let place = HandshakePlace::new(&shared.admission.pool, share, &shared.metrics);
+            let shed = place.shed_signal();
+            *conn.handshake.get_mut().unwrap_or_else(|p| p.into_inner()) = Handshake::Pooled(place);
+            shed
+        }
+        None => CancellationToken::new(),
+    };
+    let limits = conn.snapshot.limits.clone();
+    backend::tune(&tcp, limits.session.tcp_keepalive);
     // One deadline for the whole handshake, TLS included, so a wss client gets no more time
-    // than a ws one.
-    let timeout = conn.snapshot.limits.handshake_timeout;
+    // than a ws one; within it, a shorter one for the request head once TLS is done.
+    let timeout = limits.handshake_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
+    let head_timeout = limits.request_head_timeout;
     let conn = Arc::new(conn);
     // Reads from the client go through `ReadAhead` (below hyper, so the WebSocket upgraded from
     // this connection reads through it too): large reads while data flows, no buffer when idle.
-    let chunk = conn.snapshot.limits.ws_read_buffer_bytes;
-    match tls {
-        None => serve_http(ReadAhead::new(ClientStream::Tcp(tcp), chunk), conn, deadline, shared).await,
-        Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
-            Ok(Ok(stream)) => {
-                let io = ReadAhead::new(ClientStream::Tls(Box::new(stream)), chunk);
-                serve_http(io, conn, deadline, shared).await
-            }
-            Ok(Err(e)) => {
-                metrics.tls_failed.increment(1);
-                debug!(error = %e, "tls handshake failed");
-            }
-            Err(_) => {
-                metrics.tls_timeout.increment(1);
-                debug!(?timeout, "tls handshake timed out (limits.handshake_timeout_secs)");
-            }
-        },
+    let chunk = limits.session.client_read_bytes;
+    let serve = async {
+        let stream = match tls {
+            None => ClientStream::Tcp(tcp),
+            Some(acceptor) => match tokio::time::timeout_at(deadline, tls_handshake(acceptor, tcp, &conn)).await {
+                Ok(Ok(stream)) => ClientStream::Tls(Box::new(stream)),
+                Ok(Err(e)) => {
+                    metrics.tls_failed.increment(1);
+                    debug!(error = %e, "tls handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    metrics.tls_timeout.increment(1);
+                    debug!(?timeout, "tls handshake timed out (limits.handshake_timeout_secs)");
+                    return;
+                }
+            },
+        };
+        let head_deadline = deadline.min(tokio::time::Instant::now() + head_timeout);
+        serve_http(ReadAhead::new(stream, chunk), conn.clone(), head_deadline, shared).await
+    };
+    tokio::select! {
+        _ = serve => {}
+        _ = shed.cancelled() => {
+            metrics.handshake_shed.increment(1);
+            debug!("handshake pool full (limits.max_handshakes): closed the connection that had waited longest");
+        }
     }
-    drop(handshake_permit);
+}
+
+/// The TLS handshake; once the ClientHello has arrived whole the connection has shown progress,
+/// and the pool sheds it only after those that have not.
+async fn tls_handshake(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    conn: &Connection,
+) -> std::io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
+    let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+    conn.progressed();
+    start.into_stream(acceptor.config().clone()).await
 }
 
 /// Serves one HTTP/1.1 request on `io`: the upgrade, or a refusal (or the console page), after
@@ -337,6 +528,9 @@ async fn answer(
     shared: &Shared,
 ) -> (Option<Arc<Entry>>, Result<Response<Full<Bytes>>, Refusal>) {
     let snap = &conn.snapshot;
+    if let Some(over) = conn.over() {
+        return (None, Err(Refusal::client_over(over)));
+    }
     if let Some(page) = page(&req, snap) {
         return (None, Ok(page));
     }
@@ -381,12 +575,21 @@ async fn upgrade(
         peer: conn.peer,
     };
     let admitted = policy::admit(parts, &entry.route)?;
-    let dialed = match session::dial(entry).await {
-        Ok(dialed) => dialed,
-        Err(e) if entry.route.on_backend_unavailable == Unavailable::Http => {
-            return Err(Refusal::backend_unavailable(e.failure()));
+    conn.finish_handshake();
+    let (place, dialed) = match start(entry, conn, shared).await {
+        Ok((place, dialed)) => (Some(place), dialed),
+        Err(not) => {
+            if let NotStarted::Shed(shed) = not {
+                entry.metrics.shed(shed.label());
+                debug!(route = %entry.route.name, reason = %shed.reason(), "session shed");
+            }
+            match (entry.route.on_backend_unavailable, not) {
+                (Unavailable::Http, NotStarted::Shed(shed)) => return Err(Refusal::shed(shed)),
+                (Unavailable::Http, NotStarted::Failed(failure)) => return Err(Refusal::backend_unavailable(failure)),
+                (Unavailable::Close, NotStarted::Shed(shed)) => (None, Dialed::Shed(shed)),
+                (Unavailable::Close, NotStarted::Failed(failure)) => (None, Dialed::Unavailable(failure)),
+            }
         }
-        Err(e) => Dialed::Unavailable(e.failure()),
     };
     // The key's form was checked by `admit`.
     let key = req.headers().get(header::SEC_WEBSOCKET_KEY).map(HeaderValue::as_bytes).unwrap_or_default();
@@ -402,9 +605,30 @@ async fn upgrade(
     let upgrading = hyper::upgrade::on(req);
     // `map`, not `async move { session.await; .. }`: an async block that awaits a future it
     // captured stores it twice, and a session's future is most of what an idle session costs.
-    let session = session::run(upgrading, dialed, ctx, stop, abort).map(move |()| drop(slot));
+    let session = session::run(upgrading, dialed, ctx, stop, abort).map(move |()| drop((slot, place)));
     shared.tasks.spawn(session);
     Ok(response)
+}
+
+/// Why an admitted request gets no session.
+enum NotStarted {
+    /// A bound of the route or the gateway.
+    Shed(Shed),
+    /// The backend could not be reached.
+    Failed(ConnectFailure),
+}
+
+/// The bounds a session starts under, then the dial: the session's place on its route and its
+/// backend, or why not. The route's cap on connects in progress is held only while dialling.
+async fn start(entry: &Entry, conn: &Connection, shared: &Shared) -> Result<(LoadGuard, Dialed), NotStarted> {
+    let place = entry.load.session(entry.limits.max_sessions).map_err(NotStarted::Shed)?;
+    if shared.admission.memory.is_over(conn.snapshot.limits.max_memory) {
+        return Err(NotStarted::Shed(Shed::Memory));
+    }
+    let connecting = entry.load.connect(entry.limits.max_pending_connects).map_err(NotStarted::Shed)?;
+    let dialed = session::dial(entry).await.map_err(|e| NotStarted::Failed(e.failure()))?;
+    drop(connecting);
+    Ok((place, dialed))
 }
 
 /// The 101 that completes a WebSocket handshake.
@@ -435,4 +659,18 @@ fn refused(refusal: Refusal) -> Response<Full<Bytes>> {
         headers.insert(name, value);
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hand-written 503 says how long its body is, correctly.
+    #[test]
+    fn overflow_response_is_well_formed() {
+        let text = std::str::from_utf8(OVERFLOW_RESPONSE).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("\r\nContent-Length: {}", body.len())), "{head}");
+        assert!(head.starts_with("HTTP/1.1 503 "));
+    }
 }

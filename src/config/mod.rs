@@ -120,6 +120,9 @@ pub struct Route {
     pub subprotocols: Vec<String>,
     /// How a client learns that the backend could not be reached.
     pub on_backend_unavailable: Unavailable,
+    /// What its requests and sessions run under: `[limits]` with the route's own `limits`
+    /// table applied.
+    pub limits: SessionLimits,
 }
 
 /// Which client message types a route accepts; at least one is true.
@@ -229,26 +232,79 @@ pub enum Unavailable {
 /// Bounds on what one gateway instance holds. Each has a documented default (docs/config.md).
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Client sockets open at once, handshaking or upgraded. Beyond it new sockets are closed.
+    /// Client sockets open at once, handshaking or upgraded. Beyond it new sockets get a 503
+    /// (a few, on `ws` listeners) or are closed.
     pub max_connections: usize,
-    /// Client sockets in TLS or HTTP handshake at once. Beyond it new sockets are closed.
+    /// Client sockets in the TLS handshake or waiting for their request at once. A new socket
+    /// beyond it sheds the one that has waited longest.
     pub max_handshakes: usize,
     /// Time a client has from connect to a complete HTTP request (TLS included).
     pub handshake_timeout: Duration,
-    /// Largest WebSocket message (fragments joined) or frame accepted from a client.
+    /// Time a client has, once its TLS handshake is done (from the accept on `ws`), to send
+    /// its complete request head.
+    pub request_head_timeout: Duration,
+    /// Backlog of each client-facing listening socket.
+    pub listen_backlog: u32,
+    /// Resident memory above which new sessions are shed.
+    pub max_memory: MemoryBudget,
+    /// What one client may hold and open.
+    pub per_client: PerClient,
+    /// What every route's sessions run under unless the route says otherwise.
+    pub session: SessionLimits,
+}
+
+/// The limits one route's requests and sessions run under: `[limits]`, with the route's own
+/// `limits` table applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// Largest message (or frame) accepted from the client.
     pub max_message_bytes: usize,
-    /// Size of each read from a client socket while data flows; the buffer is freed when idle.
-    pub ws_read_buffer_bytes: usize,
-    /// Largest single read from a backend, and so the largest message sent to a client.
+    /// Size of each client read while data flows; also the most bytes of waiting client
+    /// messages joined into one backend write.
+    pub client_read_bytes: usize,
+    /// Largest single backend read, and so the largest message sent to the client.
     pub backend_read_bytes: usize,
-    /// Time allowed to connect a backend, all resolved addresses included.
+    /// Time allowed to connect the backend, all resolved addresses included.
     pub connect_timeout: Duration,
-    /// Time allowed for the closing handshake: waiting for the client's Close reply, or for
-    /// the backend to finish after the client closed.
+    /// Time allowed for each closing handshake, and for the message in flight to finish.
     pub close_timeout: Duration,
     /// Idle time before TCP keepalive probes start on client and backend sockets; `None` when
     /// `tcp_keepalive_secs = 0`.
     pub tcp_keepalive: Option<Duration>,
+    /// Backend connects in progress at once on the route.
+    pub max_pending_connects: usize,
+    /// Sessions open at once on the route (`None`: no cap of its own). Route tables only.
+    pub max_sessions: Option<usize>,
+}
+
+/// `[limits.per_client]`: what one client (an IPv4 address, or an IPv6 prefix) may hold and
+/// open. A zero turns a cap off.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PerClient {
+    /// Connections open at once; beyond it new sockets are closed at accept.
+    pub max_connections: usize,
+    /// Connections in their handshake at once; beyond it requests are answered 429.
+    pub max_handshakes: usize,
+    /// New connections per second (the bucket's refill rate); beyond it requests are
+    /// answered 429.
+    pub new_connections_per_sec: f64,
+    /// New connections allowed at once (the bucket's size).
+    pub new_connections_burst: usize,
+    /// IPv6 clients are counted by this many leading bits of their address.
+    pub ipv6_prefix: u8,
+    /// Clients the table tracks before it forgets idle ones.
+    pub max_tracked: usize,
+}
+
+/// `limits.max_memory_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryBudget {
+    /// Absent: 80 % of the memory the process may use (its cgroup's limit, or the machine's).
+    Auto,
+    /// `0`: no budget.
+    Off,
+    /// Bytes of resident memory.
+    Bytes(u64),
 }
 
 /// Built-in helper services.
@@ -314,6 +370,7 @@ pub(crate) fn test_route(name: &str, path: &str, backend: Backend) -> Route {
         outbound: Outbound::Binary,
         subprotocols: vec![],
         on_backend_unavailable: Unavailable::Close,
+        limits: validate::DEFAULT_SESSION_LIMITS,
     }
 }
 

@@ -74,6 +74,7 @@ pub(super) struct RawRoute {
     #[serde(default)]
     pub subprotocols: Vec<String>,
     pub on_backend_unavailable: Option<Choice<Unavailable>>,
+    pub limits: Option<RawRouteLimits>,
 }
 
 /// One item of a route's `accept` list.
@@ -84,18 +85,84 @@ pub(super) enum AcceptKind {
     Binary,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawLimits {
-    pub max_connections: Option<u64>,
-    pub max_handshakes: Option<u64>,
-    pub handshake_timeout_secs: Option<Seconds>,
+/// Declares a limits table: the keys every limits table has (those a route may override), then
+/// the table's own. serde's `flatten` cannot be combined with `deny_unknown_fields`, so the
+/// shared keys are written into each struct here, once, and [`RawSessionLimits`] is how
+/// validation reads them from either table.
+macro_rules! limits_table {
+    ($(#[$doc:meta])* $name:ident { $($field:ident: $ty:ty),* $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Deserialize, Default)]
+        #[serde(deny_unknown_fields)]
+        pub(super) struct $name {
+            pub max_message_bytes: Option<u64>,
+            pub ws_read_buffer_bytes: Option<u64>,
+            pub backend_read_bytes: Option<u64>,
+            pub connect_timeout_secs: Option<Seconds>,
+            pub close_timeout_secs: Option<Seconds>,
+            pub tcp_keepalive_secs: Option<Seconds>,
+            pub max_pending_connects: Option<u64>,
+            $(pub $field: $ty,)*
+        }
+
+        impl $name {
+            /// The keys a route may override, as written.
+            pub fn session(&self) -> RawSessionLimits {
+                RawSessionLimits {
+                    max_message_bytes: self.max_message_bytes,
+                    ws_read_buffer_bytes: self.ws_read_buffer_bytes,
+                    backend_read_bytes: self.backend_read_bytes,
+                    connect_timeout_secs: self.connect_timeout_secs,
+                    close_timeout_secs: self.close_timeout_secs,
+                    tcp_keepalive_secs: self.tcp_keepalive_secs,
+                    max_pending_connects: self.max_pending_connects,
+                }
+            }
+        }
+    };
+}
+
+/// The keys of `[limits]` that a route's `limits` table may override.
+#[derive(Clone, Copy)]
+pub(super) struct RawSessionLimits {
     pub max_message_bytes: Option<u64>,
     pub ws_read_buffer_bytes: Option<u64>,
     pub backend_read_bytes: Option<u64>,
     pub connect_timeout_secs: Option<Seconds>,
     pub close_timeout_secs: Option<Seconds>,
     pub tcp_keepalive_secs: Option<Seconds>,
+    pub max_pending_connects: Option<u64>,
+}
+
+limits_table! {
+    /// `[limits]`: the gateway's own bounds, and the defaults of every route's.
+    RawLimits {
+        max_connections: Option<u64>,
+        max_handshakes: Option<u64>,
+        handshake_timeout_secs: Option<Seconds>,
+        request_head_timeout_secs: Option<Seconds>,
+        listen_backlog: Option<u64>,
+        max_memory_bytes: Option<u64>,
+        per_client: Option<RawPerClient>,
+    }
+}
+
+limits_table! {
+    /// `[routes.NAME.limits]`: one route's overrides, and what only a route has.
+    RawRouteLimits {
+        max_sessions: Option<u64>,
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPerClient {
+    pub max_connections: Option<u64>,
+    pub max_handshakes: Option<u64>,
+    pub new_connections_per_sec: Option<Seconds>,
+    pub new_connections_burst: Option<u64>,
+    pub ipv6_prefix: Option<u64>,
+    pub max_tracked: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -182,6 +249,14 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
     ("routes.NAME.outbound", Reload),
     ("routes.NAME.subprotocols", Reload),
     ("routes.NAME.on_backend_unavailable", Reload),
+    ("routes.NAME.limits.max_message_bytes", Reload),
+    ("routes.NAME.limits.ws_read_buffer_bytes", Reload),
+    ("routes.NAME.limits.backend_read_bytes", Reload),
+    ("routes.NAME.limits.connect_timeout_secs", Reload),
+    ("routes.NAME.limits.close_timeout_secs", Reload),
+    ("routes.NAME.limits.tcp_keepalive_secs", Reload),
+    ("routes.NAME.limits.max_pending_connects", Reload),
+    ("routes.NAME.limits.max_sessions", Reload),
     // The connection and handshake semaphores are sized once, when the gateway binds.
     (
         "limits.max_connections",
@@ -192,6 +267,20 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
         Restart(|a, b| differs("limits.max_handshakes", a.limits.max_handshakes, b.limits.max_handshakes)),
     ),
     ("limits.handshake_timeout_secs", Reload),
+    ("limits.request_head_timeout_secs", Reload),
+    // Listening sockets are created once, at start.
+    (
+        "limits.listen_backlog",
+        Restart(|a, b| differs("limits.listen_backlog", a.limits.listen_backlog, b.limits.listen_backlog)),
+    ),
+    ("limits.max_memory_bytes", Reload),
+    ("limits.max_pending_connects", Reload),
+    ("limits.per_client.max_connections", Reload),
+    ("limits.per_client.max_handshakes", Reload),
+    ("limits.per_client.new_connections_per_sec", Reload),
+    ("limits.per_client.new_connections_burst", Reload),
+    ("limits.per_client.ipv6_prefix", Reload),
+    ("limits.per_client.max_tracked", Reload),
     ("limits.max_message_bytes", Reload),
     ("limits.ws_read_buffer_bytes", Reload),
     ("limits.backend_read_bytes", Reload),

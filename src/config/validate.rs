@@ -8,10 +8,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::raw::{AcceptKind, Choice, RawConfig, RawLimits, RawListener, RawRoute, RawShutdown, Seconds};
+use super::raw::{
+    AcceptKind, Choice, RawConfig, RawLimits, RawListener, RawPerClient, RawRoute, RawSessionLimits, RawShutdown,
+    Seconds,
+};
 use super::{
     Accept, AllowedOrigins, Backend, Builtin, Config, ConfigError, ConfigErrors, HostPattern, Limits, Listener,
-    LogFormat, Outbound, PathMatch, Route, Shutdown, TlsFiles, Unavailable,
+    LogFormat, MemoryBudget, Outbound, PathMatch, PerClient, Route, SessionLimits, Shutdown, TlsFiles, Unavailable,
 };
 
 // ---- Defaults and bounds: one place, mirrored in docs/config.md and config.toml. ----
@@ -19,6 +22,24 @@ use super::{
 const DEFAULT_MAX_CONNECTIONS: u64 = 10_000;
 const DEFAULT_MAX_HANDSHAKES: u64 = 256;
 const DEFAULT_HANDSHAKE_TIMEOUT_SECS: f64 = 10.0;
+/// A real client sends its request head in the first packet after the handshake; a client
+/// still trickling it after this long is most likely holding a place on purpose.
+const DEFAULT_REQUEST_HEAD_TIMEOUT_SECS: f64 = 5.0;
+/// tokio's own default, and below the usual `net.core.somaxconn` (4096), which caps it anyway.
+const DEFAULT_LISTEN_BACKLOG: u64 = 1024;
+/// Enough for bursts of reconnects to a healthy backend (each connect takes a round trip);
+/// small enough that a backend which drops SYNs ties up few sockets.
+const DEFAULT_MAX_PENDING_CONNECTS: u64 = 128;
+/// Per client: room for a NAT'd office's browsers and a reconnect burst after a drain, not for
+/// one address to take the gateway's handshake pool (256) or its connections (10,000).
+const DEFAULT_PER_CLIENT: PerClient = PerClient {
+    max_connections: 256,
+    max_handshakes: 32,
+    new_connections_per_sec: 20.0,
+    new_connections_burst: 100,
+    ipv6_prefix: 64,
+    max_tracked: 65_536,
+};
 /// 10 MiB: above the 10,000,000 bytes a page may hand `send` in one ArrayBuffer.
 const DEFAULT_MAX_MESSAGE_BYTES: u64 = 10 * 1024 * 1024;
 /// Each read from a client while data flows. The buffer exists only then (see `readahead`), so
@@ -33,6 +54,17 @@ const DEFAULT_CONNECT_TIMEOUT_SECS: f64 = 5.0;
 const DEFAULT_CLOSE_TIMEOUT_SECS: f64 = 5.0;
 /// Below common NAT and load-balancer idle timeouts (often 350 s or more), above chatty.
 const DEFAULT_TCP_KEEPALIVE_SECS: f64 = 60.0;
+/// Every route's limits when neither `[limits]` nor the route sets them.
+pub(super) const DEFAULT_SESSION_LIMITS: SessionLimits = SessionLimits {
+    max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES as usize,
+    client_read_bytes: DEFAULT_WS_READ_BUFFER_BYTES as usize,
+    backend_read_bytes: DEFAULT_BACKEND_READ_BYTES as usize,
+    connect_timeout: Duration::from_secs(DEFAULT_CONNECT_TIMEOUT_SECS as u64),
+    close_timeout: Duration::from_secs(DEFAULT_CLOSE_TIMEOUT_SECS as u64),
+    tcp_keepalive: Some(Duration::from_secs(DEFAULT_TCP_KEEPALIVE_SECS as u64)),
+    max_pending_connects: DEFAULT_MAX_PENDING_CONNECTS as usize,
+    max_sessions: None,
+};
 /// Long enough for a load balancer's health check (commonly 5 s apart) to see `/readyz` fail.
 const DEFAULT_DRAIN_DELAY_SECS: f64 = 5.0;
 /// Spreads reconnects of many clients over 10 s instead of one instant.
@@ -104,9 +136,14 @@ impl Validator<'_> {
         }
         let listeners: Vec<Listener> = raw.listeners.into_iter().filter_map(|(n, l)| self.listener(n, l)).collect();
         self.check_distinct_addresses(&listeners);
-        let routes: Vec<Route> = raw.routes.into_iter().filter_map(|(n, r)| self.route(n, r)).collect();
-        self.check_distinct_routes(&routes);
+        // Routes need `[limits]` (their defaults), but problems are listed in the file's order.
+        let mark = self.errors.len();
         let limits = self.limits(raw.limits);
+        let limits_problems = self.errors.split_off(mark);
+        let routes: Vec<Route> =
+            raw.routes.into_iter().filter_map(|(n, r)| self.route(n, r, &limits.session)).collect();
+        self.check_distinct_routes(&routes);
+        self.errors.extend(limits_problems);
         let builtin =
             Builtin { tcp_echo: raw.builtin.tcp_echo.and_then(|a| self.loopback_addr("builtin.tcp_echo", &a)) };
         let shutdown = self.shutdown(raw.shutdown);
@@ -189,7 +226,7 @@ impl Validator<'_> {
         self.dir.join(value)
     }
 
-    fn route(&mut self, name: String, raw: RawRoute) -> Option<Route> {
+    fn route(&mut self, name: String, raw: RawRoute, defaults: &SessionLimits) -> Option<Route> {
         let key = format!("routes.{name}");
         let path = self.route_path(&key, raw.path);
         let path_match = self.choice(&format!("{key}.match"), raw.path_match, PathMatch::Exact);
@@ -204,6 +241,11 @@ impl Validator<'_> {
         let subprotocols = self.subprotocols(&format!("{key}.subprotocols"), raw.subprotocols);
         let on_backend_unavailable =
             self.choice(&format!("{key}.on_backend_unavailable"), raw.on_backend_unavailable, Unavailable::Close);
+        let raw_limits = raw.limits.unwrap_or_default();
+        let mut limits = self.session_limits(&format!("{key}.limits"), raw_limits.session(), defaults);
+        limits.max_sessions = raw_limits
+            .max_sessions
+            .map(|n| self.count(&format!("{key}.limits.max_sessions"), Some(n), 1, 1, 1_000_000));
         Some(Route {
             name,
             path: path?,
@@ -215,6 +257,7 @@ impl Validator<'_> {
             outbound: outbound?,
             subprotocols: subprotocols?,
             on_backend_unavailable: on_backend_unavailable?,
+            limits,
         })
     }
 
@@ -325,7 +368,8 @@ impl Validator<'_> {
         Some(list)
     }
 
-    fn limits(&mut self, raw: RawLimits) -> Limits {
+    fn limits(&mut self, mut raw: RawLimits) -> Limits {
+        let per_client = raw.per_client.take().unwrap_or_default();
         Limits {
             max_connections: self.count(
                 "limits.max_connections",
@@ -340,55 +384,124 @@ impl Validator<'_> {
                 raw.handshake_timeout_secs,
                 DEFAULT_HANDSHAKE_TIMEOUT_SECS,
             ),
+            request_head_timeout: self.seconds(
+                "limits.request_head_timeout_secs",
+                raw.request_head_timeout_secs,
+                DEFAULT_REQUEST_HEAD_TIMEOUT_SECS,
+            ),
+            listen_backlog: self.count("limits.listen_backlog", raw.listen_backlog, DEFAULT_LISTEN_BACKLOG, 1, 65_535)
+                as u32,
+            max_memory: match raw.max_memory_bytes {
+                None => MemoryBudget::Auto,
+                Some(0) => MemoryBudget::Off,
+                Some(n) => {
+                    MemoryBudget::Bytes(
+                        self.count("limits.max_memory_bytes", Some(n), 1 << 30, 16 << 20, 1 << 50) as u64
+                    )
+                }
+            },
+            per_client: self.per_client(per_client),
+            session: self.session_limits("limits", raw.session(), &DEFAULT_SESSION_LIMITS),
+        }
+    }
+
+    /// The keys a route may override, read from the table at `table` (`limits` or
+    /// `routes.NAME.limits`), each absent one taken from `defaults`.
+    fn session_limits(&mut self, table: &str, raw: RawSessionLimits, d: &SessionLimits) -> SessionLimits {
+        let key = |k: &str| format!("{table}.{k}");
+        SessionLimits {
             max_message_bytes: self.count(
-                "limits.max_message_bytes",
+                &key("max_message_bytes"),
                 raw.max_message_bytes,
-                DEFAULT_MAX_MESSAGE_BYTES,
+                d.max_message_bytes as u64,
                 1024,
                 1 << 30,
             ),
-            ws_read_buffer_bytes: self.count(
-                "limits.ws_read_buffer_bytes",
+            client_read_bytes: self.count(
+                &key("ws_read_buffer_bytes"),
                 raw.ws_read_buffer_bytes,
-                DEFAULT_WS_READ_BUFFER_BYTES,
+                d.client_read_bytes as u64,
                 1024,
                 16 << 20,
             ),
             backend_read_bytes: self.count(
-                "limits.backend_read_bytes",
+                &key("backend_read_bytes"),
                 raw.backend_read_bytes,
-                DEFAULT_BACKEND_READ_BYTES,
+                d.backend_read_bytes as u64,
                 1024,
                 16 << 20,
             ),
             connect_timeout: self.seconds(
-                "limits.connect_timeout_secs",
+                &key("connect_timeout_secs"),
                 raw.connect_timeout_secs,
-                DEFAULT_CONNECT_TIMEOUT_SECS,
+                d.connect_timeout.as_secs_f64(),
             ),
             close_timeout: self.seconds(
-                "limits.close_timeout_secs",
+                &key("close_timeout_secs"),
                 raw.close_timeout_secs,
-                DEFAULT_CLOSE_TIMEOUT_SECS,
+                d.close_timeout.as_secs_f64(),
             ),
-            tcp_keepalive: self.keepalive(raw.tcp_keepalive_secs),
+            tcp_keepalive: self.keepalive(&key("tcp_keepalive_secs"), raw.tcp_keepalive_secs, d.tcp_keepalive),
+            max_pending_connects: self.count(
+                &key("max_pending_connects"),
+                raw.max_pending_connects,
+                d.max_pending_connects as u64,
+                1,
+                100_000,
+            ),
+            max_sessions: d.max_sessions,
+        }
+    }
+
+    fn per_client(&mut self, raw: RawPerClient) -> PerClient {
+        let d = DEFAULT_PER_CLIENT;
+        let key = |k: &str| format!("limits.per_client.{k}");
+        let rate = match raw.new_connections_per_sec {
+            None => d.new_connections_per_sec,
+            Some(Seconds::Whole(n)) => n as f64,
+            Some(Seconds::Fraction(f)) => f,
+        };
+        let rate = if (0.0..=1_000_000.0).contains(&rate) {
+            rate
+        } else {
+            self.fail(key("new_connections_per_sec"), format!("{rate} is out of range: 0 (off) to 1000000"));
+            d.new_connections_per_sec
+        };
+        PerClient {
+            max_connections: self.count(
+                &key("max_connections"),
+                raw.max_connections,
+                d.max_connections as u64,
+                0,
+                1_000_000,
+            ),
+            max_handshakes: self.count(&key("max_handshakes"), raw.max_handshakes, d.max_handshakes as u64, 0, 100_000),
+            new_connections_per_sec: rate,
+            new_connections_burst: self.count(
+                &key("new_connections_burst"),
+                raw.new_connections_burst,
+                d.new_connections_burst as u64,
+                1,
+                1_000_000,
+            ),
+            ipv6_prefix: self.count(&key("ipv6_prefix"), raw.ipv6_prefix, u64::from(d.ipv6_prefix), 1, 128) as u8,
+            max_tracked: self.count(&key("max_tracked"), raw.max_tracked, d.max_tracked as u64, 1024, 10_000_000),
         }
     }
 
     /// Whole seconds from 1 to 32767 (what Linux accepts for TCP_KEEPIDLE), or 0 for off.
-    fn keepalive(&mut self, value: Option<Seconds>) -> Option<Duration> {
-        let key = "limits.tcp_keepalive_secs";
+    fn keepalive(&mut self, key: &str, value: Option<Seconds>, default: Option<Duration>) -> Option<Duration> {
         match value {
-            None => Some(Duration::from_secs_f64(DEFAULT_TCP_KEEPALIVE_SECS)),
+            None => default,
             Some(Seconds::Whole(0)) => None,
             Some(Seconds::Whole(n @ 1..=32767)) => Some(Duration::from_secs(n.unsigned_abs())),
             Some(Seconds::Whole(n)) => {
                 self.fail(key, format!("{n} is out of range: 0 (off) or 1 to 32767 whole seconds"));
-                None
+                default
             }
             Some(Seconds::Fraction(f)) => {
                 self.fail(key, format!("{f} must be a whole number of seconds: 0 (off) or 1 to 32767"));
-                None
+                default
             }
         }
     }
@@ -544,13 +657,22 @@ mod tests {
         let c = ok(MINIMAL);
         assert_eq!(c.limits.max_connections, 10_000);
         assert_eq!(c.limits.max_handshakes, 256);
-        assert_eq!(c.limits.max_message_bytes, 10_485_760);
-        assert_eq!(c.limits.ws_read_buffer_bytes, 65_536);
-        assert_eq!(c.limits.backend_read_bytes, 262_144);
-        assert_eq!(c.limits.connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.limits.session.max_message_bytes, 10_485_760);
+        assert_eq!(c.limits.session.client_read_bytes, 65_536);
+        assert_eq!(c.limits.session.backend_read_bytes, 262_144);
+        assert_eq!(c.limits.session.connect_timeout, Duration::from_secs(5));
         assert_eq!(c.limits.handshake_timeout, Duration::from_secs(10));
-        assert_eq!(c.limits.close_timeout, Duration::from_secs(5));
-        assert_eq!(c.limits.tcp_keepalive, Some(Duration::from_secs(60)));
+        assert_eq!(c.limits.session.close_timeout, Duration::from_secs(5));
+        assert_eq!(c.limits.session.tcp_keepalive, Some(Duration::from_secs(60)));
+        assert_eq!(c.limits.session.max_pending_connects, 128);
+        assert_eq!(c.limits.session.max_sessions, None);
+        assert_eq!(c.limits.request_head_timeout, Duration::from_secs(5));
+        assert_eq!(c.limits.listen_backlog, 1024);
+        assert_eq!(c.limits.max_memory, MemoryBudget::Auto);
+        let p = c.limits.per_client;
+        assert_eq!((p.max_connections, p.max_handshakes, p.new_connections_burst), (256, 32, 100));
+        assert_eq!((p.new_connections_per_sec, p.ipv6_prefix, p.max_tracked), (20.0, 64, 65_536));
+        assert_eq!(c.routes[0].limits, c.limits.session, "a route without a limits table gets [limits]");
         assert_eq!(c.shutdown.drain_delay, Duration::from_secs(5));
         assert_eq!(c.shutdown.close_window, Duration::from_secs(10));
         assert_eq!(c.shutdown.deadline, Duration::from_secs(25));
@@ -566,6 +688,35 @@ mod tests {
         assert!(r.subprotocols.is_empty());
         assert_eq!(c.listeners[0].scheme(), "ws");
         assert_eq!(c.console, None, "the console is off unless the config enables it");
+    }
+
+    /// A route's `limits` table overrides `[limits]` key by key; what it leaves out comes from
+    /// `[limits]`, not from the built-in defaults.
+    #[test]
+    fn route_limits_override_the_global_ones() {
+        let c = ok(&format!(
+            "{MINIMAL}[routes.echo.limits]\nmax_message_bytes = 4096\nmax_sessions = 3\ntcp_keepalive_secs = 0\n\
+             [limits]\nclose_timeout_secs = 2\nmax_message_bytes = 8192\n"
+        ));
+        let r = c.routes[0].limits;
+        assert_eq!(r.max_message_bytes, 4096);
+        assert_eq!(r.max_sessions, Some(3));
+        assert_eq!(r.tcp_keepalive, None);
+        assert_eq!(r.close_timeout, Duration::from_secs(2));
+        assert_eq!(c.limits.session.max_message_bytes, 8192);
+        assert_eq!(c.limits.session.max_sessions, None);
+        let e = err(&format!("{MINIMAL}[routes.echo.limits]\nmax_sessions = 0\nmax_message_bytes = 10\n"));
+        assert!(e.contains("test.toml: routes.echo.limits.max_sessions: 0 is out of range 1..=1000000"), "{e}");
+        assert!(e.contains("test.toml: routes.echo.limits.max_message_bytes: 10 is out of range"), "{e}");
+        // Gateway-wide keys are not a route's to set; route-only keys are not [limits]'.
+        let e = err(&format!("{MINIMAL}[routes.echo.limits]\nmax_connections = 5\n"));
+        assert!(e.contains("routes.echo.limits.max_connections: unknown field"), "{e}");
+        let e = err(&format!("{MINIMAL}[limits]\nmax_sessions = 5\n"));
+        assert!(e.contains("limits.max_sessions: unknown field"), "{e}");
+        let e = err(&format!("{MINIMAL}[limits.per_client]\nnew_connections_per_sec = -1\nipv6_prefix = 0\n"));
+        assert!(e.contains("limits.per_client.new_connections_per_sec: -1 is out of range"), "{e}");
+        assert!(e.contains("limits.per_client.ipv6_prefix: 0 is out of range 1..=128"), "{e}");
+        assert_eq!(ok(&format!("{MINIMAL}[limits]\nmax_memory_bytes = 0\n")).limits.max_memory, MemoryBudget::Off);
     }
 
     /// The issue's own example: a backend without a port is one line naming file, key and value.
@@ -669,7 +820,7 @@ mod tests {
         assert!(e.contains("shutdown.deadline_secs: 12 must be greater than"), "{e}");
         assert!(err(&format!("{MINIMAL}[limits]\ntcp_keepalive_secs = 0.5\n")).contains("limits.tcp_keepalive_secs"));
         assert!(err(&format!("{MINIMAL}[limits]\ntcp_keepalive_secs = 40000\n")).contains("1 to 32767"));
-        assert_eq!(ok(&format!("{MINIMAL}[limits]\ntcp_keepalive_secs = 0\n")).limits.tcp_keepalive, None);
+        assert_eq!(ok(&format!("{MINIMAL}[limits]\ntcp_keepalive_secs = 0\n")).limits.session.tcp_keepalive, None);
     }
 
     /// `*.example.com` matches subdomains only; a host with a port is refused.

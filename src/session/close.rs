@@ -15,6 +15,7 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Error as WsError, Message};
 
+use crate::admission::Shed;
 use crate::backend::ConnectFailure;
 use crate::bridge::{End, Kind};
 
@@ -72,6 +73,9 @@ pub enum Outcome {
     BackendNotUtf8,
     /// The backend could not be reached at all.
     BackendUnavailable(ConnectFailure),
+    /// The route or the gateway was at a bound when the session would have started
+    /// (`on_backend_unavailable = "close"`).
+    Shed(Shed),
     /// The gateway is shutting down.
     Shutdown,
     /// The gateway failed (no randomness for a client-role frame's mask key).
@@ -93,7 +97,7 @@ impl Outcome {
             | Outcome::BackendFailed(_)
             | Outcome::BackendNotUtf8
             | Outcome::BackendUnavailable(_) => Side::Backend,
-            Outcome::Shutdown | Outcome::GatewayFailed => Side::Gateway,
+            Outcome::Shed(_) | Outcome::Shutdown | Outcome::GatewayFailed => Side::Gateway,
         }
     }
 
@@ -119,6 +123,7 @@ impl Outcome {
             Outcome::BackendFailed(failure) => (1011, format!("backend error: {}", failure.label())),
             Outcome::BackendNotUtf8 => (1011, "backend sent bytes that are not UTF-8 on a text route".into()),
             Outcome::BackendUnavailable(failure) => (1013, format!("backend unavailable: {}", failure.label())),
+            Outcome::Shed(shed) => (1013, shed.reason()),
             Outcome::GatewayFailed => (1011, "gateway error".into()),
         };
         Some(CloseFrame { code: CloseCode::from(code), reason: truncate_reason(&reason).to_string().into() })
@@ -355,6 +360,10 @@ mod tests {
             Some((1013, "backend unavailable: connection refused".into()))
         );
         assert_eq!(code(Outcome::GatewayFailed), Some((1011, "gateway error".into())));
+        assert_eq!(
+            code(Outcome::Shed(Shed::MaxSessions(50))),
+            Some((1013, "route is at its session limit (50); try again later".into()))
+        );
         assert_eq!(code(Outcome::ClientClosed { code: Some(1000), reason: "bye".into() }), None);
         assert_eq!(code(Outcome::ClientGone), None);
         assert_eq!(code(Outcome::ClientWriteFailed), None);

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, error, field, info, info_span, warn};
 use tungstenite::protocol::{Role, WebSocketConfig};
 
+use crate::admission::Shed;
 use crate::backend::{BackendError, ConnectFailure};
 use crate::bridge::{self, Accept, BridgeMetrics, Framing, SessionTotals};
 use crate::client_stream;
@@ -46,6 +47,8 @@ pub enum Dialed {
     Echo,
     /// The backend could not be reached; the session closes at once with 1013.
     Unavailable(ConnectFailure),
+    /// The route or the gateway was at a bound; the session closes at once with 1013.
+    Shed(Shed),
 }
 
 /// What a session needs besides its sockets.
@@ -218,6 +221,7 @@ async fn relay(
     let pump = async {
         match dialed {
             Dialed::Unavailable(failure) => (Outcome::BackendUnavailable(failure), None),
+            Dialed::Shed(shed) => (Outcome::Shed(shed), None),
             Dialed::Echo => {
                 let end = echo::run_ws(ws, accept, &session_stop, totals, metrics).await;
                 (Outcome::from_end(end, limits.max_message_bytes), None)

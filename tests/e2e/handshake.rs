@@ -137,13 +137,16 @@ async fn connection_limit_closes_extra_sockets() {
     send_binary(&mut b, b"b").await;
     read_bytes(&mut b, 1).await;
     let mut extra = tokio::net::TcpStream::connect(gw.plain).await.unwrap();
-    let mut buf = [0u8; 1];
-    // Closed at once: well before the 10 s handshake timeout could close it instead.
-    let n = tokio::time::timeout(std::time::Duration::from_secs(3), extra.read(&mut buf))
+    let mut answer = Vec::new();
+    // Answered at once, without a request: well before the 10 s handshake timeout.
+    tokio::time::timeout(std::time::Duration::from_secs(3), extra.read_to_end(&mut answer))
         .await
-        .expect("the third socket must be closed at once, not left to time out")
-        .unwrap_or(0);
-    assert_eq!(n, 0, "the third socket must be closed without an answer");
+        .expect("the third socket must be answered and closed at once, not left to time out")
+        .expect("the 503 must arrive intact, not be reset away");
+    let answer = String::from_utf8(answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{answer}");
+    assert!(answer.contains("\r\nRetry-After: 5\r\n"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\ngateway is at its connection limit; try again later\n"), "{answer}");
     let refused = [("listener", "plain"), ("reason", "connection_limit")];
     assert_eq!(scrape(&gw, "wsgate_connections_refused_total", &refused).await, 1.0);
     drop(a);

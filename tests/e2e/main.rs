@@ -15,6 +15,8 @@ mod closing;
 mod echo;
 /// Answers before the upgrade: 404, 426, 400, 405, 403.
 mod handshake;
+/// Admission under attack: per-client caps, the handshake pool, route caps, the memory budget.
+mod limits;
 /// Metrics over HTTP, health and readiness, graceful drain, hot reload.
 mod operations;
 /// Start-up: config fixtures, the shipped config.toml, development certificates, bind errors.

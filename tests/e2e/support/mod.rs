@@ -121,11 +121,26 @@ pub struct GatewayBuilder {
     limits: Vec<(String, String)>,
     tls: Option<TestCa>,
     deadline_secs: f64,
+    shipped_client_limits: bool,
 }
+
+/// `[limits]` keys (dotted) that turn the per-client limits off unless a test sets them.
+const UNLIMITED_CLIENT: [(&str, &str); 3] = [
+    ("per_client.max_connections", "0"),
+    ("per_client.max_handshakes", "0"),
+    ("per_client.new_connections_per_sec", "0"),
+];
 
 impl Default for GatewayBuilder {
     fn default() -> Self {
-        GatewayBuilder { routes: String::new(), console: false, limits: Vec::new(), tls: None, deadline_secs: 5.0 }
+        GatewayBuilder {
+            routes: String::new(),
+            console: false,
+            limits: Vec::new(),
+            tls: None,
+            deadline_secs: 5.0,
+            shipped_client_limits: false,
+        }
     }
 }
 
@@ -158,6 +173,12 @@ impl GatewayBuilder {
         self
     }
 
+    /// Keeps `[limits.per_client]` at its defaults (other tests turn it off).
+    pub fn shipped_client_limits(mut self) -> Self {
+        self.shipped_client_limits = true;
+        self
+    }
+
     pub fn deadline_secs(mut self, secs: f64) -> Self {
         self.deadline_secs = secs;
         self
@@ -176,6 +197,13 @@ impl GatewayBuilder {
         t.push_str("[limits]\n");
         for (k, v) in &self.limits {
             t.push_str(&format!("{k} = {v}\n"));
+        }
+        // Tests open hundreds of connections at once from 127.0.0.1, which is what the
+        // per-client defaults exist to refuse; the tests of those limits set their own.
+        for (k, v) in UNLIMITED_CLIENT {
+            if !self.shipped_client_limits && !self.limits.iter().any(|(set, _)| set == k) {
+                t.push_str(&format!("{k} = {v}\n"));
+            }
         }
         t.push_str(&format!(
             "[shutdown]\ndrain_delay_secs = 0\nclose_window_secs = 0\ndeadline_secs = {}\n[admin]\naddress = \"127.0.0.1:0\"\n",
@@ -273,6 +301,27 @@ impl Gateway {
             client_async_with_config(req, Box::new(tcp) as Box<dyn Io>, Some(client_ws_config())),
         )
         .await?;
+        Ok(ws)
+    }
+
+    /// Opens a ws:// (or, with `secure`, wss://) session to `path` from the loopback address
+    /// `src`; the error says what failed.
+    pub async fn session_from(&self, src: std::net::IpAddr, path: &str, secure: bool) -> Result<Ws, String> {
+        let addr = if secure { self.secure.expect("gateway built with .tls()") } else { self.plain };
+        let tcp = within("tcp connect", connect_from(src, addr)).await.map_err(|e| format!("connect: {e}"))?;
+        let io: Box<dyn Io> = if secure {
+            let connector = tokio_rustls::TlsConnector::from(self.ca.as_ref().unwrap().client_config());
+            let tls = within("tls handshake", connector.connect(ServerName::try_from("localhost").unwrap(), tcp))
+                .await
+                .map_err(|e| format!("tls: {e}"))?;
+            Box::new(tls)
+        } else {
+            Box::new(tcp)
+        };
+        let url = format!("{}://localhost:{}{path}", if secure { "wss" } else { "ws" }, addr.port());
+        let (ws, _) = within("ws handshake", client_async_with_config(url, io, Some(client_ws_config())))
+            .await
+            .map_err(|e| format!("websocket: {e}"))?;
         Ok(ws)
     }
 
@@ -468,6 +517,14 @@ impl Backend {
     }
 }
 
+/// A TCP connection to `dst` from the loopback address `src` (any of 127.0.0.0/8), so one test
+/// can be several clients.
+pub async fn connect_from(src: std::net::IpAddr, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(src, 0))?;
+    socket.connect(dst).await
+}
+
 /// A port that refuses connections: bound but not listening, held for the test's life (no
 /// probe-and-drop race).
 pub struct RefusingPort {
@@ -489,7 +546,12 @@ impl RefusingPort {
 
 /// Sends `request` verbatim and returns (status, head, body) of the response.
 pub async fn raw_http(addr: SocketAddr, request: &str) -> (u16, String, String) {
-    let mut s = within("connect", TcpStream::connect(addr)).await.unwrap();
+    let s = within("connect", TcpStream::connect(addr)).await.unwrap();
+    raw_http_on(s, request).await
+}
+
+/// Sends `request` verbatim on `s` and returns (status, head, body) of the response.
+pub async fn raw_http_on(mut s: TcpStream, request: &str) -> (u16, String, String) {
     within("write request", s.write_all(request.as_bytes())).await.unwrap();
     let mut buf = Vec::new();
     // Read until the head and a Content-Length body are complete (the connection may stay open).

@@ -1,0 +1,277 @@
+//! Per-client accounting: the connections and unfinished handshakes each client holds, and a
+//! token bucket of new connections, in one table that many or spoofed addresses cannot grow
+//! without bound.
+//!
+//! A client is an address as [`ClientKey`] normalises it: IPv4-mapped IPv6 as the IPv4 address,
+//! other IPv6 addresses by their prefix (a host is usually given a whole /64, so counting single
+//! IPv6 addresses would let one host count as billions). An entry lives while its client has a
+//! connection open or its bucket is still refilling; the table sweeps finished entries when it
+//! reaches its size, and forgets idle ones (their bucket state with them) if that is not enough.
+//! Entries with open connections are never dropped, and there are at most `max_connections` of
+//! those, so the table holds at most `max(max_tracked, max_connections)` entries.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::config::PerClient;
+
+/// A client as the limits count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientKey(IpAddr);
+
+impl ClientKey {
+    /// The key for `ip`: IPv4-mapped IPv6 as IPv4; other IPv6 masked to `ipv6_prefix` bits.
+    pub fn new(ip: IpAddr, ipv6_prefix: u8) -> ClientKey {
+        match ip {
+            IpAddr::V4(v4) => ClientKey(IpAddr::V4(v4)),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => ClientKey(IpAddr::V4(v4)),
+                None => {
+                    let bits = u128::from(v6);
+                    let mask = u128::MAX.checked_shl(128 - u32::from(ipv6_prefix)).unwrap_or(0);
+                    ClientKey(IpAddr::V6((bits & mask).into()))
+                }
+            },
+        }
+    }
+}
+
+/// Why a client's new connection is not served normally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Over {
+    /// It has `max_connections` open: the socket is closed at accept.
+    Connections(usize),
+    /// It opens connections faster than its rate: answered 429 once the request is read,
+    /// with the time until its bucket holds a token again.
+    Rate(Duration),
+    /// It has `max_handshakes` unfinished: answered 429 once the request is read.
+    Handshakes(usize),
+}
+
+/// What the table decided for a new connection.
+pub enum Verdict {
+    /// Served; the lease counts the connection and its handshake until each is dropped.
+    Admitted(ConnectionLease, HandshakeLease),
+    /// Counted as a connection, but over a share: answered 429 ([`Over::Rate`] or
+    /// [`Over::Handshakes`]).
+    Refused(ConnectionLease, Over),
+    /// Closed at accept ([`Over::Connections`]).
+    Closed(Over),
+}
+
+#[derive(Debug)]
+struct Entry {
+    connections: usize,
+    handshakes: usize,
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl Entry {
+    /// The bucket refilled to `now`.
+    fn refill(&mut self, now: Instant, rate: f64, burst: f64) {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
+        self.refilled = now;
+    }
+
+    fn is_idle(&self) -> bool {
+        self.connections == 0 && self.handshakes == 0
+    }
+}
+
+/// The table of clients, shared by every listener of a gateway and kept across reloads (the
+/// limits it applies come with each call, from the config in force).
+#[derive(Debug, Default)]
+pub struct Clients {
+    entries: Mutex<HashMap<ClientKey, Entry>>,
+}
+
+impl Clients {
+    fn lock(&self) -> MutexGuard<'_, HashMap<ClientKey, Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a new connection from `ip` under `limits`, or says which limit it is over.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr, limits: &PerClient, now: Instant) -> Verdict {
+        let key = ClientKey::new(ip, limits.ipv6_prefix);
+        let (rate, burst) = (limits.new_connections_per_sec, limits.new_connections_burst as f64);
+        let mut entries = self.lock();
+        if !entries.contains_key(&key) && entries.len() >= limits.max_tracked {
+            sweep(&mut entries, now, rate, burst);
+        }
+        let entry = entries.entry(key).or_insert(Entry { connections: 0, handshakes: 0, tokens: burst, refilled: now });
+        if limits.max_connections > 0 && entry.connections >= limits.max_connections {
+            return Verdict::Closed(Over::Connections(limits.max_connections));
+        }
+        entry.connections += 1;
+        let lease = ConnectionLease { key, clients: self.clone() };
+        if rate > 0.0 {
+            entry.refill(now, rate, burst);
+            if entry.tokens < 1.0 {
+                let wait = Duration::from_secs_f64((1.0 - entry.tokens) / rate);
+                return Verdict::Refused(lease, Over::Rate(wait));
+            }
+            entry.tokens -= 1.0;
+        }
+        if limits.max_handshakes > 0 && entry.handshakes >= limits.max_handshakes {
+            return Verdict::Refused(lease, Over::Handshakes(limits.max_handshakes));
+        }
+        entry.handshakes += 1;
+        Verdict::Admitted(lease, HandshakeLease { key, clients: self.clone() })
+    }
+
+    /// Clients in the table.
+    pub fn tracked(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn release(&self, key: ClientKey, what: fn(&mut Entry) -> &mut usize) {
+        let mut entries = self.lock();
+        if let Some(entry) = entries.get_mut(&key) {
+            let n = what(entry);
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+/// Makes room in a full table: drops the idle entries whose bucket is full again (nothing is
+/// forgotten), and if none were, every idle entry (their partly spent buckets are forgotten,
+/// which favours those clients a little, once).
+fn sweep(entries: &mut HashMap<ClientKey, Entry>, now: Instant, rate: f64, burst: f64) {
+    let before = entries.len();
+    entries.retain(|_, e| {
+        e.refill(now, rate, burst);
+        !(e.is_idle() && (rate == 0.0 || e.tokens >= burst))
+    });
+    if entries.len() == before {
+        entries.retain(|_, e| !e.is_idle());
+    }
+}
+
+/// One open connection of a client; dropped when the socket closes (through the session).
+#[derive(Debug)]
+pub struct ConnectionLease {
+    key: ClientKey,
+    clients: Arc<Clients>,
+}
+
+impl Drop for ConnectionLease {
+    fn drop(&mut self) {
+        self.clients.release(self.key, |e| &mut e.connections);
+    }
+}
+
+/// One unfinished handshake of a client; dropped when the request is answered or the backend
+/// dial begins.
+#[derive(Debug)]
+pub struct HandshakeLease {
+    key: ClientKey,
+    clients: Arc<Clients>,
+}
+
+impl Drop for HandshakeLease {
+    fn drop(&mut self) {
+        self.clients.release(self.key, |e| &mut e.handshakes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use super::*;
+
+    fn limits() -> PerClient {
+        PerClient {
+            max_connections: 3,
+            max_handshakes: 2,
+            new_connections_per_sec: 1.0,
+            new_connections_burst: 4,
+            ipv6_prefix: 64,
+            max_tracked: 4,
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn keys_normalise_mapped_and_ipv6_prefixes() {
+        let mapped: IpAddr = Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped().into();
+        assert_eq!(ClientKey::new(mapped, 64), ClientKey::new(ip("192.0.2.1"), 64));
+        assert_eq!(ClientKey::new(ip("2001:db8:1:2:aaaa::1"), 64), ClientKey::new(ip("2001:db8:1:2::ffff"), 64));
+        assert_ne!(ClientKey::new(ip("2001:db8:1:2::1"), 64), ClientKey::new(ip("2001:db8:1:3::1"), 64));
+        assert_eq!(ClientKey::new(ip("2001:db8:1:2::1"), 48), ClientKey::new(ip("2001:db8:1:3::1"), 48));
+        assert_eq!(ClientKey::new(ip("2001:db8::1"), 128), ClientKey(ip("2001:db8::1")));
+        assert_eq!(ClientKey::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 64), ClientKey(ip("::")));
+    }
+
+    #[test]
+    fn connection_cap_closes_and_frees_on_drop() {
+        let clients = Arc::new(Clients::default());
+        let l = PerClient { new_connections_per_sec: 0.0, max_handshakes: 0, ..limits() };
+        let now = Instant::now();
+        let held: Vec<_> = (0..3).map(|_| clients.admit(ip("10.0.0.1"), &l, now)).collect();
+        assert!(held.iter().all(|v| matches!(v, Verdict::Admitted(..))));
+        assert!(matches!(clients.admit(ip("10.0.0.1"), &l, now), Verdict::Closed(Over::Connections(3))));
+        assert!(matches!(clients.admit(ip("10.0.0.2"), &l, now), Verdict::Admitted(..)));
+        drop(held);
+        assert!(matches!(clients.admit(ip("10.0.0.1"), &l, now), Verdict::Admitted(..)));
+    }
+
+    #[test]
+    fn handshake_share_refuses_until_a_handshake_ends() {
+        let clients = Arc::new(Clients::default());
+        let l = PerClient { new_connections_per_sec: 0.0, max_connections: 0, ..limits() };
+        let now = Instant::now();
+        let a = clients.admit(ip("10.0.0.1"), &l, now);
+        let _b = clients.admit(ip("10.0.0.1"), &l, now);
+        assert!(matches!(clients.admit(ip("10.0.0.1"), &l, now), Verdict::Refused(_, Over::Handshakes(2))));
+        let Verdict::Admitted(_conn, handshake) = a else { panic!("first connection refused") };
+        drop(handshake);
+        assert!(matches!(clients.admit(ip("10.0.0.1"), &l, now), Verdict::Admitted(..)));
+    }
+
+    #[test]
+    fn rate_refuses_after_the_burst_with_the_time_to_the_next_token() {
+        let clients = Arc::new(Clients::default());
+        let l = PerClient { max_connections: 0, max_handshakes: 0, ..limits() };
+        let t0 = Instant::now();
+        for _ in 0..4 {
+            assert!(matches!(clients.admit(ip("10.0.0.1"), &l, t0), Verdict::Admitted(..)));
+        }
+        match clients.admit(ip("10.0.0.1"), &l, t0) {
+            Verdict::Refused(_, Over::Rate(wait)) => assert_eq!(wait, Duration::from_secs(1)),
+            _ => panic!("fifth connection in the same instant was not refused for rate"),
+        }
+        let later = t0 + Duration::from_millis(1500);
+        assert!(matches!(clients.admit(ip("10.0.0.1"), &l, later), Verdict::Admitted(..)));
+        match clients.admit(ip("10.0.0.1"), &l, later) {
+            Verdict::Refused(_, Over::Rate(wait)) => assert_eq!(wait, Duration::from_millis(500)),
+            _ => panic!("refill gave more than one token in 1.5 s"),
+        }
+    }
+
+    /// Many addresses (spoofed or a botnet's) do not grow the table past its size while their
+    /// connections are closed, and clients with open connections are never forgotten.
+    #[test]
+    fn the_table_stays_bounded() {
+        let clients = Arc::new(Clients::default());
+        let l = limits();
+        let now = Instant::now();
+        let open = clients.admit(ip("10.9.9.9"), &l, now);
+        for i in 0..1000u32 {
+            let v = clients.admit(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), &l, now);
+            drop(v);
+            assert!(clients.tracked() <= 4, "{} entries after {i}", clients.tracked());
+        }
+        let entries = clients.lock();
+        assert_eq!(entries.get(&ClientKey::new(ip("10.9.9.9"), 64)).map(|e| e.connections), Some(1));
+        drop(entries);
+        drop(open);
+    }
+}

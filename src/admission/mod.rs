@@ -1,0 +1,161 @@
+//! Who gets in, and how much they may hold: every bound applied before a session starts, kept
+//! across reloads (the limits themselves come from the config in force at each decision).
+//!
+//! In the order a connection meets them:
+//! 1. `max_connections` (the server's semaphore) and the client's connection cap
+//!    ([`Clients`]): a socket over either is closed at accept, before anything is read.
+//! 2. The client's rate and handshake share ([`Clients`]): over either, the request is read and
+//!    answered 429 with `Retry-After`, outside the handshake pool.
+//! 3. The handshake pool ([`Pool`]): a full pool sheds the connection that has waited longest.
+//! 4. After the request is admitted by `policy` and before the dial: the route's session cap,
+//!    its cap on connects in progress ([`RouteLoad`]) and the memory budget ([`Memory`]); a
+//!    request over one is shed ([`Shed`]) as the route's `on_backend_unavailable` says.
+//!
+//! The backend dial holds no handshake place: a dead backend ties up only its own route's
+//! connects, not the pool every route shares.
+
+mod clients;
+mod memory;
+mod pool;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub use clients::{ClientKey, Clients, ConnectionLease, HandshakeLease, Over, Verdict};
+pub use memory::Memory;
+pub use pool::{Place, Pool};
+
+use crate::config::Limits;
+
+/// The admission state of one gateway instance.
+#[derive(Debug)]
+pub struct Admission {
+    /// Per-client connections, handshakes and rates.
+    pub clients: Arc<Clients>,
+    /// The handshake pool.
+    pub pool: Arc<Pool>,
+    /// The memory budget.
+    pub memory: Memory,
+    routes: Mutex<HashMap<String, Arc<RouteLoad>>>,
+}
+
+impl Admission {
+    /// State sized by `limits` (the pool's size needs a restart to change).
+    pub fn new(limits: &Limits) -> Admission {
+        Admission {
+            clients: Arc::default(),
+            pool: Arc::new(Pool::new(limits.max_handshakes)),
+            memory: Memory::new(),
+            routes: Mutex::default(),
+        }
+    }
+
+    /// The load of the route named `name`, the same across reloads, so sessions opened under
+    /// an old config count against the new one's caps.
+    pub fn route(&self, name: &str) -> Arc<RouteLoad> {
+        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        routes.entry(name.to_string()).or_default().clone()
+    }
+}
+
+/// What a route has in use: sessions open, and backend connects in progress.
+#[derive(Debug, Default)]
+pub struct RouteLoad {
+    sessions: AtomicUsize,
+    connecting: AtomicUsize,
+}
+
+impl RouteLoad {
+    /// A place among the route's sessions, if it has fewer than `cap` (`None`: no cap).
+    pub fn session(self: &Arc<Self>, cap: Option<usize>) -> Result<LoadGuard, Shed> {
+        LoadGuard::take(self, |l| &l.sessions, cap.unwrap_or(usize::MAX)).ok_or(Shed::MaxSessions(cap.unwrap_or(0)))
+    }
+
+    /// A place among the route's connects in progress, if it has fewer than `cap`.
+    pub fn connect(self: &Arc<Self>, cap: usize) -> Result<LoadGuard, Shed> {
+        LoadGuard::take(self, |l| &l.connecting, cap).ok_or(Shed::PendingConnects(cap))
+    }
+}
+
+/// One place counted in a [`RouteLoad`], given back when dropped.
+#[derive(Debug)]
+pub struct LoadGuard {
+    load: Arc<RouteLoad>,
+    count: fn(&RouteLoad) -> &AtomicUsize,
+}
+
+impl LoadGuard {
+    fn take(load: &Arc<RouteLoad>, count: fn(&RouteLoad) -> &AtomicUsize, cap: usize) -> Option<LoadGuard> {
+        count(load).fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < cap).then_some(n + 1)).ok()?;
+        Some(LoadGuard { load: load.clone(), count })
+    }
+}
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        (self.count)(&self.load).fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Why an admitted request gets no session: the gateway or the route is at a bound. What the
+/// client sees follows the route's `on_backend_unavailable`: 1013 after the upgrade, or 503
+/// with `Retry-After`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shed {
+    /// The route has `max_sessions` open.
+    MaxSessions(usize),
+    /// The route has `max_pending_connects` backend connects in progress.
+    PendingConnects(usize),
+    /// The process is above its memory budget.
+    Memory,
+}
+
+impl Shed {
+    /// The `reason` label of `wsgate_sessions_shed_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Shed::MaxSessions(_) => "max_sessions",
+            Shed::PendingConnects(_) => "max_pending_connects",
+            Shed::Memory => "memory",
+        }
+    }
+
+    /// The reason the client reads (the 503 body, or the 1013 close reason: at most 123 bytes).
+    pub fn reason(self) -> String {
+        match self {
+            Shed::MaxSessions(n) => format!("route is at its session limit ({n}); try again later"),
+            Shed::PendingConnects(n) => format!("route has {n} backend connects in progress; try again later"),
+            Shed::Memory => "gateway is at its memory limit; try again later".to_string(),
+        }
+    }
+
+    /// How long a client should wait before it tries again (`Retry-After`). Sessions and
+    /// memory free up as sessions end, connects within a round trip or a connect timeout.
+    pub fn retry_after(self) -> Duration {
+        match self {
+            Shed::MaxSessions(_) | Shed::Memory => Duration::from_secs(5),
+            Shed::PendingConnects(_) => Duration::from_secs(1),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_caps_count_and_release() {
+        let load = Arc::new(RouteLoad::default());
+        let a = load.session(Some(2)).unwrap();
+        let _b = load.session(Some(2)).unwrap();
+        assert_eq!(load.session(Some(2)).unwrap_err(), Shed::MaxSessions(2));
+        drop(a);
+        let _c = load.session(Some(2)).unwrap();
+        let held: Vec<_> = (0..100).map(|_| load.session(None).unwrap()).collect();
+        assert_eq!(held.len(), 100);
+        assert_eq!(load.connect(0).unwrap_err(), Shed::PendingConnects(0));
+        assert!(Shed::PendingConnects(100_000).reason().len() <= 123);
+    }
+}
