@@ -42,7 +42,7 @@ pub struct Refusal {
     pub kind: RefusalKind,
 }
 
-/// What a refusal is about. The server logs [`RefusalKind::Origin`] and
+/// What a refusal is about. The server (`respond`) logs [`RefusalKind::Origin`] and
 /// [`RefusalKind::Subprotocol`] as warnings, at most one per route and kind per interval
 /// (`throttle`): they are a policy saying no, which an operator wants to hear of, once in a while.
 /// The others are the client's own mistake, or were logged where they happened (a failed dial),
@@ -61,14 +61,6 @@ pub enum RefusalKind {
     Subprotocol,
     /// The backend could not be reached (`on_backend_unavailable = "http"`).
     BackendUnavailable,
-}
-
-impl RefusalKind {
-    /// Whether an operator should hear of it (a warning, throttled) rather than only see it
-    /// counted (debug).
-    pub fn is_notable(self) -> bool {
-        matches!(self, RefusalKind::Origin | RefusalKind::Subprotocol)
-    }
 }
 
 impl Refusal {
@@ -486,18 +478,23 @@ mod tests {
         assert_eq!(host_of("http://u@a.example/x", &[b"a.example"]), Err(HostError::MalformedTarget));
     }
 
-    /// Host problems are 400s whose reason is the error's message; origins and subprotocols are
-    /// the only notable refusals.
+    /// Host problems are 400s whose reason is the error's message; each refusal says its kind,
+    /// which decides how it is logged.
     #[test]
-    fn host_refusals_are_400_and_quiet() {
+    fn refusals_carry_their_kind() {
         let r = Refusal::from(HostError::Disagrees);
         assert_eq!((r.status, r.kind), (StatusCode::BAD_REQUEST, RefusalKind::Host));
         assert_eq!(r.reason, "Host header disagrees with the request target's authority");
-        assert!(!r.kind.is_notable());
-        let any = route(AllowedOrigins::List(vec![]));
-        assert!(check_origin(&any, Some("http://evil.example"), None, false).unwrap_err().kind.is_notable());
-        assert!(select_subprotocol(&any, ["x"]).unwrap_err().kind.is_notable());
-        assert!(!Refusal::no_route("/x").kind.is_notable());
+        let none = route(AllowedOrigins::List(vec![]));
+        assert_eq!(
+            check_origin(&none, Some("http://evil.example"), None, false).unwrap_err().kind,
+            RefusalKind::Origin
+        );
+        assert_eq!(select_subprotocol(&none, ["x"]).unwrap_err().kind, RefusalKind::Subprotocol);
+        assert_eq!(Refusal::no_route("/x").kind, RefusalKind::NoRoute);
+        let failure = Refusal::backend_unavailable(ConnectFailure::Refused);
+        assert_eq!(failure.kind, RefusalKind::BackendUnavailable);
+        assert_eq!(method_not_allowed().kind, RefusalKind::Request);
     }
 
     /// Listed origins, "*" and requests without Origin pass.
