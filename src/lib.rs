@@ -30,6 +30,7 @@
 //! - [`echo`]: the built-in WebSocket echo backend and TCP echo service.
 //! - [`console`]: the built-in console page (HTML embedded in the binary).
 //! - [`metrics`]: every metric name and help text; one Prometheus recorder per instance.
+//! - [`throttle`]: a repeated warning written once per interval, with the count of the rest.
 //! - `admin`: the admin listener: `/metrics`, `/healthz`, `/readyz`.
 //! - [`shutdown`]: the shutdown request; the drain order lives in [`Gateway::run`].
 //!
@@ -67,6 +68,7 @@ pub mod router;
 mod server;
 pub mod session;
 pub mod shutdown;
+pub mod throttle;
 pub mod tls;
 
 use std::collections::HashMap;

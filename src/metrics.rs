@@ -9,13 +9,16 @@
 //! Labels stay bounded: listener and route names come from the config, directions and outcomes
 //! from fixed sets. A client address is never a label.
 //!
-//! This module is a leaf: it imports no other wsgate module.
+//! This module is a leaf: it imports no other wsgate module but `throttle`, another leaf (each
+//! route's log throttles live here, in the per-route state that outlives reloads).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, SharedString, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+use crate::throttle::{Throttle, WARN_INTERVAL};
 
 static METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
 
@@ -202,6 +205,9 @@ impl Metrics {
                     duration: self.histogram(names::SESSION_DURATION, &r),
                     dropped_bytes: self.counter(names::DROPPED_BYTES, &r),
                     connect_duration: self.histogram(names::BACKEND_CONNECT_DURATION, &r),
+                    origin_warnings: Throttle::new(WARN_INTERVAL),
+                    subprotocol_warnings: Throttle::new(WARN_INTERVAL),
+                    connect_warnings: Throttle::new(WARN_INTERVAL),
                     recorder: self.recorder.clone(),
                     enabled: self.enabled,
                 })
@@ -341,6 +347,14 @@ pub struct RouteMetrics {
     pub dropped_bytes: Counter,
     /// Backend connect time.
     pub connect_duration: Histogram,
+    /// Warnings about refused origins (403): one per [`WARN_INTERVAL`], the rest counted in it.
+    /// Every refusal is counted in `wsgate_handshakes_total` all the same.
+    pub origin_warnings: Throttle,
+    /// Warnings about refused subprotocols (400), likewise.
+    pub subprotocol_warnings: Throttle,
+    /// Warnings about failed backend connects (`session::dial`), likewise; every failure is
+    /// counted in `wsgate_backend_connect_failures_total`.
+    pub connect_warnings: Throttle,
 }
 
 impl std::fmt::Debug for RouteMetrics {

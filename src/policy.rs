@@ -1,9 +1,11 @@
 //! Decides whether a matched request may open a session: the one admission step, and the one
 //! type that says no. Pure: request parts in, decision out; nothing here does I/O.
 //!
-//! [`admit`] runs the checks in order: a well-formed WebSocket upgrade (RFC 6455 §4.2.1), the
-//! origin, the subprotocol. Authentication and per-client limits join it here, before the dial.
-//! Every refusal is a [`Refusal`]: its status, reason and headers, which the server turns into
+//! [`host`] comes first, before routing: the request's host as RFC 9112 §3.2 defines it (exactly
+//! one `Host`; the authority of an absolute-form target wins over it). [`admit`] then runs the
+//! checks in order: a well-formed WebSocket upgrade (RFC 6455 §4.2.1), the origin, the
+//! subprotocol. Authentication and per-client limits join it here, before the dial. Every refusal
+//! is a [`Refusal`]: its status, reason, headers and [`RefusalKind`], which the server turns into
 //! a response, logs and counts in one place.
 //!
 //! WebSocket has no same-origin policy: any page a user visits can open a socket to any host the
@@ -21,7 +23,7 @@
 
 use base64::Engine;
 use hyper::header::{self, HeaderName, HeaderValue};
-use hyper::{HeaderMap, Method, StatusCode, Version};
+use hyper::{HeaderMap, Method, StatusCode, Uri, Version};
 
 use std::time::Duration;
 
@@ -30,7 +32,7 @@ use crate::backend::ConnectFailure;
 use crate::config::{AllowedOrigins, Route, normalize_origin};
 use crate::router::normalize_host;
 
-/// Why a request was refused: the whole answer, and how loudly to log it.
+/// Why a request was refused: the whole answer, and what it is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     /// HTTP status to answer with.
@@ -39,14 +41,37 @@ pub struct Refusal {
     pub reason: String,
     /// Headers the answer needs besides the usual ones (`Allow`, `Upgrade`, `Retry-After`, ...).
     pub headers: Vec<(HeaderName, HeaderValue)>,
-    /// Whether an operator should hear of it (a policy said no: warn) or it is the client's
-    /// own mistake, or already logged where it happened (debug).
-    pub is_notable: bool,
+    /// What was refused, which decides how loudly it is logged.
+    pub kind: RefusalKind,
+}
+
+/// What a refusal is about. The server (`respond`) logs [`RefusalKind::Origin`] and
+/// [`RefusalKind::Subprotocol`] as warnings, at most one per route and kind per interval
+/// (`throttle`): they are a policy saying no, which an operator wants to hear of, once in a while.
+/// The others are the client's own mistake, or were logged where they happened (a failed dial),
+/// and go to debug; the metrics count every one of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalKind {
+    /// Not a well-formed WebSocket upgrade (method, version, headers).
+    Request,
+    /// No usable host: missing, duplicated, malformed or contradicted ([`HostError`]).
+    Host,
+    /// No route matches the host and path.
+    NoRoute,
+    /// A browser page from an origin the route does not allow.
+    Origin,
+    /// None of the subprotocols offered is one the route accepts.
+    Subprotocol,
+    /// The backend could not be reached (`on_backend_unavailable = "http"`).
+    BackendUnavailable,
+    /// A limit: the client over its share (429), the route or gateway at a bound (503). Under
+    /// a flood there is one per request; the metrics count them.
+    Limit,
 }
 
 impl Refusal {
     fn new(status: StatusCode, reason: impl Into<String>) -> Refusal {
-        Refusal { status, reason: reason.into(), headers: Vec::new(), is_notable: false }
+        Refusal { status, reason: reason.into(), headers: Vec::new(), kind: RefusalKind::Request }
     }
 
     fn with_header(mut self, name: HeaderName, value: &'static str) -> Refusal {
@@ -61,14 +86,14 @@ impl Refusal {
         self
     }
 
-    fn notable(mut self) -> Refusal {
-        self.is_notable = true;
+    fn of_kind(mut self, kind: RefusalKind) -> Refusal {
+        self.kind = kind;
         self
     }
 
     /// No route matches the request's host and path.
     pub fn no_route(path: &str) -> Refusal {
-        Refusal::new(StatusCode::NOT_FOUND, format!("no route for {path}"))
+        Refusal::new(StatusCode::NOT_FOUND, format!("no route for {path}")).of_kind(RefusalKind::NoRoute)
     }
 
     /// The client is over its rate or its handshake share (`limits.per_client`): 429 with
@@ -85,13 +110,15 @@ impl Refusal {
                 (format!("too many connections from this address (limit {n})"), Duration::from_secs(1))
             }
         };
-        Refusal::new(StatusCode::TOO_MANY_REQUESTS, reason).retry_after(wait)
+        Refusal::new(StatusCode::TOO_MANY_REQUESTS, reason).retry_after(wait).of_kind(RefusalKind::Limit)
     }
 
     /// The route or the gateway is at a bound, on a route that says so in HTTP: 503 with
     /// `Retry-After`.
     pub fn shed(shed: Shed) -> Refusal {
-        Refusal::new(StatusCode::SERVICE_UNAVAILABLE, shed.reason()).retry_after(shed.retry_after())
+        Refusal::new(StatusCode::SERVICE_UNAVAILABLE, shed.reason())
+            .retry_after(shed.retry_after())
+            .of_kind(RefusalKind::Limit)
     }
 
     /// The backend could not be reached, on a route that says so in HTTP
@@ -106,6 +133,7 @@ impl Refusal {
             }
         };
         Refusal::new(status, format!("backend unavailable: {}", failure.label()))
+            .of_kind(RefusalKind::BackendUnavailable)
     }
 }
 
@@ -118,7 +146,8 @@ pub struct Request<'a> {
     pub version: Version,
     /// The headers.
     pub headers: &'a HeaderMap,
-    /// The `Host` header (or the request target's authority), as sent.
+    /// The request's host as [`host`] found it (port included, as sent); `None` only for callers
+    /// that have none.
     pub host: Option<&'a str>,
     /// Whether it arrived over TLS.
     pub secure: bool,
@@ -131,6 +160,98 @@ pub struct Request<'a> {
 pub struct Admitted {
     /// The subprotocol to name in the 101, if any.
     pub subprotocol: Option<String>,
+}
+
+/// Why a request has no usable host. Each is answered 400 (RFC 9112 §3.2), with the message as
+/// its reason; [`Refusal`]'s `From` is the one place that says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HostError {
+    /// No `Host` header: RFC 9112 requires one in every HTTP/1.1 request.
+    #[error("missing Host header")]
+    Missing,
+    /// More than one `Host` header: which one a proxy in front routed by is anyone's guess.
+    #[error("more than one Host header")]
+    Duplicate,
+    /// An empty `Host`, which RFC 9112 allows only for a target without an authority; a WebSocket
+    /// URI always has one, and RFC 6455 §4.1 has the client send it.
+    #[error("empty Host header: a WebSocket request must name the server")]
+    Empty,
+    /// A `Host` that is not `host[:port]`.
+    #[error("malformed Host header: expected host[:port]")]
+    Malformed,
+    /// An absolute-form target whose authority is not `host[:port]` (user info included).
+    #[error("malformed authority in the request target: expected host[:port]")]
+    MalformedTarget,
+    /// An absolute-form target and a `Host` naming different hosts or ports.
+    #[error("Host header disagrees with the request target's authority")]
+    Disagrees,
+}
+
+impl From<HostError> for Refusal {
+    fn from(e: HostError) -> Refusal {
+        Refusal::new(StatusCode::BAD_REQUEST, e.to_string()).of_kind(RefusalKind::Host)
+    }
+}
+
+/// The request's host, for routing and the origin check (RFC 9112 §3.2): the one `Host` header,
+/// or, for an absolute-form target (`GET http://a.example/x HTTP/1.1`), the target's authority
+/// (§3.2.2). Returned as sent, port included. Refused: no `Host` or more than one (whatever the
+/// HTTP version: nothing wsgate serves works without one), an empty or malformed one, and, as
+/// hardening beyond the RFC (which says to ignore `Host` then), a `Host` that names another host
+/// or port than an absolute-form target: a proxy in front may have routed by either.
+pub fn host<'a>(target: &'a Uri, headers: &'a HeaderMap) -> Result<&'a str, HostError> {
+    let mut sent = headers.get_all(header::HOST).iter();
+    let sent = match (sent.next(), sent.next()) {
+        (None, _) => return Err(HostError::Missing),
+        (Some(_), Some(_)) => return Err(HostError::Duplicate),
+        (Some(one), None) => one,
+    };
+    // Not text (obs-text bytes) is no host name either.
+    let sent = sent.to_str().map_err(|_| HostError::Malformed)?.trim_matches([' ', '\t']);
+    if sent.is_empty() {
+        return Err(HostError::Empty);
+    }
+    let named = split_authority(sent).ok_or(HostError::Malformed)?;
+    let Some(authority) = target.authority() else { return Ok(sent) };
+    let authority = authority.as_str();
+    let targeted = split_authority(authority).ok_or(HostError::MalformedTarget)?;
+    let default_port = match target.scheme_str().map(str::to_ascii_lowercase).as_deref() {
+        Some("http" | "ws") => Some(80),
+        Some("https" | "wss") => Some(443),
+        _ => None,
+    };
+    let same = normalize_host(named.0) == normalize_host(targeted.0)
+        && named.1.or(default_port) == targeted.1.or(default_port);
+    if same { Ok(authority) } else { Err(HostError::Disagrees) }
+}
+
+/// `host[:port]` as RFC 3986 §3.2.2-3 writes it (`uri-host [ ":" port ]`): the name (an IPv6
+/// literal with its brackets) and the port, if any; `None` when it is not that. Stricter than the
+/// RFC where no client needs it: no percent-encoding, no IPvFuture, the port fits in 16 bits.
+fn split_authority(s: &str) -> Option<(&str, Option<u16>)> {
+    let (name, rest) = match s.strip_prefix('[') {
+        Some(inner) => {
+            let (literal, _) = inner.split_once(']')?;
+            literal.parse::<std::net::Ipv6Addr>().ok()?;
+            s.split_at(literal.len() + 2)
+        }
+        None => {
+            let name = s.split(':').next().unwrap_or(s);
+            let reg_name = |b: u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b);
+            if name.is_empty() || !name.bytes().all(reg_name) {
+                return None;
+            }
+            s.split_at(name.len())
+        }
+    };
+    let port = match rest.strip_prefix(':') {
+        None if rest.is_empty() => None,
+        // RFC 3986 allows an empty port: the same as none.
+        Some("") => None,
+        Some(digits) if digits.bytes().all(|b| b.is_ascii_digit()) => Some(digits.parse().ok()?),
+        _ => return None,
+    };
+    Some((name, port))
 }
 
 /// The admission step for a request that matched `route`: a well-formed upgrade, then the
@@ -220,7 +341,10 @@ pub fn check_origin(route: &Route, origin: Option<&str>, host: Option<&str>, sec
         return Ok(());
     }
     // The route is named in the log line, not here: this goes back to the caller.
-    let refuse = || Refusal::new(StatusCode::FORBIDDEN, format!("origin {origin:?} is not allowed here")).notable();
+    let refuse = || {
+        Refusal::new(StatusCode::FORBIDDEN, format!("origin {origin:?} is not allowed here"))
+            .of_kind(RefusalKind::Origin)
+    };
     let Some(normalized) = normalize_origin(origin) else {
         return Err(refuse());
     };
@@ -262,7 +386,7 @@ pub fn select_subprotocol<'a>(
         StatusCode::BAD_REQUEST,
         format!("no acceptable subprotocol among the {} offered; this route accepts {accepted}", offered.len()),
     )
-    .notable())
+    .of_kind(RefusalKind::Subprotocol))
 }
 
 #[cfg(test)]
@@ -329,6 +453,86 @@ mod tests {
         let status = |f| Refusal::backend_unavailable(f).status.as_u16();
         assert_eq!([Refused, TimedOut, NotResolved, Unreachable, Other].map(status), [502, 504, 503, 503, 503]);
         assert_eq!(Refusal::backend_unavailable(Refused).reason, "backend unavailable: connection refused");
+    }
+
+    /// The host of a request with these `Host` values and this target.
+    fn host_of(target: &str, hosts: &[&[u8]]) -> Result<String, HostError> {
+        let target: Uri = target.parse().expect("a valid target");
+        let mut headers = HeaderMap::new();
+        for h in hosts {
+            headers.append(header::HOST, HeaderValue::from_bytes(h).expect("a valid header value"));
+        }
+        host(&target, &headers).map(str::to_owned)
+    }
+
+    /// Exactly one Host is the host, as sent; none or two are refused, whatever they say.
+    #[test]
+    fn one_host_header_is_required() {
+        assert_eq!(host_of("/x", &[b"Example.com:8080"]), Ok("Example.com:8080".into()));
+        assert_eq!(host_of("/x", &[b"[::1]:80"]), Ok("[::1]:80".into()));
+        assert_eq!(host_of("/x", &[b"  10.0.0.1 "]), Ok("10.0.0.1".into()));
+        assert_eq!(host_of("/x", &[]), Err(HostError::Missing));
+        assert_eq!(host_of("/x", &[b"a.example", b"a.example"]), Err(HostError::Duplicate));
+        assert_eq!(host_of("/x", &[b"a.example", b"b.example"]), Err(HostError::Duplicate));
+        assert_eq!(host_of("/x", &[b""]), Err(HostError::Empty));
+        assert_eq!(host_of("/x", &[b" "]), Err(HostError::Empty));
+    }
+
+    /// Only `host[:port]` passes: no user info, path, second colon, bad port or odd bytes.
+    #[test]
+    fn malformed_host_values_are_refused() {
+        for bad in [
+            &b"user@a.example"[..],
+            b"a.example/x",
+            b"a.example:80:80",
+            b"a.example:http",
+            b"a.example:65536",
+            b":80",
+            b"[::1",
+            b"[not-v6]:80",
+            b"a example",
+            b"caf\xc3\xa9.example",
+            b"a%2eexample",
+        ] {
+            assert_eq!(host_of("/x", &[bad]), Err(HostError::Malformed), "{:?}", String::from_utf8_lossy(bad));
+        }
+        assert_eq!(host_of("/x", &[b"a.example:"]), Ok("a.example:".into()), "an empty port is no port");
+    }
+
+    /// An absolute-form target's authority is the host (RFC 9112 §3.2.2); a Host that names
+    /// another host or port is refused, one that agrees (case, default port) is not.
+    #[test]
+    fn absolute_form_target_wins_and_must_agree() {
+        assert_eq!(host_of("http://a.example/x", &[b"a.example"]), Ok("a.example".into()));
+        assert_eq!(host_of("http://a.example/x", &[b"A.Example:80"]), Ok("a.example".into()));
+        assert_eq!(host_of("https://a.example:443/x", &[b"a.example"]), Ok("a.example:443".into()));
+        assert_eq!(host_of("ws://[::1]:9/x", &[b"[::1]:9"]), Ok("[::1]:9".into()));
+        assert_eq!(host_of("http://a.example/x", &[b"b.example"]), Err(HostError::Disagrees));
+        assert_eq!(host_of("http://a.example/x", &[b"a.example:8080"]), Err(HostError::Disagrees));
+        assert_eq!(host_of("https://a.example/x", &[b"a.example:80"]), Err(HostError::Disagrees));
+        // The target does not stand in for a missing or empty Host.
+        assert_eq!(host_of("http://a.example/x", &[]), Err(HostError::Missing));
+        assert_eq!(host_of("http://a.example/x", &[b""]), Err(HostError::Empty));
+        assert_eq!(host_of("http://u@a.example/x", &[b"a.example"]), Err(HostError::MalformedTarget));
+    }
+
+    /// Host problems are 400s whose reason is the error's message; each refusal says its kind,
+    /// which decides how it is logged.
+    #[test]
+    fn refusals_carry_their_kind() {
+        let r = Refusal::from(HostError::Disagrees);
+        assert_eq!((r.status, r.kind), (StatusCode::BAD_REQUEST, RefusalKind::Host));
+        assert_eq!(r.reason, "Host header disagrees with the request target's authority");
+        let none = route(AllowedOrigins::List(vec![]));
+        assert_eq!(
+            check_origin(&none, Some("http://evil.example"), None, false).unwrap_err().kind,
+            RefusalKind::Origin
+        );
+        assert_eq!(select_subprotocol(&none, ["x"]).unwrap_err().kind, RefusalKind::Subprotocol);
+        assert_eq!(Refusal::no_route("/x").kind, RefusalKind::NoRoute);
+        let failure = Refusal::backend_unavailable(ConnectFailure::Refused);
+        assert_eq!(failure.kind, RefusalKind::BackendUnavailable);
+        assert_eq!(method_not_allowed().kind, RefusalKind::Request);
     }
 
     /// Listed origins, "*" and requests without Origin pass.

@@ -47,10 +47,11 @@ use crate::backend::{self, ConnectFailure};
 use crate::client_stream::{ClientIo, ClientStream};
 use crate::config::{Limits, Unavailable};
 use crate::metrics::{ListenerMetrics, Metrics};
-use crate::policy::{self, Refusal};
+use crate::policy::{self, Refusal, RefusalKind};
 use crate::readahead::ReadAhead;
 use crate::router::{Entry, Router};
 use crate::session::{self, Dialed};
+use crate::throttle::Throttle;
 
 /// What every connection of one gateway instance shares for the instance's whole life.
 pub(crate) struct Shared {
@@ -508,9 +509,16 @@ async fn respond(
     let route = entry.as_ref().map(|e| e.route.name.as_str());
     let response = answer.unwrap_or_else(|refusal| {
         let (status, reason) = (refusal.status.as_u16(), &refusal.reason);
-        match refusal.is_notable {
-            true => warn!(route, status, %reason, "request refused"),
-            false => debug!(route, status, %reason, "request refused"),
+        // Warnings an operator wants, throttled per route and kind (a flood would write one per
+        // request); every refusal is still counted below, and logged at debug.
+        let throttle = entry.as_ref().and_then(|e| match refusal.kind {
+            RefusalKind::Origin => Some(&e.metrics.origin_warnings),
+            RefusalKind::Subprotocol => Some(&e.metrics.subprotocol_warnings),
+            _ => None,
+        });
+        match throttle.and_then(Throttle::allow) {
+            Some(suppressed) => warn!(route, status, %reason, suppressed, "request refused"),
+            None => debug!(route, status, %reason, "request refused"),
         }
         refused(refusal)
     });
@@ -534,16 +542,14 @@ async fn answer(
     if let Some(page) = page(&req, snap) {
         return (None, Ok(page));
     }
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()));
-    let Some(entry) = snap.router.find(host.as_deref(), req.uri().path()).cloned() else {
+    let host = match policy::host(req.uri(), req.headers()) {
+        Ok(host) => host.to_owned(),
+        Err(e) => return (None, Err(e.into())),
+    };
+    let Some(entry) = snap.router.find(Some(&host), req.uri().path()).cloned() else {
         return (None, Err(Refusal::no_route(req.uri().path())));
     };
-    let answer = upgrade(&mut req, host.as_deref(), &entry, conn, shared).await;
+    let answer = upgrade(&mut req, Some(&host), &entry, conn, shared).await;
     (Some(entry), answer)
 }
 

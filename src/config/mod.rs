@@ -19,6 +19,8 @@
 //! This module knows nothing of sockets or of the rest of wsgate: it is data in, data out.
 
 mod error;
+#[cfg(test)]
+mod proptests;
 mod raw;
 mod validate;
 

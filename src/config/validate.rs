@@ -409,46 +409,33 @@ impl Validator<'_> {
     /// `routes.NAME.limits`), each absent one taken from `defaults`.
     fn session_limits(&mut self, table: &str, raw: RawSessionLimits, d: &SessionLimits) -> SessionLimits {
         let key = |k: &str| format!("{table}.{k}");
+        // A key left out takes the value already validated where it came from.
+        let mut count = |v: &mut Self, k: &str, value: Option<u64>, default: usize, min: u64, max: u64| match value {
+            None => default,
+            some => v.count(&key(k), some, default as u64, min, max),
+        };
+        let max_message_bytes =
+            count(self, "max_message_bytes", raw.max_message_bytes, d.max_message_bytes, 1024, 1 << 30);
+        let client_read_bytes =
+            count(self, "ws_read_buffer_bytes", raw.ws_read_buffer_bytes, d.client_read_bytes, 1024, 16 << 20);
+        let backend_read_bytes =
+            count(self, "backend_read_bytes", raw.backend_read_bytes, d.backend_read_bytes, 1024, 16 << 20);
+        let max_pending_connects =
+            count(self, "max_pending_connects", raw.max_pending_connects, d.max_pending_connects, 1, 100_000);
+        let mut seconds = |v: &mut Self, k: &str, value: Option<Seconds>, default: Duration| match value {
+            None => default,
+            some => v.seconds(&key(k), some, default.as_secs_f64()),
+        };
+        let connect_timeout = seconds(self, "connect_timeout_secs", raw.connect_timeout_secs, d.connect_timeout);
+        let close_timeout = seconds(self, "close_timeout_secs", raw.close_timeout_secs, d.close_timeout);
         SessionLimits {
-            max_message_bytes: self.count(
-                &key("max_message_bytes"),
-                raw.max_message_bytes,
-                d.max_message_bytes as u64,
-                1024,
-                1 << 30,
-            ),
-            client_read_bytes: self.count(
-                &key("ws_read_buffer_bytes"),
-                raw.ws_read_buffer_bytes,
-                d.client_read_bytes as u64,
-                1024,
-                16 << 20,
-            ),
-            backend_read_bytes: self.count(
-                &key("backend_read_bytes"),
-                raw.backend_read_bytes,
-                d.backend_read_bytes as u64,
-                1024,
-                16 << 20,
-            ),
-            connect_timeout: self.seconds(
-                &key("connect_timeout_secs"),
-                raw.connect_timeout_secs,
-                d.connect_timeout.as_secs_f64(),
-            ),
-            close_timeout: self.seconds(
-                &key("close_timeout_secs"),
-                raw.close_timeout_secs,
-                d.close_timeout.as_secs_f64(),
-            ),
+            max_message_bytes,
+            client_read_bytes,
+            backend_read_bytes,
+            connect_timeout,
+            close_timeout,
             tcp_keepalive: self.keepalive(&key("tcp_keepalive_secs"), raw.tcp_keepalive_secs, d.tcp_keepalive),
-            max_pending_connects: self.count(
-                &key("max_pending_connects"),
-                raw.max_pending_connects,
-                d.max_pending_connects as u64,
-                1,
-                100_000,
-            ),
+            max_pending_connects,
             max_sessions: d.max_sessions,
         }
     }
@@ -556,8 +543,10 @@ impl Validator<'_> {
             Some(Seconds::Whole(n)) => n as f64,
             Some(Seconds::Fraction(f)) => f,
         };
-        if !(secs > 0.0 && secs <= MAX_SECS) {
-            self.fail(key, format!("{secs} is out of range: more than 0 and at most {MAX_SECS} seconds"));
+        // A positive value below a nanosecond would become a zero duration.
+        if !(secs >= 1e-9 && secs <= MAX_SECS) {
+            let range = if secs > 0.0 && secs < 1e-9 { " (at least a nanosecond)" } else { "" };
+            self.fail(key, format!("{secs} is out of range: more than 0{range} and at most {MAX_SECS} seconds"));
             return Duration::from_secs_f64(default);
         }
         Duration::from_secs_f64(secs)

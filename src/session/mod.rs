@@ -66,8 +66,9 @@ pub struct Context {
 }
 
 /// Connects the route's backend; the server calls this before it answers the upgrade, so
-/// `onopen` means the backend is there. Records the connect time or the failure (metric and
-/// warning, with the address); what the client sees of a failure is the caller's choice.
+/// `onopen` means the backend is there. Records the connect time or the failure (metric, and a
+/// warning with the address, at most one per route per `throttle::WARN_INTERVAL`); what the
+/// client sees of a failure is the caller's choice.
 pub async fn dial(entry: &Entry) -> Result<Dialed, BackendError> {
     let Target::Tcp(dialer) = &entry.target else { return Ok(Dialed::Echo) };
     let started = Instant::now();
@@ -78,7 +79,12 @@ pub async fn dial(entry: &Entry) -> Result<Dialed, BackendError> {
         }
         Err(e) => {
             entry.metrics.connect_failed(e.failure().label());
-            warn!(route = %entry.route.name, error = %e, "backend unavailable");
+            // Every client retry during an outage would add a line: one per interval says it,
+            // with how many were left out; the metric counts each.
+            match entry.metrics.connect_warnings.allow() {
+                Some(suppressed) => warn!(route = %entry.route.name, error = %e, suppressed, "backend unavailable"),
+                None => debug!(route = %entry.route.name, error = %e, "backend unavailable"),
+            }
             Err(e)
         }
     }

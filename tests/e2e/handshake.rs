@@ -184,3 +184,121 @@ async fn dns_rebinding_is_not_same_origin() {
     assert_eq!(raw_http(gw.plain, &named).await.0, 101, "the route's own host is its own origin");
     assert_eq!(echo.accepted(), 1, "only the named request reached the backend");
 }
+
+/// RFC 9112 §3.2: a request without a `Host`, with two, or with an empty one is refused with 400
+/// and a reason that says which, before routing (even on a route without `host`).
+#[tokio::test]
+async fn missing_duplicate_and_empty_hosts_are_400() {
+    let gw = Gateway::builder().route("echo", "/echo", "builtin:echo").start().await;
+    let good = upgrade_request("/echo", "");
+    let cases = [
+        (good.replace("Host: 127.0.0.1\r\n", ""), "missing Host header"),
+        (good.replace("Host: 127.0.0.1\r\n", "Host: 127.0.0.1\r\nHost: 127.0.0.1\r\n"), "more than one Host header"),
+        (good.replace("Host: 127.0.0.1\r\n", "Host: a.example\r\nHost: b.example\r\n"), "more than one Host header"),
+        (good.replace("Host: 127.0.0.1\r\n", "Host:\r\n"), "empty Host header"),
+        (good.replace("Host: 127.0.0.1\r\n", "Host: a.example/x\r\n"), "malformed Host header"),
+    ];
+    for (request, reason) in cases {
+        let (status, _, body) = raw_http(gw.plain, &request).await;
+        assert_eq!(status, 400, "request:\n{request}\nbody: {body}");
+        assert!(body.starts_with(reason), "request:\n{request}\nbody: {body}");
+    }
+    assert_eq!(raw_http(gw.plain, &good).await.0, 101, "the same request with one Host is accepted");
+    let unrouted = [("route", ""), ("status", "400")];
+    assert_eq!(scrape(&gw, "wsgate_handshakes_total", &unrouted).await, 5.0, "each refusal is counted");
+}
+
+/// An absolute-form target's authority is the request's host (RFC 9112 §3.2.2): it routes to a
+/// host-restricted route when the `Host` agrees (port and case may differ as the RFC allows), and
+/// a `Host` that names another host is refused with 400 rather than ignored, so a request cannot
+/// reach a route by a name the proxy in front did not route by.
+#[tokio::test]
+async fn absolute_form_target_is_the_host_and_a_disagreeing_host_is_400() {
+    let echo = Backend::echo().await;
+    let gw = Gateway::builder()
+        .route_with("named", "/x", &echo.target(), "host = \"a.example\"")
+        .route("other", "/x", "builtin:echo")
+        .start()
+        .await;
+    let absolute = |target: &str, host: &str| {
+        upgrade_request("/x", "").replacen("GET /x", &format!("GET {target}"), 1).replace("127.0.0.1", host)
+    };
+    // Host and target agree: the named route takes it (its backend is dialled).
+    let (status, _, body) = raw_http(gw.plain, &absolute("http://a.example/x", "A.EXAMPLE:80")).await;
+    assert_eq!(status, 101, "{body}");
+    eventually("the named route's backend is dialled", || async { echo.accepted() == 1 }).await;
+    // The target names the route's host, the Host header another one (once the winner): 400.
+    for (target, host) in [("http://a.example/x", "b.example"), ("http://b.example/x", "a.example")] {
+        let (status, _, body) = raw_http(gw.plain, &absolute(target, host)).await;
+        assert_eq!(status, 400, "{target} with Host {host}: {body}");
+        assert!(body.starts_with("Host header disagrees with the request target's authority"), "{body}");
+    }
+    let (status, _, body) = raw_http(gw.plain, &absolute("http://a.example:8080/x", "a.example")).await;
+    assert_eq!(status, 400, "another port is another authority: {body}");
+    assert_eq!(echo.accepted(), 1, "no refused request reached the named route's backend");
+    // The target's authority is also what the origin check compares the page's origin with.
+    let same_origin =
+        absolute("http://a.example/x", "a.example").replace("\r\n\r\n", "\r\nOrigin: http://a.example\r\n\r\n");
+    assert_eq!(raw_http(gw.plain, &same_origin).await.0, 101);
+    let cross = absolute("http://a.example/x", "a.example").replace("\r\n\r\n", "\r\nOrigin: http://b.example\r\n\r\n");
+    assert_eq!(raw_http(gw.plain, &cross).await.0, 403);
+}
+
+/// 2,000 refused requests (500 each of a refused origin, a refused subprotocol, no route, and a
+/// dead backend on an `on_backend_unavailable = "http"` route) write at most 10 lines at the
+/// default level: one warning per route and kind, each counted in the metrics. Once the throttle's
+/// interval has passed, the next warning of each kind says how many were left out.
+#[tokio::test]
+async fn refusal_floods_write_a_few_lines_that_count_the_rest() {
+    use futures_util::StreamExt;
+    let (logs, _guard) = Logs::capture_at(tracing::Level::INFO);
+    let echo = Backend::echo().await;
+    let dead = RefusingPort::new();
+    let gw = Gateway::builder()
+        .route("tcp", "/tcp", &echo.target())
+        .route_with("down", "/down", &dead.addr.to_string(), "on_backend_unavailable = \"http\"")
+        .start()
+        .await;
+    let kinds = [
+        (upgrade_request("/tcp", "Origin: http://evil.example\r\n"), 403),
+        (upgrade_request("/tcp", "Sec-WebSocket-Protocol: mqtt\r\n"), 400),
+        (upgrade_request("/nope", ""), 404),
+        (upgrade_request("/down", ""), 502),
+    ];
+    let before = logs.text().lines().count();
+    let requests = (0..2000).map(|i| &kinds[i % kinds.len()]);
+    let statuses: Vec<(u16, u16)> = futures_util::stream::iter(requests)
+        .map(|(request, want)| async move { (raw_http(gw.plain, request).await.0, *want) })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let flooded = std::time::Instant::now();
+    assert!(statuses.iter().all(|(got, want)| got == want), "a request got an unexpected answer");
+    let text = logs.text();
+    let lines: Vec<&str> = text.lines().skip(before).collect();
+    assert!(lines.len() <= 10, "{} lines for 2,000 refusals:\n{}", lines.len(), lines.join("\n"));
+    for what in ["origin \"http://evil.example\"", "no acceptable subprotocol", "backend unavailable"] {
+        let said = lines.iter().filter(|l| l.contains(" WARN ") && l.contains(what) && l.contains("suppressed=0"));
+        assert_eq!(said.count(), 1, "one warning for {what}:\n{}", lines.join("\n"));
+    }
+    for (route, status, n) in [("tcp", "403", 500.0), ("tcp", "400", 500.0), ("", "404", 500.0), ("down", "502", 500.0)]
+    {
+        let labels = [("route", route), ("status", status)];
+        assert_eq!(scrape(&gw, "wsgate_handshakes_total", &labels).await, n, "{route} {status}");
+    }
+    assert_eq!(scrape(&gw, "wsgate_backend_connect_failures_total", &[("route", "down")]).await, 500.0);
+    assert_eq!(echo.accepted(), 0);
+
+    // The throttle's interval, a timer of the gateway's, has to pass before it writes again.
+    tokio::time::sleep_until((flooded + wsgate::throttle::WARN_INTERVAL).into()).await;
+    for (request, want) in &kinds {
+        assert_eq!(raw_http(gw.plain, request).await.0, *want);
+    }
+    let text = logs.text();
+    let later: Vec<&str> = text.lines().skip(before + lines.len()).collect();
+    for what in ["origin \"http://evil.example\"", "no acceptable subprotocol", "backend unavailable"] {
+        let said = later.iter().filter(|l| l.contains(" WARN ") && l.contains(what) && l.contains("suppressed=499"));
+        assert_eq!(said.count(), 1, "the next warning for {what} counts the 499 left out:\n{}", later.join("\n"));
+    }
+    assert_eq!(later.len(), 3, "{}", later.join("\n"));
+}

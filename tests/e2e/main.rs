@@ -19,5 +19,7 @@ mod handshake;
 mod limits;
 /// Metrics over HTTP, health and readiness, graceful drain, hot reload.
 mod operations;
+/// Property tests of the request path up to admission, through the fuzz target's harness.
+mod properties;
 /// Start-up: config fixtures, the shipped config.toml, development certificates, bind errors.
 mod startup;

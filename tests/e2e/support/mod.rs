@@ -635,10 +635,15 @@ pub struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl Logs {
     pub fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+        Logs::capture_at(tracing::Level::DEBUG)
+    }
+
+    /// Lines at `level` and above only (`INFO` is what wsgate writes by default).
+    pub fn capture_at(level: tracing::Level) -> (Logs, tracing::subscriber::DefaultGuard) {
         let logs = Logs::default();
         let writer = logs.clone();
         let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
+            .with_max_level(level)
             .with_ansi(false)
             .with_writer(move || writer.clone())
             .finish();
