@@ -410,7 +410,7 @@ impl Validator<'_> {
     fn session_limits(&mut self, table: &str, raw: RawSessionLimits, d: &SessionLimits) -> SessionLimits {
         let key = |k: &str| format!("{table}.{k}");
         // A key left out takes the value already validated where it came from.
-        let mut count = |v: &mut Self, k: &str, value: Option<u64>, default: usize, min: u64, max: u64| match value {
+        let count = |v: &mut Self, k: &str, value: Option<u64>, default: usize, min: u64, max: u64| match value {
             None => default,
             some => v.count(&key(k), some, default as u64, min, max),
         };
@@ -422,7 +422,7 @@ impl Validator<'_> {
             count(self, "backend_read_bytes", raw.backend_read_bytes, d.backend_read_bytes, 1024, 16 << 20);
         let max_pending_connects =
             count(self, "max_pending_connects", raw.max_pending_connects, d.max_pending_connects, 1, 100_000);
-        let mut seconds = |v: &mut Self, k: &str, value: Option<Seconds>, default: Duration| match value {
+        let seconds = |v: &mut Self, k: &str, value: Option<Seconds>, default: Duration| match value {
             None => default,
             some => v.seconds(&key(k), some, default.as_secs_f64()),
         };
@@ -544,7 +544,7 @@ impl Validator<'_> {
             Some(Seconds::Fraction(f)) => f,
         };
         // A positive value below a nanosecond would become a zero duration.
-        if !(secs >= 1e-9 && secs <= MAX_SECS) {
+        if !(1e-9..=MAX_SECS).contains(&secs) {
             let range = if secs > 0.0 && secs < 1e-9 { " (at least a nanosecond)" } else { "" };
             self.fail(key, format!("{secs} is out of range: more than 0{range} and at most {MAX_SECS} seconds"));
             return Duration::from_secs_f64(default);
