@@ -1,4 +1,6 @@
-//! Data frames to the client, written past tungstenite's write buffer.
+//! The client's byte stream under tungstenite: data frames to the client written past
+//! tungstenite's write buffer, and frames from the client cut to size before tungstenite reads
+//! them (`cut`).
 //!
 //! tungstenite copies every frame it sends into its write buffer before writing it, and keeps
 //! that buffer as large as the largest frame it has sent. For the bridge's backend → client
@@ -17,6 +19,12 @@
 //!   tungstenite's writes, whether or not the bridge is still there to drive it (a stop or a
 //!   finish timeout may drop the bridge mid-frame; the frame is still completed before the close
 //!   frame goes out).
+//!
+//! On the read side the gate cuts the peer's long data frames into pieces of at most
+//! [`PIECE_BYTES`], so a message is held once while tungstenite assembles it, not twice, and
+//! notes when the peer's Close frame has been read ([`FrameGate::peer_closed`]); see `cut`.
+
+mod cut;
 
 use std::io;
 use std::pin::Pin;
@@ -29,6 +37,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tungstenite::Error as WsError;
 use tungstenite::protocol::frame::FrameHeader;
 use tungstenite::protocol::frame::coding::{Data, OpCode};
+
+use cut::Cutter;
+pub use cut::PIECE_BYTES;
 
 /// Bytes to leave in front of a payload for the longest header a frame of ours has: 2 bytes, a
 /// 64-bit length and, from a client, a 4-byte mask key. A server's frame uses the last 10 at most.
@@ -46,12 +57,28 @@ pub struct FrameGate<S> {
     /// Whether tungstenite's last write stopped short or had to wait: its write buffer then
     /// holds the rest of a frame, which must go out before any of ours.
     short: bool,
+    /// The read side: the peer's frames as tungstenite gets them.
+    cutter: Cutter,
 }
 
 impl<S> FrameGate<S> {
-    /// Wraps the client's stream.
+    /// Wraps the peer's stream, which is at a frame boundary (nothing of it read yet).
     pub fn new(io: S) -> Self {
-        FrameGate { io, rest: Bytes::new(), short: false }
+        FrameGate { io, rest: Bytes::new(), short: false, cutter: Cutter::new(u64::MAX) }
+    }
+
+    /// Data frames from the peer announcing more than `max` bytes are passed whole, not cut, so
+    /// tungstenite refuses them from their header (its `max_frame_size`, set to the same value)
+    /// before reading any of their payload.
+    pub fn frame_limit(mut self, max: usize) -> Self {
+        self.cutter = Cutter::new(max as u64);
+        self
+    }
+
+    /// Whether the peer's Close frame has been read from the stream, whole (by tungstenite, or
+    /// by whoever reads the gate after it).
+    pub fn peer_closed(&self) -> bool {
+        self.cutter.peer_closed()
     }
 }
 
@@ -136,9 +163,11 @@ where
     Poll::Ready(Ok(()))
 }
 
+/// What tungstenite (or the closing handshake after it) reads: the peer's frames, cut to size.
 impl<S: AsyncRead + Unpin> AsyncRead for FrameGate<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let this = self.get_mut();
+        this.cutter.poll_read(&mut this.io, cx, buf)
     }
 }
 
