@@ -39,14 +39,16 @@ const MAX_HEADER: usize = 14;
 /// Where the peer's byte stream stands, frame by frame.
 #[derive(Debug)]
 pub(super) struct Cutter {
-    /// Data frames announcing more than this pass whole, for tungstenite to refuse.
-    max: u64,
     /// Payload bytes still to come of the frame, or piece, being passed.
     left: u64,
+    /// Nothing held and nothing being cut: reads go straight to the caller's buffer.
+    plain: bool,
     /// The frame being passed is a Close.
     closing: bool,
     /// The peer's Close frame has been read whole.
     peer_closed: bool,
+    /// Data frames announcing more than this pass whole, for tungstenite to refuse.
+    max: u64,
     /// The frame being cut, if any.
     cut: Option<Cut>,
     /// A header held here: one a read cut in two, being completed, or one being handed out.
@@ -77,7 +79,7 @@ impl Cutter {
     /// A cutter for a stream that begins at a frame boundary; data frames longer than `max` are
     /// passed whole.
     pub(super) fn new(max: u64) -> Self {
-        Cutter { max, left: 0, closing: false, peer_closed: false, cut: None, head: Head::default() }
+        Cutter { left: 0, plain: true, closing: false, peer_closed: false, max, cut: None, head: Head::default() }
     }
 
     /// Whether the peer's Close frame has been read whole.
@@ -85,8 +87,90 @@ impl Cutter {
         self.peer_closed
     }
 
-    /// Reads from `io` into `out`, cutting frames as the module says.
+    /// Reads from `io` into `out`, cutting frames as the module says. Every client read of the
+    /// relay passes here, so the usual case, a read that ends inside a frame's payload, costs a
+    /// few comparisons, inlined into tungstenite's read; the rest is out of line.
+    #[inline(always)]
     pub(super) fn poll_read<S: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut S,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.plain {
+            return self.poll_read_held(io, cx, out);
+        }
+        let start = out.filled().len();
+        ready!(Pin::new(&mut *io).poll_read(cx, out))?;
+        let n = (out.filled().len() - start) as u64;
+        if n < self.left {
+            self.left -= n;
+            return Poll::Ready(Ok(()));
+        }
+        self.after_read(io, cx, out, start)
+    }
+
+    /// A read into `out` from `start` brought the rest of a frame and maybe more: follows the
+    /// frames in it (rewriting the header of a frame to be cut), and holds back a header it cut
+    /// in two.
+    #[inline(never)]
+    fn after_read<S: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut S,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+        start: usize,
+    ) -> Poll<io::Result<()>> {
+        let end = out.filled().len();
+        let buf = &mut out.filled_mut()[start..];
+        let mut pos = self.left as usize;
+        self.left = 0;
+        if self.closing {
+            self.closing = false;
+            self.peer_closed = true;
+        }
+        while pos < buf.len() {
+            let rest = &mut buf[pos..];
+            let Some(&[first, second]) = rest.first_chunk::<2>() else { break };
+            let header = header_len(second);
+            if rest.len() < header {
+                break;
+            }
+            let len = payload_len(rest);
+            let after = (rest.len() - header) as u64;
+            if len <= after {
+                // The whole frame is in the buffer.
+                self.peer_closed |= first & 0x0f == 0x8;
+                pos += header + len as usize;
+                continue;
+            }
+            self.left = len - after;
+            self.closing = first & 0x0f == 0x8;
+            if len > PIECE_BYTES {
+                self.cut_from(&mut rest[..header], len, after);
+            }
+            return Poll::Ready(Ok(()));
+        }
+        if pos >= buf.len() {
+            return Poll::Ready(Ok(()));
+        }
+        // A header the read cut in two: held back until it is whole.
+        let held = end - (start + pos);
+        self.head.bytes[..held].copy_from_slice(&buf[pos..]);
+        self.head.len = held;
+        self.plain = false;
+        out.set_filled(start + pos);
+        if pos > 0 {
+            return Poll::Ready(Ok(()));
+        }
+        // Nothing else came: read on for the rest of the header.
+        self.poll_read_held(io, cx, out)
+    }
+
+    /// Reads while a header is held or a frame is being cut.
+    #[cold]
+    #[inline(never)]
+    fn poll_read_held<S: AsyncRead + Unpin>(
         &mut self,
         io: &mut S,
         cx: &mut Context<'_>,
@@ -96,103 +180,68 @@ impl Cutter {
             if self.head.len > 0 {
                 if self.head.ready {
                     self.head.hand_out(out);
+                    self.plain = self.head.len == 0 && self.cut.is_none();
                     return Poll::Ready(Ok(()));
                 }
                 ready!(self.complete_head(io, cx))?;
                 continue;
             }
-            if let Some(cut) = &mut self.cut {
-                if self.left > 0 {
-                    return self.poll_piece(io, cx, out);
-                }
-                // The piece is done: the next one's header, or the frame is done.
-                if cut.rest == 0 {
-                    self.cut = None;
-                    continue;
-                }
-                let piece = cut.rest.min(PIECE_BYTES);
-                cut.rest -= piece;
-                self.head = Head::piece(piece, cut.rest == 0 && cut.fin, cut.mask);
-                self.left = piece;
+            let Some(cut) = &mut self.cut else {
+                self.plain = true;
+                return self.poll_read(io, cx, out);
+            };
+            if self.left > 0 {
+                return self.poll_piece(io, cx, out);
+            }
+            // The piece is done: the next one's header, or the frame is done.
+            if cut.rest == 0 {
+                self.cut = None;
                 continue;
             }
-            let start = out.filled().len();
-            ready!(Pin::new(&mut *io).poll_read(cx, out))?;
-            let end = out.filled().len();
-            // Nearly every read ends inside a frame's payload.
-            let n = (end - start) as u64;
-            if n < self.left {
-                self.left -= n;
-                return Poll::Ready(Ok(()));
-            }
-            let Some(at) = self.scan(&mut out.filled_mut()[start..end]) else { return Poll::Ready(Ok(())) };
-            // A header the read cut in two: held back until it is whole.
-            let held = end - (start + at);
-            self.head.bytes[..held].copy_from_slice(&out.filled()[start + at..]);
-            self.head.len = held;
-            out.set_filled(start + at);
-            if at > 0 {
-                return Poll::Ready(Ok(()));
-            }
+            let piece = cut.rest.min(PIECE_BYTES);
+            cut.rest -= piece;
+            self.head = Head::piece(piece, cut.rest == 0 && cut.fin, cut.mask);
+            self.left = piece;
         }
     }
 
-    /// Follows the frames in `buf`, fresh from the stream, rewriting the header of a frame to be
-    /// cut; returns where an incomplete header starts, if one ends the buffer.
-    fn scan(&mut self, buf: &mut [u8]) -> Option<usize> {
-        let mut pos = 0;
-        loop {
-            let skip = self.left.min((buf.len() - pos) as u64);
-            self.consumed(skip);
-            pos += skip as usize;
-            if pos == buf.len() {
-                return None;
-            }
-            let rest = &mut buf[pos..];
-            if rest.len() < 2 || rest.len() < header_len(rest[1]) {
-                return Some(pos);
-            }
-            let len = header_len(rest[1]);
-            let after = (rest.len() - len) as u64;
-            self.start_frame(&mut rest[..len], after);
-            pos += len;
-        }
-    }
-
-    /// A whole header, about to be handed out: notes its frame, and rewrites the header if the
-    /// frame is to be cut. `after`: payload bytes of the frame already read with the header.
-    fn start_frame(&mut self, header: &mut [u8], after: u64) {
+    /// A whole header, held until now: notes its frame and rewrites the header if the frame is
+    /// to be cut.
+    fn start_held(&mut self) {
+        let mut bytes = self.head.bytes;
+        let header = &mut bytes[..self.head.len];
         let len = payload_len(header);
-        let opcode = header[0] & 0x0f;
         self.left = len;
-        self.closing = opcode == 0x8;
-        self.consumed(0);
-        // Text, binary or continuation, no reserved bits (tungstenite refuses those).
-        let plain_data = opcode <= 0x2 && header[0] & 0x70 == 0;
-        if !plain_data || len <= PIECE_BYTES || len > self.max {
-            return;
+        self.closing = header[0] & 0x0f == 0x8;
+        if len == 0 && std::mem::take(&mut self.closing) {
+            self.peer_closed = true;
         }
+        if len > PIECE_BYTES {
+            self.cut_from(header, len, 0);
+        }
+        self.head.bytes = bytes;
+    }
+
+    /// Starts cutting the frame of `header` (`len` bytes of payload, `after` of them already read
+    /// with the header) if it is a data frame to be cut, rewriting the header as its first
+    /// piece's.
+    #[cold]
+    fn cut_from(&mut self, header: &mut [u8], len: u64, after: u64) {
+        // Text, binary or continuation, no reserved bits (tungstenite refuses those).
+        let plain_data = header[0] & 0x0f <= 0x2 && header[0] & 0x70 == 0;
         // The first piece takes at least what was read with the header, so nothing read needs a
         // header put in front of it.
         let first = after.max(PIECE_BYTES).next_multiple_of(4);
-        if first >= len {
+        if !plain_data || len > self.max || first >= len {
             return;
         }
         let mask = (header[1] & 0x80 != 0).then(|| [header[10], header[11], header[12], header[13]]);
         self.cut = Some(Cut { rest: len - first, fin: header[0] & 0x80 != 0, mask });
-        self.left = first;
+        self.plain = false;
+        self.left = first - after;
         // Longer than 65,535 bytes, so the length is in its 64-bit form, as the piece's is.
         header[0] &= 0x7f;
         header[2..10].copy_from_slice(&first.to_be_bytes());
-    }
-
-    /// `n` payload bytes of the current frame have passed.
-    fn consumed(&mut self, n: u64) {
-        self.left -= n;
-        if self.left == 0 && self.closing {
-            self.closing = false;
-            self.peer_closed = true;
-        }
     }
 
     /// Reads the rest of a held header; once whole, it is noted (and rewritten) like any other.
@@ -208,10 +257,7 @@ impl Cutter {
             head.ready = true;
         } else if head.len >= 2 && head.len == header_len(head.bytes[1]) {
             head.ready = true;
-            let mut bytes = head.bytes;
-            let len = head.len;
-            self.start_frame(&mut bytes[..len], 0);
-            self.head.bytes = bytes;
+            self.start_held();
         }
         Poll::Ready(Ok(()))
     }
@@ -254,6 +300,7 @@ impl Head {
 }
 
 /// The length of a frame header whose second byte is `second`.
+#[inline(always)]
 fn header_len(second: u8) -> usize {
     let length = match second & 0x7f {
         126 => 2,
@@ -264,6 +311,7 @@ fn header_len(second: u8) -> usize {
 }
 
 /// The payload length a whole header announces.
+#[inline(always)]
 fn payload_len(header: &[u8]) -> u64 {
     match header[1] & 0x7f {
         126 => u64::from(u16::from_be_bytes([header[2], header[3]])),

@@ -35,8 +35,6 @@ use futures_util::SinkExt;
 use hyper_tungstenite::WebSocketStream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tungstenite::Error as WsError;
-use tungstenite::protocol::frame::FrameHeader;
-use tungstenite::protocol::frame::coding::{Data, OpCode};
 
 use cut::Cutter;
 pub use cut::PIECE_BYTES;
@@ -125,12 +123,37 @@ fn apply_mask(payload: &mut [u8], key: [u8; 4]) {
     }
 }
 
+/// Written out here rather than with tungstenite's `FrameHeader::format` (generic over its
+/// writer, and not always inlined): it is on every message to the client (docs/performance.md,
+/// item 18).
 fn frame_with(mut buf: BytesMut, text: bool, mask: Option<[u8; 4]>) -> Bytes {
-    let len = (buf.len() - HEADROOM) as u64;
-    let opcode = OpCode::Data(if text { Data::Text } else { Data::Binary });
-    let header = FrameHeader { opcode, mask, ..FrameHeader::default() };
-    let start = HEADROOM - header.len(len);
-    header.format(len, &mut &mut buf[start..HEADROOM]).expect("the headroom fits any frame header");
+    let len = buf.len() - HEADROOM;
+    let mut header = [0u8; HEADROOM];
+    // FIN, and the opcode: 1 text, 2 binary.
+    header[0] = 0x80 | if text { 0x1 } else { 0x2 };
+    let masked = if mask.is_some() { 0x80 } else { 0 };
+    let mut n = match len {
+        0..=125 => {
+            header[1] = masked | len as u8;
+            2
+        }
+        126..=65535 => {
+            header[1] = masked | 126;
+            header[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            4
+        }
+        _ => {
+            header[1] = masked | 127;
+            header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+            10
+        }
+    };
+    if let Some(key) = mask {
+        header[n..n + 4].copy_from_slice(&key);
+        n += 4;
+    }
+    let start = HEADROOM - n;
+    buf[start..HEADROOM].copy_from_slice(&header[..n]);
     let mut frame = buf.freeze();
     frame.advance(start);
     frame
@@ -165,6 +188,9 @@ where
 
 /// What tungstenite (or the closing handshake after it) reads: the peer's frames, cut to size.
 impl<S: AsyncRead + Unpin> AsyncRead for FrameGate<S> {
+    // Inlined into tungstenite's read, as the plain forward it replaced was: this is on every
+    // client read of the relay (docs/performance.md, item 18).
+    #[inline(always)]
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         this.cutter.poll_read(&mut this.io, cx, buf)
