@@ -202,10 +202,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for FrameGate<S> {
 impl<S: AsyncWrite + Unpin> AsyncWrite for FrameGate<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        this.short = true;
+        let was_short = std::mem::replace(&mut this.short, true);
         ready!(this.poll_rest(cx))?;
         let written = ready!(Pin::new(&mut this.io).poll_write(cx, data))?;
         this.short = written < data.len();
+        if was_short && !this.short {
+            // tungstenite's write buffer has just drained after waiting. A pong that did not fit
+            // it meanwhile waits outside it, and tungstenite retries that only when it is next
+            // polled, which nothing else may cause: so poll it again.
+            cx.waker().wake_by_ref();
+        }
         Poll::Ready(Ok(written))
     }
 

@@ -11,10 +11,14 @@ mod bridging;
 mod browser;
 /// How sessions end: backend EOF, client close, backend down or reset, shutdown, limits.
 mod closing;
+/// The closing handshake on the raw socket: the gateway's FIN follows the crossed close frames.
+mod closing_handshake;
 /// The built-in `/echo` backend: messages come back as sent.
 mod echo;
 /// Answers before the upgrade: 404, 426, 400, 405, 403.
 mod handshake;
+/// Memory per session under hostile clients, on a gateway process of its own.
+mod memory;
 /// Metrics over HTTP, health and readiness, graceful drain, hot reload.
 mod operations;
 /// Start-up: config fixtures, the shipped config.toml, development certificates, bind errors.
