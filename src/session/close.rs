@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use hyper_tungstenite::WebSocketStream;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tracing::debug;
 use tungstenite::error::{CapacityError, ProtocolError};
@@ -18,6 +17,7 @@ use tungstenite::{Error as WsError, Message};
 use crate::admission::Shed;
 use crate::backend::ConnectFailure;
 use crate::bridge::{End, Kind};
+use crate::frames::{ClientWs, FrameGate};
 
 /// Which side ended a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -250,7 +250,9 @@ pub(super) fn close_code(outcome: &Outcome) -> u16 {
 
 /// Sends the outcome's close frame (or flushes tungstenite's reply to the client's Close) and
 /// waits, up to `timeout`, for the client to finish the closing handshake, so the close is clean.
-pub(super) async fn close_client<S>(ws: &mut WebSocketStream<S>, outcome: &Outcome, timeout: Duration)
+/// Once both close frames have been sent (the client's whole, valid or not), it returns at once,
+/// and the caller closes the connection (RFC 6455 §7.1.1: the server closes TCP first).
+pub(super) async fn close_client<S>(ws: &mut ClientWs<S>, outcome: &Outcome, timeout: Duration)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -263,7 +265,9 @@ where
                 }
             }
             other => {
-                if ws.send(Message::Close(other.close_frame())).await.is_err() {
+                // Flushed first: pongs to a client that does not read can fill the write
+                // buffer, and tungstenite refuses (and loses) a close frame that does not fit.
+                if ws.flush().await.is_err() || ws.send(Message::Close(other.close_frame())).await.is_err() {
                     return;
                 }
             }
@@ -274,6 +278,7 @@ where
             // with a reset, and a browser would report 1006 instead of our code; half-closing
             // now makes Chromium call the close unclean. So read and discard until the client's
             // own Close frame has arrived (or it goes quiet), then close with nothing unread.
+            // The frame tungstenite failed on may have been that Close: then there is no wait.
             linger_until_client_close(ws.get_mut()).await;
         } else {
             // Read until the client's Close arrives and the stream ends; discard data that
@@ -289,37 +294,20 @@ where
 /// How long a client may pause mid-stream before lingering gives up on its Close frame.
 const LINGER_QUIET: Duration = Duration::from_secs(1);
 
-/// Reads and discards raw bytes until they end with a client Close frame, the client closes,
-/// or it sends nothing for [`LINGER_QUIET`]. The caller bounds the whole wait.
-async fn linger_until_client_close<S: AsyncRead + Unpin>(io: &mut S) {
-    let mut tail = Vec::with_capacity(2 * MAX_CLOSE_FRAME);
-    // On the heap, and only now: an array here would make every session's future (and so every
-    // idle session) 8 KiB larger, since an async fn's state is as large as its largest await.
-    let mut buf = vec![0u8; 8192];
-    while let Ok(Ok(n @ 1..)) = tokio::time::timeout(LINGER_QUIET, io.read(&mut buf)).await {
-        tail.extend_from_slice(&buf[..n]);
-        if tail.len() > MAX_CLOSE_FRAME {
-            tail.drain(..tail.len() - MAX_CLOSE_FRAME);
+/// Reads and discards what the client sends, frame by frame (the gate follows the frames), until
+/// its Close frame has been read whole, the client closes, or it sends nothing for
+/// [`LINGER_QUIET`]. The caller bounds the whole wait.
+async fn linger_until_client_close<S: AsyncRead + Unpin>(gate: &mut FrameGate<S>) {
+    // On the heap, and only when needed: an array here would make every session's future (and
+    // so every idle session) 8 KiB larger, since an async fn's state is as large as its largest
+    // await.
+    let mut buf = Vec::new();
+    while !gate.peer_closed() {
+        if buf.is_empty() {
+            buf = vec![0u8; 8192];
         }
-        if ends_with_client_close(&tail) {
-            return;
-        }
+        let Ok(Ok(1..)) = tokio::time::timeout(LINGER_QUIET, gate.read(&mut buf)).await else { return };
     }
-}
-
-/// A client Close frame is at most 2 + 4 (mask) + 125 bytes.
-const MAX_CLOSE_FRAME: usize = 131;
-
-/// Whether `bytes` end with a complete client Close frame: `0x88` (FIN, opcode 8), a masked
-/// length of at most 125, the 4-byte mask and that many payload bytes. Data that happens to end
-/// the same way only makes the linger end early.
-fn ends_with_client_close(bytes: &[u8]) -> bool {
-    (0..=125usize).any(|n| {
-        bytes.len() >= 6 + n && {
-            let frame = &bytes[bytes.len() - 6 - n..];
-            frame[0] == 0x88 && usize::from(frame[1]) == (0x80 | n)
-        }
-    })
 }
 
 #[cfg(test)]
@@ -367,20 +355,6 @@ mod tests {
         assert_eq!(code(Outcome::ClientClosed { code: Some(1000), reason: "bye".into() }), None);
         assert_eq!(code(Outcome::ClientGone), None);
         assert_eq!(code(Outcome::ClientWriteFailed), None);
-    }
-
-    /// The linger recognises a masked client Close frame at the end of the bytes, and nothing else.
-    #[test]
-    fn client_close_frames_are_recognised_at_the_end() {
-        // Masked close, code 1000 + "bye" (5 payload bytes).
-        let close = [0x88, 0x85, 1, 2, 3, 4, 0xaa, 0xbb, 0xcc, 0xdd, 0xee];
-        let mut stream = vec![0x42; 1000];
-        stream.extend_from_slice(&close);
-        assert!(ends_with_client_close(&stream));
-        assert!(ends_with_client_close(&[0x88, 0x80, 9, 9, 9, 9]), "empty close");
-        assert!(!ends_with_client_close(&stream[..stream.len() - 1]), "incomplete");
-        assert!(!ends_with_client_close(&[0x88, 0x05, 1, 2, 3, 4, 5]), "unmasked is not a client frame");
-        assert!(!ends_with_client_close(&[0x42; 200]));
     }
 
     /// Each outcome is blamed on the side that caused it.

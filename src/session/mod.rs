@@ -90,8 +90,9 @@ pub async fn dial(entry: &Entry) -> Result<Dialed, BackendError> {
     }
 }
 
-/// The client's WebSocket buffers and size limits under `limits`.
-fn ws_config(limits: &SessionLimits) -> WebSocketConfig {
+/// The client's WebSocket buffers and size limits under `limits`. `echo`: whether tungstenite
+/// writes the route's messages (the built-in echo) rather than only control frames.
+fn ws_config(limits: &SessionLimits, echo: bool) -> WebSocketConfig {
     let max = limits.max_message_bytes;
     WebSocketConfig::default()
         // Allocated for every session, idle or not; large reads go through `ReadAhead`'s
@@ -100,11 +101,13 @@ fn ws_config(limits: &SessionLimits) -> WebSocketConfig {
         // Write each message at once: the pumps wait for it to reach the socket before reading
         // more, which is what gives backpressure, so a write buffer would only add a copy.
         .write_buffer_size(0)
-        // Bound for frames queued behind a slow client: one echoed message (up to `max`)
-        // plus control frames. tungstenite refuses any single frame larger than this, so it
-        // must hold the largest message it sends. (The bridge's data frames do not pass
-        // through tungstenite: `frames`.)
-        .max_write_buffer_size(max + 64 * 1024)
+        // What may wait for a client that does not read. tungstenite refuses any frame that
+        // would take the buffer past this bound, so it must hold the largest frame sent. On a TCP
+        // route that is a control frame (the bridge's data frames do not pass through
+        // tungstenite: `frames`): a pong that does not fit waits outside the buffer, where a
+        // newer ping's pong replaces it (RFC 6455 §5.5.3), so a client that pings and never
+        // reads costs no more than this. The echo sends the echoed message through it.
+        .max_write_buffer_size(if echo { max + 64 * 1024 } else { CONTROL_WRITE_BUFFER_BYTES })
         .max_message_size(Some(max))
         .max_frame_size(Some(max))
 }
@@ -112,6 +115,10 @@ fn ws_config(limits: &SessionLimits) -> WebSocketConfig {
 /// tungstenite's own read buffer: small, because every session holds it for its whole life.
 /// It also caps each read tungstenite makes, which is why `ReadAhead` reads for it while busy.
 const WS_READ_BUFFER_BYTES: usize = 2048;
+
+/// The write buffer of a session whose data frames go past tungstenite: two control frames
+/// (a close frame and a pong), each at most 2 bytes of header, a 4-byte mask key and 125 bytes.
+const CONTROL_WRITE_BUFFER_BYTES: usize = 2 * 131;
 
 /// One session from the pending upgrade to the last byte, or until `abort` (the shutdown
 /// deadline) drops it, to be spawned as a task of its own.
@@ -150,7 +157,8 @@ pub fn run(
 async fn run_inner(upgrade: OnUpgrade, dialed: Dialed, ctx: Context, stop: CancellationToken, span: &Span) {
     let started = Instant::now();
     let limits = &ctx.entry.limits;
-    let Some(mut ws) = websocket(upgrade, limits, span).await else { return };
+    let is_echo = matches!(dialed, Dialed::Echo);
+    let Some(mut ws) = websocket(upgrade, limits, is_echo, span).await else { return };
     let m = &ctx.entry.metrics;
     let mut open = OpenSession::new(m);
     let mut totals = SessionTotals::default();
@@ -183,8 +191,8 @@ async fn run_inner(upgrade: OnUpgrade, dialed: Dialed, ctx: Context, stop: Cance
 type Ws = ClientWs<Box<dyn client_stream::Duplex>>;
 
 /// The client's WebSocket, once hyper has handed over the connection (after the 101 went out);
-/// `None` if the upgrade did not complete.
-async fn websocket(upgrade: OnUpgrade, limits: &SessionLimits, span: &Span) -> Option<Ws> {
+/// `None` if the upgrade did not complete. `echo` as for [`ws_config`].
+async fn websocket(upgrade: OnUpgrade, limits: &SessionLimits, echo: bool, span: &Span) -> Option<Ws> {
     let upgraded = match upgrade.await {
         Ok(upgraded) => upgraded,
         Err(e) => {
@@ -198,8 +206,8 @@ async fn websocket(upgrade: OnUpgrade, limits: &SessionLimits, span: &Span) -> O
         });
         io
     });
-    let io = FrameGate::new(client_stream::into_relay(io));
-    Some(WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config(limits))).await)
+    let io = FrameGate::new(client_stream::into_relay(io)).frame_limit(limits.max_message_bytes);
+    Some(WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config(limits, echo))).await)
 }
 
 /// Runs the session's pump (the bridge, the built-in echo, or nothing for an unreachable

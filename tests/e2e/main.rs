@@ -11,12 +11,16 @@ mod bridging;
 mod browser;
 /// How sessions end: backend EOF, client close, backend down or reset, shutdown, limits.
 mod closing;
+/// The closing handshake on the raw socket: the gateway's FIN follows the crossed close frames.
+mod closing_handshake;
 /// The built-in `/echo` backend: messages come back as sent.
 mod echo;
 /// Answers before the upgrade: 404, 426, 400, 405, 403.
 mod handshake;
 /// Admission under attack: per-client caps, the handshake pool, route caps, the memory budget.
 mod limits;
+/// Memory per session under hostile clients, on a gateway process of its own.
+mod memory;
 /// Metrics over HTTP, health and readiness, graceful drain, hot reload.
 mod operations;
 /// Property tests of the request path up to admission, through the fuzz target's harness.

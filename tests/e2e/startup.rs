@@ -85,7 +85,8 @@ async fn development_certificate_is_generated_when_allowed() {
     let config_path = dir.path().join("config.toml");
     let text = "[listeners.secure]\naddress = \"127.0.0.1:0\"\n\
                 tls = { cert = \"certs/dev-cert.pem\", key = \"certs/dev-key.pem\", generate_self_signed = true }\n\
-                [routes.e]\npath = \"/e\"\nbackend = \"builtin:echo\"\nallowed_origins = [\"*\"]\n";
+                [routes.e]\npath = \"/e\"\nbackend = \"builtin:echo\"\nallowed_origins = [\"*\"]\n\
+                [admin]\naddress = \"127.0.0.1:0\"\n";
     std::fs::write(&config_path, text).unwrap();
     let gateway = wsgate::Gateway::bind(wsgate::config::load(&config_path).unwrap()).await.unwrap();
     assert!(cert.exists() && key.exists());

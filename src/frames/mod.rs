@@ -1,4 +1,6 @@
-//! Data frames to the client, written past tungstenite's write buffer.
+//! The client's byte stream under tungstenite: data frames to the client written past
+//! tungstenite's write buffer, and frames from the client cut to size before tungstenite reads
+//! them (`cut`).
 //!
 //! tungstenite copies every frame it sends into its write buffer before writing it, and keeps
 //! that buffer as large as the largest frame it has sent. For the bridge's backend → client
@@ -17,6 +19,12 @@
 //!   tungstenite's writes, whether or not the bridge is still there to drive it (a stop or a
 //!   finish timeout may drop the bridge mid-frame; the frame is still completed before the close
 //!   frame goes out).
+//!
+//! On the read side the gate cuts the peer's long data frames into pieces of at most
+//! [`PIECE_BYTES`], so a message is held once while tungstenite assembles it, not twice, and
+//! notes when the peer's Close frame has been read ([`FrameGate::peer_closed`]); see `cut`.
+
+mod cut;
 
 use std::io;
 use std::pin::Pin;
@@ -27,8 +35,9 @@ use futures_util::SinkExt;
 use hyper_tungstenite::WebSocketStream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tungstenite::Error as WsError;
-use tungstenite::protocol::frame::FrameHeader;
-use tungstenite::protocol::frame::coding::{Data, OpCode};
+
+use cut::Cutter;
+pub use cut::PIECE_BYTES;
 
 /// Bytes to leave in front of a payload for the longest header a frame of ours has: 2 bytes, a
 /// 64-bit length and, from a client, a 4-byte mask key. A server's frame uses the last 10 at most.
@@ -46,12 +55,28 @@ pub struct FrameGate<S> {
     /// Whether tungstenite's last write stopped short or had to wait: its write buffer then
     /// holds the rest of a frame, which must go out before any of ours.
     short: bool,
+    /// The read side: the peer's frames as tungstenite gets them.
+    cutter: Cutter,
 }
 
 impl<S> FrameGate<S> {
-    /// Wraps the client's stream.
+    /// Wraps the peer's stream, which is at a frame boundary (nothing of it read yet).
     pub fn new(io: S) -> Self {
-        FrameGate { io, rest: Bytes::new(), short: false }
+        FrameGate { io, rest: Bytes::new(), short: false, cutter: Cutter::new(u64::MAX) }
+    }
+
+    /// Data frames from the peer announcing more than `max` bytes are passed whole, not cut, so
+    /// tungstenite refuses them from their header (its `max_frame_size`, set to the same value)
+    /// before reading any of their payload.
+    pub fn frame_limit(mut self, max: usize) -> Self {
+        self.cutter = Cutter::new(max as u64);
+        self
+    }
+
+    /// Whether the peer's Close frame has been read from the stream, whole (by tungstenite, or
+    /// by whoever reads the gate after it).
+    pub fn peer_closed(&self) -> bool {
+        self.cutter.peer_closed()
     }
 }
 
@@ -98,12 +123,37 @@ fn apply_mask(payload: &mut [u8], key: [u8; 4]) {
     }
 }
 
+/// Written out here rather than with tungstenite's `FrameHeader::format` (generic over its
+/// writer, and not always inlined): it is on every message to the client (docs/performance.md,
+/// item 18).
 fn frame_with(mut buf: BytesMut, text: bool, mask: Option<[u8; 4]>) -> Bytes {
-    let len = (buf.len() - HEADROOM) as u64;
-    let opcode = OpCode::Data(if text { Data::Text } else { Data::Binary });
-    let header = FrameHeader { opcode, mask, ..FrameHeader::default() };
-    let start = HEADROOM - header.len(len);
-    header.format(len, &mut &mut buf[start..HEADROOM]).expect("the headroom fits any frame header");
+    let len = buf.len() - HEADROOM;
+    let mut header = [0u8; HEADROOM];
+    // FIN, and the opcode: 1 text, 2 binary.
+    header[0] = 0x80 | if text { 0x1 } else { 0x2 };
+    let masked = if mask.is_some() { 0x80 } else { 0 };
+    let mut n = match len {
+        0..=125 => {
+            header[1] = masked | len as u8;
+            2
+        }
+        126..=65535 => {
+            header[1] = masked | 126;
+            header[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            4
+        }
+        _ => {
+            header[1] = masked | 127;
+            header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+            10
+        }
+    };
+    if let Some(key) = mask {
+        header[n..n + 4].copy_from_slice(&key);
+        n += 4;
+    }
+    let start = HEADROOM - n;
+    buf[start..HEADROOM].copy_from_slice(&header[..n]);
     let mut frame = buf.freeze();
     frame.advance(start);
     frame
@@ -136,9 +186,14 @@ where
     Poll::Ready(Ok(()))
 }
 
+/// What tungstenite (or the closing handshake after it) reads: the peer's frames, cut to size.
 impl<S: AsyncRead + Unpin> AsyncRead for FrameGate<S> {
+    // Inlined into tungstenite's read, as the plain forward it replaced was: this is on every
+    // client read of the relay (docs/performance.md, item 18).
+    #[inline(always)]
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let this = self.get_mut();
+        this.cutter.poll_read(&mut this.io, cx, buf)
     }
 }
 
@@ -147,10 +202,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for FrameGate<S> {
 impl<S: AsyncWrite + Unpin> AsyncWrite for FrameGate<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        this.short = true;
+        let was_short = std::mem::replace(&mut this.short, true);
         ready!(this.poll_rest(cx))?;
         let written = ready!(Pin::new(&mut this.io).poll_write(cx, data))?;
         this.short = written < data.len();
+        if was_short && !this.short {
+            // tungstenite's write buffer has just drained after waiting. A pong that did not fit
+            // it meanwhile waits outside it, and tungstenite retries that only when it is next
+            // polled, which nothing else may cause: so poll it again.
+            cx.waker().wake_by_ref();
+        }
         Poll::Ready(Ok(written))
     }
 
