@@ -56,6 +56,8 @@ pub struct SessionLimits {
     pub close_timeout: Duration,
     /// TCP keepalive idle time for the backend socket.
     pub tcp_keepalive: Option<Duration>,
+    /// `TCP_USER_TIMEOUT` for the backend socket.
+    pub tcp_user_timeout: Option<Duration>,
 }
 
 impl SessionLimits {
@@ -68,6 +70,7 @@ impl SessionLimits {
             connect_timeout: global.connect_timeout,
             close_timeout: global.close_timeout,
             tcp_keepalive: global.tcp_keepalive,
+            tcp_user_timeout: global.tcp_user_timeout,
         }
     }
 }
@@ -85,9 +88,13 @@ impl Router {
         let entry = |route: &Route| {
             let limits = SessionLimits::resolve(limits, route);
             let target = match &route.backend {
-                Backend::Tcp { host, port } => {
-                    Target::Tcp(Dialer::new(host, *port, limits.connect_timeout, limits.tcp_keepalive))
-                }
+                Backend::Tcp { host, port } => Target::Tcp(Dialer::new(
+                    host,
+                    *port,
+                    limits.connect_timeout,
+                    limits.tcp_keepalive,
+                    limits.tcp_user_timeout,
+                )),
                 Backend::Echo => Target::Echo,
             };
             Arc::new(Entry { route: route.clone(), limits, metrics: metrics_for(&route.name), target })

@@ -242,7 +242,7 @@ async fn handle_connection(
     metrics: ListenerMetrics,
     shared: Arc<Shared>,
 ) {
-    backend::tune(&tcp, conn.snapshot.limits.tcp_keepalive);
+    backend::tune(&tcp, conn.snapshot.limits.tcp_keepalive, conn.snapshot.limits.tcp_user_timeout);
     // One deadline for the whole handshake, TLS included, so a wss client gets no more time
     // than a ws one.
     let timeout = conn.snapshot.limits.handshake_timeout;

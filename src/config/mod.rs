@@ -249,6 +249,10 @@ pub struct Limits {
     /// Idle time before TCP keepalive probes start on client and backend sockets; `None` when
     /// `tcp_keepalive_secs = 0`.
     pub tcp_keepalive: Option<Duration>,
+    /// `TCP_USER_TIMEOUT` on client and backend sockets: how long sent data may stay
+    /// unacknowledged (or keepalive probes unanswered) before the connection fails; `None` when
+    /// `tcp_user_timeout_secs = 0`.
+    pub tcp_user_timeout: Option<Duration>,
 }
 
 /// Built-in helper services.

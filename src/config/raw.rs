@@ -96,6 +96,7 @@ pub(super) struct RawLimits {
     pub connect_timeout_secs: Option<Seconds>,
     pub close_timeout_secs: Option<Seconds>,
     pub tcp_keepalive_secs: Option<Seconds>,
+    pub tcp_user_timeout_secs: Option<Seconds>,
 }
 
 #[derive(Deserialize, Default)]
@@ -198,6 +199,7 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
     ("limits.connect_timeout_secs", Reload),
     ("limits.close_timeout_secs", Reload),
     ("limits.tcp_keepalive_secs", Reload),
+    ("limits.tcp_user_timeout_secs", Reload),
     ("builtin.tcp_echo", Restart(|a, b| differs("builtin.tcp_echo", a.builtin.tcp_echo, b.builtin.tcp_echo))),
     ("shutdown.drain_delay_secs", Reload),
     ("shutdown.close_window_secs", Reload),

@@ -33,6 +33,10 @@ const DEFAULT_CONNECT_TIMEOUT_SECS: f64 = 5.0;
 const DEFAULT_CLOSE_TIMEOUT_SECS: f64 = 5.0;
 /// Below common NAT and load-balancer idle timeouts (often 350 s or more), above chatty.
 const DEFAULT_TCP_KEEPALIVE_SECS: f64 = 60.0;
+/// Data stuck in flight to a vanished peer ends its session a minute after it was sent, not after
+/// the kernel's ~15 minutes of retransmissions; at the keepalive default it also ends an idle
+/// connection to a vanished peer at the second probe (70 s) rather than the sixth (110 s).
+const DEFAULT_TCP_USER_TIMEOUT_SECS: i64 = 60;
 /// Long enough for a load balancer's health check (commonly 5 s apart) to see `/readyz` fail.
 const DEFAULT_DRAIN_DELAY_SECS: f64 = 5.0;
 /// Spreads reconnects of many clients over 10 s instead of one instant.
@@ -371,23 +375,33 @@ impl Validator<'_> {
                 raw.close_timeout_secs,
                 DEFAULT_CLOSE_TIMEOUT_SECS,
             ),
-            tcp_keepalive: self.keepalive(raw.tcp_keepalive_secs),
+            // What Linux accepts for TCP_KEEPIDLE.
+            tcp_keepalive: self.whole_secs_or_off(
+                "limits.tcp_keepalive_secs",
+                raw.tcp_keepalive_secs,
+                DEFAULT_TCP_KEEPALIVE_SECS as i64,
+                32767,
+            ),
+            tcp_user_timeout: self.whole_secs_or_off(
+                "limits.tcp_user_timeout_secs",
+                raw.tcp_user_timeout_secs,
+                DEFAULT_TCP_USER_TIMEOUT_SECS,
+                MAX_SECS as i64,
+            ),
         }
     }
 
-    /// Whole seconds from 1 to 32767 (what Linux accepts for TCP_KEEPIDLE), or 0 for off.
-    fn keepalive(&mut self, value: Option<Seconds>) -> Option<Duration> {
-        let key = "limits.tcp_keepalive_secs";
-        match value {
-            None => Some(Duration::from_secs_f64(DEFAULT_TCP_KEEPALIVE_SECS)),
-            Some(Seconds::Whole(0)) => None,
-            Some(Seconds::Whole(n @ 1..=32767)) => Some(Duration::from_secs(n.unsigned_abs())),
-            Some(Seconds::Whole(n)) => {
-                self.fail(key, format!("{n} is out of range: 0 (off) or 1 to 32767 whole seconds"));
+    /// Whole seconds from 1 to `max`, or 0 for off.
+    fn whole_secs_or_off(&mut self, key: &str, value: Option<Seconds>, default: i64, max: i64) -> Option<Duration> {
+        match value.unwrap_or(Seconds::Whole(default)) {
+            Seconds::Whole(0) => None,
+            Seconds::Whole(n) if (1..=max).contains(&n) => Some(Duration::from_secs(n.unsigned_abs())),
+            Seconds::Whole(n) => {
+                self.fail(key, format!("{n} is out of range: 0 (off) or 1 to {max} whole seconds"));
                 None
             }
-            Some(Seconds::Fraction(f)) => {
-                self.fail(key, format!("{f} must be a whole number of seconds: 0 (off) or 1 to 32767"));
+            Seconds::Fraction(f) => {
+                self.fail(key, format!("{f} must be a whole number of seconds: 0 (off) or 1 to {max}"));
                 None
             }
         }
@@ -670,6 +684,20 @@ mod tests {
         assert!(err(&format!("{MINIMAL}[limits]\ntcp_keepalive_secs = 0.5\n")).contains("limits.tcp_keepalive_secs"));
         assert!(err(&format!("{MINIMAL}[limits]\ntcp_keepalive_secs = 40000\n")).contains("1 to 32767"));
         assert_eq!(ok(&format!("{MINIMAL}[limits]\ntcp_keepalive_secs = 0\n")).limits.tcp_keepalive, None);
+    }
+
+    /// `tcp_user_timeout_secs`: 60 s by default, 0 for off, whole seconds up to a day.
+    #[test]
+    fn tcp_user_timeout() {
+        assert_eq!(ok(MINIMAL).limits.tcp_user_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(ok(&format!("{MINIMAL}[limits]\ntcp_user_timeout_secs = 0\n")).limits.tcp_user_timeout, None);
+        for (line, key) in [
+            ("tcp_user_timeout_secs = 1.5", "limits.tcp_user_timeout_secs: 1.5 must be a whole number"),
+            ("tcp_user_timeout_secs = 86401", "limits.tcp_user_timeout_secs: 86401 is out of range"),
+        ] {
+            let e = err(&format!("{MINIMAL}[limits]\n{line}\n"));
+            assert!(e.contains(key) && e.lines().count() == 1, "{line}: {e}");
+        }
     }
 
     /// `*.example.com` matches subdomains only; a host with a port is refused.

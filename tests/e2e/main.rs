@@ -15,6 +15,8 @@ mod closing;
 mod echo;
 /// Answers before the upgrade: 404, 426, 400, 405, 403.
 mod handshake;
+/// TCP_USER_TIMEOUT on a backend whose packets are dropped.
+mod liveness;
 /// Metrics over HTTP, health and readiness, graceful drain, hot reload.
 mod operations;
 /// Start-up: config fixtures, the shipped config.toml, development certificates, bind errors.
