@@ -17,6 +17,10 @@
 //!   tungstenite's writes, whether or not the bridge is still there to drive it (a stop or a
 //!   finish timeout may drop the bridge mid-frame; the frame is still completed before the close
 //!   frame goes out).
+//!
+//! The gate also counts what crosses the client's socket ([`Activity`]), for the session's
+//! liveness checks (`bridge::liveness`), which read the counts on their own timer, so the
+//! per-message path bumps counters and never reads a clock.
 
 use std::io;
 use std::pin::Pin;
@@ -26,9 +30,9 @@ use bytes::{Buf, Bytes, BytesMut};
 use futures_util::SinkExt;
 use hyper_tungstenite::WebSocketStream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tungstenite::Error as WsError;
 use tungstenite::protocol::frame::FrameHeader;
 use tungstenite::protocol::frame::coding::{Data, OpCode};
+use tungstenite::{Error as WsError, Message};
 
 /// Bytes to leave in front of a payload for the longest header a frame of ours has: 2 bytes, a
 /// 64-bit length and, from a client, a 4-byte mask key. A server's frame uses the last 10 at most.
@@ -46,12 +50,43 @@ pub struct FrameGate<S> {
     /// Whether tungstenite's last write stopped short or had to wait: its write buffer then
     /// holds the rest of a frame, which must go out before any of ours.
     short: bool,
+    activity: Activity,
+}
+
+/// What has crossed the client's socket so far: counts only ever grow, and the liveness checks
+/// compare them between their ticks.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Activity {
+    /// Reads from the client that brought bytes (any bytes: a pong may queue behind a large
+    /// upload), or an error.
+    pub reads: u64,
+    /// Messages and control frames read from the client (a fragmented message counts once).
+    pub frames_in: u64,
+    /// Data messages, either way (pings, pongs and close frames are not data).
+    pub data: u64,
 }
 
 impl<S> FrameGate<S> {
     /// Wraps the client's stream.
     pub fn new(io: S) -> Self {
-        FrameGate { io, rest: Bytes::new(), short: false }
+        FrameGate { io, rest: Bytes::new(), short: false, activity: Activity::default() }
+    }
+
+    /// What has crossed the client's socket so far.
+    pub fn activity(&self) -> Activity {
+        self.activity
+    }
+
+    /// Counts `message`, just read from the client by the WebSocket on this gate.
+    #[inline(always)]
+    pub fn received(&mut self, message: &Message) {
+        self.activity.frames_in += 1;
+        self.activity.data += u64::from(matches!(message, Message::Text(_) | Message::Binary(_)));
+    }
+
+    /// Counts a data message sent to the client through tungstenite (the gate counts its own).
+    pub fn sent_data(&mut self) {
+        self.activity.data += 1;
     }
 }
 
@@ -124,7 +159,9 @@ where
         if ws.get_ref().short {
             ready!(ws.poll_flush_unpin(cx))?;
         }
-        ws.get_mut().rest = frame.take().expect("checked");
+        let gate = ws.get_mut();
+        gate.rest = frame.take().expect("checked");
+        gate.activity.data += 1;
     }
     // A flush, not just the rest of the frame: TLS takes the end of a frame into its buffer and
     // reports it written before it has reached the socket, and nothing else may write to the
@@ -137,8 +174,14 @@ where
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for FrameGate<S> {
+    #[inline]
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let this = self.get_mut();
+        let read = Pin::new(&mut this.io).poll_read(cx, buf);
+        // A read that is ready brought bytes (tungstenite always leaves room), or ends the
+        // session: counted without measuring it.
+        this.activity.reads += u64::from(read.is_ready());
+        read
     }
 }
 

@@ -58,6 +58,16 @@ pub struct SessionLimits {
     pub tcp_keepalive: Option<Duration>,
     /// `TCP_USER_TIMEOUT` for the backend socket.
     pub tcp_user_timeout: Option<Duration>,
+    /// How often the session pings its client (`None`: no pings).
+    pub ping_interval: Option<Duration>,
+    /// How long after a ping reached the client's socket the client must have sent something.
+    pub pong_timeout: Duration,
+    /// How long the session may carry no data message either way (`None`: no limit).
+    pub idle_timeout: Option<Duration>,
+    /// How long the session may last (`None`: no limit).
+    pub max_session: Option<Duration>,
+    /// Messages and control frames the client may send per second (`None`: no limit).
+    pub max_messages_per_sec: Option<u64>,
 }
 
 impl SessionLimits {
@@ -71,6 +81,11 @@ impl SessionLimits {
             close_timeout: global.close_timeout,
             tcp_keepalive: global.tcp_keepalive,
             tcp_user_timeout: global.tcp_user_timeout,
+            ping_interval: global.ping_interval,
+            pong_timeout: global.pong_timeout,
+            idle_timeout: global.idle_timeout,
+            max_session: global.max_session,
+            max_messages_per_sec: global.max_messages_per_sec,
         }
     }
 }

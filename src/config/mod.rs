@@ -253,6 +253,17 @@ pub struct Limits {
     /// unacknowledged (or keepalive probes unanswered) before the connection fails; `None` when
     /// `tcp_user_timeout_secs = 0`.
     pub tcp_user_timeout: Option<Duration>,
+    /// How often each session pings its client; `None` when `ping_interval_secs = 0`.
+    pub ping_interval: Option<Duration>,
+    /// How long after a ping reached the client's socket the client must have sent something.
+    pub pong_timeout: Duration,
+    /// How long a session may carry no data message either way; `None` (the default) for no limit.
+    pub idle_timeout: Option<Duration>,
+    /// How long a session may last; `None` (the default) for no limit.
+    pub max_session: Option<Duration>,
+    /// Messages and control frames a client may send per second; `None` when
+    /// `max_messages_per_sec = 0`.
+    pub max_messages_per_sec: Option<u64>,
 }
 
 /// Built-in helper services.

@@ -97,6 +97,11 @@ pub(super) struct RawLimits {
     pub close_timeout_secs: Option<Seconds>,
     pub tcp_keepalive_secs: Option<Seconds>,
     pub tcp_user_timeout_secs: Option<Seconds>,
+    pub ping_interval_secs: Option<Seconds>,
+    pub pong_timeout_secs: Option<Seconds>,
+    pub idle_timeout_secs: Option<Seconds>,
+    pub max_session_secs: Option<Seconds>,
+    pub max_messages_per_sec: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -200,6 +205,11 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
     ("limits.close_timeout_secs", Reload),
     ("limits.tcp_keepalive_secs", Reload),
     ("limits.tcp_user_timeout_secs", Reload),
+    ("limits.ping_interval_secs", Reload),
+    ("limits.pong_timeout_secs", Reload),
+    ("limits.idle_timeout_secs", Reload),
+    ("limits.max_session_secs", Reload),
+    ("limits.max_messages_per_sec", Reload),
     ("builtin.tcp_echo", Restart(|a, b| differs("builtin.tcp_echo", a.builtin.tcp_echo, b.builtin.tcp_echo))),
     ("shutdown.drain_delay_secs", Reload),
     ("shutdown.close_window_secs", Reload),

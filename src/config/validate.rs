@@ -37,6 +37,17 @@ const DEFAULT_TCP_KEEPALIVE_SECS: f64 = 60.0;
 /// the kernel's ~15 minutes of retransmissions; at the keepalive default it also ends an idle
 /// connection to a vanished peer at the second probe (70 s) rather than the sixth (110 s).
 const DEFAULT_TCP_USER_TIMEOUT_SECS: i64 = 60;
+/// Every 30 s keeps a connection through a proxy with a 60 s idle timeout open.
+const DEFAULT_PING_INTERVAL_SECS: f64 = 30.0;
+/// With the interval, closes a client that went silent within 60 s of its last answer.
+const DEFAULT_PONG_TIMEOUT_SECS: f64 = 30.0;
+/// Off: idle sessions (a VNC screen nobody touches) are legitimate.
+const DEFAULT_IDLE_TIMEOUT_SECS: f64 = 0.0;
+/// Off: nothing in WebSocket itself ages a session.
+const DEFAULT_MAX_SESSION_SECS: f64 = 0.0;
+/// A flood of tiny frames costs CPU, not memory; an interactive session sends far fewer.
+const DEFAULT_MAX_MESSAGES_PER_SEC: u64 = 10_000;
+const MAX_MESSAGES_PER_SEC: u64 = 10_000_000;
 /// Long enough for a load balancer's health check (commonly 5 s apart) to see `/readyz` fail.
 const DEFAULT_DRAIN_DELAY_SECS: f64 = 5.0;
 /// Spreads reconnects of many clients over 10 s instead of one instant.
@@ -388,6 +399,28 @@ impl Validator<'_> {
                 DEFAULT_TCP_USER_TIMEOUT_SECS,
                 MAX_SECS as i64,
             ),
+            ping_interval: self.secs_or_off(
+                "limits.ping_interval_secs",
+                raw.ping_interval_secs,
+                DEFAULT_PING_INTERVAL_SECS,
+            ),
+            pong_timeout: self.seconds("limits.pong_timeout_secs", raw.pong_timeout_secs, DEFAULT_PONG_TIMEOUT_SECS),
+            idle_timeout: self.secs_or_off(
+                "limits.idle_timeout_secs",
+                raw.idle_timeout_secs,
+                DEFAULT_IDLE_TIMEOUT_SECS,
+            ),
+            max_session: self.secs_or_off("limits.max_session_secs", raw.max_session_secs, DEFAULT_MAX_SESSION_SECS),
+            max_messages_per_sec: match self.count(
+                "limits.max_messages_per_sec",
+                raw.max_messages_per_sec,
+                DEFAULT_MAX_MESSAGES_PER_SEC,
+                0,
+                MAX_MESSAGES_PER_SEC,
+            ) {
+                0 => None,
+                n => Some(n as u64),
+            },
         }
     }
 
@@ -405,6 +438,20 @@ impl Validator<'_> {
                 None
             }
         }
+    }
+
+    /// Seconds from 0 to [`MAX_SECS`], 0 meaning off.
+    fn secs_or_off(&mut self, key: &str, value: Option<Seconds>, default: f64) -> Option<Duration> {
+        let secs = match value {
+            None => default,
+            Some(Seconds::Whole(n)) => n as f64,
+            Some(Seconds::Fraction(f)) => f,
+        };
+        if !(0.0..=MAX_SECS).contains(&secs) {
+            self.fail(key, format!("{secs} is out of range: 0 (off) to {MAX_SECS} seconds"));
+            return None;
+        }
+        (secs > 0.0).then(|| Duration::from_secs_f64(secs))
     }
 
     fn count(&mut self, key: &str, value: Option<u64>, default: u64, min: u64, max: u64) -> usize {
@@ -694,6 +741,37 @@ mod tests {
         for (line, key) in [
             ("tcp_user_timeout_secs = 1.5", "limits.tcp_user_timeout_secs: 1.5 must be a whole number"),
             ("tcp_user_timeout_secs = 86401", "limits.tcp_user_timeout_secs: 86401 is out of range"),
+        ] {
+            let e = err(&format!("{MINIMAL}[limits]\n{line}\n"));
+            assert!(e.contains(key) && e.lines().count() == 1, "{line}: {e}");
+        }
+    }
+
+    /// The liveness keys: their defaults (pings on, idle and lifetime off), 0 for off, fractions
+    /// where allowed, and one line naming the key for a value out of range.
+    #[test]
+    fn liveness_keys() {
+        let l = ok(MINIMAL).limits;
+        assert_eq!(l.ping_interval, Some(Duration::from_secs(30)));
+        assert_eq!(l.pong_timeout, Duration::from_secs(30));
+        assert_eq!((l.idle_timeout, l.max_session), (None, None));
+        assert_eq!(l.max_messages_per_sec, Some(10_000));
+        let l = ok(&format!(
+            "{MINIMAL}[limits]\nping_interval_secs = 0\npong_timeout_secs = 0.25\nidle_timeout_secs = 300\n\
+             max_session_secs = 0.5\nmax_messages_per_sec = 0\n"
+        ))
+        .limits;
+        assert_eq!(l.ping_interval, None);
+        assert_eq!(l.pong_timeout, Duration::from_millis(250));
+        assert_eq!(l.idle_timeout, Some(Duration::from_secs(300)));
+        assert_eq!(l.max_session, Some(Duration::from_millis(500)));
+        assert_eq!(l.max_messages_per_sec, None);
+        for (line, key) in [
+            ("ping_interval_secs = -1", "limits.ping_interval_secs: -1 is out of range"),
+            ("pong_timeout_secs = 0", "limits.pong_timeout_secs: 0 is out of range"),
+            ("idle_timeout_secs = 86401", "limits.idle_timeout_secs: 86401 is out of range"),
+            ("max_session_secs = -0.5", "limits.max_session_secs: -0.5 is out of range"),
+            ("max_messages_per_sec = 10000001", "limits.max_messages_per_sec: 10000001 is out of range"),
         ] {
             let e = err(&format!("{MINIMAL}[limits]\n{line}\n"));
             assert!(e.contains(key) && e.lines().count() == 1, "{line}: {e}");

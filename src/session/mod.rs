@@ -23,7 +23,7 @@ use tracing::{Instrument, Span, debug, error, field, info, info_span, warn};
 use tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::backend::{BackendError, ConnectFailure};
-use crate::bridge::{self, Accept, BridgeMetrics, Framing, SessionTotals};
+use crate::bridge::{self, Accept, BridgeMetrics, Framing, Liveness, SessionTotals};
 use crate::client_stream;
 use crate::config::Outbound;
 use crate::echo;
@@ -194,8 +194,9 @@ async fn websocket(upgrade: OnUpgrade, limits: &SessionLimits, span: &Span) -> O
 }
 
 /// Runs the session's pump (the bridge, the built-in echo, or nothing for an unreachable
-/// backend) until one side ends it or the session's moment in the shutdown close window comes;
-/// returns how it ended, and the backend socket for the caller to release.
+/// backend) until one side ends it, a liveness limit is reached (both pumps run the checks), or
+/// the session's moment in the shutdown close window comes; returns how it ended, and the
+/// backend socket for the caller to release. Counts an ending at a liveness limit.
 async fn relay(
     ws: &mut Ws,
     dialed: Dialed,
@@ -219,7 +220,7 @@ async fn relay(
         match dialed {
             Dialed::Unavailable(failure) => (Outcome::BackendUnavailable(failure), None),
             Dialed::Echo => {
-                let end = echo::run_ws(ws, accept, &session_stop, totals, metrics).await;
+                let end = echo::run_ws(ws, accept, liveness(limits), &session_stop, totals, metrics).await;
                 (Outcome::from_end(end, limits.max_message_bytes), None)
             }
             Dialed::Tcp(stream) => {
@@ -229,10 +230,25 @@ async fn relay(
             }
         }
     };
-    tokio::select! {
+    let (outcome, backend) = tokio::select! {
         biased;
         done = pump => done,
         never = spread => never,
+    };
+    if let Some(limit) = outcome.limit() {
+        m.limit_reached(limit);
+    }
+    (outcome, backend)
+}
+
+/// The session's liveness checks under `limits`.
+fn liveness(limits: &SessionLimits) -> Liveness {
+    Liveness {
+        ping_interval: limits.ping_interval,
+        pong_timeout: limits.pong_timeout,
+        idle_timeout: limits.idle_timeout,
+        max_session: limits.max_session,
+        max_messages_per_sec: limits.max_messages_per_sec,
     }
 }
 
@@ -249,6 +265,7 @@ fn bridge_options(outbound: Outbound, accept: Accept, limits: &SessionLimits) ->
         accept,
         finish_timeout: limits.close_timeout,
         role: Role::Server,
+        liveness: liveness(limits),
     }
 }
 

@@ -15,7 +15,7 @@ mod closing;
 mod echo;
 /// Answers before the upgrade: 404, 426, 400, 405, 403.
 mod handshake;
-/// TCP_USER_TIMEOUT on a backend whose packets are dropped.
+/// Pings and the pong timeout, idle and lifetime limits, the message-rate cap, TCP_USER_TIMEOUT.
 mod liveness;
 /// Metrics over HTTP, health and readiness, graceful drain, hot reload.
 mod operations;

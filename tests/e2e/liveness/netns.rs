@@ -66,6 +66,7 @@ async fn in_its_namespace() {
     let gw = Gateway::builder()
         .route("tcp", "/tcp", &backend.target())
         .limit("tcp_user_timeout_secs", "2")
+        .limit("ping_interval_secs", "0")
         .start()
         .await;
     let mut ws = gw.ws("/tcp").await;
