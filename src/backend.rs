@@ -105,18 +105,26 @@ pub struct Dialer {
     port: u16,
     timeout: Duration,
     keepalive: Option<Duration>,
+    user_timeout: Option<Duration>,
 }
 
 impl Dialer {
-    /// Connects to `host:port` within `timeout`; sockets get `keepalive` (see [`tune`]).
-    pub fn new(host: &str, port: u16, timeout: Duration, keepalive: Option<Duration>) -> Dialer {
-        Dialer { host: host.to_string(), port, timeout, keepalive }
+    /// Connects to `host:port` within `timeout`; sockets get `keepalive` and `user_timeout`
+    /// (see [`tune`]).
+    pub fn new(
+        host: &str,
+        port: u16,
+        timeout: Duration,
+        keepalive: Option<Duration>,
+        user_timeout: Option<Duration>,
+    ) -> Dialer {
+        Dialer { host: host.to_string(), port, timeout, keepalive, user_timeout }
     }
 
     /// Connects the backend: resolves the name now (so DNS changes apply without a reload) and
     /// tries every address, all within the timeout.
     pub async fn connect(&self) -> Result<TcpStream, BackendError> {
-        connect(&self.host, self.port, self.timeout, self.keepalive).await
+        connect(&self.host, self.port, self.timeout, self.keepalive, self.user_timeout).await
     }
 }
 
@@ -127,9 +135,11 @@ pub async fn connect(
     port: u16,
     timeout: Duration,
     keepalive: Option<Duration>,
+    user_timeout: Option<Duration>,
 ) -> Result<TcpStream, BackendError> {
     let target = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
-    match tokio::time::timeout(timeout, connect_any(host, port, &target, keepalive)).await {
+    let connecting = connect_any(host, port, &target, keepalive, user_timeout);
+    match tokio::time::timeout(timeout, connecting).await {
         Ok(result) => result,
         Err(_) => Err(BackendError::Timeout { target, after: timeout }),
     }
@@ -140,6 +150,7 @@ async fn connect_any(
     port: u16,
     target: &str,
     keepalive: Option<Duration>,
+    user_timeout: Option<Duration>,
 ) -> Result<TcpStream, BackendError> {
     let addrs = tokio::net::lookup_host((host, port))
         .await
@@ -148,7 +159,7 @@ async fn connect_any(
     for addr in addrs {
         match TcpStream::connect(addr).await {
             Ok(stream) => {
-                tune(&stream, keepalive);
+                tune(&stream, keepalive, user_timeout);
                 return Ok(stream);
             }
             Err(source) => last = Some(BackendError::Connect { target: target.to_string(), addr, source }),
@@ -165,13 +176,25 @@ async fn connect_any(
 /// - TCP keepalive, first probe after `keepalive` idle, then every 10 s, 5 probes: a peer that
 ///   vanished without a FIN (NAT timeout, power loss) is noticed and its session ends, instead
 ///   of holding its connection slot forever.
-pub fn tune(stream: &TcpStream, keepalive: Option<Duration>) {
+/// - `TCP_USER_TIMEOUT` (Linux): data sent and not acknowledged for `user_timeout` fails the
+///   connection, so a peer that vanished while data was in flight to it is noticed within that
+///   time rather than after the kernel's retransmissions (about 15 minutes). With keepalive on,
+///   it also replaces the probe count: the connection fails at the first probe check once
+///   `user_timeout` has passed since the peer was last heard (docs/config.md).
+pub fn tune(stream: &TcpStream, keepalive: Option<Duration>, user_timeout: Option<Duration>) {
     let _ = stream.set_nodelay(true);
+    let socket = socket2::SockRef::from(stream);
     if let Some(idle) = keepalive {
         let params =
             socket2::TcpKeepalive::new().with_time(idle).with_interval(Duration::from_secs(10)).with_retries(5);
-        let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&params);
+        let _ = socket.set_tcp_keepalive(&params);
     }
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "fuchsia"))]
+    if user_timeout.is_some() {
+        let _ = socket.set_tcp_user_timeout(user_timeout);
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "fuchsia")))]
+    let _ = user_timeout;
 }
 
 #[cfg(test)]
@@ -186,15 +209,21 @@ mod tests {
         let held = tokio::net::TcpSocket::new_v4().unwrap();
         held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let port = held.local_addr().unwrap().port();
-        let err = connect("127.0.0.1", port, Duration::from_secs(5), None).await.unwrap_err();
+        let err = connect("127.0.0.1", port, Duration::from_secs(5), None, None).await.unwrap_err();
         assert_eq!(err.failure(), ConnectFailure::Refused, "{err}");
         assert_eq!(err.failure().label(), "connection refused");
         assert!(err.to_string().contains(&format!("127.0.0.1:{port}")));
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let stream = connect("localhost", addr.port(), Duration::from_secs(5), Some(Duration::from_secs(60))).await;
+        let secs = Some(Duration::from_secs(60));
+        let stream = connect("localhost", addr.port(), Duration::from_secs(5), secs, secs).await;
         // "localhost" may resolve to ::1 first; the refusal there must not stop the v4 attempt.
         assert!(stream.is_ok(), "{:?}", stream.err());
+        // `tune` set the socket up.
+        let socket = socket2::SockRef::from(stream.as_ref().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), Duration::from_secs(60));
+        #[cfg(target_os = "linux")]
+        assert_eq!(socket.tcp_user_timeout().unwrap(), secs);
     }
 }

@@ -46,6 +46,8 @@ pub mod names {
     pub const SESSIONS_OPEN: &str = "wsgate_sessions_open";
     /// Counter{route, code, closed_by}: sessions ended.
     pub const SESSIONS: &str = "wsgate_sessions_total";
+    /// Counter{route, limit}: sessions ended by a liveness limit (pong, idle, lifetime, rate).
+    pub const SESSION_LIMITS: &str = "wsgate_session_limits_total";
     /// Histogram{route}: session duration.
     pub const SESSION_DURATION: &str = "wsgate_session_duration_seconds";
     /// Counter{route, direction}: payload bytes relayed.
@@ -258,6 +260,11 @@ fn describe(r: &PrometheusRecorder) {
         d(names::TLS_HANDSHAKE_FAILURES, Some(Unit::Count), "TLS handshakes that failed or timed out."),
         d(names::HANDSHAKES, Some(Unit::Count), "HTTP requests answered, by route and status (101: upgraded)."),
         d(names::SESSIONS, Some(Unit::Count), "Sessions ended, by route, close code and the side that ended them."),
+        d(
+            names::SESSION_LIMITS,
+            Some(Unit::Count),
+            "Sessions the gateway ended at a limit, by route and limit (pong_timeout, idle_timeout, max_session, message_rate).",
+        ),
         d(names::BYTES, Some(Unit::Bytes), "Payload bytes relayed, by route and direction."),
         d(
             names::MESSAGES,
@@ -398,6 +405,11 @@ impl RouteMetrics {
             _ => code.to_string(),
         };
         self.counter(names::SESSIONS, &[("code", &label), ("closed_by", closed_by)]).increment(1);
+    }
+
+    /// Counts a session ended at a liveness limit; `limit` is one of a fixed set of labels.
+    pub fn limit_reached(&self, limit: &str) {
+        self.counter(names::SESSION_LIMITS, &[("limit", limit)]).increment(1);
     }
 }
 

@@ -61,9 +61,13 @@ impl Router {
         let entry = |route: &Route| {
             let limits = route.limits;
             let target = match &route.backend {
-                Backend::Tcp { host, port } => {
-                    Target::Tcp(Dialer::new(host, *port, limits.connect_timeout, limits.tcp_keepalive))
-                }
+                Backend::Tcp { host, port } => Target::Tcp(Dialer::new(
+                    host,
+                    *port,
+                    limits.connect_timeout,
+                    limits.tcp_keepalive,
+                    limits.tcp_user_timeout,
+                )),
                 Backend::Echo => Target::Echo,
             };
             let (metrics, load) = (metrics_for(&route.name), load_for(&route.name));

@@ -412,7 +412,7 @@ async fn handle_connection(
         None => CancellationToken::new(),
     };
     let limits = conn.snapshot.limits.clone();
-    backend::tune(&tcp, limits.session.tcp_keepalive);
+    backend::tune(&tcp, limits.session.tcp_keepalive, limits.session.tcp_user_timeout);
     // One deadline for the whole handshake, TLS included, so a wss client gets no more time
     // than a ws one; within it, a shorter one for the request head once TLS is done.
     let timeout = limits.handshake_timeout;

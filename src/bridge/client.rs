@@ -2,7 +2,7 @@
 //! other writes frames to it, and each tells the other what it has seen ([`Seen`]).
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
 
 use bytes::Bytes;
@@ -22,6 +22,9 @@ pub(super) struct Seen {
     /// after its Close, tungstenite may write the reply at any flush, and no data frame may
     /// follow that.
     pub(super) client_ended: AtomicBool,
+    /// Writes of either direction that had to wait, counted when they start and when they end
+    /// (odd while one waits): the liveness checks read it (`DirectionMeter::counting_stalls`).
+    pub(super) stalls: AtomicU64,
 }
 
 /// The client's WebSocket, shared by the two directions. They run in one task and never hold it

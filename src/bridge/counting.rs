@@ -8,6 +8,7 @@
 //! - [`BridgeMetrics`]: the route's handles for both directions, as a pump is given them;
 //! - [`DirectionMeter`]: one direction's totals and metrics, updated together.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 
 use crate::metrics::DirectionMetrics;
@@ -47,12 +48,20 @@ pub struct BridgeMetrics<'a> {
 pub(crate) struct DirectionMeter<'a> {
     metrics: &'a DirectionMetrics,
     totals: &'a mut DirectionTotals,
+    /// Bumped when a write starts to wait and again when it is done (odd while one waits).
+    stalls: Option<&'a AtomicU64>,
 }
 
 impl<'a> DirectionMeter<'a> {
     /// Counts into `totals` and `metrics`.
     pub(crate) fn new(metrics: &'a DirectionMetrics, totals: &'a mut DirectionTotals) -> Self {
-        DirectionMeter { metrics, totals }
+        DirectionMeter { metrics, totals, stalls: None }
+    }
+
+    /// Also counts, in `stalls`, the writes that had to wait: the liveness checks do not blame
+    /// the client for silence while the pump is not reading it, or cannot write to it.
+    pub(crate) fn counting_stalls(self, stalls: &'a AtomicU64) -> Self {
+        DirectionMeter { stalls: Some(stalls), ..self }
     }
 
     /// Runs `write`, which hands `n` bytes read from one side to the other. The route's
@@ -68,7 +77,11 @@ impl<'a> DirectionMeter<'a> {
             return (done, false);
         }
         let _buffered = self.metrics.buffer(n);
-        (write.await, true)
+        let stalled = |stalls: Option<&AtomicU64>| stalls.map(|s| s.fetch_add(1, Ordering::Relaxed));
+        stalled(self.stalls);
+        let done = write.await;
+        stalled(self.stalls);
+        (done, true)
     }
 
     /// `messages` messages, `n` bytes in all, were written to their destination.

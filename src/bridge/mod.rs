@@ -18,16 +18,25 @@
 //! A stop request is honoured only between messages: a message already read from one side is
 //! written to the other (within `finish_timeout`) before the pump returns [`End::Stopped`]. Bytes
 //! still in the kernel's buffers, not yet read, are not delivered.
+//!
+//! Beside the two directions the pump runs the session's liveness checks ([`Liveness`]: pings,
+//! pong, idle and lifetime timeouts, the client's message rate; `liveness`), on a timer of their
+//! own; the echo loop runs the same checks. A lifetime that runs out ends the pump like a stop;
+//! the other limits end it at once.
 
 mod backend_io;
 mod client;
+mod clock;
 mod counting;
+mod liveness;
 mod polling;
 mod to_backend;
 mod to_client;
 
 use std::io;
 use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -40,9 +49,12 @@ use tungstenite::{Error as WsError, Message};
 pub use backend_io::{BackendStream, TlsReadHalf, TlsWriteHalf};
 pub(crate) use counting::DirectionMeter;
 pub use counting::{BridgeMetrics, DirectionTotals, SessionTotals};
+pub(crate) use liveness::Watch;
+pub use liveness::{Limit, Liveness};
 
 use crate::frames::ClientWs;
 use client::{Client, Seen};
+use polling::Running;
 
 /// WebSocket message type used for backend bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +134,8 @@ pub struct Options {
     /// The pump's side of the WebSocket: a client masks every frame it sends (RFC 6455 §5.3),
     /// a server none.
     pub role: Role,
+    /// Pings, timeouts and the client's message rate.
+    pub liveness: Liveness,
 }
 
 /// How the pump ended: the first side to end decides.
@@ -147,6 +161,8 @@ pub enum End {
     Stopped,
     /// The gateway could not go on: no randomness for a client-role frame's mask key.
     NoMaskKey,
+    /// A liveness limit was reached ([`Liveness`]).
+    Limit(Limit),
 }
 
 /// Pumps `ws` ⇄ `backend` until one side ends, and returns how, with the backend stream (so the
@@ -165,10 +181,26 @@ where
 {
     let (mut from_backend, mut to_backend) = backend.into_split();
     let client = Client(Mutex::new(ws));
-    let mut stream = futures_util::stream::poll_fn(|cx| client.with(|ws| ws.poll_next_unpin(cx)));
-    let mut up_meter = DirectionMeter::new(metrics.to_backend, &mut totals.to_backend);
-    let mut down_meter = DirectionMeter::new(metrics.to_client, &mut totals.to_client);
+    let mut stream = futures_util::stream::poll_fn(|cx| {
+        client.with(|ws| {
+            let next = ws.poll_next_unpin(cx);
+            if let Poll::Ready(Some(Ok(message))) = &next {
+                ws.get_mut().received(message);
+            }
+            next
+        })
+    });
     let seen = Seen::default();
+    let mut up_meter = DirectionMeter::new(metrics.to_backend, &mut totals.to_backend).counting_stalls(&seen.stalls);
+    let mut down_meter = DirectionMeter::new(metrics.to_client, &mut totals.to_client).counting_stalls(&seen.stalls);
+    let mut watch = Watch::new(options.liveness);
+    // Once the client's stream has ended, its ending decides: no pings, no more limits.
+    let mut watching = |cx: &mut Context<'_>| match watch.poll_due(cx) {
+        Some(fired) if !seen.client_ended.load(Ordering::Relaxed) => {
+            client.with(|ws| watch.run(cx, ws, fired, seen.stalls.load(Ordering::Relaxed)))
+        }
+        _ => Poll::Pending,
+    };
     // Both directions stop at a message boundary once `finish` is cancelled: on a stop request,
     // or after the backend's last byte was delivered. The direction still running then gets up
     // to `finish_timeout` to complete the message it is writing, so nothing read is lost.
@@ -177,18 +209,30 @@ where
         let up = to_backend::client_to_backend(&mut stream, &mut to_backend, options, &seen, &finish, &mut up_meter);
         let down = to_client::backend_to_client(&mut from_backend, &client, options, &seen, &finish, &mut down_meter);
         tokio::pin!(up, down);
-        let (end, up_running) = polling::first_to_end(up.as_mut(), down.as_mut()).await;
+        let (end, running) = polling::first_to_end(up.as_mut(), down.as_mut(), &mut watching).await;
         match end {
-            End::Stopped | End::BackendEof => {
+            End::Stopped | End::BackendEof | End::Limit(Limit::MaxSession(_)) => {
                 finish.cancel();
-                let rest = async { if up_running { up.as_mut().await } else { down.as_mut().await } };
-                // Whatever the other direction reports now is secondary: the first ending decides.
+                let rest = async {
+                    match running {
+                        Running::Up => {
+                            up.as_mut().await;
+                        }
+                        Running::Down => {
+                            down.as_mut().await;
+                        }
+                        Running::Both => {
+                            tokio::join!(up.as_mut(), down.as_mut());
+                        }
+                    }
+                };
+                // Whatever the others report now is secondary: the first ending decides.
                 let _ = tokio::time::timeout(options.finish_timeout, rest).await;
                 end
             }
             // A write to the backend failed: often because it sent its last reply and closed.
             // Deliver what it sent before deciding; a clean EOF then means it simply finished.
-            End::BackendFailed(e) if up_running => End::BackendFailed(e),
+            End::BackendFailed(e) if running == Running::Up => End::BackendFailed(e),
             End::BackendFailed(e) => match tokio::time::timeout(options.finish_timeout, down.as_mut()).await {
                 Ok(End::BackendEof) => End::BackendEof,
                 _ => End::BackendFailed(e),

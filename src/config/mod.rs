@@ -273,6 +273,21 @@ pub struct SessionLimits {
     /// Idle time before TCP keepalive probes start on client and backend sockets; `None` when
     /// `tcp_keepalive_secs = 0`.
     pub tcp_keepalive: Option<Duration>,
+    /// `TCP_USER_TIMEOUT` on client and backend sockets: how long sent data may stay
+    /// unacknowledged (or keepalive probes unanswered) before the connection fails; `None` when
+    /// `tcp_user_timeout_secs = 0`.
+    pub tcp_user_timeout: Option<Duration>,
+    /// How often each session pings its client; `None` when `ping_interval_secs = 0`.
+    pub ping_interval: Option<Duration>,
+    /// How long after a ping reached the client's socket the client must have sent something.
+    pub pong_timeout: Duration,
+    /// How long a session may carry no data message either way; `None` (the default) for no limit.
+    pub idle_timeout: Option<Duration>,
+    /// How long a session may last; `None` (the default) for no limit.
+    pub max_session: Option<Duration>,
+    /// Messages and control frames a client may send per second; `None` when
+    /// `max_messages_per_sec = 0`.
+    pub max_messages_per_sec: Option<u64>,
     /// Backend connects in progress at once on the route.
     pub max_pending_connects: usize,
     /// Sessions open at once on the route (`None`: no cap of its own). Route tables only.

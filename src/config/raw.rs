@@ -102,6 +102,12 @@ macro_rules! limits_table {
             pub close_timeout_secs: Option<Seconds>,
             pub tcp_keepalive_secs: Option<Seconds>,
             pub max_pending_connects: Option<u64>,
+            pub tcp_user_timeout_secs: Option<Seconds>,
+            pub ping_interval_secs: Option<Seconds>,
+            pub pong_timeout_secs: Option<Seconds>,
+            pub idle_timeout_secs: Option<Seconds>,
+            pub max_session_secs: Option<Seconds>,
+            pub max_messages_per_sec: Option<u64>,
             $(pub $field: $ty,)*
         }
 
@@ -116,6 +122,12 @@ macro_rules! limits_table {
                     close_timeout_secs: self.close_timeout_secs,
                     tcp_keepalive_secs: self.tcp_keepalive_secs,
                     max_pending_connects: self.max_pending_connects,
+                    tcp_user_timeout_secs: self.tcp_user_timeout_secs,
+                    ping_interval_secs: self.ping_interval_secs,
+                    pong_timeout_secs: self.pong_timeout_secs,
+                    idle_timeout_secs: self.idle_timeout_secs,
+                    max_session_secs: self.max_session_secs,
+                    max_messages_per_sec: self.max_messages_per_sec,
                 }
             }
         }
@@ -125,6 +137,13 @@ macro_rules! limits_table {
 /// The keys of `[limits]` that a route's `limits` table may override.
 #[derive(Clone, Copy)]
 pub(super) struct RawSessionLimits {
+    pub tcp_user_timeout_secs: Option<Seconds>,
+    pub ping_interval_secs: Option<Seconds>,
+    pub pong_timeout_secs: Option<Seconds>,
+    pub idle_timeout_secs: Option<Seconds>,
+    pub max_session_secs: Option<Seconds>,
+    pub max_messages_per_sec: Option<u64>,
+
     pub max_message_bytes: Option<u64>,
     pub ws_read_buffer_bytes: Option<u64>,
     pub backend_read_bytes: Option<u64>,
@@ -257,6 +276,12 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
     ("routes.NAME.limits.tcp_keepalive_secs", Reload),
     ("routes.NAME.limits.max_pending_connects", Reload),
     ("routes.NAME.limits.max_sessions", Reload),
+    ("routes.NAME.limits.tcp_user_timeout_secs", Reload),
+    ("routes.NAME.limits.ping_interval_secs", Reload),
+    ("routes.NAME.limits.pong_timeout_secs", Reload),
+    ("routes.NAME.limits.idle_timeout_secs", Reload),
+    ("routes.NAME.limits.max_session_secs", Reload),
+    ("routes.NAME.limits.max_messages_per_sec", Reload),
     // The connection and handshake semaphores are sized once, when the gateway binds.
     (
         "limits.max_connections",
@@ -287,6 +312,12 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
     ("limits.connect_timeout_secs", Reload),
     ("limits.close_timeout_secs", Reload),
     ("limits.tcp_keepalive_secs", Reload),
+    ("limits.tcp_user_timeout_secs", Reload),
+    ("limits.ping_interval_secs", Reload),
+    ("limits.pong_timeout_secs", Reload),
+    ("limits.idle_timeout_secs", Reload),
+    ("limits.max_session_secs", Reload),
+    ("limits.max_messages_per_sec", Reload),
     ("builtin.tcp_echo", Restart(|a, b| differs("builtin.tcp_echo", a.builtin.tcp_echo, b.builtin.tcp_echo))),
     ("shutdown.drain_delay_secs", Reload),
     ("shutdown.close_window_secs", Reload),

@@ -54,6 +54,18 @@ const DEFAULT_CONNECT_TIMEOUT_SECS: f64 = 5.0;
 const DEFAULT_CLOSE_TIMEOUT_SECS: f64 = 5.0;
 /// Below common NAT and load-balancer idle timeouts (often 350 s or more), above chatty.
 const DEFAULT_TCP_KEEPALIVE_SECS: f64 = 60.0;
+/// Data stuck in flight to a vanished peer ends its session a minute after it was sent, not after
+/// the kernel's ~15 minutes of retransmissions; at the keepalive default it also ends an idle
+/// connection to a vanished peer at the second probe (70 s) rather than the sixth (110 s).
+const DEFAULT_TCP_USER_TIMEOUT_SECS: i64 = 60;
+/// Every 30 s keeps a connection through a proxy with a 60 s idle timeout open.
+const DEFAULT_PING_INTERVAL_SECS: f64 = 30.0;
+/// With the interval, closes a client that went silent within 60 s of its last answer.
+const DEFAULT_PONG_TIMEOUT_SECS: f64 = 30.0;
+/// A flood of tiny frames costs CPU, not memory; an interactive session sends far fewer, and a
+/// bulk upload in large messages stays well below it (docs/config.md).
+const DEFAULT_MAX_MESSAGES_PER_SEC: u64 = 100_000;
+const MAX_MESSAGES_PER_SEC: u64 = 10_000_000;
 /// Every route's limits when neither `[limits]` nor the route sets them.
 pub(super) const DEFAULT_SESSION_LIMITS: SessionLimits = SessionLimits {
     max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES as usize,
@@ -62,6 +74,14 @@ pub(super) const DEFAULT_SESSION_LIMITS: SessionLimits = SessionLimits {
     connect_timeout: Duration::from_secs(DEFAULT_CONNECT_TIMEOUT_SECS as u64),
     close_timeout: Duration::from_secs(DEFAULT_CLOSE_TIMEOUT_SECS as u64),
     tcp_keepalive: Some(Duration::from_secs(DEFAULT_TCP_KEEPALIVE_SECS as u64)),
+    tcp_user_timeout: Some(Duration::from_secs(DEFAULT_TCP_USER_TIMEOUT_SECS as u64)),
+    ping_interval: Some(Duration::from_secs(DEFAULT_PING_INTERVAL_SECS as u64)),
+    pong_timeout: Duration::from_secs(DEFAULT_PONG_TIMEOUT_SECS as u64),
+    // Off: idle sessions (a VNC screen nobody touches) are legitimate.
+    idle_timeout: None,
+    // Off: nothing in WebSocket itself ages a session.
+    max_session: None,
+    max_messages_per_sec: Some(DEFAULT_MAX_MESSAGES_PER_SEC),
     max_pending_connects: DEFAULT_MAX_PENDING_CONNECTS as usize,
     max_sessions: None,
 };
@@ -428,13 +448,41 @@ impl Validator<'_> {
         };
         let connect_timeout = seconds(self, "connect_timeout_secs", raw.connect_timeout_secs, d.connect_timeout);
         let close_timeout = seconds(self, "close_timeout_secs", raw.close_timeout_secs, d.close_timeout);
+        let pong_timeout = seconds(self, "pong_timeout_secs", raw.pong_timeout_secs, d.pong_timeout);
         SessionLimits {
             max_message_bytes,
             client_read_bytes,
             backend_read_bytes,
             connect_timeout,
             close_timeout,
-            tcp_keepalive: self.keepalive(&key("tcp_keepalive_secs"), raw.tcp_keepalive_secs, d.tcp_keepalive),
+            // What Linux accepts for TCP_KEEPIDLE.
+            tcp_keepalive: self.whole_secs_or_off(
+                &key("tcp_keepalive_secs"),
+                raw.tcp_keepalive_secs,
+                d.tcp_keepalive,
+                32767,
+            ),
+            tcp_user_timeout: self.whole_secs_or_off(
+                &key("tcp_user_timeout_secs"),
+                raw.tcp_user_timeout_secs,
+                d.tcp_user_timeout,
+                MAX_SECS as i64,
+            ),
+            ping_interval: self.secs_or_off(&key("ping_interval_secs"), raw.ping_interval_secs, d.ping_interval),
+            pong_timeout,
+            idle_timeout: self.secs_or_off(&key("idle_timeout_secs"), raw.idle_timeout_secs, d.idle_timeout),
+            max_session: self.secs_or_off(&key("max_session_secs"), raw.max_session_secs, d.max_session),
+            max_messages_per_sec: match raw.max_messages_per_sec {
+                None => d.max_messages_per_sec,
+                Some(0) => None,
+                some => Some(self.count(
+                    &key("max_messages_per_sec"),
+                    some,
+                    d.max_messages_per_sec.unwrap_or(DEFAULT_MAX_MESSAGES_PER_SEC),
+                    0,
+                    MAX_MESSAGES_PER_SEC,
+                ) as u64),
+            },
             max_pending_connects,
             max_sessions: d.max_sessions,
         }
@@ -476,21 +524,44 @@ impl Validator<'_> {
         }
     }
 
-    /// Whole seconds from 1 to 32767 (what Linux accepts for TCP_KEEPIDLE), or 0 for off.
-    fn keepalive(&mut self, key: &str, value: Option<Seconds>, default: Option<Duration>) -> Option<Duration> {
+    /// Whole seconds from 1 to `max`, or 0 for off; `default` when absent.
+    fn whole_secs_or_off(
+        &mut self,
+        key: &str,
+        value: Option<Seconds>,
+        default: Option<Duration>,
+        max: i64,
+    ) -> Option<Duration> {
         match value {
             None => default,
             Some(Seconds::Whole(0)) => None,
-            Some(Seconds::Whole(n @ 1..=32767)) => Some(Duration::from_secs(n.unsigned_abs())),
+            Some(Seconds::Whole(n)) if (1..=max).contains(&n) => Some(Duration::from_secs(n.unsigned_abs())),
             Some(Seconds::Whole(n)) => {
-                self.fail(key, format!("{n} is out of range: 0 (off) or 1 to 32767 whole seconds"));
+                self.fail(key, format!("{n} is out of range: 0 (off) or 1 to {max} whole seconds"));
                 default
             }
             Some(Seconds::Fraction(f)) => {
-                self.fail(key, format!("{f} must be a whole number of seconds: 0 (off) or 1 to 32767"));
+                self.fail(key, format!("{f} must be a whole number of seconds: 0 (off) or 1 to {max}"));
                 default
             }
         }
+    }
+
+    /// Seconds from 0 to [`MAX_SECS`], 0 meaning off; `default` when absent.
+    fn secs_or_off(&mut self, key: &str, value: Option<Seconds>, default: Option<Duration>) -> Option<Duration> {
+        let secs = match value {
+            None => return default,
+            Some(Seconds::Whole(n)) => n as f64,
+            Some(Seconds::Fraction(f)) => f,
+        };
+        if secs == 0.0 {
+            return None;
+        }
+        if !(1e-9..=MAX_SECS).contains(&secs) {
+            self.fail(key, format!("{secs} is out of range: 0 (off), or more than 0 and at most {MAX_SECS} seconds"));
+            return default;
+        }
+        Some(Duration::from_secs_f64(secs))
     }
 
     fn count(&mut self, key: &str, value: Option<u64>, default: u64, min: u64, max: u64) -> usize {
@@ -810,6 +881,55 @@ mod tests {
         assert!(err(&format!("{MINIMAL}[limits]\ntcp_keepalive_secs = 0.5\n")).contains("limits.tcp_keepalive_secs"));
         assert!(err(&format!("{MINIMAL}[limits]\ntcp_keepalive_secs = 40000\n")).contains("1 to 32767"));
         assert_eq!(ok(&format!("{MINIMAL}[limits]\ntcp_keepalive_secs = 0\n")).limits.session.tcp_keepalive, None);
+    }
+
+    /// `tcp_user_timeout_secs`: 60 s by default, 0 for off, whole seconds up to a day.
+    #[test]
+    fn tcp_user_timeout() {
+        assert_eq!(ok(MINIMAL).limits.session.tcp_user_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(
+            ok(&format!("{MINIMAL}[limits]\ntcp_user_timeout_secs = 0\n")).limits.session.tcp_user_timeout,
+            None
+        );
+        for (line, key) in [
+            ("tcp_user_timeout_secs = 1.5", "limits.tcp_user_timeout_secs: 1.5 must be a whole number"),
+            ("tcp_user_timeout_secs = 86401", "limits.tcp_user_timeout_secs: 86401 is out of range"),
+        ] {
+            let e = err(&format!("{MINIMAL}[limits]\n{line}\n"));
+            assert!(e.contains(key) && e.lines().count() == 1, "{line}: {e}");
+        }
+    }
+
+    /// The liveness keys: their defaults (pings on, idle and lifetime off), 0 for off, fractions
+    /// where allowed, and one line naming the key for a value out of range.
+    #[test]
+    fn liveness_keys() {
+        let l = ok(MINIMAL).limits.session;
+        assert_eq!(l.ping_interval, Some(Duration::from_secs(30)));
+        assert_eq!(l.pong_timeout, Duration::from_secs(30));
+        assert_eq!((l.idle_timeout, l.max_session), (None, None));
+        assert_eq!(l.max_messages_per_sec, Some(100_000));
+        let l = ok(&format!(
+            "{MINIMAL}[limits]\nping_interval_secs = 0\npong_timeout_secs = 0.25\nidle_timeout_secs = 300\n\
+             max_session_secs = 0.5\nmax_messages_per_sec = 0\n"
+        ))
+        .limits
+        .session;
+        assert_eq!(l.ping_interval, None);
+        assert_eq!(l.pong_timeout, Duration::from_millis(250));
+        assert_eq!(l.idle_timeout, Some(Duration::from_secs(300)));
+        assert_eq!(l.max_session, Some(Duration::from_millis(500)));
+        assert_eq!(l.max_messages_per_sec, None);
+        for (line, key) in [
+            ("ping_interval_secs = -1", "limits.ping_interval_secs: -1 is out of range"),
+            ("pong_timeout_secs = 0", "limits.pong_timeout_secs: 0 is out of range"),
+            ("idle_timeout_secs = 86401", "limits.idle_timeout_secs: 86401 is out of range"),
+            ("max_session_secs = -0.5", "limits.max_session_secs: -0.5 is out of range"),
+            ("max_messages_per_sec = 10000001", "limits.max_messages_per_sec: 10000001 is out of range"),
+        ] {
+            let e = err(&format!("{MINIMAL}[limits]\n{line}\n"));
+            assert!(e.contains(key) && e.lines().count() == 1, "{line}: {e}");
+        }
     }
 
     /// `*.example.com` matches subdomains only; a host with a port is refused.

@@ -23,6 +23,10 @@
 //! On the read side the gate cuts the peer's long data frames into pieces of at most
 //! [`PIECE_BYTES`], so a message is held once while tungstenite assembles it, not twice, and
 //! notes when the peer's Close frame has been read ([`FrameGate::peer_closed`]); see `cut`.
+//!
+//! The gate also counts what crosses the client's socket ([`Activity`]), for the session's
+//! liveness checks (`bridge::liveness`), which read the counts on their own timer, so the
+//! per-message path bumps counters and never reads a clock.
 
 mod cut;
 
@@ -34,7 +38,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use futures_util::SinkExt;
 use hyper_tungstenite::WebSocketStream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tungstenite::Error as WsError;
+use tungstenite::{Error as WsError, Message};
 
 use cut::Cutter;
 pub use cut::PIECE_BYTES;
@@ -57,12 +61,27 @@ pub struct FrameGate<S> {
     short: bool,
     /// The read side: the peer's frames as tungstenite gets them.
     cutter: Cutter,
+    /// What has crossed the client's socket, for the liveness checks.
+    activity: Activity,
+}
+
+/// What has crossed the client's socket so far: counts only ever grow, and the liveness checks
+/// compare them between their ticks.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Activity {
+    /// Reads from the client that brought bytes (any bytes: a pong may queue behind a large
+    /// upload), or an error.
+    pub reads: u64,
+    /// Messages and control frames read from the client (a fragmented message counts once).
+    pub frames_in: u64,
+    /// Data messages, either way (pings, pongs and close frames are not data).
+    pub data: u64,
 }
 
 impl<S> FrameGate<S> {
     /// Wraps the peer's stream, which is at a frame boundary (nothing of it read yet).
     pub fn new(io: S) -> Self {
-        FrameGate { io, rest: Bytes::new(), short: false, cutter: Cutter::new(u64::MAX) }
+        FrameGate { io, rest: Bytes::new(), short: false, cutter: Cutter::new(u64::MAX), activity: Activity::default() }
     }
 
     /// Data frames from the peer announcing more than `max` bytes are passed whole, not cut, so
@@ -77,6 +96,23 @@ impl<S> FrameGate<S> {
     /// by whoever reads the gate after it).
     pub fn peer_closed(&self) -> bool {
         self.cutter.peer_closed()
+    }
+
+    /// What has crossed the client's socket so far.
+    pub fn activity(&self) -> Activity {
+        self.activity
+    }
+
+    /// Counts `message`, just read from the client by the WebSocket on this gate.
+    #[inline(always)]
+    pub fn received(&mut self, message: &Message) {
+        self.activity.frames_in += 1;
+        self.activity.data += u64::from(matches!(message, Message::Text(_) | Message::Binary(_)));
+    }
+
+    /// Counts a data message sent to the client through tungstenite (the gate counts its own).
+    pub fn sent_data(&mut self) {
+        self.activity.data += 1;
     }
 }
 
@@ -174,7 +210,9 @@ where
         if ws.get_ref().short {
             ready!(ws.poll_flush_unpin(cx))?;
         }
-        ws.get_mut().rest = frame.take().expect("checked");
+        let gate = ws.get_mut();
+        gate.rest = frame.take().expect("checked");
+        gate.activity.data += 1;
     }
     // A flush, not just the rest of the frame: TLS takes the end of a frame into its buffer and
     // reports it written before it has reached the socket, and nothing else may write to the
@@ -193,7 +231,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for FrameGate<S> {
     #[inline(always)]
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        this.cutter.poll_read(&mut this.io, cx, buf)
+        let read = this.cutter.poll_read(&mut this.io, cx, buf);
+        // A read that is ready brought bytes (tungstenite always leaves room), or ends the
+        // session: counted for the liveness checks without measuring it.
+        this.activity.reads += u64::from(read.is_ready());
+        read
     }
 }
 

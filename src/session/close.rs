@@ -16,7 +16,7 @@ use tungstenite::{Error as WsError, Message};
 
 use crate::admission::Shed;
 use crate::backend::ConnectFailure;
-use crate::bridge::{End, Kind};
+use crate::bridge::{End, Kind, Limit};
 use crate::frames::{ClientWs, FrameGate};
 
 /// Which side ended a session.
@@ -26,7 +26,7 @@ pub enum Side {
     Client,
     /// The backend service.
     Backend,
-    /// wsgate itself (shutdown).
+    /// wsgate itself (shutdown, a limit).
     Gateway,
 }
 
@@ -80,6 +80,16 @@ pub enum Outcome {
     Shutdown,
     /// The gateway failed (no randomness for a client-role frame's mask key).
     GatewayFailed,
+    /// A ping reached the client's socket and nothing came back from the client within this
+    /// time (`limits.pong_timeout_secs`).
+    PongTimeout(Duration),
+    /// No data message either way for this long (`limits.idle_timeout_secs`).
+    IdleTimeout(Duration),
+    /// The session lasted this long (`limits.max_session_secs`).
+    LifetimeLimit(Duration),
+    /// The client sent more than this many messages and control frames in a second
+    /// (`limits.max_messages_per_sec`).
+    MessageRateExceeded(u64),
 }
 
 impl Outcome {
@@ -97,7 +107,24 @@ impl Outcome {
             | Outcome::BackendFailed(_)
             | Outcome::BackendNotUtf8
             | Outcome::BackendUnavailable(_) => Side::Backend,
-            Outcome::Shed(_) | Outcome::Shutdown | Outcome::GatewayFailed => Side::Gateway,
+            Outcome::Shed(_)
+            | Outcome::Shutdown
+            | Outcome::GatewayFailed
+            | Outcome::PongTimeout(_)
+            | Outcome::IdleTimeout(_)
+            | Outcome::LifetimeLimit(_)
+            | Outcome::MessageRateExceeded(_) => Side::Gateway,
+        }
+    }
+
+    /// The `limit` label of `wsgate_session_limits_total` for an ending at a liveness limit.
+    pub fn limit(&self) -> Option<&'static str> {
+        match self {
+            Outcome::PongTimeout(_) => Some("pong_timeout"),
+            Outcome::IdleTimeout(_) => Some("idle_timeout"),
+            Outcome::LifetimeLimit(_) => Some("max_session"),
+            Outcome::MessageRateExceeded(_) => Some("message_rate"),
+            _ => None,
         }
     }
 
@@ -125,6 +152,10 @@ impl Outcome {
             Outcome::BackendUnavailable(failure) => (1013, format!("backend unavailable: {}", failure.label())),
             Outcome::Shed(shed) => (1013, shed.reason()),
             Outcome::GatewayFailed => (1011, "gateway error".into()),
+            Outcome::PongTimeout(after) => (1011, format!("no pong within {} s", after.as_secs_f64())),
+            Outcome::IdleTimeout(after) => (1000, format!("idle timeout: no data for {} s", after.as_secs_f64())),
+            Outcome::LifetimeLimit(max) => (1001, format!("session lifetime limit of {} s reached", max.as_secs_f64())),
+            Outcome::MessageRateExceeded(max) => (1008, format!("message rate over {max} per second")),
         };
         Some(CloseFrame { code: CloseCode::from(code), reason: truncate_reason(&reason).to_string().into() })
     }
@@ -149,6 +180,10 @@ impl Outcome {
             End::BackendNotUtf8 => Outcome::BackendNotUtf8,
             End::Stopped => Outcome::Shutdown,
             End::NoMaskKey => Outcome::GatewayFailed,
+            End::Limit(Limit::PongTimeout(after)) => Outcome::PongTimeout(after),
+            End::Limit(Limit::IdleTimeout(after)) => Outcome::IdleTimeout(after),
+            End::Limit(Limit::MaxSession(max)) => Outcome::LifetimeLimit(max),
+            End::Limit(Limit::MessageRate(max)) => Outcome::MessageRateExceeded(max),
         }
     }
 
@@ -352,6 +387,20 @@ mod tests {
             code(Outcome::Shed(Shed::MaxSessions(50))),
             Some((1013, "route is at its session limit (50); try again later".into()))
         );
+        let secs = Duration::from_secs;
+        assert_eq!(code(Outcome::PongTimeout(secs(30))), Some((1011, "no pong within 30 s".into())));
+        assert_eq!(
+            code(Outcome::IdleTimeout(Duration::from_millis(1500))),
+            Some((1000, "idle timeout: no data for 1.5 s".into()))
+        );
+        assert_eq!(
+            code(Outcome::LifetimeLimit(secs(86_400))),
+            Some((1001, "session lifetime limit of 86400 s reached".into()))
+        );
+        assert_eq!(
+            code(Outcome::MessageRateExceeded(10_000)),
+            Some((1008, "message rate over 10000 per second".into()))
+        );
         assert_eq!(code(Outcome::ClientClosed { code: Some(1000), reason: "bye".into() }), None);
         assert_eq!(code(Outcome::ClientGone), None);
         assert_eq!(code(Outcome::ClientWriteFailed), None);
@@ -363,6 +412,20 @@ mod tests {
         assert_eq!(Outcome::BackendClosed.side(), Side::Backend);
         assert_eq!(Outcome::ClientTooBig { limit: 1 }.side(), Side::Client);
         assert_eq!(Outcome::Shutdown.side(), Side::Gateway);
+        assert_eq!(Outcome::PongTimeout(Duration::from_secs(1)).side(), Side::Gateway);
+        assert_eq!(Outcome::MessageRateExceeded(1).side(), Side::Gateway);
+    }
+
+    /// Each liveness ending has its metric label; no other ending has one.
+    #[test]
+    fn limit_labels() {
+        let d = Duration::from_secs(1);
+        assert_eq!(Outcome::PongTimeout(d).limit(), Some("pong_timeout"));
+        assert_eq!(Outcome::IdleTimeout(d).limit(), Some("idle_timeout"));
+        assert_eq!(Outcome::LifetimeLimit(d).limit(), Some("max_session"));
+        assert_eq!(Outcome::MessageRateExceeded(1).limit(), Some("message_rate"));
+        assert_eq!(Outcome::Shutdown.limit(), None);
+        assert_eq!(Outcome::ClientTooBig { limit: 1 }.limit(), None);
     }
 
     /// Close reasons are cut to 123 bytes on a UTF-8 boundary.

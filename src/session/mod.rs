@@ -24,7 +24,7 @@ use tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::admission::Shed;
 use crate::backend::{BackendError, ConnectFailure};
-use crate::bridge::{self, Accept, BridgeMetrics, Framing, SessionTotals};
+use crate::bridge::{self, Accept, BridgeMetrics, Framing, Liveness, SessionTotals};
 use crate::client_stream;
 use crate::config::Outbound;
 use crate::echo;
@@ -211,8 +211,9 @@ async fn websocket(upgrade: OnUpgrade, limits: &SessionLimits, echo: bool, span:
 }
 
 /// Runs the session's pump (the bridge, the built-in echo, or nothing for an unreachable
-/// backend) until one side ends it or the session's moment in the shutdown close window comes;
-/// returns how it ended, and the backend socket for the caller to release.
+/// backend) until one side ends it, a liveness limit is reached (both pumps run the checks), or
+/// the session's moment in the shutdown close window comes; returns how it ended, and the
+/// backend socket for the caller to release. Counts an ending at a liveness limit.
 async fn relay(
     ws: &mut Ws,
     dialed: Dialed,
@@ -237,7 +238,7 @@ async fn relay(
             Dialed::Unavailable(failure) => (Outcome::BackendUnavailable(failure), None),
             Dialed::Shed(shed) => (Outcome::Shed(shed), None),
             Dialed::Echo => {
-                let end = echo::run_ws(ws, accept, &session_stop, totals, metrics).await;
+                let end = echo::run_ws(ws, accept, liveness(limits), &session_stop, totals, metrics).await;
                 (Outcome::from_end(end, limits.max_message_bytes), None)
             }
             Dialed::Tcp(stream) => {
@@ -247,10 +248,25 @@ async fn relay(
             }
         }
     };
-    tokio::select! {
+    let (outcome, backend) = tokio::select! {
         biased;
         done = pump => done,
         never = spread => never,
+    };
+    if let Some(limit) = outcome.limit() {
+        m.limit_reached(limit);
+    }
+    (outcome, backend)
+}
+
+/// The session's liveness checks under `limits`.
+fn liveness(limits: &SessionLimits) -> Liveness {
+    Liveness {
+        ping_interval: limits.ping_interval,
+        pong_timeout: limits.pong_timeout,
+        idle_timeout: limits.idle_timeout,
+        max_session: limits.max_session,
+        max_messages_per_sec: limits.max_messages_per_sec,
     }
 }
 
@@ -267,6 +283,7 @@ fn bridge_options(outbound: Outbound, accept: Accept, limits: &SessionLimits) ->
         accept,
         finish_timeout: limits.close_timeout,
         role: Role::Server,
+        liveness: liveness(limits),
     }
 }
 

@@ -348,6 +348,7 @@ async fn every_documented_close_code_is_produced() {
         .route("sink", "/sink", &sink.target())
         .route_with("bin", "/bin", &sink.target(), "accept = [\"binary\"]")
         .limit("max_message_bytes", "4096")
+        .limit("max_messages_per_sec", "50")
         .start()
         .await;
     let mut produced = Vec::new();
@@ -375,6 +376,13 @@ async fn every_documented_close_code_is_produced() {
     produced
         .push(code_of("/sink", Some(Message::Frame(Frame::message(vec![0xff], OpCode::Data(Data::Text), true)))).await);
     produced.push(code_of("/sink", Some(Message::Binary(vec![0; 5000].into()))).await);
+    // More messages in a second than max_messages_per_sec.
+    let mut ws = gw.ws("/sink").await;
+    for _ in 0..200 {
+        within("send", ws.send(Message::Binary(vec![1].into()))).await.unwrap();
+    }
+    produced.push(read_until_close(&mut ws).await.1);
+    expect_end(&mut ws).await;
     let mut open = gw.ws("/sink").await;
     gw.shutdown.now();
     produced.push(read_until_close(&mut open).await.1);

@@ -19,6 +19,8 @@ mod echo;
 mod handshake;
 /// Admission under attack: per-client caps, the handshake pool, route caps, the memory budget.
 mod limits;
+/// Pings and the pong timeout, idle and lifetime limits, the message-rate cap, TCP_USER_TIMEOUT.
+mod liveness;
 /// Memory per session under hostile clients, on a gateway process of its own.
 mod memory;
 /// Metrics over HTTP, health and readiness, graceful drain, hot reload.

@@ -67,6 +67,7 @@ async fn pump_client(
         accept: Accept { text: true, binary: true },
         finish_timeout,
         role: tungstenite::protocol::Role::Server,
+        liveness: super::Liveness::OFF,
     };
     let (metrics, mut totals, stop) =
         (DirectionMetrics::detached(), DirectionTotals::default(), CancellationToken::new());

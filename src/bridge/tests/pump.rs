@@ -22,6 +22,7 @@ pub(super) fn options(role: Role, backend_read_bytes: usize) -> Options {
         accept: Accept { text: true, binary: true },
         finish_timeout: Duration::from_secs(1),
         role,
+        liveness: bridge::Liveness::OFF,
     }
 }
 
