@@ -13,8 +13,8 @@
 //! - `server`: accept loop, TLS, HTTP/1.1, the answer to each request (route, admit, bounds,
 //!   dial, 101, spawn), refusals answered, logged and counted.
 //! - [`admission`]: who gets in and how much they hold: per-client connections, handshakes and
-//!   rate in one bounded table; the handshake pool that sheds its oldest; route session and
-//!   connect caps; the memory budget. Kept across reloads.
+//!   rate in one bounded table; the handshake pool that sheds from the client holding most;
+//!   route session and connect caps; the memory budget. Kept across reloads.
 //! - [`client_stream`]: the client connection as one type, from accept through hyper's upgrade.
 //! - [`router`]: the route table (route, limits, metrics, backend per entry); (`Host`, path) →
 //!   entry. Pure.
@@ -145,7 +145,7 @@ impl Gateway {
     /// allows it.
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
         let metrics = Arc::new(Metrics::new(config.metrics));
-        let admission = Arc::new(Admission::new(&config.limits));
+        let admission = Arc::new(Admission::new(&config.limits, metrics.handshakes_in_progress.clone()));
         let snapshot = snapshot(&config, &metrics, &admission)?;
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {

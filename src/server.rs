@@ -42,7 +42,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 use tungstenite::handshake::derive_accept_key;
 
-use crate::admission::{Admission, ConnectionLease, HandshakeLease, LoadGuard, Over, Place, Pool, Shed, Verdict};
+use crate::admission::{
+    Admission, Closed, ConnectionLease, HandshakeLease, LoadGuard, Over, Place, Pool, Shed, Verdict,
+};
 use crate::backend::{self, ConnectFailure};
 use crate::client_stream::{ClientIo, ClientStream};
 use crate::config::{Limits, Unavailable};
@@ -166,10 +168,10 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             continue;
         }
         let span = info_span!("conn", listener = %listener.name, client.addr = %peer);
-        let (client, share) = admitted;
-        let (share, handshake) = match share {
-            Ok(share) => (Some(share), Handshake::Finished),
-            Err(over) => (None, Handshake::Over(over)),
+        let (client, share, over) = admitted;
+        let (share, handshake) = match over {
+            None => (Some(share), Handshake::Finished),
+            Some(over) => (None, Handshake::Over { over, _share: share }),
         };
         let conn = Connection {
             peer,
@@ -226,78 +228,66 @@ fn overflow(mut tcp: TcpStream, shared: &Shared) {
 enum Handshake {
     /// In the pool, within its client's share.
     Pooled(HandshakePlace),
-    /// Its client is over a share: every request is answered 429.
-    Over(Over),
+    /// Its client is over a share: every request is answered 429. It still counts among the
+    /// client's unfinished handshakes.
+    Over { over: Over, _share: HandshakeLease },
     /// The request was admitted; what follows (the dial) is bounded per route instead.
     Finished,
 }
 
-/// Counts a new connection against its client's limits: its lease, and its share of the
-/// client's handshakes or why it is over one; `None` when it is closed at accept.
+/// Counts a new connection against its client's limits: its leases, and why it is to be
+/// answered 429 if it is; `None` when it is closed at accept.
 fn admit_client(
     listener: &Listener,
     peer: SocketAddr,
     snapshot: &Snapshot,
     shared: &Shared,
-) -> Option<(ConnectionLease, Result<HandshakeLease, Over>)> {
+) -> Option<(ConnectionLease, HandshakeLease, Option<Over>)> {
     let (m, admission) = (&listener.metrics, &shared.admission);
     let verdict = admission.clients.admit(peer.ip(), &snapshot.limits.per_client, Instant::now());
     shared.metrics.clients_tracked.set(admission.clients.tracked() as f64);
     match verdict {
-        Verdict::Closed(over) => {
+        Verdict::Closed(closed @ Closed::Connections(_)) => {
             m.refused_client_connections.increment(1);
-            debug!(listener = %listener.name, client.addr = %peer, ?over, "client connection limit reached (limits.per_client.max_connections)");
+            debug!(listener = %listener.name, client.addr = %peer, ?closed, "client connection limit reached (limits.per_client.max_connections)");
             None
         }
-        Verdict::Refused(client, over) => {
-            match over {
-                Over::Rate(_) => m.refused_client_rate.increment(1),
-                Over::Handshakes(_) | Over::Connections(_) => m.refused_client_handshakes.increment(1),
-            }
-            Some((client, Err(over)))
+        Verdict::Closed(closed @ Closed::Unfinished(_)) => {
+            m.refused_client_handshakes.increment(1);
+            debug!(listener = %listener.name, client.addr = %peer, ?closed, "client has twice limits.per_client.max_handshakes unfinished");
+            None
         }
-        Verdict::Admitted(client, share) => Some((client, Ok(share))),
+        Verdict::Refused(client, share, over) => {
+            match over {
+                Over::Rate { .. } => m.refused_client_rate.increment(1),
+                Over::Handshakes(_) => m.refused_client_handshakes.increment(1),
+            }
+            Some((client, share, Some(over)))
+        }
+        Verdict::Admitted(client, share) => Some((client, share, None)),
     }
 }
 
-/// A connection's place in the handshake pool, with its client's handshake share, and its
-/// count in `wsgate_handshakes_in_progress`.
+/// A connection's place in the handshake pool, with its client's handshake share.
 struct HandshakePlace {
-    place: Option<Place>,
+    place: Place,
     _share: HandshakeLease,
-    pool: Arc<Pool>,
-    gauge: metrics::Gauge,
 }
 
 impl HandshakePlace {
-    fn new(pool: &Arc<Pool>, share: HandshakeLease, m: &Metrics) -> HandshakePlace {
+    fn new(pool: &Arc<Pool>, share: HandshakeLease) -> HandshakePlace {
         // A connection shed to make room counts itself when it sees that it was.
-        let (place, _shed_another) = pool.enter();
-        m.handshakes_in_progress.set(pool.occupied() as f64);
-        HandshakePlace {
-            place: Some(place),
-            _share: share,
-            pool: pool.clone(),
-            gauge: m.handshakes_in_progress.clone(),
-        }
+        let (place, _shed_another) = pool.enter(share.client());
+        HandshakePlace { place, _share: share }
     }
 
     /// Fires when the pool sheds this connection.
     fn shed_signal(&self) -> CancellationToken {
-        self.place.as_ref().map(Place::token).unwrap_or_default()
+        self.place.token()
     }
 
     fn progressed(&self) {
-        if let Some(place) = &self.place {
-            place.progressed();
-        }
-    }
-}
-
-impl Drop for HandshakePlace {
-    fn drop(&mut self) {
-        drop(self.place.take());
-        self.gauge.set(self.pool.occupied() as f64);
+        self.place.progressed();
     }
 }
 
@@ -381,7 +371,7 @@ impl Connection {
     /// Why every request on this connection is answered 429, if it is.
     fn over(&self) -> Option<Over> {
         match *self.handshake.lock().unwrap_or_else(|p| p.into_inner()) {
-            Handshake::Over(over) => Some(over),
+            Handshake::Over { over, .. } => Some(over),
             Handshake::Pooled(_) | Handshake::Finished => None,
         }
     }
@@ -404,7 +394,7 @@ async fn handle_connection(
 ) {
     let shed = match share {
         Some(share) => {
-            let place = HandshakePlace::new(&shared.admission.pool, share, &shared.metrics);
+            let place = HandshakePlace::new(&shared.admission.pool, share);
             let shed = place.shed_signal();
             *conn.handshake.get_mut().unwrap_or_else(|p| p.into_inner()) = Handshake::Pooled(place);
             shed
@@ -446,7 +436,7 @@ async fn handle_connection(
         _ = serve => {}
         _ = shed.cancelled() => {
             metrics.handshake_shed.increment(1);
-            debug!("handshake pool full (limits.max_handshakes): closed the connection that had waited longest");
+            debug!("handshake pool full (limits.max_handshakes): shed this connection to make room");
         }
     }
 }
@@ -537,7 +527,7 @@ async fn answer(
 ) -> (Option<Arc<Entry>>, Result<Response<Full<Bytes>>, Refusal>) {
     let snap = &conn.snapshot;
     if let Some(over) = conn.over() {
-        return (None, Err(Refusal::client_over(over)));
+        return (None, Err(Refusal::client_over(over, Instant::now())));
     }
     if let Some(page) = page(&req, snap) {
         return (None, Ok(page));

@@ -38,27 +38,37 @@ impl ClientKey {
     }
 }
 
-/// Why a client's new connection is not served normally.
+/// Why a client's new connection is answered 429 once its request is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Over {
-    /// It has `max_connections` open: the socket is closed at accept.
-    Connections(usize),
-    /// It opens connections faster than its rate: answered 429 once the request is read,
-    /// with the time until its bucket holds a token again.
-    Rate(Duration),
-    /// It has `max_handshakes` unfinished: answered 429 once the request is read.
+    /// It opens connections faster than its rate; its bucket holds a token again at `due`.
+    Rate {
+        /// When the next token is due.
+        due: Instant,
+    },
+    /// It has `max_handshakes` in the handshake pool.
     Handshakes(usize),
 }
 
-/// What the table decided for a new connection.
+/// Why a client's new connection is closed at accept, before anything is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// It has `max_connections` open.
+    Connections(usize),
+    /// It has twice `max_handshakes` unfinished, counting those waiting for a 429: answering
+    /// more would let one address hold sockets (and TLS handshakes) by the hundred.
+    Unfinished(usize),
+}
+
+/// What the table decided for a new connection. Each lease counts until it is dropped.
 pub enum Verdict {
-    /// Served; the lease counts the connection and its handshake until each is dropped.
+    /// Served: a place in the handshake pool follows.
     Admitted(ConnectionLease, HandshakeLease),
-    /// Counted as a connection, but over a share: answered 429 ([`Over::Rate`] or
-    /// [`Over::Handshakes`]).
-    Refused(ConnectionLease, Over),
-    /// Closed at accept ([`Over::Connections`]).
-    Closed(Over),
+    /// Over a share: answered 429 once its request is read, outside the pool, still counted
+    /// among the client's unfinished handshakes.
+    Refused(ConnectionLease, HandshakeLease, Over),
+    /// Closed at accept.
+    Closed(Closed),
 }
 
 #[derive(Debug)]
@@ -104,23 +114,31 @@ impl Clients {
         }
         let entry = entries.entry(key).or_insert(Entry { connections: 0, handshakes: 0, tokens: burst, refilled: now });
         if limits.max_connections > 0 && entry.connections >= limits.max_connections {
-            return Verdict::Closed(Over::Connections(limits.max_connections));
+            return Verdict::Closed(Closed::Connections(limits.max_connections));
+        }
+        let share = limits.max_handshakes;
+        if share > 0 && entry.handshakes >= 2 * share {
+            return Verdict::Closed(Closed::Unfinished(2 * share));
         }
         entry.connections += 1;
-        let lease = ConnectionLease { key, clients: self.clone() };
+        entry.handshakes += 1;
+        let (lease, handshake) =
+            (ConnectionLease { key, clients: self.clone() }, HandshakeLease { key, clients: self.clone() });
         if rate > 0.0 {
             entry.refill(now, rate, burst);
             if entry.tokens < 1.0 {
-                let wait = Duration::from_secs_f64((1.0 - entry.tokens) / rate);
-                return Verdict::Refused(lease, Over::Rate(wait));
+                // At most a day away: a rate this low is refused by the config anyway.
+                let wait = Duration::try_from_secs_f64((1.0 - entry.tokens) / rate).unwrap_or(Duration::MAX);
+                let due = now.checked_add(wait.min(Duration::from_secs(86_400))).unwrap_or(now);
+                return Verdict::Refused(lease, handshake, Over::Rate { due });
             }
             entry.tokens -= 1.0;
         }
-        if limits.max_handshakes > 0 && entry.handshakes >= limits.max_handshakes {
-            return Verdict::Refused(lease, Over::Handshakes(limits.max_handshakes));
+        // This connection already counts among the handshakes.
+        if share > 0 && entry.handshakes > share {
+            return Verdict::Refused(lease, handshake, Over::Handshakes(share));
         }
-        entry.handshakes += 1;
-        Verdict::Admitted(lease, HandshakeLease { key, clients: self.clone() })
+        Verdict::Admitted(lease, handshake)
     }
 
     /// Clients in the table.
@@ -172,6 +190,13 @@ pub struct HandshakeLease {
     clients: Arc<Clients>,
 }
 
+impl HandshakeLease {
+    /// The client whose handshake this is.
+    pub fn client(&self) -> ClientKey {
+        self.key
+    }
+}
+
 impl Drop for HandshakeLease {
     fn drop(&mut self) {
         self.clients.release(self.key, |e| &mut e.handshakes);
@@ -217,7 +242,7 @@ mod tests {
         let now = Instant::now();
         let held: Vec<_> = (0..3).map(|_| clients.admit(ip("10.0.0.1"), &l, now)).collect();
         assert!(held.iter().all(|v| matches!(v, Verdict::Admitted(..))));
-        assert!(matches!(clients.admit(ip("10.0.0.1"), &l, now), Verdict::Closed(Over::Connections(3))));
+        assert!(matches!(clients.admit(ip("10.0.0.1"), &l, now), Verdict::Closed(Closed::Connections(3))));
         assert!(matches!(clients.admit(ip("10.0.0.2"), &l, now), Verdict::Admitted(..)));
         drop(held);
         assert!(matches!(clients.admit(ip("10.0.0.1"), &l, now), Verdict::Admitted(..)));
@@ -230,7 +255,12 @@ mod tests {
         let now = Instant::now();
         let a = clients.admit(ip("10.0.0.1"), &l, now);
         let _b = clients.admit(ip("10.0.0.1"), &l, now);
-        assert!(matches!(clients.admit(ip("10.0.0.1"), &l, now), Verdict::Refused(_, Over::Handshakes(2))));
+        let refused = clients.admit(ip("10.0.0.1"), &l, now);
+        assert!(matches!(refused, Verdict::Refused(_, _, Over::Handshakes(2))));
+        // Those waiting for their 429 count too: at twice the share, new ones are closed.
+        let also = clients.admit(ip("10.0.0.1"), &l, now);
+        assert!(matches!(clients.admit(ip("10.0.0.1"), &l, now), Verdict::Closed(Closed::Unfinished(4))));
+        drop((refused, also));
         let Verdict::Admitted(_conn, handshake) = a else { panic!("first connection refused") };
         drop(handshake);
         assert!(matches!(clients.admit(ip("10.0.0.1"), &l, now), Verdict::Admitted(..)));
@@ -245,13 +275,13 @@ mod tests {
             assert!(matches!(clients.admit(ip("10.0.0.1"), &l, t0), Verdict::Admitted(..)));
         }
         match clients.admit(ip("10.0.0.1"), &l, t0) {
-            Verdict::Refused(_, Over::Rate(wait)) => assert_eq!(wait, Duration::from_secs(1)),
+            Verdict::Refused(_, _, Over::Rate { due }) => assert_eq!(due - t0, Duration::from_secs(1)),
             _ => panic!("fifth connection in the same instant was not refused for rate"),
         }
         let later = t0 + Duration::from_millis(1500);
         assert!(matches!(clients.admit(ip("10.0.0.1"), &l, later), Verdict::Admitted(..)));
         match clients.admit(ip("10.0.0.1"), &l, later) {
-            Verdict::Refused(_, Over::Rate(wait)) => assert_eq!(wait, Duration::from_millis(500)),
+            Verdict::Refused(_, _, Over::Rate { due }) => assert_eq!(due - later, Duration::from_millis(500)),
             _ => panic!("refill gave more than one token in 1.5 s"),
         }
     }

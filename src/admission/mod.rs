@@ -5,8 +5,9 @@
 //! 1. `max_connections` (the server's semaphore) and the client's connection cap
 //!    ([`Clients`]): a socket over either is closed at accept, before anything is read.
 //! 2. The client's rate and handshake share ([`Clients`]): over either, the request is read and
-//!    answered 429 with `Retry-After`, outside the handshake pool.
-//! 3. The handshake pool ([`Pool`]): a full pool sheds the connection that has waited longest.
+//!    answered 429 with `Retry-After`, outside the handshake pool; at twice the share
+//!    unfinished, closed at accept.
+//! 3. The handshake pool ([`Pool`]): a full pool sheds a place of the client holding the most.
 //! 4. After the request is admitted by `policy` and before the dial: the route's session cap,
 //!    its cap on connects in progress ([`RouteLoad`]) and the memory budget ([`Memory`]); a
 //!    request over one is shed ([`Shed`]) as the route's `on_backend_unavailable` says.
@@ -23,7 +24,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub use clients::{ClientKey, Clients, ConnectionLease, HandshakeLease, Over, Verdict};
+pub use clients::{ClientKey, Clients, Closed, ConnectionLease, HandshakeLease, Over, Verdict};
 pub use memory::Memory;
 pub use pool::{Place, Pool};
 
@@ -42,11 +43,12 @@ pub struct Admission {
 }
 
 impl Admission {
-    /// State sized by `limits` (the pool's size needs a restart to change).
-    pub fn new(limits: &Limits) -> Admission {
+    /// State sized by `limits` (the pool's size needs a restart to change); `occupancy` is the
+    /// gauge of the pool's places in use.
+    pub fn new(limits: &Limits, occupancy: metrics::Gauge) -> Admission {
         Admission {
             clients: Arc::default(),
-            pool: Arc::new(Pool::new(limits.max_handshakes)),
+            pool: Arc::new(Pool::new(limits.max_handshakes, occupancy)),
             memory: Memory::new(),
             routes: Mutex::default(),
         }

@@ -496,10 +496,11 @@ impl Validator<'_> {
             Some(Seconds::Whole(n)) => n as f64,
             Some(Seconds::Fraction(f)) => f,
         };
-        let rate = if (0.0..=1_000_000.0).contains(&rate) {
+        // Below one connection in 1,000 seconds a refused client's Retry-After would be absurd.
+        let rate = if rate == 0.0 || (0.001..=1_000_000.0).contains(&rate) {
             rate
         } else {
-            self.fail(key("new_connections_per_sec"), format!("{rate} is out of range: 0 (off) to 1000000"));
+            self.fail(key("new_connections_per_sec"), format!("{rate} is out of range: 0 (off), or 0.001 to 1000000"));
             d.new_connections_per_sec
         };
         PerClient {
@@ -773,6 +774,8 @@ mod tests {
         assert!(e.contains("routes.echo.limits.max_connections: unknown field"), "{e}");
         let e = err(&format!("{MINIMAL}[limits]\nmax_sessions = 5\n"));
         assert!(e.contains("limits.max_sessions: unknown field"), "{e}");
+        let e = err(&format!("{MINIMAL}[limits.per_client]\nnew_connections_per_sec = 1e-20\n"));
+        assert!(e.contains("limits.per_client.new_connections_per_sec: 0.00000000000000000001 is out of range"), "{e}");
         let e = err(&format!("{MINIMAL}[limits.per_client]\nnew_connections_per_sec = -1\nipv6_prefix = 0\n"));
         assert!(e.contains("limits.per_client.new_connections_per_sec: -1 is out of range"), "{e}");
         assert!(e.contains("limits.per_client.ipv6_prefix: 0 is out of range 1..=128"), "{e}");
