@@ -392,3 +392,18 @@ async fn memory_budget_sheds_new_sessions() {
     assert_eq!(scrape(&gw, "wsgate_sessions_shed_total", &[("reason", "memory")]).await, 2.0);
     assert_eq!(ballast.iter().map(|b| *b as usize).sum::<usize>(), 32 << 20);
 }
+
+/// `limits.listen_backlog` reaches the listening socket: `ss` reports a listener's backlog as
+/// its Send-Q (iproute2, which `scripts/test` installs).
+#[tokio::test]
+async fn listen_backlog_is_applied() {
+    let gw = Gateway::builder().route("echo", "/echo", "builtin:echo").limit("listen_backlog", "7").start().await;
+    let out = std::process::Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{}", gw.plain.port())])
+        .output()
+        .expect("ss (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let backlog: u32 =
+        text.split_whitespace().nth(2).unwrap_or_else(|| panic!("no listener in {text:?}")).parse().unwrap();
+    assert_eq!(backlog, 7, "{text}");
+}
