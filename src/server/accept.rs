@@ -1,0 +1,257 @@
+//! The accept path: each listener's loop, and what a new socket meets before anything is read
+//! from it: the connection limit (and its 503s), its client's limits, and the handshake place
+//! it takes when its task first runs. Also the accept loop of the side services.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info_span, warn};
+
+use super::{Connection, Shared, Snapshot, handle_connection};
+use crate::admission::{Closed, ConnectionLease, HandshakeLease, Over, Place, Pool, Verdict};
+use crate::metrics::ListenerMetrics;
+
+/// One listener as the accept loop sees it.
+pub(crate) struct Listener {
+    pub name: String,
+    pub tcp: TcpListener,
+    pub secure: bool,
+    pub metrics: ListenerMetrics,
+}
+
+/// Accepts connections until the drain begins. Accept errors (such as running out of file
+/// descriptors) are logged and retried with a growing pause, never fatal.
+pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
+    let mut backoff = Duration::from_millis(10);
+    let m = &listener.metrics;
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            accepted = listener.tcp.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(pair) => {
+                backoff = Duration::from_millis(10);
+                pair
+            }
+            Err(e) => {
+                warn!(listener = %listener.name, error = %e, pause = ?backoff, "accept failed; pausing");
+                tokio::select! {
+                    _ = shared.stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        m.accepted.increment(1);
+        let snapshot = shared.snapshot();
+        let Ok(conn_permit) = shared.connections.clone().try_acquire_owned() else {
+            m.refused_connection_limit.increment(1);
+            // debug, not warn: under a flood this would log once per socket; the counter
+            // wsgate_connections_refused_total is what to alert on.
+            debug!(listener = %listener.name, client.addr = %peer, "connection limit reached (limits.max_connections)");
+            if !listener.secure {
+                overflow(tcp, &shared);
+            }
+            continue;
+        };
+        let Some(admitted) = admit_client(&listener, peer, &snapshot, &shared) else { continue };
+        let tls = snapshot.tls.get(&listener.name).cloned();
+        if listener.secure && tls.is_none() {
+            // Cannot happen: reloads that would change a listener's scheme are refused.
+            warn!(listener = %listener.name, "no certificate for this wss listener; closing");
+            continue;
+        }
+        let span = info_span!("conn", listener = %listener.name, client.addr = %peer);
+        let (client, share, over) = admitted;
+        let (share, handshake) = match over {
+            None => (Some(share), Handshake::Finished),
+            Some(over) => (None, Handshake::Over { over, _share: share }),
+        };
+        let conn = Connection {
+            peer,
+            secure: listener.secure,
+            slot: Arc::new(Slot::new(conn_permit, client, m)),
+            handshake: Mutex::new(handshake),
+            snapshot,
+        };
+        let (shared2, metrics) = (shared.clone(), listener.metrics.clone());
+        shared.tasks.spawn(
+            async move {
+                let abort = shared2.abort.clone();
+                tokio::select! {
+                    _ = abort.cancelled() => {}
+                    _ = handle_connection(tcp, tls, conn, share, metrics, shared2) => {}
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// How many sockets beyond `max_connections` may be open at once to tell their clients so with a
+/// 503 (the limit is there for file descriptors, so only a few); past these, sockets are closed.
+pub(crate) const OVERFLOW_RESPONSES: usize = 64;
+
+/// The 503 a `ws` client gets at `max_connections`, written without reading its request.
+const OVERFLOW_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
+Retry-After: 5\r\nConnection: close\r\nContent-Length: 52\r\n\r\ngateway is at its connection limit; try again later\n";
+
+/// Answers a socket over `max_connections` with [`OVERFLOW_RESPONSE`] if one of the
+/// [`OVERFLOW_RESPONSES`] places is free, then closes it after a short, bounded linger (reading
+/// what the client sends, so the close does not reset the answer away); otherwise drops it.
+fn overflow(mut tcp: TcpStream, shared: &Shared) {
+    let Ok(place) = shared.overflow.clone().try_acquire_owned() else { return };
+    let abort = shared.abort.clone();
+    shared.tasks.spawn(async move {
+        let answer = async {
+            tcp.write_all(OVERFLOW_RESPONSE).await?;
+            tcp.shutdown().await?;
+            let mut sink = [0u8; 4096];
+            while tcp.read(&mut sink).await? > 0 {}
+            Ok::<(), std::io::Error>(())
+        };
+        tokio::select! {
+            _ = abort.cancelled() => {}
+            _ = tokio::time::timeout(Duration::from_secs(1), answer) => {}
+        }
+        drop(place);
+    });
+}
+
+/// Where a connection stands with its handshake.
+pub(super) enum Handshake {
+    /// In the pool, within its client's share.
+    Pooled(HandshakePlace),
+    /// Its client is over a share: every request is answered 429. It still counts among the
+    /// client's unfinished handshakes.
+    Over { over: Over, _share: HandshakeLease },
+    /// The request was admitted; what follows (the dial) is bounded per route instead.
+    Finished,
+}
+
+/// Counts a new connection against its client's limits: its leases, and why it is to be
+/// answered 429 if it is; `None` when it is closed at accept.
+fn admit_client(
+    listener: &Listener,
+    peer: SocketAddr,
+    snapshot: &Snapshot,
+    shared: &Shared,
+) -> Option<(ConnectionLease, HandshakeLease, Option<Over>)> {
+    let (m, admission) = (&listener.metrics, &shared.admission);
+    let verdict = admission.clients.admit(peer.ip(), &snapshot.limits.per_client, Instant::now());
+    shared.metrics.clients_tracked.set(admission.clients.tracked() as f64);
+    match verdict {
+        Verdict::Closed(closed @ Closed::Connections(_)) => {
+            m.refused_client_connections.increment(1);
+            debug!(listener = %listener.name, client.addr = %peer, ?closed, "client connection limit reached (limits.per_client.max_connections)");
+            None
+        }
+        Verdict::Closed(closed @ Closed::Unfinished(_)) => {
+            m.refused_client_handshakes.increment(1);
+            debug!(listener = %listener.name, client.addr = %peer, ?closed, "client has twice limits.per_client.max_handshakes unfinished");
+            None
+        }
+        Verdict::Refused(client, share, over) => {
+            match over {
+                Over::Rate { .. } => m.refused_client_rate.increment(1),
+                Over::Handshakes(_) => m.refused_client_handshakes.increment(1),
+            }
+            Some((client, share, Some(over)))
+        }
+        Verdict::Admitted(client, share) => Some((client, share, None)),
+    }
+}
+
+/// A connection's place in the handshake pool, with its client's handshake share.
+pub(super) struct HandshakePlace {
+    place: Place,
+    _share: HandshakeLease,
+}
+
+impl HandshakePlace {
+    pub(super) fn new(pool: &Arc<Pool>, share: HandshakeLease) -> HandshakePlace {
+        // A connection shed to make room counts itself when it sees that it was.
+        let (place, _shed_another) = pool.enter(share.client());
+        HandshakePlace { place, _share: share }
+    }
+
+    /// Fires when the pool sheds this connection.
+    pub(super) fn shed_signal(&self) -> CancellationToken {
+        self.place.token()
+    }
+
+    pub(super) fn progressed(&self) {
+        self.place.progressed();
+    }
+}
+
+/// The next connection on one of the side services' listeners (admin, built-in TCP echo), with
+/// its place under `slots`; `None` once `stop` is cancelled. Accept errors are logged and
+/// retried after a pause; a connection over the limit is closed at once, with a warning.
+pub(crate) async fn accept_bounded(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+    stop: &CancellationToken,
+    service: &str,
+) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return None,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                warn!(error = %e, "{service}: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        match slots.clone().try_acquire_owned() {
+            Ok(slot) => return Some((tcp, peer, slot)),
+            Err(_) => warn!(client.addr = %peer, "{service}: connection limit reached; closing"),
+        }
+    }
+}
+
+/// A client socket's place under `max_connections` and among its client's connections, and in
+/// the open-connections gauge.
+pub(super) struct Slot {
+    _permit: OwnedSemaphorePermit,
+    _client: ConnectionLease,
+    open: metrics::Gauge,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit, client: ConnectionLease, m: &ListenerMetrics) -> Slot {
+        m.open.increment(1.0);
+        Slot { _permit: permit, _client: client, open: m.open.clone() }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hand-written 503 says how long its body is, correctly.
+    #[test]
+    fn overflow_response_is_well_formed() {
+        let text = std::str::from_utf8(OVERFLOW_RESPONSE).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("\r\nContent-Length: {}", body.len())), "{head}");
+        assert!(head.starts_with("HTTP/1.1 503 "));
+    }
+}
