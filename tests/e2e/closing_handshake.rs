@@ -51,32 +51,9 @@ async fn after_a_client_error_the_clients_close_ends_the_connection_at_once() {
     fin_within(&mut s, PROMPTLY, "after the client's Close").await;
 }
 
-/// A raw WebSocket session on `path` at `gateway`, the 101 read and nothing after it.
+/// A raw WebSocket session on `/tcp`, nothing read after the 101.
 async fn open(gateway: SocketAddr) -> TcpStream {
-    let mut s = within("connect", TcpStream::connect(gateway)).await.unwrap();
-    s.write_all(upgrade_request("/tcp", "").as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8];
-        assert_eq!(within("101", s.read(&mut byte)).await.unwrap(), 1, "closed during the upgrade");
-        head.push(byte[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
-    s
-}
-
-/// A client frame (mask key 0) of at most 65,535 bytes; `first` is the first header byte.
-fn masked_frame(first: u8, payload: &[u8]) -> Vec<u8> {
-    let mut frame = vec![first];
-    if payload.len() <= 125 {
-        frame.push(0x80 | payload.len() as u8);
-    } else {
-        frame.push(0x80 | 126);
-        frame.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-    }
-    frame.extend_from_slice(&[0; 4]);
-    frame.extend_from_slice(payload);
-    frame
+    raw_upgrade(within("connect", TcpStream::connect(gateway)).await.unwrap(), "/tcp").await
 }
 
 /// Reads one whole server close frame and returns its code; a reset or an early end fails.

@@ -213,37 +213,7 @@ async fn open(gateway: SocketAddr, receive_buffer: Option<u32>) -> TcpStream {
     if let Some(size) = receive_buffer {
         socket.set_recv_buffer_size(size).unwrap();
     }
-    let mut s = within("connect", socket.connect(gateway)).await.unwrap();
-    s.write_all(upgrade_request("/tcp", "").as_bytes()).await.unwrap();
-    // The head alone, a byte at a time: nothing after it may be consumed here.
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8];
-        assert_eq!(within("101", s.read(&mut byte)).await.unwrap(), 1, "closed during the upgrade");
-        head.push(byte[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
-    s
-}
-
-/// A client frame with mask key 0 (so the payload is sent as it is): `first` is the first header
-/// byte (FIN and opcode).
-fn masked_frame(first: u8, payload: &[u8]) -> Vec<u8> {
-    let mut frame = vec![first];
-    match payload.len() {
-        n @ 0..=125 => frame.push(0x80 | n as u8),
-        n @ 126..=65535 => {
-            frame.push(0x80 | 126);
-            frame.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            frame.push(0x80 | 127);
-            frame.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    frame.extend_from_slice(&[0; 4]);
-    frame.extend_from_slice(payload);
-    frame
+    raw_upgrade(within("connect", socket.connect(gateway)).await.unwrap(), "/tcp").await
 }
 
 /// The bytes of the unfinished message (varied, so no page of it is shared or left untouched).

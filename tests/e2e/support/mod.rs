@@ -576,6 +576,40 @@ pub async fn raw_http_on(mut s: TcpStream, request: &str) -> (u16, String, Strin
     }
 }
 
+/// Upgrades `s` to a raw WebSocket session on `path`: the request, then the 101's head read a
+/// byte at a time, so nothing after it is consumed.
+pub async fn raw_upgrade(mut s: TcpStream, path: &str) -> TcpStream {
+    s.write_all(upgrade_request(path, "").as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8];
+        assert_eq!(within("101", s.read(&mut byte)).await.unwrap(), 1, "closed during the upgrade");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    s
+}
+
+/// A client frame with mask key 0 (so the payload is sent as it is): `first` is the first header
+/// byte (FIN and opcode).
+pub fn masked_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![first];
+    match payload.len() {
+        n @ 0..=125 => frame.push(0x80 | n as u8),
+        n @ 126..=65535 => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&[0; 4]);
+    frame.extend_from_slice(payload);
+    frame
+}
+
 /// A well-formed upgrade request for `path`, plus `extra` header lines.
 pub fn upgrade_request(path: &str, extra: &str) -> String {
     format!(
