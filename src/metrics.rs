@@ -38,6 +38,8 @@ pub mod names {
     /// Counter{route, reason}: admitted requests given no session because a route or gateway
     /// bound was reached.
     pub const SESSIONS_SHED: &str = "wsgate_sessions_shed_total";
+    /// Counter{route, reason}: requests refused by the route's access policy.
+    pub const ACCESS_DENIED: &str = "wsgate_access_denied_total";
     /// Counter{listener, reason}: TLS handshakes that failed or timed out.
     pub const TLS_HANDSHAKE_FAILURES: &str = "wsgate_tls_handshake_failures_total";
     /// Counter{route, status}: HTTP requests answered, by status (101 for upgrades).
@@ -209,6 +211,7 @@ impl Metrics {
                     connect_duration: self.histogram(names::BACKEND_CONNECT_DURATION, &r),
                     origin_warnings: Throttle::new(WARN_INTERVAL),
                     subprotocol_warnings: Throttle::new(WARN_INTERVAL),
+                    access_warnings: Throttle::new(WARN_INTERVAL),
                     connect_warnings: Throttle::new(WARN_INTERVAL),
                     recorder: self.recorder.clone(),
                     enabled: self.enabled,
@@ -256,6 +259,11 @@ fn describe(r: &PrometheusRecorder) {
             Some(Unit::Count),
             "Admitted requests given no session at a bound, by route and reason: max_sessions, \
              max_pending_connects, memory.",
+        ),
+        d(
+            names::ACCESS_DENIED,
+            Some(Unit::Count),
+            "Requests refused by the route's access policy, by route and reason.",
         ),
         d(names::TLS_HANDSHAKE_FAILURES, Some(Unit::Count), "TLS handshakes that failed or timed out."),
         d(names::HANDSHAKES, Some(Unit::Count), "HTTP requests answered, by route and status (101: upgraded)."),
@@ -359,6 +367,9 @@ pub struct RouteMetrics {
     pub origin_warnings: Throttle,
     /// Warnings about refused subprotocols (400), likewise.
     pub subprotocol_warnings: Throttle,
+    /// Warnings about requests the access policy refused (401, 403, 429), likewise; each is
+    /// counted in `wsgate_access_denied_total` too.
+    pub access_warnings: Throttle,
     /// Warnings about failed backend connects (`session::dial`), likewise; every failure is
     /// counted in `wsgate_backend_connect_failures_total`.
     pub connect_warnings: Throttle,
@@ -388,6 +399,11 @@ impl RouteMetrics {
     /// Counts a request given no session at a bound; `reason` is one of a fixed set.
     pub fn shed(&self, reason: &str) {
         self.counter(names::SESSIONS_SHED, &[("reason", reason)]).increment(1);
+    }
+
+    /// Counts a request the access policy refused; `reason` is one of a fixed set.
+    pub fn access_denied(&self, reason: &str) {
+        self.counter(names::ACCESS_DENIED, &[("reason", reason)]).increment(1);
     }
 
     /// Counts a failed backend connect; `kind` is one of a fixed set of short descriptions.

@@ -67,6 +67,41 @@ pub enum RefusalKind {
     /// A limit: the client over its share (429), the route or gateway at a bound (503). Under
     /// a flood there is one per request; the metrics count them.
     Limit,
+    /// The route's access policy said no (401, 403, or 429 after repeated failures): counted in
+    /// `wsgate_access_denied_total` by [`Denied::label`], warned of once per route per interval.
+    Access(Denied),
+}
+
+/// Why the access policy refused a request; each is a bounded metric label. The reason a client
+/// and the log see is the refusal's; never a credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    /// The client's address is denied, or not allowed, by the route's client rules (403).
+    ClientAddress,
+    /// The route wants credentials and none came (401).
+    MissingCredentials,
+    /// Credentials came and are not valid: unknown, badly signed, expired, malformed (401).
+    InvalidCredentials,
+    /// Valid credentials that this route does not allow (403).
+    Forbidden,
+    /// No client certificate, or one the route does not allow (403).
+    ClientCertificate,
+    /// Too many failed attempts from this client: refused before checking (429).
+    TooManyFailures,
+}
+
+impl Denied {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Denied::ClientAddress => "client_address",
+            Denied::MissingCredentials => "missing_credentials",
+            Denied::InvalidCredentials => "invalid_credentials",
+            Denied::Forbidden => "forbidden",
+            Denied::ClientCertificate => "client_certificate",
+            Denied::TooManyFailures => "too_many_failures",
+        }
+    }
 }
 
 impl Refusal {
@@ -158,6 +193,19 @@ pub struct Request<'a> {
 pub struct Admitted {
     /// The subprotocol to name in the 101, if any.
     pub subprotocol: Option<String>,
+    /// Who the client proved to be, if the route asked.
+    pub identity: Identity,
+}
+
+/// Who a client is, as far as the route's access policy established it. It goes to the session
+/// log and, where the route sends PROXY protocol, into its TLVs; never into the backend's byte
+/// stream. Both fields are the client's words, checked: log them escaped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    /// The authenticated user: a bearer token's name, a JWT's `sub`, a Basic user name.
+    pub user: Option<String>,
+    /// The subject of a verified client certificate (mTLS).
+    pub cert_subject: Option<String>,
 }
 
 /// Why a request has no usable host. Each is answered 400 (RFC 9112 §3.2), with the message as
@@ -267,7 +315,7 @@ pub fn admit(req: Request<'_>, route: &Route) -> Result<Admitted, Refusal> {
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .filter(|p| !p.is_empty());
-    Ok(Admitted { subprotocol: select_subprotocol(route, offered)? })
+    Ok(Admitted { subprotocol: select_subprotocol(route, offered)?, identity: Identity::default() })
 }
 
 /// Whether the request asks for a WebSocket upgrade at all (`Upgrade: websocket`); whether it

@@ -280,8 +280,12 @@ async fn respond(
         let throttle = entry.as_ref().and_then(|e| match refusal.kind {
             RefusalKind::Origin => Some(&e.metrics.origin_warnings),
             RefusalKind::Subprotocol => Some(&e.metrics.subprotocol_warnings),
+            RefusalKind::Access(_) => Some(&e.metrics.access_warnings),
             _ => None,
         });
+        if let (Some(entry), RefusalKind::Access(denied)) = (&entry, refusal.kind) {
+            entry.metrics.access_denied(denied.label());
+        }
         match throttle.and_then(Throttle::allow) {
             Some(suppressed) => warn!(route, status, %reason, suppressed, "request refused"),
             None => debug!(route, status, %reason, "request refused"),
@@ -370,6 +374,7 @@ async fn upgrade(
         id: shared.next_session.fetch_add(1, Ordering::Relaxed),
         entry: entry.clone(),
         client_addr: conn.peer,
+        identity: admitted.identity,
         close_window: conn.snapshot.shutdown.close_window,
     };
     let slot = conn.slot.clone();

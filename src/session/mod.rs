@@ -30,6 +30,7 @@ use crate::config::Outbound;
 use crate::echo;
 use crate::frames::{ClientWs, FrameGate};
 use crate::metrics::RouteMetrics;
+use crate::policy::Identity;
 use crate::router::{Entry, SessionLimits, Target};
 use crate::shutdown::Cancelled;
 
@@ -60,6 +61,8 @@ pub struct Context {
     pub entry: Arc<Entry>,
     /// The client's address.
     pub client_addr: SocketAddr,
+    /// Who the client proved to be (`policy::admit`).
+    pub identity: Identity,
     /// On shutdown, sessions close at a point spread over this window (by session id), so
     /// thousands of clients do not reconnect in the same second.
     pub close_window: Duration,
@@ -332,6 +335,8 @@ fn log_end(ctx: &Context, outcome: &Outcome, code: u16, totals: &SessionTotals, 
     };
     info!(
         client.addr = %ctx.client_addr,
+        user = ctx.identity.user.as_deref(),
+        cert_subject = ctx.identity.cert_subject.as_deref(),
         route.backend = %ctx.entry.route.backend,
         duration_secs = duration.as_secs_f64(),
         to_backend.bytes = totals.to_backend.bytes,
