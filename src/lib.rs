@@ -313,6 +313,7 @@ fn snapshot(config: &Config, metrics: &Metrics, admission: &Admission) -> Result
         shutdown: config.shutdown.clone(),
         tls,
         pages: config.console.iter().map(|path| server::Page { path: path.clone(), render: console::page }).collect(),
+        addressing: config.listeners.iter().map(|l| (l.name.clone(), Arc::new(l.addressing.clone()))).collect(),
     })
 }
 
