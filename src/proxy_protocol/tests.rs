@@ -68,9 +68,13 @@ async fn headers_are_read_exactly() {
 /// cut short, is an error.
 #[tokio::test]
 async fn local_missing_and_truncated() {
-    let local = v2::Builder::with_addresses(v2::Version::Two | Command::Local, Protocol::Unspecified, v2::Addresses::Unspecified)
-        .build()
-        .unwrap();
+    let local = v2::Builder::with_addresses(
+        v2::Version::Two | Command::Local,
+        Protocol::Unspecified,
+        v2::Addresses::Unspecified,
+    )
+    .build()
+    .unwrap();
     let (result, rest) = read_from(&[&local[..], b"GET"].concat(), 4096).await;
     assert_eq!((result.unwrap(), rest.as_slice()), (Carried::Balancer, &b"GET"[..]));
 

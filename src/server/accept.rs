@@ -15,11 +15,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, field, info_span, warn};
 
 use super::{Connection, Shared, Snapshot, handle_connection};
+use crate::admission::{Closed, ConnectionLease, HandshakeLease, Over, Place, Pool, Verdict};
 use crate::client_addr;
 use crate::config::Addressing;
-use crate::proxy_protocol::{self, Carried};
-use crate::admission::{Closed, ConnectionLease, HandshakeLease, Over, Place, Pool, Verdict};
 use crate::metrics::ListenerMetrics;
+use crate::proxy_protocol::{self, Carried};
 
 /// One listener as the accept loop sees it.
 pub(crate) struct Listener {

@@ -23,10 +23,7 @@ impl Validator<'_> {
         let trusted_proxies = self.cidrs(&trusted_key, trusted_proxies.unwrap_or_default());
         if proxy_protocol && trusted_proxies.as_ref().is_some_and(Cidrs::is_empty) {
             // Believing a PROXY header from anyone would let any client claim any address.
-            self.fail(
-                trusted_key,
-                "must list the load balancers' addresses (CIDRs) when proxy_protocol = true",
-            );
+            self.fail(trusted_key, "must list the load balancers' addresses (CIDRs) when proxy_protocol = true");
             return None;
         }
         let forwarded_header =
@@ -75,16 +72,18 @@ impl Validator<'_> {
                     return None;
                 }
                 Ok(net) => net,
-                Err(_) => match trimmed.parse::<IpAddr>() {
-                    Ok(ip) => IpNet::from(ip),
-                    Err(_) => {
-                        self.fail(
+                Err(_) => {
+                    match trimmed.parse::<IpAddr>() {
+                        Ok(ip) => IpNet::from(ip),
+                        Err(_) => {
+                            self.fail(
                             key,
                             format!("{written:?} is not an IP address or network, e.g. \"10.0.0.0/8\" or \"2001:db8::/32\""),
                         );
-                        return None;
+                            return None;
+                        }
                     }
-                },
+                }
             };
             nets.push(net);
         }
@@ -134,7 +133,9 @@ mod tests {
         let tcp = MINIMAL.replace("builtin:echo", "127.0.0.1:5900");
         let e = err(&format!("{tcp}proxy_protocol = \"v3\"\n"));
         assert!(e.contains("routes.echo.proxy_protocol") && e.contains("\"v1\", \"v2\""), "{e}");
-        let c = ok(&format!("{tcp}proxy_protocol = \"v2\"\nclients = {{ allow = [\"10.0.0.0/8\"], deny = [\"10.9.0.0/16\"] }}\n"));
+        let c = ok(&format!(
+            "{tcp}proxy_protocol = \"v2\"\nclients = {{ allow = [\"10.0.0.0/8\"], deny = [\"10.9.0.0/16\"] }}\n"
+        ));
         let r = &c.routes[0];
         assert_eq!(r.proxy_protocol, Some(ProxyVersion::V2));
         assert!(r.clients.permits("10.1.0.1".parse().unwrap()));
