@@ -211,7 +211,8 @@ fn ssl_tlv(identity: &Identity) -> v2::TypeLengthValue<'static> {
     if let Some(cn) = cn {
         value[0] |= PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS;
         value.push(u8::from(Type::SSLCommonName));
-        value.extend_from_slice(&(cn.len() as u16).to_be_bytes());
+        let len = u16::try_from(cn.len()).expect("bounded by MAX_TLV_VALUE");
+        value.extend_from_slice(&len.to_be_bytes());
         value.extend_from_slice(cn.as_bytes());
     }
     v2::TypeLengthValue::new(Type::SSL, &value).to_owned()
