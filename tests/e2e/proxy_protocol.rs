@@ -392,3 +392,28 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
     assert!(text.contains(&format!("client.addr={local}")), "{text}");
     assert!(!text.contains("6.6.6.6"), "{text}");
 }
+
+/// `proxy_protocol` and `trusted_proxies` reload: after a SIGHUP-style reload that turns them
+/// on, a session already open goes on, a new connection without a header is refused and one
+/// with a trusted balancer's header is served.
+#[tokio::test]
+async fn proxy_protocol_is_turned_on_by_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wsgate.toml");
+    std::fs::write(&path, Gateway::builder().route("echo", "/echo", "builtin:echo").toml()).unwrap();
+    let gw = Gateway::from_file(&path).await;
+    let balancer = IpAddr::from([127, 0, 0, 1]);
+    let (mut before, _) = open(&gw, balancer, b"", "/echo", false, &[]).await.unwrap();
+    echoes(&mut before, b"before").await;
+
+    let behind_balancer = Gateway::builder().listener_keys(TRUST_LOOPBACK_1).route("echo", "/echo", "builtin:echo");
+    std::fs::write(&path, behind_balancer.toml()).unwrap();
+    gw.reloader.reload_file(&path).expect("the addressing keys reload");
+    echoes(&mut before, b"still open").await;
+    closed_unanswered(balancer, gw.plain, upgrade_request("/echo", "").as_bytes()).await;
+    let refused = [("listener", "plain"), ("reason", "proxy_header")];
+    assert_eq!(scrape(&gw, "wsgate_connections_refused_total", &refused).await, 1.0);
+    let header = b"PROXY TCP4 198.51.100.3 127.0.0.1 3333 80\r\n";
+    let (mut after, _) = open(&gw, balancer, header, "/echo", false, &[]).await.unwrap();
+    echoes(&mut after, b"after").await;
+}

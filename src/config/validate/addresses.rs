@@ -116,6 +116,8 @@ mod tests {
         let d = ok(MINIMAL);
         assert!(!d.listeners[0].addressing.proxy_protocol);
         assert_eq!(d.listeners[0].addressing.forwarded_header, ForwardedHeader::XForwardedFor);
+        // All three reload: a listener can be put behind a balancer without a restart.
+        assert_eq!(crate::config::restart_required(&d, &c), None);
         let e = err(&listener("forwarded_header = \"x-real-ip\""));
         assert!(e.contains("listeners.plain.forwarded_header") && e.contains("\"x-real-ip\" is not one of"), "{e}");
     }
