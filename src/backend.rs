@@ -9,6 +9,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// Why a backend could not be connected.
@@ -37,6 +38,15 @@ pub enum BackendError {
         /// The last address tried.
         addr: SocketAddr,
         /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
+    /// Connected, but the PROXY protocol header could not be written.
+    #[error("send the PROXY header to {target}: {source}")]
+    Send {
+        /// `host:port` as configured.
+        target: String,
+        /// Why the write failed.
         #[source]
         source: io::Error,
     },
@@ -87,7 +97,7 @@ impl BackendError {
         match self {
             BackendError::Resolve { .. } | BackendError::NoAddress { .. } => ConnectFailure::NotResolved,
             BackendError::Timeout { .. } => ConnectFailure::TimedOut,
-            BackendError::Connect { source, .. } => match source.kind() {
+            BackendError::Connect { source, .. } | BackendError::Send { source, .. } => match source.kind() {
                 io::ErrorKind::TimedOut => ConnectFailure::TimedOut,
                 io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
                 io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => ConnectFailure::Unreachable,
@@ -122,9 +132,22 @@ impl Dialer {
     }
 
     /// Connects the backend: resolves the name now (so DNS changes apply without a reload) and
-    /// tries every address, all within the timeout.
-    pub async fn connect(&self) -> Result<TcpStream, BackendError> {
-        connect(&self.host, self.port, self.timeout, self.keepalive, self.user_timeout).await
+    /// tries every address, then writes `preamble` (a PROXY protocol header, or nothing) before
+    /// any other byte, all within the timeout.
+    pub async fn connect(&self, preamble: &[u8]) -> Result<TcpStream, BackendError> {
+        if preamble.is_empty() {
+            return connect(&self.host, self.port, self.timeout, self.keepalive, self.user_timeout).await;
+        }
+        let started = tokio::time::Instant::now();
+        let mut stream = connect(&self.host, self.port, self.timeout, self.keepalive, self.user_timeout).await?;
+        let target = || display_target(&self.host, self.port);
+        // A fresh socket's send buffer takes a header at once; the bound is for a backend whose
+        // connection is already failing.
+        match tokio::time::timeout_at(started + self.timeout, stream.write_all(preamble)).await {
+            Ok(Ok(())) => Ok(stream),
+            Ok(Err(source)) => Err(BackendError::Send { target: target(), source }),
+            Err(_) => Err(BackendError::Timeout { target: target(), after: self.timeout }),
+        }
     }
 }
 
@@ -137,12 +160,17 @@ pub async fn connect(
     keepalive: Option<Duration>,
     user_timeout: Option<Duration>,
 ) -> Result<TcpStream, BackendError> {
-    let target = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+    let target = display_target(host, port);
     let connecting = connect_any(host, port, &target, keepalive, user_timeout);
     match tokio::time::timeout(timeout, connecting).await {
         Ok(result) => result,
         Err(_) => Err(BackendError::Timeout { target, after: timeout }),
     }
+}
+
+/// `host:port` as errors name it (an IPv6 literal in brackets).
+fn display_target(host: &str, port: u16) -> String {
+    if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") }
 }
 
 async fn connect_any(

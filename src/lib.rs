@@ -20,6 +20,10 @@
 //!   entry. Pure.
 //! - [`policy`]: the admission step (upgrade, origin, subprotocol) → admitted, or a [`policy::Refusal`]
 //!   with its status, reason and headers. Pure.
+//! - [`client_addr`]: the client address of a request: the peer, or what a trusted proxy's
+//!   forwarded header names. Pure.
+//! - [`proxy_protocol`]: PROXY protocol v1/v2 headers read from trusted balancers and sent to
+//!   backends.
 //! - [`session`]: dials the backend; one upgraded WebSocket: runs the pump, maps the ending to a
 //!   close frame, logs.
 //! - [`bridge`]: the WebSocket ⇄ backend pump over any backend stream (TCP, Unix socket, TLS),
@@ -56,6 +60,7 @@ mod admin;
 pub mod admission;
 pub mod backend;
 pub mod bridge;
+pub mod client_addr;
 pub mod client_stream;
 pub mod config;
 pub mod console;
@@ -63,6 +68,7 @@ pub mod echo;
 pub mod frames;
 pub mod metrics;
 pub mod policy;
+pub mod proxy_protocol;
 pub mod readahead;
 pub mod router;
 mod server;
@@ -307,6 +313,7 @@ fn snapshot(config: &Config, metrics: &Metrics, admission: &Admission) -> Result
         shutdown: config.shutdown.clone(),
         tls,
         pages: config.console.iter().map(|path| server::Page { path: path.clone(), render: console::page }).collect(),
+        addressing: config.listeners.iter().map(|l| (l.name.clone(), Arc::new(l.addressing.clone()))).collect(),
     })
 }
 

@@ -184,6 +184,8 @@ impl Metrics {
             handshake_shed: refused("handshake_shed"),
             tls_failed: tls("error"),
             tls_timeout: tls("timeout"),
+            refused_untrusted_proxy: refused("untrusted_proxy"),
+            refused_proxy_header: refused("proxy_header"),
         }
     }
 
@@ -246,7 +248,8 @@ fn describe(r: &PrometheusRecorder) {
             names::CONNECTIONS_REFUSED,
             Some(Unit::Count),
             "Connections refused or closed early at a limit, by listener and reason: connection_limit, \
-             client_connection_limit, client_rate_limit, client_handshake_limit, handshake_shed.",
+             client_connection_limit, client_rate_limit, client_handshake_limit, handshake_shed, \
+             untrusted_proxy, proxy_header.",
         ),
         d(
             names::HANDSHAKES_IN_PROGRESS,
@@ -343,6 +346,11 @@ pub struct ListenerMetrics {
     pub tls_failed: Counter,
     /// TLS handshakes that timed out.
     pub tls_timeout: Counter,
+    /// Closed at accept on a `proxy_protocol` listener: the peer is not in `trusted_proxies`.
+    pub refused_untrusted_proxy: Counter,
+    /// Closed on a `proxy_protocol` listener: a trusted peer sent no PROXY header, a malformed
+    /// or oversized one, or none within the handshake deadline.
+    pub refused_proxy_header: Counter,
 }
 
 /// Handles for one route.

@@ -3,8 +3,8 @@
 //!
 //! [`host`] comes first, before routing: the request's host as RFC 9112 §3.2 defines it (exactly
 //! one `Host`; the authority of an absolute-form target wins over it). [`admit`] then runs the
-//! checks in order: a well-formed WebSocket upgrade (RFC 6455 §4.2.1), the origin, the
-//! subprotocol. Authentication and per-client limits join it here, before the dial. Every refusal
+//! checks in order: the route's client address rules, a well-formed WebSocket upgrade (RFC 6455
+//! §4.2.1), the origin, the subprotocol. Authentication and per-client limits join it here, before the dial. Every refusal
 //! is a [`Refusal`]: its status, reason, headers and [`RefusalKind`], which the server turns into
 //! a response, logs and counts in one place.
 //!
@@ -184,7 +184,10 @@ pub struct Request<'a> {
     pub host: Option<&'a str>,
     /// Whether it arrived over TLS.
     pub secure: bool,
-    /// The client's address (what per-client limits will count by).
+    /// The client's address: the connection's (the one its PROXY header carried, if any), or,
+    /// from a trusted proxy, the one its forwarded header names (`client_addr`). What route
+    /// client rules and the brute-force guard go by; per-client connection caps count by the
+    /// connection's instead.
     pub peer: std::net::SocketAddr,
 }
 
@@ -300,10 +303,11 @@ fn split_authority(s: &str) -> Option<(&str, Option<u16>)> {
     Some((name, port))
 }
 
-/// The admission step for a request that matched `route`: a well-formed upgrade, then the
-/// origin, then the subprotocol. Authentication and per-client limits go here too, so that every
+/// The admission step for a request that matched `route`: the client address rules, then a
+/// well-formed upgrade, then the origin, then the subprotocol. Authentication and per-client limits go here too, so that every
 /// refusal happens before the backend is dialled.
 pub fn admit(req: Request<'_>, route: &Route) -> Result<Admitted, Refusal> {
+    check_client(req, route)?;
     check_upgrade(req)?;
     let origin = req.headers.get(header::ORIGIN).map(|v| v.to_str().unwrap_or("(not text)"));
     check_origin(route, origin, req.host, req.secure)?;
@@ -316,6 +320,18 @@ pub fn admit(req: Request<'_>, route: &Route) -> Result<Admitted, Refusal> {
         .map(str::trim)
         .filter(|p| !p.is_empty());
     Ok(Admitted { subprotocol: select_subprotocol(route, offered)?, identity: Identity::default() })
+}
+
+/// The route's client rules (`clients`), first of all: a client address it denies, or does not
+/// allow, gets 403 whatever else the request says. The address is the client's own, so the
+/// reason may name it.
+fn check_client(req: Request<'_>, route: &Route) -> Result<(), Refusal> {
+    let ip = req.peer.ip().to_canonical();
+    if route.clients.permits(ip) {
+        return Ok(());
+    }
+    Err(Refusal::new(StatusCode::FORBIDDEN, format!("client address {ip} is not allowed on this route"))
+        .of_kind(RefusalKind::Access(Denied::ClientAddress)))
 }
 
 /// Whether the request asks for a WebSocket upgrade at all (`Upgrade: websocket`); whether it
@@ -579,6 +595,34 @@ mod tests {
         let failure = Refusal::backend_unavailable(ConnectFailure::Refused);
         assert_eq!(failure.kind, RefusalKind::BackendUnavailable);
         assert_eq!(method_not_allowed().kind, RefusalKind::Request);
+    }
+
+    /// Client rules come first: a denied address gets 403 (`client_address`) even for a request
+    /// that is otherwise malformed; an allowed one goes on to the other checks.
+    #[test]
+    fn client_rules_are_checked_first() {
+        let mut r = route(AllowedOrigins::Any);
+        r.clients = crate::config::ClientRules {
+            allow: crate::config::Cidrs::new(vec!["10.0.0.0/8".parse().unwrap()]),
+            deny: crate::config::Cidrs::new(vec!["10.9.0.0/16".parse().unwrap()]),
+        };
+        let headers = HeaderMap::new();
+        let req = |peer: &str| Request {
+            method: &Method::POST,
+            version: Version::HTTP_11,
+            headers: &headers,
+            host: Some("gw"),
+            secure: false,
+            peer: peer.parse().unwrap(),
+        };
+        for denied in ["10.9.1.1:5", "192.0.2.1:5", "[::ffff:10.9.1.1]:5"] {
+            let refusal = admit(req(denied), &r).unwrap_err();
+            assert_eq!(refusal.status, StatusCode::FORBIDDEN, "{denied}");
+            assert_eq!(refusal.kind, RefusalKind::Access(Denied::ClientAddress));
+            assert!(!refusal.reason.contains("::ffff"), "mapped addresses are named as IPv4: {}", refusal.reason);
+        }
+        // Allowed: the next check (the method) answers.
+        assert_eq!(admit(req("[::ffff:10.1.1.1]:5"), &r).unwrap_err().status, StatusCode::METHOD_NOT_ALLOWED);
     }
 
     /// Listed origins, "*" and requests without Origin pass.

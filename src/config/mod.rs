@@ -18,6 +18,7 @@
 //!
 //! This module knows nothing of sockets or of the rest of wsgate: it is data in, data out.
 
+mod addresses;
 mod error;
 #[cfg(test)]
 mod proptests;
@@ -31,6 +32,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use addresses::{Addressing, Cidrs, ClientRules, ForwardedHeader, ProxyVersion};
 pub use error::{ConfigError, ConfigErrors};
 pub use validate::normalize_origin;
 
@@ -78,6 +80,8 @@ pub struct Listener {
     pub address: SocketAddr,
     /// Present for `wss` listeners.
     pub tls: Option<TlsFiles>,
+    /// How it learns its clients' addresses: PROXY protocol, trusted proxies, forwarded header.
+    pub addressing: Addressing,
 }
 
 impl Listener {
@@ -122,6 +126,10 @@ pub struct Route {
     pub subprotocols: Vec<String>,
     /// How a client learns that the backend could not be reached.
     pub on_backend_unavailable: Unavailable,
+    /// Which client addresses may use the route; checked before anything else.
+    pub clients: ClientRules,
+    /// The PROXY protocol header sent to the backend before any other byte, if any.
+    pub proxy_protocol: Option<ProxyVersion>,
     /// What its requests and sessions run under: `[limits]` with the route's own `limits`
     /// table applied.
     pub limits: SessionLimits,
@@ -249,6 +257,9 @@ pub struct Limits {
     pub listen_backlog: u32,
     /// Resident memory above which new sessions are shed.
     pub max_memory: MemoryBudget,
+    /// Largest PROXY protocol v2 header accepted (the 16-byte prefix included); a longer one
+    /// closes the connection.
+    pub proxy_header_max_bytes: usize,
     /// What one client may hold and open.
     pub per_client: PerClient,
     /// What every route's sessions run under unless the route says otherwise.
@@ -387,6 +398,8 @@ pub(crate) fn test_route(name: &str, path: &str, backend: Backend) -> Route {
         outbound: Outbound::Binary,
         subprotocols: vec![],
         on_backend_unavailable: Unavailable::Close,
+        clients: ClientRules::default(),
+        proxy_protocol: None,
         limits: validate::DEFAULT_SESSION_LIMITS,
     }
 }

@@ -18,7 +18,7 @@ use serde::de::value::StrDeserializer;
 use serde::de::{DeserializeOwned, Deserializer};
 use toml::Spanned;
 
-use super::{Config, LogFormat, Outbound, PathMatch, Unavailable};
+use super::{Config, ForwardedHeader, LogFormat, Outbound, PathMatch, ProxyVersion, Unavailable};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -48,6 +48,9 @@ pub(super) struct RawConfig {
 pub(super) struct RawListener {
     pub address: String,
     pub tls: Option<RawTls>,
+    pub proxy_protocol: Option<bool>,
+    pub trusted_proxies: Option<Vec<String>>,
+    pub forwarded_header: Option<Choice<ForwardedHeader>>,
 }
 
 #[derive(Deserialize)]
@@ -75,6 +78,18 @@ pub(super) struct RawRoute {
     pub subprotocols: Vec<String>,
     pub on_backend_unavailable: Option<Choice<Unavailable>>,
     pub limits: Option<RawRouteLimits>,
+    pub clients: Option<RawClients>,
+    pub proxy_protocol: Option<Choice<ProxyVersion>>,
+}
+
+/// A route's `clients` table: CIDRs as written.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawClients {
+    #[serde(default)]
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub deny: Vec<String>,
 }
 
 /// One item of a route's `accept` list.
@@ -162,6 +177,7 @@ limits_table! {
         request_head_timeout_secs: Option<Seconds>,
         listen_backlog: Option<u64>,
         max_memory_bytes: Option<u64>,
+        proxy_header_max_bytes: Option<u64>,
         per_client: Option<RawPerClient>,
     }
 }
@@ -259,6 +275,10 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
     ("listeners.NAME.tls.cert", Reload),
     ("listeners.NAME.tls.key", Reload),
     ("listeners.NAME.tls.generate_self_signed", Reload),
+    // Read from the snapshot at each accept and request, so they apply to new connections.
+    ("listeners.NAME.proxy_protocol", Reload),
+    ("listeners.NAME.trusted_proxies", Reload),
+    ("listeners.NAME.forwarded_header", Reload),
     ("routes.NAME.path", Reload),
     ("routes.NAME.match", Reload),
     ("routes.NAME.host", Reload),
@@ -268,6 +288,9 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
     ("routes.NAME.outbound", Reload),
     ("routes.NAME.subprotocols", Reload),
     ("routes.NAME.on_backend_unavailable", Reload),
+    ("routes.NAME.clients.allow", Reload),
+    ("routes.NAME.clients.deny", Reload),
+    ("routes.NAME.proxy_protocol", Reload),
     ("routes.NAME.limits.max_message_bytes", Reload),
     ("routes.NAME.limits.ws_read_buffer_bytes", Reload),
     ("routes.NAME.limits.backend_read_bytes", Reload),
@@ -299,6 +322,7 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
         Restart(|a, b| differs("limits.listen_backlog", a.limits.listen_backlog, b.limits.listen_backlog)),
     ),
     ("limits.max_memory_bytes", Reload),
+    ("limits.proxy_header_max_bytes", Reload),
     ("limits.max_pending_connects", Reload),
     ("limits.per_client.max_connections", Reload),
     ("limits.per_client.max_handshakes", Reload),

@@ -1,6 +1,8 @@
 //! The accept path: each listener's loop, and what a new socket meets before anything is read
 //! from it: the connection limit (and its 503s), its client's limits, and the handshake place
-//! it takes when its task first runs. Also the accept loop of the side services.
+//! it takes when its task first runs. On a `proxy_protocol` listener the peer must be a trusted
+//! proxy, and the client's limits wait for its PROXY header ([`proxied`]). Also the accept loop
+//! of the side services.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -10,11 +12,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, Span, debug, field, info_span, warn};
 
 use super::{Connection, Shared, Snapshot, handle_connection};
 use crate::admission::{Closed, ConnectionLease, HandshakeLease, Over, Place, Pool, Verdict};
+use crate::client_addr;
+use crate::config::Addressing;
 use crate::metrics::ListenerMetrics;
+use crate::proxy_protocol::{self, Carried};
 
 /// One listener as the accept loop sees it.
 pub(crate) struct Listener {
@@ -61,7 +66,12 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             }
             continue;
         };
-        let Some(admitted) = admit_client(&listener, peer, &snapshot, &shared) else { continue };
+        let addressing = snapshot.addressing.get(&listener.name).cloned().unwrap_or_default();
+        if addressing.proxy_protocol {
+            proxied(&listener, tcp, peer, conn_permit, addressing, snapshot, &shared);
+            continue;
+        }
+        let Some(admitted) = admit_client(&listener.name, m, peer, &snapshot, &shared) else { continue };
         let tls = snapshot.tls.get(&listener.name).cloned();
         if listener.secure && tls.is_none() {
             // Cannot happen: reloads that would change a listener's scheme are refused.
@@ -74,8 +84,11 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             None => (Some(share), Handshake::Finished),
             Some(over) => (None, Handshake::Over { over, _share: share }),
         };
+        let local = tcp.local_addr().unwrap_or(peer);
         let conn = Connection {
             peer,
+            local,
+            addressing,
             secure: listener.secure,
             slot: Arc::new(Slot::new(conn_permit, client, m)),
             handshake: Mutex::new(handshake),
@@ -87,12 +100,90 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
                 let abort = shared2.abort.clone();
                 tokio::select! {
                     _ = abort.cancelled() => {}
-                    _ = handle_connection(tcp, tls, conn, share, metrics, shared2) => {}
+                    _ = handle_connection(tcp, tls, conn, share, metrics, shared2, None) => {}
                 }
             }
             .instrument(span),
         );
     }
+}
+
+/// A connection on a `proxy_protocol` listener: closed at once unless its peer is a trusted
+/// proxy; otherwise, in a task of its own, its PROXY header is read within the handshake
+/// deadline, and only then is its client (the address the header carries) counted against the
+/// per-client limits and the connection served. Until its header is in, it holds a place under
+/// `max_connections` and none in the handshake pool, whose shares are per client.
+fn proxied(
+    listener: &Listener,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    conn_permit: OwnedSemaphorePermit,
+    addressing: Arc<Addressing>,
+    snapshot: Arc<Snapshot>,
+    shared: &Arc<Shared>,
+) {
+    let m = &listener.metrics;
+    if !addressing.trusted_proxies.contains(peer.ip()) {
+        m.refused_untrusted_proxy.increment(1);
+        // debug: anyone can connect; the counter is what to alert on.
+        debug!(listener = %listener.name, peer.addr = %peer, "peer is not in trusted_proxies; closing");
+        return;
+    }
+    let tls = snapshot.tls.get(&listener.name).cloned();
+    if listener.secure && tls.is_none() {
+        warn!(listener = %listener.name, "no certificate for this wss listener; closing");
+        return;
+    }
+    let span = info_span!("conn", listener = %listener.name, proxy.addr = %peer, client.addr = field::Empty);
+    let (name, metrics, shared2) = (listener.name.clone(), listener.metrics.clone(), shared.clone());
+    let serve = async move {
+        let limits = &snapshot.limits;
+        let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
+        let max = limits.proxy_header_max_bytes;
+        let carried = match tokio::time::timeout_at(deadline, proxy_protocol::read_header(&mut tcp, max)).await {
+            Ok(Ok(carried)) => carried,
+            Ok(Err(e)) => {
+                metrics.refused_proxy_header.increment(1);
+                debug!(error = %e, "no usable PROXY header; closing");
+                return;
+            }
+            Err(_) => {
+                metrics.refused_proxy_header.increment(1);
+                debug!(timeout = ?limits.handshake_timeout, "no PROXY header within limits.handshake_timeout_secs; closing");
+                return;
+            }
+        };
+        let (client, local) = match carried {
+            Carried::Client { source, destination } => (client_addr::canonical(source), destination),
+            Carried::Balancer => (peer, tcp.local_addr().unwrap_or(peer)),
+        };
+        Span::current().record("client.addr", field::display(client));
+        let Some((lease, share, over)) = admit_client(&name, &metrics, client, &snapshot, &shared2) else { return };
+        let (share, handshake) = match over {
+            None => (Some(share), Handshake::Finished),
+            Some(over) => (None, Handshake::Over { over, _share: share }),
+        };
+        let conn = Connection {
+            peer: client,
+            local,
+            addressing,
+            secure: tls.is_some(),
+            slot: Arc::new(Slot::new(conn_permit, lease, &metrics)),
+            handshake: Mutex::new(handshake),
+            snapshot,
+        };
+        handle_connection(tcp, tls, conn, share, metrics, shared2, Some(deadline)).await;
+    };
+    let abort = shared.abort.clone();
+    shared.tasks.spawn(
+        async move {
+            tokio::select! {
+                _ = abort.cancelled() => {}
+                _ = serve => {}
+            }
+        }
+        .instrument(span),
+    );
 }
 
 /// How many sockets beyond `max_connections` may be open at once to tell their clients so with a
@@ -139,23 +230,24 @@ pub(super) enum Handshake {
 /// Counts a new connection against its client's limits: its leases, and why it is to be
 /// answered 429 if it is; `None` when it is closed at accept.
 fn admit_client(
-    listener: &Listener,
+    listener: &str,
+    m: &ListenerMetrics,
     peer: SocketAddr,
     snapshot: &Snapshot,
     shared: &Shared,
 ) -> Option<(ConnectionLease, HandshakeLease, Option<Over>)> {
-    let (m, admission) = (&listener.metrics, &shared.admission);
+    let admission = &shared.admission;
     let verdict = admission.clients.admit(peer.ip(), &snapshot.limits.per_client, Instant::now());
     shared.metrics.clients_tracked.set(admission.clients.tracked() as f64);
     match verdict {
         Verdict::Closed(closed @ Closed::Connections(_)) => {
             m.refused_client_connections.increment(1);
-            debug!(listener = %listener.name, client.addr = %peer, ?closed, "client connection limit reached (limits.per_client.max_connections)");
+            debug!(listener, client.addr = %peer, ?closed, "client connection limit reached (limits.per_client.max_connections)");
             None
         }
         Verdict::Closed(closed @ Closed::Unfinished(_)) => {
             m.refused_client_handshakes.increment(1);
-            debug!(listener = %listener.name, client.addr = %peer, ?closed, "client has twice limits.per_client.max_handshakes unfinished");
+            debug!(listener, client.addr = %peer, ?closed, "client has twice limits.per_client.max_handshakes unfinished");
             None
         }
         Verdict::Refused(client, share, over) => {

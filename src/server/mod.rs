@@ -48,10 +48,12 @@ pub(crate) use accept::{Listener, OVERFLOW_RESPONSES, accept_bounded, accept_loo
 
 use crate::admission::{Admission, HandshakeLease, LoadGuard, Over, Shed};
 use crate::backend::{self, ConnectFailure};
+use crate::client_addr;
 use crate::client_stream::{ClientIo, ClientStream};
-use crate::config::{Limits, Unavailable};
+use crate::config::{Addressing, Limits, Unavailable};
 use crate::metrics::{ListenerMetrics, Metrics};
 use crate::policy::{self, Refusal, RefusalKind};
+use crate::proxy_protocol;
 use crate::readahead::ReadAhead;
 use crate::router::{Entry, Router};
 use crate::session::{self, Dialed};
@@ -85,6 +87,8 @@ pub(crate) struct Snapshot {
     pub tls: HashMap<String, TlsAcceptor>,
     /// Pages served for plain GET on an exact path (the console), given by `lib.rs`.
     pub pages: Vec<Page>,
+    /// How each listener learns its clients' addresses, by listener name.
+    pub addressing: HashMap<String, Arc<Addressing>>,
 }
 
 /// A static page: served for GET or HEAD on exactly `path`, on every listener.
@@ -119,7 +123,13 @@ impl Shared {
 
 /// A client connection, as requests on it see it.
 struct Connection {
+    /// The client's address: the TCP peer's, or the one its PROXY header carried.
     peer: SocketAddr,
+    /// The address the client connected to: the listener's, or the one its PROXY header
+    /// carried (the balancer's). What a backend's PROXY header names as the destination.
+    local: SocketAddr,
+    /// Its listener's trusted proxies and forwarded header, as accepted.
+    addressing: Arc<Addressing>,
     secure: bool,
     /// Held by the connection task and by the session it upgrades to; the socket counts against
     /// `max_connections` and its client's connections until both are done.
@@ -160,6 +170,9 @@ impl Connection {
 /// the accept loop takes connections far faster than their tasks run, and a place taken at
 /// accept would age in the run queue, where a real client's would be shed before its
 /// request, already waiting in the socket, was ever read.
+///
+/// `deadline` is the handshake's, when it began before this (with a PROXY header); otherwise
+/// the handshake begins now.
 async fn handle_connection(
     tcp: TcpStream,
     tls: Option<TlsAcceptor>,
@@ -167,6 +180,7 @@ async fn handle_connection(
     share: Option<HandshakeLease>,
     metrics: ListenerMetrics,
     shared: Arc<Shared>,
+    deadline: Option<tokio::time::Instant>,
 ) {
     let shed = match share {
         Some(share) => {
@@ -182,7 +196,7 @@ async fn handle_connection(
     // One deadline for the whole handshake, TLS included, so a wss client gets no more time
     // than a ws one; within it, a shorter one for the request head once TLS is done.
     let timeout = limits.handshake_timeout;
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = deadline.unwrap_or_else(|| tokio::time::Instant::now() + timeout);
     let head_timeout = limits.request_head_timeout;
     let conn = Arc::new(conn);
     // Reads from the client go through `ReadAhead` (below hyper, so the WebSocket upgraded from
@@ -342,17 +356,25 @@ async fn upgrade(
     conn: &Connection,
     shared: &Shared,
 ) -> Result<Response<Full<Bytes>>, Refusal> {
+    // The address the route's client rules, the session log and PROXY protocol out see.
+    let client = client_addr::client(conn.peer, req.headers(), &conn.addressing);
     let parts = policy::Request {
         method: req.method(),
         version: req.version(),
         headers: req.headers(),
         host,
         secure: conn.secure,
-        peer: conn.peer,
+        peer: client,
     };
     let admitted = policy::admit(parts, &entry.route)?;
     conn.finish_handshake();
-    let (place, dialed) = match start(entry, conn, shared).await {
+    // Built from the identity as admission settled it, and sent before any other byte.
+    let preamble = entry
+        .route
+        .proxy_protocol
+        .map(|version| proxy_protocol::header(version, client, conn.local, &admitted.identity, conn.secure))
+        .unwrap_or_default();
+    let (place, dialed) = match start(entry, conn, shared, &preamble).await {
         Ok((place, dialed)) => (Some(place), dialed),
         Err(not) => {
             if let NotStarted::Shed(shed) = not {
@@ -373,7 +395,7 @@ async fn upgrade(
     let ctx = session::Context {
         id: shared.next_session.fetch_add(1, Ordering::Relaxed),
         entry: entry.clone(),
-        client_addr: conn.peer,
+        client_addr: client,
         identity: admitted.identity,
         close_window: conn.snapshot.shutdown.close_window,
     };
@@ -395,15 +417,21 @@ enum NotStarted {
     Failed(ConnectFailure),
 }
 
-/// The bounds a session starts under, then the dial: the session's place on its route and its
-/// backend, or why not. The route's cap on connects in progress is held only while dialling.
-async fn start(entry: &Entry, conn: &Connection, shared: &Shared) -> Result<(LoadGuard, Dialed), NotStarted> {
+/// The bounds a session starts under, then the dial (with `preamble`, the route's PROXY
+/// header, written first): the session's place on its route and its backend, or why not. The
+/// route's cap on connects in progress is held only while dialling.
+async fn start(
+    entry: &Entry,
+    conn: &Connection,
+    shared: &Shared,
+    preamble: &[u8],
+) -> Result<(LoadGuard, Dialed), NotStarted> {
     let place = entry.load.session(entry.limits.max_sessions).map_err(NotStarted::Shed)?;
     if shared.admission.memory.is_over(conn.snapshot.limits.max_memory) {
         return Err(NotStarted::Shed(Shed::Memory));
     }
     let connecting = entry.load.connect(entry.limits.max_pending_connects).map_err(NotStarted::Shed)?;
-    let dialed = session::dial(entry).await.map_err(|e| NotStarted::Failed(e.failure()))?;
+    let dialed = session::dial(entry, preamble).await.map_err(|e| NotStarted::Failed(e.failure()))?;
     drop(connecting);
     Ok((place, dialed))
 }

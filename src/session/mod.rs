@@ -68,14 +68,15 @@ pub struct Context {
     pub close_window: Duration,
 }
 
-/// Connects the route's backend; the server calls this before it answers the upgrade, so
-/// `onopen` means the backend is there. Records the connect time or the failure (metric, and a
+/// Connects the route's backend and writes `preamble` (the route's PROXY protocol header, or
+/// nothing) on the raw socket before the bridge ever sees it; the server calls this before it
+/// answers the upgrade, so `onopen` means the backend is there. Records the connect time or the failure (metric, and a
 /// warning with the address, at most one per route per `throttle::WARN_INTERVAL`); what the
 /// client sees of a failure is the caller's choice.
-pub async fn dial(entry: &Entry) -> Result<Dialed, BackendError> {
+pub async fn dial(entry: &Entry, preamble: &[u8]) -> Result<Dialed, BackendError> {
     let Target::Tcp(dialer) = &entry.target else { return Ok(Dialed::Echo) };
     let started = Instant::now();
-    match dialer.connect().await {
+    match dialer.connect(preamble).await {
         Ok(stream) => {
             entry.metrics.connect_duration.record(started.elapsed().as_secs_f64());
             Ok(Dialed::Tcp(stream))

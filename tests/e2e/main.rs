@@ -9,6 +9,8 @@ mod support;
 mod bridging;
 /// The browser contract in headless Chromium: events, codes, reasons, the console page.
 mod browser;
+/// Route client rules (`clients` allow/deny): 403 before the dial, by the forwarded address too.
+mod client_rules;
 /// How sessions end: backend EOF, client close, backend down or reset, shutdown, limits.
 mod closing;
 /// The closing handshake on the raw socket: the gateway's FIN follows the crossed close frames.
@@ -27,5 +29,7 @@ mod memory;
 mod operations;
 /// Property tests of the request path up to admission, through the fuzz target's harness.
 mod properties;
+/// Client addresses: PROXY protocol in (trusted balancers only) and out, X-Forwarded-For.
+mod proxy_protocol;
 /// Start-up: config fixtures, the shipped config.toml, development certificates, bind errors.
 mod startup;

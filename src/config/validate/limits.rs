@@ -19,6 +19,13 @@ const DEFAULT_LISTEN_BACKLOG: u64 = 1024;
 /// Enough for bursts of reconnects to a healthy backend (each connect takes a round trip);
 /// small enough that a backend which drops SYNs ties up few sockets.
 const DEFAULT_MAX_PENDING_CONNECTS: u64 = 128;
+/// A PROXY v2 header is 16 bytes, up to 216 of addresses, then TLVs: load balancers send a few
+/// dozen bytes of them (AWS, Azure, GCP), far below this; a header bigger than this is refused.
+const DEFAULT_PROXY_HEADER_MAX_BYTES: u64 = 4096;
+/// The smallest cap that still admits every address family (16 + 216 for Unix sockets).
+const MIN_PROXY_HEADER_MAX_BYTES: u64 = 232;
+/// The protocol's own bound: a 16-bit length after the 16-byte prefix.
+const MAX_PROXY_HEADER_MAX_BYTES: u64 = 16 + 65_535;
 /// Per client: room for a NAT'd office's browsers and a reconnect burst after a drain, not for
 /// one address to take the gateway's handshake pool (256) or its connections (10,000).
 const DEFAULT_PER_CLIENT: PerClient = PerClient {
@@ -108,6 +115,13 @@ impl Validator<'_> {
                     )
                 }
             },
+            proxy_header_max_bytes: self.count(
+                "limits.proxy_header_max_bytes",
+                raw.proxy_header_max_bytes,
+                DEFAULT_PROXY_HEADER_MAX_BYTES,
+                MIN_PROXY_HEADER_MAX_BYTES,
+                MAX_PROXY_HEADER_MAX_BYTES,
+            ),
             per_client: self.per_client(per_client),
             session: self.session_limits("limits", raw.session(), &DEFAULT_SESSION_LIMITS),
         }

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod addresses;
 mod limits;
 
 #[cfg(test)]
@@ -138,7 +139,8 @@ impl Validator<'_> {
             key: self.file_path(&format!("{key}.tls.key"), &t.key),
             generate_self_signed: t.generate_self_signed,
         });
-        Some(Listener { name, address: address?, tls })
+        let addressing = self.addressing(&key, raw.proxy_protocol, raw.trusted_proxies, raw.forwarded_header);
+        Some(Listener { name, address: address?, tls, addressing: addressing? })
     }
 
     fn check_distinct_addresses(&mut self, listeners: &[Listener]) {
@@ -199,6 +201,8 @@ impl Validator<'_> {
         let subprotocols = self.subprotocols(&format!("{key}.subprotocols"), raw.subprotocols);
         let on_backend_unavailable =
             self.choice(&format!("{key}.on_backend_unavailable"), raw.on_backend_unavailable, Unavailable::Close);
+        let clients = self.client_rules(&format!("{key}.clients"), raw.clients);
+        let proxy_protocol = self.proxy_version(&format!("{key}.proxy_protocol"), raw.proxy_protocol, backend.as_ref());
         let raw_limits = raw.limits.unwrap_or_default();
         let mut limits = self.session_limits(&format!("{key}.limits"), raw_limits.session(), defaults);
         limits.max_sessions = raw_limits
@@ -215,6 +219,8 @@ impl Validator<'_> {
             outbound: outbound?,
             subprotocols: subprotocols?,
             on_backend_unavailable: on_backend_unavailable?,
+            clients: clients?,
+            proxy_protocol: proxy_protocol?,
             limits,
         })
     }

@@ -122,6 +122,8 @@ pub struct GatewayBuilder {
     tls: Option<TestCa>,
     deadline_secs: f64,
     shipped_client_limits: bool,
+    /// More TOML lines for every listener's table (`proxy_protocol`, `trusted_proxies`, ...).
+    listener_keys: String,
 }
 
 /// `[limits]` keys (dotted) that turn the per-client limits off unless a test sets them.
@@ -140,6 +142,7 @@ impl Default for GatewayBuilder {
             tls: None,
             deadline_secs: 5.0,
             shipped_client_limits: false,
+            listener_keys: String::new(),
         }
     }
 }
@@ -179,6 +182,13 @@ impl GatewayBuilder {
         self
     }
 
+    /// Adds `lines` (TOML) to every listener's table.
+    pub fn listener_keys(mut self, lines: &str) -> Self {
+        self.listener_keys.push_str(lines);
+        self.listener_keys.push('\n');
+        self
+    }
+
     pub fn deadline_secs(mut self, secs: f64) -> Self {
         self.deadline_secs = secs;
         self
@@ -186,12 +196,14 @@ impl GatewayBuilder {
 
     pub fn toml(&self) -> String {
         let mut t = String::from("[listeners.plain]\naddress = \"127.0.0.1:0\"\n");
+        t.push_str(&self.listener_keys);
         if let Some(ca) = &self.tls {
             t.push_str(&format!(
                 "[listeners.secure]\naddress = \"127.0.0.1:0\"\ntls = {{ cert = {:?}, key = {:?} }}\n",
                 ca.cert_path(),
                 ca.key_path()
             ));
+            t.push_str(&self.listener_keys);
         }
         t.push_str(&self.routes);
         t.push_str("[limits]\n");
@@ -342,6 +354,11 @@ impl Gateway {
         .await
         .expect("wss handshake");
         ws
+    }
+
+    /// A rustls client config trusting the gateway's test CA (built with `.tls()`).
+    pub fn client_tls(&self) -> Arc<rustls::ClientConfig> {
+        self.ca.as_ref().expect("gateway built with .tls()").client_config()
     }
 
     /// Starts the graceful shutdown and waits until `run` has returned.
