@@ -54,6 +54,7 @@
 
 mod admin;
 pub mod admission;
+pub mod auth;
 pub mod backend;
 pub mod bridge;
 pub mod client_stream;
@@ -103,6 +104,10 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A route's credential files (tokens, keys, JWKS, htpasswd) could not be used; one line
+    /// per problem.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Auth(Vec<auth::AuthError>),
     /// A listener's TLS material could not be loaded or generated.
     #[error("listener \"{name}\": {source}")]
     Tls {
@@ -301,7 +306,9 @@ fn snapshot(config: &Config, metrics: &Metrics, admission: &Admission) -> Result
             tls.insert(l.name.clone(), TlsAcceptor::from(load_tls(&l.name, files)?));
         }
     }
+    let auth = auth::load(config).map_err(StartError::Auth)?;
     Ok(Snapshot {
+        auth,
         router: router::Router::new(&config.routes, |name| metrics.route(name), |name| admission.route(name)),
         limits: config.limits.clone(),
         shutdown: config.shutdown.clone(),
