@@ -15,6 +15,8 @@
 //! - [`admission`]: who gets in and how much they hold: per-client connections, handshakes and
 //!   rate in one bounded table; the handshake pool that sheds from the client holding most;
 //!   route session and connect caps; the memory budget. Kept across reloads.
+//! - [`auth`]: credentials per route (bearer token digests, JWTs, HTTP Basic) from their
+//!   carriers, checked after `policy::admit` and before the dial; 401/403/429 refusals.
 //! - [`client_stream`]: the client connection as one type, from accept through hyper's upgrade.
 //! - [`router`]: the route table (route, limits, metrics, backend per entry); (`Host`, path) →
 //!   entry. Pure.
