@@ -76,6 +76,10 @@ async fn bearer_token_passes_from_every_carrier() {
     let (status, head) = upgrade_status(&gw, "/b", &format!("Sec-WebSocket-Protocol: {K8S}{b64}, chat\r\n")).await;
     assert_eq!(status, 101, "{head}");
     assert!(head.contains("sec-websocket-protocol: chat\r") && !head.contains(&b64.to_ascii_lowercase()), "{head}");
+    // A non-browser client offering only the token entry offers no protocol: none is selected.
+    let (status, head) = upgrade_status(&gw, "/b", &format!("Sec-WebSocket-Protocol: {K8S}{b64}\r\n")).await;
+    assert_eq!(status, 101, "{head}");
+    assert!(!head.contains("sec-websocket-protocol"), "{head}");
     eventually("session log names the token's user", || async { logs.text().contains("user=\"ops\"") }).await;
     let text = logs.text();
     for secret in ["inline-token", "file-token", b64.as_str()] {
