@@ -339,7 +339,7 @@ fn percent_decode(s: &str) -> Option<Cow<'_, str>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Bearer, OnRefusal};
+    use crate::config::Bearer;
 
     fn auth(cookie: Option<&str>, query: bool, prefix: Option<&str>) -> config::Auth {
         config::Auth {
@@ -391,7 +391,6 @@ mod tests {
         let raw = auth(None, false, Some("token."));
         let h = headers(&[(header::SEC_WEBSOCKET_PROTOCOL, "token.abc.def, chat")]);
         assert_eq!(carried(token(&raw, &h, None)).as_deref(), Some("abc.def"));
-        let _ = OnRefusal::Http;
     }
 
     /// 401s carry the RFC 6750 / RFC 7617 challenge; the reason never repeats the credential.
