@@ -15,6 +15,8 @@
 //! - [`admission`]: who gets in and how much they hold: per-client connections, handshakes and
 //!   rate in one bounded table; the handshake pool that sheds from the client holding most;
 //!   route session and connect caps; the memory budget. Kept across reloads.
+//! - [`auth`]: credentials per route (bearer token digests, JWTs, HTTP Basic) from their
+//!   carriers, checked after `policy::admit` and before the dial; 401/403/429 refusals.
 //! - [`client_stream`]: the client connection as one type, from accept through hyper's upgrade.
 //! - [`router`]: the route table (route, limits, metrics, backend per entry); (`Host`, path) →
 //!   entry. Pure.
@@ -58,6 +60,7 @@
 
 mod admin;
 pub mod admission;
+pub mod auth;
 pub mod backend;
 pub mod bridge;
 pub mod client_addr;
@@ -109,6 +112,10 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A route's credential files (tokens, keys, JWKS, htpasswd) could not be used; one line
+    /// per problem.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Auth(Vec<auth::AuthError>),
     /// A listener's TLS material could not be loaded or generated.
     #[error("listener \"{name}\": {source}")]
     Tls {
@@ -307,7 +314,9 @@ fn snapshot(config: &Config, metrics: &Metrics, admission: &Admission) -> Result
             tls.insert(l.name.clone(), TlsAcceptor::from(load_tls(&l.name, files)?));
         }
     }
+    let auth = auth::load(config).map_err(StartError::Auth)?;
     Ok(Snapshot {
+        auth,
         router: router::Router::new(&config.routes, |name| metrics.route(name), |name| admission.route(name)),
         limits: config.limits.clone(),
         shutdown: config.shutdown.clone(),

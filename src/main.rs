@@ -84,6 +84,13 @@ fn check(path: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
         Ok(config) => {
+            // The credential files the routes name are read as a start would read them.
+            if let Err(errors) = wsgate::auth::load(&config) {
+                for e in &errors {
+                    eprintln!("{e}");
+                }
+                return ExitCode::FAILURE;
+            }
             println!("{}: ok", path.display());
             for l in &config.listeners {
                 print!("listener {:<12} {}://{}", l.name, l.scheme(), l.address);

@@ -261,7 +261,7 @@ fn describe(r: &PrometheusRecorder) {
             names::SESSIONS_SHED,
             Some(Unit::Count),
             "Admitted requests given no session at a bound, by route and reason: max_sessions, \
-             max_pending_connects, memory.",
+             max_pending_connects, memory, max_password_checks.",
         ),
         d(
             names::ACCESS_DENIED,
@@ -274,7 +274,8 @@ fn describe(r: &PrometheusRecorder) {
         d(
             names::SESSION_LIMITS,
             Some(Unit::Count),
-            "Sessions the gateway ended at a limit, by route and limit (pong_timeout, idle_timeout, max_session, message_rate).",
+            "Sessions the gateway ended at a limit, by route and limit (pong_timeout, idle_timeout, max_session, message_rate, \
+             credentials_expired).",
         ),
         d(names::BYTES, Some(Unit::Bytes), "Payload bytes relayed, by route and direction."),
         d(

@@ -318,7 +318,10 @@ pub fn admit(req: Request<'_>, route: &Route) -> Result<Admitted, Refusal> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .filter(|p| !p.is_empty());
+        .filter(|p| !p.is_empty())
+        // A credential riding in a subprotocol entry (`auth.subprotocol_prefix`) is never a
+        // protocol: never selected, never echoed.
+        .filter(|p| !route.auth.as_ref().is_some_and(|a| a.is_token_subprotocol(p)));
     Ok(Admitted { subprotocol: select_subprotocol(route, offered)?, identity: Identity::default() })
 }
 

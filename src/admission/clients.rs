@@ -9,6 +9,15 @@
 //! reaches its size, and forgets idle ones (their bucket state with them) if that is not enough.
 //! Entries with open connections are never dropped, and there are at most `max_connections` of
 //! those, so the table holds at most `max(max_tracked, max_connections)` entries.
+//!
+//! The same entries hold the brute-force guard of the access policy (`auth`): failed credential
+//! checks are counted in a fixed window (`auth_failure_window_secs`, from the first failure);
+//! the failure that reaches `max_auth_failures` blocks the client for `auth_block_secs`, during
+//! which every request to a route with `auth` is answered 429 before anything is checked. A
+//! success clears the count. A fixed block, not a growing one: a client that keeps guessing gets
+//! at most `max_auth_failures` guesses per block, which already makes guessing hopeless, and an
+//! operator can tell a user how long to wait. A full table forgets blocked entries of idle
+//! clients last, after every other idle entry.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -77,6 +86,12 @@ struct Entry {
     handshakes: usize,
     tokens: f64,
     refilled: Instant,
+    /// Failed credential checks since the window began.
+    auth_failures: usize,
+    /// When the failure window ends (failures then count from zero).
+    auth_window_ends: Instant,
+    /// Refused without checking until then.
+    auth_blocked_until: Option<Instant>,
 }
 
 impl Entry {
@@ -89,6 +104,24 @@ impl Entry {
 
     fn is_idle(&self) -> bool {
         self.connections == 0 && self.handshakes == 0
+    }
+
+    /// Whether the guard still remembers something of this client at `now`.
+    fn has_auth_state(&self, now: Instant) -> bool {
+        self.auth_blocked_until.is_some_and(|until| until > now)
+            || (self.auth_failures > 0 && self.auth_window_ends > now)
+    }
+
+    fn new(tokens: f64, now: Instant) -> Entry {
+        Entry {
+            connections: 0,
+            handshakes: 0,
+            tokens,
+            refilled: now,
+            auth_failures: 0,
+            auth_window_ends: now,
+            auth_blocked_until: None,
+        }
     }
 }
 
@@ -112,7 +145,7 @@ impl Clients {
         if !entries.contains_key(&key) && entries.len() >= limits.max_tracked {
             sweep(&mut entries, now, rate, burst);
         }
-        let entry = entries.entry(key).or_insert(Entry { connections: 0, handshakes: 0, tokens: burst, refilled: now });
+        let entry = entries.entry(key).or_insert_with(|| Entry::new(burst, now));
         if limits.max_connections > 0 && entry.connections >= limits.max_connections {
             return Verdict::Closed(Closed::Connections(limits.max_connections));
         }
@@ -141,6 +174,51 @@ impl Clients {
         Verdict::Admitted(lease, handshake)
     }
 
+    /// When the brute-force guard refuses `ip` until, if it does at `now`.
+    pub fn auth_blocked(&self, ip: IpAddr, limits: &PerClient, now: Instant) -> Option<Instant> {
+        if limits.max_auth_failures == 0 {
+            return None;
+        }
+        let entries = self.lock();
+        let until = entries.get(&ClientKey::new(ip, limits.ipv6_prefix))?.auth_blocked_until?;
+        (until > now).then_some(until)
+    }
+
+    /// Counts a failed credential check of `ip`; returns when its block ends if this failure
+    /// started one.
+    pub fn auth_failed(&self, ip: IpAddr, limits: &PerClient, now: Instant) -> Option<Instant> {
+        if limits.max_auth_failures == 0 {
+            return None;
+        }
+        let key = ClientKey::new(ip, limits.ipv6_prefix);
+        let burst = limits.new_connections_burst as f64;
+        let mut entries = self.lock();
+        if !entries.contains_key(&key) && entries.len() >= limits.max_tracked {
+            sweep(&mut entries, now, limits.new_connections_per_sec, burst);
+        }
+        let entry = entries.entry(key).or_insert_with(|| Entry::new(burst, now));
+        if entry.auth_window_ends <= now {
+            entry.auth_failures = 0;
+            entry.auth_window_ends = now + limits.auth_failure_window;
+        }
+        entry.auth_failures += 1;
+        if entry.auth_failures < limits.max_auth_failures {
+            return None;
+        }
+        let until = now + limits.auth_block;
+        entry.auth_blocked_until = Some(until);
+        entry.auth_failures = 0;
+        entry.auth_window_ends = until;
+        Some(until)
+    }
+
+    /// Clears the failures of `ip` after a successful check.
+    pub fn auth_succeeded(&self, ip: IpAddr, limits: &PerClient) {
+        if let Some(entry) = self.lock().get_mut(&ClientKey::new(ip, limits.ipv6_prefix)) {
+            entry.auth_failures = 0;
+        }
+    }
+
     /// Clients in the table.
     pub fn tracked(&self) -> usize {
         self.lock().len()
@@ -162,8 +240,11 @@ fn sweep(entries: &mut HashMap<ClientKey, Entry>, now: Instant, rate: f64, burst
     let before = entries.len();
     entries.retain(|_, e| {
         e.refill(now, rate, burst);
-        !(e.is_idle() && (rate == 0.0 || e.tokens >= burst))
+        !(e.is_idle() && (rate == 0.0 || e.tokens >= burst) && !e.has_auth_state(now))
     });
+    if entries.len() == before {
+        entries.retain(|_, e| !e.is_idle() || e.has_auth_state(now));
+    }
     if entries.len() == before {
         entries.retain(|_, e| !e.is_idle());
     }
@@ -217,6 +298,38 @@ mod tests {
             new_connections_burst: 4,
             ipv6_prefix: 64,
             max_tracked: 4,
+            max_auth_failures: 3,
+            auth_failure_window: Duration::from_secs(60),
+            auth_block: Duration::from_secs(30),
+        }
+    }
+
+    /// The failure that reaches the limit within the window blocks the client for the block
+    /// time, other clients stay unblocked, a success clears the count, and old failures expire.
+    #[test]
+    fn brute_force_guard_blocks_after_failures_in_the_window() {
+        let clients = Arc::new(Clients::default());
+        let l = limits();
+        let t0 = Instant::now();
+        let guesser = ip("10.0.0.1");
+        assert_eq!(clients.auth_failed(guesser, &l, t0), None);
+        assert_eq!(clients.auth_failed(guesser, &l, t0), None);
+        assert_eq!(clients.auth_blocked(guesser, &l, t0), None);
+        assert_eq!(clients.auth_failed(guesser, &l, t0), Some(t0 + Duration::from_secs(30)));
+        assert_eq!(clients.auth_blocked(guesser, &l, t0 + Duration::from_secs(29)), Some(t0 + Duration::from_secs(30)));
+        assert_eq!(clients.auth_blocked(ip("10.0.0.2"), &l, t0), None);
+        assert_eq!(clients.auth_blocked(guesser, &l, t0 + Duration::from_secs(30)), None);
+        // Failures spread wider than the window never add up; a success clears them.
+        let other = ip("10.0.0.3");
+        for i in 0..6 {
+            assert_eq!(clients.auth_failed(other, &l, t0 + Duration::from_secs(40 * i)), None, "failure {i}");
+            if i % 2 == 1 {
+                clients.auth_succeeded(other, &l);
+            }
+        }
+        let off = PerClient { max_auth_failures: 0, ..l };
+        for _ in 0..10 {
+            assert_eq!(clients.auth_failed(ip("10.0.0.4"), &off, t0), None);
         }
     }
 

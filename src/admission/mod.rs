@@ -112,6 +112,8 @@ pub enum Shed {
     PendingConnects(usize),
     /// The process is above its memory budget.
     Memory,
+    /// `limits.max_password_checks` HTTP Basic passwords are being hashed (answered 503).
+    PasswordChecks(usize),
 }
 
 impl Shed {
@@ -121,6 +123,7 @@ impl Shed {
             Shed::MaxSessions(_) => "max_sessions",
             Shed::PendingConnects(_) => "max_pending_connects",
             Shed::Memory => "memory",
+            Shed::PasswordChecks(_) => "max_password_checks",
         }
     }
 
@@ -130,6 +133,7 @@ impl Shed {
             Shed::MaxSessions(n) => format!("route is at its session limit ({n}); try again later"),
             Shed::PendingConnects(n) => format!("route has {n} backend connects in progress; try again later"),
             Shed::Memory => "gateway is at its memory limit; try again later".to_string(),
+            Shed::PasswordChecks(n) => format!("gateway is checking {n} passwords already; try again shortly"),
         }
     }
 
@@ -138,7 +142,7 @@ impl Shed {
     pub fn retry_after(self) -> Duration {
         match self {
             Shed::MaxSessions(_) | Shed::Memory => Duration::from_secs(5),
-            Shed::PendingConnects(_) => Duration::from_secs(1),
+            Shed::PendingConnects(_) | Shed::PasswordChecks(_) => Duration::from_secs(1),
         }
     }
 }

@@ -19,6 +19,7 @@
 //! This module knows nothing of sockets or of the rest of wsgate: it is data in, data out.
 
 mod addresses;
+mod auth;
 mod error;
 #[cfg(test)]
 mod proptests;
@@ -33,6 +34,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use addresses::{Addressing, Cidrs, ClientRules, ForwardedHeader, ProxyVersion};
+pub use auth::{Auth, Basic, Bearer, Jwt, JwtAlgorithm, Mechanism, OnRefusal, TokenHash};
 pub use error::{ConfigError, ConfigErrors};
 pub use validate::normalize_origin;
 
@@ -133,6 +135,10 @@ pub struct Route {
     /// What its requests and sessions run under: `[limits]` with the route's own `limits`
     /// table applied.
     pub limits: SessionLimits,
+    /// Credentials the route asks for (`[routes.NAME.auth]`), if any.
+    pub auth: Option<Auth>,
+    /// What a client the access policy refuses sees (`on_refusal`).
+    pub on_refusal: OnRefusal,
 }
 
 /// Which client message types a route accepts; at least one is true.
@@ -264,6 +270,8 @@ pub struct Limits {
     pub per_client: PerClient,
     /// What every route's sessions run under unless the route says otherwise.
     pub session: SessionLimits,
+    /// Password hashes (HTTP Basic) checked at once, gateway-wide; beyond it requests get 503.
+    pub max_password_checks: usize,
 }
 
 /// The limits one route's requests and sessions run under: `[limits]`, with the route's own
@@ -322,6 +330,13 @@ pub struct PerClient {
     pub ipv6_prefix: u8,
     /// Clients the table tracks before it forgets idle ones.
     pub max_tracked: usize,
+    /// Failed credential checks within `auth_failure_window` after which the client is
+    /// refused (429) without checking for `auth_block`; 0 turns the guard off.
+    pub max_auth_failures: usize,
+    /// The window failures are counted in.
+    pub auth_failure_window: Duration,
+    /// How long a client over `max_auth_failures` is refused without checking.
+    pub auth_block: Duration,
 }
 
 /// `limits.max_memory_bytes`.
@@ -401,6 +416,8 @@ pub(crate) fn test_route(name: &str, path: &str, backend: Backend) -> Route {
         clients: ClientRules::default(),
         proxy_protocol: None,
         limits: validate::DEFAULT_SESSION_LIMITS,
+        auth: None,
+        on_refusal: OnRefusal::Http,
     }
 }
 

@@ -18,7 +18,9 @@ use serde::de::value::StrDeserializer;
 use serde::de::{DeserializeOwned, Deserializer};
 use toml::Spanned;
 
-use super::{Config, ForwardedHeader, LogFormat, Outbound, PathMatch, ProxyVersion, Unavailable};
+use super::{
+    Config, ForwardedHeader, JwtAlgorithm, LogFormat, OnRefusal, Outbound, PathMatch, ProxyVersion, Unavailable,
+};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -80,6 +82,8 @@ pub(super) struct RawRoute {
     pub limits: Option<RawRouteLimits>,
     pub clients: Option<RawClients>,
     pub proxy_protocol: Option<Choice<ProxyVersion>>,
+    pub on_refusal: Option<Choice<OnRefusal>>,
+    pub auth: Option<RawAuth>,
 }
 
 /// A route's `clients` table: CIDRs as written.
@@ -90,6 +94,40 @@ pub(super) struct RawClients {
     pub allow: Vec<String>,
     #[serde(default)]
     pub deny: Vec<String>,
+}
+
+/// `[routes.NAME.auth]`: one table for every mechanism; validation refuses keys that do not
+/// belong to the chosen `type`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAuth {
+    #[serde(rename = "type")]
+    pub kind: Choice<AuthType>,
+    pub realm: Option<String>,
+    pub cookie: Option<String>,
+    pub query: Option<bool>,
+    pub subprotocol_prefix: Option<String>,
+    pub tokens: Option<Vec<String>>,
+    pub tokens_file: Option<String>,
+    pub keys: Option<Vec<String>>,
+    pub jwks_file: Option<String>,
+    pub algorithms: Option<Vec<Choice<JwtAlgorithm>>>,
+    pub audience: Option<Vec<String>>,
+    pub issuer: Option<Vec<String>>,
+    pub leeway_secs: Option<Seconds>,
+    pub routes_claim: Option<String>,
+    pub close_at_expiry: Option<bool>,
+    pub expiry_grace_secs: Option<Seconds>,
+    pub htpasswd: Option<String>,
+}
+
+/// `routes.NAME.auth.type`.
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum AuthType {
+    Bearer,
+    Jwt,
+    Basic,
 }
 
 /// One item of a route's `accept` list.
@@ -179,6 +217,7 @@ limits_table! {
         max_memory_bytes: Option<u64>,
         proxy_header_max_bytes: Option<u64>,
         per_client: Option<RawPerClient>,
+        max_password_checks: Option<u64>,
     }
 }
 
@@ -198,6 +237,9 @@ pub(super) struct RawPerClient {
     pub new_connections_burst: Option<u64>,
     pub ipv6_prefix: Option<u64>,
     pub max_tracked: Option<u64>,
+    pub max_auth_failures: Option<u64>,
+    pub auth_failure_window_secs: Option<Seconds>,
+    pub auth_block_secs: Option<Seconds>,
 }
 
 #[derive(Deserialize, Default)]
@@ -305,6 +347,25 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
     ("routes.NAME.limits.idle_timeout_secs", Reload),
     ("routes.NAME.limits.max_session_secs", Reload),
     ("routes.NAME.limits.max_messages_per_sec", Reload),
+    // Access policy (issue 16, credentials): the files named are read again on every reload.
+    ("routes.NAME.on_refusal", Reload),
+    ("routes.NAME.auth.type", Reload),
+    ("routes.NAME.auth.realm", Reload),
+    ("routes.NAME.auth.cookie", Reload),
+    ("routes.NAME.auth.query", Reload),
+    ("routes.NAME.auth.subprotocol_prefix", Reload),
+    ("routes.NAME.auth.tokens", Reload),
+    ("routes.NAME.auth.tokens_file", Reload),
+    ("routes.NAME.auth.keys", Reload),
+    ("routes.NAME.auth.jwks_file", Reload),
+    ("routes.NAME.auth.algorithms", Reload),
+    ("routes.NAME.auth.audience", Reload),
+    ("routes.NAME.auth.issuer", Reload),
+    ("routes.NAME.auth.leeway_secs", Reload),
+    ("routes.NAME.auth.routes_claim", Reload),
+    ("routes.NAME.auth.close_at_expiry", Reload),
+    ("routes.NAME.auth.expiry_grace_secs", Reload),
+    ("routes.NAME.auth.htpasswd", Reload),
     // The connection and handshake semaphores are sized once, when the gateway binds.
     (
         "limits.max_connections",
@@ -330,6 +391,10 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
     ("limits.per_client.new_connections_burst", Reload),
     ("limits.per_client.ipv6_prefix", Reload),
     ("limits.per_client.max_tracked", Reload),
+    ("limits.per_client.max_auth_failures", Reload),
+    ("limits.per_client.auth_failure_window_secs", Reload),
+    ("limits.per_client.auth_block_secs", Reload),
+    ("limits.max_password_checks", Reload),
     ("limits.max_message_bytes", Reload),
     ("limits.ws_read_buffer_bytes", Reload),
     ("limits.backend_read_bytes", Reload),

@@ -47,6 +47,7 @@ use accept::{Handshake, HandshakePlace, Slot};
 pub(crate) use accept::{Listener, OVERFLOW_RESPONSES, accept_bounded, accept_loop};
 
 use crate::admission::{Admission, HandshakeLease, LoadGuard, Over, Shed};
+use crate::auth;
 use crate::backend::{self, ConnectFailure};
 use crate::client_addr;
 use crate::client_stream::{ClientIo, ClientStream};
@@ -75,6 +76,8 @@ pub(crate) struct Shared {
     pub metrics: Arc<Metrics>,
     /// The current config snapshot; replaced whole by a reload.
     snapshot: RwLock<Arc<Snapshot>>,
+    /// HTTP Basic password checks in progress (`limits.max_password_checks`), across reloads.
+    pub password_checks: Arc<auth::PasswordChecks>,
 }
 
 /// Everything a reload may change, as one value.
@@ -89,6 +92,8 @@ pub(crate) struct Snapshot {
     pub pages: Vec<Page>,
     /// How each listener learns its clients' addresses, by listener name.
     pub addressing: HashMap<String, Arc<Addressing>>,
+    /// The access policy of each route that has one, files loaded, by route name.
+    pub auth: HashMap<String, Arc<auth::RouteAuth>>,
 }
 
 /// A static page: served for GET or HEAD on exactly `path`, on every listener.
@@ -109,6 +114,7 @@ impl Shared {
             tasks: TaskTracker::new(),
             metrics,
             snapshot: RwLock::new(Arc::new(snapshot)),
+            password_checks: Arc::default(),
         }
     }
 
@@ -366,7 +372,14 @@ async fn upgrade(
         secure: conn.secure,
         peer: client,
     };
-    let admitted = policy::admit(parts, &entry.route)?;
+    let mut admitted = policy::admit(parts, &entry.route)?;
+    let credentials_expire = match authenticate(req, parts, entry, conn, shared).await {
+        Ok(who) => {
+            admitted.identity.user = who.user;
+            who.expires
+        }
+        Err(refusal) => return refuse_in_band(req, entry, conn, shared, admitted.subprotocol, refusal),
+    };
     conn.finish_handshake();
     // Built from the identity as admission settled it, and sent before any other byte.
     let preamble = entry
@@ -398,6 +411,7 @@ async fn upgrade(
         client_addr: client,
         identity: admitted.identity,
         close_window: conn.snapshot.shutdown.close_window,
+        credentials_expire,
     };
     let slot = conn.slot.clone();
     let (stop, abort) = (shared.stop.clone(), shared.abort.clone());
@@ -406,6 +420,77 @@ async fn upgrade(
     // captured stores it twice, and a session's future is most of what an idle session costs.
     let session = session::run(upgrading, dialed, ctx, stop, abort).map(move |()| drop((slot, place)));
     shared.tasks.spawn(session);
+    Ok(response)
+}
+
+/// The route's access policy (`auth`), if it has one: who the client is, or the refusal
+/// (counted here when the password checks are full; `respond` counts the others).
+async fn authenticate(
+    req: &Request<Incoming>,
+    parts: policy::Request<'_>,
+    entry: &Entry,
+    conn: &Connection,
+    shared: &Shared,
+) -> Result<auth::Authenticated, Refusal> {
+    let Some(route_auth) = conn.snapshot.auth.get(&entry.route.name) else {
+        return Ok(auth::Authenticated::default());
+    };
+    let limits = &conn.snapshot.limits;
+    let presented = auth::Presented { headers: req.headers(), query: req.uri().query(), client: parts.peer.ip() };
+    let guard = auth::Guard {
+        clients: &shared.admission.clients,
+        per_client: &limits.per_client,
+        checks: &shared.password_checks,
+        max_checks: limits.max_password_checks,
+    };
+    match auth::authenticate(route_auth, &entry.route.name, presented, guard).await {
+        Ok(who) => Ok(who),
+        Err(auth::Failure::Refused(refusal)) => Err(refusal),
+        Err(auth::Failure::Shed(shed)) => {
+            entry.metrics.shed(shed.label());
+            Err(Refusal::shed(shed))
+        }
+    }
+}
+
+/// A refusal of the access policy on a route with `on_refusal = "close"`: the upgrade
+/// completes without a backend, and the session closes at once with 4401, 4403 or 4429 and the
+/// reason, which a page can read (an HTTP refusal shows it only 1006). Counted and logged as
+/// `respond` does HTTP refusals. Any other refusal is returned as it is.
+fn refuse_in_band(
+    req: &mut Request<Incoming>,
+    entry: &Arc<Entry>,
+    conn: &Connection,
+    shared: &Shared,
+    subprotocol: Option<String>,
+    refusal: Refusal,
+) -> Result<Response<Full<Bytes>>, Refusal> {
+    let RefusalKind::Access(denied) = refusal.kind else { return Err(refusal) };
+    if entry.route.on_refusal != crate::config::OnRefusal::Close {
+        return Err(refusal);
+    }
+    let route = entry.route.name.as_str();
+    entry.metrics.access_denied(denied.label());
+    let (status, reason) = (refusal.status.as_u16(), &refusal.reason);
+    match entry.metrics.access_warnings.allow() {
+        Some(suppressed) => warn!(route, status, %reason, suppressed, "request refused (closed in band)"),
+        None => debug!(route, status, %reason, "request refused (closed in band)"),
+    }
+    conn.finish_handshake();
+    let key = req.headers().get(header::SEC_WEBSOCKET_KEY).map(HeaderValue::as_bytes).unwrap_or_default();
+    let response = switching_protocols(key, subprotocol.as_deref());
+    let ctx = session::Context {
+        id: shared.next_session.fetch_add(1, Ordering::Relaxed),
+        entry: entry.clone(),
+        client_addr: conn.peer,
+        identity: policy::Identity::default(),
+        close_window: conn.snapshot.shutdown.close_window,
+        credentials_expire: None,
+    };
+    let slot = conn.slot.clone();
+    let dialed = Dialed::Refused(denied, refusal.reason);
+    let session = session::run(hyper::upgrade::on(req), dialed, ctx, shared.stop.clone(), shared.abort.clone());
+    shared.tasks.spawn(session.map(move |()| drop(slot)));
     Ok(response)
 }
 

@@ -18,6 +18,7 @@ use crate::admission::Shed;
 use crate::backend::ConnectFailure;
 use crate::bridge::{End, Kind, Limit};
 use crate::frames::{ClientWs, FrameGate};
+use crate::policy::Denied;
 
 /// Which side ended a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +91,16 @@ pub enum Outcome {
     /// The client sent more than this many messages and control frames in a second
     /// (`limits.max_messages_per_sec`).
     MessageRateExceeded(u64),
+    /// The route's access policy refused the client, on a route with `on_refusal = "close"`:
+    /// upgraded without a backend to say why in a close frame a page can read.
+    AccessRefused {
+        /// Why.
+        denied: Denied,
+        /// The refusal's reason (never a credential).
+        reason: String,
+    },
+    /// The session's JWT expired (`exp` plus `expiry_grace_secs`; `close_at_expiry`).
+    CredentialsExpired,
 }
 
 impl Outcome {
@@ -113,7 +124,9 @@ impl Outcome {
             | Outcome::PongTimeout(_)
             | Outcome::IdleTimeout(_)
             | Outcome::LifetimeLimit(_)
-            | Outcome::MessageRateExceeded(_) => Side::Gateway,
+            | Outcome::MessageRateExceeded(_)
+            | Outcome::AccessRefused { .. }
+            | Outcome::CredentialsExpired => Side::Gateway,
         }
     }
 
@@ -124,6 +137,7 @@ impl Outcome {
             Outcome::IdleTimeout(_) => Some("idle_timeout"),
             Outcome::LifetimeLimit(_) => Some("max_session"),
             Outcome::MessageRateExceeded(_) => Some("message_rate"),
+            Outcome::CredentialsExpired => Some("credentials_expired"),
             _ => None,
         }
     }
@@ -156,6 +170,13 @@ impl Outcome {
             Outcome::IdleTimeout(after) => (1000, format!("idle timeout: no data for {} s", after.as_secs_f64())),
             Outcome::LifetimeLimit(max) => (1001, format!("session lifetime limit of {} s reached", max.as_secs_f64())),
             Outcome::MessageRateExceeded(max) => (1008, format!("message rate over {max} per second")),
+            // 4000 plus the HTTP status the refusal stands for, so a page reads it as such.
+            Outcome::AccessRefused { denied, reason } => match denied {
+                Denied::MissingCredentials | Denied::InvalidCredentials => (4401, reason.clone()),
+                Denied::Forbidden | Denied::ClientAddress | Denied::ClientCertificate => (4403, reason.clone()),
+                Denied::TooManyFailures => (4429, reason.clone()),
+            },
+            Outcome::CredentialsExpired => (4401, "credentials expired".into()),
         };
         Some(CloseFrame { code: CloseCode::from(code), reason: truncate_reason(&reason).to_string().into() })
     }

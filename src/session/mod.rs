@@ -30,7 +30,7 @@ use crate::config::Outbound;
 use crate::echo;
 use crate::frames::{ClientWs, FrameGate};
 use crate::metrics::RouteMetrics;
-use crate::policy::Identity;
+use crate::policy::{Denied, Identity};
 use crate::router::{Entry, SessionLimits, Target};
 use crate::shutdown::Cancelled;
 
@@ -50,6 +50,9 @@ pub enum Dialed {
     Unavailable(ConnectFailure),
     /// The route or the gateway was at a bound; the session closes at once with 1013.
     Shed(Shed),
+    /// The access policy refused the client (`on_refusal = "close"`); the session closes at
+    /// once with 4401, 4403 or 4429 and the reason.
+    Refused(Denied, String),
 }
 
 /// What a session needs besides its sockets.
@@ -66,6 +69,9 @@ pub struct Context {
     /// On shutdown, sessions close at a point spread over this window (by session id), so
     /// thousands of clients do not reconnect in the same second.
     pub close_window: Duration,
+    /// When the client's credentials expire (a JWT's `exp` plus grace, with `close_at_expiry`):
+    /// the session then closes with 4401.
+    pub credentials_expire: Option<Instant>,
 }
 
 /// Connects the route's backend and writes `preamble` (the route's PROXY protocol header, or
@@ -225,7 +231,17 @@ async fn relay(
     stop: &CancellationToken,
     totals: &mut SessionTotals,
 ) -> (Outcome, Option<TcpStream>) {
-    let (route, limits, m) = (&ctx.entry.route, &ctx.entry.limits, &ctx.entry.metrics);
+    let (route, m) = (&ctx.entry.route, &ctx.entry.metrics);
+    // Credentials that expire end the session through the lifetime limit, which the liveness
+    // clock already keeps: nothing is added to the relay.
+    let mut limits = ctx.entry.limits;
+    let expiry =
+        ctx.credentials_expire.map(|at| at.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
+    let expiry_binds = expiry.is_some_and(|left| limits.max_session.is_none_or(|max| left < max));
+    if expiry_binds {
+        limits.max_session = expiry;
+    }
+    let limits = &limits;
     let accept = Accept { text: route.accept.text, binary: route.accept.binary };
     let metrics = BridgeMetrics { to_backend: &m.to_backend, to_client: &m.to_client };
     // This session's own stop: the shutdown signal, delayed by its place in the close window.
@@ -241,6 +257,7 @@ async fn relay(
         match dialed {
             Dialed::Unavailable(failure) => (Outcome::BackendUnavailable(failure), None),
             Dialed::Shed(shed) => (Outcome::Shed(shed), None),
+            Dialed::Refused(denied, reason) => (Outcome::AccessRefused { denied, reason }, None),
             Dialed::Echo => {
                 let end = echo::run_ws(ws, accept, liveness(limits), &session_stop, totals, metrics).await;
                 (Outcome::from_end(end, limits.max_message_bytes), None)
@@ -252,11 +269,14 @@ async fn relay(
             }
         }
     };
-    let (outcome, backend) = tokio::select! {
+    let (mut outcome, backend) = tokio::select! {
         biased;
         done = pump => done,
         never = spread => never,
     };
+    if expiry_binds && matches!(outcome, Outcome::LifetimeLimit(_)) {
+        outcome = Outcome::CredentialsExpired;
+    }
     if let Some(limit) = outcome.limit() {
         m.limit_reached(limit);
     }

@@ -295,3 +295,59 @@ async fn console_page_works() {
     assert!(log.as_str().unwrap().contains("code=1000 reason=\"bye\" wasClean=true"), "{log}");
     browser.close().await;
 }
+
+/// Credentials from a real browser page: a token in a cookie, and in a Kubernetes-style
+/// subprotocol entry offered beside a real subprotocol (which is the one selected); with
+/// `on_refusal = "close"` a bad token gives the page `onopen`, then 4401 and the reason.
+#[tokio::test]
+async fn browser_credentials_by_cookie_and_subprotocol() {
+    const K8S: &str = "base64url.bearer.authorization.k8s.io.";
+    let echo = Backend::echo().await;
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b"page-token-1");
+    let hash: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let auth = format!(
+        "outbound = \"text\"\nsubprotocols = [\"chat\"]\n{{}}\n[routes.{{}}.auth]\ntype = \"bearer\"\n\
+         tokens = [\"page=sha256:{hash}\"]\ncookie = \"wsgate_token\"\nsubprotocol_prefix = \"{K8S}\"\n"
+    );
+    let route = |name: &str, extra: &str| auth.replacen("{}", extra, 1).replacen("{}", name, 1);
+    let gw = Gateway::builder()
+        .console()
+        .route_with("b", "/b", &echo.target(), &route("b", ""))
+        .route_with("bc", "/bc", &echo.target(), &route("bc", "on_refusal = \"close\""))
+        .start()
+        .await;
+    let mut browser = Browser::launch().await;
+    let tab = page(&mut browser, &gw).await;
+    let echo_once = "{ onopen: (ws) => ws.send('through'), onmessage: (ws) => ws.close(1000, 'done') }";
+
+    // No credential: the HTTP 401 is all a page can see, as 1006.
+    let r = scenario(&mut browser, &tab, &gw.url("/b"), echo_once).await;
+    assert_eq!(r["events"].as_array().unwrap().last().unwrap(), &close(1006, "", false));
+    assert_eq!(echo.accepted(), 0);
+
+    // The cookie of the page's own origin.
+    browser.eval(&tab, "document.cookie = 'wsgate_token=page-token-1; path=/'; true").await;
+    let r = scenario(&mut browser, &tab, &gw.url("/b"), echo_once).await;
+    assert_eq!(r["events"], json!([created(), open(""), text("through"), close(1000, "done", true)]));
+    browser.eval(&tab, "document.cookie = 'wsgate_token=; max-age=0; path=/'; true").await;
+
+    // The token as a subprotocol entry, with a real one the route selects.
+    let entry = |token: &str| {
+        format!("{K8S}{}", base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, token))
+    };
+    let with_protocols = |token: &str| {
+        format!(
+            "{{ protocols: ['chat', '{}'], onopen: (ws) => ws.send('through'), onmessage: (ws) => ws.close(1000, 'done') }}",
+            entry(token)
+        )
+    };
+    let r = scenario(&mut browser, &tab, &gw.url("/b"), &with_protocols("page-token-1")).await;
+    assert_eq!(r["events"], json!([created(), open("chat"), text("through"), close(1000, "done", true)]));
+    assert_eq!(echo.accepted(), 2);
+
+    // A bad token on an `on_refusal = "close"` route: onopen, then 4401 with the reason.
+    let r = scenario(&mut browser, &tab, &gw.url("/bc"), &with_protocols("wrong-token")).await;
+    assert_eq!(r["events"], json!([created(), open("chat"), close(4401, "invalid credentials: unknown token", true)]));
+    assert_eq!(echo.accepted(), 2, "a refused page reached the backend");
+    browser.close().await;
+}

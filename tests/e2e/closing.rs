@@ -341,7 +341,19 @@ async fn every_documented_close_code_is_produced() {
     let eof = Backend::say_and_close(b"x".to_vec()).await;
     let (reset, reset_now) = backend_writing_then(b"x", Then::Reset).await;
     let (sink, _rx) = Backend::sink().await;
+    // Credentials refused in band (`on_refusal = "close"`): an HS256 route whose tokens must
+    // name it in `routes`, and a guard that blocks after one failure.
+    let keys = tempfile::tempdir().unwrap();
+    let secret = b"0123456789abcdef0123456789abcdef";
+    std::fs::write(keys.path().join("hs256.key"), secret).unwrap();
+    let auth = format!(
+        "on_refusal = \"close\"\n[routes.auth.auth]\ntype = \"jwt\"\nalgorithms = [\"HS256\"]\nkeys = [{:?}]\n\
+         routes_claim = \"routes\"\n",
+        keys.path().join("hs256.key").display().to_string()
+    );
     let mut gw = Gateway::builder()
+        .route_with("auth", "/auth", &sink.target(), &auth)
+        .limit("per_client.max_auth_failures", "1")
         .route("eof", "/eof", &eof.target())
         .route("reset", "/reset", &reset.target())
         .route("down", "/down", &dead.addr.to_string())
@@ -362,6 +374,23 @@ async fn every_documented_close_code_is_produced() {
         code
     };
     produced.push(code_of("/eof", None).await);
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600;
+    let elsewhere = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({"exp": exp, "routes": "other"}),
+        &jsonwebtoken::EncodingKey::from_secret(secret).unwrap(),
+    )
+    .unwrap();
+    let code_with = async |token: &str| {
+        let mut ws = gw.ws_with("/auth", &[("authorization", &format!("Bearer {token}"))]).await.unwrap();
+        let code = read_until_close(&mut ws).await.1;
+        expect_end(&mut ws).await;
+        code
+    };
+    // 4403 first: a valid token is no failure; then a bad one (4401) blocks this address (4429).
+    produced.push(code_with(&elsewhere).await);
+    produced.push(code_with("not-a-jwt").await);
+    produced.push(code_with(&elsewhere).await);
     // The reset comes once the client has the backend's byte, as in the test above.
     let mut ws = gw.ws("/reset").await;
     assert_eq!(read_bytes(&mut ws, 1).await, b"x");

@@ -5,6 +5,8 @@
 
 mod support;
 
+/// Credentials per route: bearer tokens, JWTs, HTTP Basic, carriers, the brute-force guard.
+mod auth;
 /// WebSocket ⇄ TCP through the bridge: payloads byte for byte, ws and wss, concurrency, framing.
 mod bridging;
 /// The browser contract in headless Chromium: events, codes, reasons, the console page.

@@ -35,7 +35,15 @@ const DEFAULT_PER_CLIENT: PerClient = PerClient {
     new_connections_burst: 100,
     ipv6_prefix: 64,
     max_tracked: 65_536,
+    // Ten wrong guesses a minute is far beyond typing mistakes and far below a guessing rate
+    // worth having; a minute's block makes guessing a token or password hopeless.
+    max_auth_failures: 10,
+    auth_failure_window: Duration::from_secs(60),
+    auth_block: Duration::from_secs(60),
 };
+/// Password hashes at once: bcrypt and argon2 take milliseconds of a core each by design, so a
+/// few at a time keeps guesses from taking every core, while logins stay quick.
+const DEFAULT_MAX_PASSWORD_CHECKS: u64 = 4;
 /// 10 MiB: above the 10,000,000 bytes a page may hand `send` in one ArrayBuffer.
 const DEFAULT_MAX_MESSAGE_BYTES: u64 = 10 * 1024 * 1024;
 /// Each read from a client while data flows. The buffer exists only then (see `readahead`), so
@@ -123,6 +131,13 @@ impl Validator<'_> {
                 MAX_PROXY_HEADER_MAX_BYTES,
             ),
             per_client: self.per_client(per_client),
+            max_password_checks: self.count(
+                "limits.max_password_checks",
+                raw.max_password_checks,
+                DEFAULT_MAX_PASSWORD_CHECKS,
+                1,
+                1024,
+            ),
             session: self.session_limits("limits", raw.session(), &DEFAULT_SESSION_LIMITS),
         }
     }
@@ -224,6 +239,19 @@ impl Validator<'_> {
             ),
             ipv6_prefix: self.count(&key("ipv6_prefix"), raw.ipv6_prefix, u64::from(d.ipv6_prefix), 1, 128) as u8,
             max_tracked: self.count(&key("max_tracked"), raw.max_tracked, d.max_tracked as u64, 1024, 10_000_000),
+            max_auth_failures: self.count(
+                &key("max_auth_failures"),
+                raw.max_auth_failures,
+                d.max_auth_failures as u64,
+                0,
+                1_000_000,
+            ),
+            auth_failure_window: self.seconds(
+                &key("auth_failure_window_secs"),
+                raw.auth_failure_window_secs,
+                d.auth_failure_window.as_secs_f64(),
+            ),
+            auth_block: self.seconds(&key("auth_block_secs"), raw.auth_block_secs, d.auth_block.as_secs_f64()),
         }
     }
 

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 mod addresses;
+mod auth;
 mod limits;
 
 #[cfg(test)]
@@ -18,7 +19,7 @@ pub(super) use limits::DEFAULT_SESSION_LIMITS;
 use super::raw::{AcceptKind, Choice, RawConfig, RawListener, RawRoute, RawShutdown, Seconds};
 use super::{
     Accept, AllowedOrigins, Backend, Builtin, Config, ConfigError, ConfigErrors, HostPattern, Listener, LogFormat,
-    Outbound, PathMatch, Route, SessionLimits, Shutdown, TlsFiles, Unavailable,
+    OnRefusal, Outbound, PathMatch, Route, SessionLimits, Shutdown, TlsFiles, Unavailable,
 };
 
 // ---- Defaults and bounds: one place (limits in `limits`), mirrored in docs/config.md and
@@ -208,6 +209,13 @@ impl Validator<'_> {
         limits.max_sessions = raw_limits
             .max_sessions
             .map(|n| self.count(&format!("{key}.limits.max_sessions"), Some(n), 1, 1, 1_000_000));
+        let on_refusal = self.choice(&format!("{key}.on_refusal"), raw.on_refusal, OnRefusal::Http);
+        let auth = match raw.auth {
+            None => Some(None),
+            Some(a) => {
+                self.auth(&format!("{key}.auth"), a, allowed_origins.as_ref(), subprotocols.as_deref()).map(Some)
+            }
+        };
         Some(Route {
             name,
             path: path?,
@@ -222,6 +230,8 @@ impl Validator<'_> {
             clients: clients?,
             proxy_protocol: proxy_protocol?,
             limits,
+            auth: auth?,
+            on_refusal: on_refusal?,
         })
     }
 
