@@ -57,6 +57,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Whether metrics are recorded (`[metrics] enabled`, default true).
     pub metrics: bool,
+    /// Who may read the admin listener: its TLS and bearer tokens (`[admin]`).
+    pub admin_access: AdminAccess,
 }
 
 /// How log lines are written.
@@ -96,6 +98,103 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// Generate a self-signed development pair when both files are missing.
     pub generate_self_signed: bool,
+    /// Client certificates (mTLS), when the listener asks for them (`client_ca`).
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// How a `wss` listener verifies client certificates (`tls.client_ca`, `client_auth`,
+/// `client_crls`); paths resolved against the config's directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientAuth {
+    /// PEM file of the CA certificates client certificates must chain to.
+    pub ca: PathBuf,
+    /// Whether a client must present a certificate.
+    pub mode: ClientAuthMode,
+    /// PEM files of certificate revocation lists; a certificate they revoke fails the handshake.
+    pub crls: Vec<PathBuf>,
+}
+
+/// Whether a client certificate is required on a listener with `client_ca`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuthMode {
+    /// No certificate (or one that fails verification): the TLS handshake fails.
+    Required,
+    /// No certificate is allowed (routes with `client_certs` then answer 403); one that fails
+    /// verification still fails the handshake.
+    Optional,
+}
+
+/// One entry of a route's `client_certs`: what a verified client certificate must carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertPattern {
+    /// `CN=value`: the subject's common name, exactly (case-sensitive).
+    CommonName(String),
+    /// `name` or `*.suffix`: a DNS name in the subject alternative names (case-insensitive).
+    Dns(HostPattern),
+    /// `URI:value`: a URI in the subject alternative names, exactly (SPIFFE IDs, for example).
+    Uri(String),
+}
+
+impl fmt::Display for CertPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CertPattern::CommonName(cn) => write!(f, "CN={cn}"),
+            CertPattern::Dns(name) => write!(f, "{name}"),
+            CertPattern::Uri(uri) => write!(f, "URI:{uri}"),
+        }
+    }
+}
+
+/// `[admin]`'s access keys: TLS and bearer tokens. With no token configured the admin listener
+/// is open, as before.
+#[derive(Debug, Clone, Default)]
+pub struct AdminAccess {
+    /// Serve the admin endpoints over TLS with this certificate and key.
+    pub tls: Option<AdminTls>,
+    /// SHA-256 hashes of the tokens accepted (`token_hashes`).
+    pub token_hashes: Vec<TokenHash>,
+    /// A file of more hashes, one per line, read at start and on each reload.
+    pub tokens_file: Option<PathBuf>,
+    /// Paths served without a token (`/healthz` and `/readyz` by default).
+    pub open_paths: Vec<String>,
+}
+
+/// The admin listener's certificate and key files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminTls {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// The SHA-256 hash of a bearer token, written `sha256:<64 hex digits>`. Not the token, but
+/// printed as `<redacted>` all the same: nothing about a credential goes to a log.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenHash(pub [u8; 32]);
+
+impl TokenHash {
+    /// Reads `sha256:<64 hex digits>` (either case), or says what is wrong with it (never
+    /// quoting it: a token pasted where its hash belongs must not reach a log).
+    pub fn parse(text: &str) -> Result<TokenHash, &'static str> {
+        let hex = text.strip_prefix("sha256:").ok_or("must be \"sha256:\" followed by 64 hex digits")?;
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err("must be \"sha256:\" followed by 64 hex digits");
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in hex.as_bytes().chunks(2).enumerate() {
+            let digit = |b: u8| (b as char).to_digit(16).unwrap_or(0) as u8;
+            out[i] = digit(pair[0]) << 4 | digit(pair[1]);
+        }
+        Ok(TokenHash(out))
+    }
+}
+
+impl fmt::Debug for TokenHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// One route: which requests it takes and where their sessions go.
@@ -125,6 +224,8 @@ pub struct Route {
     /// What its requests and sessions run under: `[limits]` with the route's own `limits`
     /// table applied.
     pub limits: SessionLimits,
+    /// When not empty, a request needs a verified client certificate matching one of these.
+    pub client_certs: Vec<CertPattern>,
 }
 
 /// Which client message types a route accepts; at least one is true.
@@ -388,6 +489,7 @@ pub(crate) fn test_route(name: &str, path: &str, backend: Backend) -> Route {
         subprotocols: vec![],
         on_backend_unavailable: Unavailable::Close,
         limits: validate::DEFAULT_SESSION_LIMITS,
+        client_certs: vec![],
     }
 }
 

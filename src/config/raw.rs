@@ -18,7 +18,7 @@ use serde::de::value::StrDeserializer;
 use serde::de::{DeserializeOwned, Deserializer};
 use toml::Spanned;
 
-use super::{Config, LogFormat, Outbound, PathMatch, Unavailable};
+use super::{ClientAuthMode, Config, LogFormat, Outbound, PathMatch, Unavailable};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -57,6 +57,10 @@ pub(super) struct RawTls {
     pub key: String,
     #[serde(default)]
     pub generate_self_signed: bool,
+    // mTLS (client certificates).
+    pub client_ca: Option<String>,
+    pub client_auth: Option<Choice<ClientAuthMode>>,
+    pub client_crls: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -75,6 +79,7 @@ pub(super) struct RawRoute {
     pub subprotocols: Vec<String>,
     pub on_backend_unavailable: Option<Choice<Unavailable>>,
     pub limits: Option<RawRouteLimits>,
+    pub client_certs: Option<Vec<String>>,
 }
 
 /// One item of a route's `accept` list.
@@ -211,6 +216,18 @@ pub(super) struct RawConsole {
 pub(super) struct RawAdmin {
     pub enabled: Option<bool>,
     pub address: Option<String>,
+    // Who may read it.
+    pub tls: Option<RawAdminTls>,
+    pub token_hashes: Option<Vec<String>>,
+    pub tokens_file: Option<String>,
+    pub open_paths: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdminTls {
+    pub cert: String,
+    pub key: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -259,6 +276,10 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
     ("listeners.NAME.tls.cert", Reload),
     ("listeners.NAME.tls.key", Reload),
     ("listeners.NAME.tls.generate_self_signed", Reload),
+    // Read again, with the certificates, by every reload.
+    ("listeners.NAME.tls.client_ca", Reload),
+    ("listeners.NAME.tls.client_auth", Reload),
+    ("listeners.NAME.tls.client_crls", Reload),
     ("routes.NAME.path", Reload),
     ("routes.NAME.match", Reload),
     ("routes.NAME.host", Reload),
@@ -268,6 +289,7 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
     ("routes.NAME.outbound", Reload),
     ("routes.NAME.subprotocols", Reload),
     ("routes.NAME.on_backend_unavailable", Reload),
+    ("routes.NAME.client_certs", Reload),
     ("routes.NAME.limits.max_message_bytes", Reload),
     ("routes.NAME.limits.ws_read_buffer_bytes", Reload),
     ("routes.NAME.limits.backend_read_bytes", Reload),
@@ -327,6 +349,13 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
     // Both keys decide one listener, reported as `admin`.
     ("admin.enabled", Restart(|a, b| differs("admin", a.admin, b.admin))),
     ("admin.address", Restart(|a, b| differs("admin", a.admin, b.admin))),
+    // Who may read it: applied to admin connections accepted after the reload (files reread).
+    ("admin.tls", Reload),
+    ("admin.tls.cert", Reload),
+    ("admin.tls.key", Reload),
+    ("admin.token_hashes", Reload),
+    ("admin.tokens_file", Reload),
+    ("admin.open_paths", Reload),
     // The log subscriber and the metrics recorder are installed once, at start.
     ("log.format", Restart(|a, b| differs("log.format", a.log_format, b.log_format))),
     ("metrics.enabled", Restart(|a, b| differs("metrics.enabled", a.metrics, b.metrics))),
