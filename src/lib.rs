@@ -15,6 +15,8 @@
 //! - [`admission`]: who gets in and how much they hold: per-client connections, handshakes and
 //!   rate in one bounded table; the handshake pool that sheds from the client holding most;
 //!   route session and connect caps; the memory budget. Kept across reloads.
+//! - [`client_cert`]: a verified client certificate's subject and names; route `client_certs`
+//!   matching. Pure.
 //! - [`client_stream`]: the client connection as one type, from accept through hyper's upgrade.
 //! - [`router`]: the route table (route, limits, metrics, backend per entry); (`Host`, path) →
 //!   entry. Pure.
@@ -56,6 +58,7 @@ mod admin;
 pub mod admission;
 pub mod backend;
 pub mod bridge;
+pub mod client_cert;
 pub mod client_stream;
 pub mod config;
 pub mod console;
@@ -322,7 +325,7 @@ fn load_tls(name: &str, files: &config::TlsFiles) -> Result<Arc<rustls::ServerCo
              put a real certificate there or set generate_self_signed = false"
         );
     }
-    tls::server_config(&files.cert, &files.key).map_err(err)
+    tls::server_config_with(&files.cert, &files.key, files.client_auth.as_ref()).map_err(err)
 }
 
 /// A client-facing listener with the configured backlog (tokio's `bind` fixes it at 1024).

@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use crate::admission::{Over, Shed};
 use crate::backend::ConnectFailure;
+use crate::client_cert::{self, ClientCert};
 use crate::config::{AllowedOrigins, Route, normalize_origin};
 use crate::router::normalize_host;
 
@@ -186,6 +187,8 @@ pub struct Request<'a> {
     pub secure: bool,
     /// The client's address (what per-client limits will count by).
     pub peer: std::net::SocketAddr,
+    /// The client certificate the TLS handshake verified, if any (mTLS).
+    pub client_cert: Option<&'a ClientCert>,
 }
 
 /// What an admitted request gets.
@@ -315,7 +318,24 @@ pub fn admit(req: Request<'_>, route: &Route) -> Result<Admitted, Refusal> {
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .filter(|p| !p.is_empty());
-    Ok(Admitted { subprotocol: select_subprotocol(route, offered)?, identity: Identity::default() })
+    let subprotocol = select_subprotocol(route, offered)?;
+    let cert_subject = check_client_cert(route, req.client_cert)?;
+    Ok(Admitted { subprotocol, identity: Identity { cert_subject, ..Identity::default() } })
+}
+
+/// A route with `client_certs` wants a verified client certificate that matches one of them:
+/// 403 otherwise (the certificate is valid, or absent on an `optional` listener: the TLS
+/// handshake already refused the invalid ones). The subject of a verified certificate is the
+/// client's identity on any route.
+fn check_client_cert(route: &Route, cert: Option<&ClientCert>) -> Result<Option<String>, Refusal> {
+    if client_cert::allowed(&route.client_certs, cert) {
+        return Ok(cert.map(|c| c.subject.to_string()));
+    }
+    let reason = match cert {
+        None => "a client certificate is required on this route".to_string(),
+        Some(c) => format!("client certificate {} is not allowed on this route", c.subject),
+    };
+    Err(Refusal::new(StatusCode::FORBIDDEN, reason).of_kind(RefusalKind::Access(Denied::ClientCertificate)))
 }
 
 /// Whether the request asks for a WebSocket upgrade at all (`Upgrade: websocket`); whether it

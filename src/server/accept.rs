@@ -80,6 +80,7 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             slot: Arc::new(Slot::new(conn_permit, client, m)),
             handshake: Mutex::new(handshake),
             snapshot,
+            client_cert: std::sync::OnceLock::new(),
         };
         let (shared2, metrics) = (shared.clone(), listener.metrics.clone());
         shared.tasks.spawn(

@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -48,6 +48,7 @@ pub(crate) use accept::{Listener, OVERFLOW_RESPONSES, accept_bounded, accept_loo
 
 use crate::admission::{Admission, HandshakeLease, LoadGuard, Over, Shed};
 use crate::backend::{self, ConnectFailure};
+use crate::client_cert::ClientCert;
 use crate::client_stream::{ClientIo, ClientStream};
 use crate::config::{Limits, Unavailable};
 use crate::metrics::{ListenerMetrics, Metrics};
@@ -128,6 +129,9 @@ struct Connection {
     handshake: Mutex<Handshake>,
     /// The config this connection was accepted under.
     snapshot: Arc<Snapshot>,
+    /// The client certificate its TLS handshake verified (mTLS), read once; boxed, so a
+    /// connection without one pays a pointer.
+    client_cert: OnceLock<Box<ClientCert>>,
 }
 
 impl Connection {
@@ -218,7 +222,8 @@ async fn handle_connection(
 }
 
 /// The TLS handshake; once the ClientHello has arrived whole the connection has shown progress,
-/// and the pool sheds it only after those that have not.
+/// and the pool sheds it only after those that have not. A client certificate it verified is
+/// read into the connection for the routes to check.
 async fn tls_handshake(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
@@ -226,7 +231,13 @@ async fn tls_handshake(
 ) -> std::io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
     let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
     conn.progressed();
-    start.into_stream(acceptor.config().clone()).await
+    let stream = start.into_stream(acceptor.config().clone()).await?;
+    if let Some(cert) = stream.get_ref().1.peer_certificates().and_then(|chain| chain.first()) {
+        if let Some(cert) = ClientCert::from_der(cert) {
+            let _ = conn.client_cert.set(Box::new(cert));
+        }
+    }
+    Ok(stream)
 }
 
 /// Serves one HTTP/1.1 request on `io`: the upgrade, or a refusal (or the console page), after
@@ -349,6 +360,7 @@ async fn upgrade(
         host,
         secure: conn.secure,
         peer: conn.peer,
+        client_cert: conn.client_cert.get().map(|c| &**c),
     };
     let admitted = policy::admit(parts, &entry.route)?;
     conn.finish_handshake();
