@@ -21,6 +21,8 @@ mod handshake;
 mod limits;
 /// Pings and the pong timeout, idle and lifetime limits, the message-rate cap, TCP_USER_TIMEOUT.
 mod liveness;
+/// mTLS: client certificates verified in the TLS handshake, matched per route (`client_certs`).
+mod mtls;
 /// Memory per session under hostile clients, on a gateway process of its own.
 mod memory;
 /// Metrics over HTTP, health and readiness, graceful drain, hot reload.
