@@ -127,9 +127,10 @@ impl Access {
         let Some(token) = bearer(headers) else { return Some(Unauthorized::Missing) };
         let hash = digest::digest(&digest::SHA256, token);
         // Every hash is compared, so the time taken does not say which one came close.
-        let known = self.hashes.iter().fold(false, |found, h| {
-            found | constant_time::verify_slices_are_equal(hash.as_ref(), &h.0).is_ok()
-        });
+        let known = self
+            .hashes
+            .iter()
+            .fold(false, |found, h| found | constant_time::verify_slices_are_equal(hash.as_ref(), &h.0).is_ok());
         (!known).then_some(Unauthorized::Invalid)
     }
 }
@@ -208,7 +209,11 @@ where
     }
 }
 
-async fn respond(req: Request<Incoming>, state: State, access: Arc<Access>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn respond(
+    req: Request<Incoming>,
+    state: State,
+    access: Arc<Access>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     if let Some(why) = access.check(req.uri().path(), req.headers()) {
         return Ok(unauthorized(why, &state.metrics.admin));
     }

@@ -47,7 +47,7 @@ impl ClientCert {
 
     /// Heap bytes held besides the struct itself (for the memory figures in the docs).
     pub fn heap_bytes(&self) -> usize {
-        let names = |n: &[Box<str>]| n.len() * size_of::<Box<str>>() + n.iter().map(|s| s.len()).sum::<usize>();
+        let names = |n: &[Box<str>]| size_of_val(n) + n.iter().map(|s| s.len()).sum::<usize>();
         self.subject.len()
             + self.common_name.as_ref().map_or(0, |c| c.len())
             + names(&self.dns_names)
@@ -123,7 +123,7 @@ fn string_value(tag: u8, raw: &[u8]) -> Option<String> {
         // TeletexString: in practice Latin-1.
         0x14 => Some(raw.iter().map(|&b| char::from(b)).collect()),
         // BMPString: UTF-16, big-endian.
-        0x1e if raw.len() % 2 == 0 => {
+        0x1e if raw.len().is_multiple_of(2) => {
             char::decode_utf16(raw.chunks(2).map(|p| u16::from_be_bytes([p[0], p[1]]))).collect::<Result<_, _>>().ok()
         }
         _ => None,
@@ -209,8 +209,8 @@ mod tests {
     /// lower-case, URIs exact; a certificate's own wildcard matches nothing.
     #[test]
     fn subject_names_and_patterns() {
-        let mut p = rcgen::CertificateParams::new(vec!["Alice.Ops.Example.com".into(), "*.wild.example.com".into()])
-            .unwrap();
+        let mut p =
+            rcgen::CertificateParams::new(vec!["Alice.Ops.Example.com".into(), "*.wild.example.com".into()]).unwrap();
         p.subject_alt_names.push(rcgen::SanType::URI("spiffe://example.org/ops".try_into().unwrap()));
         p.distinguished_name = rcgen::DistinguishedName::new();
         p.distinguished_name.push(rcgen::DnType::CountryName, "DE");

@@ -166,7 +166,8 @@ impl Metrics {
             missing_token: metrics.counter(names::ADMIN_UNAUTHORIZED, &[("reason", "missing_token")]),
             invalid_token: metrics.counter(names::ADMIN_UNAUTHORIZED, &[("reason", "invalid_token")]),
             tls_failed: metrics.counter(names::TLS_HANDSHAKE_FAILURES, &[("listener", "admin"), ("reason", "error")]),
-            tls_timeout: metrics.counter(names::TLS_HANDSHAKE_FAILURES, &[("listener", "admin"), ("reason", "timeout")]),
+            tls_timeout: metrics
+                .counter(names::TLS_HANDSHAKE_FAILURES, &[("listener", "admin"), ("reason", "timeout")]),
         };
         metrics
     }

@@ -90,7 +90,11 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
 /// client certificates and verifies them: a certificate that does not chain to the CA, has
 /// expired, is not for client authentication or is revoked by one of the lists fails the
 /// handshake, as does none at all when it is `required`.
-pub fn server_config_with(cert: &Path, key: &Path, clients: Option<&ClientAuth>) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config_with(
+    cert: &Path,
+    key: &Path,
+    clients: Option<&ClientAuth>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let cert_err = |problem: String| TlsError::Cert { path: cert.to_path_buf(), problem };
     let chain = CertificateDer::pem_file_iter(cert)
         .map_err(|e| cert_err(e.to_string()))?
@@ -102,7 +106,8 @@ pub fn server_config_with(cert: &Path, key: &Path, clients: Option<&ClientAuth>)
     let key_der = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| TlsError::Key { path: key.to_path_buf(), problem: e.to_string() })?;
     let pair_err = |source| TlsError::Pair { cert: cert.to_path_buf(), key: key.to_path_buf(), source };
-    let builder = ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions().map_err(pair_err)?;
+    let builder =
+        ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions().map_err(pair_err)?;
     let builder = match clients {
         None => builder.with_no_client_auth(),
         Some(clients) => builder.with_client_cert_verifier(client_verifier(clients)?),

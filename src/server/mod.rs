@@ -232,10 +232,9 @@ async fn tls_handshake(
     let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
     conn.progressed();
     let stream = start.into_stream(acceptor.config().clone()).await?;
-    if let Some(cert) = stream.get_ref().1.peer_certificates().and_then(|chain| chain.first()) {
-        if let Some(cert) = ClientCert::from_der(cert) {
-            let _ = conn.client_cert.set(Box::new(cert));
-        }
+    let cert = stream.get_ref().1.peer_certificates().and_then(|chain| chain.first());
+    if let Some(cert) = cert.and_then(|cert| ClientCert::from_der(cert)) {
+        let _ = conn.client_cert.set(Box::new(cert));
     }
     Ok(stream)
 }

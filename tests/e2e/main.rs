@@ -5,6 +5,8 @@
 
 mod support;
 
+/// The admin listener over TLS with bearer tokens; probes open.
+mod admin_auth;
 /// WebSocket ⇄ TCP through the bridge: payloads byte for byte, ws and wss, concurrency, framing.
 mod bridging;
 /// The browser contract in headless Chromium: events, codes, reasons, the console page.
@@ -21,10 +23,10 @@ mod handshake;
 mod limits;
 /// Pings and the pong timeout, idle and lifetime limits, the message-rate cap, TCP_USER_TIMEOUT.
 mod liveness;
-/// mTLS: client certificates verified in the TLS handshake, matched per route (`client_certs`).
-mod mtls;
 /// Memory per session under hostile clients, on a gateway process of its own.
 mod memory;
+/// mTLS: client certificates verified in the TLS handshake, matched per route (`client_certs`).
+mod mtls;
 /// Metrics over HTTP, health and readiness, graceful drain, hot reload.
 mod operations;
 /// Property tests of the request path up to admission, through the fuzz target's harness.

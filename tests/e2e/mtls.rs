@@ -65,10 +65,7 @@ impl Pki {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.serial_number = Some(SerialNumber::from(serial));
         let cert = params.signed_by(&key, &self.issuer).unwrap();
-        ClientId {
-            chain: vec![cert.der().clone()],
-            key: PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
-        }
+        ClientId { chain: vec![cert.der().clone()], key: PrivateKeyDer::try_from(key.serialize_der()).unwrap() }
     }
 
     /// Writes `crl.pem`: this CA's revocation list naming `serials`.
@@ -116,7 +113,7 @@ impl Pki {
 
 /// How an attempt to open a session ended.
 enum Outcome {
-    Open(Ws),
+    Open(Box<Ws>),
     /// An HTTP answer other than 101: status and body.
     Refused(u16, String),
     /// The TLS handshake (or the connection) failed.
@@ -143,7 +140,7 @@ async fn open(addr: std::net::SocketAddr, pki: &Pki, client: Option<&ClientId>, 
     };
     let url = format!("wss://localhost:{}{path}", addr.port());
     match within("wss handshake", client_async(url, Box::new(tls) as Box<dyn Io>)).await {
-        Ok((ws, _)) => Outcome::Open(ws),
+        Ok((ws, _)) => Outcome::Open(Box::new(ws)),
         Err(tungstenite::Error::Http(response)) => {
             let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default()).into_owned();
             Outcome::Refused(response.status().as_u16(), body)
@@ -161,7 +158,7 @@ async fn echo_through(ws: &mut Ws, seed: u64) {
 
 fn expect_open(outcome: Outcome, what: &str) -> Ws {
     match outcome {
-        Outcome::Open(ws) => ws,
+        Outcome::Open(ws) => *ws,
         Outcome::Refused(status, body) => panic!("{what}: refused with {status}: {body}"),
         Outcome::Failed(e) => panic!("{what}: failed: {e}"),
     }
@@ -201,7 +198,8 @@ async fn required_certificates_are_verified_in_the_handshake() {
     pki.write_crl(&[3]);
     let backend = Backend::echo().await;
     let crls = format!(", client_crls = [{:?}]", pki.path("crl.pem").display().to_string());
-    let route = format!("[routes.tcp]\npath = \"/tcp\"\nbackend = \"{}\"\nclient_certs = [\"CN=ops\"]\n", backend.target());
+    let route =
+        format!("[routes.tcp]\npath = \"/tcp\"\nbackend = \"{}\"\nclient_certs = [\"CN=ops\"]\n", backend.target());
     let config = pki.write_config("required", &crls, &route);
     let gw = Gateway::from_file(&config).await;
     let addr = gw.secure.unwrap();

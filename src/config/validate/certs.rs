@@ -21,17 +21,17 @@ impl Validator<'_> {
         let Some(ca) = raw.client_ca.take() else {
             if mode.is_some() || crls.is_some() {
                 let which = if mode.is_some() { "client_auth" } else { "client_crls" };
-                self.fail(format!("{key}.tls.{which}"), "needs tls.client_ca, the CA client certificates must chain to");
+                self.fail(
+                    format!("{key}.tls.{which}"),
+                    "needs tls.client_ca, the CA client certificates must chain to",
+                );
             }
             return None;
         };
         let ca = self.file_path(&format!("{key}.tls.client_ca"), &ca);
         let mode = self.choice(&format!("{key}.tls.client_auth"), mode, ClientAuthMode::Required)?;
-        let crls = crls
-            .unwrap_or_default()
-            .iter()
-            .map(|crl| self.file_path(&format!("{key}.tls.client_crls"), crl))
-            .collect();
+        let crls =
+            crls.unwrap_or_default().iter().map(|crl| self.file_path(&format!("{key}.tls.client_crls"), crl)).collect();
         Some(ClientAuth { ca, mode, crls })
     }
 
@@ -134,11 +134,17 @@ mod tests {
         let tls = optional.listeners.iter().find(|l| l.name == "secure").unwrap().tls.clone().unwrap();
         assert_eq!(tls.client_auth.unwrap().mode, ClientAuthMode::Optional);
         let e = err(&format!("{MINIMAL}{SECURE}tls = {{ cert = \"c\", key = \"k\", client_auth = \"optional\" }}\n"));
-        assert_eq!(e, "test.toml: listeners.secure.tls.client_auth: needs tls.client_ca, the CA client certificates must chain to");
+        assert_eq!(
+            e,
+            "test.toml: listeners.secure.tls.client_auth: needs tls.client_ca, the CA client certificates must chain to"
+        );
         let e = err(&format!(
             "{MINIMAL}{SECURE}tls = {{ cert = \"c\", key = \"k\", client_ca = \"ca\", client_auth = \"maybe\" }}\n"
         ));
-        assert!(e.contains("listeners.secure.tls.client_auth: \"maybe\" is not one of \"required\", \"optional\""), "{e}");
+        assert!(
+            e.contains("listeners.secure.tls.client_auth: \"maybe\" is not one of \"required\", \"optional\""),
+            "{e}"
+        );
         let e = err(&format!("{MINIMAL}{SECURE}tls = {{ cert = \"c\", key = \"k\", client_ca = \"\" }}\n"));
         assert!(e.contains("listeners.secure.tls.client_ca: must name a file"), "{e}");
     }
