@@ -304,8 +304,8 @@ fn split_authority(s: &str) -> Option<(&str, Option<u16>)> {
 }
 
 /// The admission step for a request that matched `route`: a well-formed upgrade, then the
-/// origin, then the subprotocol. Authentication and per-client limits go here too, so that every
-/// refusal happens before the backend is dialled.
+/// origin, then the subprotocol, then the route's client certificate rules. Authentication and
+/// per-client limits go here too, so that every refusal happens before the backend is dialled.
 pub fn admit(req: Request<'_>, route: &Route) -> Result<Admitted, Refusal> {
     check_upgrade(req)?;
     let origin = req.headers.get(header::ORIGIN).map(|v| v.to_str().unwrap_or("(not text)"));
