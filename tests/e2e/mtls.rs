@@ -26,10 +26,12 @@ struct Pki {
     issuer: Issuer<'static, KeyPair>,
 }
 
-/// A client certificate chain and its key.
+/// A client certificate chain and its key, and the TLS client config its connections share (a
+/// rustls client resumes only sessions made with the same config).
 struct ClientId {
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    config: std::sync::OnceLock<Arc<rustls::ClientConfig>>,
 }
 
 impl Pki {
@@ -65,7 +67,11 @@ impl Pki {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.serial_number = Some(SerialNumber::from(serial));
         let cert = params.signed_by(&key, &self.issuer).unwrap();
-        ClientId { chain: vec![cert.der().clone()], key: PrivateKeyDer::try_from(key.serialize_der()).unwrap() }
+        ClientId {
+            chain: vec![cert.der().clone()],
+            key: PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+            config: std::sync::OnceLock::new(),
+        }
     }
 
     /// Writes `crl.pem`: this CA's revocation list naming `serials`.
@@ -113,34 +119,43 @@ impl Pki {
 
 /// How an attempt to open a session ended.
 enum Outcome {
-    Open(Box<Ws>),
+    /// The session, and whether its TLS session was resumed (no certificate sent again).
+    Open(Box<Ws>, bool),
     /// An HTTP answer other than 101: status and body.
     Refused(u16, String),
     /// The TLS handshake (or the connection) failed.
     Failed(String),
 }
 
-/// Opens a wss:// session on `path`, trusting `pki`'s CA and presenting `client`, if any.
+/// Opens a wss:// session on `path`, trusting `pki`'s CA and presenting `client`, if any (whose
+/// earlier TLS sessions it offers to resume, as clients do).
 async fn open(addr: std::net::SocketAddr, pki: &Pki, client: Option<&ClientId>, path: &str) -> Outcome {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca.clone()).unwrap();
-    let builder = rustls::ClientConfig::builder_with_provider(wsgate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
+    let config = |client: Option<&ClientId>| {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.ca.clone()).unwrap();
+        let builder = rustls::ClientConfig::builder_with_provider(wsgate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        Arc::new(match client {
+            Some(id) => builder.with_client_auth_cert(id.chain.clone(), id.key.clone_key()).unwrap(),
+            None => builder.with_no_client_auth(),
+        })
+    };
     let config = match client {
-        Some(id) => builder.with_client_auth_cert(id.chain.clone(), id.key.clone_key()).unwrap(),
-        None => builder.with_no_client_auth(),
+        Some(id) => id.config.get_or_init(|| config(client)).clone(),
+        None => config(None),
     };
     let tcp = within("tcp connect", TcpStream::connect(addr)).await.unwrap();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = tokio_rustls::TlsConnector::from(config);
     let tls = match within("tls handshake", connector.connect(ServerName::try_from("localhost").unwrap(), tcp)).await {
         Ok(tls) => tls,
         Err(e) => return Outcome::Failed(format!("tls: {e}")),
     };
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let url = format!("wss://localhost:{}{path}", addr.port());
     match within("wss handshake", client_async(url, Box::new(tls) as Box<dyn Io>)).await {
-        Ok((ws, _)) => Outcome::Open(Box::new(ws)),
+        Ok((ws, _)) => Outcome::Open(Box::new(ws), resumed),
         Err(tungstenite::Error::Http(response)) => {
             let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default()).into_owned();
             Outcome::Refused(response.status().as_u16(), body)
@@ -157,8 +172,13 @@ async fn echo_through(ws: &mut Ws, seed: u64) {
 }
 
 fn expect_open(outcome: Outcome, what: &str) -> Ws {
+    expect_open_as(outcome, what).0
+}
+
+/// The session and whether its TLS session was resumed.
+fn expect_open_as(outcome: Outcome, what: &str) -> (Ws, bool) {
     match outcome {
-        Outcome::Open(ws) => *ws,
+        Outcome::Open(ws, resumed) => (*ws, resumed),
         Outcome::Refused(status, body) => panic!("{what}: refused with {status}: {body}"),
         Outcome::Failed(e) => panic!("{what}: failed: {e}"),
     }
@@ -167,7 +187,7 @@ fn expect_open(outcome: Outcome, what: &str) -> Ws {
 fn expect_failed(outcome: Outcome, what: &str) -> String {
     match outcome {
         Outcome::Failed(e) => e,
-        Outcome::Open(_) => panic!("{what}: a session opened"),
+        Outcome::Open(..) => panic!("{what}: a session opened"),
         Outcome::Refused(status, body) => panic!("{what}: got HTTP {status} ({body}), not a failed handshake"),
     }
 }
@@ -175,7 +195,7 @@ fn expect_failed(outcome: Outcome, what: &str) -> String {
 fn expect_refused(outcome: Outcome, what: &str) -> (u16, String) {
     match outcome {
         Outcome::Refused(status, body) => (status, body),
-        Outcome::Open(_) => panic!("{what}: a session opened"),
+        Outcome::Open(..) => panic!("{what}: a session opened"),
         Outcome::Failed(e) => panic!("{what}: failed before HTTP: {e}"),
     }
 }
@@ -187,7 +207,7 @@ async fn wait_for_log(logs: &Logs, needle: &str) {
 /// `client_auth = "required"` with a CRL: a good certificate passes byte for byte and is named in
 /// the session log; one from an unknown CA, none, and a revoked one each fail the TLS handshake
 /// (counted, with rustls's reason at debug); a reload rereads the CRL, so a certificate revoked
-/// since fails too. The backend saw only the good sessions.
+/// since fails too, its earlier TLS session not resumable. The backend saw only the good sessions.
 #[tokio::test]
 async fn required_certificates_are_verified_in_the_handshake() {
     let (logs, _guard) = Logs::capture();
@@ -225,6 +245,7 @@ async fn required_certificates_are_verified_in_the_handshake() {
     assert_eq!(backend.accepted(), 1, "a refused client reached the backend");
 
     // Revoke the certificate of `later` and reload: it fails; the good one still passes.
+    // Its session could be resumed; a reload's new TLS config keeps none, so it cannot be.
     let mut ws = expect_open(open(addr, &pki, Some(&later), "/tcp").await, "before its revocation");
     echo_through(&mut ws, 2).await;
     pki.write_crl(&[3, 4]);
@@ -240,8 +261,8 @@ async fn required_certificates_are_verified_in_the_handshake() {
 
 /// `client_auth = "optional"`: without a certificate a route without `client_certs` is reached
 /// and one with them answers 403; a verified certificate the route does not list gets 403 too; a
-/// certificate whose DNS name matches a `*.` pattern passes. The guarded backend saw only that
-/// one.
+/// certificate whose DNS name matches a `*.` pattern passes, and passes again on a resumed TLS
+/// session (which sends no certificate). The guarded backend saw only those.
 #[tokio::test]
 async fn optional_certificates_are_matched_per_route() {
     let (logs, _guard) = Logs::capture();
@@ -280,6 +301,17 @@ async fn optional_certificates_are_matched_per_route() {
     drop(ws);
     wait_for_log(&logs, "cert_subject=\"CN=bob,O=Example\"").await;
     assert_eq!(ops_backend.accepted(), 1, "a refused request reached the guarded backend");
+    // A resumed TLS session sends no certificate; the one it was established with still counts.
+    let (mut ws, resumed) = expect_open_as(open(addr, &pki, Some(&bob), "/ops").await, "bob, resuming");
+    assert!(resumed, "the second connection did not resume its TLS session");
+    echo_through(&mut ws, 8).await;
+    drop(ws);
+    let subject = "cert_subject=\"CN=bob,O=Example\"";
+    eventually("two sessions of bob logged", || async { logs.text().matches(subject).count() == 2 }).await;
+    // A client the route does not list is refused again, its earlier TLS session offered or not.
+    let (status, _) = expect_refused(open(addr, &pki, Some(&guest), "/ops").await, "guest, resuming");
+    assert_eq!(status, 403);
+    assert_eq!(ops_backend.accepted(), 2);
     // A verified certificate is the client's identity on an open route too.
     let mut ws = expect_open(open(addr, &pki, Some(&guest), "/open").await, "a certificate on the open route");
     echo_through(&mut ws, 7).await;
