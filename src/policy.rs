@@ -582,6 +582,31 @@ mod tests {
         assert_eq!(host_of("http://u@a.example/x", &[b"a.example"]), Err(HostError::MalformedTarget));
     }
 
+    /// A route with `client_certs` wants a matching verified certificate (403,
+    /// `Denied::ClientCertificate`, otherwise); a verified subject is the identity on any route.
+    #[test]
+    fn client_certificate_rules() {
+        use crate::config::CertPattern;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(rcgen::DnType::CommonName, "ops");
+        let cert = ClientCert::from_der(params.self_signed(&key).unwrap().der()).unwrap();
+        let open = route(AllowedOrigins::List(vec![]));
+        assert_eq!(check_client_cert(&open, None), Ok(None));
+        assert_eq!(check_client_cert(&open, Some(&cert)), Ok(Some("CN=ops".into())), "the subject on any route");
+        let mut guarded = route(AllowedOrigins::List(vec![]));
+        guarded.client_certs = vec![CertPattern::CommonName("ops".into())];
+        assert_eq!(check_client_cert(&guarded, Some(&cert)), Ok(Some("CN=ops".into())));
+        let denied = RefusalKind::Access(Denied::ClientCertificate);
+        let none = check_client_cert(&guarded, None).unwrap_err();
+        assert_eq!((none.status, none.kind), (StatusCode::FORBIDDEN, denied));
+        guarded.client_certs = vec![CertPattern::CommonName("admin".into())];
+        let other = check_client_cert(&guarded, Some(&cert)).unwrap_err();
+        assert_eq!((other.status, other.kind), (StatusCode::FORBIDDEN, denied));
+        assert_eq!(other.reason, "client certificate CN=ops is not allowed on this route");
+    }
+
     /// Host problems are 400s whose reason is the error's message; each refusal says its kind,
     /// which decides how it is logged.
     #[test]
