@@ -146,6 +146,7 @@ impl Gate {
             host: Some(host),
             secure,
             peer,
+            client_cert: None,
         };
         match policy::admit(parts, route) {
             Ok(admitted) => {

@@ -17,6 +17,8 @@
 //!   route session and connect caps; the memory budget. Kept across reloads.
 //! - [`auth`]: credentials per route (bearer token digests, JWTs, HTTP Basic) from their
 //!   carriers, checked after `policy::admit` and before the dial; 401/403/429 refusals.
+//! - [`client_cert`]: a verified client certificate's subject and names; route `client_certs`
+//!   matching. Pure.
 //! - [`client_stream`]: the client connection as one type, from accept through hyper's upgrade.
 //! - [`router`]: the route table (route, limits, metrics, backend per entry); (`Host`, path) →
 //!   entry. Pure.
@@ -64,6 +66,7 @@ pub mod auth;
 pub mod backend;
 pub mod bridge;
 pub mod client_addr;
+pub mod client_cert;
 pub mod client_stream;
 pub mod config;
 pub mod console;
@@ -124,6 +127,9 @@ pub enum StartError {
         /// What was wrong (boxed: rustls errors are large, and this is the cold path).
         source: Box<tls::TlsError>,
     },
+    /// The admin listener's certificate or tokens file could not be loaded.
+    #[error("{0}")]
+    Admin(Box<admin::AccessError>),
 }
 
 /// Why a reload was refused; the config in force stays.
@@ -135,7 +141,7 @@ pub enum ReloadError {
     /// The new file changes something a running gateway cannot change.
     #[error("{0} changed: restart wsgate to apply it (nothing was reloaded)")]
     RestartRequired(String),
-    /// Certificates could not be loaded.
+    /// Certificates (or the admin tokens file) could not be loaded.
     #[error("{0}")]
     Tls(StartError),
 }
@@ -177,8 +183,10 @@ impl Gateway {
             Some(address) => Some(bind("admin", address).await?),
             None => None,
         };
+        let admin_access = Arc::new(std::sync::RwLock::new(Arc::new(admin_access(&config)?)));
         let shared = Arc::new(Shared::new(&config.limits, admission, metrics, snapshot));
-        let reloader = Reloader { shared: shared.clone(), running: Arc::new(std::sync::Mutex::new(Arc::new(config))) };
+        let running = Arc::new(std::sync::Mutex::new(Arc::new(config)));
+        let reloader = Reloader { shared: shared.clone(), running, admin_access };
         Ok(Gateway { listeners, tcp_echo, admin, shared, ready: Arc::new(AtomicBool::new(false)), reloader })
     }
 
@@ -230,10 +238,13 @@ impl Gateway {
             services.spawn(echo::serve_tcp(listener, services_stop.clone(), services.clone()));
         }
         if let Some(listener) = self.admin {
+            let access = self.reloader.admin_access.clone();
             if let Ok(addr) = listener.local_addr() {
-                info!(url = %format!("http://{addr}/metrics"), "admin listening");
+                let tls = access.read().unwrap_or_else(|p| p.into_inner()).tls_enabled();
+                let scheme = if tls { "https" } else { "http" };
+                info!(url = %format!("{scheme}://{addr}/metrics"), "admin listening");
             }
-            let state = admin::State { metrics: shared.metrics.clone(), ready: self.ready.clone() };
+            let state = admin::State { metrics: shared.metrics.clone(), ready: self.ready.clone(), access };
             services.spawn(admin::serve(listener, state, services_stop.clone(), services.clone()));
         }
         self.ready.store(true, Ordering::Relaxed);
@@ -274,6 +285,8 @@ impl Gateway {
 pub struct Reloader {
     shared: Arc<Shared>,
     running: Arc<std::sync::Mutex<Arc<Config>>>,
+    /// Who may read the admin listener, rebuilt (files reread) by each reload.
+    admin_access: Arc<std::sync::RwLock<Arc<admin::Access>>>,
 }
 
 impl std::fmt::Debug for Reloader {
@@ -300,7 +313,9 @@ impl Reloader {
             return Err(ReloadError::RestartRequired(what));
         }
         let snapshot = snapshot(&new, &self.shared.metrics, &self.shared.admission).map_err(ReloadError::Tls)?;
+        let admin_access = admin_access(&new).map_err(ReloadError::Tls)?;
         self.shared.replace(snapshot);
+        *self.admin_access.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(admin_access);
         *running = Arc::new(new);
         Ok(())
     }
@@ -338,7 +353,15 @@ fn load_tls(name: &str, files: &config::TlsFiles) -> Result<Arc<rustls::ServerCo
              put a real certificate there or set generate_self_signed = false"
         );
     }
-    tls::server_config(&files.cert, &files.key).map_err(err)
+    tls::server_config_with(&files.cert, &files.key, files.client_auth.as_ref()).map_err(err)
+}
+
+/// The admin listener's TLS and tokens, loaded from their files (nothing when it is disabled).
+fn admin_access(config: &Config) -> Result<admin::Access, StartError> {
+    match config.admin {
+        None => Ok(admin::Access::default()),
+        Some(_) => admin::Access::load(&config.admin_access).map_err(|e| StartError::Admin(Box::new(e))),
+    }
 }
 
 /// A client-facing listener with the configured backlog (tokio's `bind` fixes it at 1024).

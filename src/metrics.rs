@@ -70,6 +70,8 @@ pub mod names {
     pub const CONFIG_RELOADS: &str = "wsgate_config_reloads_total";
     /// Gauge: 1 while accepting new connections, 0 before and while draining.
     pub const READY: &str = "wsgate_ready";
+    /// Counter{reason}: admin requests answered 401 (no bearer token, or a wrong one).
+    pub const ADMIN_UNAUTHORIZED: &str = "wsgate_admin_unauthorized_total";
 }
 
 /// Direction label values.
@@ -94,6 +96,21 @@ pub struct Metrics {
     pub handshakes_in_progress: Gauge,
     /// Clients in the per-client table.
     pub clients_tracked: Gauge,
+    /// The admin listener's refusals and TLS failures.
+    pub admin: AdminMetrics,
+}
+
+/// Handles for the admin listener.
+#[derive(Debug, Clone)]
+pub struct AdminMetrics {
+    /// Requests without a bearer token on a path that needs one.
+    pub missing_token: Counter,
+    /// Requests with a token that is not one of the configured ones.
+    pub invalid_token: Counter,
+    /// TLS handshakes that failed (`wsgate_tls_handshake_failures_total{listener="admin"}`).
+    pub tls_failed: Counter,
+    /// TLS handshakes that timed out.
+    pub tls_timeout: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -133,12 +150,25 @@ impl Metrics {
             reloads_failed: Counter::noop(),
             handshakes_in_progress: Gauge::noop(),
             clients_tracked: Gauge::noop(),
+            admin: AdminMetrics {
+                missing_token: Counter::noop(),
+                invalid_token: Counter::noop(),
+                tls_failed: Counter::noop(),
+                tls_timeout: Counter::noop(),
+            },
         };
         metrics.handshakes_in_progress = metrics.gauge(names::HANDSHAKES_IN_PROGRESS, &[]);
         metrics.clients_tracked = metrics.gauge(names::CLIENTS_TRACKED, &[]);
         metrics.ready = metrics.gauge(names::READY, &[]);
         metrics.reloads_ok = metrics.counter(names::CONFIG_RELOADS, &[("result", "ok")]);
         metrics.reloads_failed = metrics.counter(names::CONFIG_RELOADS, &[("result", "error")]);
+        metrics.admin = AdminMetrics {
+            missing_token: metrics.counter(names::ADMIN_UNAUTHORIZED, &[("reason", "missing_token")]),
+            invalid_token: metrics.counter(names::ADMIN_UNAUTHORIZED, &[("reason", "invalid_token")]),
+            tls_failed: metrics.counter(names::TLS_HANDSHAKE_FAILURES, &[("listener", "admin"), ("reason", "error")]),
+            tls_timeout: metrics
+                .counter(names::TLS_HANDSHAKE_FAILURES, &[("listener", "admin"), ("reason", "timeout")]),
+        };
         metrics
     }
 
@@ -293,6 +323,11 @@ fn describe(r: &PrometheusRecorder) {
             names::CONFIG_RELOADS,
             Some(Unit::Count),
             "Config reloads, by result (ok: applied; error: rejected, the old config stayed).",
+        ),
+        d(
+            names::ADMIN_UNAUTHORIZED,
+            Some(Unit::Count),
+            "Admin requests answered 401, by reason: missing_token, invalid_token.",
         ),
     ] {
         r.describe_counter(name, unit, help);

@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use crate::admission::{Over, Shed};
 use crate::backend::ConnectFailure;
+use crate::client_cert::{self, ClientCert};
 use crate::config::{AllowedOrigins, Route, normalize_origin};
 use crate::router::normalize_host;
 
@@ -189,6 +190,8 @@ pub struct Request<'a> {
     /// client rules and the brute-force guard go by; per-client connection caps count by the
     /// connection's instead.
     pub peer: std::net::SocketAddr,
+    /// The client certificate the TLS handshake verified, if any (mTLS).
+    pub client_cert: Option<&'a ClientCert>,
 }
 
 /// What an admitted request gets.
@@ -304,8 +307,9 @@ fn split_authority(s: &str) -> Option<(&str, Option<u16>)> {
 }
 
 /// The admission step for a request that matched `route`: the client address rules, then a
-/// well-formed upgrade, then the origin, then the subprotocol. Authentication and per-client limits go here too, so that every
-/// refusal happens before the backend is dialled.
+/// well-formed upgrade, then the origin, then the subprotocol, then the route's client
+/// certificate rules. Credentials (`auth`) follow, so that every refusal happens before the
+/// backend is dialled.
 pub fn admit(req: Request<'_>, route: &Route) -> Result<Admitted, Refusal> {
     check_client(req, route)?;
     check_upgrade(req)?;
@@ -322,7 +326,24 @@ pub fn admit(req: Request<'_>, route: &Route) -> Result<Admitted, Refusal> {
         // A credential riding in a subprotocol entry (`auth.subprotocol_prefix`) is never a
         // protocol: never selected, never echoed.
         .filter(|p| !route.auth.as_ref().is_some_and(|a| a.is_token_subprotocol(p)));
-    Ok(Admitted { subprotocol: select_subprotocol(route, offered)?, identity: Identity::default() })
+    let subprotocol = select_subprotocol(route, offered)?;
+    let cert_subject = check_client_cert(route, req.client_cert)?;
+    Ok(Admitted { subprotocol, identity: Identity { cert_subject, ..Identity::default() } })
+}
+
+/// A route with `client_certs` wants a verified client certificate that matches one of them:
+/// 403 otherwise (the certificate is valid, or absent on an `optional` listener: the TLS
+/// handshake already refused the invalid ones). The subject of a verified certificate is the
+/// client's identity on any route.
+fn check_client_cert(route: &Route, cert: Option<&ClientCert>) -> Result<Option<String>, Refusal> {
+    if client_cert::allowed(&route.client_certs, cert) {
+        return Ok(cert.map(|c| c.subject.to_string()));
+    }
+    let reason = match cert {
+        None => "a client certificate is required on this route".to_string(),
+        Some(c) => format!("client certificate {} is not allowed on this route", c.subject),
+    };
+    Err(Refusal::new(StatusCode::FORBIDDEN, reason).of_kind(RefusalKind::Access(Denied::ClientCertificate)))
 }
 
 /// The route's client rules (`clients`), first of all: a client address it denies, or does not
@@ -581,6 +602,31 @@ mod tests {
         assert_eq!(host_of("http://u@a.example/x", &[b"a.example"]), Err(HostError::MalformedTarget));
     }
 
+    /// A route with `client_certs` wants a matching verified certificate (403,
+    /// `Denied::ClientCertificate`, otherwise); a verified subject is the identity on any route.
+    #[test]
+    fn client_certificate_rules() {
+        use crate::config::CertPattern;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(rcgen::DnType::CommonName, "ops");
+        let cert = ClientCert::from_der(params.self_signed(&key).unwrap().der()).unwrap();
+        let open = route(AllowedOrigins::List(vec![]));
+        assert_eq!(check_client_cert(&open, None), Ok(None));
+        assert_eq!(check_client_cert(&open, Some(&cert)), Ok(Some("CN=ops".into())), "the subject on any route");
+        let mut guarded = route(AllowedOrigins::List(vec![]));
+        guarded.client_certs = vec![CertPattern::CommonName("ops".into())];
+        assert_eq!(check_client_cert(&guarded, Some(&cert)), Ok(Some("CN=ops".into())));
+        let denied = RefusalKind::Access(Denied::ClientCertificate);
+        let none = check_client_cert(&guarded, None).unwrap_err();
+        assert_eq!((none.status, none.kind), (StatusCode::FORBIDDEN, denied));
+        guarded.client_certs = vec![CertPattern::CommonName("admin".into())];
+        let other = check_client_cert(&guarded, Some(&cert)).unwrap_err();
+        assert_eq!((other.status, other.kind), (StatusCode::FORBIDDEN, denied));
+        assert_eq!(other.reason, "client certificate CN=ops is not allowed on this route");
+    }
+
     /// Host problems are 400s whose reason is the error's message; each refusal says its kind,
     /// which decides how it is logged.
     #[test]
@@ -617,6 +663,7 @@ mod tests {
             host: Some("gw"),
             secure: false,
             peer: peer.parse().unwrap(),
+            client_cert: None,
         };
         for denied in ["10.9.1.1:5", "192.0.2.1:5", "[::ffff:10.9.1.1]:5"] {
             let refusal = admit(req(denied), &r).unwrap_err();

@@ -1,5 +1,6 @@
-//! TLS for `wss` listeners: rustls server configs from PEM files, and the self-signed development
-//! pair generated when the config allows it.
+//! TLS for `wss` listeners: rustls server configs from PEM files, client certificate
+//! verification (mTLS: a CA file, `required` or `optional`, revocation lists), and the
+//! self-signed development pair generated when the config allows it.
 //!
 //! The crypto provider is always passed explicitly (aws-lc-rs, which offers the post-quantum
 //! X25519MLKEM768 key exchange): rustls's process-wide default would panic if feature
@@ -10,9 +11,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::{RootCertStore, ServerConfig};
+
+use crate::config::{ClientAuth, ClientAuthMode};
 
 /// Why TLS material could not be loaded or generated.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +49,23 @@ pub enum TlsError {
         #[source]
         source: rustls::Error,
     },
+    /// The CA file for client certificates (`tls.client_ca`) could not be read or holds no
+    /// usable CA certificate.
+    #[error("client_ca file {path}: {problem}")]
+    ClientCa {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A revocation list file (`tls.client_crls`) could not be read or holds no usable CRL.
+    #[error("client_crls file {path}: {problem}")]
+    Crl {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// Writing a generated development pair failed.
     #[error("generate development certificate into {path}: {problem}")]
     Generate {
@@ -61,6 +83,18 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// Builds a server config from a PEM certificate chain and key.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_with(cert, key, None)
+}
+
+/// Builds a server config from a PEM certificate chain and key that, with `clients`, asks for
+/// client certificates and verifies them: a certificate that does not chain to the CA, has
+/// expired, is not for client authentication or is revoked by one of the lists fails the
+/// handshake, as does none at all when it is `required`.
+pub fn server_config_with(
+    cert: &Path,
+    key: &Path,
+    clients: Option<&ClientAuth>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let cert_err = |problem: String| TlsError::Cert { path: cert.to_path_buf(), problem };
     let chain = CertificateDer::pem_file_iter(cert)
         .map_err(|e| cert_err(e.to_string()))?
@@ -72,14 +106,56 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
     let key_der = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| TlsError::Key { path: key.to_path_buf(), problem: e.to_string() })?;
     let pair_err = |source| TlsError::Pair { cert: cert.to_path_buf(), key: key.to_path_buf(), source };
-    let mut config = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(pair_err)?
-        .with_no_client_auth()
-        .with_single_cert(chain, key_der)
-        .map_err(pair_err)?;
+    let builder =
+        ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions().map_err(pair_err)?;
+    let builder = match clients {
+        None => builder.with_no_client_auth(),
+        Some(clients) => builder.with_client_cert_verifier(client_verifier(clients)?),
+    };
+    let mut config = builder.with_single_cert(chain, key_der).map_err(pair_err)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The verifier of client certificates: roots from `client_ca`, revocation lists from
+/// `client_crls`. With lists, every certificate of the client's chain below the CA must be
+/// covered by one (rustls's default: a certificate whose issuer published no list fails), so a
+/// forgotten intermediate's list fails closed.
+fn client_verifier(clients: &ClientAuth) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let ca_err = |problem: String| TlsError::ClientCa { path: clients.ca.clone(), problem };
+    let cas = CertificateDer::pem_file_iter(&clients.ca)
+        .map_err(|e| ca_err(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ca_err(e.to_string()))?;
+    if cas.is_empty() {
+        return Err(ca_err("no PEM certificate in the file".into()));
+    }
+    let mut roots = RootCertStore::empty();
+    for ca in cas {
+        roots.add(ca).map_err(|e| ca_err(format!("not a usable CA certificate: {e}")))?;
+    }
+    let mut crls = Vec::new();
+    for path in &clients.crls {
+        let crl_err = |problem: String| TlsError::Crl { path: path.clone(), problem };
+        let lists = CertificateRevocationListDer::pem_file_iter(path)
+            .map_err(|e| crl_err(e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| crl_err(e.to_string()))?;
+        if lists.is_empty() {
+            return Err(crl_err("no PEM X509 CRL in the file".into()));
+        }
+        // Parsed here too, so that a bad list is reported with its file (rustls's builder
+        // would only say that one of them is bad).
+        for list in &lists {
+            webpki::OwnedCertRevocationList::from_der(list).map_err(|e| crl_err(format!("not a usable CRL: {e}")))?;
+        }
+        crls.extend(lists);
+    }
+    let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).with_crls(crls);
+    if clients.mode == ClientAuthMode::Optional {
+        builder = builder.allow_unauthenticated();
+    }
+    builder.build().map_err(|e| ca_err(e.to_string()))
 }
 
 /// Whether the development pair should be generated: both files missing. One present and the

@@ -5,9 +5,6 @@
 //! tokens themselves; the comparison runs over every entry whatever matches, so its time says
 //! nothing about which digest came close.
 
-use aws_lc_rs::constant_time::verify_slices_are_equal;
-use aws_lc_rs::digest::{SHA256, digest};
-
 use super::AuthError;
 use crate::config::{Bearer, TokenHash};
 
@@ -26,15 +23,9 @@ impl Tokens {
             let key = format!("{key}.tokens_file");
             let text = std::fs::read_to_string(path)
                 .map_err(|e| AuthError::new(path, None, &key, format!("cannot read: {e}")))?;
-            for (i, line) in text.lines().enumerate() {
-                let line = line.trim();
-                if line.is_empty() || line.starts_with('#') {
-                    continue;
-                }
-                let hash = TokenHash::parse(line)
-                    .map_err(|form| AuthError::new(path, Some(i + 1), &key, format!("expected {form}")))?;
-                hashes.push(hash);
-            }
+            let listed = TokenHash::parse_lines(&text)
+                .map_err(|(line, form)| AuthError::new(path, Some(line), &key, format!("expected {form}")))?;
+            hashes.extend(listed);
         }
         if hashes.is_empty() {
             return Err(AuthError::new(
@@ -49,20 +40,14 @@ impl Tokens {
 
     /// `Some(name)` when `token` is accepted (`Some(None)` for an unnamed one).
     pub(super) fn find(&self, token: &str) -> Option<Option<String>> {
-        let presented = digest(&SHA256, token.as_bytes());
-        let mut found = None;
-        for h in &self.hashes {
-            if verify_slices_are_equal(presented.as_ref(), &h.sha256).is_ok() && found.is_none() {
-                found = Some(h.name.clone());
-            }
-        }
-        found
+        TokenHash::find(&self.hashes, token.as_bytes()).map(|h| h.name.clone())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aws_lc_rs::digest::{SHA256, digest};
 
     fn hash_of(token: &str) -> String {
         digest(&SHA256, token.as_bytes()).as_ref().iter().map(|b| format!("{b:02x}")).collect()

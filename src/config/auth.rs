@@ -144,6 +144,27 @@ impl TokenHash {
         }
         Ok(TokenHash { name: name.map(str::to_string), sha256 })
     }
+
+    /// Reads a tokens file's text: one hash per line; blank lines and lines starting with `#`
+    /// are skipped. A bad line is reported by number, never quoted (it may be a token).
+    pub fn parse_lines(text: &str) -> Result<Vec<TokenHash>, (usize, &'static str)> {
+        let lines = text.lines().enumerate().map(|(i, line)| (i + 1, line.trim()));
+        lines
+            .filter(|(_, line)| !line.is_empty() && !line.starts_with('#'))
+            .map(|(n, line)| TokenHash::parse(line).map_err(|form| (n, form)))
+            .collect()
+    }
+
+    /// The entry of `hashes` whose digest `token` has. Every entry is compared in constant
+    /// time, whatever matches, so the time taken says nothing about which came close.
+    pub fn find<'a>(hashes: &'a [TokenHash], token: &[u8]) -> Option<&'a TokenHash> {
+        use aws_lc_rs::constant_time::verify_slices_are_equal;
+        let presented = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token);
+        hashes.iter().fold(None, |found, h| {
+            let equal = verify_slices_are_equal(presented.as_ref(), &h.sha256).is_ok();
+            found.or(equal.then_some(h))
+        })
+    }
 }
 
 #[cfg(test)]

@@ -61,6 +61,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Whether metrics are recorded (`[metrics] enabled`, default true).
     pub metrics: bool,
+    /// Who may read the admin listener: its TLS and bearer tokens (`[admin]`).
+    pub admin_access: AdminAccess,
 }
 
 /// How log lines are written.
@@ -102,6 +104,75 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// Generate a self-signed development pair when both files are missing.
     pub generate_self_signed: bool,
+    /// Client certificates (mTLS), when the listener asks for them (`client_ca`).
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// How a `wss` listener verifies client certificates (`tls.client_ca`, `client_auth`,
+/// `client_crls`); paths resolved against the config's directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientAuth {
+    /// PEM file of the CA certificates client certificates must chain to.
+    pub ca: PathBuf,
+    /// Whether a client must present a certificate.
+    pub mode: ClientAuthMode,
+    /// PEM files of certificate revocation lists; a certificate they revoke fails the handshake.
+    pub crls: Vec<PathBuf>,
+}
+
+/// Whether a client certificate is required on a listener with `client_ca`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuthMode {
+    /// No certificate (or one that fails verification): the TLS handshake fails.
+    Required,
+    /// No certificate is allowed (routes with `client_certs` then answer 403); one that fails
+    /// verification still fails the handshake.
+    Optional,
+}
+
+/// One entry of a route's `client_certs`: what a verified client certificate must carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertPattern {
+    /// `CN=value`: the subject's common name, exactly (case-sensitive).
+    CommonName(String),
+    /// `name` or `*.suffix`: a DNS name in the subject alternative names (case-insensitive).
+    Dns(HostPattern),
+    /// `URI:value`: a URI in the subject alternative names, exactly (SPIFFE IDs, for example).
+    Uri(String),
+}
+
+impl fmt::Display for CertPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CertPattern::CommonName(cn) => write!(f, "CN={cn}"),
+            CertPattern::Dns(name) => write!(f, "{name}"),
+            CertPattern::Uri(uri) => write!(f, "URI:{uri}"),
+        }
+    }
+}
+
+/// `[admin]`'s access keys: TLS and bearer tokens. With no token configured the admin listener
+/// is open, as before.
+#[derive(Debug, Clone, Default)]
+pub struct AdminAccess {
+    /// Serve the admin endpoints over TLS with this certificate and key.
+    pub tls: Option<AdminTls>,
+    /// SHA-256 hashes of the tokens accepted (`token_hashes`).
+    pub token_hashes: Vec<TokenHash>,
+    /// A file of more hashes, one per line, read at start and on each reload.
+    pub tokens_file: Option<PathBuf>,
+    /// Paths served without a token (`/healthz` and `/readyz` by default).
+    pub open_paths: Vec<String>,
+}
+
+/// The admin listener's certificate and key files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminTls {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
 }
 
 /// One route: which requests it takes and where their sessions go.
@@ -139,6 +210,8 @@ pub struct Route {
     pub auth: Option<Auth>,
     /// What a client the access policy refuses sees (`on_refusal`).
     pub on_refusal: OnRefusal,
+    /// When not empty, a request needs a verified client certificate matching one of these.
+    pub client_certs: Vec<CertPattern>,
 }
 
 /// Which client message types a route accepts; at least one is true.
@@ -418,6 +491,7 @@ pub(crate) fn test_route(name: &str, path: &str, backend: Backend) -> Route {
         limits: validate::DEFAULT_SESSION_LIMITS,
         auth: None,
         on_refusal: OnRefusal::Http,
+        client_certs: vec![],
     }
 }
 

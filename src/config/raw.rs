@@ -19,7 +19,8 @@ use serde::de::{DeserializeOwned, Deserializer};
 use toml::Spanned;
 
 use super::{
-    Config, ForwardedHeader, JwtAlgorithm, LogFormat, OnRefusal, Outbound, PathMatch, ProxyVersion, Unavailable,
+    ClientAuthMode, Config, ForwardedHeader, JwtAlgorithm, LogFormat, OnRefusal, Outbound, PathMatch, ProxyVersion,
+    Unavailable,
 };
 
 #[derive(Deserialize)]
@@ -62,6 +63,10 @@ pub(super) struct RawTls {
     pub key: String,
     #[serde(default)]
     pub generate_self_signed: bool,
+    // mTLS (client certificates).
+    pub client_ca: Option<String>,
+    pub client_auth: Option<Choice<ClientAuthMode>>,
+    pub client_crls: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -84,6 +89,7 @@ pub(super) struct RawRoute {
     pub proxy_protocol: Option<Choice<ProxyVersion>>,
     pub on_refusal: Option<Choice<OnRefusal>>,
     pub auth: Option<RawAuth>,
+    pub client_certs: Option<Vec<String>>,
 }
 
 /// A route's `clients` table: CIDRs as written.
@@ -269,6 +275,18 @@ pub(super) struct RawConsole {
 pub(super) struct RawAdmin {
     pub enabled: Option<bool>,
     pub address: Option<String>,
+    // Who may read it.
+    pub tls: Option<RawAdminTls>,
+    pub token_hashes: Option<Vec<String>>,
+    pub tokens_file: Option<String>,
+    pub open_paths: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdminTls {
+    pub cert: String,
+    pub key: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -321,6 +339,10 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
     ("listeners.NAME.proxy_protocol", Reload),
     ("listeners.NAME.trusted_proxies", Reload),
     ("listeners.NAME.forwarded_header", Reload),
+    // Read again, with the certificates, by every reload.
+    ("listeners.NAME.tls.client_ca", Reload),
+    ("listeners.NAME.tls.client_auth", Reload),
+    ("listeners.NAME.tls.client_crls", Reload),
     ("routes.NAME.path", Reload),
     ("routes.NAME.match", Reload),
     ("routes.NAME.host", Reload),
@@ -333,6 +355,7 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
     ("routes.NAME.clients.allow", Reload),
     ("routes.NAME.clients.deny", Reload),
     ("routes.NAME.proxy_protocol", Reload),
+    ("routes.NAME.client_certs", Reload),
     ("routes.NAME.limits.max_message_bytes", Reload),
     ("routes.NAME.limits.ws_read_buffer_bytes", Reload),
     ("routes.NAME.limits.backend_read_bytes", Reload),
@@ -416,6 +439,13 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
     // Both keys decide one listener, reported as `admin`.
     ("admin.enabled", Restart(|a, b| differs("admin", a.admin, b.admin))),
     ("admin.address", Restart(|a, b| differs("admin", a.admin, b.admin))),
+    // Who may read it: applied to admin connections accepted after the reload (files reread).
+    ("admin.tls", Reload),
+    ("admin.tls.cert", Reload),
+    ("admin.tls.key", Reload),
+    ("admin.token_hashes", Reload),
+    ("admin.tokens_file", Reload),
+    ("admin.open_paths", Reload),
     // The log subscriber and the metrics recorder are installed once, at start.
     ("log.format", Restart(|a, b| differs("log.format", a.log_format, b.log_format))),
     ("metrics.enabled", Restart(|a, b| differs("metrics.enabled", a.metrics, b.metrics))),

@@ -93,6 +93,7 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             slot: Arc::new(Slot::new(conn_permit, client, m)),
             handshake: Mutex::new(handshake),
             snapshot,
+            client_cert: std::sync::OnceLock::new(),
         };
         let (shared2, metrics) = (shared.clone(), listener.metrics.clone());
         shared.tasks.spawn(
@@ -171,6 +172,7 @@ fn proxied(
             slot: Arc::new(Slot::new(conn_permit, lease, &metrics)),
             handshake: Mutex::new(handshake),
             snapshot,
+            client_cert: std::sync::OnceLock::new(),
         };
         handle_connection(tcp, tls, conn, share, metrics, shared2, Some(deadline)).await;
     };

@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -50,6 +50,7 @@ use crate::admission::{Admission, HandshakeLease, LoadGuard, Over, Shed};
 use crate::auth;
 use crate::backend::{self, ConnectFailure};
 use crate::client_addr;
+use crate::client_cert::ClientCert;
 use crate::client_stream::{ClientIo, ClientStream};
 use crate::config::{Addressing, Limits, Unavailable};
 use crate::metrics::{ListenerMetrics, Metrics};
@@ -144,6 +145,9 @@ struct Connection {
     handshake: Mutex<Handshake>,
     /// The config this connection was accepted under.
     snapshot: Arc<Snapshot>,
+    /// The client certificate its TLS handshake verified (mTLS), read once; boxed, so a
+    /// connection without one pays a pointer.
+    client_cert: OnceLock<Box<ClientCert>>,
 }
 
 impl Connection {
@@ -238,7 +242,8 @@ async fn handle_connection(
 }
 
 /// The TLS handshake; once the ClientHello has arrived whole the connection has shown progress,
-/// and the pool sheds it only after those that have not.
+/// and the pool sheds it only after those that have not. A client certificate it verified is
+/// read into the connection for the routes to check.
 async fn tls_handshake(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
@@ -246,7 +251,12 @@ async fn tls_handshake(
 ) -> std::io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
     let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
     conn.progressed();
-    start.into_stream(acceptor.config().clone()).await
+    let stream = start.into_stream(acceptor.config().clone()).await?;
+    let cert = stream.get_ref().1.peer_certificates().and_then(|chain| chain.first());
+    if let Some(cert) = cert.and_then(|cert| ClientCert::from_der(cert)) {
+        let _ = conn.client_cert.set(Box::new(cert));
+    }
+    Ok(stream)
 }
 
 /// Serves one HTTP/1.1 request on `io`: the upgrade, or a refusal (or the console page), after
@@ -371,6 +381,7 @@ async fn upgrade(
         host,
         secure: conn.secure,
         peer: client,
+        client_cert: conn.client_cert.get().map(|c| &**c),
     };
     let mut admitted = policy::admit(parts, &entry.route)?;
     let credentials_expire = match authenticate(req, parts, entry, conn, shared).await {

@@ -5,6 +5,8 @@
 
 mod support;
 
+/// The admin listener over TLS with bearer tokens; probes open.
+mod admin_auth;
 /// Credentials per route: bearer tokens, JWTs, HTTP Basic, carriers, the brute-force guard.
 mod auth;
 /// WebSocket ⇄ TCP through the bridge: payloads byte for byte, ws and wss, concurrency, framing.
@@ -27,6 +29,8 @@ mod limits;
 mod liveness;
 /// Memory per session under hostile clients, on a gateway process of its own.
 mod memory;
+/// mTLS: client certificates verified in the TLS handshake, matched per route (`client_certs`).
+mod mtls;
 /// Metrics over HTTP, health and readiness, graceful drain, hot reload.
 mod operations;
 /// Property tests of the request path up to admission, through the fuzz target's harness.

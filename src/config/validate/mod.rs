@@ -11,6 +11,7 @@ use std::time::Duration;
 
 mod addresses;
 mod auth;
+mod certs;
 mod limits;
 
 #[cfg(test)]
@@ -81,7 +82,7 @@ impl Validator<'_> {
         }
     }
 
-    fn config(&mut self, raw: RawConfig) -> Config {
+    fn config(&mut self, mut raw: RawConfig) -> Config {
         if raw.listeners.is_empty() {
             self.fail(
                 "listeners",
@@ -103,10 +104,12 @@ impl Validator<'_> {
         let routes: Vec<Route> =
             raw.routes.into_iter().filter_map(|(n, r)| self.route(n, r, &limits.session)).collect();
         self.check_distinct_routes(&routes);
+        self.check_client_cert_routes(&listeners, &routes);
         self.errors.extend(limits_problems);
         let builtin =
             Builtin { tcp_echo: raw.builtin.tcp_echo.and_then(|a| self.loopback_addr("builtin.tcp_echo", &a)) };
         let shutdown = self.shutdown(raw.shutdown);
+        let admin_access = self.admin_access(&mut raw.admin);
         let admin = match raw.admin.enabled {
             Some(false) => None,
             _ => self.socket_addr("admin.address", raw.admin.address.as_deref().unwrap_or(DEFAULT_ADMIN_ADDRESS)),
@@ -129,16 +132,18 @@ impl Validator<'_> {
             admin,
             log_format,
             metrics,
+            admin_access,
         }
     }
 
     fn listener(&mut self, name: String, raw: RawListener) -> Option<Listener> {
         let key = format!("listeners.{name}");
         let address = self.socket_addr(&format!("{key}.address"), &raw.address);
-        let tls = raw.tls.map(|t| TlsFiles {
+        let tls = raw.tls.map(|mut t| TlsFiles {
             cert: self.file_path(&format!("{key}.tls.cert"), &t.cert),
             key: self.file_path(&format!("{key}.tls.key"), &t.key),
             generate_self_signed: t.generate_self_signed,
+            client_auth: self.client_auth(&key, &mut t),
         });
         let addressing = self.addressing(&key, raw.proxy_protocol, raw.trusted_proxies, raw.forwarded_header);
         Some(Listener { name, address: address?, tls, addressing: addressing? })
@@ -204,6 +209,7 @@ impl Validator<'_> {
             self.choice(&format!("{key}.on_backend_unavailable"), raw.on_backend_unavailable, Unavailable::Close);
         let clients = self.client_rules(&format!("{key}.clients"), raw.clients);
         let proxy_protocol = self.proxy_version(&format!("{key}.proxy_protocol"), raw.proxy_protocol, backend.as_ref());
+        let client_certs = self.client_certs(&format!("{key}.client_certs"), raw.client_certs);
         let raw_limits = raw.limits.unwrap_or_default();
         let mut limits = self.session_limits(&format!("{key}.limits"), raw_limits.session(), defaults);
         limits.max_sessions = raw_limits
@@ -232,6 +238,7 @@ impl Validator<'_> {
             limits,
             auth: auth?,
             on_refusal: on_refusal?,
+            client_certs: client_certs?,
         })
     }
 

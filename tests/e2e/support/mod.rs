@@ -691,6 +691,12 @@ impl Logs {
 
     /// Lines at `level` and above only (`INFO` is what wsgate writes by default).
     pub fn capture_at(level: tracing::Level) -> (Logs, tracing::subscriber::DefaultGuard) {
+        // While a single scoped subscriber exists in the process, tracing-core decides whether a
+        // log line is wanted from the default of whichever thread reaches it first, and keeps that
+        // answer: a line first reached by a test without a capture would then be lost to every
+        // capture. A second subscriber, registered for good, turns that shortcut off.
+        static SECOND: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+        SECOND.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
         let logs = Logs::default();
         let writer = logs.clone();
         let subscriber = tracing_subscriber::fmt()
