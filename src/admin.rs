@@ -293,7 +293,7 @@ mod tests {
         assert_eq!(read_tokens_file(&path).unwrap(), vec![TokenHash { name: None, sha256: [0x0f; 32] }]);
         std::fs::write(&path, format!("{good}\nhunter2\n")).unwrap();
         let e = read_tokens_file(&path).unwrap_err().to_string();
-        assert!(e.starts_with("admin.tokens_file: ") && e.contains("tokens: line 2: must be"), "{e}");
+        assert!(e.starts_with("admin.tokens_file: ") && e.contains("tokens: line 2: expected [name=]sha256:"), "{e}");
         assert!(!e.contains("hunter2"), "{e}");
         std::fs::write(&path, "").unwrap();
         let config = AdminAccess { tokens_file: Some(path), ..AdminAccess::default() };

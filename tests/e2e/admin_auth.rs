@@ -99,7 +99,7 @@ async fn admin_needs_a_bearer_token_over_tls() {
     // A broken tokens file is refused whole, named by key, file and line, and not quoted.
     std::fs::write(&tokens, "file-token-3\n").unwrap();
     let e = gw.reloader.reload_file(&config).unwrap_err().to_string();
-    assert!(e.starts_with("admin.tokens_file: ") && e.contains("tokens.txt: line 1: must be"), "{e}");
+    assert!(e.starts_with("admin.tokens_file: ") && e.contains("tokens.txt: line 1: expected [name=]sha256:"), "{e}");
     assert!(!e.contains("file-token-3"), "{e}");
     assert_eq!(get(&gw, &ca, "/metrics", Some("Bearer file-token-2")).await.0, 200, "the old access stays");
 

@@ -23,12 +23,8 @@ mod closing_handshake;
 mod echo;
 /// Answers before the upgrade: 404, 426, 400, 405, 403.
 mod handshake;
-/// Admission under attack: per-client caps, the handshake pool, route caps, the memory budget.
-mod limits;
 /// Pings and the pong timeout, idle and lifetime limits, the message-rate cap, TCP_USER_TIMEOUT.
 mod liveness;
-/// Memory per session under hostile clients, on a gateway process of its own.
-mod memory;
 /// mTLS: client certificates verified in the TLS handshake, matched per route (`client_certs`).
 mod mtls;
 /// Metrics over HTTP, health and readiness, graceful drain, hot reload.

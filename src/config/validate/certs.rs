@@ -91,7 +91,7 @@ impl Validator<'_> {
             match TokenHash::parse(text) {
                 Ok(hash) => token_hashes.push(hash),
                 // The value is not quoted: it may be a token pasted where its hash belongs.
-                Err(problem) => self.fail("admin.token_hashes", format!("entry {}: {problem}", i + 1)),
+                Err(problem) => self.fail("admin.token_hashes", format!("entry {}: expected {problem}", i + 1)),
             }
         }
         let tokens_file = raw.tokens_file.take().map(|f| self.file_path("admin.tokens_file", &f));
@@ -194,9 +194,10 @@ mod tests {
         ));
         assert_eq!(c.admin_access.token_hashes[0].sha256, [0xab; 32]);
         assert!(c.admin_access.open_paths.is_empty() && c.admin_access.tls.is_some());
-        assert_eq!(format!("{:?}", c.admin_access.token_hashes), "[<redacted>]");
+        assert!(!format!("{:?}", c.admin_access.token_hashes).contains(&"ab".repeat(32)));
         let e = err(&format!("{MINIMAL}[admin]\ntoken_hashes = [\"{hash}\", \"hunter2\"]\n"));
-        assert_eq!(e, "test.toml: admin.token_hashes: entry 2: must be \"sha256:\" followed by 64 hex digits");
+        assert!(e.starts_with("test.toml: admin.token_hashes: entry 2: expected [name=]sha256:<64 hex digits>"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
         let e = err(&format!("{MINIMAL}[admin]\nopen_paths = [\"/secret\"]\n"));
         assert!(e.contains("admin.open_paths: \"/secret\" is not one of"), "{e}");
     }

@@ -29,6 +29,7 @@ const MIB: f64 = 1024.0 * 1024.0;
 /// message is finished and reaches the backend whole.
 #[tokio::test]
 async fn hostile_sessions_stay_within_the_documented_memory() {
+    let _one = crate::ONE_ATTACK_AT_A_TIME.lock().await;
     let defaults = "[listeners.a]\naddress = \"127.0.0.1:0\"\n[routes.r]\npath = \"/\"\nbackend = \"127.0.0.1:1\"\n";
     let max = wsgate::config::parse(defaults, std::path::Path::new("defaults.toml"))
         .unwrap()

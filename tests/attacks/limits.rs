@@ -16,9 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
 
-/// The attacks open thousands of sockets each; one at a time keeps the suite within its
-/// file-descriptor limit and gives each attack the machine it is measured on.
-static ONE_ATTACK_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+use crate::ONE_ATTACK_AT_A_TIME;
 
 /// The normal client's address; attackers use others.
 const NORMAL: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
