@@ -312,6 +312,15 @@ fn split_authority(s: &str) -> Option<(&str, Option<u16>)> {
 /// backend is dialled.
 pub fn admit(req: Request<'_>, route: &Route) -> Result<Admitted, Refusal> {
     check_client(req, route)?;
+    let subprotocol = upgradable(req, route)?;
+    let cert_subject = check_client_cert(route, req.client_cert)?;
+    Ok(Admitted { subprotocol, identity: Identity { cert_subject, ..Identity::default() } })
+}
+
+/// Whether `req` is an upgrade `route` would complete, whoever sends it: well formed, from an
+/// allowed origin, with an acceptable subprotocol (the one to select). What a refusal of the
+/// access policy needs before it can be answered in band (`on_refusal = "close"`).
+pub fn upgradable(req: Request<'_>, route: &Route) -> Result<Option<String>, Refusal> {
     check_upgrade(req)?;
     let origin = req.headers.get(header::ORIGIN).map(|v| v.to_str().unwrap_or("(not text)"));
     check_origin(route, origin, req.host, req.secure)?;
@@ -326,9 +335,7 @@ pub fn admit(req: Request<'_>, route: &Route) -> Result<Admitted, Refusal> {
         // A credential riding in a subprotocol entry (`auth.subprotocol_prefix`) is never a
         // protocol: never selected, never echoed.
         .filter(|p| !route.auth.as_ref().is_some_and(|a| a.is_token_subprotocol(p)));
-    let subprotocol = select_subprotocol(route, offered)?;
-    let cert_subject = check_client_cert(route, req.client_cert)?;
-    Ok(Admitted { subprotocol, identity: Identity { cert_subject, ..Identity::default() } })
+    select_subprotocol(route, offered)
 }
 
 /// A route with `client_certs` wants a verified client certificate that matches one of them:

@@ -127,7 +127,8 @@ impl Keys {
                 _ => false,
             };
             if !allowed {
-                return Err(Verdict::Forbidden(format!("the token does not allow route \"{route}\"")));
+                // Route names are never sent to clients (docs/config.md).
+                return Err(Verdict::Forbidden("the token does not allow this route".to_string()));
             }
         }
         let user = claims.get("sub").and_then(Value::as_str).map(str::to_string);

@@ -383,13 +383,22 @@ async fn upgrade(
         peer: client,
         client_cert: conn.client_cert.get().map(|c| &**c),
     };
-    let mut admitted = policy::admit(parts, &entry.route)?;
+    let mut admitted = match policy::admit(parts, &entry.route) {
+        Ok(admitted) => admitted,
+        // The client address and certificate rules refuse before the upgrade is checked; an
+        // upgrade that would otherwise complete can still be refused in band.
+        Err(refusal @ Refusal { kind: RefusalKind::Access(_), .. }) => match policy::upgradable(parts, &entry.route) {
+            Ok(subprotocol) => return refuse_in_band(req, entry, conn, shared, client, subprotocol, refusal),
+            Err(_) => return Err(refusal),
+        },
+        Err(refusal) => return Err(refusal),
+    };
     let credentials_expire = match authenticate(req, parts, entry, conn, shared).await {
         Ok(who) => {
             admitted.identity.user = who.user;
             who.expires
         }
-        Err(refusal) => return refuse_in_band(req, entry, conn, shared, admitted.subprotocol, refusal),
+        Err(refusal) => return refuse_in_band(req, entry, conn, shared, client, admitted.subprotocol, refusal),
     };
     conn.finish_handshake();
     // Built from the identity as admission settled it, and sent before any other byte.
@@ -473,6 +482,7 @@ fn refuse_in_band(
     entry: &Arc<Entry>,
     conn: &Connection,
     shared: &Shared,
+    client: SocketAddr,
     subprotocol: Option<String>,
     refusal: Refusal,
 ) -> Result<Response<Full<Bytes>>, Refusal> {
@@ -493,7 +503,7 @@ fn refuse_in_band(
     let ctx = session::Context {
         id: shared.next_session.fetch_add(1, Ordering::Relaxed),
         entry: entry.clone(),
-        client_addr: conn.peer,
+        client_addr: client,
         identity: policy::Identity::default(),
         close_window: conn.snapshot.shutdown.close_window,
         credentials_expire: None,

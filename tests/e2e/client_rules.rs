@@ -53,3 +53,29 @@ async fn allow_and_deny_lists_answer_403_before_the_dial() {
     eventually("the backend counted its connections", || async { backend.accepted() >= 2 }).await;
     assert_eq!(backend.accepted(), 2);
 }
+
+/// With `on_refusal = "close"`, a client the rules refuse is upgraded without a backend and
+/// closed with 4403 and the reason, which a page can show; a request that is no acceptable
+/// upgrade still gets its HTTP answer.
+#[tokio::test]
+async fn on_refusal_close_answers_a_denied_address_with_4403() {
+    let backend = Backend::echo().await;
+    let gw = Gateway::builder()
+        .route_with("guarded", "/g", &backend.target(), "clients = { deny = [\"127.0.0.3\"] }\non_refusal = \"close\"")
+        .start()
+        .await;
+    let mut ws = gw.session_from(IpAddr::from([127, 0, 0, 3]), "/g", false).await.unwrap();
+    let (data, code, reason) = read_until_close(&mut ws).await;
+    assert_eq!((data.len(), code, reason.as_str()), (0, 4403, "client address 127.0.0.3 is not allowed on this route"));
+    // Not an upgrade at all: the HTTP refusal, as on any route.
+    let s = connect_from(IpAddr::from([127, 0, 0, 3]), gw.plain).await.unwrap();
+    let (status, _, _) = raw_http_on(s, "GET /g HTTP/1.1\r\nHost: gw\r\n\r\n").await;
+    assert_eq!(status, 403);
+    let mut ws = gw.session_from(IpAddr::from([127, 0, 0, 2]), "/g", false).await.unwrap();
+    send_binary(&mut ws, b"allowed").await;
+    assert_eq!(read_bytes(&mut ws, 7).await, b"allowed");
+    let denied = [("route", "guarded"), ("reason", "client_address")];
+    assert_eq!(scrape(&gw, "wsgate_access_denied_total", &denied).await, 2.0);
+    eventually("the backend counted its connection", || async { backend.accepted() >= 1 }).await;
+    assert_eq!(backend.accepted(), 1);
+}
