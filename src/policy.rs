@@ -4,16 +4,18 @@
 //! [`host`] comes first, before routing: the request's host as RFC 9112 §3.2 defines it (exactly
 //! one `Host`; the authority of an absolute-form target wins over it). [`admit`] then runs the
 //! checks in order: the route's client address rules, a well-formed WebSocket upgrade (RFC 6455
-//! §4.2.1), the origin, the subprotocol. Authentication and per-client limits join it here, before the dial. Every refusal
-//! is a [`Refusal`]: its status, reason, headers and [`RefusalKind`], which the server turns into
-//! a response, logs and counts in one place.
+//! §4.2.1), the origin, the subprotocol, the route's client certificate rules; the route's
+//! credentials (`auth`) follow it, before the dial. Every refusal is a [`Refusal`]: its status,
+//! reason, headers and [`RefusalKind`], which the server turns into a response, logs and counts
+//! in one place.
 //!
 //! WebSocket has no same-origin policy: any page a user visits can open a socket to any host the
 //! browser reaches, with the user's cookies. For a TCP service that has no authentication of its
 //! own, wsgate is the only thing standing between such a page and the service. So a browser
 //! request (one that carries `Origin`) is refused with 403 unless its origin is the request's own
 //! (`http(s)://` + `Host`) or the route lists it. Requests without `Origin` come from non-browser
-//! clients, which no web page can forge, and pass. Authentication arrives in a later issue.
+//! clients, which no web page can forge, and pass; a route that must know who they are asks for
+//! credentials (`auth`), a client certificate or a client address.
 //!
 //! "The request's own origin" is trusted only when the `Host` is one the attacker cannot choose:
 //! an IP literal, `localhost`, or a name the route's `host` pattern names. Otherwise DNS

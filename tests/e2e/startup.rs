@@ -46,6 +46,21 @@ fn valid_fixtures_and_shipped_config_load() {
     }
 }
 
+/// The hardened example in docs/security.md is a config wsgate accepts (its files aside: they
+/// are read when a gateway starts, not when the config is validated).
+#[test]
+fn security_guide_example_config_loads() {
+    let guide = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/security.md")).unwrap();
+    let example = guide.split("```toml\n").nth(1).and_then(|rest| rest.split("```").next()).expect("a toml block");
+    let example = example.replace("<64 hex digits>", &"ab".repeat(32));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("hardened.toml");
+    std::fs::write(&file, example).unwrap();
+    if let Err(e) = wsgate::config::load(&file) {
+        panic!("the example in docs/security.md is rejected:\n{e}");
+    }
+}
+
 /// `wsgate check` exits 0 with a summary for the shipped config, and 1 with one line per
 /// problem (naming the key) for a bad one, like `nginx -t`.
 #[test]
