@@ -12,7 +12,7 @@
 //! This module is a leaf: it imports no other wsgate module but `throttle`, another leaf (each
 //! route's log throttles live here, in the per-route state that outlives reloads).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, SharedString, Unit};
@@ -40,6 +40,8 @@ pub mod names {
     pub const SESSIONS_SHED: &str = "wsgate_sessions_shed_total";
     /// Counter{route, reason}: requests refused by the route's access policy.
     pub const ACCESS_DENIED: &str = "wsgate_access_denied_total";
+    /// Counter{route, user}: sessions opened by each user, on routes with `auth.user_label`.
+    pub const USER_SESSIONS: &str = "wsgate_user_sessions_total";
     /// Counter{listener, reason}: TLS handshakes that failed or timed out.
     pub const TLS_HANDSHAKE_FAILURES: &str = "wsgate_tls_handshake_failures_total";
     /// Counter{route, status}: HTTP requests answered, by status (101 for upgrades).
@@ -245,6 +247,7 @@ impl Metrics {
                     subprotocol_warnings: Throttle::new(WARN_INTERVAL),
                     access_warnings: Throttle::new(WARN_INTERVAL),
                     connect_warnings: Throttle::new(WARN_INTERVAL),
+                    users: Mutex::new(HashSet::new()),
                     recorder: self.recorder.clone(),
                     enabled: self.enabled,
                 })
@@ -292,6 +295,11 @@ fn describe(r: &PrometheusRecorder) {
             Some(Unit::Count),
             "Admitted requests given no session at a bound, by route and reason: max_sessions, \
              max_pending_connects, memory, max_password_checks.",
+        ),
+        d(
+            names::USER_SESSIONS,
+            Some(Unit::Count),
+            "Sessions opened, by route and authenticated user (routes with auth.user_label only).",
         ),
         d(
             names::ACCESS_DENIED,
@@ -389,6 +397,11 @@ pub struct ListenerMetrics {
     pub refused_proxy_header: Counter,
 }
 
+/// Distinct users per route with a label of their own in `wsgate_user_sessions_total`.
+pub const MAX_USER_LABELS: usize = 100;
+/// Longer user names count as `other`.
+pub const MAX_USER_LABEL_BYTES: usize = 64;
+
 /// Handles for one route.
 pub struct RouteMetrics {
     name: String,
@@ -417,6 +430,8 @@ pub struct RouteMetrics {
     /// Warnings about failed backend connects (`session::dial`), likewise; every failure is
     /// counted in `wsgate_backend_connect_failures_total`.
     pub connect_warnings: Throttle,
+    /// The users with a label of their own in `wsgate_user_sessions_total`.
+    users: Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for RouteMetrics {
@@ -448,6 +463,21 @@ impl RouteMetrics {
     /// Counts a request the access policy refused; `reason` is one of a fixed set.
     pub fn access_denied(&self, reason: &str) {
         self.counter(names::ACCESS_DENIED, &[("reason", reason)]).increment(1);
+    }
+
+    /// Counts a session opened by `user` (routes with `auth.user_label`). The first
+    /// [`MAX_USER_LABELS`] users of the route, up to [`MAX_USER_LABEL_BYTES`] long, get a label
+    /// of their own; the others count as `other`, so a stream of new JWT subjects cannot grow
+    /// the metric without bound.
+    pub fn user_session(&self, user: &str) {
+        let own = {
+            let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+            users.contains(user)
+                || (user.len() <= MAX_USER_LABEL_BYTES
+                    && users.len() < MAX_USER_LABELS
+                    && users.insert(user.to_string()))
+        };
+        self.counter(names::USER_SESSIONS, &[("user", if own { user } else { "other" })]).increment(1);
     }
 
     /// Counts a failed backend connect; `kind` is one of a fixed set of short descriptions.

@@ -348,6 +348,7 @@ mod tests {
             cookie: cookie.map(str::to_string),
             query,
             subprotocol_prefix: prefix.map(str::to_string),
+            user_label: false,
         }
     }
 

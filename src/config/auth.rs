@@ -23,6 +23,9 @@ pub struct Auth {
     /// (the rest of the entry; base64url-decoded when the prefix starts with `base64url.`).
     /// Such entries are never selected nor echoed. Refused on a route without `subprotocols`.
     pub subprotocol_prefix: Option<String>,
+    /// Whether sessions are counted by user in `wsgate_user_sessions_total` (off: user names,
+    /// a JWT's `sub` especially, can be personal data, and a metric label is kept for long).
+    pub user_label: bool,
 }
 
 impl Auth {

@@ -125,6 +125,7 @@ pub(super) struct RawAuth {
     pub close_at_expiry: Option<bool>,
     pub expiry_grace_secs: Option<Seconds>,
     pub htpasswd: Option<String>,
+    pub user_label: Option<bool>,
 }
 
 /// `routes.NAME.auth.type`.
@@ -389,6 +390,7 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
     ("routes.NAME.auth.close_at_expiry", Reload),
     ("routes.NAME.auth.expiry_grace_secs", Reload),
     ("routes.NAME.auth.htpasswd", Reload),
+    ("routes.NAME.auth.user_label", Reload),
     // The connection and handshake semaphores are sized once, when the gateway binds.
     (
         "limits.max_connections",

@@ -425,6 +425,9 @@ async fn upgrade(
     // The key's form was checked by `admit`.
     let key = req.headers().get(header::SEC_WEBSOCKET_KEY).map(HeaderValue::as_bytes).unwrap_or_default();
     let response = switching_protocols(key, admitted.subprotocol.as_deref());
+    if let (Some(user), Some(true)) = (&admitted.identity.user, entry.route.auth.as_ref().map(|a| a.user_label)) {
+        entry.metrics.user_session(user);
+    }
     let ctx = session::Context {
         id: shared.next_session.fetch_add(1, Ordering::Relaxed),
         entry: entry.clone(),

@@ -426,3 +426,44 @@ async fn basic_users() {
     let e = errors[0].to_string();
     assert!(e.contains("users.htpasswd:4: routes.u.auth.htpasswd: not a bcrypt") && !e.contains("hunter2"), "{e}");
 }
+
+/// With `user_label`, sessions are counted by user: the first 100 distinct users of a route by
+/// name, the rest, and names over 64 bytes, as `other`; without it, no user series at all.
+#[tokio::test]
+async fn sessions_are_counted_by_user_only_where_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut lines = String::new();
+    for i in 0..101 {
+        lines.push_str(&format!("user{i}=sha256:{}\n", sha256_hex(&format!("token-{i}"))));
+    }
+    lines.push_str(&format!("{}=sha256:{}\n", "x".repeat(65), sha256_hex("long-name")));
+    let file = write(dir.path(), "tokens.txt", &lines);
+    let backend = Backend::echo().await;
+    let labelled = format!("{}user_label = true\n", bearer_route(&file, ""));
+    let gw = Gateway::builder()
+        .route_with("b", "/b", &backend.target(), &labelled)
+        .route_with("plain", "/p", &backend.target(), &bearer_route(&file, "").replace("routes.b.", "routes.plain."))
+        .start()
+        .await;
+    let open = |path: &'static str, token: String| {
+        let gw = &gw;
+        async move {
+            let mut ws = gw.ws_with(path, &[("authorization", &format!("Bearer {token}"))]).await.unwrap();
+            send_binary(&mut ws, b"hi").await;
+            assert_eq!(read_bytes(&mut ws, 2).await, b"hi");
+        }
+    };
+    for i in 0..101 {
+        open("/b", format!("token-{i}")).await;
+    }
+    open("/b", "token-0".to_string()).await;
+    open("/b", "long-name".to_string()).await;
+    open("/p", "token-1".to_string()).await;
+    let users = |user: &'static str| [("route", "b"), ("user", user)];
+    assert_eq!(scrape(&gw, "wsgate_user_sessions_total", &users("user0")).await, 2.0);
+    assert_eq!(scrape(&gw, "wsgate_user_sessions_total", &users("user99")).await, 1.0);
+    assert_eq!(scrape(&gw, "wsgate_user_sessions_total", &users("other")).await, 2.0, "user100 and the long name");
+    let text = admin_get(&gw, "/metrics").await.1;
+    assert!(!text.contains("user100") && !text.contains(&"x".repeat(65)), "unbounded labels");
+    assert!(!text.contains("wsgate_user_sessions_total{route=\"plain\""), "a route without user_label");
+}

@@ -98,7 +98,14 @@ impl Validator<'_> {
         if misplaced {
             return None;
         }
-        Some(Auth { mechanism: mechanism?, realm, cookie, query: raw.query.unwrap_or(false), subprotocol_prefix })
+        Some(Auth {
+            mechanism: mechanism?,
+            realm,
+            cookie,
+            query: raw.query.unwrap_or(false),
+            subprotocol_prefix,
+            user_label: raw.user_label.unwrap_or(false),
+        })
     }
 
     fn cookie(&mut self, key: &str, name: String, origins: Option<&AllowedOrigins>) -> Option<String> {
