@@ -129,6 +129,13 @@ impl Refusal {
         self
     }
 
+    /// A trusted proxy's forwarded header names, where the client should be, something that is
+    /// not an address (`client_addr`): who the client is cannot be known, so nothing that
+    /// depends on it can be decided.
+    pub fn unknown_client() -> Refusal {
+        Refusal::new(StatusCode::BAD_REQUEST, "the forwarded header names no client address")
+    }
+
     /// No route matches the request's host and path.
     pub fn no_route(path: &str) -> Refusal {
         Refusal::new(StatusCode::NOT_FOUND, format!("no route for {path}")).of_kind(RefusalKind::NoRoute)

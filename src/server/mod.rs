@@ -373,7 +373,7 @@ async fn upgrade(
     shared: &Shared,
 ) -> Result<Response<Full<Bytes>>, Refusal> {
     // The address the route's client rules, the session log and PROXY protocol out see.
-    let client = client_addr::client(conn.peer, req.headers(), &conn.addressing);
+    let client = client_addr::client(conn.peer, req.headers(), &conn.addressing).ok_or_else(Refusal::unknown_client)?;
     let parts = policy::Request {
         method: req.method(),
         version: req.version(),

@@ -45,10 +45,23 @@ async fn allow_and_deny_lists_answer_403_before_the_dial() {
     // The trusted proxy forwards an allowed client.
     let s = connect_from(from(1), gw.plain).await.unwrap();
     assert_eq!(raw_http_on(s, &request("X-Forwarded-For: 127.0.0.4\r\n")).await.0, 101);
+    // A client's bytes that are not text, which the proxy appended the client's address to, do
+    // not hide that address: it is judged (403), never taken for the trusted proxy.
+    let mut s = connect_from(from(1), gw.plain).await.unwrap();
+    let mut head = request("X-Forwarded-For: \u{1}, 127.0.0.9\r\n").into_bytes();
+    let at = head.iter().position(|&b| b == 1).unwrap();
+    head[at] = 0xff;
+    within("write", tokio::io::AsyncWriteExt::write_all(&mut s, &head)).await.unwrap();
+    let (status, _, body) = raw_http_on(s, "").await;
+    assert_eq!((status, body.as_str()), (403, "client address 127.0.0.9 is not allowed on this route\n"));
+    // A hop that is no address where the client should be: the client is unknown, refused.
+    let s = connect_from(from(1), gw.plain).await.unwrap();
+    let (status, _, body) = raw_http_on(s, &request("X-Forwarded-For: unknown\r\n")).await;
+    assert_eq!((status, body.as_str()), (400, "the forwarded header names no client address\n"));
 
     let denied = [("route", "guarded"), ("reason", "client_address")];
-    assert_eq!(scrape(&gw, "wsgate_access_denied_total", &denied).await, 4.0);
-    assert_eq!(scrape(&gw, "wsgate_handshakes_total", &[("route", "guarded"), ("status", "403")]).await, 4.0);
+    assert_eq!(scrape(&gw, "wsgate_access_denied_total", &denied).await, 5.0);
+    assert_eq!(scrape(&gw, "wsgate_handshakes_total", &[("route", "guarded"), ("status", "403")]).await, 5.0);
     // Both admitted sessions dialled before their 101; no refused one did.
     eventually("the backend counted its connections", || async { backend.accepted() >= 2 }).await;
     assert_eq!(backend.accepted(), 2);
