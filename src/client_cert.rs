@@ -35,6 +35,12 @@ impl ClientCert {
         Some(ClientCert { subject: subject.into(), common_name: common_name.map(Into::into), dns_names, uris })
     }
 
+    /// The subject's common name (its last, if several), as the certificate holds it: what
+    /// `CN=` patterns match and what PROXY protocol's `PP2_SUBTYPE_SSL_CN` carries.
+    pub fn common_name(&self) -> Option<&str> {
+        self.common_name.as_deref()
+    }
+
     /// Whether the certificate carries what `pattern` asks for. A wildcard DNS name in the
     /// certificate (`*.example.com`) names no particular client, so it matches nothing.
     pub fn matches(&self, pattern: &CertPattern) -> bool {

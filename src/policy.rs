@@ -221,6 +221,9 @@ pub struct Identity {
     pub user: Option<String>,
     /// The subject of a verified client certificate (mTLS).
     pub cert_subject: Option<String>,
+    /// That certificate's common name, as `client_certs` matched it (never re-parsed from the
+    /// subject's text, whose escapes a certificate's other attributes could play on).
+    pub cert_common_name: Option<String>,
 }
 
 /// Why a request has no usable host. Each is answered 400 (RFC 9112 §3.2), with the message as
@@ -322,8 +325,13 @@ fn split_authority(s: &str) -> Option<(&str, Option<u16>)> {
 pub fn admit(req: Request<'_>, route: &Route) -> Result<Admitted, Refusal> {
     check_client(req, route)?;
     let subprotocol = upgradable(req, route)?;
-    let cert_subject = check_client_cert(route, req.client_cert)?;
-    Ok(Admitted { subprotocol, identity: Identity { cert_subject, ..Identity::default() } })
+    check_client_cert(route, req.client_cert)?;
+    let identity = Identity {
+        cert_subject: req.client_cert.map(|c| c.subject.to_string()),
+        cert_common_name: req.client_cert.and_then(ClientCert::common_name).map(str::to_string),
+        ..Identity::default()
+    };
+    Ok(Admitted { subprotocol, identity })
 }
 
 /// Whether `req` is an upgrade `route` would complete, whoever sends it: well formed, from an
@@ -349,11 +357,11 @@ pub fn upgradable(req: Request<'_>, route: &Route) -> Result<Option<String>, Ref
 
 /// A route with `client_certs` wants a verified client certificate that matches one of them:
 /// 403 otherwise (the certificate is valid, or absent on an `optional` listener: the TLS
-/// handshake already refused the invalid ones). The subject of a verified certificate is the
-/// client's identity on any route.
-fn check_client_cert(route: &Route, cert: Option<&ClientCert>) -> Result<Option<String>, Refusal> {
+/// handshake already refused the invalid ones). A verified certificate is the client's
+/// identity on any route (`admit`).
+fn check_client_cert(route: &Route, cert: Option<&ClientCert>) -> Result<(), Refusal> {
     if client_cert::allowed(&route.client_certs, cert) {
-        return Ok(cert.map(|c| c.subject.to_string()));
+        return Ok(());
     }
     let reason = match cert {
         None => "a client certificate is required on this route".to_string(),
@@ -629,11 +637,11 @@ mod tests {
         params.distinguished_name.push(rcgen::DnType::CommonName, "ops");
         let cert = ClientCert::from_der(params.self_signed(&key).unwrap().der()).unwrap();
         let open = route(AllowedOrigins::List(vec![]));
-        assert_eq!(check_client_cert(&open, None), Ok(None));
-        assert_eq!(check_client_cert(&open, Some(&cert)), Ok(Some("CN=ops".into())), "the subject on any route");
+        assert_eq!(check_client_cert(&open, None), Ok(()));
+        assert_eq!(check_client_cert(&open, Some(&cert)), Ok(()), "any certificate on an open route");
         let mut guarded = route(AllowedOrigins::List(vec![]));
         guarded.client_certs = vec![CertPattern::CommonName("ops".into())];
-        assert_eq!(check_client_cert(&guarded, Some(&cert)), Ok(Some("CN=ops".into())));
+        assert_eq!(check_client_cert(&guarded, Some(&cert)), Ok(()));
         let denied = RefusalKind::Access(Denied::ClientCertificate);
         let none = check_client_cert(&guarded, None).unwrap_err();
         assert_eq!((none.status, none.kind), (StatusCode::FORBIDDEN, denied));

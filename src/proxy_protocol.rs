@@ -204,30 +204,19 @@ pub fn header(
 }
 
 /// `PP2_TYPE_SSL`: client bits, a 32-bit verify result (0: verified, as every certificate that
-/// reaches here was), then `PP2_SUBTYPE_SSL_CN` when there is a certificate.
+/// reaches here was), then `PP2_SUBTYPE_SSL_CN` when the certificate has a common name.
 fn ssl_tlv(identity: &Identity) -> v2::TypeLengthValue<'static> {
-    let cn = identity.cert_subject.as_deref().map(common_name).filter(|cn| cn.len() <= MAX_TLV_VALUE);
     let mut value = vec![PP2_CLIENT_SSL, 0, 0, 0, 0];
-    if let Some(cn) = cn {
+    if identity.cert_subject.is_some() {
         value[0] |= PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS;
+    }
+    if let Some(cn) = identity.cert_common_name.as_deref().filter(|cn| cn.len() <= MAX_TLV_VALUE) {
         value.push(u8::from(Type::SSLCommonName));
         let len = u16::try_from(cn.len()).expect("bounded by MAX_TLV_VALUE");
         value.extend_from_slice(&len.to_be_bytes());
         value.extend_from_slice(cn.as_bytes());
     }
     v2::TypeLengthValue::new(Type::SSL, &value).to_owned()
-}
-
-/// The common name in a subject written as a distinguished name (`CN=ops,O=Example`); a
-/// subject without one is taken whole.
-fn common_name(subject: &str) -> &str {
-    subject
-        .split(',')
-        .find_map(|rdn| {
-            let (key, value) = rdn.trim().split_once('=')?;
-            key.trim().eq_ignore_ascii_case("CN").then_some(value.trim())
-        })
-        .unwrap_or(subject)
 }
 
 /// `a` and `b` in one address family: IPv4 when both are (mapped addresses count), otherwise

@@ -14,7 +14,8 @@
 //! checks are counted in a fixed window (`auth_failure_window_secs`, from the first failure);
 //! the failure that reaches `max_auth_failures` blocks the client for `auth_block_secs`, during
 //! which every request to a route with `auth` is answered 429 before anything is checked. A
-//! success clears the count. A fixed block, not a growing one: a client that keeps guessing gets
+//! success does not clear the count: otherwise one valid credential, presented between guesses,
+//! would let its holder guess at others' without end. A fixed block, not a growing one: a client that keeps guessing gets
 //! at most `max_auth_failures` guesses per block, which already makes guessing hopeless, and an
 //! operator can tell a user how long to wait. A full table forgets blocked entries of idle
 //! clients last, after every other idle entry.
@@ -212,13 +213,6 @@ impl Clients {
         Some(until)
     }
 
-    /// Clears the failures of `ip` after a successful check.
-    pub fn auth_succeeded(&self, ip: IpAddr, limits: &PerClient) {
-        if let Some(entry) = self.lock().get_mut(&ClientKey::new(ip, limits.ipv6_prefix)) {
-            entry.auth_failures = 0;
-        }
-    }
-
     /// Clients in the table.
     pub fn tracked(&self) -> usize {
         self.lock().len()
@@ -305,7 +299,7 @@ mod tests {
     }
 
     /// The failure that reaches the limit within the window blocks the client for the block
-    /// time, other clients stay unblocked, a success clears the count, and old failures expire.
+    /// time, other clients stay unblocked, and old failures expire.
     #[test]
     fn brute_force_guard_blocks_after_failures_in_the_window() {
         let clients = Arc::new(Clients::default());
@@ -319,13 +313,10 @@ mod tests {
         assert_eq!(clients.auth_blocked(guesser, &l, t0 + Duration::from_secs(29)), Some(t0 + Duration::from_secs(30)));
         assert_eq!(clients.auth_blocked(ip("10.0.0.2"), &l, t0), None);
         assert_eq!(clients.auth_blocked(guesser, &l, t0 + Duration::from_secs(30)), None);
-        // Failures spread wider than the window never add up; a success clears them.
+        // Failures spread wider than the window never add up.
         let other = ip("10.0.0.3");
         for i in 0..6 {
             assert_eq!(clients.auth_failed(other, &l, t0 + Duration::from_secs(40 * i)), None, "failure {i}");
-            if i % 2 == 1 {
-                clients.auth_succeeded(other, &l);
-            }
         }
         let off = PerClient { max_auth_failures: 0, ..l };
         for _ in 0..10 {

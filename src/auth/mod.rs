@@ -182,18 +182,12 @@ pub async fn authenticate(
             }
         },
     };
-    match outcome {
-        Ok(who) => {
-            guard.clients.auth_succeeded(req.client, guard.per_client);
-            Ok(who)
+    outcome.map_err(|verdict| {
+        if matches!(verdict, Verdict::Invalid(_)) {
+            guard.clients.auth_failed(req.client, guard.per_client, Instant::now());
         }
-        Err(verdict) => {
-            if matches!(verdict, Verdict::Invalid(_)) {
-                guard.clients.auth_failed(req.client, guard.per_client, Instant::now());
-            }
-            Err(Failure::Refused(verdict.refusal(auth)))
-        }
-    }
+        Failure::Refused(verdict.refusal(auth))
+    })
 }
 
 /// Why a credential did not pass its check.
