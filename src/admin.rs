@@ -161,9 +161,9 @@ pub(crate) async fn serve(listener: TcpListener, state: State, stop: Cancellatio
         let access = state.access.read().unwrap_or_else(|p| p.into_inner()).clone();
         tasks.spawn(async move {
             match &access.tls {
-                None => serve_http(tcp, state, access.clone(), stop).await,
+                None => serve_http(tcp, state, stop).await,
                 Some(acceptor) => match tokio::time::timeout(ADMIN_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => serve_http(tls, state, access.clone(), stop).await,
+                    Ok(Ok(tls)) => serve_http(tls, state, stop).await,
                     Ok(Err(e)) => {
                         state.metrics.admin.tls_failed.increment(1);
                         debug!(error = %e, "admin tls handshake failed");
@@ -179,11 +179,16 @@ pub(crate) async fn serve(listener: TcpListener, state: State, stop: Cancellatio
     }
 }
 
-async fn serve_http<I>(io: I, state: State, access: Arc<Access>, stop: CancellationToken)
+/// Serves HTTP on one admin connection. Who may read is looked up per request, not per
+/// connection: a token revoked by a reload stops working on connections already open too.
+async fn serve_http<I>(io: I, state: State, stop: CancellationToken)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn(move |req| respond(req, state.clone(), access.clone()));
+    let service = service_fn(move |req| {
+        let access = state.access.read().unwrap_or_else(|p| p.into_inner()).clone();
+        respond(req, state.clone(), access)
+    });
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(ADMIN_TIMEOUT);
     let conn = builder.serve_connection(TokioIo::new(io), service);

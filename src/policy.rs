@@ -136,6 +136,11 @@ impl Refusal {
         Refusal::new(StatusCode::BAD_REQUEST, "the forwarded header names no client address")
     }
 
+    /// Something that cannot happen did: 500, and the log says what.
+    pub fn internal() -> Refusal {
+        Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+    }
+
     /// No route matches the request's host and path.
     pub fn no_route(path: &str) -> Refusal {
         Refusal::new(StatusCode::NOT_FOUND, format!("no route for {path}")).of_kind(RefusalKind::NoRoute)

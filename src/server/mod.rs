@@ -456,7 +456,12 @@ async fn authenticate(
     shared: &Shared,
 ) -> Result<auth::Authenticated, Refusal> {
     let Some(route_auth) = conn.snapshot.auth.get(&entry.route.name) else {
-        return Ok(auth::Authenticated::default());
+        if entry.route.auth.is_none() {
+            return Ok(auth::Authenticated::default());
+        }
+        // Cannot happen: a snapshot is built with every route's policy or not at all. Fail closed.
+        warn!(route = %entry.route.name, "bug: the route's auth policy is not loaded; refusing");
+        return Err(Refusal::internal());
     };
     let limits = &conn.snapshot.limits;
     let presented = auth::Presented { headers: req.headers(), query: req.uri().query(), client: parts.peer.ip() };

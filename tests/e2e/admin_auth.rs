@@ -34,6 +34,29 @@ async fn get(gw: &Gateway, ca: &TestCa, path: &str, auth: Option<&str>) -> (u16,
     (status, head.to_string(), body.to_string())
 }
 
+/// Sends `request` on a connection that stays open and reads one response: its status.
+async fn keep_alive_get<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &mut S, request: &str) -> u16 {
+    within("write", s.write_all(request.as_bytes())).await.unwrap();
+    let mut buf = Vec::new();
+    loop {
+        let mut chunk = [0u8; 4096];
+        let n = within("response", s.read(&mut chunk)).await.unwrap();
+        assert!(n > 0, "closed before a whole response");
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let Some((head, body)) = text.split_once("\r\n\r\n") else { continue };
+        let length = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap())
+            })
+            .unwrap_or(0);
+        if body.len() >= length {
+            return head.split(' ').nth(1).unwrap().parse().unwrap();
+        }
+    }
+}
+
 /// Over TLS: `/metrics` without a token or with a wrong one gets 401 and the challenge (counted
 /// by reason), with a configured one 200; `/healthz` and `/readyz` need none; plain HTTP on the
 /// port fails the TLS handshake. A reload rereads the tokens file. No token is ever logged.
@@ -91,9 +114,16 @@ async fn admin_needs_a_bearer_token_over_tls() {
     })
     .await;
 
-    // A new tokens file, reloaded: the old file's token stops working, the new one works.
+    // A new tokens file, reloaded: the old file's token stops working, the new one works, also
+    // on a connection kept open from before the reload.
+    let tcp = within("connect", TcpStream::connect(gw.admin)).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(ca.client_config());
+    let mut kept = within("tls", connector.connect(ServerName::try_from("localhost").unwrap(), tcp)).await.unwrap();
+    let again = "GET /metrics HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer file-token-1\r\n\r\n";
+    assert_eq!(keep_alive_get(&mut kept, again).await, 200);
     std::fs::write(&tokens, format!("{}\n", sha256("file-token-2"))).unwrap();
     gw.reloader.reload_file(&config).expect("reload");
+    assert_eq!(keep_alive_get(&mut kept, again).await, 401, "a revoked token on an open connection");
     assert_eq!(get(&gw, &ca, "/metrics", Some("Bearer file-token-1")).await.0, 401);
     assert_eq!(get(&gw, &ca, "/metrics", Some("Bearer file-token-2")).await.0, 200);
     // A broken tokens file is refused whole, named by key, file and line, and not quoted.
