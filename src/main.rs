@@ -179,11 +179,16 @@ async fn watch_signals(signals: Signals, shutdown: Shutdown, reloader: Reloader,
             _ = term.recv() => ("SIGTERM", 143),
             _ = int.recv() => ("SIGINT", 130),
             _ = hup.recv() => {
-                // Blocking file reads are fine here: a reload is rare and small.
-                match reloader.reload_file(&path) {
+                // Off the runtime's workers: a reload reads the config, certificates, CRLs and
+                // credential files, which can be large, and checks them.
+                let (reloading, file) = (reloader.clone(), path.clone());
+                let reloaded = tokio::task::spawn_blocking(move || reloading.reload_file(&file).map_err(|e| e.to_string()))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("reload task failed: {e}")));
+                match reloaded {
                     Ok(()) => tracing::info!(config = %path.display(), "SIGHUP: config reloaded; new connections use it"),
                     Err(e) => {
-                        for line in e.to_string().lines() {
+                        for line in e.lines() {
                             tracing::warn!(config = %path.display(), "SIGHUP: reload rejected, the running config stays: {line}");
                         }
                     }

@@ -102,7 +102,7 @@ fn load_route(route: &Route, config_file: &Path) -> Result<Option<RouteAuth>, Ve
 }
 
 /// What a request carried, as far as [`authenticate`] looks at it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Presented<'a> {
     /// The request's headers.
     pub headers: &'a HeaderMap,
@@ -110,6 +110,13 @@ pub struct Presented<'a> {
     pub query: Option<&'a str>,
     /// The client's address (what the brute-force guard counts by).
     pub client: IpAddr,
+}
+
+/// Names the client only: the headers and the query carry credentials.
+impl std::fmt::Debug for Presented<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Presented").field("client", &self.client).finish_non_exhaustive()
+    }
 }
 
 /// Who an authenticated client is.
