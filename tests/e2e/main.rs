@@ -33,5 +33,7 @@ mod operations;
 mod properties;
 /// Client addresses: PROXY protocol in (trusted balancers only) and out, X-Forwarded-For.
 mod proxy_protocol;
+/// No token, password, JWT or key in any log line (at trace, text and JSON) or metric.
+mod secrets;
 /// Start-up: config fixtures, the shipped config.toml, development certificates, bind errors.
 mod startup;
