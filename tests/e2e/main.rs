@@ -23,6 +23,8 @@ mod closing_handshake;
 mod echo;
 /// Answers before the upgrade: 404, 426, 400, 405, 403.
 mod handshake;
+/// Identity in the PROXY v2 header to the backend: the user (TLV 0xE0) and the certificate's CN.
+mod identity;
 /// Pings and the pong timeout, idle and lifetime limits, the message-rate cap, TCP_USER_TIMEOUT.
 mod liveness;
 /// mTLS: client certificates verified in the TLS handshake, matched per route (`client_certs`).
