@@ -1,7 +1,8 @@
 //! No secret reaches a log line or a metric, at any level: the real binary runs with
 //! `RUST_LOG=trace` (every crate, text and JSON logs) while each credential carrier is driven with
 //! a good and a bad credential (bearer header, cookie, query and subprotocol; JWT HS256 and ES256;
-//! Basic; the admin token), plus 400s, 404s and a 426 carrying `?access_token=`. Then neither the
+//! Basic; the admin token), plus 400s, 404s and a 426 carrying `?access_token=`, and reloads
+//! rejected for a secret pasted where its hash belongs. Then neither the
 //! captured standard error nor `/metrics` holds any token, password, JWT, the HS256 secret, the
 //! base64 of `user:password` or the base64url of a subprotocol token, while the log does hold the
 //! refusals (so the check has something to look through).
@@ -250,12 +251,48 @@ async fn no_secret_is_written(format: &str) {
     assert_eq!(admin_get(None).await.0, 401);
     let wrong_admin = secrets.add("wrong admin token", "admin-wrong-3e7a");
     assert_eq!(admin_get(Some(wrong_admin)).await.0, 401);
+    assert_eq!(admin_get(Some(admin_token.clone())).await.0, 200);
+
+    // Reloads rejected for a secret where its hash belongs (or an HS256 secret too short), each
+    // file put back after; then one that succeeds. The rejection names file and line, not text.
+    let pid = gw.child.id().unwrap().to_string();
+    let reloads = |result: &'static str, want: f64| {
+        let token = admin_token.clone();
+        let pid = pid.clone();
+        async move {
+            assert!(std::process::Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+            eventually(&format!("reload {result} counted"), || async {
+                let body = admin_get(Some(token.clone())).await.2;
+                metric(&body, "wsgate_config_reloads_total", &[("result", result)]) == Some(want)
+            })
+            .await
+        }
+    };
+    let hash = bcrypt::hash(&password, 4).unwrap();
+    let pasted = secrets.add("token pasted into tokens_file", "pasted-tok-8b3d");
+    let plain_pw = secrets.add("plain password in htpasswd", "plain-pw-4c1a");
+    let short = secrets.add("short HS256 secret", "short-hs-secret-1a2b");
+    let pasted_admin = secrets.add("admin token pasted into token_hashes", "pasted-admin-tok-0e6f");
+    let config_text = std::fs::read_to_string(&config).unwrap();
+    let broken = [
+        ("tokens.txt", format!("sha256:{}\n{pasted}\n", sha256_hex(&filed))),
+        ("users.htpasswd", format!("alice:{hash}\nmallory:{plain_pw}\n")),
+        ("hs256.secret", short),
+        ("config.toml", config_text.replace(&format!("sha256:{}", sha256_hex(&admin_token)), &pasted_admin)),
+    ];
+    for (i, (file, text)) in broken.iter().enumerate() {
+        let path = dir.path().join(file);
+        let good = std::fs::read(&path).unwrap();
+        std::fs::write(&path, text).unwrap();
+        reloads("error", i as f64 + 1.0).await;
+        std::fs::write(&path, good).unwrap();
+    }
+    reloads("ok", 1.0).await;
     let (code, _, metrics) = admin_get(Some(admin_token.clone())).await;
     assert_eq!(code, 200);
     assert!(metrics.contains("wsgate_access_denied_total"), "{metrics}");
 
     // Stop, and read everything the process wrote.
-    let pid = gw.child.id().unwrap().to_string();
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let exit = within("exit", gw.child.wait()).await.unwrap();
     assert!(exit.success(), "exit status {exit}");
@@ -277,6 +314,15 @@ async fn no_secret_is_written(format: &str) {
         .filter(|l| l.contains("request refused") && (l.contains("status=401") || l.contains("\"status\":401")))
         .count();
     assert!(refused_401 == 10, "{refused_401} 401 refusals logged:\n{log}");
+    assert_eq!(log.matches("reload rejected").count(), 4, "{log}");
+    for named in [
+        "tokens.txt:2: routes.b.auth.tokens_file: expected",
+        "users.htpasswd:2: routes.u.auth.htpasswd: not a bcrypt",
+        "hs256.secret: routes.j.auth.keys: an HS256 secret must be at least 32 bytes",
+        "config.toml: admin.token_hashes: entry 1: expected",
+    ] {
+        assert!(log.contains(named), "no rejected reload with {named}:\n{log}");
+    }
     // The early answers are logged with the path alone.
     for reason in ["status=404 reason=no route for /nowhere", "status=426", "missing or malformed Sec-WebSocket-Key"] {
         let json = reason.replace("status=", "\"status\":").replace(" reason=", ",\"reason\":\"");
