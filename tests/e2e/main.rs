@@ -23,6 +23,8 @@ mod closing_handshake;
 mod echo;
 /// Answers before the upgrade: 404, 426, 400, 405, 403.
 mod handshake;
+/// Identity in the PROXY v2 header to the backend: the user (TLV 0xE0) and the certificate's CN.
+mod identity;
 /// Pings and the pong timeout, idle and lifetime limits, the message-rate cap, TCP_USER_TIMEOUT.
 mod liveness;
 /// mTLS: client certificates verified in the TLS handshake, matched per route (`client_certs`).
@@ -33,5 +35,7 @@ mod operations;
 mod properties;
 /// Client addresses: PROXY protocol in (trusted balancers only) and out, X-Forwarded-For.
 mod proxy_protocol;
+/// No token, password, JWT or key in any log line (at trace, text and JSON) or metric.
+mod secrets;
 /// Start-up: config fixtures, the shipped config.toml, development certificates, bind errors.
 mod startup;

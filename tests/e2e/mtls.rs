@@ -20,7 +20,7 @@ use crate::support::*;
 
 /// A CA, a `localhost` server certificate it signed (files in `dir`), and client certificates
 /// on demand.
-struct Pki {
+pub(crate) struct Pki {
     dir: TempDir,
     ca: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
@@ -28,7 +28,7 @@ struct Pki {
 
 /// A client certificate chain and its key, and the TLS client config its connections share (a
 /// rustls client resumes only sessions made with the same config).
-struct ClientId {
+pub(crate) struct ClientId {
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     config: std::sync::OnceLock<Arc<rustls::ClientConfig>>,
@@ -36,7 +36,7 @@ struct ClientId {
 
 impl Pki {
     /// A CA named `name` (distinct names: a verifier looks its trust anchors up by name).
-    fn new(name: &str) -> Pki {
+    pub(crate) fn new(name: &str) -> Pki {
         let dir = tempfile::tempdir().unwrap();
         let ca_key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -58,7 +58,7 @@ impl Pki {
     }
 
     /// A client certificate with common name `cn`, DNS names `dns` and serial number `serial`.
-    fn client(&self, cn: &str, dns: &[&str], serial: u64) -> ClientId {
+    pub(crate) fn client(&self, cn: &str, dns: &[&str], serial: u64) -> ClientId {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(dns.iter().map(|d| d.to_string()).collect::<Vec<_>>()).unwrap();
         params.distinguished_name = rcgen::DistinguishedName::new();
@@ -100,7 +100,7 @@ impl Pki {
 
     /// A config with a `secure` listener asking for client certificates (`client_auth`, plus
     /// `extra` in its tls table) and `routes`, written to `config.toml` next to the files.
-    fn write_config(&self, client_auth: &str, extra: &str, routes: &str) -> PathBuf {
+    pub(crate) fn write_config(&self, client_auth: &str, extra: &str, routes: &str) -> PathBuf {
         let q = |name: &str| format!("{:?}", self.path(name).display().to_string());
         let text = format!(
             "[listeners.plain]\naddress = \"127.0.0.1:0\"\n\
@@ -118,7 +118,7 @@ impl Pki {
 }
 
 /// How an attempt to open a session ended.
-enum Outcome {
+pub(crate) enum Outcome {
     /// The session, and whether its TLS session was resumed (no certificate sent again).
     Open(Box<Ws>, bool),
     /// An HTTP answer other than 101: status and body.
@@ -129,7 +129,7 @@ enum Outcome {
 
 /// Opens a wss:// session on `path`, trusting `pki`'s CA and presenting `client`, if any (whose
 /// earlier TLS sessions it offers to resume, as clients do).
-async fn open(addr: std::net::SocketAddr, pki: &Pki, client: Option<&ClientId>, path: &str) -> Outcome {
+pub(crate) async fn open(addr: std::net::SocketAddr, pki: &Pki, client: Option<&ClientId>, path: &str) -> Outcome {
     let config = |client: Option<&ClientId>| {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(pki.ca.clone()).unwrap();
@@ -171,12 +171,12 @@ async fn echo_through(ws: &mut Ws, seed: u64) {
     assert!(read_bytes(ws, data.len()).await == data, "payload changed on the way");
 }
 
-fn expect_open(outcome: Outcome, what: &str) -> Ws {
+pub(crate) fn expect_open(outcome: Outcome, what: &str) -> Ws {
     expect_open_as(outcome, what).0
 }
 
 /// The session and whether its TLS session was resumed.
-fn expect_open_as(outcome: Outcome, what: &str) -> (Ws, bool) {
+pub(crate) fn expect_open_as(outcome: Outcome, what: &str) -> (Ws, bool) {
     match outcome {
         Outcome::Open(ws, resumed) => (*ws, resumed),
         Outcome::Refused(status, body) => panic!("{what}: refused with {status}: {body}"),

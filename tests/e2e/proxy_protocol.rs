@@ -21,22 +21,22 @@ use crate::support::*;
 
 /// What a PROXY-aware backend read before the client's bytes.
 #[derive(Debug, Clone, PartialEq)]
-struct Seen {
-    version: u8,
-    source: SocketAddr,
-    destination: SocketAddr,
+pub(crate) struct Seen {
+    pub(crate) version: u8,
+    pub(crate) source: SocketAddr,
+    pub(crate) destination: SocketAddr,
     /// v2 TLVs, in order: (type, value).
-    tlvs: Vec<(u8, Vec<u8>)>,
+    pub(crate) tlvs: Vec<(u8, Vec<u8>)>,
 }
 
 /// A backend that reads a PROXY v1 or v2 header, reports it, then echoes.
-struct ProxyBackend {
-    backend: Backend,
+pub(crate) struct ProxyBackend {
+    pub(crate) backend: Backend,
     seen: Mutex<mpsc::UnboundedReceiver<Result<Seen, String>>>,
 }
 
 impl ProxyBackend {
-    async fn start() -> ProxyBackend {
+    pub(crate) async fn start() -> ProxyBackend {
         let (tx, rx) = mpsc::unbounded_channel();
         let backend = Backend::start(move |mut s: TcpStream| {
             let tx = tx.clone();
@@ -55,7 +55,7 @@ impl ProxyBackend {
     }
 
     /// The next header a connection brought.
-    async fn next(&self) -> Seen {
+    pub(crate) async fn next(&self) -> Seen {
         let mut rx = self.seen.lock().await;
         within("a PROXY header at the backend", rx.recv())
             .await
@@ -161,7 +161,7 @@ fn v2_local() -> Vec<u8> {
 /// Opens a session to `path` from `from`, writing `preamble` first (a balancer's PROXY header,
 /// or nothing), over ws or wss, with extra request headers; returns it and the client socket's
 /// own address (what the gateway sees as its peer).
-async fn open(
+pub(crate) async fn open(
     gw: &Gateway,
     from: IpAddr,
     preamble: &[u8],
@@ -193,7 +193,7 @@ async fn open(
 }
 
 /// Sends `data` and expects it back byte for byte.
-async fn echoes(ws: &mut Ws, data: &[u8]) {
+pub(crate) async fn echoes(ws: &mut Ws, data: &[u8]) {
     send_binary(ws, data).await;
     assert!(read_bytes(ws, data.len()).await == data, "payload came back altered");
 }
