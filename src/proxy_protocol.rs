@@ -57,6 +57,10 @@ pub enum HeaderError {
     /// A v2 header that does not parse.
     #[error("malformed PROXY v2 header: {0}")]
     V2(#[source] v2::ParseError),
+    /// A v2 PROXY header for a datagram (UDP) connection: this is a TCP listener, so whatever
+    /// sent it is not describing this connection.
+    #[error("PROXY v2 header for a datagram connection on a stream listener")]
+    Datagram,
     /// A v2 header longer than `limits.proxy_header_max_bytes`.
     #[error("PROXY v2 header of {len} bytes is over limits.proxy_header_max_bytes ({max})")]
     TooLong {
@@ -106,6 +110,9 @@ async fn read_v2(stream: &mut TcpStream, head: &[u8; SHORTEST], max: usize) -> R
     header.resize(len, 0);
     stream.read_exact(&mut header[V2_FIXED..]).await?;
     let parsed = v2::Header::try_from(header.as_slice()).map_err(HeaderError::V2)?;
+    if parsed.command == Command::Proxy && parsed.protocol == v2::Protocol::Datagram {
+        return Err(HeaderError::Datagram);
+    }
     Ok(match (parsed.command, parsed.addresses) {
         (Command::Local, _) => Carried::Balancer,
         (Command::Proxy, v2::Addresses::IPv4(a)) => Carried::Client {

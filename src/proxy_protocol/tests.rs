@@ -88,6 +88,12 @@ async fn local_missing_and_truncated() {
     assert!(matches!(result, Err(HeaderError::V1(_))), "{result:?}");
     let (result, _) = read_from(&local[..15], 4096).await;
     assert!(matches!(result, Err(HeaderError::Closed)), "{result:?}");
+    // A UDP client's header describes some other connection than this TCP one.
+    let addresses = v2::IPv4::new([203, 0, 113, 9], [10, 0, 0, 1], 4000, 443);
+    let udp =
+        v2::Builder::with_addresses(v2::Version::Two | Command::Proxy, Protocol::Datagram, addresses).build().unwrap();
+    let (result, _) = read_from(&udp, 4096).await;
+    assert!(matches!(result, Err(HeaderError::Datagram)), "{result:?}");
 }
 
 /// What a backend gets: v1 as text, in one family; v2 with the SSL TLV (CN) and the user TLV.
