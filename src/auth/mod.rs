@@ -157,16 +157,7 @@ pub async fn authenticate(
     req: Presented<'_>,
     guard: Guard<'_>,
 ) -> Result<Authenticated, Failure> {
-    let now = Instant::now();
-    if let Some(until) = guard.clients.auth_blocked(req.client, guard.per_client, now) {
-        let wait = until.saturating_duration_since(now);
-        return Err(Failure::Refused(refuse(
-            StatusCode::TOO_MANY_REQUESTS,
-            Denied::TooManyFailures,
-            "too many failed attempts from this address; try again later".into(),
-            Some((header::RETRY_AFTER, retry_after(wait))),
-        )));
-    }
+    blocked(&guard, req.client)?;
     let outcome = match &auth.check {
         Check::Bearer(tokens) => match token(&auth.config, req.headers, req.query) {
             Carried::None => Err(Verdict::Missing),
@@ -189,12 +180,33 @@ pub async fn authenticate(
             }
         },
     };
-    outcome.map_err(|verdict| {
+    let mut started_block = false;
+    let outcome = outcome.map_err(|verdict| {
         if matches!(verdict, Verdict::Invalid(_)) {
-            guard.clients.auth_failed(req.client, guard.per_client, Instant::now());
+            started_block = guard.clients.auth_failed(req.client, guard.per_client, Instant::now()).is_some();
         }
         Failure::Refused(verdict.refusal(auth))
-    })
+    });
+    // Asked again once the check is done: guesses checked side by side (passwords take a while)
+    // all passed the first question, and those that end after another one began the block
+    // must tell their sender nothing, right or wrong, or the guard would answer more guesses
+    // than it counts.
+    if !started_block {
+        blocked(&guard, req.client)?;
+    }
+    outcome
+}
+
+/// The brute-force guard's answer: 429 with `Retry-After` while `client` is blocked.
+fn blocked(guard: &Guard<'_>, client: IpAddr) -> Result<(), Failure> {
+    let now = Instant::now();
+    let Some(until) = guard.clients.auth_blocked(client, guard.per_client, now) else { return Ok(()) };
+    Err(Failure::Refused(refuse(
+        StatusCode::TOO_MANY_REQUESTS,
+        Denied::TooManyFailures,
+        "too many failed attempts from this address; try again later".into(),
+        Some((header::RETRY_AFTER, retry_after(until.saturating_duration_since(now)))),
+    )))
 }
 
 /// Why a credential did not pass its check.

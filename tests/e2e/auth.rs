@@ -467,3 +467,34 @@ async fn sessions_are_counted_by_user_only_where_configured() {
     assert!(!text.contains("user100") && !text.contains(&"x".repeat(65)), "unbounded labels");
     assert!(!text.contains("wsgate_user_sessions_total{route=\"plain\""), "a route without user_label");
 }
+
+/// Password guesses checked side by side all pass the guard's first question; once one of them
+/// reaches `max_auth_failures`, those still being checked are answered 429 whatever their
+/// password, so a guesser learns no more answers than the guard counts.
+#[tokio::test]
+async fn concurrent_password_guesses_get_no_more_answers_than_the_guard_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = write(dir.path(), "users.htpasswd", &format!("alice:{}\n", bcrypt::hash("alice-pw", 4).unwrap()));
+    let backend = Backend::echo().await;
+    let route = format!("[routes.u.auth]\ntype = \"basic\"\nhtpasswd = {:?}\n", htpasswd.display().to_string());
+    let gw = Gateway::builder()
+        .route_with("u", "/u", &backend.target(), &route)
+        .limit("per_client.max_auth_failures", "3")
+        .limit("max_password_checks", "4")
+        .start()
+        .await;
+    let guess = |i: usize| {
+        let addr = gw.plain;
+        async move {
+            let pw = if i == 11 { "alice-pw".to_string() } else { format!("guess-{i}") };
+            let token = base64::engine::general_purpose::STANDARD.encode(format!("alice:{pw}"));
+            let s = connect_from("127.0.0.2".parse().unwrap(), addr).await.unwrap();
+            raw_http_on(s, &upgrade_request("/u", &format!("Authorization: Basic {token}\r\n"))).await.0
+        }
+    };
+    let statuses = futures_util::future::join_all((0..12).map(guess)).await;
+    let answered = statuses.iter().filter(|&&s| s == 401 || s == 101).count();
+    assert!(answered <= 3, "answers beyond the guard's count: {statuses:?}");
+    assert!(statuses.iter().all(|&s| [401, 101, 429, 503].contains(&s)), "{statuses:?}");
+    assert!(statuses.contains(&429), "{statuses:?}");
+}
