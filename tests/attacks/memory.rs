@@ -2,9 +2,8 @@
 //! `wsgate` binary), so what its resident set gains is its sessions' alone.
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::support::*;
@@ -172,17 +171,7 @@ impl GatewayProcess {
             ),
         )
         .unwrap();
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let (child, mut lines) = run_binary(&config, "info");
         let plain = loop {
             let line = within("'listening' log line", lines.next_line()).await.unwrap().expect("wsgate exited early");
             if let Some(url) = line.split("url=ws://").nth(1) {

@@ -8,7 +8,6 @@
 //! refusals (so the check has something to look through).
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::digest::{SHA256, digest};
@@ -17,7 +16,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use futures_util::SinkExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::AsyncReadExt;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderName;
@@ -59,18 +58,7 @@ struct Binary {
 
 /// Starts `wsgate run` on `config` with `RUST_LOG=trace`; returns once both listeners are up.
 async fn start(config: &Path) -> Binary {
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "trace")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (child, mut lines) = run_binary(config, "trace");
     let mut seen = String::new();
     let (mut plain, mut admin) = (None, None);
     let after = |line: &str, key: &str| {

@@ -1,5 +1,5 @@
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use crate::support::*;
 
@@ -140,7 +140,6 @@ async fn development_certificate_is_generated_when_allowed() {
 /// echo, and on SIGTERM closes the session with 1001 and exits 0.
 #[tokio::test]
 async fn binary_serves_and_exits_cleanly_on_sigterm() {
-    use tokio::io::{AsyncBufReadExt, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
     // The shipped config, moved to ephemeral ports, with the TCP route sent to a test echo
@@ -160,17 +159,7 @@ async fn binary_serves_and_exits_cleanly_on_sigterm() {
         "the shipped config changed shape; update this test"
     );
     std::fs::write(&config, text).unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (mut child, mut lines) = run_binary(&config, "info");
     let mut plain = None;
     while plain.is_none() {
         let line = within("'listening' log line", lines.next_line()).await.unwrap().expect("wsgate exited early");

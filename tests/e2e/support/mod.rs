@@ -722,3 +722,25 @@ impl std::io::Write for Logs {
         Ok(())
     }
 }
+
+/// `wsgate run --config CONFIG`, the binary as a user starts it, logging at `rust_log` into a
+/// pipe: the process (killed when dropped) and its log lines.
+pub fn run_binary(
+    config: &std::path::Path,
+    rust_log: &str,
+) -> (tokio::process::Child, tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", rust_log)
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    (child, lines)
+}
