@@ -10,7 +10,7 @@ use aws_lc_rs::digest::{SHA256, digest};
 use base64::Engine;
 
 use crate::mtls::{Pki, expect_open, expect_open_as, open as open_with_cert};
-use crate::proxy_protocol::{ProxyBackend, echoes, open};
+use crate::proxy_protocol::{ProxyBackend, echoes};
 use crate::support::*;
 
 const PP2_TYPE_SSL: u8 = 0x20;
@@ -89,7 +89,7 @@ async fn authenticated_user_arrives_as_a_custom_tlv() {
         let from = IpAddr::from([127, 0, 0, 2 + i as u8]);
         let headers: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
         let (mut ws, local) =
-            open(&gw, from, b"", path, secure, &headers).await.unwrap_or_else(|e| panic!("{path}: {e}"));
+            gw.session_via(from, b"", path, secure, &headers).await.unwrap_or_else(|e| panic!("{path}: {e}"));
         let seen = backend.next().await;
         let listener = if secure { gw.secure.unwrap() } else { gw.plain };
         assert_eq!((seen.version, seen.source, seen.destination), (2, local, listener), "{path}");

@@ -9,13 +9,9 @@
 use std::net::{IpAddr, SocketAddr};
 
 use futures_util::StreamExt;
-use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, mpsc};
-use tokio_tungstenite::client_async_with_config;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderName;
 
 use crate::support::*;
 
@@ -158,40 +154,6 @@ fn v2_local() -> Vec<u8> {
     [&V2_SIGNATURE[..], &[0x20, 0x00, 0, 0]].concat()
 }
 
-/// Opens a session to `path` from `from`, writing `preamble` first (a balancer's PROXY header,
-/// or nothing), over ws or wss, with extra request headers; returns it and the client socket's
-/// own address (what the gateway sees as its peer).
-pub(crate) async fn open(
-    gw: &Gateway,
-    from: IpAddr,
-    preamble: &[u8],
-    path: &str,
-    secure: bool,
-    headers: &[(&str, &str)],
-) -> Result<(Ws, SocketAddr), String> {
-    let addr = if secure { gw.secure.expect("gateway built with .tls()") } else { gw.plain };
-    let mut tcp = within("tcp connect", connect_from(from, addr)).await.map_err(|e| format!("connect: {e}"))?;
-    let local = tcp.local_addr().unwrap();
-    tcp.write_all(preamble).await.map_err(|e| format!("write the PROXY header: {e}"))?;
-    let io: Box<dyn Io> = if secure {
-        let connector = tokio_rustls::TlsConnector::from(gw.client_tls());
-        let tls = within("tls handshake", connector.connect(ServerName::try_from("localhost").unwrap(), tcp))
-            .await
-            .map_err(|e| format!("tls: {e}"))?;
-        Box::new(tls)
-    } else {
-        Box::new(tcp)
-    };
-    let url = format!("{}://localhost:{}{path}", if secure { "wss" } else { "ws" }, addr.port());
-    let mut req = url.into_client_request().unwrap();
-    for (k, v) in headers {
-        req.headers_mut().append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
-    }
-    let (ws, _) =
-        within("ws handshake", client_async_with_config(req, io, None)).await.map_err(|e| format!("websocket: {e}"))?;
-    Ok((ws, local))
-}
-
 /// Sends `data` and expects it back byte for byte.
 pub(crate) async fn echoes(ws: &mut Ws, data: &[u8]) {
     send_binary(ws, data).await;
@@ -229,7 +191,7 @@ async fn backend_receives_the_clients_address_and_port() {
     for (i, last) in (2u8..=9).enumerate() {
         let (path, version, secure) =
             ([("/v1", 1, false), ("/v2", 2, false), ("/v1", 1, true), ("/v2", 2, true)])[i % 4];
-        let (mut ws, local) = open(&gw, IpAddr::from([127, 0, 0, last]), b"", path, secure, &[]).await.unwrap();
+        let (mut ws, local) = gw.session_via(IpAddr::from([127, 0, 0, last]), b"", path, secure, &[]).await.unwrap();
         let seen = backend.next().await;
         let listener = if secure { gw.secure.unwrap() } else { gw.plain };
         assert_eq!((seen.version, seen.source, seen.destination), (version, local, listener), "client {last}");
@@ -257,7 +219,7 @@ async fn trusted_balancer_header_is_honoured() {
         .await;
     let balancer = IpAddr::from([127, 0, 0, 1]);
     let v1 = b"PROXY TCP4 203.0.113.7 192.0.2.80 4242 80\r\n";
-    let (mut ws, _) = open(&gw, balancer, v1, "/pp", false, &[]).await.unwrap();
+    let (mut ws, _) = gw.session_via(balancer, v1, "/pp", false, &[]).await.unwrap();
     let seen = backend.next().await;
     assert_eq!(
         (seen.source, seen.destination),
@@ -269,7 +231,7 @@ async fn trusted_balancer_header_is_honoured() {
     expect_end(&mut ws).await;
 
     let (src, dst) = ("[2001:db8::7]:5555".parse().unwrap(), "[2001:db8::1]:443".parse().unwrap());
-    let (mut wss, _) = open(&gw, balancer, &v2_header(src, dst), "/pp", true, &[]).await.unwrap();
+    let (mut wss, _) = gw.session_via(balancer, &v2_header(src, dst), "/pp", true, &[]).await.unwrap();
     let seen = backend.next().await;
     assert_eq!((seen.source, seen.destination), (src, dst));
     assert_eq!(seen.tlvs, vec![(0x20, vec![0x01, 0, 0, 0, 0])], "the client came over TLS");
@@ -300,8 +262,8 @@ async fn per_client_limits_count_the_carried_address() {
         .await;
     let balancer = IpAddr::from([127, 0, 0, 1]);
     let header = |ip: &str, port: u16| format!("PROXY TCP4 {ip} 127.0.0.1 {port} 80\r\n").into_bytes();
-    let (mut a, _) = open(&gw, balancer, &header("198.51.100.1", 1000), "/echo", false, &[]).await.unwrap();
-    let (mut b, _) = open(&gw, balancer, &header("198.51.100.2", 1000), "/echo", false, &[]).await.unwrap();
+    let (mut a, _) = gw.session_via(balancer, &header("198.51.100.1", 1000), "/echo", false, &[]).await.unwrap();
+    let (mut b, _) = gw.session_via(balancer, &header("198.51.100.2", 1000), "/echo", false, &[]).await.unwrap();
     echoes(&mut a, b"a").await;
     echoes(&mut b, b"b").await;
     let again = [header("198.51.100.1", 1001), upgrade_request("/echo", "").into_bytes()].concat();
@@ -353,7 +315,7 @@ async fn trusted_peer_without_a_header_is_refused() {
 async fn v2_local_keeps_the_balancers_address() {
     let (logs, _guard) = Logs::capture_at(tracing::Level::INFO);
     let gw = Gateway::builder().listener_keys(TRUST_LOOPBACK_1).route("echo", "/echo", "builtin:echo").start().await;
-    let (mut ws, local) = open(&gw, [127, 0, 0, 1].into(), &v2_local(), "/echo", false, &[]).await.unwrap();
+    let (mut ws, local) = gw.session_via([127, 0, 0, 1].into(), &v2_local(), "/echo", false, &[]).await.unwrap();
     echoes(&mut ws, b"health").await;
     within("close", ws.close(None)).await.unwrap();
     expect_end(&mut ws).await;
@@ -374,11 +336,11 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
         .start()
         .await;
     let xff = [("X-Forwarded-For", "6.6.6.6, 198.51.100.9, 127.0.0.1")];
-    let (mut trusted, _) = open(&gw, [127, 0, 0, 1].into(), b"", "/pp", false, &xff).await.unwrap();
+    let (mut trusted, _) = gw.session_via([127, 0, 0, 1].into(), b"", "/pp", false, &xff).await.unwrap();
     let seen = backend.next().await;
     assert_eq!((seen.source, seen.destination), ("198.51.100.9:0".parse().unwrap(), gw.plain));
     echoes(&mut trusted, b"forwarded").await;
-    let (mut untrusted, local) = open(&gw, [127, 0, 0, 2].into(), b"", "/pp", false, &xff).await.unwrap();
+    let (mut untrusted, local) = gw.session_via([127, 0, 0, 2].into(), b"", "/pp", false, &xff).await.unwrap();
     let seen = backend.next().await;
     assert_eq!((seen.source, seen.destination), (local, gw.plain));
     echoes(&mut untrusted, b"spoofed").await;
@@ -403,7 +365,7 @@ async fn proxy_protocol_is_turned_on_by_a_reload() {
     std::fs::write(&path, Gateway::builder().route("echo", "/echo", "builtin:echo").toml()).unwrap();
     let gw = Gateway::from_file(&path).await;
     let balancer = IpAddr::from([127, 0, 0, 1]);
-    let (mut before, _) = open(&gw, balancer, b"", "/echo", false, &[]).await.unwrap();
+    let (mut before, _) = gw.session_via(balancer, b"", "/echo", false, &[]).await.unwrap();
     echoes(&mut before, b"before").await;
 
     let behind_balancer = Gateway::builder().listener_keys(TRUST_LOOPBACK_1).route("echo", "/echo", "builtin:echo");
@@ -414,6 +376,6 @@ async fn proxy_protocol_is_turned_on_by_a_reload() {
     let refused = [("listener", "plain"), ("reason", "proxy_header")];
     assert_eq!(scrape(&gw, "wsgate_connections_refused_total", &refused).await, 1.0);
     let header = b"PROXY TCP4 198.51.100.3 127.0.0.1 3333 80\r\n";
-    let (mut after, _) = open(&gw, balancer, header, "/echo", false, &[]).await.unwrap();
+    let (mut after, _) = gw.session_via(balancer, header, "/echo", false, &[]).await.unwrap();
     echoes(&mut after, b"after").await;
 }

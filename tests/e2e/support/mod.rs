@@ -319,10 +319,26 @@ impl Gateway {
     /// Opens a ws:// (or, with `secure`, wss://) session to `path` from the loopback address
     /// `src`; the error says what failed.
     pub async fn session_from(&self, src: std::net::IpAddr, path: &str, secure: bool) -> Result<Ws, String> {
+        self.session_via(src, b"", path, secure, &[]).await.map(|(ws, _)| ws)
+    }
+
+    /// Opens a session to `path` from `src`, writing `preamble` first (a balancer's PROXY
+    /// header, or nothing), over ws or wss, with extra request headers; returns it and the
+    /// client socket's own address (what the gateway sees as its peer).
+    pub async fn session_via(
+        &self,
+        src: std::net::IpAddr,
+        preamble: &[u8],
+        path: &str,
+        secure: bool,
+        headers: &[(&str, &str)],
+    ) -> Result<(Ws, SocketAddr), String> {
         let addr = if secure { self.secure.expect("gateway built with .tls()") } else { self.plain };
-        let tcp = within("tcp connect", connect_from(src, addr)).await.map_err(|e| format!("connect: {e}"))?;
+        let mut tcp = within("tcp connect", connect_from(src, addr)).await.map_err(|e| format!("connect: {e}"))?;
+        let local = tcp.local_addr().unwrap();
+        tcp.write_all(preamble).await.map_err(|e| format!("write the preamble: {e}"))?;
         let io: Box<dyn Io> = if secure {
-            let connector = tokio_rustls::TlsConnector::from(self.ca.as_ref().unwrap().client_config());
+            let connector = tokio_rustls::TlsConnector::from(self.client_tls());
             let tls = within("tls handshake", connector.connect(ServerName::try_from("localhost").unwrap(), tcp))
                 .await
                 .map_err(|e| format!("tls: {e}"))?;
@@ -331,10 +347,15 @@ impl Gateway {
             Box::new(tcp)
         };
         let url = format!("{}://localhost:{}{path}", if secure { "wss" } else { "ws" }, addr.port());
-        let (ws, _) = within("ws handshake", client_async_with_config(url, io, Some(client_ws_config())))
+        let mut req = url.into_client_request().unwrap();
+        for (k, v) in headers {
+            let name = tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap();
+            req.headers_mut().append(name, v.parse().unwrap());
+        }
+        let (ws, _) = within("ws handshake", client_async_with_config(req, io, Some(client_ws_config())))
             .await
             .map_err(|e| format!("websocket: {e}"))?;
-        Ok(ws)
+        Ok((ws, local))
     }
 
     /// Opens a wss:// session to `path`, verifying the test CA's certificate for `localhost`.
