@@ -198,6 +198,11 @@ impl Clients {
             sweep(&mut entries, now, limits.new_connections_per_sec, burst);
         }
         let entry = entries.entry(key).or_insert_with(|| Entry::new(burst, now));
+        // A check that ends during a block was begun before it (blocked clients are not
+        // checked): its answer is already 429, and counting it would start a second block.
+        if entry.auth_blocked_until.is_some_and(|until| until > now) {
+            return None;
+        }
         if entry.auth_window_ends <= now {
             entry.auth_failures = 0;
             entry.auth_window_ends = now + limits.auth_failure_window;
@@ -310,6 +315,10 @@ mod tests {
         assert_eq!(clients.auth_failed(guesser, &l, t0), None);
         assert_eq!(clients.auth_blocked(guesser, &l, t0), None);
         assert_eq!(clients.auth_failed(guesser, &l, t0), Some(t0 + Duration::from_secs(30)));
+        // Checks begun before the block and ending in it start no second block, however many.
+        for _ in 0..6 {
+            assert_eq!(clients.auth_failed(guesser, &l, t0 + Duration::from_secs(1)), None);
+        }
         assert_eq!(clients.auth_blocked(guesser, &l, t0 + Duration::from_secs(29)), Some(t0 + Duration::from_secs(30)));
         assert_eq!(clients.auth_blocked(ip("10.0.0.2"), &l, t0), None);
         assert_eq!(clients.auth_blocked(guesser, &l, t0 + Duration::from_secs(30)), None);

@@ -470,7 +470,7 @@ async fn sessions_are_counted_by_user_only_where_configured() {
 
 /// Password guesses checked side by side all pass the guard's first question; once one of them
 /// reaches `max_auth_failures`, those still being checked are answered 429 whatever their
-/// password, so a guesser learns no more answers than the guard counts.
+/// password, so a guesser learns of no more wrong guesses than the guard counts.
 #[tokio::test]
 async fn concurrent_password_guesses_get_no_more_answers_than_the_guard_counts() {
     let dir = tempfile::tempdir().unwrap();
@@ -493,8 +493,9 @@ async fn concurrent_password_guesses_get_no_more_answers_than_the_guard_counts()
         }
     };
     let statuses = futures_util::future::join_all((0..12).map(guess)).await;
-    let answered = statuses.iter().filter(|&&s| s == 401 || s == 101).count();
-    assert!(answered <= 3, "answers beyond the guard's count: {statuses:?}");
+    // The right password may be answered too, if its check ends before the block begins.
+    let wrong_answered = statuses.iter().filter(|&&s| s == 401).count();
+    assert!(wrong_answered <= 3, "answers beyond the guard's count: {statuses:?}");
     assert!(statuses.iter().all(|&s| [401, 101, 429, 503].contains(&s)), "{statuses:?}");
     assert!(statuses.contains(&429), "{statuses:?}");
 }
