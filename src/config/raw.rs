@@ -76,7 +76,7 @@ pub(super) struct RawRoute {
     #[serde(rename = "match")]
     pub path_match: Option<Choice<PathMatch>>,
     pub host: Option<String>,
-    pub backend: String,
+    pub backend: Option<String>,
     #[serde(default)]
     pub allowed_origins: Vec<String>,
     pub accept: Option<Vec<Choice<AcceptKind>>>,

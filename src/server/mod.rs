@@ -42,13 +42,15 @@ use tracing::{debug, warn};
 use tungstenite::handshake::derive_accept_key;
 
 mod accept;
+mod access;
 
 use accept::{Handshake, HandshakePlace, Slot};
 pub(crate) use accept::{Listener, OVERFLOW_RESPONSES, accept_bounded, accept_loop};
+use access::{authenticate, refuse_in_band};
 
 use crate::admission::{Admission, HandshakeLease, LoadGuard, Over, Shed};
 use crate::auth;
-use crate::backend::{self, ConnectFailure};
+use crate::backend::{self, ConnectFailure, DialRequest};
 use crate::client_addr;
 use crate::client_cert::ClientCert;
 use crate::client_stream::{ClientIo, ClientStream};
@@ -407,7 +409,8 @@ async fn upgrade(
         .proxy_protocol
         .map(|version| proxy_protocol::header(version, client, conn.local, &admitted.identity, conn.secure))
         .unwrap_or_default();
-    let (place, dialed) = match start(entry, conn, shared, &preamble).await {
+    let dial = DialRequest { client, path: req.uri().path(), query: req.uri().query() };
+    let (place, dialed) = match start(entry, conn, shared, &dial, &preamble).await {
         Ok((place, dialed)) => (Some(place), dialed),
         Err(not) => {
             if let NotStarted::Shed(shed) = not {
@@ -446,83 +449,6 @@ async fn upgrade(
     Ok(response)
 }
 
-/// The route's access policy (`auth`), if it has one: who the client is, or the refusal
-/// (counted here when the password checks are full; `respond` counts the others).
-async fn authenticate(
-    req: &Request<Incoming>,
-    parts: policy::Request<'_>,
-    entry: &Entry,
-    conn: &Connection,
-    shared: &Shared,
-) -> Result<auth::Authenticated, Refusal> {
-    let Some(route_auth) = conn.snapshot.auth.get(&entry.route.name) else {
-        if entry.route.auth.is_none() {
-            return Ok(auth::Authenticated::default());
-        }
-        // Cannot happen: a snapshot is built with every route's policy or not at all. Fail closed.
-        warn!(route = %entry.route.name, "bug: the route's auth policy is not loaded; refusing");
-        return Err(Refusal::internal());
-    };
-    let limits = &conn.snapshot.limits;
-    let presented = auth::Presented { headers: req.headers(), query: req.uri().query(), client: parts.peer.ip() };
-    let guard = auth::Guard {
-        clients: &shared.admission.clients,
-        per_client: &limits.per_client,
-        checks: &shared.password_checks,
-        max_checks: limits.max_password_checks,
-    };
-    match auth::authenticate(route_auth, &entry.route.name, presented, guard).await {
-        Ok(who) => Ok(who),
-        Err(auth::Failure::Refused(refusal)) => Err(refusal),
-        Err(auth::Failure::Shed(shed)) => {
-            entry.metrics.shed(shed.label());
-            Err(Refusal::shed(shed))
-        }
-    }
-}
-
-/// A refusal of the access policy on a route with `on_refusal = "close"`: the upgrade
-/// completes without a backend, and the session closes at once with 4401, 4403 or 4429 and the
-/// reason, which a page can read (an HTTP refusal shows it only 1006). Counted and logged as
-/// `respond` does HTTP refusals. Any other refusal is returned as it is.
-fn refuse_in_band(
-    req: &mut Request<Incoming>,
-    entry: &Arc<Entry>,
-    conn: &Connection,
-    shared: &Shared,
-    client: SocketAddr,
-    subprotocol: Option<String>,
-    refusal: Refusal,
-) -> Result<Response<Full<Bytes>>, Refusal> {
-    let RefusalKind::Access(denied) = refusal.kind else { return Err(refusal) };
-    if entry.route.on_refusal != crate::config::OnRefusal::Close {
-        return Err(refusal);
-    }
-    let route = entry.route.name.as_str();
-    entry.metrics.access_denied(denied.label());
-    let (status, reason) = (refusal.status.as_u16(), &refusal.reason);
-    match entry.metrics.access_warnings.allow() {
-        Some(suppressed) => warn!(route, status, %reason, suppressed, "request refused (closed in band)"),
-        None => debug!(route, status, %reason, "request refused (closed in band)"),
-    }
-    conn.finish_handshake();
-    let key = req.headers().get(header::SEC_WEBSOCKET_KEY).map(HeaderValue::as_bytes).unwrap_or_default();
-    let response = switching_protocols(key, subprotocol.as_deref());
-    let ctx = session::Context {
-        id: shared.next_session.fetch_add(1, Ordering::Relaxed),
-        entry: entry.clone(),
-        client_addr: client,
-        identity: policy::Identity::default(),
-        close_window: conn.snapshot.shutdown.close_window,
-        credentials_expire: None,
-    };
-    let slot = conn.slot.clone();
-    let dialed = Dialed::Refused(denied, refusal.reason);
-    let session = session::run(hyper::upgrade::on(req), dialed, ctx, shared.stop.clone(), shared.abort.clone());
-    shared.tasks.spawn(session.map(move |()| drop(slot)));
-    Ok(response)
-}
-
 /// Why an admitted request gets no session.
 enum NotStarted {
     /// A bound of the route or the gateway.
@@ -531,13 +457,14 @@ enum NotStarted {
     Failed(ConnectFailure),
 }
 
-/// The bounds a session starts under, then the dial (with `preamble`, the route's PROXY
-/// header, written first): the session's place on its route and its backend, or why not. The
+/// The bounds a session starts under, then the dial (for `req`, with `preamble`, the route's
+/// PROXY header, written first): the session's place on its route and its backend, or why not. The
 /// route's cap on connects in progress is held only while dialling.
 async fn start(
     entry: &Entry,
     conn: &Connection,
     shared: &Shared,
+    req: &DialRequest<'_>,
     preamble: &[u8],
 ) -> Result<(LoadGuard, Dialed), NotStarted> {
     let place = entry.load.session(entry.limits.max_sessions).map_err(NotStarted::Shed)?;
@@ -545,7 +472,7 @@ async fn start(
         return Err(NotStarted::Shed(Shed::Memory));
     }
     let connecting = entry.load.connect(entry.limits.max_pending_connects).map_err(NotStarted::Shed)?;
-    let dialed = session::dial(entry, preamble).await.map_err(|e| NotStarted::Failed(e.failure()))?;
+    let dialed = session::dial(entry, req, preamble).await.map_err(|e| NotStarted::Failed(e.failure()))?;
     drop(connecting);
     Ok((place, dialed))
 }

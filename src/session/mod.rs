@@ -23,7 +23,7 @@ use tracing::{Instrument, Span, debug, error, field, info, info_span, warn};
 use tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::admission::Shed;
-use crate::backend::{BackendError, ConnectFailure};
+use crate::backend::{BackendError, ConnectFailure, DialRequest};
 use crate::bridge::{self, Accept, BridgeMetrics, Framing, Liveness, SessionTotals};
 use crate::client_stream;
 use crate::config::Outbound;
@@ -79,10 +79,10 @@ pub struct Context {
 /// answers the upgrade, so `onopen` means the backend is there. Records the connect time or the failure (metric, and a
 /// warning with the address, at most one per route per `throttle::WARN_INTERVAL`); what the
 /// client sees of a failure is the caller's choice.
-pub async fn dial(entry: &Entry, preamble: &[u8]) -> Result<Dialed, BackendError> {
+pub async fn dial(entry: &Entry, req: &DialRequest<'_>, preamble: &[u8]) -> Result<Dialed, BackendError> {
     let Target::Tcp(dialer) = &entry.target else { return Ok(Dialed::Echo) };
     let started = Instant::now();
-    match dialer.connect(preamble).await {
+    match dialer.connect(req, preamble).await {
         Ok(stream) => {
             entry.metrics.connect_duration.record(started.elapsed().as_secs_f64());
             Ok(Dialed::Tcp(stream))

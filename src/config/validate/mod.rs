@@ -200,7 +200,13 @@ impl Validator<'_> {
             None => Some(None),
             Some(h) => self.host_pattern(&format!("{key}.host"), &h).map(Some),
         };
-        let backend = self.backend(&format!("{key}.backend"), &raw.backend);
+        let backend = match &raw.backend {
+            Some(value) => self.backend(&format!("{key}.backend"), value),
+            None => {
+                self.fail(format!("{key}.backend"), "missing field: every route needs a backend");
+                None
+            }
+        };
         let allowed_origins = self.origins(&format!("{key}.allowed_origins"), raw.allowed_origins);
         let accept = self.accept(&format!("{key}.accept"), raw.accept);
         let outbound = self.choice(&format!("{key}.outbound"), raw.outbound, Outbound::Binary);

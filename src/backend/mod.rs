@@ -1,4 +1,4 @@
-//! Connects a session to its backend TCP service.
+//! Connects a session to its backend service.
 //!
 //! Names are resolved at connect time (so DNS changes apply to new sessions without a reload)
 //! and every resolved address is tried in order, within one overall timeout: a dual-stack name
@@ -107,15 +107,39 @@ impl BackendError {
     }
 }
 
-/// How a route reaches its TCP backend: the address and the connect settings, fixed when the
-/// route table is built. One address today; the seam where a pool of them will go.
+/// What a dial may look at of the request it serves: a pool balances on the client, a
+/// token-mapped route finds its target in the path or query.
+#[derive(Debug, Clone, Copy)]
+pub struct DialRequest<'a> {
+    /// The client's address (after PROXY protocol and trusted forwarded headers).
+    pub client: SocketAddr,
+    /// The request target's path.
+    pub path: &'a str,
+    /// The request target's query, if any.
+    pub query: Option<&'a str>,
+}
+
+/// How a route reaches its backend: the connect settings, and which backend a session goes to;
+/// fixed when the route table is built.
 #[derive(Debug, Clone)]
 pub struct Dialer {
-    host: String,
-    port: u16,
+    settings: Settings,
+    choice: Choice,
+}
+
+/// How every backend connection of a route is made.
+#[derive(Debug, Clone, Copy)]
+struct Settings {
     timeout: Duration,
     keepalive: Option<Duration>,
     user_timeout: Option<Duration>,
+}
+
+/// Which backend a session goes to.
+#[derive(Debug, Clone)]
+enum Choice {
+    /// Always the one `host:port`.
+    One { host: String, port: u16 },
 }
 
 impl Dialer {
@@ -128,19 +152,33 @@ impl Dialer {
         keepalive: Option<Duration>,
         user_timeout: Option<Duration>,
     ) -> Dialer {
-        Dialer { host: host.to_string(), port, timeout, keepalive, user_timeout }
+        Dialer {
+            settings: Settings { timeout, keepalive, user_timeout },
+            choice: Choice::One { host: host.to_string(), port },
+        }
     }
 
-    /// Connects the backend: resolves the name now (so DNS changes apply without a reload) and
-    /// tries every address, then writes `preamble` (a PROXY protocol header, or nothing) before
-    /// any other byte, all within the timeout.
-    pub async fn connect(&self, preamble: &[u8]) -> Result<TcpStream, BackendError> {
+    /// Connects the backend `req` goes to: resolves the name now (so DNS changes apply without
+    /// a reload) and tries every address, then writes `preamble` (a PROXY protocol header, or
+    /// nothing) before any other byte, all within the timeout.
+    pub async fn connect(&self, req: &DialRequest<'_>, preamble: &[u8]) -> Result<TcpStream, BackendError> {
+        match &self.choice {
+            Choice::One { host, port } => {
+                let _ = req;
+                self.settings.connect(host, *port, preamble).await
+            }
+        }
+    }
+}
+
+impl Settings {
+    async fn connect(&self, host: &str, port: u16, preamble: &[u8]) -> Result<TcpStream, BackendError> {
         if preamble.is_empty() {
-            return connect(&self.host, self.port, self.timeout, self.keepalive, self.user_timeout).await;
+            return connect(host, port, self.timeout, self.keepalive, self.user_timeout).await;
         }
         let started = tokio::time::Instant::now();
-        let mut stream = connect(&self.host, self.port, self.timeout, self.keepalive, self.user_timeout).await?;
-        let target = || display_target(&self.host, self.port);
+        let mut stream = connect(host, port, self.timeout, self.keepalive, self.user_timeout).await?;
+        let target = || display_target(host, port);
         // A fresh socket's send buffer takes a header at once; the bound is for a backend whose
         // connection is already failing.
         match tokio::time::timeout_at(started + self.timeout, stream.write_all(preamble)).await {

@@ -1,0 +1,98 @@
+//! The access steps of an upgrade that answer for the route's access policy: its credentials
+//! (`auth`), and the in-band answer (`on_refusal = "close"`) to an access refusal. Kept apart
+//! from `upgrade`'s sequence so that reads as its steps.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response};
+use tracing::{debug, warn};
+
+use super::{Connection, Shared, switching_protocols};
+use crate::auth;
+use crate::policy::{self, Refusal, RefusalKind};
+use crate::router::Entry;
+use crate::session::{self, Dialed};
+
+/// The route's access policy (`auth`), if it has one: who the client is, or the refusal
+/// (counted here when the password checks are full; `respond` counts the others).
+pub(super) async fn authenticate(
+    req: &Request<Incoming>,
+    parts: policy::Request<'_>,
+    entry: &Entry,
+    conn: &Connection,
+    shared: &Shared,
+) -> Result<auth::Authenticated, Refusal> {
+    let Some(route_auth) = conn.snapshot.auth.get(&entry.route.name) else {
+        if entry.route.auth.is_none() {
+            return Ok(auth::Authenticated::default());
+        }
+        // Cannot happen: a snapshot is built with every route's policy or not at all. Fail closed.
+        warn!(route = %entry.route.name, "bug: the route's auth policy is not loaded; refusing");
+        return Err(Refusal::internal());
+    };
+    let limits = &conn.snapshot.limits;
+    let presented = auth::Presented { headers: req.headers(), query: req.uri().query(), client: parts.peer.ip() };
+    let guard = auth::Guard {
+        clients: &shared.admission.clients,
+        per_client: &limits.per_client,
+        checks: &shared.password_checks,
+        max_checks: limits.max_password_checks,
+    };
+    match auth::authenticate(route_auth, &entry.route.name, presented, guard).await {
+        Ok(who) => Ok(who),
+        Err(auth::Failure::Refused(refusal)) => Err(refusal),
+        Err(auth::Failure::Shed(shed)) => {
+            entry.metrics.shed(shed.label());
+            Err(Refusal::shed(shed))
+        }
+    }
+}
+
+/// A refusal of the access policy on a route with `on_refusal = "close"`: the upgrade
+/// completes without a backend, and the session closes at once with 4401, 4403 or 4429 and the
+/// reason, which a page can read (an HTTP refusal shows it only 1006). Counted and logged as
+/// `respond` does HTTP refusals. Any other refusal is returned as it is.
+pub(super) fn refuse_in_band(
+    req: &mut Request<Incoming>,
+    entry: &Arc<Entry>,
+    conn: &Connection,
+    shared: &Shared,
+    client: SocketAddr,
+    subprotocol: Option<String>,
+    refusal: Refusal,
+) -> Result<Response<Full<Bytes>>, Refusal> {
+    let RefusalKind::Access(denied) = refusal.kind else { return Err(refusal) };
+    if entry.route.on_refusal != crate::config::OnRefusal::Close {
+        return Err(refusal);
+    }
+    let route = entry.route.name.as_str();
+    entry.metrics.access_denied(denied.label());
+    let (status, reason) = (refusal.status.as_u16(), &refusal.reason);
+    match entry.metrics.access_warnings.allow() {
+        Some(suppressed) => warn!(route, status, %reason, suppressed, "request refused (closed in band)"),
+        None => debug!(route, status, %reason, "request refused (closed in band)"),
+    }
+    conn.finish_handshake();
+    let key = req.headers().get(header::SEC_WEBSOCKET_KEY).map(HeaderValue::as_bytes).unwrap_or_default();
+    let response = switching_protocols(key, subprotocol.as_deref());
+    let ctx = session::Context {
+        id: shared.next_session.fetch_add(1, Ordering::Relaxed),
+        entry: entry.clone(),
+        client_addr: client,
+        identity: policy::Identity::default(),
+        close_window: conn.snapshot.shutdown.close_window,
+        credentials_expire: None,
+    };
+    let slot = conn.slot.clone();
+    let dialed = Dialed::Refused(denied, refusal.reason);
+    let session = session::run(hyper::upgrade::on(req), dialed, ctx, shared.stop.clone(), shared.abort.clone());
+    shared.tasks.spawn(session.map(move |()| drop(slot)));
+    Ok(response)
+}
