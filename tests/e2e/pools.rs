@@ -341,16 +341,20 @@ async fn a_drained_backend_keeps_its_sessions_and_gets_no_new_ones() {
     assert_eq!(backend_metric(&gw, "wsgate_backend_sessions", &c).await, 2.0);
 }
 
-/// A member at `max_sessions` gets no more; when every member is full the route's
-/// `on_backend_unavailable` answers (1013 in band, or 503), and a freed place is used again.
+/// A member at `max_sessions` gets no more, across a reload too; when every member is full the
+/// route's `on_backend_unavailable` answers (1013 in band, or 503), and a freed place is used
+/// again.
 #[tokio::test]
 async fn a_backend_at_its_cap_gets_no_more() {
     let [a, b, _] = three().await;
-    let gw = Gateway::builder()
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wsgate.toml");
+    let config = Gateway::builder()
         .route_table("p", "/p", &backends(&[(&a, ", max_sessions = 3"), (&b, ", max_sessions = 5")]))
         .route_table("q", "/q", &format!("on_backend_unavailable = \"http\"\n{}", backends(&[(&a, ", max_sessions = 1")])))
-        .start()
-        .await;
+        .toml();
+    std::fs::write(&path, &config).unwrap();
+    let gw = Gateway::from_file(&path).await;
     let mut held = Vec::new();
     for i in 0..8 {
         let (mut ws, name) = open(&gw, "/p").await;
@@ -359,6 +363,9 @@ async fn a_backend_at_its_cap_gets_no_more() {
     }
     let names: Vec<u8> = held.iter().map(|(_, n)| *n).collect();
     assert_eq!((count(&names, b'a'), count(&names, b'b')), (3, 5), "{names:?}");
+    // The members' session counts outlive a reload, as the caps they are held to.
+    std::fs::write(&path, config.replace("max_sessions = 5", "max_sessions = 5, weight = 2")).unwrap();
+    gw.reloader.reload_file(&path).expect("reload");
     let mut full = gw.ws("/p").await;
     let (data, code, reason) = read_until_close(&mut full).await;
     assert_eq!((data.len(), code, reason.as_str()), (0, 1013, "backend unavailable: no backend available"));
