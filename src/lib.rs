@@ -346,12 +346,7 @@ fn snapshot(
     let auth = auth::load(config).map_err(StartError::Auth)?;
     Ok(Snapshot {
         auth,
-        router: router::Router::new(
-            &config.routes,
-            |name| metrics.route(name),
-            |name| admission.route(name),
-            pools,
-        ),
+        router: router::Router::new(&config.routes, |name| metrics.route(name), |name| admission.route(name), pools),
         limits: config.limits.clone(),
         shutdown: config.shutdown.clone(),
         tls,

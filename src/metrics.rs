@@ -353,7 +353,11 @@ fn describe(r: &PrometheusRecorder) {
             Some(Unit::Count),
             "Config reloads, by result (ok: applied; error: rejected, the old config stayed).",
         ),
-        d(names::BACKEND_SESSIONS_TOTAL, Some(Unit::Count), "Sessions given to each pool member, by route and backend."),
+        d(
+            names::BACKEND_SESSIONS_TOTAL,
+            Some(Unit::Count),
+            "Sessions given to each pool member, by route and backend.",
+        ),
         d(
             names::BACKEND_FAILED_CONNECTS,
             Some(Unit::Count),

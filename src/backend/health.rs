@@ -58,7 +58,8 @@ async fn check_member(pool: Arc<Pool>, i: usize, check: ActiveCheck) {
 /// One check of member `i`; the error says what failed.
 async fn probe(pool: &Pool, i: usize, check: &ActiveCheck) -> Result<(), &'static str> {
     let m = &pool.members[i].config;
-    let mut stream = super::connect(&m.host, m.port, check.timeout, None, None).await.map_err(|e| e.failure().label())?;
+    let mut stream =
+        super::connect(&m.host, m.port, check.timeout, None, None).await.map_err(|e| e.failure().label())?;
     if let Some(version) = pool.proxy {
         stream.write_all(local_header(version)).await.map_err(|_| "write failed")?;
     }

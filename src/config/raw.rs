@@ -19,8 +19,8 @@ use serde::de::{DeserializeOwned, Deserializer};
 use toml::Spanned;
 
 use super::{
-    Balance, ClientAuthMode, Config, ForwardedHeader, JwtAlgorithm, LogFormat, OnRefusal, Outbound, PathMatch, ProxyVersion,
-    Unavailable,
+    Balance, ClientAuthMode, Config, ForwardedHeader, JwtAlgorithm, LogFormat, OnRefusal, Outbound, PathMatch,
+    ProxyVersion, Unavailable,
 };
 
 #[derive(Deserialize)]

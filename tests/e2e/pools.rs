@@ -351,7 +351,11 @@ async fn a_backend_at_its_cap_gets_no_more() {
     let path = dir.path().join("wsgate.toml");
     let config = Gateway::builder()
         .route_table("p", "/p", &backends(&[(&a, ", max_sessions = 3"), (&b, ", max_sessions = 5")]))
-        .route_table("q", "/q", &format!("on_backend_unavailable = \"http\"\n{}", backends(&[(&a, ", max_sessions = 1")])))
+        .route_table(
+            "q",
+            "/q",
+            &format!("on_backend_unavailable = \"http\"\n{}", backends(&[(&a, ", max_sessions = 1")])),
+        )
         .toml();
     std::fs::write(&path, &config).unwrap();
     let gw = Gateway::from_file(&path).await;
@@ -382,8 +386,7 @@ async fn a_backend_at_its_cap_gets_no_more() {
     let (mut ws, _) = held.remove(i);
     ws.close(None).await.unwrap();
     expect_end(&mut ws).await;
-    eventually("a's session ended", || async { backend_metric(&gw, "wsgate_backend_sessions", &a).await == 2.0 })
-        .await;
+    eventually("a's session ended", || async { backend_metric(&gw, "wsgate_backend_sessions", &a).await == 2.0 }).await;
     let (_ws, name) = open(&gw, "/p").await;
     assert_eq!(name, b'a');
 }
@@ -430,4 +433,42 @@ async fn health_checks_send_local_proxy_header_and_expect() {
     };
     eventually("wrong is marked down", || async { up("wrong").await == 0.0 }).await;
     assert_eq!(up("good").await, 1.0);
+}
+
+/// `wsgate check` prints each pool (members, weights, caps, health) for the pool example in the
+/// shipped config.toml, uncommented, and names the key of a pool mistake in one line.
+#[test]
+fn check_prints_the_pool_summary() {
+    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")).unwrap();
+    let start = shipped.find("# [routes.mqtt-cluster]").expect("the pool example in config.toml");
+    let example: String = shipped[start..]
+        .lines()
+        .take_while(|l| *l != "#")
+        .map(|l| format!("{}\n", l.strip_prefix("# ").unwrap_or(l)))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool.toml");
+    std::fs::write(&path, format!("[listeners.main]\naddress = \"127.0.0.1:0\"\n{example}")).unwrap();
+    let check = |path: &std::path::Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate")).arg("check").arg(path).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    };
+    let (ok, text) = check(&path);
+    assert!(ok, "{text}");
+    for line in [
+        "-> pool of 3 (least_sessions)",
+        "  backend  a 10.0.0.1:1883 weight 1\n",
+        "  backend  c 10.0.0.3:1883 weight 1, max_sessions 1000\n",
+        "  health   checks every 2s (timeout 1s, rise 2, fall 3); eject after 3 failed connects\n",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+    std::fs::write(
+        &path,
+        format!("[listeners.main]\naddress = \"127.0.0.1:0\"\n{}", example.replace("\"b\"", "\"a\"")),
+    )
+    .unwrap();
+    let (ok, text) = check(&path);
+    assert!(!ok && text.contains("routes.mqtt-cluster.backends: the name \"a\" is used twice"), "{text}");
 }

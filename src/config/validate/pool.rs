@@ -136,7 +136,7 @@ impl Validator<'_> {
         let eject_for = self.seconds(&k("eject_secs"), raw.eject_secs, DEFAULT_EJECT_SECS);
         let interval = match raw.interval_secs {
             Some(Seconds::Whole(0)) => None,
-            Some(Seconds::Fraction(f)) if f == 0.0 => None,
+            Some(Seconds::Fraction(0.0)) => None,
             other => Some(self.seconds(&k("interval_secs"), other, DEFAULT_INTERVAL_SECS)),
         };
         let timeout = self.seconds(&k("timeout_secs"), raw.timeout_secs, DEFAULT_TIMEOUT_SECS);
@@ -215,7 +215,11 @@ expect = "RFB "
     #[test]
     fn pool_mistakes_name_their_key() {
         let both = MINIMAL.replace("backend = ", "backends = [{ name = \"a\", address = \"h:1\" }]\nbackend = ");
-        assert!(errors(&both).contains("routes.echo.backends: a route has either `backend` or `backends`"), "{}", errors(&both));
+        assert!(
+            errors(&both).contains("routes.echo.backends: a route has either `backend` or `backends`"),
+            "{}",
+            errors(&both)
+        );
         let twice = POOL.replace("name = \"b\"", "name = \"a\"");
         assert!(errors(&twice).contains("the name \"a\" is used twice"), "{}", errors(&twice));
         let bad = POOL.replace("10.0.0.1:1883", "10.0.0.1");
