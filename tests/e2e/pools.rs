@@ -274,8 +274,9 @@ async fn a_killed_backend_is_failed_over_and_rejoins() {
     assert_eq!(again, b"abc", "round robin after b rejoined");
 }
 
-/// Without active checks, consecutive failed connects eject a member (`wsgate_backend_up` 0)
-/// and every session still connects, to the others.
+/// Without active checks, consecutive failed connects eject a member (`wsgate_backend_up` 0),
+/// every session still connects, to the others, and the member is tried again after
+/// `eject_secs`.
 #[tokio::test]
 async fn failed_connects_eject_a_member() {
     let [a, b, _] = three().await;
@@ -284,7 +285,9 @@ async fn failed_connects_eject_a_member() {
         "backends = [\n  {{ name = \"a\", address = \"{}\" }},\n  {{ name = \"dead\", address = \"{}\" }},\n  {{ name = \"b\", address = \"{}\" }},\n]\n",
         a.addr, dead.addr, b.addr
     );
-    let gw = Gateway::builder().route_table("p", "/p", &members).start().await;
+    let retried =
+        format!("{members}[routes.r.health]\ninterval_secs = 0\neject_after_failures = 2\neject_secs = 0.2\n");
+    let gw = Gateway::builder().route_table("p", "/p", &members).route_table("r", "/r", &retried).start().await;
     for i in 0..12 {
         let (mut ws, name) = open(&gw, "/p").await;
         echoes(&mut ws, 100, i).await;
@@ -294,6 +297,21 @@ async fn failed_connects_eject_a_member() {
     assert_eq!(scrape(&gw, "wsgate_backend_up", &labels).await, 0.0);
     // Ejected after 3 in a row (the default), so it was not tried again.
     assert_eq!(scrape(&gw, "wsgate_backend_failed_connects_total", &labels).await, 3.0);
+
+    // Without active checks an ejected member is tried again after `eject_secs`: sessions keep
+    // connecting (to the others) meanwhile.
+    let labels = [("route", "r"), ("backend", "dead")];
+    for _ in 0..6 {
+        open(&gw, "/r").await;
+    }
+    assert_eq!(scrape(&gw, "wsgate_backend_failed_connects_total", &labels).await, 2.0);
+    eventually("the ejected member is tried again", || async {
+        let (mut ws, name) = open(&gw, "/r").await;
+        echoes(&mut ws, 100, 1).await;
+        assert!(name == b'a' || name == b'b');
+        scrape(&gw, "wsgate_backend_failed_connects_total", &labels).await > 2.0
+    })
+    .await;
 }
 
 /// Drain by reload: `drain = true` (and then `weight = 0`) gives a member no new sessions while
