@@ -211,7 +211,7 @@ async fn client_hash_keeps_each_client_on_its_backend() {
 async fn a_killed_backend_is_failed_over_and_rejoins() {
     let [a, b, c] = three().await;
     let table = format!(
-        "{}[routes.p.health]\ninterval_secs = 0.1\ntimeout_secs = 0.1\nrise = 2\nfall = 2\n",
+        "{}[routes.p.health]\ninterval_secs = 0.25\ntimeout_secs = 0.25\nrise = 2\nfall = 2\n",
         backends(&[(&a, ""), (&b, ""), (&c, "")])
     );
     let gw = Gateway::builder().route_table("p", "/p", &table).start().await;
@@ -437,7 +437,7 @@ async fn health_checks_send_local_proxy_header_and_expect() {
     .await;
     let table = format!(
         "proxy_protocol = \"v2\"\nbackends = [\n  {{ name = \"good\", address = \"{good_addr}\" }},\n  {{ name = \"wrong\", address = \"{}\" }},\n]\n\
-         [routes.p.health]\ninterval_secs = 0.1\ntimeout_secs = 0.1\nrise = 1\nfall = 2\nsend = \"HELLO\"\nexpect = \"RFB 003\"\n",
+         [routes.p.health]\ninterval_secs = 0.5\ntimeout_secs = 0.5\nrise = 1\nfall = 2\nsend = \"HELLO\"\nexpect = \"RFB 003\"\n",
         wrong.addr
     );
     let gw = Gateway::builder().route_table("p", "/p", &table).start().await;
