@@ -165,7 +165,9 @@ impl Gateway {
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
         let metrics = Arc::new(Metrics::new(config.metrics));
         let admission = Arc::new(Admission::new(&config.limits, metrics.handshakes_in_progress.clone()));
-        let snapshot = snapshot(&config, &metrics, &admission)?;
+        let pools = Arc::new(backend::Pools::new(metrics.clone()));
+        let snapshot = snapshot(&config, &metrics, &admission, &pools)?;
+        pools.publish(snapshot.router.pools());
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
             listeners.push(server::Listener {
@@ -186,7 +188,7 @@ impl Gateway {
         let admin_access = Arc::new(std::sync::RwLock::new(Arc::new(admin_access(&config)?)));
         let shared = Arc::new(Shared::new(&config.limits, admission, metrics, snapshot));
         let running = Arc::new(std::sync::Mutex::new(Arc::new(config)));
-        let reloader = Reloader { shared: shared.clone(), running, admin_access };
+        let reloader = Reloader { shared: shared.clone(), running, admin_access, pools };
         Ok(Gateway { listeners, tcp_echo, admin, shared, ready: Arc::new(AtomicBool::new(false)), reloader })
     }
 
@@ -247,6 +249,8 @@ impl Gateway {
             let state = admin::State { metrics: shared.metrics.clone(), ready: self.ready.clone(), access };
             services.spawn(admin::serve(listener, state, services_stop.clone(), services.clone()));
         }
+        // Pool members' health checks, for the pools of whichever snapshot is in force.
+        services.spawn(backend::health::run(self.reloader.pools.clone(), services_stop.clone()));
         self.ready.store(true, Ordering::Relaxed);
         shared.metrics.ready.set(1.0);
 
@@ -287,6 +291,8 @@ pub struct Reloader {
     running: Arc<std::sync::Mutex<Arc<Config>>>,
     /// Who may read the admin listener, rebuilt (files reread) by each reload.
     admin_access: Arc<std::sync::RwLock<Arc<admin::Access>>>,
+    /// Pool members' states, kept across reloads, and the pools the health task checks.
+    pools: Arc<backend::Pools>,
 }
 
 impl std::fmt::Debug for Reloader {
@@ -312,9 +318,12 @@ impl Reloader {
         if let Some(what) = config::restart_required(&running, &new) {
             return Err(ReloadError::RestartRequired(what));
         }
-        let snapshot = snapshot(&new, &self.shared.metrics, &self.shared.admission).map_err(ReloadError::Tls)?;
+        let snapshot =
+            snapshot(&new, &self.shared.metrics, &self.shared.admission, &self.pools).map_err(ReloadError::Tls)?;
         let admin_access = admin_access(&new).map_err(ReloadError::Tls)?;
+        let pools = snapshot.router.pools();
         self.shared.replace(snapshot);
+        self.pools.publish(pools);
         *self.admin_access.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(admin_access);
         *running = Arc::new(new);
         Ok(())
@@ -322,7 +331,12 @@ impl Reloader {
 }
 
 /// Everything a reload may change, built from `config`: routes, limits, certificates, pages.
-fn snapshot(config: &Config, metrics: &Metrics, admission: &Admission) -> Result<Snapshot, StartError> {
+fn snapshot(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    admission: &Admission,
+    pools: &backend::Pools,
+) -> Result<Snapshot, StartError> {
     let mut tls = HashMap::new();
     for l in &config.listeners {
         if let Some(files) = &l.tls {
@@ -332,7 +346,7 @@ fn snapshot(config: &Config, metrics: &Metrics, admission: &Admission) -> Result
     let auth = auth::load(config).map_err(StartError::Auth)?;
     Ok(Snapshot {
         auth,
-        router: router::Router::new(&config.routes, |name| metrics.route(name), |name| admission.route(name)),
+        router: router::Router::new(&config.routes, |name| metrics.route(name), |name| admission.route(name), pools),
         limits: config.limits.clone(),
         shutdown: config.shutdown.clone(),
         tls,

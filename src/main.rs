@@ -112,6 +112,12 @@ fn check(path: &Path) -> ExitCode {
                 let host = r.host.as_ref().map(|h| format!("{h} ")).unwrap_or_default();
                 let m = if r.path_match == config::PathMatch::Prefix { " (prefix)" } else { "" };
                 println!("route    {:<12} {host}{}{m} -> {}", r.name, r.path, r.backend);
+                if let config::Backend::Pool(pool) = &r.backend {
+                    for member in &pool.members {
+                        println!("  backend  {member}");
+                    }
+                    println!("  health   {}", pool.health);
+                }
             }
             if let Some(addr) = config.builtin.tcp_echo {
                 println!("builtin  tcp_echo     {addr}");

@@ -74,6 +74,16 @@ pub mod names {
     pub const READY: &str = "wsgate_ready";
     /// Counter{reason}: admin requests answered 401 (no bearer token, or a wrong one).
     pub const ADMIN_UNAUTHORIZED: &str = "wsgate_admin_unauthorized_total";
+    /// Gauge{route, backend}: 1 while a pool member takes new sessions by its health, 0 while
+    /// it is down (failed checks) or ejected (failed connects).
+    pub const BACKEND_UP: &str = "wsgate_backend_up";
+    /// Gauge{route, backend}: a pool member's sessions open (and connecting).
+    pub const BACKEND_SESSIONS: &str = "wsgate_backend_sessions";
+    /// Counter{route, backend}: sessions a pool member was given (connected).
+    pub const BACKEND_SESSIONS_TOTAL: &str = "wsgate_backend_sessions_total";
+    /// Counter{route, backend}: connects to a pool member that failed (each attempt, failed
+    /// over or not; the route's `wsgate_backend_connect_failures_total` counts failed dials).
+    pub const BACKEND_FAILED_CONNECTS: &str = "wsgate_backend_failed_connects_total";
 }
 
 /// Direction label values.
@@ -255,6 +265,17 @@ impl Metrics {
             .clone()
     }
 
+    /// Handles for one member of a route's pool; the labels are configured names, so bounded.
+    pub fn backend(&self, route: &str, backend: &str) -> BackendMetrics {
+        let l = [("route", route), ("backend", backend)];
+        BackendMetrics {
+            up: self.gauge(names::BACKEND_UP, &l),
+            sessions: self.gauge(names::BACKEND_SESSIONS, &l),
+            sessions_total: self.counter(names::BACKEND_SESSIONS_TOTAL, &l),
+            failed_connects: self.counter(names::BACKEND_FAILED_CONNECTS, &l),
+        }
+    }
+
     /// Counts an HTTP answer to a request that matched no route (404, the console page).
     pub fn unrouted_request(&self, status: u16) {
         self.counter(names::HANDSHAKES, &[("route", ""), ("status", &status.to_string())]).increment(1);
@@ -333,6 +354,16 @@ fn describe(r: &PrometheusRecorder) {
             "Config reloads, by result (ok: applied; error: rejected, the old config stayed).",
         ),
         d(
+            names::BACKEND_SESSIONS_TOTAL,
+            Some(Unit::Count),
+            "Sessions given to each pool member, by route and backend.",
+        ),
+        d(
+            names::BACKEND_FAILED_CONNECTS,
+            Some(Unit::Count),
+            "Connects to each pool member that failed (failed over or not), by route and backend.",
+        ),
+        d(
             names::ADMIN_UNAUTHORIZED,
             Some(Unit::Count),
             "Admin requests answered 401, by reason: missing_token, invalid_token.",
@@ -349,6 +380,8 @@ fn describe(r: &PrometheusRecorder) {
             "Bytes read from one side and not yet written to the other (the server-side bufferedAmount), by route and direction.",
         ),
         d(names::READY, None, "1 while accepting connections; 0 before listeners are bound and while draining."),
+        d(names::BACKEND_UP, None, "1 while a pool member takes new sessions by its health; 0 while down or ejected."),
+        d(names::BACKEND_SESSIONS, Some(Unit::Count), "Sessions open (and connecting) on each pool member."),
     ] {
         r.describe_gauge(name, unit, help);
     }
@@ -395,6 +428,19 @@ pub struct ListenerMetrics {
     /// Closed on a `proxy_protocol` listener: a trusted peer sent no PROXY header, a malformed
     /// or oversized one, or none within the handshake deadline.
     pub refused_proxy_header: Counter,
+}
+
+/// Handles for one member of a pool.
+#[derive(Debug, Clone)]
+pub struct BackendMetrics {
+    /// 1 while up, 0 while down or ejected.
+    pub up: Gauge,
+    /// Sessions open (and connecting).
+    pub sessions: Gauge,
+    /// Sessions given.
+    pub sessions_total: Counter,
+    /// Failed connects.
+    pub failed_connects: Counter,
 }
 
 /// Distinct users per route with a label of their own in `wsgate_user_sessions_total`.

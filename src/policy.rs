@@ -176,9 +176,10 @@ impl Refusal {
         let status = match failure {
             ConnectFailure::Refused => StatusCode::BAD_GATEWAY,
             ConnectFailure::TimedOut => StatusCode::GATEWAY_TIMEOUT,
-            ConnectFailure::NotResolved | ConnectFailure::Unreachable | ConnectFailure::Other => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ConnectFailure::NotResolved
+            | ConnectFailure::Unreachable
+            | ConnectFailure::Other
+            | ConnectFailure::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
         };
         Refusal::new(status, format!("backend unavailable: {}", failure.label()))
             .of_kind(RefusalKind::BackendUnavailable)
@@ -566,7 +567,10 @@ mod tests {
     fn backend_unavailable_statuses_follow_the_failure() {
         use ConnectFailure::*;
         let status = |f| Refusal::backend_unavailable(f).status.as_u16();
-        assert_eq!([Refused, TimedOut, NotResolved, Unreachable, Other].map(status), [502, 504, 503, 503, 503]);
+        assert_eq!(
+            [Refused, TimedOut, NotResolved, Unreachable, Other, NoBackend].map(status),
+            [502, 504, 503, 503, 503, 503]
+        );
         assert_eq!(Refusal::backend_unavailable(Refused).reason, "backend unavailable: connection refused");
     }
 

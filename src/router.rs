@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use crate::admission::RouteLoad;
-use crate::backend::Dialer;
+use crate::backend::{Dialer, Pool, Pools};
 pub use crate::config::SessionLimits;
 use crate::config::{Backend, HostPattern, PathMatch, Route};
 use crate::metrics::RouteMetrics;
@@ -52,11 +52,12 @@ pub struct Router {
 
 impl Router {
     /// Builds the table; the routes were validated by `config`, so this cannot fail.
-    /// `metrics_for` gives a route's metric handles by name.
+    /// `metrics_for` gives a route's metric handles by name; `pools` keeps pool members' states.
     pub fn new(
         routes: &[Route],
         metrics_for: impl Fn(&str) -> Arc<RouteMetrics>,
         load_for: impl Fn(&str) -> Arc<RouteLoad>,
+        pools: &Pools,
     ) -> Self {
         let entry = |route: &Route| {
             let limits = route.limits;
@@ -69,11 +70,26 @@ impl Router {
                     limits.tcp_user_timeout,
                 )),
                 Backend::Echo => Target::Echo,
+                Backend::Pool(pool) => Target::Tcp(Dialer::pool(
+                    pools.build(route, pool),
+                    limits.connect_timeout,
+                    limits.tcp_keepalive,
+                    limits.tcp_user_timeout,
+                )),
             };
             let (metrics, load) = (metrics_for(&route.name), load_for(&route.name));
             Arc::new(Entry { route: route.clone(), limits, metrics, load, target })
         };
         Router { entries: routes.iter().map(entry).collect() }
+    }
+
+    /// The pools of its routes, for the health task.
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        let pool = |e: &Arc<Entry>| match &e.target {
+            Target::Tcp(dialer) => dialer.pool_of().cloned(),
+            Target::Echo => None,
+        };
+        self.entries.iter().filter_map(pool).collect()
     }
 
     /// The best route for `host` (as sent, port allowed) and `path`, if any.
@@ -139,8 +155,9 @@ mod tests {
 
     /// A table of `routes` under the default limits, recording no metrics.
     fn table(routes: &[Route]) -> Router {
-        let metrics = crate::metrics::Metrics::new(false);
-        Router::new(routes, |name| metrics.route(name), |_| Arc::default())
+        let metrics = Arc::new(crate::metrics::Metrics::new(false));
+        let pools = Pools::new(metrics.clone());
+        Router::new(routes, |name| metrics.route(name), |_| Arc::default(), &pools)
     }
 
     /// Exact beats prefix, longer prefix beats shorter, and prefixes stop at segment boundaries.

@@ -7,10 +7,16 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+
+pub mod health;
+pub mod pool;
+
+pub use pool::{Hold, Pool, Pools};
 
 /// Why a backend could not be connected.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +64,12 @@ pub enum BackendError {
         /// The configured timeout.
         after: Duration,
     },
+    /// Every member of the route's pool is down, drained or at its session cap.
+    #[error("route {route}: no backend of its pool is up with room for a session")]
+    NoBackend {
+        /// The route's name.
+        route: String,
+    },
 }
 
 /// What kind of connect failure a [`BackendError`] is: the one value that the HTTP status, the
@@ -75,6 +87,8 @@ pub enum ConnectFailure {
     Unreachable,
     /// Any other connect error.
     Other,
+    /// Every member of the route's pool is down, drained or at its session cap.
+    NoBackend,
 }
 
 impl ConnectFailure {
@@ -87,6 +101,7 @@ impl ConnectFailure {
             ConnectFailure::Refused => "connection refused",
             ConnectFailure::Unreachable => "unreachable",
             ConnectFailure::Other => "connect failed",
+            ConnectFailure::NoBackend => "no backend available",
         }
     }
 }
@@ -97,6 +112,7 @@ impl BackendError {
         match self {
             BackendError::Resolve { .. } | BackendError::NoAddress { .. } => ConnectFailure::NotResolved,
             BackendError::Timeout { .. } => ConnectFailure::TimedOut,
+            BackendError::NoBackend { .. } => ConnectFailure::NoBackend,
             BackendError::Connect { source, .. } | BackendError::Send { source, .. } => match source.kind() {
                 io::ErrorKind::TimedOut => ConnectFailure::TimedOut,
                 io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
@@ -140,6 +156,8 @@ struct Settings {
 enum Choice {
     /// Always the one `host:port`.
     One { host: String, port: u16 },
+    /// A member of the route's pool, picked per session.
+    Pool(Arc<Pool>),
 }
 
 impl Dialer {
@@ -158,14 +176,39 @@ impl Dialer {
         }
     }
 
+    /// Connects to a member of `pool` (picked per session, failing over within `timeout`);
+    /// sockets as [`Dialer::new`]'s.
+    pub fn pool(
+        pool: Arc<Pool>,
+        timeout: Duration,
+        keepalive: Option<Duration>,
+        user_timeout: Option<Duration>,
+    ) -> Dialer {
+        Dialer { settings: Settings { timeout, keepalive, user_timeout }, choice: Choice::Pool(pool) }
+    }
+
+    /// The route's pool, if it has one.
+    pub fn pool_of(&self) -> Option<&Arc<Pool>> {
+        match &self.choice {
+            Choice::Pool(pool) => Some(pool),
+            Choice::One { .. } => None,
+        }
+    }
+
     /// Connects the backend `req` goes to: resolves the name now (so DNS changes apply without
     /// a reload) and tries every address, then writes `preamble` (a PROXY protocol header, or
-    /// nothing) before any other byte, all within the timeout.
-    pub async fn connect(&self, req: &DialRequest<'_>, preamble: &[u8]) -> Result<TcpStream, BackendError> {
+    /// nothing) before any other byte, all within the timeout. A pool member's connection
+    /// comes with its [`Hold`], which counts the session on the member until dropped.
+    pub async fn connect(
+        &self,
+        req: &DialRequest<'_>,
+        preamble: &[u8],
+    ) -> Result<(TcpStream, Option<Hold>), BackendError> {
         match &self.choice {
-            Choice::One { host, port } => {
-                let _ = req;
-                self.settings.connect(host, *port, preamble).await
+            Choice::One { host, port } => Ok((self.settings.connect(host, *port, preamble).await?, None)),
+            Choice::Pool(pool) => {
+                let (stream, hold) = pool.connect(&self.settings, req.client.ip(), preamble).await?;
+                Ok((stream, Some(hold)))
             }
         }
     }

@@ -21,6 +21,7 @@
 mod addresses;
 mod auth;
 mod error;
+mod pool;
 #[cfg(test)]
 mod proptests;
 mod raw;
@@ -36,6 +37,7 @@ use serde::Deserialize;
 pub use addresses::{Addressing, Cidrs, ClientRules, ForwardedHeader, ProxyVersion};
 pub use auth::{Auth, Basic, Bearer, Jwt, JwtAlgorithm, Mechanism, OnRefusal, TokenHash};
 pub use error::{ConfigError, ConfigErrors};
+pub use pool::{ActiveCheck, Balance, Health, Member, Pool};
 pub use validate::normalize_origin;
 
 /// A whole, validated configuration: what one gateway instance runs.
@@ -275,6 +277,8 @@ pub enum Backend {
     },
     /// wsgate answers each message with the same message (`builtin:echo`).
     Echo,
+    /// Several backends, one picked per session (`backends`, `balance`, `[health]`).
+    Pool(std::sync::Arc<Pool>),
 }
 
 impl fmt::Display for Backend {
@@ -283,6 +287,7 @@ impl fmt::Display for Backend {
             Backend::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
             Backend::Tcp { host, port } => write!(f, "{host}:{port}"),
             Backend::Echo => f.write_str("builtin:echo"),
+            Backend::Pool(pool) => write!(f, "{pool}"),
         }
     }
 }

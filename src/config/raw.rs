@@ -19,8 +19,8 @@ use serde::de::{DeserializeOwned, Deserializer};
 use toml::Spanned;
 
 use super::{
-    ClientAuthMode, Config, ForwardedHeader, JwtAlgorithm, LogFormat, OnRefusal, Outbound, PathMatch, ProxyVersion,
-    Unavailable,
+    Balance, ClientAuthMode, Config, ForwardedHeader, JwtAlgorithm, LogFormat, OnRefusal, Outbound, PathMatch,
+    ProxyVersion, Unavailable,
 };
 
 #[derive(Deserialize)]
@@ -90,6 +90,35 @@ pub(super) struct RawRoute {
     pub on_refusal: Option<Choice<OnRefusal>>,
     pub auth: Option<RawAuth>,
     pub client_certs: Option<Vec<String>>,
+    // Pools (`backends` instead of `backend`).
+    pub backends: Option<Vec<RawMember>>,
+    pub balance: Option<Choice<Balance>>,
+    pub health: Option<RawHealth>,
+}
+
+/// One entry of a route's `backends` list.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMember {
+    pub name: String,
+    pub address: String,
+    pub weight: Option<u64>,
+    pub max_sessions: Option<u64>,
+    pub drain: Option<bool>,
+}
+
+/// `[routes.NAME.health]`: active checks and passive ejection of a pool's members.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHealth {
+    pub interval_secs: Option<Seconds>,
+    pub timeout_secs: Option<Seconds>,
+    pub rise: Option<u64>,
+    pub fall: Option<u64>,
+    pub send: Option<String>,
+    pub expect: Option<String>,
+    pub eject_after_failures: Option<u64>,
+    pub eject_secs: Option<Seconds>,
 }
 
 /// A route's `clients` table: CIDRs as written.
@@ -357,6 +386,18 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
     ("routes.NAME.clients.deny", Reload),
     ("routes.NAME.proxy_protocol", Reload),
     ("routes.NAME.client_certs", Reload),
+    // Pools: a reload builds new pools; each member's health and session count are kept by
+    // (route, name), so a reload changes weights, caps and drains without losing them.
+    ("routes.NAME.backends", Reload),
+    ("routes.NAME.balance", Reload),
+    ("routes.NAME.health.interval_secs", Reload),
+    ("routes.NAME.health.timeout_secs", Reload),
+    ("routes.NAME.health.rise", Reload),
+    ("routes.NAME.health.fall", Reload),
+    ("routes.NAME.health.send", Reload),
+    ("routes.NAME.health.expect", Reload),
+    ("routes.NAME.health.eject_after_failures", Reload),
+    ("routes.NAME.health.eject_secs", Reload),
     ("routes.NAME.limits.max_message_bytes", Reload),
     ("routes.NAME.limits.ws_read_buffer_bytes", Reload),
     ("routes.NAME.limits.backend_read_bytes", Reload),

@@ -50,7 +50,7 @@ use access::{authenticate, refuse_in_band};
 
 use crate::admission::{Admission, HandshakeLease, LoadGuard, Over, Shed};
 use crate::auth;
-use crate::backend::{self, ConnectFailure, DialRequest};
+use crate::backend::{self, ConnectFailure, DialRequest, Hold};
 use crate::client_addr;
 use crate::client_cert::ClientCert;
 use crate::client_stream::{ClientIo, ClientStream};
@@ -458,7 +458,8 @@ enum NotStarted {
 }
 
 /// The bounds a session starts under, then the dial (for `req`, with `preamble`, the route's
-/// PROXY header, written first): the session's place on its route and its backend, or why not. The
+/// PROXY header, written first): the session's place on its route (and on its pool member)
+/// and its backend, or why not. The
 /// route's cap on connects in progress is held only while dialling.
 async fn start(
     entry: &Entry,
@@ -466,15 +467,15 @@ async fn start(
     shared: &Shared,
     req: &DialRequest<'_>,
     preamble: &[u8],
-) -> Result<(LoadGuard, Dialed), NotStarted> {
+) -> Result<((LoadGuard, Option<Hold>), Dialed), NotStarted> {
     let place = entry.load.session(entry.limits.max_sessions).map_err(NotStarted::Shed)?;
     if shared.admission.memory.is_over(conn.snapshot.limits.max_memory) {
         return Err(NotStarted::Shed(Shed::Memory));
     }
     let connecting = entry.load.connect(entry.limits.max_pending_connects).map_err(NotStarted::Shed)?;
-    let dialed = session::dial(entry, req, preamble).await.map_err(|e| NotStarted::Failed(e.failure()))?;
+    let (dialed, member) = session::dial(entry, req, preamble).await.map_err(|e| NotStarted::Failed(e.failure()))?;
     drop(connecting);
-    Ok((place, dialed))
+    Ok(((place, member), dialed))
 }
 
 /// The 101 that completes a WebSocket handshake.

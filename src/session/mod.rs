@@ -23,7 +23,7 @@ use tracing::{Instrument, Span, debug, error, field, info, info_span, warn};
 use tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::admission::Shed;
-use crate::backend::{BackendError, ConnectFailure, DialRequest};
+use crate::backend::{BackendError, ConnectFailure, DialRequest, Hold};
 use crate::bridge::{self, Accept, BridgeMetrics, Framing, Liveness, SessionTotals};
 use crate::client_stream;
 use crate::config::Outbound;
@@ -76,16 +76,21 @@ pub struct Context {
 
 /// Connects the route's backend and writes `preamble` (the route's PROXY protocol header, or
 /// nothing) on the raw socket before the bridge ever sees it; the server calls this before it
-/// answers the upgrade, so `onopen` means the backend is there. Records the connect time or the failure (metric, and a
+/// answers the upgrade, so `onopen` means the backend is there. A pool member comes with its
+/// [`Hold`], to be kept for the session's life. Records the connect time or the failure (metric, and a
 /// warning with the address, at most one per route per `throttle::WARN_INTERVAL`); what the
 /// client sees of a failure is the caller's choice.
-pub async fn dial(entry: &Entry, req: &DialRequest<'_>, preamble: &[u8]) -> Result<Dialed, BackendError> {
-    let Target::Tcp(dialer) = &entry.target else { return Ok(Dialed::Echo) };
+pub async fn dial(
+    entry: &Entry,
+    req: &DialRequest<'_>,
+    preamble: &[u8],
+) -> Result<(Dialed, Option<Hold>), BackendError> {
+    let Target::Tcp(dialer) = &entry.target else { return Ok((Dialed::Echo, None)) };
     let started = Instant::now();
     match dialer.connect(req, preamble).await {
-        Ok(stream) => {
+        Ok((stream, hold)) => {
             entry.metrics.connect_duration.record(started.elapsed().as_secs_f64());
-            Ok(Dialed::Tcp(stream))
+            Ok((Dialed::Tcp(stream), hold))
         }
         Err(e) => {
             entry.metrics.connect_failed(e.failure().label());

@@ -31,6 +31,8 @@ mod liveness;
 mod mtls;
 /// Metrics over HTTP, health and readiness, graceful drain, hot reload.
 mod operations;
+/// Pools: balancing, failover, health checks, drain and session caps per backend.
+mod pools;
 /// Property tests of the request path up to admission, through the fuzz target's harness.
 mod properties;
 /// Client addresses: PROXY protocol in (trusted balancers only) and out, X-Forwarded-For.

@@ -13,6 +13,7 @@ mod addresses;
 mod auth;
 mod certs;
 mod limits;
+mod pool;
 
 #[cfg(test)]
 pub(super) use limits::DEFAULT_SESSION_LIMITS;
@@ -192,7 +193,7 @@ impl Validator<'_> {
         self.dir.join(value)
     }
 
-    fn route(&mut self, name: String, raw: RawRoute, defaults: &SessionLimits) -> Option<Route> {
+    fn route(&mut self, name: String, mut raw: RawRoute, defaults: &SessionLimits) -> Option<Route> {
         let key = format!("routes.{name}");
         let path = self.route_path(&key, raw.path);
         let path_match = self.choice(&format!("{key}.match"), raw.path_match, PathMatch::Exact);
@@ -200,13 +201,8 @@ impl Validator<'_> {
             None => Some(None),
             Some(h) => self.host_pattern(&format!("{key}.host"), &h).map(Some),
         };
-        let backend = match &raw.backend {
-            Some(value) => self.backend(&format!("{key}.backend"), value),
-            None => {
-                self.fail(format!("{key}.backend"), "missing field: every route needs a backend");
-                None
-            }
-        };
+        let backend =
+            self.route_backend(&key, raw.backend.take(), raw.backends.take(), raw.balance.take(), raw.health.take());
         let allowed_origins = self.origins(&format!("{key}.allowed_origins"), raw.allowed_origins);
         let accept = self.accept(&format!("{key}.accept"), raw.accept);
         let outbound = self.choice(&format!("{key}.outbound"), raw.outbound, Outbound::Binary);

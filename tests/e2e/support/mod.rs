@@ -158,6 +158,13 @@ impl GatewayBuilder {
         self.route_with(name, path, backend, "")
     }
 
+    /// Adds a route whose table is `lines` (TOML, e.g. `backends = [...]` and a `[routes.NAME.health]`
+    /// table last) after its path: for routes without a single `backend`.
+    pub fn route_table(mut self, name: &str, path: &str, lines: &str) -> Self {
+        self.routes.push_str(&format!("[routes.{name}]\npath = \"{path}\"\n{lines}\n"));
+        self
+    }
+
     /// Sets `[limits] key = value` (value as TOML).
     pub fn limit(mut self, key: &str, value: &str) -> Self {
         self.limits.push((key.into(), value.into()));
