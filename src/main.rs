@@ -91,6 +91,13 @@ fn check(path: &Path) -> ExitCode {
                 }
                 return ExitCode::FAILURE;
             }
+            // So are the token maps and JWT keys of token-mapped routes.
+            if let Err(errors) = wsgate::backend::load_targets(&config) {
+                for e in &errors {
+                    eprintln!("{e}");
+                }
+                return ExitCode::FAILURE;
+            }
             println!("{}: ok", path.display());
             for l in &config.listeners {
                 print!("listener {:<12} {}://{}", l.name, l.scheme(), l.address);

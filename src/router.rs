@@ -69,6 +69,12 @@ impl Router {
                     limits.tcp_user_timeout,
                 )),
                 Backend::Echo => Target::Echo,
+                Backend::Mapped(targets) => Target::Tcp(Dialer::mapped(
+                    targets,
+                    limits.connect_timeout,
+                    limits.tcp_keepalive,
+                    limits.tcp_user_timeout,
+                )),
             };
             let (metrics, load) = (metrics_for(&route.name), load_for(&route.name));
             Arc::new(Entry { route: route.clone(), limits, metrics, load, target })

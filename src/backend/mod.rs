@@ -12,6 +12,12 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+mod targets;
+
+pub use targets::{Mapping, Refused, Target, TargetsError, load as load_targets};
+
+use crate::config;
+
 /// Why a backend could not be connected.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -50,6 +56,15 @@ pub enum BackendError {
         #[source]
         source: io::Error,
     },
+    /// A token-mapped target outside the route's allow-list: its port (`addr` none), or an
+    /// address its name resolved to. Nothing was connected.
+    #[error("target {target} is not allowed by the route's allow-list{}", addr.map(|a| format!(" (resolved to {a})")).unwrap_or_default())]
+    NotAllowed {
+        /// `host:port` as the token named it.
+        target: String,
+        /// The (normalised) address that is not allowed, when the port was.
+        addr: Option<SocketAddr>,
+    },
     /// The connect timeout passed first.
     #[error("connect to {target} timed out after {after:?}")]
     Timeout {
@@ -75,6 +90,8 @@ pub enum ConnectFailure {
     Unreachable,
     /// Any other connect error.
     Other,
+    /// A token-mapped target outside the route's allow-list: refused, nothing connected.
+    NotAllowed,
 }
 
 impl ConnectFailure {
@@ -87,6 +104,7 @@ impl ConnectFailure {
             ConnectFailure::Refused => "connection refused",
             ConnectFailure::Unreachable => "unreachable",
             ConnectFailure::Other => "connect failed",
+            ConnectFailure::NotAllowed => "target not allowed",
         }
     }
 }
@@ -97,6 +115,7 @@ impl BackendError {
         match self {
             BackendError::Resolve { .. } | BackendError::NoAddress { .. } => ConnectFailure::NotResolved,
             BackendError::Timeout { .. } => ConnectFailure::TimedOut,
+            BackendError::NotAllowed { .. } => ConnectFailure::NotAllowed,
             BackendError::Connect { source, .. } | BackendError::Send { source, .. } => match source.kind() {
                 io::ErrorKind::TimedOut => ConnectFailure::TimedOut,
                 io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
@@ -117,6 +136,8 @@ pub struct DialRequest<'a> {
     pub path: &'a str,
     /// The request target's query, if any.
     pub query: Option<&'a str>,
+    /// On a token-mapped route, the target its token named (`Mapping::find`).
+    pub target: Option<&'a Target>,
 }
 
 /// How a route reaches its backend: the connect settings, and which backend a session goes to;
@@ -140,6 +161,8 @@ struct Settings {
 enum Choice {
     /// Always the one `host:port`.
     One { host: String, port: u16 },
+    /// The target the request's token named, if the allow-list allows it.
+    Mapped(Box<config::Targets>),
 }
 
 impl Dialer {
@@ -158,6 +181,20 @@ impl Dialer {
         }
     }
 
+    /// A token-mapped route's dialer: each session's target comes with its request
+    /// ([`DialRequest::target`]) and is connected only if `allowed` allows it.
+    pub fn mapped(
+        allowed: &config::Targets,
+        timeout: Duration,
+        keepalive: Option<Duration>,
+        user_timeout: Option<Duration>,
+    ) -> Dialer {
+        Dialer {
+            settings: Settings { timeout, keepalive, user_timeout },
+            choice: Choice::Mapped(Box::new(allowed.clone())),
+        }
+    }
+
     /// Connects the backend `req` goes to: resolves the name now (so DNS changes apply without
     /// a reload) and tries every address, then writes `preamble` (a PROXY protocol header, or
     /// nothing) before any other byte, all within the timeout.
@@ -167,6 +204,11 @@ impl Dialer {
                 let _ = req;
                 self.settings.connect(host, *port, preamble).await
             }
+            Choice::Mapped(allowed) => match req.target {
+                Some(target) => targets::connect(&self.settings, allowed, target, preamble).await,
+                // Cannot happen: the server finds the target before it dials.
+                None => Err(BackendError::NoAddress { target: "token-mapped target (none found)".into() }),
+            },
         }
     }
 }

@@ -24,6 +24,7 @@ mod error;
 #[cfg(test)]
 mod proptests;
 mod raw;
+mod targets;
 mod validate;
 
 use std::fmt;
@@ -36,7 +37,8 @@ use serde::Deserialize;
 pub use addresses::{Addressing, Cidrs, ClientRules, ForwardedHeader, ProxyVersion};
 pub use auth::{Auth, Basic, Bearer, Jwt, JwtAlgorithm, Mechanism, OnRefusal, TokenHash};
 pub use error::{ConfigError, ConfigErrors};
-pub use validate::normalize_origin;
+pub use targets::{MapFormat, PortRanges, TargetSource, Targets, TokenSource};
+pub use validate::{normalize_origin, split_host_port};
 
 /// A whole, validated configuration: what one gateway instance runs.
 #[derive(Debug, Clone)]
@@ -275,6 +277,8 @@ pub enum Backend {
     },
     /// wsgate answers each message with the same message (`builtin:echo`).
     Echo,
+    /// A target chosen per session by a token (`[routes.NAME.targets]`), within an allow-list.
+    Mapped(Box<Targets>),
 }
 
 impl fmt::Display for Backend {
@@ -283,6 +287,7 @@ impl fmt::Display for Backend {
             Backend::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
             Backend::Tcp { host, port } => write!(f, "{host}:{port}"),
             Backend::Echo => f.write_str("builtin:echo"),
+            Backend::Mapped(targets) => write!(f, "{targets}"),
         }
     }
 }

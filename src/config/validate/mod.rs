@@ -13,6 +13,7 @@ mod addresses;
 mod auth;
 mod certs;
 mod limits;
+mod targets;
 
 #[cfg(test)]
 pub(super) use limits::DEFAULT_SESSION_LIMITS;
@@ -192,7 +193,7 @@ impl Validator<'_> {
         self.dir.join(value)
     }
 
-    fn route(&mut self, name: String, raw: RawRoute, defaults: &SessionLimits) -> Option<Route> {
+    fn route(&mut self, name: String, mut raw: RawRoute, defaults: &SessionLimits) -> Option<Route> {
         let key = format!("routes.{name}");
         let path = self.route_path(&key, raw.path);
         let path_match = self.choice(&format!("{key}.match"), raw.path_match, PathMatch::Exact);
@@ -201,6 +202,10 @@ impl Validator<'_> {
             Some(h) => self.host_pattern(&format!("{key}.host"), &h).map(Some),
         };
         let backend = match &raw.backend {
+            _ if raw.targets.is_some() => raw.targets.take().and_then(|t| {
+                let mapped = self.targets(&key, t, raw.backend.is_some(), path.as_deref(), path_match);
+                mapped.map(|t| Backend::Mapped(Box::new(t)))
+            }),
             Some(value) => self.backend(&format!("{key}.backend"), value),
             None => {
                 self.fail(format!("{key}.backend"), "missing field: every route needs a backend");
@@ -432,7 +437,7 @@ impl Validator<'_> {
 }
 
 /// Splits `host:port` / `[v6]:port`; the error completes a sentence starting with the value.
-fn split_host_port(s: &str) -> Result<(String, u16), &'static str> {
+pub fn split_host_port(s: &str) -> Result<(String, u16), &'static str> {
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
         let (h, after) = rest.split_once(']').ok_or("has an unclosed \"[\"")?;
         let p = after.strip_prefix(':').ok_or("has no port")?;
