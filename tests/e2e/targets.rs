@@ -171,7 +171,8 @@ async fn websockify_file_works_unchanged() {
 /// route says of backends that are down: a literal outside the networks, a name resolving
 /// outside them (`localhost` → 127.0.0.1 with only 127.0.0.2 allowed), the IPv4-mapped IPv6
 /// and `0.0.0.0` forms of the same address, and a port outside the ranges. Each trap listener
-/// then proves it accepted nothing; the allowed target in the same map connects.
+/// then proves it accepted nothing; the allowed target in the same map connects, written
+/// plainly or IPv4-mapped.
 #[tokio::test]
 async fn targets_outside_the_allow_list_connect_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -183,8 +184,10 @@ async fn targets_outside_the_allow_list_connect_nothing() {
     let p = trap.addr.port();
     let map = format!(
         "loop = \"127.0.0.1:{p}\"\nname = \"localhost:{p}\"\nmapped = \"[::ffff:127.0.0.1]:{p}\"\n\
-         zero = \"0.0.0.0:{p}\"\nport = \"{}\"\nok = \"{}\"\n",
-        trap2.addr, allowed.addr
+         zero = \"0.0.0.0:{p}\"\nport = \"{}\"\nok = \"{}\"\nok-mapped = \"[::ffff:127.0.0.2]:{}\"\n",
+        trap2.addr,
+        allowed.addr,
+        allowed.addr.port()
     );
     let file = write(dir.path(), "tokens.toml", &map);
     let route = mapped_route(&format!(
@@ -201,7 +204,10 @@ async fn targets_outside_the_allow_list_connect_nothing() {
     assert_eq!(accepted_before_marker(&trap2).await, 0, "a refused port was connected");
     let mut ws = gw.ws("/m/ok").await;
     echoes(&mut ws, 9).await;
-    assert_eq!(allowed.accepted(), 1);
+    // The IPv4-mapped form of an allowed address is that address, and connects.
+    let mut ws = gw.ws("/m/ok-mapped").await;
+    echoes(&mut ws, 10).await;
+    assert_eq!(allowed.accepted(), 2);
     let refused = [("route", "m"), ("reason", "not_allowed")];
     assert_eq!(scrape(&gw, "wsgate_target_refusals_total", &refused).await, 5.0);
     assert_eq!(scrape(&gw, "wsgate_backend_connect_failures_total", &[("route", "m")]).await, 0.0);
