@@ -309,6 +309,11 @@ fn describe(r: &PrometheusRecorder) {
             Some(Unit::Count),
             "Requests refused by the route's access policy, by route and reason.",
         ),
+        d(
+            names::TARGET_REFUSALS,
+            Some(Unit::Count),
+            "Requests a token-mapped route found no allowed target for, by route and reason.",
+        ),
         d(names::TLS_HANDSHAKE_FAILURES, Some(Unit::Count), "TLS handshakes that failed or timed out."),
         d(names::HANDSHAKES, Some(Unit::Count), "HTTP requests answered, by route and status (101: upgraded)."),
         d(names::SESSIONS, Some(Unit::Count), "Sessions ended, by route, close code and the side that ended them."),
