@@ -51,7 +51,7 @@ async fn accepted_before_marker(backend: &Backend) -> usize {
 
 /// 50 tokens in a TOML map each reach their own backend, byte for byte; unknown, missing and
 /// two-segment tokens are 404 before any backend is dialled, counted by reason; no token is in
-/// any log line, at debug level.
+/// any log line, at trace level.
 #[tokio::test]
 async fn fifty_tokens_reach_their_own_backends() {
     let dir = tempfile::tempdir().unwrap();
@@ -63,7 +63,7 @@ async fn fifty_tokens_reach_their_own_backends() {
     let map: String =
         backends.iter().enumerate().map(|(i, b)| format!("\"{}\" = \"{}\"\n", token(i), b.addr)).collect();
     let file = write(dir.path(), "tokens.toml", &map);
-    let (logs, _guard) = Logs::capture();
+    let (logs, _guard) = Logs::capture_at(tracing::Level::TRACE);
     let route = mapped_route(&format!(
         "map_file = {:?}\nallow = [\"127.0.0.1/32\"]\nallow_ports = [\"1-65535\"]",
         file.display().to_string()
