@@ -92,12 +92,15 @@ fn check(path: &Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
             // So are the token maps and JWT keys of token-mapped routes.
-            if let Err(errors) = wsgate::backend::load_targets(&config) {
-                for e in &errors {
-                    eprintln!("{e}");
+            let mappings = match wsgate::backend::load_targets(&config) {
+                Ok(mappings) => mappings,
+                Err(errors) => {
+                    for e in &errors {
+                        eprintln!("{e}");
+                    }
+                    return ExitCode::FAILURE;
                 }
-                return ExitCode::FAILURE;
-            }
+            };
             println!("{}: ok", path.display());
             for l in &config.listeners {
                 print!("listener {:<12} {}://{}", l.name, l.scheme(), l.address);
@@ -119,6 +122,10 @@ fn check(path: &Path) -> ExitCode {
                 let host = r.host.as_ref().map(|h| format!("{h} ")).unwrap_or_default();
                 let m = if r.path_match == config::PathMatch::Prefix { " (prefix)" } else { "" };
                 println!("route    {:<12} {host}{}{m} -> {}", r.name, r.path, r.backend);
+                if let (config::Backend::Mapped(t), Some(mapping)) = (&r.backend, mappings.get(&r.name)) {
+                    let (by, allow, ports) = (mapping.describe(), &t.allow, &t.allow_ports);
+                    println!("targets  {:<12} {by}; allow {allow}; ports {ports}", r.name);
+                }
             }
             if let Some(addr) = config.builtin.tcp_echo {
                 println!("builtin  tcp_echo     {addr}");

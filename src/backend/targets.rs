@@ -94,6 +94,14 @@ impl fmt::Debug for Mapping {
 }
 
 impl Mapping {
+    /// What maps the route's tokens, for `wsgate check`: how many map entries, or "JWT claims".
+    pub fn describe(&self) -> String {
+        match &self.lookup {
+            Lookup::Map(map) => format!("{} tokens in the map", map.len()),
+            Lookup::Jwt(_) => "JWT claims".to_string(),
+        }
+    }
+
     /// The target the request's token names (`path` and `query` are the request target's).
     pub fn find(&self, path: &str, query: Option<&str>) -> Result<Target, Refused> {
         let written = match &self.token {

@@ -75,6 +75,18 @@ impl PortRanges {
     }
 }
 
+/// The ranges, comma-separated (`5900-5999, 22`).
+impl fmt::Display for PortRanges {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ranges: Vec<String> = self
+            .0
+            .iter()
+            .map(|(low, high)| if low == high { low.to_string() } else { format!("{low}-{high}") })
+            .collect();
+        f.write_str(&ranges.join(", "))
+    }
+}
+
 impl fmt::Display for Targets {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let token = match &self.token {

@@ -275,3 +275,27 @@ async fn jwt_targets() {
     assert_eq!(scrape(&gw, "wsgate_target_refusals_total", &invalid).await, 4.0);
     assert!(!logs.text().contains(&good), "a token reached the log");
 }
+
+/// `wsgate check` reads the map file as a start would: its summary names how many tokens the
+/// map holds and the allow-list; a bad entry fails it, naming file, line and key, not the token.
+#[test]
+fn check_reads_the_map() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "desks.toml", "\"desk-secret-1\" = \"10.0.0.1:5901\"\n\"desk-secret-2\" = \"10.0.0.2:5902\"\n");
+    let route = mapped_route("map_file = \"desks.toml\"\nallow = [\"10.0.0.0/24\"]\nallow_ports = [\"5900-5999\", 22]");
+    let config = write(dir.path(), "wsgate.toml", &format!("[listeners.plain]\naddress = \"127.0.0.1:0\"\n{route}"));
+    let check = || std::process::Command::new(env!("CARGO_BIN_EXE_wsgate")).arg("check").arg(&config).output().unwrap();
+    let out = check();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.contains("targets  m            2 tokens in the map; allow 10.0.0.0/24; ports 5900-5999, 22"),
+        "{stdout}"
+    );
+    write(dir.path(), "desks.toml", "\"desk-secret-1\" = \"10.0.0.1:5901\"\n\"desk-secret-2\" = \"10.0.0.2\"\n");
+    let out = check();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.contains("desks.toml:2: routes.m.targets.map_file: expected token: host:port"), "{stderr}");
+    assert!(!stderr.contains("desk-secret"), "{stderr}");
+}
