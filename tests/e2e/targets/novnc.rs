@@ -115,11 +115,9 @@ async fn static_server(root: &'static str) -> SocketAddr {
                             Some("png") => "image/png",
                             _ => "application/octet-stream",
                         };
-                        let mut r = format!(
-                            "HTTP/1.1 200 OK\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                            body.len()
-                        )
-                        .into_bytes();
+                        let head =
+                            format!("HTTP/1.1 200 OK\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n", body.len());
+                        let mut r = format!("{head}Connection: close\r\n\r\n").into_bytes();
                         r.extend_from_slice(&body);
                         r
                     }
