@@ -119,6 +119,9 @@ pub enum StartError {
     /// per problem.
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Auth(Vec<auth::AuthError>),
+    /// A token-mapped route's map file or JWT keys could not be used; one line per problem.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Targets(Vec<backend::TargetsError>),
     /// A listener's TLS material could not be loaded or generated.
     #[error("listener \"{name}\": {source}")]
     Tls {
@@ -344,8 +347,10 @@ fn snapshot(
         }
     }
     let auth = auth::load(config).map_err(StartError::Auth)?;
+    let targets = backend::load_targets(config).map_err(StartError::Targets)?;
     Ok(Snapshot {
         auth,
+        targets,
         router: router::Router::new(&config.routes, |name| metrics.route(name), |name| admission.route(name), pools),
         limits: config.limits.clone(),
         shutdown: config.shutdown.clone(),

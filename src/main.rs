@@ -91,6 +91,16 @@ fn check(path: &Path) -> ExitCode {
                 }
                 return ExitCode::FAILURE;
             }
+            // So are the token maps and JWT keys of token-mapped routes.
+            let mappings = match wsgate::backend::load_targets(&config) {
+                Ok(mappings) => mappings,
+                Err(errors) => {
+                    for e in &errors {
+                        eprintln!("{e}");
+                    }
+                    return ExitCode::FAILURE;
+                }
+            };
             println!("{}: ok", path.display());
             for l in &config.listeners {
                 print!("listener {:<12} {}://{}", l.name, l.scheme(), l.address);
@@ -117,6 +127,10 @@ fn check(path: &Path) -> ExitCode {
                         println!("  backend  {member}");
                     }
                     println!("  health   {}", pool.health);
+                }
+                if let (config::Backend::Mapped(t), Some(mapping)) = (&r.backend, mappings.get(&r.name)) {
+                    let (by, allow, ports) = (mapping.describe(), &t.allow, &t.allow_ports);
+                    println!("targets  {:<12} {by}; allow {allow}; ports {ports}", r.name);
                 }
             }
             if let Some(addr) = config.builtin.tcp_echo {

@@ -40,6 +40,8 @@ pub mod names {
     pub const SESSIONS_SHED: &str = "wsgate_sessions_shed_total";
     /// Counter{route, reason}: requests refused by the route's access policy.
     pub const ACCESS_DENIED: &str = "wsgate_access_denied_total";
+    /// Counter{route, reason}: requests a token-mapped route found no allowed target for.
+    pub const TARGET_REFUSALS: &str = "wsgate_target_refusals_total";
     /// Counter{route, user}: sessions opened by each user, on routes with `auth.user_label`.
     pub const USER_SESSIONS: &str = "wsgate_user_sessions_total";
     /// Counter{listener, reason}: TLS handshakes that failed or timed out.
@@ -257,6 +259,7 @@ impl Metrics {
                     subprotocol_warnings: Throttle::new(WARN_INTERVAL),
                     access_warnings: Throttle::new(WARN_INTERVAL),
                     connect_warnings: Throttle::new(WARN_INTERVAL),
+                    target_warnings: Throttle::new(WARN_INTERVAL),
                     users: Mutex::new(HashSet::new()),
                     recorder: self.recorder.clone(),
                     enabled: self.enabled,
@@ -326,6 +329,11 @@ fn describe(r: &PrometheusRecorder) {
             names::ACCESS_DENIED,
             Some(Unit::Count),
             "Requests refused by the route's access policy, by route and reason.",
+        ),
+        d(
+            names::TARGET_REFUSALS,
+            Some(Unit::Count),
+            "Requests a token-mapped route found no allowed target for, by route and reason.",
         ),
         d(names::TLS_HANDSHAKE_FAILURES, Some(Unit::Count), "TLS handshakes that failed or timed out."),
         d(names::HANDSHAKES, Some(Unit::Count), "HTTP requests answered, by route and status (101: upgraded)."),
@@ -476,6 +484,9 @@ pub struct RouteMetrics {
     /// Warnings about failed backend connects (`session::dial`), likewise; every failure is
     /// counted in `wsgate_backend_connect_failures_total`.
     pub connect_warnings: Throttle,
+    /// Warnings about token-mapped requests refused (404, 403), likewise; each is counted in
+    /// `wsgate_target_refusals_total` too.
+    pub target_warnings: Throttle,
     /// The users with a label of their own in `wsgate_user_sessions_total`.
     users: Mutex<HashSet<String>>,
 }
@@ -509,6 +520,12 @@ impl RouteMetrics {
     /// Counts a request the access policy refused; `reason` is one of a fixed set.
     pub fn access_denied(&self, reason: &str) {
         self.counter(names::ACCESS_DENIED, &[("reason", reason)]).increment(1);
+    }
+
+    /// Counts a request a token-mapped route found no allowed target for; `reason` is one of a
+    /// fixed set.
+    pub fn target_refused(&self, reason: &str) {
+        self.counter(names::TARGET_REFUSALS, &[("reason", reason)]).increment(1);
     }
 
     /// Counts a session opened by `user` (routes with `auth.user_label`). The first

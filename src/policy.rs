@@ -30,7 +30,7 @@ use hyper::{HeaderMap, Method, StatusCode, Uri, Version};
 use std::time::Duration;
 
 use crate::admission::{Over, Shed};
-use crate::backend::ConnectFailure;
+use crate::backend::{self, ConnectFailure};
 use crate::client_cert::{self, ClientCert};
 use crate::config::{AllowedOrigins, Route, normalize_origin};
 use crate::router::normalize_host;
@@ -73,6 +73,9 @@ pub enum RefusalKind {
     /// The route's access policy said no (401, 403, or 429 after repeated failures): counted in
     /// `wsgate_access_denied_total` by [`Denied::label`], warned of once per route per interval.
     Access(Denied),
+    /// A token-mapped route found no allowed target for the request (404, 403): counted in
+    /// `wsgate_target_refusals_total` by [`backend::Refused::label`], warned of once per route per interval.
+    Target(backend::Refused),
 }
 
 /// Why the access policy refused a request; each is a bounded metric label. The reason a client
@@ -180,9 +183,27 @@ impl Refusal {
             | ConnectFailure::Unreachable
             | ConnectFailure::Other
             | ConnectFailure::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
+            // Not a failure of the backend: `target` answers it, whatever the route's choice.
+            ConnectFailure::NotAllowed => StatusCode::FORBIDDEN,
         };
         Refusal::new(status, format!("backend unavailable: {}", failure.label()))
             .of_kind(RefusalKind::BackendUnavailable)
+    }
+}
+
+impl Refusal {
+    /// A token-mapped route's refusal: 404 when no target has the token, 403 when the JWT fails
+    /// its check or the target is outside the allow-list. The reason never holds the token, nor
+    /// the target's address (a map keeps those from the client).
+    pub fn target(refused: backend::Refused) -> Refusal {
+        use backend::Refused;
+        let (status, reason) = match refused {
+            Refused::MissingToken => (StatusCode::NOT_FOUND, "no target token".to_string()),
+            Refused::UnknownToken => (StatusCode::NOT_FOUND, "unknown target token".to_string()),
+            Refused::InvalidToken(why) => (StatusCode::FORBIDDEN, format!("invalid target token: {why}")),
+            Refused::NotAllowed => (StatusCode::FORBIDDEN, "target not allowed".to_string()),
+        };
+        Refusal::new(status, reason).of_kind(RefusalKind::Target(refused))
     }
 }
 

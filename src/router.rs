@@ -76,6 +76,12 @@ impl Router {
                     limits.tcp_keepalive,
                     limits.tcp_user_timeout,
                 )),
+                Backend::Mapped(targets) => Target::Tcp(Dialer::mapped(
+                    targets,
+                    limits.connect_timeout,
+                    limits.tcp_keepalive,
+                    limits.tcp_user_timeout,
+                )),
             };
             let (metrics, load) = (metrics_for(&route.name), load_for(&route.name));
             Arc::new(Entry { route: route.clone(), limits, metrics, load, target })

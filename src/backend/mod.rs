@@ -17,6 +17,11 @@ pub mod health;
 pub mod pool;
 
 pub use pool::{Hold, Pool, Pools};
+mod targets;
+
+pub use targets::{Mapping, Refused, Target, TargetsError, load as load_targets};
+
+use crate::config;
 
 /// Why a backend could not be connected.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +61,15 @@ pub enum BackendError {
         #[source]
         source: io::Error,
     },
+    /// A token-mapped target outside the route's allow-list: its port (`addr` none), or an
+    /// address its name resolved to. Nothing was connected.
+    #[error("target {target} is not allowed by the route's allow-list{}", addr.map(|a| format!(" (resolved to {a})")).unwrap_or_default())]
+    NotAllowed {
+        /// `host:port` as the token named it.
+        target: String,
+        /// The (normalised) address that is not allowed, when the port was.
+        addr: Option<SocketAddr>,
+    },
     /// The connect timeout passed first.
     #[error("connect to {target} timed out after {after:?}")]
     Timeout {
@@ -89,6 +103,8 @@ pub enum ConnectFailure {
     Other,
     /// Every member of the route's pool is down, drained or at its session cap.
     NoBackend,
+    /// A token-mapped target outside the route's allow-list: refused, nothing connected.
+    NotAllowed,
 }
 
 impl ConnectFailure {
@@ -102,6 +118,7 @@ impl ConnectFailure {
             ConnectFailure::Unreachable => "unreachable",
             ConnectFailure::Other => "connect failed",
             ConnectFailure::NoBackend => "no backend available",
+            ConnectFailure::NotAllowed => "target not allowed",
         }
     }
 }
@@ -113,6 +130,7 @@ impl BackendError {
             BackendError::Resolve { .. } | BackendError::NoAddress { .. } => ConnectFailure::NotResolved,
             BackendError::Timeout { .. } => ConnectFailure::TimedOut,
             BackendError::NoBackend { .. } => ConnectFailure::NoBackend,
+            BackendError::NotAllowed { .. } => ConnectFailure::NotAllowed,
             BackendError::Connect { source, .. } | BackendError::Send { source, .. } => match source.kind() {
                 io::ErrorKind::TimedOut => ConnectFailure::TimedOut,
                 io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
@@ -133,6 +151,8 @@ pub struct DialRequest<'a> {
     pub path: &'a str,
     /// The request target's query, if any.
     pub query: Option<&'a str>,
+    /// On a token-mapped route, the target its token named (`Mapping::find`).
+    pub target: Option<&'a Target>,
 }
 
 /// How a route reaches its backend: the connect settings, and which backend a session goes to;
@@ -158,6 +178,8 @@ enum Choice {
     One { host: String, port: u16 },
     /// A member of the route's pool, picked per session.
     Pool(Arc<Pool>),
+    /// The target the request's token named, if the allow-list allows it.
+    Mapped(Box<config::Targets>),
 }
 
 impl Dialer {
@@ -187,11 +209,25 @@ impl Dialer {
         Dialer { settings: Settings { timeout, keepalive, user_timeout }, choice: Choice::Pool(pool) }
     }
 
+    /// A token-mapped route's dialer: each session's target comes with its request
+    /// ([`DialRequest::target`]) and is connected only if `allowed` allows it.
+    pub fn mapped(
+        allowed: &config::Targets,
+        timeout: Duration,
+        keepalive: Option<Duration>,
+        user_timeout: Option<Duration>,
+    ) -> Dialer {
+        Dialer {
+            settings: Settings { timeout, keepalive, user_timeout },
+            choice: Choice::Mapped(Box::new(allowed.clone())),
+        }
+    }
+
     /// The route's pool, if it has one.
     pub fn pool_of(&self) -> Option<&Arc<Pool>> {
         match &self.choice {
             Choice::Pool(pool) => Some(pool),
-            Choice::One { .. } => None,
+            Choice::One { .. } | Choice::Mapped(_) => None,
         }
     }
 
@@ -210,6 +246,11 @@ impl Dialer {
                 let (stream, hold) = pool.connect(&self.settings, req.client.ip(), preamble).await?;
                 Ok((stream, Some(hold)))
             }
+            Choice::Mapped(allowed) => match req.target {
+                Some(target) => Ok((targets::connect(&self.settings, allowed, target, preamble).await?, None)),
+                // Cannot happen: the server finds the target before it dials.
+                None => Err(BackendError::NoAddress { target: "token-mapped target (none found)".into() }),
+            },
         }
     }
 }

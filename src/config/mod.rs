@@ -25,6 +25,7 @@ mod pool;
 #[cfg(test)]
 mod proptests;
 mod raw;
+mod targets;
 mod validate;
 
 use std::fmt;
@@ -38,7 +39,8 @@ pub use addresses::{Addressing, Cidrs, ClientRules, ForwardedHeader, ProxyVersio
 pub use auth::{Auth, Basic, Bearer, Jwt, JwtAlgorithm, Mechanism, OnRefusal, TokenHash};
 pub use error::{ConfigError, ConfigErrors};
 pub use pool::{ActiveCheck, Balance, Health, Member, Pool};
-pub use validate::normalize_origin;
+pub use targets::{MapFormat, PortRanges, TargetSource, Targets, TokenSource};
+pub use validate::{normalize_origin, split_host_port};
 
 /// A whole, validated configuration: what one gateway instance runs.
 #[derive(Debug, Clone)]
@@ -279,6 +281,8 @@ pub enum Backend {
     Echo,
     /// Several backends, one picked per session (`backends`, `balance`, `[health]`).
     Pool(std::sync::Arc<Pool>),
+    /// A target chosen per session by a token (`[routes.NAME.targets]`), within an allow-list.
+    Mapped(Box<Targets>),
 }
 
 impl fmt::Display for Backend {
@@ -288,6 +292,7 @@ impl fmt::Display for Backend {
             Backend::Tcp { host, port } => write!(f, "{host}:{port}"),
             Backend::Echo => f.write_str("builtin:echo"),
             Backend::Pool(pool) => write!(f, "{pool}"),
+            Backend::Mapped(targets) => write!(f, "{targets}"),
         }
     }
 }

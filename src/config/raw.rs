@@ -19,8 +19,8 @@ use serde::de::{DeserializeOwned, Deserializer};
 use toml::Spanned;
 
 use super::{
-    Balance, ClientAuthMode, Config, ForwardedHeader, JwtAlgorithm, LogFormat, OnRefusal, Outbound, PathMatch,
-    ProxyVersion, Unavailable,
+    Balance, ClientAuthMode, Config, ForwardedHeader, JwtAlgorithm, LogFormat, MapFormat, OnRefusal, Outbound,
+    PathMatch, ProxyVersion, Unavailable,
 };
 
 #[derive(Deserialize)]
@@ -94,6 +94,8 @@ pub(super) struct RawRoute {
     pub backends: Option<Vec<RawMember>>,
     pub balance: Option<Choice<Balance>>,
     pub health: Option<RawHealth>,
+    // Token-mapped targets (`targets` instead of `backend`).
+    pub targets: Option<RawTargets>,
 }
 
 /// One entry of a route's `backends` list.
@@ -119,6 +121,47 @@ pub(super) struct RawHealth {
     pub expect: Option<String>,
     pub eject_after_failures: Option<u64>,
     pub eject_secs: Option<Seconds>,
+}
+
+/// `[routes.NAME.targets]`: a backend chosen per session by a token, within an allow-list.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTargets {
+    pub token: Option<Choice<TokenKind>>,
+    pub query_param: Option<String>,
+    pub map_file: Option<String>,
+    pub format: Option<Choice<MapFormat>>,
+    pub jwt: Option<RawTargetsJwt>,
+    pub allow: Option<Vec<String>>,
+    pub allow_ports: Option<Vec<RawPorts>>,
+}
+
+/// `routes.NAME.targets.token`.
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum TokenKind {
+    Path,
+    Query,
+}
+
+/// One `allow_ports` item: a port, or a `"low-high"` range.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawPorts {
+    One(i64),
+    Range(String),
+}
+
+/// `[routes.NAME.targets.jwt]`: the key names of `[routes.NAME.auth]` for `type = "jwt"`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTargetsJwt {
+    pub keys: Option<Vec<String>>,
+    pub jwks_file: Option<String>,
+    pub algorithms: Option<Vec<Choice<JwtAlgorithm>>>,
+    pub audience: Option<Vec<String>>,
+    pub issuer: Option<Vec<String>>,
+    pub leeway_secs: Option<Seconds>,
 }
 
 /// A route's `clients` table: CIDRs as written.
@@ -432,6 +475,20 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
     ("routes.NAME.auth.expiry_grace_secs", Reload),
     ("routes.NAME.auth.htpasswd", Reload),
     ("routes.NAME.auth.user_label", Reload),
+    // Token-mapped targets (issue 17): the map file and JWT keys are read again on every reload;
+    // live sessions keep the target they were given.
+    ("routes.NAME.targets.token", Reload),
+    ("routes.NAME.targets.query_param", Reload),
+    ("routes.NAME.targets.map_file", Reload),
+    ("routes.NAME.targets.format", Reload),
+    ("routes.NAME.targets.allow", Reload),
+    ("routes.NAME.targets.allow_ports", Reload),
+    ("routes.NAME.targets.jwt.keys", Reload),
+    ("routes.NAME.targets.jwt.jwks_file", Reload),
+    ("routes.NAME.targets.jwt.algorithms", Reload),
+    ("routes.NAME.targets.jwt.audience", Reload),
+    ("routes.NAME.targets.jwt.issuer", Reload),
+    ("routes.NAME.targets.jwt.leeway_secs", Reload),
     // The connection and handshake semaphores are sized once, when the gateway binds.
     (
         "limits.max_connections",

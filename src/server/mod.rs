@@ -97,6 +97,8 @@ pub(crate) struct Snapshot {
     pub addressing: HashMap<String, Arc<Addressing>>,
     /// The access policy of each route that has one, files loaded, by route name.
     pub auth: HashMap<String, Arc<auth::RouteAuth>>,
+    /// The token lookup of each token-mapped route, map files and keys loaded, by route name.
+    pub targets: HashMap<String, Arc<backend::Mapping>>,
 }
 
 /// A static page: served for GET or HEAD on exactly `path`, on every listener.
@@ -313,10 +315,14 @@ async fn respond(
             RefusalKind::Origin => Some(&e.metrics.origin_warnings),
             RefusalKind::Subprotocol => Some(&e.metrics.subprotocol_warnings),
             RefusalKind::Access(_) => Some(&e.metrics.access_warnings),
+            RefusalKind::Target(_) => Some(&e.metrics.target_warnings),
             _ => None,
         });
         if let (Some(entry), RefusalKind::Access(denied)) = (&entry, refusal.kind) {
             entry.metrics.access_denied(denied.label());
+        }
+        if let (Some(entry), RefusalKind::Target(refused)) = (&entry, refusal.kind) {
+            entry.metrics.target_refused(refused.label());
         }
         match throttle.and_then(Throttle::allow) {
             Some(suppressed) => warn!(route, status, %reason, suppressed, "request refused"),
@@ -402,6 +408,7 @@ async fn upgrade(
         }
         Err(refusal) => return refuse_in_band(req, entry, conn, shared, client, admitted.subprotocol, refusal),
     };
+    let target = find_target(req, entry, conn)?;
     conn.finish_handshake();
     // Built from the identity as admission settled it, and sent before any other byte.
     let preamble = entry
@@ -409,10 +416,15 @@ async fn upgrade(
         .proxy_protocol
         .map(|version| proxy_protocol::header(version, client, conn.local, &admitted.identity, conn.secure))
         .unwrap_or_default();
-    let dial = DialRequest { client, path: req.uri().path(), query: req.uri().query() };
+    let dial = DialRequest { client, path: req.uri().path(), query: req.uri().query(), target: target.as_ref() };
     let (place, dialed) = match start(entry, conn, shared, &dial, &preamble).await {
         Ok((place, dialed)) => (Some(place), dialed),
         Err(not) => {
+            // A target outside the allow-list is refused, whatever the route says of backends
+            // that are down: it is the request that is wrong.
+            if let NotStarted::Failed(ConnectFailure::NotAllowed) = not {
+                return Err(Refusal::target(backend::Refused::NotAllowed));
+            }
             if let NotStarted::Shed(shed) = not {
                 entry.metrics.shed(shed.label());
                 debug!(route = %entry.route.name, reason = %shed.reason(), "session shed");
@@ -447,6 +459,21 @@ async fn upgrade(
     let session = session::run(upgrading, dialed, ctx, stop, abort).map(move |()| drop((slot, place)));
     shared.tasks.spawn(session);
     Ok(response)
+}
+
+/// On a token-mapped route, the target the request's token names (`backend::Mapping`), found
+/// before the session's bounds are taken, so a request with an unknown token holds no session or
+/// connect place; `None` on other routes.
+fn find_target(req: &Request<Incoming>, entry: &Entry, conn: &Connection) -> Result<Option<backend::Target>, Refusal> {
+    let Some(mapping) = conn.snapshot.targets.get(&entry.route.name) else {
+        if !matches!(entry.route.backend, crate::config::Backend::Mapped(_)) {
+            return Ok(None);
+        }
+        // Cannot happen: a snapshot is built with every route's lookup or not at all. Fail closed.
+        warn!(route = %entry.route.name, "bug: the route's token lookup is not loaded; refusing");
+        return Err(Refusal::internal());
+    };
+    mapping.find(req.uri().path(), req.uri().query()).map(Some).map_err(Refusal::target)
 }
 
 /// Why an admitted request gets no session.

@@ -92,6 +92,11 @@ pub async fn dial(
             entry.metrics.connect_duration.record(started.elapsed().as_secs_f64());
             Ok((Dialed::Tcp(stream), hold))
         }
+        // Not a backend failure: the server refuses the request, and counts and logs that.
+        Err(e) if e.failure() == ConnectFailure::NotAllowed => {
+            debug!(route = %entry.route.name, error = %e, "token-mapped target refused");
+            Err(e)
+        }
         Err(e) => {
             entry.metrics.connect_failed(e.failure().label());
             // Every client retry during an outage would add a line: one per interval says it,

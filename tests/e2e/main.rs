@@ -41,3 +41,5 @@ mod proxy_protocol;
 mod secrets;
 /// Start-up: config fixtures, the shipped config.toml, development certificates, bind errors.
 mod startup;
+/// Token-mapped targets: map files (TOML, websockify), JWT claims, reload, the allow-list, noVNC.
+mod targets;

@@ -14,6 +14,7 @@ mod auth;
 mod certs;
 mod limits;
 mod pool;
+mod targets;
 
 #[cfg(test)]
 pub(super) use limits::DEFAULT_SESSION_LIMITS;
@@ -201,8 +202,21 @@ impl Validator<'_> {
             None => Some(None),
             Some(h) => self.host_pattern(&format!("{key}.host"), &h).map(Some),
         };
-        let backend =
-            self.route_backend(&key, raw.backend.take(), raw.backends.take(), raw.balance.take(), raw.health.take());
+        let backend = match raw.targets.take() {
+            Some(targets) => {
+                let others = [
+                    ("backend", raw.backend.is_some()),
+                    ("backends", raw.backends.is_some()),
+                    ("balance", raw.balance.is_some()),
+                    ("health", raw.health.is_some()),
+                ];
+                let found: Vec<&str> = others.iter().filter(|(_, set)| *set).map(|(name, _)| *name).collect();
+                self.targets(&key, targets, &found, path.as_deref(), path_match).map(|t| Backend::Mapped(Box::new(t)))
+            }
+            None => {
+                self.route_backend(&key, raw.backend.take(), raw.backends.take(), raw.balance.take(), raw.health.take())
+            }
+        };
         let allowed_origins = self.origins(&format!("{key}.allowed_origins"), raw.allowed_origins);
         let accept = self.accept(&format!("{key}.accept"), raw.accept);
         let outbound = self.choice(&format!("{key}.outbound"), raw.outbound, Outbound::Binary);
@@ -428,7 +442,7 @@ impl Validator<'_> {
 }
 
 /// Splits `host:port` / `[v6]:port`; the error completes a sentence starting with the value.
-fn split_host_port(s: &str) -> Result<(String, u16), &'static str> {
+pub fn split_host_port(s: &str) -> Result<(String, u16), &'static str> {
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
         let (h, after) = rest.split_once(']').ok_or("has an unclosed \"[\"")?;
         let p = after.strip_prefix(':').ok_or("has no port")?;

@@ -55,7 +55,10 @@ impl Validator<'_> {
             (Some(value), None) => self.backend(&format!("{key}.backend"), &value),
             (None, Some(members)) => self.pool(key, members, balance, health).map(|p| Backend::Pool(Arc::new(p))),
             (None, None) => {
-                self.fail(format!("{key}.backend"), "missing field: every route needs a backend (or `backends`)");
+                self.fail(
+                    format!("{key}.backend"),
+                    "missing field: every route needs a backend (or `backends`, or a `targets` table)",
+                );
                 None
             }
         }
