@@ -83,7 +83,7 @@ impl Gate {
     pub fn new() -> Gate {
         let config = wsgate::config::parse(CONFIG, Path::new("fuzz.toml")).expect("the harness config is valid");
         let metrics = Metrics::new(false);
-        let router = Router::new(&config.routes, |name| metrics.route(name), |_| Default::default());
+        let router = Router::new(&config.routes, |name| metrics.route(name), |_| Default::default(), |_| None);
         Gate { router, _metrics: metrics }
     }
 

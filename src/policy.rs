@@ -170,11 +170,12 @@ impl Refusal {
     }
 
     /// The backend could not be reached, on a route that says so in HTTP
-    /// (`on_backend_unavailable = "http"`): 502 when it refused, 504 when it timed out, 503
+    /// (`on_backend_unavailable = "http"`): 502 when it refused or its TLS handshake failed, 504
+    /// when it timed out, 503
     /// otherwise. Debug level: the dial logged the failure, with its address.
     pub fn backend_unavailable(failure: ConnectFailure) -> Refusal {
         let status = match failure {
-            ConnectFailure::Refused => StatusCode::BAD_GATEWAY,
+            ConnectFailure::Refused | ConnectFailure::Tls => StatusCode::BAD_GATEWAY,
             ConnectFailure::TimedOut => StatusCode::GATEWAY_TIMEOUT,
             ConnectFailure::NotResolved | ConnectFailure::Unreachable | ConnectFailure::Other => {
                 StatusCode::SERVICE_UNAVAILABLE

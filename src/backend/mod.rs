@@ -2,15 +2,24 @@
 //!
 //! Names are resolved at connect time (so DNS changes apply to new sessions without a reload)
 //! and every resolved address is tried in order, within one overall timeout: a dual-stack name
-//! whose first address is dead still connects. Nothing here knows about WebSocket; `session`
-//! decides what a failure means for the client.
+//! whose first address is dead still connects. A backend may also be a Unix socket, and either
+//! may be under TLS (`tls`); the result is a [`BackendConn`] (`conn`). Nothing here knows about
+//! WebSocket; `session` decides what a failure means for the client.
+
+mod conn;
+pub mod tls;
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+pub use conn::{BackendConn, Peer};
+
+use crate::config::UnixAddr;
 
 /// Why a backend could not be connected.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +59,25 @@ pub enum BackendError {
         #[source]
         source: io::Error,
     },
+    /// A Unix socket could not be connected.
+    #[error("connect to {target}: {source}")]
+    ConnectUnix {
+        /// The socket as configured (`unix:/path`, `unix:@name`).
+        target: String,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
+    /// Connected, but the TLS handshake failed: most often a certificate the route does not
+    /// trust or one for another name (rustls's reason is the source).
+    #[error("TLS handshake with {target}: {source}")]
+    Tls {
+        /// The backend as configured.
+        target: String,
+        /// rustls's reason, or the socket's error during the handshake.
+        #[source]
+        source: io::Error,
+    },
     /// The connect timeout passed first.
     #[error("connect to {target} timed out after {after:?}")]
     Timeout {
@@ -73,6 +101,8 @@ pub enum ConnectFailure {
     Refused,
     /// No route to the host or its network.
     Unreachable,
+    /// The TLS handshake with the backend failed (an untrusted certificate, a name mismatch).
+    Tls,
     /// Any other connect error.
     Other,
 }
@@ -86,6 +116,7 @@ impl ConnectFailure {
             ConnectFailure::TimedOut => "connect timed out",
             ConnectFailure::Refused => "connection refused",
             ConnectFailure::Unreachable => "unreachable",
+            ConnectFailure::Tls => "TLS handshake failed",
             ConnectFailure::Other => "connect failed",
         }
     }
@@ -97,9 +128,13 @@ impl BackendError {
         match self {
             BackendError::Resolve { .. } | BackendError::NoAddress { .. } => ConnectFailure::NotResolved,
             BackendError::Timeout { .. } => ConnectFailure::TimedOut,
-            BackendError::Connect { source, .. } | BackendError::Send { source, .. } => match source.kind() {
+            BackendError::Tls { .. } => ConnectFailure::Tls,
+            BackendError::Connect { source, .. }
+            | BackendError::Send { source, .. }
+            | BackendError::ConnectUnix { source, .. } => match source.kind() {
                 io::ErrorKind::TimedOut => ConnectFailure::TimedOut,
-                io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
+                // A socket file that does not exist: nothing listens there either.
+                io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound => ConnectFailure::Refused,
                 io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => ConnectFailure::Unreachable,
                 _ => ConnectFailure::Other,
             },
@@ -128,11 +163,13 @@ pub struct Dialer {
 }
 
 /// How every backend connection of a route is made.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Settings {
     timeout: Duration,
     keepalive: Option<Duration>,
     user_timeout: Option<Duration>,
+    /// TLS on every connection, when the route has `backend_tls`.
+    tls: Option<Arc<tls::Connector>>,
 }
 
 /// Which backend a session goes to.
@@ -140,6 +177,8 @@ struct Settings {
 enum Choice {
     /// Always the one `host:port`.
     One { host: String, port: u16 },
+    /// Always the one Unix socket.
+    Unix(UnixAddr),
 }
 
 impl Dialer {
@@ -153,38 +192,105 @@ impl Dialer {
         user_timeout: Option<Duration>,
     ) -> Dialer {
         Dialer {
-            settings: Settings { timeout, keepalive, user_timeout },
+            settings: Settings { timeout, keepalive, user_timeout, tls: None },
             choice: Choice::One { host: host.to_string(), port },
         }
+    }
+
+    /// Connects to the Unix socket `addr` within `timeout`.
+    pub fn unix(addr: UnixAddr, timeout: Duration) -> Dialer {
+        Dialer {
+            settings: Settings { timeout, keepalive: None, user_timeout: None, tls: None },
+            choice: Choice::Unix(addr),
+        }
+    }
+
+    /// Runs a TLS handshake on every connection, within the same timeout.
+    pub fn with_tls(mut self, tls: Option<Arc<tls::Connector>>) -> Dialer {
+        self.settings.tls = tls;
+        self
     }
 
     /// Connects the backend `req` goes to: resolves the name now (so DNS changes apply without
     /// a reload) and tries every address, then writes `preamble` (a PROXY protocol header, or
     /// nothing) before any other byte, all within the timeout.
-    pub async fn connect(&self, req: &DialRequest<'_>, preamble: &[u8]) -> Result<TcpStream, BackendError> {
+    pub async fn connect(&self, req: &DialRequest<'_>, preamble: &[u8]) -> Result<BackendConn, BackendError> {
         match &self.choice {
             Choice::One { host, port } => {
                 let _ = req;
                 self.settings.connect(host, *port, preamble).await
             }
+            Choice::Unix(addr) => self.settings.connect_unix(addr, preamble).await,
         }
     }
 }
 
 impl Settings {
-    async fn connect(&self, host: &str, port: u16, preamble: &[u8]) -> Result<TcpStream, BackendError> {
-        if preamble.is_empty() {
-            return connect(host, port, self.timeout, self.keepalive, self.user_timeout).await;
+    /// One TCP connection to `host:port`, then `preamble`, then the route's TLS handshake if it
+    /// has one, all within the timeout.
+    async fn connect(&self, host: &str, port: u16, preamble: &[u8]) -> Result<BackendConn, BackendError> {
+        if preamble.is_empty() && self.tls.is_none() {
+            let stream = connect(host, port, self.timeout, self.keepalive, self.user_timeout).await?;
+            return Ok(BackendConn::Tcp(stream));
         }
         let started = tokio::time::Instant::now();
         let mut stream = connect(host, port, self.timeout, self.keepalive, self.user_timeout).await?;
-        let target = || display_target(host, port);
+        let target = display_target(host, port);
+        self.send(&mut stream, preamble, started, &target).await?;
+        match &self.tls {
+            None => Ok(BackendConn::Tcp(stream)),
+            Some(tls) => {
+                let stream = self.within(started, &target, tls.handshake(host, stream, &target)).await?;
+                Ok(BackendConn::Tls(Box::new(stream)))
+            }
+        }
+    }
+
+    /// One connection to the Unix socket `addr`, then as [`Settings::connect`]; the TLS name is
+    /// the configured `server_name` (config requires one).
+    async fn connect_unix(&self, addr: &UnixAddr, preamble: &[u8]) -> Result<BackendConn, BackendError> {
+        let started = tokio::time::Instant::now();
+        let target = addr.to_string();
+        let mut stream = self.within(started, &target, conn::connect(addr)).await?;
+        self.send(&mut stream, preamble, started, &target).await?;
+        match &self.tls {
+            None => Ok(BackendConn::Unix(stream)),
+            Some(tls) => {
+                let stream = self.within(started, &target, tls.handshake(&target, stream, &target)).await?;
+                Ok(BackendConn::UnixTls(Box::new(stream)))
+            }
+        }
+    }
+
+    /// Writes `preamble` (a PROXY header, or nothing) before any other byte.
+    async fn send<S: AsyncWrite + Unpin>(
+        &self,
+        stream: &mut S,
+        preamble: &[u8],
+        started: tokio::time::Instant,
+        target: &str,
+    ) -> Result<(), BackendError> {
+        if preamble.is_empty() {
+            return Ok(());
+        }
         // A fresh socket's send buffer takes a header at once; the bound is for a backend whose
         // connection is already failing.
-        match tokio::time::timeout_at(started + self.timeout, stream.write_all(preamble)).await {
-            Ok(Ok(())) => Ok(stream),
-            Ok(Err(source)) => Err(BackendError::Send { target: target(), source }),
-            Err(_) => Err(BackendError::Timeout { target: target(), after: self.timeout }),
+        self.within(started, target, async {
+            stream.write_all(preamble).await.map_err(|source| BackendError::Send { target: target.to_string(), source })
+        })
+        .await
+    }
+
+    /// `step`, unless the connect timeout (counted from `started`) passes first.
+    async fn within<T>(
+        &self,
+        started: tokio::time::Instant,
+        target: &str,
+        step: impl Future<Output = Result<T, BackendError>>,
+    ) -> Result<T, BackendError> {
+        match tokio::time::timeout_at(started + self.timeout, step).await {
+            Ok(result) => result,
+            Err(_) => Err(BackendError::Timeout { target: target.to_string(), after: self.timeout }),
         }
     }
 }

@@ -90,6 +90,19 @@ pub(super) struct RawRoute {
     pub on_refusal: Option<Choice<OnRefusal>>,
     pub auth: Option<RawAuth>,
     pub client_certs: Option<Vec<String>>,
+    pub backend_tls: Option<RawBackendTls>,
+}
+
+/// `[routes.NAME.backend_tls]`: paths as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBackendTls {
+    pub server_name: Option<String>,
+    pub ca: Option<String>,
+    pub client_cert: Option<String>,
+    pub client_key: Option<String>,
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 /// A route's `clients` table: CIDRs as written.
@@ -357,6 +370,12 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
     ("routes.NAME.clients.deny", Reload),
     ("routes.NAME.proxy_protocol", Reload),
     ("routes.NAME.client_certs", Reload),
+    // Backend TLS: the files are read again by every reload, and apply to new sessions.
+    ("routes.NAME.backend_tls.server_name", Reload),
+    ("routes.NAME.backend_tls.ca", Reload),
+    ("routes.NAME.backend_tls.client_cert", Reload),
+    ("routes.NAME.backend_tls.client_key", Reload),
+    ("routes.NAME.backend_tls.insecure", Reload),
     ("routes.NAME.limits.max_message_bytes", Reload),
     ("routes.NAME.limits.ws_read_buffer_bytes", Reload),
     ("routes.NAME.limits.backend_read_bytes", Reload),
