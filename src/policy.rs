@@ -561,13 +561,16 @@ mod tests {
         assert!(select_subprotocol(&r, ["base64"]).unwrap_err().reason.contains("accepts binary, mqtt"));
     }
 
-    /// An unreachable backend is answered 502 when it refused, 504 when it timed out, 503
-    /// otherwise; the reason names the kind and no address.
+    /// An unreachable backend is answered 502 when it refused or failed the TLS handshake, 504
+    /// when it timed out, 503 otherwise; the reason names the kind and no address.
     #[test]
     fn backend_unavailable_statuses_follow_the_failure() {
         use ConnectFailure::*;
         let status = |f| Refusal::backend_unavailable(f).status.as_u16();
-        assert_eq!([Refused, TimedOut, NotResolved, Unreachable, Other].map(status), [502, 504, 503, 503, 503]);
+        assert_eq!(
+            [Refused, Tls, TimedOut, NotResolved, Unreachable, Other].map(status),
+            [502, 502, 504, 503, 503, 503]
+        );
         assert_eq!(Refusal::backend_unavailable(Refused).reason, "backend unavailable: connection refused");
     }
 

@@ -227,12 +227,18 @@ mod tests {
         let missing = dir.path().join("missing.pem");
         let garbage = dir.path().join("garbage.pem");
         std::fs::write(&garbage, "not pem").unwrap();
-        let errors = Connector::load("r", &tls(Some(missing.clone()), Some((garbage.clone(), missing.clone()))))
-            .unwrap_err();
+        let errors =
+            Connector::load("r", &tls(Some(missing.clone()), Some((garbage.clone(), missing.clone())))).unwrap_err();
         let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
         assert_eq!(lines.len(), 3, "{lines:?}");
         assert!(lines[0].starts_with(&format!("{}: routes.r.backend_tls.ca: ", missing.display())), "{lines:?}");
-        assert_eq!(lines[1], format!("{}: routes.r.backend_tls.client_cert: no PEM certificate in the file", garbage.display()));
-        assert!(lines[2].starts_with(&format!("{}: routes.r.backend_tls.client_key: ", missing.display())), "{lines:?}");
+        assert_eq!(
+            lines[1],
+            format!("{}: routes.r.backend_tls.client_cert: no PEM certificate in the file", garbage.display())
+        );
+        assert!(
+            lines[2].starts_with(&format!("{}: routes.r.backend_tls.client_key: ", missing.display())),
+            "{lines:?}"
+        );
     }
 }

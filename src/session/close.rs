@@ -404,6 +404,14 @@ mod tests {
             code(Outcome::BackendFailed(IoFailure::Reset)),
             Some((1011, "backend error: connection reset".into()))
         );
+        assert_eq!(
+            code(Outcome::BackendFailed(IoFailure::of(&std::io::ErrorKind::UnexpectedEof.into()))),
+            Some((1011, "backend error: TLS ended without close_notify".into()))
+        );
+        assert_eq!(
+            code(Outcome::BackendUnavailable(ConnectFailure::Tls)),
+            Some((1013, "backend unavailable: TLS handshake failed".into()))
+        );
         assert_eq!(code(Outcome::BackendNotUtf8).unwrap().0, 1011);
         assert_eq!(
             code(Outcome::BackendUnavailable(ConnectFailure::Refused)),

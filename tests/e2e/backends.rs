@@ -274,8 +274,7 @@ async fn tls_backend_checks_the_host_and_presents_a_client_certificate() {
     let pki = Pki::new();
     let (addr, seen) = tcp_backend(Some(pki.server(&["127.0.0.1"], true)), Behaviour::Echo).await;
     let (cert, key) = pki.client_files();
-    let table =
-        tls_table("mtls", &format!("ca = {:?}\nclient_cert = {cert:?}\nclient_key = {key:?}\n", pki.ca_path()));
+    let table = tls_table("mtls", &format!("ca = {:?}\nclient_cert = {cert:?}\nclient_key = {key:?}\n", pki.ca_path()));
     let gw = Gateway::builder().route_with("mtls", "/mtls", &addr.to_string(), &table).start().await;
     let mut ws = gw.ws("/mtls").await;
     let data = payload(300_000, 14);
@@ -314,7 +313,12 @@ async fn untrusted_backend_certificate_is_refused() {
     let gw = Gateway::builder()
         .route_with("http", "/http", &target, &format!("on_backend_unavailable = \"http\"\n{wrong_ca}"))
         .route_with("close", "/close", &target, &tls_table("close", ""))
-        .route_with("name", "/name", &named_addr.to_string(), &format!("on_backend_unavailable = \"http\"\n{wrong_name}"))
+        .route_with(
+            "name",
+            "/name",
+            &named_addr.to_string(),
+            &format!("on_backend_unavailable = \"http\"\n{wrong_name}"),
+        )
         .start()
         .await;
 
@@ -406,7 +410,11 @@ async fn insecure_backend_tls_connects_and_warns() {
 
 fn check(config: &Path) -> (Option<i32>, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_wsgate")).arg("check").arg(config).output().unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// `wsgate check` reads the backend TLS files as a start would (a missing CA or an unusable key

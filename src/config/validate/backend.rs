@@ -39,7 +39,10 @@ impl Validator<'_> {
             return None;
         }
         if len > MAX_UNIX_NAME_BYTES {
-            self.fail(key, format!("{value:?} is {len} bytes long; a Unix socket name is at most {MAX_UNIX_NAME_BYTES}"));
+            self.fail(
+                key,
+                format!("{value:?} is {len} bytes long; a Unix socket name is at most {MAX_UNIX_NAME_BYTES}"),
+            );
             return None;
         }
         Some(Backend::Unix(addr))
@@ -75,9 +78,10 @@ impl Validator<'_> {
         let ca = raw.ca.map(|ca| self.file_path(&format!("{key}.ca"), &ca));
         let client_cert = match (raw.client_cert, raw.client_key) {
             (None, None) => None,
-            (Some(cert), Some(k)) => {
-                Some((self.file_path(&format!("{key}.client_cert"), &cert), self.file_path(&format!("{key}.client_key"), &k)))
-            }
+            (Some(cert), Some(k)) => Some((
+                self.file_path(&format!("{key}.client_cert"), &cert),
+                self.file_path(&format!("{key}.client_key"), &k),
+            )),
             (Some(_), None) => {
                 self.fail(format!("{key}.client_key"), "required with client_cert");
                 return None;
@@ -155,7 +159,10 @@ mod tests {
     #[test]
     fn backend_tls_table() {
         let c = parse(
-            &route("db.internal:5432", "[routes.r.backend_tls]\nca = \"ca.pem\"\nclient_cert = \"c.pem\"\nclient_key = \"k.pem\"\n"),
+            &route(
+                "db.internal:5432",
+                "[routes.r.backend_tls]\nca = \"ca.pem\"\nclient_cert = \"c.pem\"\nclient_key = \"k.pem\"\n",
+            ),
             Path::new("/etc/wsgate/config.toml"),
         )
         .unwrap();
@@ -179,8 +186,16 @@ mod tests {
             ("unix:/run/tls.sock", "", "routes.r.backend_tls.server_name: required for a Unix-socket backend"),
             ("h:1", "client_cert = \"c.pem\"\n", "routes.r.backend_tls.client_key: required with client_cert"),
             ("h:1", "client_key = \"k.pem\"\n", "routes.r.backend_tls.client_cert: required with client_key"),
-            ("h:1", "server_name = \"https://x\"\n", "routes.r.backend_tls.server_name: \"https://x\" is not a DNS name"),
-            ("h:1", "ca = \"ca.pem\"\ninsecure = true\n", "routes.r.backend_tls.insecure: insecure = true trusts every"),
+            (
+                "h:1",
+                "server_name = \"https://x\"\n",
+                "routes.r.backend_tls.server_name: \"https://x\" is not a DNS name",
+            ),
+            (
+                "h:1",
+                "ca = \"ca.pem\"\ninsecure = true\n",
+                "routes.r.backend_tls.insecure: insecure = true trusts every",
+            ),
             ("h:1", "ca = \"\"\n", "routes.r.backend_tls.ca: must name a file"),
             ("h:1", "verify = false\n", "unknown field `verify`"),
         ] {
