@@ -466,3 +466,36 @@ fn check_reads_and_shows_backend_transports() {
     assert!(stdout.contains("/lax -> 10.0.0.1:443 (TLS, INSECURE: certificate not verified)"), "{stdout}");
     assert!(stderr.contains("WARNING: routes.lax.backend_tls.insecure = true"), "{stderr}");
 }
+
+/// The backend TLS files are read again by every reload: a CA file replaced by the right one
+/// lets the next session through; one that cannot be used is refused whole (one line naming file
+/// and key) and the running config stays.
+#[tokio::test]
+async fn backend_tls_files_are_reread_on_reload() {
+    let (right, wrong) = (Pki::new(), Pki::new());
+    let (addr, seen) = tcp_backend(Some(right.server(&["127.0.0.1"], false)), Behaviour::Echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("backend-ca.pem");
+    std::fs::copy(wrong.ca_path(), &ca).unwrap();
+    let table = |extra: &str| tls_table("db", &format!("ca = {:?}\n{extra}", ca.display().to_string()));
+    let config = dir.path().join("wsgate.toml");
+    let builder = Gateway::builder().route_with("db", "/db", &addr.to_string(), &table(""));
+    std::fs::write(&config, builder.toml()).unwrap();
+    let gw = Gateway::from_file(&config).await;
+    let mut ws = gw.ws("/db").await;
+    assert_eq!(read_until_close(&mut ws).await.1, 1013, "the wrong CA is not trusted");
+
+    std::fs::copy(right.ca_path(), &ca).unwrap();
+    gw.reloader.reload_file(&config).expect("reload with the right CA");
+    let mut ws = gw.ws("/db").await;
+    send_binary(&mut ws, b"after reload").await;
+    assert_eq!(read_bytes(&mut ws, 12).await, b"after reload");
+
+    std::fs::write(&ca, "not a certificate").unwrap();
+    let e = gw.reloader.reload_file(&config).unwrap_err().to_string();
+    assert_eq!(e, format!("{}: routes.db.backend_tls.ca: no PEM certificate in the file", ca.display()));
+    let mut ws = gw.ws("/db").await;
+    send_binary(&mut ws, b"still").await;
+    assert_eq!(read_bytes(&mut ws, 5).await, b"still", "the running config stays");
+    assert_eq!(seen.handshakes.load(Ordering::SeqCst), 2);
+}
