@@ -85,7 +85,7 @@ impl Gate {
         let config = wsgate::config::parse(CONFIG, Path::new("fuzz.toml")).expect("the harness config is valid");
         let metrics = Arc::new(Metrics::new(false));
         let pools = wsgate::backend::Pools::new(metrics.clone());
-        let router = Router::new(&config.routes, |name| metrics.route(name), |_| Default::default(), &pools);
+        let router = Router::new(&config.routes, |name| metrics.route(name), |_| Default::default(), &pools, |_| None);
         Gate { router, _metrics: metrics }
     }
 

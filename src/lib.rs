@@ -133,6 +133,10 @@ pub enum StartError {
     /// The admin listener's certificate or tokens file could not be loaded.
     #[error("{0}")]
     Admin(Box<admin::AccessError>),
+    /// A route's backend TLS files (`backend_tls`: CA, client certificate or key) could not be
+    /// used; one line per problem.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    BackendTls(Vec<backend::tls::LoadError>),
 }
 
 /// Why a reload was refused; the config in force stays.
@@ -348,10 +352,17 @@ fn snapshot(
     }
     let auth = auth::load(config).map_err(StartError::Auth)?;
     let targets = backend::load_targets(config).map_err(StartError::Targets)?;
+    let backend_tls = backend::tls::load(config).map_err(StartError::BackendTls)?;
     Ok(Snapshot {
         auth,
         targets,
-        router: router::Router::new(&config.routes, |name| metrics.route(name), |name| admission.route(name), pools),
+        router: router::Router::new(
+            &config.routes,
+            |name| metrics.route(name),
+            |name| admission.route(name),
+            pools,
+            |name| backend_tls.get(name).cloned(),
+        ),
         limits: config.limits.clone(),
         shutdown: config.shutdown.clone(),
         tls,

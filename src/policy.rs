@@ -173,11 +173,12 @@ impl Refusal {
     }
 
     /// The backend could not be reached, on a route that says so in HTTP
-    /// (`on_backend_unavailable = "http"`): 502 when it refused, 504 when it timed out, 503
+    /// (`on_backend_unavailable = "http"`): 502 when it refused or its TLS handshake failed, 504
+    /// when it timed out, 503
     /// otherwise. Debug level: the dial logged the failure, with its address.
     pub fn backend_unavailable(failure: ConnectFailure) -> Refusal {
         let status = match failure {
-            ConnectFailure::Refused => StatusCode::BAD_GATEWAY,
+            ConnectFailure::Refused | ConnectFailure::Tls => StatusCode::BAD_GATEWAY,
             ConnectFailure::TimedOut => StatusCode::GATEWAY_TIMEOUT,
             ConnectFailure::NotResolved
             | ConnectFailure::Unreachable
@@ -582,15 +583,15 @@ mod tests {
         assert!(select_subprotocol(&r, ["base64"]).unwrap_err().reason.contains("accepts binary, mqtt"));
     }
 
-    /// An unreachable backend is answered 502 when it refused, 504 when it timed out, 503
-    /// otherwise; the reason names the kind and no address.
+    /// An unreachable backend is answered 502 when it refused or failed the TLS handshake, 504
+    /// when it timed out, 503 otherwise; the reason names the kind and no address.
     #[test]
     fn backend_unavailable_statuses_follow_the_failure() {
         use ConnectFailure::*;
         let status = |f| Refusal::backend_unavailable(f).status.as_u16();
         assert_eq!(
-            [Refused, TimedOut, NotResolved, Unreachable, Other, NoBackend].map(status),
-            [502, 504, 503, 503, 503, 503]
+            [Refused, Tls, TimedOut, NotResolved, Unreachable, Other, NoBackend].map(status),
+            [502, 502, 504, 503, 503, 503, 503]
         );
         assert_eq!(Refusal::backend_unavailable(Refused).reason, "backend unavailable: connection refused");
     }

@@ -2,26 +2,30 @@
 //!
 //! Names are resolved at connect time (so DNS changes apply to new sessions without a reload)
 //! and every resolved address is tried in order, within one overall timeout: a dual-stack name
-//! whose first address is dead still connects. Nothing here knows about WebSocket; `session`
-//! decides what a failure means for the client.
+//! whose first address is dead still connects. A backend may also be a Unix socket, and either
+//! may be under TLS (`tls`); the result is a [`BackendConn`] (`conn`). Nothing here knows about
+//! WebSocket; `session` decides what a failure means for the client.
+
+mod conn;
+pub mod tls;
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub mod health;
 pub mod pool;
-
-pub use pool::{Hold, Pool, Pools};
 mod targets;
 
+pub use conn::{BackendConn, Peer};
+pub use pool::{Hold, Pool, Pools};
 pub use targets::{Mapping, Refused, Target, TargetsError, load as load_targets};
 
-use crate::config;
+use crate::config::{self, UnixAddr};
 
 /// Why a backend could not be connected.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +74,25 @@ pub enum BackendError {
         /// The (normalised) address that is not allowed, when the port was.
         addr: Option<SocketAddr>,
     },
+    /// A Unix socket could not be connected.
+    #[error("connect to {target}: {source}")]
+    ConnectUnix {
+        /// The socket as configured (`unix:/path`, `unix:@name`).
+        target: String,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
+    /// Connected, but the TLS handshake failed: most often a certificate the route does not
+    /// trust or one for another name (rustls's reason is the source).
+    #[error("TLS handshake with {target}: {source}")]
+    Tls {
+        /// The backend as configured.
+        target: String,
+        /// rustls's reason, or the socket's error during the handshake.
+        #[source]
+        source: io::Error,
+    },
     /// The connect timeout passed first.
     #[error("connect to {target} timed out after {after:?}")]
     Timeout {
@@ -99,6 +122,8 @@ pub enum ConnectFailure {
     Refused,
     /// No route to the host or its network.
     Unreachable,
+    /// The TLS handshake with the backend failed (an untrusted certificate, a name mismatch).
+    Tls,
     /// Any other connect error.
     Other,
     /// Every member of the route's pool is down, drained or at its session cap.
@@ -116,6 +141,7 @@ impl ConnectFailure {
             ConnectFailure::TimedOut => "connect timed out",
             ConnectFailure::Refused => "connection refused",
             ConnectFailure::Unreachable => "unreachable",
+            ConnectFailure::Tls => "TLS handshake failed",
             ConnectFailure::Other => "connect failed",
             ConnectFailure::NoBackend => "no backend available",
             ConnectFailure::NotAllowed => "target not allowed",
@@ -131,9 +157,13 @@ impl BackendError {
             BackendError::Timeout { .. } => ConnectFailure::TimedOut,
             BackendError::NoBackend { .. } => ConnectFailure::NoBackend,
             BackendError::NotAllowed { .. } => ConnectFailure::NotAllowed,
-            BackendError::Connect { source, .. } | BackendError::Send { source, .. } => match source.kind() {
+            BackendError::Tls { .. } => ConnectFailure::Tls,
+            BackendError::Connect { source, .. }
+            | BackendError::Send { source, .. }
+            | BackendError::ConnectUnix { source, .. } => match source.kind() {
                 io::ErrorKind::TimedOut => ConnectFailure::TimedOut,
-                io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
+                // A socket file that does not exist: nothing listens there either.
+                io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound => ConnectFailure::Refused,
                 io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => ConnectFailure::Unreachable,
                 _ => ConnectFailure::Other,
             },
@@ -164,11 +194,13 @@ pub struct Dialer {
 }
 
 /// How every backend connection of a route is made.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Settings {
     timeout: Duration,
     keepalive: Option<Duration>,
     user_timeout: Option<Duration>,
+    /// TLS on every connection, when the route has `backend_tls`.
+    tls: Option<Arc<tls::Connector>>,
 }
 
 /// Which backend a session goes to.
@@ -176,6 +208,8 @@ struct Settings {
 enum Choice {
     /// Always the one `host:port`.
     One { host: String, port: u16 },
+    /// Always the one Unix socket.
+    Unix(UnixAddr),
     /// A member of the route's pool, picked per session.
     Pool(Arc<Pool>),
     /// The target the request's token named, if the allow-list allows it.
@@ -193,7 +227,7 @@ impl Dialer {
         user_timeout: Option<Duration>,
     ) -> Dialer {
         Dialer {
-            settings: Settings { timeout, keepalive, user_timeout },
+            settings: Settings { timeout, keepalive, user_timeout, tls: None },
             choice: Choice::One { host: host.to_string(), port },
         }
     }
@@ -206,7 +240,7 @@ impl Dialer {
         keepalive: Option<Duration>,
         user_timeout: Option<Duration>,
     ) -> Dialer {
-        Dialer { settings: Settings { timeout, keepalive, user_timeout }, choice: Choice::Pool(pool) }
+        Dialer { settings: Settings { timeout, keepalive, user_timeout, tls: None }, choice: Choice::Pool(pool) }
     }
 
     /// A token-mapped route's dialer: each session's target comes with its request
@@ -218,7 +252,7 @@ impl Dialer {
         user_timeout: Option<Duration>,
     ) -> Dialer {
         Dialer {
-            settings: Settings { timeout, keepalive, user_timeout },
+            settings: Settings { timeout, keepalive, user_timeout, tls: None },
             choice: Choice::Mapped(Box::new(allowed.clone())),
         }
     }
@@ -227,8 +261,22 @@ impl Dialer {
     pub fn pool_of(&self) -> Option<&Arc<Pool>> {
         match &self.choice {
             Choice::Pool(pool) => Some(pool),
-            Choice::One { .. } | Choice::Mapped(_) => None,
+            Choice::One { .. } | Choice::Unix(_) | Choice::Mapped(_) => None,
         }
+    }
+
+    /// Connects to the Unix socket `addr` within `timeout`.
+    pub fn unix(addr: UnixAddr, timeout: Duration) -> Dialer {
+        Dialer {
+            settings: Settings { timeout, keepalive: None, user_timeout: None, tls: None },
+            choice: Choice::Unix(addr),
+        }
+    }
+
+    /// Runs a TLS handshake on every connection, within the same timeout.
+    pub fn with_tls(mut self, tls: Option<Arc<tls::Connector>>) -> Dialer {
+        self.settings.tls = tls;
+        self
     }
 
     /// Connects the backend `req` goes to: resolves the name now (so DNS changes apply without
@@ -239,13 +287,14 @@ impl Dialer {
         &self,
         req: &DialRequest<'_>,
         preamble: &[u8],
-    ) -> Result<(TcpStream, Option<Hold>), BackendError> {
+    ) -> Result<(BackendConn, Option<Hold>), BackendError> {
         match &self.choice {
             Choice::One { host, port } => Ok((self.settings.connect(host, *port, preamble).await?, None)),
             Choice::Pool(pool) => {
                 let (stream, hold) = pool.connect(&self.settings, req.client.ip(), preamble).await?;
                 Ok((stream, Some(hold)))
             }
+            Choice::Unix(addr) => Ok((self.settings.connect_unix(addr, preamble).await?, None)),
             Choice::Mapped(allowed) => match req.target {
                 Some(target) => Ok((targets::connect(&self.settings, allowed, target, preamble).await?, None)),
                 // Cannot happen: the server finds the target before it dials.
@@ -256,19 +305,83 @@ impl Dialer {
 }
 
 impl Settings {
-    async fn connect(&self, host: &str, port: u16, preamble: &[u8]) -> Result<TcpStream, BackendError> {
-        if preamble.is_empty() {
-            return connect(host, port, self.timeout, self.keepalive, self.user_timeout).await;
+    /// One TCP connection to `host:port`, then `preamble`, then the route's TLS handshake if it
+    /// has one, all within the timeout.
+    async fn connect(&self, host: &str, port: u16, preamble: &[u8]) -> Result<BackendConn, BackendError> {
+        self.connect_named(host, host, port, preamble).await
+    }
+
+    /// As [`Settings::connect`], to `host` (an address already checked, for a token-mapped
+    /// target), with `name` the host the TLS certificate must be for when the route names none.
+    async fn connect_named(
+        &self,
+        host: &str,
+        name: &str,
+        port: u16,
+        preamble: &[u8],
+    ) -> Result<BackendConn, BackendError> {
+        if preamble.is_empty() && self.tls.is_none() {
+            let stream = connect(host, port, self.timeout, self.keepalive, self.user_timeout).await?;
+            return Ok(BackendConn::Tcp(stream));
         }
         let started = tokio::time::Instant::now();
         let mut stream = connect(host, port, self.timeout, self.keepalive, self.user_timeout).await?;
-        let target = || display_target(host, port);
+        let target = display_target(host, port);
+        self.send(&mut stream, preamble, started, &target).await?;
+        match &self.tls {
+            None => Ok(BackendConn::Tcp(stream)),
+            Some(tls) => {
+                let stream = self.within(started, &target, tls.handshake(name, stream, &target)).await?;
+                Ok(BackendConn::Tls(Box::new(stream)))
+            }
+        }
+    }
+
+    /// One connection to the Unix socket `addr`, then as [`Settings::connect`]; the TLS name is
+    /// the configured `server_name` (config requires one).
+    async fn connect_unix(&self, addr: &UnixAddr, preamble: &[u8]) -> Result<BackendConn, BackendError> {
+        let started = tokio::time::Instant::now();
+        let target = addr.to_string();
+        let mut stream = self.within(started, &target, conn::connect(addr)).await?;
+        self.send(&mut stream, preamble, started, &target).await?;
+        match &self.tls {
+            None => Ok(BackendConn::Unix(stream)),
+            Some(tls) => {
+                let stream = self.within(started, &target, tls.handshake(&target, stream, &target)).await?;
+                Ok(BackendConn::UnixTls(Box::new(stream)))
+            }
+        }
+    }
+
+    /// Writes `preamble` (a PROXY header, or nothing) before any other byte.
+    async fn send<S: AsyncWrite + Unpin>(
+        &self,
+        stream: &mut S,
+        preamble: &[u8],
+        started: tokio::time::Instant,
+        target: &str,
+    ) -> Result<(), BackendError> {
+        if preamble.is_empty() {
+            return Ok(());
+        }
         // A fresh socket's send buffer takes a header at once; the bound is for a backend whose
         // connection is already failing.
-        match tokio::time::timeout_at(started + self.timeout, stream.write_all(preamble)).await {
-            Ok(Ok(())) => Ok(stream),
-            Ok(Err(source)) => Err(BackendError::Send { target: target(), source }),
-            Err(_) => Err(BackendError::Timeout { target: target(), after: self.timeout }),
+        self.within(started, target, async {
+            stream.write_all(preamble).await.map_err(|source| BackendError::Send { target: target.to_string(), source })
+        })
+        .await
+    }
+
+    /// `step`, unless the connect timeout (counted from `started`) passes first.
+    async fn within<T>(
+        &self,
+        started: tokio::time::Instant,
+        target: &str,
+        step: impl Future<Output = Result<T, BackendError>>,
+    ) -> Result<T, BackendError> {
+        match tokio::time::timeout_at(started + self.timeout, step).await {
+            Ok(result) => result,
+            Err(_) => Err(BackendError::Timeout { target: target.to_string(), after: self.timeout }),
         }
     }
 }

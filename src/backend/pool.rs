@@ -14,11 +14,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::{BackendError, Settings};
+use super::{BackendConn, BackendError, Settings};
 use crate::config::{self, Balance, ProxyVersion};
 use crate::metrics::{BackendMetrics, Metrics};
 
@@ -242,7 +241,7 @@ impl Pool {
         settings: &Settings,
         client: IpAddr,
         preamble: &[u8],
-    ) -> Result<(TcpStream, Hold), BackendError> {
+    ) -> Result<(BackendConn, Hold), BackendError> {
         let deadline = tokio::time::Instant::now() + settings.timeout;
         let mut last = None;
         for i in self.order(client) {

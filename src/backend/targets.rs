@@ -23,9 +23,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::Value;
-use tokio::net::TcpStream;
 
-use super::{BackendError, Settings, display_target};
+use super::{BackendConn, BackendError, Settings, display_target};
 use crate::auth::{self, JwtVerifier};
 use crate::config::{self, Backend, Config, MapFormat, TargetSource, TokenSource};
 
@@ -280,7 +279,7 @@ pub(super) async fn connect(
     allowed: &config::Targets,
     target: &Target,
     preamble: &[u8],
-) -> Result<TcpStream, BackendError> {
+) -> Result<BackendConn, BackendError> {
     let shown = target.to_string();
     let not_allowed = |addr| BackendError::NotAllowed { target: shown.clone(), addr };
     if !allowed.allow_ports.contains(target.port) {
@@ -304,9 +303,11 @@ pub(super) async fn connect(
     }
     let mut last = BackendError::NoAddress { target: shown.clone() };
     for addr in checked {
-        // An IP literal: `Settings::connect` parses it, and resolves nothing.
+        // An IP literal: connecting resolves nothing; TLS still checks the name the token gave.
         let literal = addr.ip().to_string();
-        match tokio::time::timeout_at(deadline, settings.connect(&literal, addr.port(), preamble)).await {
+        match tokio::time::timeout_at(deadline, settings.connect_named(&literal, &target.host, addr.port(), preamble))
+            .await
+        {
             Ok(Ok(stream)) => return Ok(stream),
             Ok(Err(e)) => last = e,
             Err(_) => return Err(timed_out()),

@@ -216,6 +216,8 @@ pub struct Route {
     pub on_refusal: OnRefusal,
     /// When not empty, a request needs a verified client certificate matching one of these.
     pub client_certs: Vec<CertPattern>,
+    /// TLS to the backend (`[routes.NAME.backend_tls]`), if any.
+    pub backend_tls: Option<BackendTls>,
 }
 
 /// Which client message types a route accepts; at least one is true.
@@ -283,6 +285,40 @@ pub enum Backend {
     Pool(std::sync::Arc<Pool>),
     /// A target chosen per session by a token (`[routes.NAME.targets]`), within an allow-list.
     Mapped(Box<Targets>),
+    /// A stream Unix socket (`unix:/path` or, on Linux, `unix:@name`).
+    Unix(UnixAddr),
+}
+
+/// Where a Unix-socket backend listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnixAddr {
+    /// A socket file (relative paths resolved against the config file's directory).
+    Path(PathBuf),
+    /// A Linux abstract socket, named without the leading NUL byte.
+    Abstract(String),
+}
+
+impl fmt::Display for UnixAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UnixAddr::Path(path) => write!(f, "unix:{}", path.display()),
+            UnixAddr::Abstract(name) => write!(f, "unix:@{name}"),
+        }
+    }
+}
+
+/// TLS to a route's backends (`[routes.NAME.backend_tls]`): the files are read by
+/// `backend::tls::load`, at start, on each reload and by `wsgate check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendTls {
+    /// The name sent in SNI and checked against the certificate; `None`: the backend's host.
+    pub server_name: Option<String>,
+    /// PEM file of the CAs to trust; `None`: the bundled web PKI roots.
+    pub ca: Option<PathBuf>,
+    /// PEM certificate chain and key presented to the backend, if any.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// Accept any certificate (the handshake still runs); warned about at every load.
+    pub insecure: bool,
 }
 
 impl fmt::Display for Backend {
@@ -293,6 +329,7 @@ impl fmt::Display for Backend {
             Backend::Echo => f.write_str("builtin:echo"),
             Backend::Pool(pool) => write!(f, "{pool}"),
             Backend::Mapped(targets) => write!(f, "{targets}"),
+            Backend::Unix(addr) => addr.fmt(f),
         }
     }
 }
@@ -502,6 +539,7 @@ pub(crate) fn test_route(name: &str, path: &str, backend: Backend) -> Route {
         auth: None,
         on_refusal: OnRefusal::Http,
         client_certs: vec![],
+        backend_tls: None,
     }
 }
 

@@ -96,6 +96,7 @@ pub(super) struct RawRoute {
     pub health: Option<RawHealth>,
     // Token-mapped targets (`targets` instead of `backend`).
     pub targets: Option<RawTargets>,
+    pub backend_tls: Option<RawBackendTls>,
 }
 
 /// One entry of a route's `backends` list.
@@ -162,6 +163,18 @@ pub(super) struct RawTargetsJwt {
     pub audience: Option<Vec<String>>,
     pub issuer: Option<Vec<String>>,
     pub leeway_secs: Option<Seconds>,
+}
+
+/// `[routes.NAME.backend_tls]`: paths as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBackendTls {
+    pub server_name: Option<String>,
+    pub ca: Option<String>,
+    pub client_cert: Option<String>,
+    pub client_key: Option<String>,
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 /// A route's `clients` table: CIDRs as written.
@@ -441,6 +454,12 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
     ("routes.NAME.health.expect", Reload),
     ("routes.NAME.health.eject_after_failures", Reload),
     ("routes.NAME.health.eject_secs", Reload),
+    // Backend TLS: the files are read again by every reload, and apply to new sessions.
+    ("routes.NAME.backend_tls.server_name", Reload),
+    ("routes.NAME.backend_tls.ca", Reload),
+    ("routes.NAME.backend_tls.client_cert", Reload),
+    ("routes.NAME.backend_tls.client_key", Reload),
+    ("routes.NAME.backend_tls.insecure", Reload),
     ("routes.NAME.limits.max_message_bytes", Reload),
     ("routes.NAME.limits.ws_read_buffer_bytes", Reload),
     ("routes.NAME.limits.backend_read_bytes", Reload),

@@ -9,6 +9,9 @@ mod support;
 mod admin_auth;
 /// Credentials per route: bearer tokens, JWTs, HTTP Basic, carriers, the brute-force guard.
 mod auth;
+/// Backend transports: Unix sockets (path, abstract) and TLS to the backend, byte for byte;
+/// untrusted certificates refused; close_notify required; `wsgate check`.
+mod backends;
 /// WebSocket ⇄ TCP through the bridge: payloads byte for byte, ws and wss, concurrency, framing.
 mod bridging;
 /// The browser contract in headless Chromium: events, codes, reasons, the console page.

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 mod addresses;
 mod auth;
+mod backend;
 mod certs;
 mod limits;
 mod pool;
@@ -226,6 +227,7 @@ impl Validator<'_> {
         let clients = self.client_rules(&format!("{key}.clients"), raw.clients);
         let proxy_protocol = self.proxy_version(&format!("{key}.proxy_protocol"), raw.proxy_protocol, backend.as_ref());
         let client_certs = self.client_certs(&format!("{key}.client_certs"), raw.client_certs);
+        let backend_tls = self.backend_tls(&format!("{key}.backend_tls"), raw.backend_tls, backend.as_ref());
         let raw_limits = raw.limits.unwrap_or_default();
         let mut limits = self.session_limits(&format!("{key}.limits"), raw_limits.session(), defaults);
         limits.max_sessions = raw_limits
@@ -255,6 +257,7 @@ impl Validator<'_> {
             auth: auth?,
             on_refusal: on_refusal?,
             client_certs: client_certs?,
+            backend_tls: backend_tls?,
         })
     }
 
@@ -297,6 +300,9 @@ impl Validator<'_> {
                     None
                 }
             };
+        }
+        if let Some(rest) = value.strip_prefix("unix:") {
+            return self.unix_backend(key, value, rest);
         }
         let target = value.strip_prefix("tcp://").unwrap_or(value);
         match split_host_port(target) {
