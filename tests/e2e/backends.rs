@@ -499,3 +499,34 @@ async fn backend_tls_files_are_reread_on_reload() {
     assert_eq!(read_bytes(&mut ws, 5).await, b"still", "the running config stays");
     assert_eq!(seen.handshakes.load(Ordering::SeqCst), 2);
 }
+
+/// `backend_tls` covers every backend of a route: a pool's members, checked against their own
+/// host, and a token-mapped target, checked against the host name the token gave even though
+/// the connection goes to the address that was checked (a certificate for `localhost` only).
+#[tokio::test]
+async fn tls_covers_pool_members_and_mapped_targets_by_their_names() {
+    let pki = Pki::new();
+    let (by_ip, ip_seen) = tcp_backend(Some(pki.server(&["127.0.0.1"], false)), Behaviour::Echo).await;
+    let (by_name, name_seen) = tcp_backend(Some(pki.server(&["localhost"], false)), Behaviour::Echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    let map = dir.path().join("map.toml");
+    std::fs::write(&map, format!("desk = \"localhost:{}\"\n", by_name.port())).unwrap();
+    let ca = format!("ca = {:?}\n", pki.ca_path());
+    let pool = format!("backends = [{{ name = \"a\", address = \"{by_ip}\" }}]\n{}", tls_table("p", &ca));
+    let mapped = format!(
+        "[routes.m]\npath = \"/m/\"\nmatch = \"prefix\"\n[routes.m.targets]\nmap_file = {:?}\n\
+         allow = [\"127.0.0.1/32\", \"::1/128\"]\nallow_ports = [{}]\n{}",
+        map.display().to_string(),
+        by_name.port(),
+        tls_table("m", &ca)
+    );
+    let gw = Gateway::builder().route_table("p", "/p", &pool).route_toml(&mapped).start().await;
+    for (path, seed) in [("/p", 31), ("/m/desk", 32)] {
+        let mut ws = gw.ws(path).await;
+        let data = payload(200_000, seed);
+        send_binary(&mut ws, &data).await;
+        assert!(read_bytes(&mut ws, data.len()).await == data, "{path}: altered over TLS");
+    }
+    assert_eq!(ip_seen.handshakes.load(Ordering::SeqCst), 1, "the pool member spoke TLS");
+    assert_eq!(name_seen.handshakes.load(Ordering::SeqCst), 1, "the mapped target spoke TLS, as localhost");
+}
