@@ -60,7 +60,8 @@ impl Pools {
             route: route.name.clone(),
             balance: pool.balance,
             schedule: schedule(&pool.members),
-            ring: Ring::new(&pool.members),
+            // Only client hashing walks a ring; the others would pay for building it at every reload.
+            ring: if pool.balance == Balance::ClientHash { Ring::new(&pool.members) } else { Ring::default() },
             next: AtomicUsize::new(0),
             health: pool.health.clone(),
             proxy: route.proxy_protocol,
@@ -346,6 +347,10 @@ pub fn client_key(ip: IpAddr) -> u64 {
 /// percent of its weight's.
 const POINTS_PER_WEIGHT: u32 = 160;
 
+/// The most points a ring holds: large pools with large weights get fewer points per unit of
+/// weight (at least one), so a reload builds the ring in milliseconds and it stays small.
+const MAX_POINTS: u32 = 65_536;
+
 /// A consistent-hash ring (ketama-like): each member owns points derived from its name, so a
 /// member added takes keys only from the others in proportion to its weight, and one removed
 /// gives back only its own keys.
@@ -353,37 +358,48 @@ const POINTS_PER_WEIGHT: u32 = 160;
 pub struct Ring {
     /// (point, member index), sorted by point.
     points: Vec<(u64, usize)>,
+    /// How many members own points: a walk has met them all once it has met this many.
+    owners: usize,
 }
 
 impl Ring {
-    /// The ring of `members`, each with `weight × 160` points (none while drained, so
-    /// draining one moves only its own clients).
+    /// The ring of `members`, each with `weight × 160` points, fewer per unit of weight when
+    /// that would pass [`MAX_POINTS`] (none while drained, so draining one moves only its own
+    /// clients). A member's points are the first of one fixed sequence, so a change of the
+    /// count per unit keeps most of them where they were.
     pub fn new(members: &[config::Member]) -> Ring {
+        let total: u32 = members.iter().map(share).sum();
+        let per_weight = (MAX_POINTS / total.max(1)).clamp(1, POINTS_PER_WEIGHT);
         let mut points = Vec::new();
         for (i, m) in members.iter().enumerate() {
-            for p in 0..share(m) * POINTS_PER_WEIGHT {
+            for p in 0..share(m) * per_weight {
                 points.push((mix(fnv1a(m.name.as_bytes()) ^ u64::from(p).wrapping_mul(0x9e37_79b9_7f4a_7c15)), i));
             }
         }
         points.sort_unstable();
-        Ring { points }
+        let owners = members.iter().filter(|m| share(m) > 0).count();
+        Ring { points, owners }
     }
 
     /// The members in the order a key meets them going round from its point (each once),
     /// then those without points.
     pub fn walk(&self, key: u64, n: usize) -> Vec<usize> {
         let mut order = Vec::with_capacity(n);
+        let mut met = vec![false; n];
         let start = self.points.partition_point(|&(p, _)| p < key);
         let around = self.points[start..].iter().chain(&self.points[..start]);
+        // Stops once every member with points has been met: the walk is as long as the ring
+        // only when one member holds nearly all of it.
         for &(_, i) in around {
-            if !order.contains(&i) {
+            if order.len() == self.owners {
+                break;
+            }
+            if !met[i] {
+                met[i] = true;
                 order.push(i);
-                if order.len() == n {
-                    return order;
-                }
             }
         }
-        order.extend((0..n).filter(|i| !order.contains(i)).collect::<Vec<_>>());
+        order.extend((0..n).filter(|&i| !met[i]));
         order
     }
 }
@@ -465,6 +481,24 @@ mod tests {
         }
         assert!((400..=600).contains(&counts["b"]), "{counts:?}");
         assert!(!counts.contains_key("off"), "{counts:?}");
+    }
+
+    /// The largest pool the config allows (256 members of weight 256) makes a ring of at most
+    /// `MAX_POINTS` points, each member still owning some; with one drained, a walk still
+    /// offers every member once, the drained one last.
+    #[test]
+    fn the_largest_ring_is_bounded() {
+        let mut members: Vec<_> = (0..256).map(|i| member(&format!("m{i}"), 256)).collect();
+        members[7].drain = true;
+        let ring = Ring::new(&members);
+        assert!(ring.points.len() <= MAX_POINTS as usize, "{} points", ring.points.len());
+        assert_eq!(ring.owners, 255);
+        let walk = ring.walk(client_key("10.0.0.1".parse().unwrap()), members.len());
+        assert_eq!(walk.len(), 256);
+        assert_eq!(walk[255], 7, "the drained member comes last");
+        let mut sorted = walk.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..256).collect::<Vec<_>>());
     }
 
     /// A client's key ignores the port and the low 64 bits of an IPv6 address, and a mapped

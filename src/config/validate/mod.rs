@@ -228,6 +228,7 @@ impl Validator<'_> {
         let proxy_protocol = self.proxy_version(&format!("{key}.proxy_protocol"), raw.proxy_protocol, backend.as_ref());
         let client_certs = self.client_certs(&format!("{key}.client_certs"), raw.client_certs);
         let backend_tls = self.backend_tls(&format!("{key}.backend_tls"), raw.backend_tls, backend.as_ref());
+        self.probes_in_the_clear(&key, backend.as_ref(), backend_tls.as_ref());
         let raw_limits = raw.limits.unwrap_or_default();
         let mut limits = self.session_limits(&format!("{key}.limits"), raw_limits.session(), defaults);
         limits.max_sessions = raw_limits

@@ -64,6 +64,24 @@ impl Validator<'_> {
         }
     }
 
+    /// Health checks are plain TCP connects: a pool behind `backend_tls` cannot have `send` or
+    /// `expect`, which would be spoken before the TLS handshake (a TLS server says nothing
+    /// first, so every check would fail and the route would lose every member).
+    pub(super) fn probes_in_the_clear(
+        &mut self,
+        key: &str,
+        backend: Option<&Backend>,
+        tls: Option<&Option<crate::config::BackendTls>>,
+    ) {
+        let (Some(Backend::Pool(pool)), Some(Some(_))) = (backend, tls) else { return };
+        if pool.health.active.as_ref().is_some_and(|a| !a.send.is_empty() || a.expect.is_some()) {
+            self.fail(
+                format!("{key}.health"),
+                "send and expect are spoken in the clear, before TLS: a route with backend_tls checks by connecting only",
+            );
+        }
+    }
+
     fn pool(
         &mut self,
         key: &str,
@@ -235,5 +253,12 @@ expect = "RFB "
         assert!(errors(&lone).contains("routes.echo.balance: only a route with `backends`"), "{}", errors(&lone));
         let empty = POOL.replace("expect = \"RFB \"", "expect = \"\"");
         assert!(errors(&empty).contains("routes.mqtt.health.expect"), "{}", errors(&empty));
+        let tls = format!("{POOL}[routes.mqtt.backend_tls]\nserver_name = \"mqtt.internal\"\n");
+        assert!(
+            errors(&tls).contains("routes.mqtt.health: send and expect are spoken in the clear"),
+            "{}",
+            errors(&tls)
+        );
+        ok(&tls.replace("expect = \"RFB \"\n", ""));
     }
 }

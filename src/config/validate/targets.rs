@@ -119,7 +119,8 @@ impl Validator<'_> {
             return None;
         }
         for written in &list {
-            let net = written.trim().parse::<IpNet>().ok();
+            // As it will be matched: `::ffff:0:0/96` is all of IPv4.
+            let net = written.trim().parse::<IpNet>().ok().map(crate::config::addresses::canonical_net);
             let ip = written.trim().parse::<IpAddr>().ok();
             if net.is_some_and(|n| n.prefix_len() == 0) {
                 self.fail(key, format!("{written:?} allows every address; list the networks targets are in"));
@@ -217,6 +218,7 @@ mod tests {
                 "routes.vnc.targets.allow_ports: required",
             ),
             (format!("{ROUTE}{}", good.replace("10.0.0.0/8", "0.0.0.0/0")), "allows every address"),
+            (format!("{ROUTE}{}", good.replace("10.0.0.0/8", "::ffff:0:0/96")), "allows every address"),
             (format!("{ROUTE}{}", good.replace("10.0.0.0/8", "::")), "routes.vnc.targets.allow"),
             (format!("{ROUTE}{}", good.replace("10.0.0.0/8", "10.0.0.1/8")), "host bits set"),
             (format!("{ROUTE}{}", good.replace("[5900]", "[\"5999-5900\"]")), "routes.vnc.targets.allow_ports"),
