@@ -236,7 +236,9 @@ impl MemberState {
 impl Pool {
     /// Connects a member for a session from `client`: the members in the policy's order of
     /// preference, skipping those down, drained or at their cap, each tried in turn until one
-    /// connects or the route's connect timeout has passed since the first try.
+    /// connects or the route's connect timeout has passed since the first try. Each try gets an
+    /// even share of the time left among the members still to try, so a member that never
+    /// answers (a host powered off) cannot take the whole timeout from the others.
     pub(super) async fn connect(
         &self,
         settings: &Settings,
@@ -244,27 +246,29 @@ impl Pool {
         preamble: &[u8],
     ) -> Result<(BackendConn, Hold), BackendError> {
         let deadline = tokio::time::Instant::now() + settings.timeout;
+        let order = self.order(client);
         let mut last = None;
-        for i in self.order(client) {
+        for (n, &i) in order.iter().enumerate() {
             let slot = &self.members[i];
             if !slot.config.in_rotation() || !slot.state.usable(&self.health, &self.route, &slot.config.name) {
                 continue;
             }
             let Some(hold) = slot.state.take(slot.config.max_sessions) else { continue };
+            let now = tokio::time::Instant::now();
+            let left = order[n..].iter().filter(|&&j| self.members[j].config.in_rotation()).count().max(1);
+            let share = deadline.saturating_duration_since(now) / left as u32;
             let (host, port) = (slot.config.host.as_str(), slot.config.port);
-            let attempt = tokio::time::timeout_at(deadline, settings.connect(host, port, preamble)).await;
-            let error = match attempt {
+            let error = match tokio::time::timeout(share, settings.connect(host, port, preamble)).await {
                 Ok(Ok(stream)) => {
                     slot.state.connected();
                     return Ok((stream, hold));
                 }
                 Ok(Err(e)) => e,
-                Err(_) => BackendError::Timeout { target: slot.config.to_string(), after: settings.timeout },
+                Err(_) => BackendError::Timeout { target: slot.config.to_string(), after: share },
             };
             slot.state.connect_failed(&self.health, &self.route, &slot.config.name, &error);
-            let out_of_time = matches!(error, BackendError::Timeout { .. });
             last = Some(error);
-            if out_of_time || tokio::time::Instant::now() >= deadline {
+            if tokio::time::Instant::now() >= deadline {
                 break;
             }
         }

@@ -490,3 +490,30 @@ fn check_prints_the_pool_summary() {
     let (ok, text) = check(&path);
     assert!(!ok && text.contains("routes.mqtt-cluster.backends: the name \"a\" is used twice"), "{text}");
 }
+
+/// A member that never answers (its SYNs dropped, as a host powered off) gets only its share of
+/// the connect timeout: with 2 members and a 4 s timeout, each session whose turn falls on it
+/// waits about 2 s and then reaches the other, so not one handshake fails.
+#[tokio::test]
+async fn a_member_that_never_answers_does_not_take_the_whole_timeout() {
+    let b = Named::start(b'b').await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let hole = socket.listen(1).unwrap();
+    let hole_addr = hole.local_addr().unwrap();
+    // Fill the backlog, so every later connect hangs.
+    let _queued = futures_util::future::join_all((0..2).map(|_| TcpStream::connect(hole_addr))).await;
+    let members = format!(
+        "backends = [\n  {{ name = \"hole\", address = \"{hole_addr}\" }},\n  {{ name = \"b\", address = \"{}\" }},\n]\n\
+         [routes.p.health]\ninterval_secs = 0\neject_after_failures = 0\n",
+        b.addr
+    );
+    let gw = Gateway::builder().route_table("p", "/p", &members).limit("connect_timeout_secs", "4").start().await;
+    for i in 0..4 {
+        let (mut ws, name) = open(&gw, "/p").await;
+        assert_eq!(name, b'b', "session {i}");
+        echoes(&mut ws, 100, i).await;
+    }
+    let labels = [("route", "p"), ("backend", "hole")];
+    assert_eq!(scrape(&gw, "wsgate_backend_failed_connects_total", &labels).await, 2.0, "round robin tried it twice");
+}
