@@ -221,16 +221,21 @@ pub async fn authenticate(
     outcome
 }
 
-/// The brute-force guard's answer: 429 with `Retry-After` while `client` is blocked.
-fn blocked(guard: &Guard<'_>, client: IpAddr) -> Result<(), Failure> {
+/// The brute-force guard's answer: 429 with `Retry-After` while `client` is blocked. Also
+/// asked before a token-mapped route looks up its token, whose guesses count as failures too.
+pub fn guard(clients: &Clients, per_client: &PerClient, client: IpAddr) -> Result<(), Refusal> {
     let now = Instant::now();
-    let Some(until) = guard.clients.auth_blocked(client, guard.per_client, now) else { return Ok(()) };
-    Err(Failure::Refused(refuse(
+    let Some(until) = clients.auth_blocked(client, per_client, now) else { return Ok(()) };
+    Err(refuse(
         StatusCode::TOO_MANY_REQUESTS,
         Denied::TooManyFailures,
         "too many failed attempts from this address; try again later".into(),
         Some((header::RETRY_AFTER, retry_after(until.saturating_duration_since(now)))),
-    )))
+    ))
+}
+
+fn blocked(guard: &Guard<'_>, client: IpAddr) -> Result<(), Failure> {
+    self::guard(guard.clients, guard.per_client, client).map_err(Failure::Refused)
 }
 
 /// Why a credential did not pass its check.

@@ -1,10 +1,12 @@
 //! The access steps of an upgrade that answer for the route's access policy: its credentials
-//! (`auth`), and the in-band answer (`on_refusal = "close"`) to an access refusal. Kept apart
+//! (`auth`), a token-mapped route's target (its token, under the same brute-force guard), and
+//! the in-band answer (`on_refusal = "close"`) to an access refusal. Kept apart
 //! from `upgrade`'s sequence so that reads as its steps.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -16,6 +18,7 @@ use tracing::{debug, warn};
 
 use super::{Connection, Shared, switching_protocols};
 use crate::auth;
+use crate::backend;
 use crate::policy::{self, Refusal, RefusalKind};
 use crate::router::Entry;
 use crate::session::{self, Dialed};
@@ -95,4 +98,38 @@ pub(super) fn refuse_in_band(
     let session = session::run(hyper::upgrade::on(req), dialed, ctx, shared.stop.clone(), shared.abort.clone());
     shared.tasks.spawn(session.map(move |()| drop(slot)));
     Ok(response)
+}
+
+/// On a token-mapped route, the target the request's token names (`backend::Mapping`), found
+/// before the session's bounds are taken, so a request with an unknown token holds no session or
+/// connect place; `None` on other routes. A token that names nothing, or a JWT that fails its
+/// check, counts against the client in the brute-force guard as a failed credential does, and a
+/// blocked client is answered 429 before its token is looked at: tokens in websockify files are
+/// often short names.
+pub(super) fn find_target(
+    req: &Request<Incoming>,
+    entry: &Entry,
+    conn: &Connection,
+    shared: &Shared,
+    client: IpAddr,
+) -> Result<Option<backend::Target>, Refusal> {
+    let Some(mapping) = conn.snapshot.targets.get(&entry.route.name) else {
+        if !matches!(entry.route.backend, crate::config::Backend::Mapped(_)) {
+            return Ok(None);
+        }
+        // Cannot happen: a snapshot is built with every route's lookup or not at all. Fail closed.
+        warn!(route = %entry.route.name, "bug: the route's token lookup is not loaded; refusing");
+        return Err(Refusal::internal());
+    };
+    let (clients, per_client) = (&shared.admission.clients, &conn.snapshot.limits.per_client);
+    auth::guard(clients, per_client, client)?;
+    match mapping.find(req.uri().path(), req.uri().query()) {
+        Ok(target) => Ok(Some(target)),
+        Err(refused) => {
+            if matches!(refused, backend::Refused::UnknownToken | backend::Refused::InvalidToken(_)) {
+                clients.auth_failed(client, per_client, Instant::now());
+            }
+            Err(Refusal::target(refused))
+        }
+    }
 }

@@ -46,7 +46,7 @@ mod access;
 
 use accept::{Handshake, HandshakePlace, Slot};
 pub(crate) use accept::{Listener, OVERFLOW_RESPONSES, accept_bounded, accept_loop};
-use access::{authenticate, refuse_in_band};
+use access::{authenticate, find_target, refuse_in_band};
 
 use crate::admission::{Admission, HandshakeLease, LoadGuard, Over, Shed};
 use crate::auth;
@@ -408,7 +408,7 @@ async fn upgrade(
         }
         Err(refusal) => return refuse_in_band(req, entry, conn, shared, client, admitted.subprotocol, refusal),
     };
-    let target = find_target(req, entry, conn)?;
+    let target = find_target(req, entry, conn, shared, client.ip())?;
     conn.finish_handshake();
     // Built from the identity as admission settled it, and sent before any other byte.
     let preamble = entry
@@ -459,21 +459,6 @@ async fn upgrade(
     let session = session::run(upgrading, dialed, ctx, stop, abort).map(move |()| drop((slot, place)));
     shared.tasks.spawn(session);
     Ok(response)
-}
-
-/// On a token-mapped route, the target the request's token names (`backend::Mapping`), found
-/// before the session's bounds are taken, so a request with an unknown token holds no session or
-/// connect place; `None` on other routes.
-fn find_target(req: &Request<Incoming>, entry: &Entry, conn: &Connection) -> Result<Option<backend::Target>, Refusal> {
-    let Some(mapping) = conn.snapshot.targets.get(&entry.route.name) else {
-        if !matches!(entry.route.backend, crate::config::Backend::Mapped(_)) {
-            return Ok(None);
-        }
-        // Cannot happen: a snapshot is built with every route's lookup or not at all. Fail closed.
-        warn!(route = %entry.route.name, "bug: the route's token lookup is not loaded; refusing");
-        return Err(Refusal::internal());
-    };
-    mapping.find(req.uri().path(), req.uri().query()).map(Some).map_err(Refusal::target)
 }
 
 /// Why an admitted request gets no session.

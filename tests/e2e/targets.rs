@@ -299,3 +299,34 @@ fn check_reads_the_map() {
     assert!(stderr.contains("desks.toml:2: routes.m.targets.map_file: expected token: host:port"), "{stderr}");
     assert!(!stderr.contains("desk-secret"), "{stderr}");
 }
+
+/// Guessing tokens is guessing credentials: unknown tokens count against the client in the
+/// brute-force guard (`limits.per_client.max_auth_failures`), which then answers 429 with
+/// `Retry-After` before looking at any token, a right one included; another address is not held
+/// back.
+#[tokio::test]
+async fn token_guesses_meet_the_brute_force_guard() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::echo().await;
+    let file = write(dir.path(), "tokens.toml", &format!("right-one = \"{}\"\n", backend.addr));
+    let route = mapped_route(&format!(
+        "map_file = {:?}\nallow = [\"127.0.0.1/32\"]\nallow_ports = [\"1-65535\"]",
+        file.display().to_string()
+    ));
+    let gw = Gateway::builder().route_toml(&route).limit("per_client.max_auth_failures", "3").start().await;
+    let from = |src: &'static str, path: String| {
+        let addr = gw.plain;
+        async move {
+            let s = connect_from(src.parse().unwrap(), addr).await.unwrap();
+            raw_http_on(s, &upgrade_request(&path, "")).await
+        }
+    };
+    for i in 0..3 {
+        assert_eq!(from("127.0.0.2", format!("/m/guess-{i}")).await.0, 404, "guess {i}");
+    }
+    let (status, head, _) = from("127.0.0.2", "/m/right-one".into()).await;
+    assert_eq!(status, 429, "blocked, whatever the token");
+    assert!(head.to_ascii_lowercase().contains("retry-after:"), "{head}");
+    assert_eq!(from("127.0.0.3", "/m/right-one".into()).await.0, 101, "another client is not blocked");
+    assert_eq!(backend.accepted(), 1, "only the unblocked client's session was dialled");
+}
