@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crate::admission::RouteLoad;
 use crate::backend::{Dialer, Pool, Pools, tls};
 pub use crate::config::SessionLimits;
-use crate::config::{Backend, HostPattern, PathMatch, Route};
+use crate::config::{HostPattern, PathMatch, Route};
 use crate::metrics::RouteMetrics;
 
 /// One route with everything its requests and sessions need.
@@ -40,7 +40,7 @@ pub struct Entry {
 pub enum Target {
     /// A backend service (TCP or a Unix socket, either under TLS), dialled before the upgrade
     /// is answered.
-    Tcp(Dialer),
+    Backend(Dialer),
     /// The built-in WebSocket echo: nothing to dial.
     Echo,
 }
@@ -64,29 +64,7 @@ impl Router {
     ) -> Self {
         let entry = |route: &Route| {
             let limits = route.limits;
-            let target = match &route.backend {
-                Backend::Tcp { host, port } => Target::Tcp(
-                    Dialer::new(host, *port, limits.connect_timeout, limits.tcp_keepalive, limits.tcp_user_timeout)
-                        .with_tls(tls_for(&route.name)),
-                ),
-                Backend::Unix(addr) => {
-                    Target::Tcp(Dialer::unix(addr.clone(), limits.connect_timeout).with_tls(tls_for(&route.name)))
-                }
-                Backend::Echo => Target::Echo,
-                Backend::Pool(pool) => Target::Tcp(
-                    Dialer::pool(
-                        pools.build(route, pool),
-                        limits.connect_timeout,
-                        limits.tcp_keepalive,
-                        limits.tcp_user_timeout,
-                    )
-                    .with_tls(tls_for(&route.name)),
-                ),
-                Backend::Mapped(targets) => Target::Tcp(
-                    Dialer::mapped(targets, limits.connect_timeout, limits.tcp_keepalive, limits.tcp_user_timeout)
-                        .with_tls(tls_for(&route.name)),
-                ),
-            };
+            let target = Dialer::of(route, pools, tls_for(&route.name)).map_or(Target::Echo, Target::Backend);
             let (metrics, load) = (metrics_for(&route.name), load_for(&route.name));
             Arc::new(Entry { route: route.clone(), limits, metrics, load, target })
         };
@@ -96,7 +74,7 @@ impl Router {
     /// The pools of its routes, for the health task.
     pub fn pools(&self) -> Vec<Arc<Pool>> {
         let pool = |e: &Arc<Entry>| match &e.target {
-            Target::Tcp(dialer) => dialer.pool_of().cloned(),
+            Target::Backend(dialer) => dialer.pool_of().cloned(),
             Target::Echo => None,
         };
         self.entries.iter().filter_map(pool).collect()

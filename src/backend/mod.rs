@@ -217,44 +217,25 @@ enum Choice {
 }
 
 impl Dialer {
-    /// Connects to `host:port` within `timeout`; sockets get `keepalive` and `user_timeout`
-    /// (see [`tune`]).
-    pub fn new(
-        host: &str,
-        port: u16,
-        timeout: Duration,
-        keepalive: Option<Duration>,
-        user_timeout: Option<Duration>,
-    ) -> Dialer {
-        Dialer {
-            settings: Settings { timeout, keepalive, user_timeout, tls: None },
-            choice: Choice::One { host: host.to_string(), port },
-        }
-    }
-
-    /// Connects to a member of `pool` (picked per session, failing over within `timeout`);
-    /// sockets as [`Dialer::new`]'s.
-    pub fn pool(
-        pool: Arc<Pool>,
-        timeout: Duration,
-        keepalive: Option<Duration>,
-        user_timeout: Option<Duration>,
-    ) -> Dialer {
-        Dialer { settings: Settings { timeout, keepalive, user_timeout, tls: None }, choice: Choice::Pool(pool) }
-    }
-
-    /// A token-mapped route's dialer: each session's target comes with its request
-    /// ([`DialRequest::target`]) and is connected only if `allowed` allows it.
-    pub fn mapped(
-        allowed: &config::Targets,
-        timeout: Duration,
-        keepalive: Option<Duration>,
-        user_timeout: Option<Duration>,
-    ) -> Dialer {
-        Dialer {
-            settings: Settings { timeout, keepalive, user_timeout, tls: None },
-            choice: Choice::Mapped(Box::new(allowed.clone())),
-        }
+    /// The dialer of `route`, or `None` for the built-in echo: its backend (one address, a Unix
+    /// socket, a pool whose members' states `pools` keeps, or token-mapped targets) under the
+    /// route's connect limits, with `tls` on every connection.
+    pub fn of(route: &config::Route, pools: &Pools, tls: Option<Arc<tls::Connector>>) -> Option<Dialer> {
+        let choice = match &route.backend {
+            config::Backend::Tcp { host, port } => Choice::One { host: host.clone(), port: *port },
+            config::Backend::Unix(addr) => Choice::Unix(addr.clone()),
+            config::Backend::Pool(pool) => Choice::Pool(pools.build(route, pool)),
+            config::Backend::Mapped(targets) => Choice::Mapped(targets.clone()),
+            config::Backend::Echo => return None,
+        };
+        let limits = &route.limits;
+        let settings = Settings {
+            timeout: limits.connect_timeout,
+            keepalive: limits.tcp_keepalive,
+            user_timeout: limits.tcp_user_timeout,
+            tls,
+        };
+        Some(Dialer { settings, choice })
     }
 
     /// The route's pool, if it has one.
@@ -263,20 +244,6 @@ impl Dialer {
             Choice::Pool(pool) => Some(pool),
             Choice::One { .. } | Choice::Unix(_) | Choice::Mapped(_) => None,
         }
-    }
-
-    /// Connects to the Unix socket `addr` within `timeout`.
-    pub fn unix(addr: UnixAddr, timeout: Duration) -> Dialer {
-        Dialer {
-            settings: Settings { timeout, keepalive: None, user_timeout: None, tls: None },
-            choice: Choice::Unix(addr),
-        }
-    }
-
-    /// Runs a TLS handshake on every connection, within the same timeout.
-    pub fn with_tls(mut self, tls: Option<Arc<tls::Connector>>) -> Dialer {
-        self.settings.tls = tls;
-        self
     }
 
     /// Connects the backend `req` goes to: resolves the name now (so DNS changes apply without

@@ -84,7 +84,7 @@ pub async fn dial(
     req: &DialRequest<'_>,
     preamble: &[u8],
 ) -> Result<(Dialed, Option<Hold>), BackendError> {
-    let Target::Tcp(dialer) = &entry.target else { return Ok((Dialed::Echo, None)) };
+    let Target::Backend(dialer) = &entry.target else { return Ok((Dialed::Echo, None)) };
     let started = Instant::now();
     match dialer.connect(req, preamble).await {
         Ok((conn, hold)) => {
