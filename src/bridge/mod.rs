@@ -136,6 +136,11 @@ pub struct Options {
     pub role: Role,
     /// Pings, timeouts and the client's message rate.
     pub liveness: Liveness,
+    /// The wsgate control channel was negotiated (`crate::control`). As a server: the client's
+    /// text messages are controls (so `accept.text` should be off), and `shutdown_write` shuts
+    /// down the backend's write side while its output is still relayed. As a client: the
+    /// backend's EOF is sent as `shutdown_write`, and the server's Close ends the pump.
+    pub control: bool,
 }
 
 /// How the pump ended: the first side to end decides.

@@ -72,6 +72,8 @@ pub struct Context {
     /// When the client's credentials expire (a JWT's `exp` plus grace, with `close_at_expiry`):
     /// the session then closes with 4401.
     pub credentials_expire: Option<Instant>,
+    /// The client asked for the wsgate control channel and the 101 agreed (`crate::control`).
+    pub control: bool,
 }
 
 /// Connects the route's backend and writes `preamble` (the route's PROXY protocol header, or
@@ -242,7 +244,8 @@ async fn relay(
         limits.max_session = expiry;
     }
     let limits = &limits;
-    let accept = Accept { text: route.accept.text, binary: route.accept.binary };
+    // With the control channel, the client's text messages are controls, never data.
+    let accept = Accept { text: route.accept.text && !ctx.control, binary: route.accept.binary };
     let metrics = BridgeMetrics { to_backend: &m.to_backend, to_client: &m.to_client };
     // This session's own stop: the shutdown signal, delayed by its place in the close window.
     let session_stop = CancellationToken::new();
@@ -263,7 +266,7 @@ async fn relay(
                 (Outcome::from_end(end, limits.max_message_bytes), None)
             }
             Dialed::Tcp(stream) => {
-                let options = bridge_options(route.outbound, accept, limits);
+                let options = bridge::Options { control: ctx.control, ..bridge_options(route.outbound, accept, limits) };
                 let (end, backend) = bridge::run(ws, stream, options, &session_stop, totals, metrics).await;
                 (Outcome::from_end(end, limits.max_message_bytes), Some(backend))
             }
@@ -308,6 +311,7 @@ fn bridge_options(outbound: Outbound, accept: Accept, limits: &SessionLimits) ->
         finish_timeout: limits.close_timeout,
         role: Role::Server,
         liveness: liveness(limits),
+        control: false,
     }
 }
 
