@@ -9,10 +9,11 @@ use hyper::Uri;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tungstenite::Error as WsError;
 use tungstenite::client::IntoClientRequest;
 use tungstenite::http::{HeaderName, HeaderValue, header};
-use tungstenite::protocol::WebSocketConfig;
+use tungstenite::handshake::derive_accept_key;
+use tungstenite::protocol::{Role, WebSocketConfig};
+use hyper_tungstenite::WebSocketStream;
 
 use super::{ClientError, Options, Secret};
 use crate::control;
@@ -179,7 +180,7 @@ fn tls_problem(e: &std::io::Error) -> String {
 /// Largest message (and frame) accepted from the gateway.
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
-async fn handshake(io: Box<dyn Io>, options: &Options) -> Result<Dialed, ClientError> {
+async fn handshake(mut io: Box<dyn Io>, options: &Options) -> Result<Dialed, ClientError> {
     let mut request = options
         .target
         .url
@@ -208,28 +209,108 @@ async fn handshake(io: Box<dyn Io>, options: &Options) -> Result<Dialed, ClientE
         value.set_sensitive(true);
         headers.insert(header::AUTHORIZATION, value);
     }
+    let key = request.headers().get(header::SEC_WEBSOCKET_KEY).map(|k| k.as_bytes().to_vec()).unwrap_or_default();
+    let path = request.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let mut head = format!("GET {path} HTTP/1.1\r\n").into_bytes();
+    for (name, value) in request.headers() {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    let failed = |e: std::io::Error| ClientError::Unreachable(format!("{}: {e}", options.target.authority()));
+    io.write_all(&head).await.map_err(failed)?;
+    io.flush().await.map_err(failed)?;
+    let answer = read_head(&mut io).await.map_err(failed)?;
+    if answer.status != 101 {
+        let body = read_body(&mut io, answer.content_length).await;
+        let reason = String::from_utf8_lossy(&body).lines().next().unwrap_or_default().trim().to_string();
+        return Err(refusal(answer.status, reason));
+    }
+    let accept = answer.header(header::SEC_WEBSOCKET_ACCEPT.as_str());
+    if accept != Some(derive_accept_key(&key).as_str()) {
+        return Err(ClientError::Handshake("the 101 does not carry the right Sec-WebSocket-Accept".into()));
+    }
+    if let Some(chosen) = answer.header(header::SEC_WEBSOCKET_PROTOCOL.as_str())
+        && !options.subprotocols.iter().any(|p| p == chosen)
+    {
+        return Err(ClientError::Handshake(format!("the gateway chose subprotocol {chosen:?}, which was not offered")));
+    }
+    let agreed = answer.header(control::HEADER) == Some(control::VERSION);
     let config = WebSocketConfig::default()
         // Data frames go past tungstenite (`frames`); only control frames pass through it.
         .write_buffer_size(0)
         .max_write_buffer_size(64 * 1024)
         .max_message_size(Some(MAX_MESSAGE_BYTES))
         .max_frame_size(Some(MAX_MESSAGE_BYTES));
+    // Built only now: the gate follows the frames from the first byte after the 101's head,
+    // which is why the head was read a byte at a time rather than by tungstenite's handshake.
     let gate = FrameGate::new(io).frame_limit(MAX_MESSAGE_BYTES);
-    match tokio_tungstenite::client_async_with_config(request, gate, Some(config)).await {
-        Ok((ws, response)) => {
-            let agreed = response.headers().get(control::HEADER).is_some_and(|v| v.as_bytes() == control::VERSION.as_bytes());
-            Ok(Dialed { ws, control: options.control && agreed })
-        }
-        Err(WsError::Http(response)) => {
-            let status = response.status().as_u16();
-            let body = response.body().as_deref().unwrap_or_default();
-            let reason = String::from_utf8_lossy(body).lines().next().unwrap_or_default().trim().to_string();
-            Err(refusal(status, reason))
-        }
-        Err(WsError::Io(e)) => Err(ClientError::Unreachable(format!("{}: {e}", options.target.authority()))),
-        Err(e) => Err(ClientError::Handshake(e.to_string())),
+    let ws = WebSocketStream::from_raw_socket(gate, Role::Client, Some(config)).await;
+    Ok(Dialed { ws, control: options.control && agreed })
+}
+
+/// The head of the gateway's answer to the upgrade.
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    content_length: usize,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
+
+/// Reads the answer's head, a byte at a time, so not a byte after it is taken.
+async fn read_head(io: &mut Box<dyn Io>) -> std::io::Result<Answer> {
+    let mut head = Vec::with_capacity(256);
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() >= MAX_ANSWER_HEAD_BYTES {
+            return Err(std::io::Error::other("the answer's head is too long"));
+        }
+        head.push(io.read_u8().await?);
+    }
+    let text = String::from_utf8_lossy(&head);
+    let mut lines = text.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {status_line:?}")))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let content_length = headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    Ok(Answer { status, headers, content_length })
+}
+
+/// Reads a refusal's body (its reason), at most [`MAX_REASON_BYTES`].
+async fn read_body(io: &mut Box<dyn Io>, len: usize) -> Vec<u8> {
+    let mut body = vec![0; len.min(MAX_REASON_BYTES)];
+    let mut filled = 0;
+    while filled < body.len() {
+        match io.read(&mut body[filled..]).await {
+            Ok(n @ 1..) => filled += n,
+            _ => break,
+        }
+    }
+    body
+}
+
+/// The most of an answer's head read before giving up on it.
+const MAX_ANSWER_HEAD_BYTES: usize = 16 * 1024;
+
+/// The most of a refusal's body read for its reason.
+const MAX_REASON_BYTES: usize = 4096;
 
 /// The error for an HTTP answer to the upgrade other than 101.
 fn refusal(status: u16, reason: String) -> ClientError {

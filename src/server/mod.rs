@@ -428,7 +428,8 @@ async fn upgrade(
     // The key's form was checked by `admit`.
     let key = req.headers().get(header::SEC_WEBSOCKET_KEY).map(HeaderValue::as_bytes).unwrap_or_default();
     let mut response = switching_protocols(key, admitted.subprotocol.as_deref());
-    let control = agree_control(req.headers(), &mut response);
+    // Only the bridge speaks it: the built-in echo and closes at once do not.
+    let control = matches!(dialed, Dialed::Tcp(_)) && agree_control(req.headers(), &mut response);
     if let (Some(user), Some(true)) = (&admitted.identity.user, entry.route.auth.as_ref().map(|a| a.user_label)) {
         entry.metrics.user_session(user);
     }
