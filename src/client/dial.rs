@@ -380,6 +380,65 @@ mod tests {
         assert!(!e.contains("secret"), "{e}");
     }
 
+    /// The gateway's first frame often comes in the same read as the 101 (a backend that speaks
+    /// first, such as sshd): it arrives whole. The 101 is the gateway's (hyper's) own, whose
+    /// bytes, taken for frame headers, would announce a frame reaching 19 bytes past its end:
+    /// the payload has a frame header there that a frame tracker out of step would act on (it
+    /// would cut a "frame" of 100,000 bytes, rewriting bytes of the payload). Ten handshakes.
+    #[tokio::test]
+    async fn the_frame_right_behind_the_101_arrives_whole() {
+        use futures_util::StreamExt;
+        use tokio::net::TcpListener;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut payload = vec![b'.'; 100];
+        payload[17..27].copy_from_slice(&[0x82, 0x7f, 0, 0, 0, 0, 0, 0x01, 0x86, 0xa0]);
+        let sent = payload.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    head.push(s.read_u8().await.unwrap());
+                }
+                let text = String::from_utf8(head).unwrap();
+                let key = text
+                    .lines()
+                    .filter_map(|l| l.split_once(": "))
+                    .find_map(|(name, value)| name.eq_ignore_ascii_case("sec-websocket-key").then_some(value))
+                    .unwrap();
+                let mut answer = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+                     sec-websocket-accept: {}\r\nwsgate-control: 1\r\ndate: Fri, 04 Dec 2026 03:21:50 GMT\r\n\r\n",
+                    derive_accept_key(key.as_bytes())
+                )
+                .into_bytes();
+                answer.extend_from_slice(&[0x82, 100]);
+                answer.extend_from_slice(&sent);
+                // One write: the 101 and the first frame.
+                s.write_all(&answer).await.unwrap();
+                let _ = s.read_u8().await;
+            }
+        });
+        let options = Options {
+            target: Target::parse(&format!("ws://{addr}/x")).unwrap(),
+            tls: Default::default(),
+            token: None,
+            headers: Vec::new(),
+            subprotocols: Vec::new(),
+            proxy: None,
+            ping_interval: None,
+            connect_timeout: std::time::Duration::from_secs(5),
+            fail_fast: true,
+            control: true,
+        };
+        for i in 0..10 {
+            let mut dialed = connect(&options).await.unwrap();
+            let first = tokio::time::timeout(std::time::Duration::from_secs(5), dialed.ws.next()).await;
+            let first = first.unwrap_or_else(|_| panic!("handshake {i}: the first frame never came")).unwrap().unwrap();
+            assert!(first.into_data().as_ref() == payload, "handshake {i}: the first frame altered");
+        }
+    }
+
     /// NO_PROXY: exact hosts, domain suffixes (with or without the dot), `*`.
     #[test]
     fn no_proxy_matches() {

@@ -39,6 +39,22 @@ async fn stdio_with_stdin_closed_gets_the_whole_answer() {
     assert!(ran.stdout == want, "got {} of {} bytes, or altered; stderr: {}", ran.stdout.len(), want.len(), ran.stderr);
 }
 
+/// A backend that speaks first (an SSH or SMTP banner) has its bytes relayed right behind the
+/// 101, often in the same read: they arrive whole, at every frame header length.
+#[tokio::test]
+async fn a_banner_right_behind_the_101_arrives_whole() {
+    for (i, len) in [1usize, 125, 126, 1564, 65_535, 70_000].into_iter().enumerate() {
+        let banner = payload(len, 20 + i as u64);
+        let backend = Backend::say_and_close(banner.clone()).await;
+        let gw = Gateway::builder().route("tcp", "/tcp", &backend.target()).start().await;
+        for run in 0..3 {
+            let ran = Connect::new(&gw.url("/tcp")).stdio(b"").await;
+            assert_eq!(ran.code, Some(0), "{len} bytes, run {run}: stderr: {}", ran.stderr);
+            assert!(ran.stdout == banner, "{len} bytes, run {run}: got {} bytes, or altered", ran.stdout.len());
+        }
+    }
+}
+
 /// The gateway side of the control channel, driven by a plain WebSocket client: agreed in the
 /// 101, `shutdown_write` half-closes the backend, whose reply after its EOF arrives whole,
 /// then 1000. Without the header the 101 does not carry it.
