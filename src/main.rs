@@ -328,7 +328,8 @@ fn connect_options(
     let listen = args.listen.as_deref().map(|l| Listen::parse(l, args.allow_remote)).transpose()?;
     let token = match (&args.token_env, &args.token_file) {
         (Some(var), _) => Some(Secret(
-            std::env::var(var).map_err(|_| ClientError::Usage(format!("--token-env {var}: the variable is not set")))?,
+            std::env::var(var)
+                .map_err(|_| ClientError::Usage(format!("--token-env {var}: the variable is not set")))?,
         )),
         (None, Some(path)) => Some(Secret(
             std::fs::read_to_string(path)
@@ -351,7 +352,9 @@ fn connect_options(
         (_, true) => None,
         (Some(url), _) => Some(Proxy::parse(url)?),
         (None, false) => match env(&["HTTPS_PROXY", "https_proxy"]) {
-            Some(url) if !env(&["NO_PROXY", "no_proxy"]).is_some_and(|np| wsgate::client::is_exempt(&np, &target.host)) => {
+            Some(url)
+                if !env(&["NO_PROXY", "no_proxy"]).is_some_and(|np| wsgate::client::is_exempt(&np, &target.host)) =>
+            {
                 Some(Proxy::parse(&url)?)
             }
             _ => None,

@@ -6,14 +6,14 @@ use std::sync::Arc;
 
 use base64::Engine;
 use hyper::Uri;
+use hyper_tungstenite::WebSocketStream;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tungstenite::client::IntoClientRequest;
-use tungstenite::http::{HeaderName, HeaderValue, header};
 use tungstenite::handshake::derive_accept_key;
+use tungstenite::http::{HeaderName, HeaderValue, header};
 use tungstenite::protocol::{Role, WebSocketConfig};
-use hyper_tungstenite::WebSocketStream;
 
 use super::{ClientError, Options, Secret};
 use crate::control;
@@ -138,7 +138,9 @@ pub async fn connect_with(options: &Options, tls: Option<Arc<rustls::ClientConfi
     let timeout = options.connect_timeout;
     match tokio::time::timeout(timeout, dial(options, tls)).await {
         Ok(dialed) => dialed,
-        Err(_) => Err(ClientError::Unreachable(format!("{}: no session within {timeout:?}", options.target.authority()))),
+        Err(_) => {
+            Err(ClientError::Unreachable(format!("{}: no session within {timeout:?}", options.target.authority())))
+        }
     }
 }
 
@@ -281,10 +283,8 @@ async fn read_head(io: &mut Box<dyn Io>) -> std::io::Result<Answer> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {status_line:?}")))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
-        .collect();
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(':')).map(|(n, v)| (n.trim().to_string(), v.trim().to_string())).collect();
     let content_length = headers
         .iter()
         .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))

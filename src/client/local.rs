@@ -58,7 +58,9 @@ impl Listener {
     pub(super) async fn bind(listen: &Listen) -> Result<Listener, ClientError> {
         let failed = |what: String, e: io::Error| ClientError::Local(format!("listen on {what}: {e}"));
         match listen {
-            Listen::Tcp(addr) => TcpListener::bind(addr).await.map(Listener::Tcp).map_err(|e| failed(addr.to_string(), e)),
+            Listen::Tcp(addr) => {
+                TcpListener::bind(addr).await.map(Listener::Tcp).map_err(|e| failed(addr.to_string(), e))
+            }
             Listen::Unix(path) => UnixListener::bind(path)
                 .map(|l| Listener::Unix(l, path.clone()))
                 .map_err(|e| failed(path.display().to_string(), e)),

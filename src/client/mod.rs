@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use tungstenite::protocol::Role;
 use tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::Role;
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::bridge::{self, Accept, BackendStream, BridgeMetrics, End, Framing, Liveness, SessionTotals};
@@ -241,7 +241,12 @@ where
 }
 
 /// Relays `local` ⇄ the gateway over `ws` until one side ends, and closes both.
-async fn session<B>(dialed: dial::Dialed, local: B, options: &Options, stop: &CancellationToken) -> Result<(), ClientError>
+async fn session<B>(
+    dialed: dial::Dialed,
+    local: B,
+    options: &Options,
+    stop: &CancellationToken,
+) -> Result<(), ClientError>
 where
     B: BackendStream,
 {
@@ -276,7 +281,8 @@ where
 fn ended(end: End) -> Result<(), ClientError> {
     match end {
         End::ClientClosed(frame) => {
-            let (code, reason) = frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
+            let (code, reason) =
+                frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
             match code {
                 1000 | 1005 => Ok(()),
                 1013 => Err(ClientError::BackendDown { status: code, reason }),

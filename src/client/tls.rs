@@ -43,9 +43,7 @@ pub(super) fn config(options: &Options) -> Result<Option<Arc<ClientConfig>>, Cli
             let chain = certificates(cert, "--cert")?;
             let key = PrivateKeyDer::from_pem_file(key)
                 .map_err(|e| ClientError::Usage(format!("--key {}: {e}", key.display())))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| ClientError::Usage(format!("--cert/--key: {e}")))?
+            builder.with_client_auth_cert(chain, key).map_err(|e| ClientError::Usage(format!("--cert/--key: {e}")))?
         }
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];

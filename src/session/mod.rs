@@ -266,7 +266,8 @@ async fn relay(
                 (Outcome::from_end(end, limits.max_message_bytes), None)
             }
             Dialed::Tcp(stream) => {
-                let options = bridge::Options { control: ctx.control, ..bridge_options(route.outbound, accept, limits) };
+                let options =
+                    bridge::Options { control: ctx.control, ..bridge_options(route.outbound, accept, limits) };
                 let (end, backend) = bridge::run(ws, stream, options, &session_stop, totals, metrics).await;
                 (Outcome::from_end(end, limits.max_message_bytes), Some(backend))
             }

@@ -168,11 +168,8 @@ async fn https_proxy_carries_stdio_and_listen() {
     assert!(got == data, "got {} of {} bytes, or altered", got.len(), data.len());
     assert_eq!(proxy.tunnels(), 2);
     // NO_PROXY exempts the gateway's host: no third tunnel.
-    let ran = Connect::new(&gw.url("/sort"))
-        .env("HTTPS_PROXY", &proxy.url())
-        .env("NO_PROXY", "127.0.0.1")
-        .stdio(b"ab")
-        .await;
+    let ran =
+        Connect::new(&gw.url("/sort")).env("HTTPS_PROXY", &proxy.url()).env("NO_PROXY", "127.0.0.1").stdio(b"ab").await;
     assert_eq!((ran.code, ran.stdout.as_slice()), (Some(0), &b"ba"[..]), "stderr: {}", ran.stderr);
     assert_eq!(proxy.tunnels(), 2);
 }
@@ -198,8 +195,21 @@ async fn failures_are_one_line_with_distinct_exit_codes() {
     let wss = format!("wss://localhost:{}/tcp", gw.secure.unwrap().port());
     let cases: Vec<(&str, Connect, i32, &str)> = vec![
         ("unreachable", Connect::new(&format!("ws://{}/tcp", refusing.addr)), 3, "gateway unreachable"),
-        ("wrong CA", Connect::new(&wss).arg("--ca").arg(&wrong_ca.dir.path().join("ca.pem").display().to_string()), 4, "TLS with localhost failed"),
-        ("bad token", Connect::new(&gw.url("/secret")).arg("--token-env").arg("WSGATE_TEST_TOKEN").env("WSGATE_TEST_TOKEN", "wrong-token"), 5, "access refused: 401"),
+        (
+            "wrong CA",
+            Connect::new(&wss).arg("--ca").arg(&wrong_ca.dir.path().join("ca.pem").display().to_string()),
+            4,
+            "TLS with localhost failed",
+        ),
+        (
+            "bad token",
+            Connect::new(&gw.url("/secret"))
+                .arg("--token-env")
+                .arg("WSGATE_TEST_TOKEN")
+                .env("WSGATE_TEST_TOKEN", "wrong-token"),
+            5,
+            "access refused: 401",
+        ),
         ("unknown route", Connect::new(&gw.url("/nope")), 6, "route not found: 404"),
         ("backend down", Connect::new(&gw.url("/down")), 7, "backend unavailable"),
     ];

@@ -62,7 +62,11 @@ impl Connect {
         });
         let output = within("wsgate connect --stdio to exit", child.wait_with_output()).await.unwrap();
         writer.await.unwrap();
-        Ran { stdout: output.stdout, stderr: String::from_utf8_lossy(&output.stderr).into_owned(), code: output.status.code() }
+        Ran {
+            stdout: output.stdout,
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            code: output.status.code(),
+        }
     }
 
     /// Runs with `--listen 127.0.0.1:0` and waits until it says which port it bound.
