@@ -19,7 +19,7 @@ use tungstenite::{Error as WsError, Message};
 use super::client::Seen;
 use super::counting::DirectionMeter;
 use super::polling::{is_ready, until_woken};
-use super::{End, Kind, Options};
+use super::{Accept, End, Kind, Options};
 use crate::control::Control;
 use crate::shutdown::Cancelled;
 
@@ -59,11 +59,11 @@ where
                     _ = stopped.as_mut() => return End::Stopped,
                     next = stream.next() => next,
                 };
-                match data_of(next, &options) {
+                match data_of(next, options.accept, options.control) {
                     Ok(Some(message)) => (message, false),
                     Ok(None) => continue,
                     Err(Halt::End(end)) => return end,
-                    Err(Halt::ShutdownWrite) => return half_closed(stream, to_backend, stopped.as_mut()).await,
+                    Err(Halt::ShutdownWrite) => return Box::pin(half_closed(stream, to_backend, stopped.as_mut())).await,
                 }
             }
         };
@@ -81,14 +81,15 @@ where
             After::Drained => registered = !waited,
             After::Carried(message) => carried = Some(message),
             After::End(end) => return end,
-            After::ShutdownWrite => return half_closed(stream, to_backend, stopped.as_mut()).await,
+            After::ShutdownWrite => return Box::pin(half_closed(stream, to_backend, stopped.as_mut())).await,
         }
     }
 }
 
 /// The client sent `shutdown_write` (control channel): the backend's write side is shut down,
 /// and the client may now only close; meanwhile the other direction relays what the backend
-/// still sends, and its EOF ends the pump (which stops this direction).
+/// still sends, and its EOF ends the pump (which stops this direction). Boxed where it is
+/// awaited, so the relay's own future does not grow by its state.
 async fn half_closed<S, W>(stream: &mut S, to_backend: &mut W, mut stopped: Pin<&mut Cancelled<'_>>) -> End
 where
     S: Stream<Item = Result<Message, WsError>> + Unpin,
@@ -164,14 +165,14 @@ async fn write_batch<W: AsyncWrite + Unpin>(
 /// What one item from the client's stream means for the backend: a data message's kind and
 /// bytes, nothing (control frames: tungstenite answers pings, pongs carry nothing), or a halt:
 /// the end of the pump, or the client's `shutdown_write`.
-fn data_of(next: Option<Result<Message, WsError>>, options: &Options) -> Result<Option<(Kind, Bytes)>, Halt> {
+fn data_of(next: Option<Result<Message, WsError>>, accept: Accept, control: bool) -> Result<Option<(Kind, Bytes)>, Halt> {
     match next {
         None => Err(Halt::End(End::ClientGone)),
         Some(Err(e)) => Err(Halt::End(End::ClientFailed(e))),
         Some(Ok(Message::Close(frame))) => Err(Halt::End(End::ClientClosed(frame))),
         Some(Ok(message)) => match Kind::of(&message) {
             None => Ok(None),
-            Some(kind) if !options.accept.allows(kind) => Err(refused(kind, &message, options)),
+            Some(kind) if !accept.allows(kind) => Err(refused(kind, &message, control)),
             Some(kind) => Ok(Some((kind, message.into_data()))),
         },
     }
@@ -181,9 +182,9 @@ fn data_of(next: Option<Result<Message, WsError>>, options: &Options) -> Result<
 /// control (`accept.text` is off then, so data messages never come this way); otherwise, or
 /// for a control this version does not know, the end of the pump.
 #[cold]
-fn refused(kind: Kind, message: &Message, options: &Options) -> Halt {
+fn refused(kind: Kind, message: &Message, control: bool) -> Halt {
     let control = match message {
-        Message::Text(text) if options.control => Control::parse(text.as_bytes()),
+        Message::Text(text) if control => Control::parse(text.as_bytes()),
         _ => None,
     };
     match control {
@@ -278,7 +279,7 @@ where
             }
             Poll::Ready(next) => next,
         };
-        let (kind, data) = match data_of(next, options) {
+        let (kind, data) = match data_of(next, options.accept, options.control) {
             Ok(Some(message)) => message,
             Ok(None) => continue,
             Err(Halt::End(end)) => {

@@ -77,7 +77,7 @@ where
         let mut buf = BytesMut::new();
         match read_once(from_backend, &carry, &sizes, &mut buf, &mut failed).await {
             Some(Ok(0)) if buf.len() == HEADROOM && random.is_some() && options.control => {
-                return half_close(client, seen, random, stopped.as_mut()).await;
+                return Box::pin(half_close(client, seen, random, stopped.as_mut())).await;
             }
             Some(Ok(0)) if buf.len() == HEADROOM => return End::BackendEof,
             // EOF in the middle of a UTF-8 sequence: those bytes can never become text.

@@ -267,3 +267,50 @@ fn bearer_route(token: &str) -> String {
     let hex: String = digest(&SHA256, token.as_bytes()).as_ref().iter().map(|b| format!("{b:02x}")).collect();
     format!("[routes.secret.auth]\ntype = \"bearer\"\ntokens = [\"ops=sha256:{hex}\"]\n")
 }
+
+/// `--listen` while the gateway is unreachable: a new local connection waits, the dial is
+/// retried with backoff, and once the gateway's address answers (here a forwarder that starts
+/// listening after the first failed dial was logged) the connection gets its session and its
+/// bytes back.
+#[tokio::test]
+async fn listen_retries_while_the_gateway_is_unreachable() {
+    let echo = Backend::echo().await;
+    let gw = Gateway::builder().route("tcp", "/tcp", &echo.target()).start().await;
+    let later = RefusingPort::new();
+    let local = Connect::new(&format!("ws://{}/tcp", later.addr)).env("RUST_LOG", "info").listen().await;
+    let data = payload(100_000, 7);
+    let sent = data.clone();
+    let client = tokio::spawn(echo_through(local.addr, sent));
+    local.logged("gateway unreachable").await;
+    assert!(!client.is_finished(), "the local connection waits while the gateway is down");
+    // The gateway's address comes up: a forwarder to the gateway on the refusing port.
+    let listener = later.listen();
+    let gateway = gw.plain;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut up = TcpStream::connect(gateway).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut s, &mut up).await;
+            });
+        }
+    });
+    let got = within("the echo after the retry", client).await.unwrap();
+    assert!(got == data, "got {} of {} bytes, or altered", got.len(), data.len());
+}
+
+/// `--fail-fast`: a local connection is closed at once when the gateway cannot be reached, and
+/// the failure is one warning line.
+#[tokio::test]
+async fn fail_fast_closes_the_local_connection_at_once() {
+    let down = RefusingPort::new();
+    let local = Connect::new(&format!("ws://{}/tcp", down.addr)).arg("--fail-fast").listen().await;
+    let mut s = within("local connect", TcpStream::connect(local.addr)).await.unwrap();
+    let mut buf = [0u8; 16];
+    // Within the bound, well before --connect-timeout-secs (10 s) of retries would end.
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("closed at once, not after retries")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    local.logged("gateway unreachable").await;
+}

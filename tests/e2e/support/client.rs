@@ -108,6 +108,11 @@ impl Listening {
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
+
+    /// Waits until its log has a line containing `text`.
+    pub async fn logged(&self, text: &str) {
+        super::eventually(&format!("wsgate connect to log {text:?}"), || async { self.log().contains(text) }).await;
+    }
 }
 
 /// An HTTP proxy that serves `CONNECT` only, as corporate proxies do, and counts its tunnels.

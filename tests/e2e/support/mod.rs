@@ -586,6 +586,11 @@ impl RefusingPort {
         let addr = socket.local_addr().unwrap();
         RefusingPort { socket, addr }
     }
+
+    /// Starts listening on the port (a service that comes up).
+    pub fn listen(self) -> TcpListener {
+        self.socket.listen(64).unwrap()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
