@@ -176,8 +176,13 @@ impl Setup {
         let mut cmd = Command::new(std::env::current_exe().unwrap());
         cmd.args(["backend", "echo"]);
         let (echo_process, echo) = spawn_and_find(cmd, |l| l.strip_prefix("listening ")?.parse().ok(), true);
-        let target =
-            Target { name: "echo", at: Endpoint::local(Kind::Tcp, echo, ""), process: Some(echo_process), behind: None, max_idle: 0 };
+        let target = Target {
+            name: "echo",
+            at: Endpoint::local(Kind::Tcp, echo, ""),
+            process: Some(echo_process),
+            behind: None,
+            max_idle: 0,
+        };
         (Setup { dir, echo, cert, key, ca_der }, target)
     }
 }
@@ -225,7 +230,13 @@ pub(crate) fn start_targets(setup: &Setup, only: &Option<String>, limits: &str) 
             cmd.arg("--tls").arg(&setup.cert).arg(&setup.key);
         }
         let (child, addr) = spawn_and_find(cmd, |l| l.strip_prefix("listening ")?.parse().ok(), true);
-        targets.push(Target { name, at: Endpoint::local(kind, addr, "/"), process: Some(child), behind: None, max_idle: 8000 });
+        targets.push(Target {
+            name,
+            at: Endpoint::local(kind, addr, "/"),
+            process: Some(child),
+            behind: None,
+            max_idle: 8000,
+        });
     }
     if want("wsgate-ws") || want("wsgate-wss") {
         let config = setup.dir.path().join("wsgate.toml");
@@ -280,7 +291,13 @@ pub(crate) fn start_targets(setup: &Setup, only: &Option<String>, limits: &str) 
         cmd.args(args(setup.echo)).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
         let child = cmd.spawn().unwrap();
         let addr = listening_addr(&child);
-        targets.push(Target { name, at: Endpoint::local(Kind::Ws, addr, "/"), process: Some(child), behind: None, max_idle: 1000 });
+        targets.push(Target {
+            name,
+            at: Endpoint::local(Kind::Ws, addr, "/"),
+            process: Some(child),
+            behind: None,
+            max_idle: 1000,
+        });
     }
     targets
 }

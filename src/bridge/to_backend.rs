@@ -63,7 +63,9 @@ where
                     Ok(Some(message)) => (message, false),
                     Ok(None) => continue,
                     Err(Halt::End(end)) => return end,
-                    Err(Halt::ShutdownWrite) => return Box::pin(half_closed(stream, to_backend, stopped.as_mut())).await,
+                    Err(Halt::ShutdownWrite) => {
+                        return Box::pin(half_closed(stream, to_backend, stopped.as_mut())).await;
+                    }
                 }
             }
         };
@@ -165,7 +167,11 @@ async fn write_batch<W: AsyncWrite + Unpin>(
 /// What one item from the client's stream means for the backend: a data message's kind and
 /// bytes, nothing (control frames: tungstenite answers pings, pongs carry nothing), or a halt:
 /// the end of the pump, or the client's `shutdown_write`.
-fn data_of(next: Option<Result<Message, WsError>>, accept: Accept, control: bool) -> Result<Option<(Kind, Bytes)>, Halt> {
+fn data_of(
+    next: Option<Result<Message, WsError>>,
+    accept: Accept,
+    control: bool,
+) -> Result<Option<(Kind, Bytes)>, Halt> {
     match next {
         None => Err(Halt::End(End::ClientGone)),
         Some(Err(e)) => Err(Halt::End(End::ClientFailed(e))),
