@@ -270,11 +270,30 @@ where
     bridge::shutdown_write(&mut write).await;
     local = B::reunite(read, write);
     drop(local);
+    let we_close = matches!(end, End::BackendEof | End::Stopped);
     let result = ended(end);
-    // Our Close (or the reply to the gateway's), bounded: the outcome is already known.
+    // Our Close (or the reply to the gateway's), bounded.
     let normal = CloseFrame { code: CloseCode::Normal, reason: "".into() };
     let _ = tokio::time::timeout(FINISH_TIMEOUT, ws.close(Some(normal))).await;
-    result
+    if !we_close {
+        return result;
+    }
+    // The gateway may have closed first (a backend down: 1013 right behind the 101) while the
+    // local side was ending too: its Close, not the echo of ours, says how the session ended.
+    let theirs = tokio::time::timeout(FINISH_TIMEOUT, async {
+        use futures_util::StreamExt;
+        while let Some(Ok(message)) = ws.next().await {
+            if let tungstenite::Message::Close(frame) = message {
+                return Some(frame);
+            }
+        }
+        None
+    })
+    .await;
+    match theirs {
+        Ok(Some(frame)) => ended(End::ClientClosed(frame)),
+        _ => result,
+    }
 }
 
 /// How a session's ending reads as the command's result.
