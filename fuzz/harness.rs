@@ -11,6 +11,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 use base64::Engine;
 use hyper::header::{self, HeaderName, HeaderValue};
@@ -69,7 +70,7 @@ pub enum Verdict {
 /// The route table of [`CONFIG`].
 pub struct Gate {
     router: Router,
-    _metrics: Metrics,
+    _metrics: Arc<Metrics>,
 }
 
 impl Default for Gate {
@@ -82,8 +83,9 @@ impl Gate {
     /// The table, with metrics that record nowhere.
     pub fn new() -> Gate {
         let config = wsgate::config::parse(CONFIG, Path::new("fuzz.toml")).expect("the harness config is valid");
-        let metrics = Metrics::new(false);
-        let router = Router::new(&config.routes, |name| metrics.route(name), |_| Default::default());
+        let metrics = Arc::new(Metrics::new(false));
+        let pools = wsgate::backend::Pools::new(metrics.clone());
+        let router = Router::new(&config.routes, |name| metrics.route(name), |_| Default::default(), &pools, |_| None);
         Gate { router, _metrics: metrics }
     }
 

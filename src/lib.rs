@@ -124,6 +124,9 @@ pub enum StartError {
     /// per problem.
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Auth(Vec<auth::AuthError>),
+    /// A token-mapped route's map file or JWT keys could not be used; one line per problem.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Targets(Vec<backend::TargetsError>),
     /// A listener's TLS material could not be loaded or generated.
     #[error("listener \"{name}\": {source}")]
     Tls {
@@ -135,6 +138,10 @@ pub enum StartError {
     /// The admin listener's certificate or tokens file could not be loaded.
     #[error("{0}")]
     Admin(Box<admin::AccessError>),
+    /// A route's backend TLS files (`backend_tls`: CA, client certificate or key) could not be
+    /// used; one line per problem.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    BackendTls(Vec<backend::tls::LoadError>),
 }
 
 /// Why a reload was refused; the config in force stays.
@@ -170,7 +177,9 @@ impl Gateway {
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
         let metrics = Arc::new(Metrics::new(config.metrics));
         let admission = Arc::new(Admission::new(&config.limits, metrics.handshakes_in_progress.clone()));
-        let snapshot = snapshot(&config, &metrics, &admission)?;
+        let pools = Arc::new(backend::Pools::new(metrics.clone()));
+        let snapshot = snapshot(&config, &metrics, &admission, &pools)?;
+        pools.publish(snapshot.router.pools());
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
             listeners.push(server::Listener {
@@ -191,7 +200,7 @@ impl Gateway {
         let admin_access = Arc::new(std::sync::RwLock::new(Arc::new(admin_access(&config)?)));
         let shared = Arc::new(Shared::new(&config.limits, admission, metrics, snapshot));
         let running = Arc::new(std::sync::Mutex::new(Arc::new(config)));
-        let reloader = Reloader { shared: shared.clone(), running, admin_access };
+        let reloader = Reloader { shared: shared.clone(), running, admin_access, pools };
         Ok(Gateway { listeners, tcp_echo, admin, shared, ready: Arc::new(AtomicBool::new(false)), reloader })
     }
 
@@ -252,6 +261,8 @@ impl Gateway {
             let state = admin::State { metrics: shared.metrics.clone(), ready: self.ready.clone(), access };
             services.spawn(admin::serve(listener, state, services_stop.clone(), services.clone()));
         }
+        // Pool members' health checks, for the pools of whichever snapshot is in force.
+        services.spawn(backend::health::run(self.reloader.pools.clone(), services_stop.clone()));
         self.ready.store(true, Ordering::Relaxed);
         shared.metrics.ready.set(1.0);
 
@@ -292,6 +303,8 @@ pub struct Reloader {
     running: Arc<std::sync::Mutex<Arc<Config>>>,
     /// Who may read the admin listener, rebuilt (files reread) by each reload.
     admin_access: Arc<std::sync::RwLock<Arc<admin::Access>>>,
+    /// Pool members' states, kept across reloads, and the pools the health task checks.
+    pools: Arc<backend::Pools>,
 }
 
 impl std::fmt::Debug for Reloader {
@@ -317,9 +330,12 @@ impl Reloader {
         if let Some(what) = config::restart_required(&running, &new) {
             return Err(ReloadError::RestartRequired(what));
         }
-        let snapshot = snapshot(&new, &self.shared.metrics, &self.shared.admission).map_err(ReloadError::Tls)?;
+        let snapshot =
+            snapshot(&new, &self.shared.metrics, &self.shared.admission, &self.pools).map_err(ReloadError::Tls)?;
         let admin_access = admin_access(&new).map_err(ReloadError::Tls)?;
+        let pools = snapshot.router.pools();
         self.shared.replace(snapshot);
+        self.pools.publish(pools);
         *self.admin_access.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(admin_access);
         *running = Arc::new(new);
         Ok(())
@@ -327,7 +343,12 @@ impl Reloader {
 }
 
 /// Everything a reload may change, built from `config`: routes, limits, certificates, pages.
-fn snapshot(config: &Config, metrics: &Metrics, admission: &Admission) -> Result<Snapshot, StartError> {
+fn snapshot(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    admission: &Admission,
+    pools: &backend::Pools,
+) -> Result<Snapshot, StartError> {
     let mut tls = HashMap::new();
     for l in &config.listeners {
         if let Some(files) = &l.tls {
@@ -335,9 +356,18 @@ fn snapshot(config: &Config, metrics: &Metrics, admission: &Admission) -> Result
         }
     }
     let auth = auth::load(config).map_err(StartError::Auth)?;
+    let targets = backend::load_targets(config).map_err(StartError::Targets)?;
+    let backend_tls = backend::tls::load(config).map_err(StartError::BackendTls)?;
     Ok(Snapshot {
         auth,
-        router: router::Router::new(&config.routes, |name| metrics.route(name), |name| admission.route(name)),
+        targets,
+        router: router::Router::new(
+            &config.routes,
+            |name| metrics.route(name),
+            |name| admission.route(name),
+            pools,
+            |name| backend_tls.get(name).cloned(),
+        ),
         limits: config.limits.clone(),
         shutdown: config.shutdown.clone(),
         tls,

@@ -157,6 +157,23 @@ fn check(path: &Path) -> ExitCode {
                 }
                 return ExitCode::FAILURE;
             }
+            // So are the token maps and JWT keys of token-mapped routes.
+            let mappings = match wsgate::backend::load_targets(&config) {
+                Ok(mappings) => mappings,
+                Err(errors) => {
+                    for e in &errors {
+                        eprintln!("{e}");
+                    }
+                    return ExitCode::FAILURE;
+                }
+            };
+            // So are the backend TLS files (CA, client certificate and key).
+            if let Err(errors) = wsgate::backend::tls::load(&config) {
+                for e in &errors {
+                    eprintln!("{e}");
+                }
+                return ExitCode::FAILURE;
+            }
             println!("{}: ok", path.display());
             for l in &config.listeners {
                 print!("listener {:<12} {}://{}", l.name, l.scheme(), l.address);
@@ -177,7 +194,17 @@ fn check(path: &Path) -> ExitCode {
             for r in &config.routes {
                 let host = r.host.as_ref().map(|h| format!("{h} ")).unwrap_or_default();
                 let m = if r.path_match == config::PathMatch::Prefix { " (prefix)" } else { "" };
-                println!("route    {:<12} {host}{}{m} -> {}", r.name, r.path, r.backend);
+                println!("route    {:<12} {host}{}{m} -> {}{}", r.name, r.path, r.backend, backend_tls_summary(r));
+                if let config::Backend::Pool(pool) = &r.backend {
+                    for member in &pool.members {
+                        println!("  backend  {member}");
+                    }
+                    println!("  health   {}", pool.health);
+                }
+                if let (config::Backend::Mapped(t), Some(mapping)) = (&r.backend, mappings.get(&r.name)) {
+                    let (by, allow, ports) = (mapping.describe(), &t.allow, &t.allow_ports);
+                    println!("targets  {:<12} {by}; allow {allow}; ports {ports}", r.name);
+                }
             }
             if let Some(addr) = config.builtin.tcp_echo {
                 println!("builtin  tcp_echo     {addr}");
@@ -197,6 +224,23 @@ fn check(path: &Path) -> ExitCode {
             ExitCode::SUCCESS
         }
     }
+}
+
+/// How `wsgate check` shows a route's backend TLS: what is verified against what, loudly when
+/// nothing is.
+fn backend_tls_summary(route: &config::Route) -> String {
+    let Some(tls) = &route.backend_tls else { return String::new() };
+    let name = tls.server_name.as_deref().map(|n| format!(" name {n}")).unwrap_or_default();
+    let client = tls.client_cert.as_ref().map(|(c, _)| format!(", client cert {}", c.display())).unwrap_or_default();
+    if tls.insecure {
+        eprintln!(
+            "WARNING: routes.{}.backend_tls.insecure = true: the backend's certificate is NOT verified",
+            route.name
+        );
+        return format!(" (TLS{name}, INSECURE: certificate not verified{client})");
+    }
+    let ca = tls.ca.as_ref().map_or("bundled web PKI roots".to_string(), |ca| format!("CA {}", ca.display()));
+    format!(" (TLS{name}, verified against {ca}{client})")
 }
 
 fn run(path: &Path) -> anyhow::Result<()> {

@@ -40,6 +40,8 @@ pub mod names {
     pub const SESSIONS_SHED: &str = "wsgate_sessions_shed_total";
     /// Counter{route, reason}: requests refused by the route's access policy.
     pub const ACCESS_DENIED: &str = "wsgate_access_denied_total";
+    /// Counter{route, reason}: requests a token-mapped route found no allowed target for.
+    pub const TARGET_REFUSALS: &str = "wsgate_target_refusals_total";
     /// Counter{route, user}: sessions opened by each user, on routes with `auth.user_label`.
     pub const USER_SESSIONS: &str = "wsgate_user_sessions_total";
     /// Counter{listener, reason}: TLS handshakes that failed or timed out.
@@ -74,6 +76,16 @@ pub mod names {
     pub const READY: &str = "wsgate_ready";
     /// Counter{reason}: admin requests answered 401 (no bearer token, or a wrong one).
     pub const ADMIN_UNAUTHORIZED: &str = "wsgate_admin_unauthorized_total";
+    /// Gauge{route, backend}: 1 while a pool member takes new sessions by its health, 0 while
+    /// it is down (failed checks) or ejected (failed connects).
+    pub const BACKEND_UP: &str = "wsgate_backend_up";
+    /// Gauge{route, backend}: a pool member's sessions open (and connecting).
+    pub const BACKEND_SESSIONS: &str = "wsgate_backend_sessions";
+    /// Counter{route, backend}: sessions a pool member was given (connected).
+    pub const BACKEND_SESSIONS_TOTAL: &str = "wsgate_backend_sessions_total";
+    /// Counter{route, backend}: connects to a pool member that failed (each attempt, failed
+    /// over or not; the route's `wsgate_backend_connect_failures_total` counts failed dials).
+    pub const BACKEND_FAILED_CONNECTS: &str = "wsgate_backend_failed_connects_total";
 }
 
 /// Direction label values.
@@ -247,12 +259,24 @@ impl Metrics {
                     subprotocol_warnings: Throttle::new(WARN_INTERVAL),
                     access_warnings: Throttle::new(WARN_INTERVAL),
                     connect_warnings: Throttle::new(WARN_INTERVAL),
+                    target_warnings: Throttle::new(WARN_INTERVAL),
                     users: Mutex::new(HashSet::new()),
                     recorder: self.recorder.clone(),
                     enabled: self.enabled,
                 })
             })
             .clone()
+    }
+
+    /// Handles for one member of a route's pool; the labels are configured names, so bounded.
+    pub fn backend(&self, route: &str, backend: &str) -> BackendMetrics {
+        let l = [("route", route), ("backend", backend)];
+        BackendMetrics {
+            up: self.gauge(names::BACKEND_UP, &l),
+            sessions: self.gauge(names::BACKEND_SESSIONS, &l),
+            sessions_total: self.counter(names::BACKEND_SESSIONS_TOTAL, &l),
+            failed_connects: self.counter(names::BACKEND_FAILED_CONNECTS, &l),
+        }
     }
 
     /// Counts an HTTP answer to a request that matched no route (404, the console page).
@@ -306,6 +330,11 @@ fn describe(r: &PrometheusRecorder) {
             Some(Unit::Count),
             "Requests refused by the route's access policy, by route and reason.",
         ),
+        d(
+            names::TARGET_REFUSALS,
+            Some(Unit::Count),
+            "Requests a token-mapped route found no allowed target for, by route and reason.",
+        ),
         d(names::TLS_HANDSHAKE_FAILURES, Some(Unit::Count), "TLS handshakes that failed or timed out."),
         d(names::HANDSHAKES, Some(Unit::Count), "HTTP requests answered, by route and status (101: upgraded)."),
         d(names::SESSIONS, Some(Unit::Count), "Sessions ended, by route, close code and the side that ended them."),
@@ -333,6 +362,16 @@ fn describe(r: &PrometheusRecorder) {
             "Config reloads, by result (ok: applied; error: rejected, the old config stayed).",
         ),
         d(
+            names::BACKEND_SESSIONS_TOTAL,
+            Some(Unit::Count),
+            "Sessions given to each pool member, by route and backend.",
+        ),
+        d(
+            names::BACKEND_FAILED_CONNECTS,
+            Some(Unit::Count),
+            "Connects to each pool member that failed (failed over or not), by route and backend.",
+        ),
+        d(
             names::ADMIN_UNAUTHORIZED,
             Some(Unit::Count),
             "Admin requests answered 401, by reason: missing_token, invalid_token.",
@@ -349,6 +388,8 @@ fn describe(r: &PrometheusRecorder) {
             "Bytes read from one side and not yet written to the other (the server-side bufferedAmount), by route and direction.",
         ),
         d(names::READY, None, "1 while accepting connections; 0 before listeners are bound and while draining."),
+        d(names::BACKEND_UP, None, "1 while a pool member takes new sessions by its health; 0 while down or ejected."),
+        d(names::BACKEND_SESSIONS, Some(Unit::Count), "Sessions open (and connecting) on each pool member."),
     ] {
         r.describe_gauge(name, unit, help);
     }
@@ -397,6 +438,19 @@ pub struct ListenerMetrics {
     pub refused_proxy_header: Counter,
 }
 
+/// Handles for one member of a pool.
+#[derive(Debug, Clone)]
+pub struct BackendMetrics {
+    /// 1 while up, 0 while down or ejected.
+    pub up: Gauge,
+    /// Sessions open (and connecting).
+    pub sessions: Gauge,
+    /// Sessions given.
+    pub sessions_total: Counter,
+    /// Failed connects.
+    pub failed_connects: Counter,
+}
+
 /// Distinct users per route with a label of their own in `wsgate_user_sessions_total`.
 pub const MAX_USER_LABELS: usize = 100;
 /// Longer user names count as `other`.
@@ -430,6 +484,9 @@ pub struct RouteMetrics {
     /// Warnings about failed backend connects (`session::dial`), likewise; every failure is
     /// counted in `wsgate_backend_connect_failures_total`.
     pub connect_warnings: Throttle,
+    /// Warnings about token-mapped requests refused (404, 403), likewise; each is counted in
+    /// `wsgate_target_refusals_total` too.
+    pub target_warnings: Throttle,
     /// The users with a label of their own in `wsgate_user_sessions_total`.
     users: Mutex<HashSet<String>>,
 }
@@ -463,6 +520,12 @@ impl RouteMetrics {
     /// Counts a request the access policy refused; `reason` is one of a fixed set.
     pub fn access_denied(&self, reason: &str) {
         self.counter(names::ACCESS_DENIED, &[("reason", reason)]).increment(1);
+    }
+
+    /// Counts a request a token-mapped route found no allowed target for; `reason` is one of a
+    /// fixed set.
+    pub fn target_refused(&self, reason: &str) {
+        self.counter(names::TARGET_REFUSALS, &[("reason", reason)]).increment(1);
     }
 
     /// Counts a session opened by `user` (routes with `auth.user_label`). The first

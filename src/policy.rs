@@ -30,7 +30,7 @@ use hyper::{HeaderMap, Method, StatusCode, Uri, Version};
 use std::time::Duration;
 
 use crate::admission::{Over, Shed};
-use crate::backend::ConnectFailure;
+use crate::backend::{self, ConnectFailure};
 use crate::client_cert::{self, ClientCert};
 use crate::config::{AllowedOrigins, Route, normalize_origin};
 use crate::router::normalize_host;
@@ -73,6 +73,9 @@ pub enum RefusalKind {
     /// The route's access policy said no (401, 403, or 429 after repeated failures): counted in
     /// `wsgate_access_denied_total` by [`Denied::label`], warned of once per route per interval.
     Access(Denied),
+    /// A token-mapped route found no allowed target for the request (404, 403): counted in
+    /// `wsgate_target_refusals_total` by [`backend::Refused::label`], warned of once per route per interval.
+    Target(backend::Refused),
 }
 
 /// Why the access policy refused a request; each is a bounded metric label. The reason a client
@@ -170,18 +173,38 @@ impl Refusal {
     }
 
     /// The backend could not be reached, on a route that says so in HTTP
-    /// (`on_backend_unavailable = "http"`): 502 when it refused, 504 when it timed out, 503
+    /// (`on_backend_unavailable = "http"`): 502 when it refused or its TLS handshake failed, 504
+    /// when it timed out, 503
     /// otherwise. Debug level: the dial logged the failure, with its address.
     pub fn backend_unavailable(failure: ConnectFailure) -> Refusal {
         let status = match failure {
-            ConnectFailure::Refused => StatusCode::BAD_GATEWAY,
+            ConnectFailure::Refused | ConnectFailure::Tls => StatusCode::BAD_GATEWAY,
             ConnectFailure::TimedOut => StatusCode::GATEWAY_TIMEOUT,
-            ConnectFailure::NotResolved | ConnectFailure::Unreachable | ConnectFailure::Other => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ConnectFailure::NotResolved
+            | ConnectFailure::Unreachable
+            | ConnectFailure::Other
+            | ConnectFailure::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
+            // Not a failure of the backend: `target` answers it, whatever the route's choice.
+            ConnectFailure::NotAllowed => StatusCode::FORBIDDEN,
         };
         Refusal::new(status, format!("backend unavailable: {}", failure.label()))
             .of_kind(RefusalKind::BackendUnavailable)
+    }
+}
+
+impl Refusal {
+    /// A token-mapped route's refusal: 404 when no target has the token, 403 when the JWT fails
+    /// its check or the target is outside the allow-list. The reason never holds the token, nor
+    /// the target's address (a map keeps those from the client).
+    pub fn target(refused: backend::Refused) -> Refusal {
+        use backend::Refused;
+        let (status, reason) = match refused {
+            Refused::MissingToken => (StatusCode::NOT_FOUND, "no target token".to_string()),
+            Refused::UnknownToken => (StatusCode::NOT_FOUND, "unknown target token".to_string()),
+            Refused::InvalidToken(why) => (StatusCode::FORBIDDEN, format!("invalid target token: {why}")),
+            Refused::NotAllowed => (StatusCode::FORBIDDEN, "target not allowed".to_string()),
+        };
+        Refusal::new(status, reason).of_kind(RefusalKind::Target(refused))
     }
 }
 
@@ -560,13 +583,16 @@ mod tests {
         assert!(select_subprotocol(&r, ["base64"]).unwrap_err().reason.contains("accepts binary, mqtt"));
     }
 
-    /// An unreachable backend is answered 502 when it refused, 504 when it timed out, 503
-    /// otherwise; the reason names the kind and no address.
+    /// An unreachable backend is answered 502 when it refused or failed the TLS handshake, 504
+    /// when it timed out, 503 otherwise; the reason names the kind and no address.
     #[test]
     fn backend_unavailable_statuses_follow_the_failure() {
         use ConnectFailure::*;
         let status = |f| Refusal::backend_unavailable(f).status.as_u16();
-        assert_eq!([Refused, TimedOut, NotResolved, Unreachable, Other].map(status), [502, 504, 503, 503, 503]);
+        assert_eq!(
+            [Refused, Tls, TimedOut, NotResolved, Unreachable, Other, NoBackend].map(status),
+            [502, 502, 504, 503, 503, 503, 503]
+        );
         assert_eq!(Refusal::backend_unavailable(Refused).reason, "backend unavailable: connection refused");
     }
 

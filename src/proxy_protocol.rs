@@ -226,6 +226,17 @@ fn ssl_tlv(identity: &Identity) -> v2::TypeLengthValue<'static> {
     v2::TypeLengthValue::new(Type::SSL, &value).to_owned()
 }
 
+/// The header a health check sends before anything else on a route that sends PROXY headers:
+/// the balancer's own connection (v2 `LOCAL`, v1 `UNKNOWN`), so the backend neither refuses
+/// the check nor counts it as a client.
+pub fn local_header(version: ProxyVersion) -> &'static [u8] {
+    match version {
+        ProxyVersion::V1 => b"PROXY UNKNOWN\r\n",
+        // The v2 signature, version 2 with command LOCAL, family UNSPEC, no address bytes.
+        ProxyVersion::V2 => b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00",
+    }
+}
+
 /// `a` and `b` in one address family: IPv4 when both are (mapped addresses count), otherwise
 /// IPv6 with IPv4 ones mapped.
 fn same_family(a: SocketAddr, b: SocketAddr) -> (SocketAddr, SocketAddr) {

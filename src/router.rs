@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use crate::admission::RouteLoad;
-use crate::backend::Dialer;
+use crate::backend::{Dialer, Pool, Pools, tls};
 pub use crate::config::SessionLimits;
 use crate::config::{Backend, HostPattern, PathMatch, Route};
 use crate::metrics::RouteMetrics;
@@ -38,7 +38,8 @@ pub struct Entry {
 /// Where a route's sessions go.
 #[derive(Debug)]
 pub enum Target {
-    /// A TCP service, dialled before the upgrade is answered.
+    /// A backend service (TCP or a Unix socket, either under TLS), dialled before the upgrade
+    /// is answered.
     Tcp(Dialer),
     /// The built-in WebSocket echo: nothing to dial.
     Echo,
@@ -52,28 +53,53 @@ pub struct Router {
 
 impl Router {
     /// Builds the table; the routes were validated by `config`, so this cannot fail.
-    /// `metrics_for` gives a route's metric handles by name.
+    /// `metrics_for` gives a route's metric handles by name; `pools` keeps pool members' states;
+    /// `tls_for` gives a route's loaded backend TLS (`backend::tls::load`).
     pub fn new(
         routes: &[Route],
         metrics_for: impl Fn(&str) -> Arc<RouteMetrics>,
         load_for: impl Fn(&str) -> Arc<RouteLoad>,
+        pools: &Pools,
+        tls_for: impl Fn(&str) -> Option<Arc<tls::Connector>>,
     ) -> Self {
         let entry = |route: &Route| {
             let limits = route.limits;
             let target = match &route.backend {
-                Backend::Tcp { host, port } => Target::Tcp(Dialer::new(
-                    host,
-                    *port,
-                    limits.connect_timeout,
-                    limits.tcp_keepalive,
-                    limits.tcp_user_timeout,
-                )),
+                Backend::Tcp { host, port } => Target::Tcp(
+                    Dialer::new(host, *port, limits.connect_timeout, limits.tcp_keepalive, limits.tcp_user_timeout)
+                        .with_tls(tls_for(&route.name)),
+                ),
+                Backend::Unix(addr) => {
+                    Target::Tcp(Dialer::unix(addr.clone(), limits.connect_timeout).with_tls(tls_for(&route.name)))
+                }
                 Backend::Echo => Target::Echo,
+                Backend::Pool(pool) => Target::Tcp(
+                    Dialer::pool(
+                        pools.build(route, pool),
+                        limits.connect_timeout,
+                        limits.tcp_keepalive,
+                        limits.tcp_user_timeout,
+                    )
+                    .with_tls(tls_for(&route.name)),
+                ),
+                Backend::Mapped(targets) => Target::Tcp(
+                    Dialer::mapped(targets, limits.connect_timeout, limits.tcp_keepalive, limits.tcp_user_timeout)
+                        .with_tls(tls_for(&route.name)),
+                ),
             };
             let (metrics, load) = (metrics_for(&route.name), load_for(&route.name));
             Arc::new(Entry { route: route.clone(), limits, metrics, load, target })
         };
         Router { entries: routes.iter().map(entry).collect() }
+    }
+
+    /// The pools of its routes, for the health task.
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        let pool = |e: &Arc<Entry>| match &e.target {
+            Target::Tcp(dialer) => dialer.pool_of().cloned(),
+            Target::Echo => None,
+        };
+        self.entries.iter().filter_map(pool).collect()
     }
 
     /// The best route for `host` (as sent, port allowed) and `path`, if any.
@@ -139,8 +165,9 @@ mod tests {
 
     /// A table of `routes` under the default limits, recording no metrics.
     fn table(routes: &[Route]) -> Router {
-        let metrics = crate::metrics::Metrics::new(false);
-        Router::new(routes, |name| metrics.route(name), |_| Arc::default())
+        let metrics = Arc::new(crate::metrics::Metrics::new(false));
+        let pools = Pools::new(metrics.clone());
+        Router::new(routes, |name| metrics.route(name), |_| Arc::default(), &pools, |_| None)
     }
 
     /// Exact beats prefix, longer prefix beats shorter, and prefixes stop at segment boundaries.

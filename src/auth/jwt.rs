@@ -95,31 +95,7 @@ impl Keys {
 
     /// Checks `token` for the route named `route`.
     pub(super) fn check(&self, token: &str, route: &str) -> Result<Authenticated, Verdict> {
-        let invalid = |why: &str| Verdict::Invalid(why.to_string());
-        let header = jsonwebtoken::decode_header(token).map_err(|_| invalid("malformed token"))?;
-        if !self.algorithms.contains(&header.alg) {
-            return Err(invalid("algorithm not accepted"));
-        }
-        let mut validation = self.validation.clone();
-        validation.algorithms = vec![header.alg];
-        let family = header.alg.family();
-        let candidates = self
-            .keys
-            .iter()
-            .filter(|(kid, k)| k.family() == family && (kid.is_none() || header.kid.is_none() || kid == &header.kid));
-        let mut outcome = Err(invalid("no key for this token"));
-        for (_, key) in candidates {
-            match jsonwebtoken::decode::<Value>(token, key, &validation) {
-                Ok(data) => {
-                    outcome = Ok(data.claims);
-                    break;
-                }
-                // Another key of the family may have signed it.
-                Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => outcome = Err(invalid("bad signature")),
-                Err(e) => return Err(invalid(claims_problem(e.kind()))),
-            }
-        }
-        let claims = outcome?;
+        let claims = self.verify(token).map_err(|why| Verdict::Invalid(why.to_string()))?;
         if let Some(name) = &self.routes_claim {
             let allowed = match claims.get(name) {
                 Some(Value::String(s)) => s.split_whitespace().any(|r| r == route),
@@ -139,6 +115,32 @@ impl Keys {
             Instant::now().checked_add(left)
         });
         Ok(Authenticated { user, expires })
+    }
+
+    /// The claims of `token` once its signature, `exp`, `nbf`, `aud` and `iss` pass; otherwise
+    /// why not, in words a client may read.
+    pub(super) fn verify(&self, token: &str) -> Result<Value, &'static str> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| "malformed token")?;
+        if !self.algorithms.contains(&header.alg) {
+            return Err("algorithm not accepted");
+        }
+        let mut validation = self.validation.clone();
+        validation.algorithms = vec![header.alg];
+        let family = header.alg.family();
+        let candidates = self
+            .keys
+            .iter()
+            .filter(|(kid, k)| k.family() == family && (kid.is_none() || header.kid.is_none() || kid == &header.kid));
+        let mut outcome = Err("no key for this token");
+        for (_, key) in candidates {
+            match jsonwebtoken::decode::<Value>(token, key, &validation) {
+                Ok(data) => return Ok(data.claims),
+                // Another key of the family may have signed it.
+                Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => outcome = Err("bad signature"),
+                Err(e) => return Err(claims_problem(e.kind())),
+            }
+        }
+        outcome
     }
 }
 

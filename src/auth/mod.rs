@@ -101,6 +101,30 @@ fn load_route(route: &Route, config_file: &Path) -> Result<Option<RouteAuth>, Ve
     Ok(Some(RouteAuth { config: auth.clone(), check }))
 }
 
+/// A JWT check built from a `config::Jwt` for a use other than a route's credentials (a
+/// token-mapped route's target claims, `backend::targets`): the same keys, algorithms and claim
+/// checks as `[routes.NAME.auth]`'s, from the same code.
+pub struct JwtVerifier(Box<jwt::Keys>);
+
+impl std::fmt::Debug for JwtVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl JwtVerifier {
+    /// Reads the key files `config` names; `key` is the config key they are reported under.
+    pub fn load(config: &config::Jwt, key: &str, config_file: &Path) -> Result<JwtVerifier, Vec<AuthError>> {
+        jwt::Keys::load(config, key, config_file).map(|k| JwtVerifier(Box::new(k)))
+    }
+
+    /// The claims of a token whose signature and `exp`, `nbf`, `aud`, `iss` pass; otherwise why
+    /// not, in words a client may read (never the token).
+    pub fn claims(&self, token: &str) -> Result<serde_json::Value, &'static str> {
+        self.0.verify(token)
+    }
+}
+
 /// What a request carried, as far as [`authenticate`] looks at it.
 #[derive(Clone, Copy)]
 pub struct Presented<'a> {
@@ -331,7 +355,7 @@ fn token<'a>(auth: &config::Auth, headers: &'a HeaderMap, query: Option<&'a str>
 
 /// `%XX` escapes decoded (a `+` stays a `+`: tokens are not form text); `None` when an escape
 /// is broken or the result is not UTF-8.
-fn percent_decode(s: &str) -> Option<Cow<'_, str>> {
+pub(crate) fn percent_decode(s: &str) -> Option<Cow<'_, str>> {
     if !s.contains('%') {
         return Some(Cow::Borrowed(s));
     }

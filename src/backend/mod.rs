@@ -2,15 +2,30 @@
 //!
 //! Names are resolved at connect time (so DNS changes apply to new sessions without a reload)
 //! and every resolved address is tried in order, within one overall timeout: a dual-stack name
-//! whose first address is dead still connects. Nothing here knows about WebSocket; `session`
-//! decides what a failure means for the client.
+//! whose first address is dead still connects. A backend may also be a Unix socket, and either
+//! may be under TLS (`tls`); the result is a [`BackendConn`] (`conn`). Nothing here knows about
+//! WebSocket; `session` decides what a failure means for the client.
+
+mod conn;
+pub mod tls;
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+pub mod health;
+pub mod pool;
+mod targets;
+
+pub use conn::{BackendConn, Peer};
+pub use pool::{Hold, Pool, Pools};
+pub use targets::{Mapping, Refused, Target, TargetsError, load as load_targets};
+
+use crate::config::{self, UnixAddr};
 
 /// Why a backend could not be connected.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +65,34 @@ pub enum BackendError {
         #[source]
         source: io::Error,
     },
+    /// A token-mapped target outside the route's allow-list: its port (`addr` none), or an
+    /// address its name resolved to. Nothing was connected.
+    #[error("target {target} is not allowed by the route's allow-list{}", addr.map(|a| format!(" (resolved to {a})")).unwrap_or_default())]
+    NotAllowed {
+        /// `host:port` as the token named it.
+        target: String,
+        /// The (normalised) address that is not allowed, when the port was.
+        addr: Option<SocketAddr>,
+    },
+    /// A Unix socket could not be connected.
+    #[error("connect to {target}: {source}")]
+    ConnectUnix {
+        /// The socket as configured (`unix:/path`, `unix:@name`).
+        target: String,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
+    /// Connected, but the TLS handshake failed: most often a certificate the route does not
+    /// trust or one for another name (rustls's reason is the source).
+    #[error("TLS handshake with {target}: {source}")]
+    Tls {
+        /// The backend as configured.
+        target: String,
+        /// rustls's reason, or the socket's error during the handshake.
+        #[source]
+        source: io::Error,
+    },
     /// The connect timeout passed first.
     #[error("connect to {target} timed out after {after:?}")]
     Timeout {
@@ -57,6 +100,12 @@ pub enum BackendError {
         target: String,
         /// The configured timeout.
         after: Duration,
+    },
+    /// Every member of the route's pool is down, drained or at its session cap.
+    #[error("route {route}: no backend of its pool is up with room for a session")]
+    NoBackend {
+        /// The route's name.
+        route: String,
     },
 }
 
@@ -73,8 +122,14 @@ pub enum ConnectFailure {
     Refused,
     /// No route to the host or its network.
     Unreachable,
+    /// The TLS handshake with the backend failed (an untrusted certificate, a name mismatch).
+    Tls,
     /// Any other connect error.
     Other,
+    /// Every member of the route's pool is down, drained or at its session cap.
+    NoBackend,
+    /// A token-mapped target outside the route's allow-list: refused, nothing connected.
+    NotAllowed,
 }
 
 impl ConnectFailure {
@@ -86,7 +141,10 @@ impl ConnectFailure {
             ConnectFailure::TimedOut => "connect timed out",
             ConnectFailure::Refused => "connection refused",
             ConnectFailure::Unreachable => "unreachable",
+            ConnectFailure::Tls => "TLS handshake failed",
             ConnectFailure::Other => "connect failed",
+            ConnectFailure::NoBackend => "no backend available",
+            ConnectFailure::NotAllowed => "target not allowed",
         }
     }
 }
@@ -97,9 +155,15 @@ impl BackendError {
         match self {
             BackendError::Resolve { .. } | BackendError::NoAddress { .. } => ConnectFailure::NotResolved,
             BackendError::Timeout { .. } => ConnectFailure::TimedOut,
-            BackendError::Connect { source, .. } | BackendError::Send { source, .. } => match source.kind() {
+            BackendError::NoBackend { .. } => ConnectFailure::NoBackend,
+            BackendError::NotAllowed { .. } => ConnectFailure::NotAllowed,
+            BackendError::Tls { .. } => ConnectFailure::Tls,
+            BackendError::Connect { source, .. }
+            | BackendError::Send { source, .. }
+            | BackendError::ConnectUnix { source, .. } => match source.kind() {
                 io::ErrorKind::TimedOut => ConnectFailure::TimedOut,
-                io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
+                // A socket file that does not exist: nothing listens there either.
+                io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound => ConnectFailure::Refused,
                 io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => ConnectFailure::Unreachable,
                 _ => ConnectFailure::Other,
             },
@@ -117,6 +181,8 @@ pub struct DialRequest<'a> {
     pub path: &'a str,
     /// The request target's query, if any.
     pub query: Option<&'a str>,
+    /// On a token-mapped route, the target its token named (`Mapping::find`).
+    pub target: Option<&'a Target>,
 }
 
 /// How a route reaches its backend: the connect settings, and which backend a session goes to;
@@ -128,11 +194,13 @@ pub struct Dialer {
 }
 
 /// How every backend connection of a route is made.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Settings {
     timeout: Duration,
     keepalive: Option<Duration>,
     user_timeout: Option<Duration>,
+    /// TLS on every connection, when the route has `backend_tls`.
+    tls: Option<Arc<tls::Connector>>,
 }
 
 /// Which backend a session goes to.
@@ -140,6 +208,12 @@ struct Settings {
 enum Choice {
     /// Always the one `host:port`.
     One { host: String, port: u16 },
+    /// Always the one Unix socket.
+    Unix(UnixAddr),
+    /// A member of the route's pool, picked per session.
+    Pool(Arc<Pool>),
+    /// The target the request's token named, if the allow-list allows it.
+    Mapped(Box<config::Targets>),
 }
 
 impl Dialer {
@@ -153,38 +227,161 @@ impl Dialer {
         user_timeout: Option<Duration>,
     ) -> Dialer {
         Dialer {
-            settings: Settings { timeout, keepalive, user_timeout },
+            settings: Settings { timeout, keepalive, user_timeout, tls: None },
             choice: Choice::One { host: host.to_string(), port },
         }
     }
 
+    /// Connects to a member of `pool` (picked per session, failing over within `timeout`);
+    /// sockets as [`Dialer::new`]'s.
+    pub fn pool(
+        pool: Arc<Pool>,
+        timeout: Duration,
+        keepalive: Option<Duration>,
+        user_timeout: Option<Duration>,
+    ) -> Dialer {
+        Dialer { settings: Settings { timeout, keepalive, user_timeout, tls: None }, choice: Choice::Pool(pool) }
+    }
+
+    /// A token-mapped route's dialer: each session's target comes with its request
+    /// ([`DialRequest::target`]) and is connected only if `allowed` allows it.
+    pub fn mapped(
+        allowed: &config::Targets,
+        timeout: Duration,
+        keepalive: Option<Duration>,
+        user_timeout: Option<Duration>,
+    ) -> Dialer {
+        Dialer {
+            settings: Settings { timeout, keepalive, user_timeout, tls: None },
+            choice: Choice::Mapped(Box::new(allowed.clone())),
+        }
+    }
+
+    /// The route's pool, if it has one.
+    pub fn pool_of(&self) -> Option<&Arc<Pool>> {
+        match &self.choice {
+            Choice::Pool(pool) => Some(pool),
+            Choice::One { .. } | Choice::Unix(_) | Choice::Mapped(_) => None,
+        }
+    }
+
+    /// Connects to the Unix socket `addr` within `timeout`.
+    pub fn unix(addr: UnixAddr, timeout: Duration) -> Dialer {
+        Dialer {
+            settings: Settings { timeout, keepalive: None, user_timeout: None, tls: None },
+            choice: Choice::Unix(addr),
+        }
+    }
+
+    /// Runs a TLS handshake on every connection, within the same timeout.
+    pub fn with_tls(mut self, tls: Option<Arc<tls::Connector>>) -> Dialer {
+        self.settings.tls = tls;
+        self
+    }
+
     /// Connects the backend `req` goes to: resolves the name now (so DNS changes apply without
     /// a reload) and tries every address, then writes `preamble` (a PROXY protocol header, or
-    /// nothing) before any other byte, all within the timeout.
-    pub async fn connect(&self, req: &DialRequest<'_>, preamble: &[u8]) -> Result<TcpStream, BackendError> {
+    /// nothing) before any other byte, all within the timeout. A pool member's connection
+    /// comes with its [`Hold`], which counts the session on the member until dropped.
+    pub async fn connect(
+        &self,
+        req: &DialRequest<'_>,
+        preamble: &[u8],
+    ) -> Result<(BackendConn, Option<Hold>), BackendError> {
         match &self.choice {
-            Choice::One { host, port } => {
-                let _ = req;
-                self.settings.connect(host, *port, preamble).await
+            Choice::One { host, port } => Ok((self.settings.connect(host, *port, preamble).await?, None)),
+            Choice::Pool(pool) => {
+                let (stream, hold) = pool.connect(&self.settings, req.client.ip(), preamble).await?;
+                Ok((stream, Some(hold)))
             }
+            Choice::Unix(addr) => Ok((self.settings.connect_unix(addr, preamble).await?, None)),
+            Choice::Mapped(allowed) => match req.target {
+                Some(target) => Ok((targets::connect(&self.settings, allowed, target, preamble).await?, None)),
+                // Cannot happen: the server finds the target before it dials.
+                None => Err(BackendError::NoAddress { target: "token-mapped target (none found)".into() }),
+            },
         }
     }
 }
 
 impl Settings {
-    async fn connect(&self, host: &str, port: u16, preamble: &[u8]) -> Result<TcpStream, BackendError> {
-        if preamble.is_empty() {
-            return connect(host, port, self.timeout, self.keepalive, self.user_timeout).await;
+    /// One TCP connection to `host:port`, then `preamble`, then the route's TLS handshake if it
+    /// has one, all within the timeout.
+    async fn connect(&self, host: &str, port: u16, preamble: &[u8]) -> Result<BackendConn, BackendError> {
+        self.connect_named(host, host, port, preamble).await
+    }
+
+    /// As [`Settings::connect`], to `host` (an address already checked, for a token-mapped
+    /// target), with `name` the host the TLS certificate must be for when the route names none.
+    async fn connect_named(
+        &self,
+        host: &str,
+        name: &str,
+        port: u16,
+        preamble: &[u8],
+    ) -> Result<BackendConn, BackendError> {
+        if preamble.is_empty() && self.tls.is_none() {
+            let stream = connect(host, port, self.timeout, self.keepalive, self.user_timeout).await?;
+            return Ok(BackendConn::Tcp(stream));
         }
         let started = tokio::time::Instant::now();
         let mut stream = connect(host, port, self.timeout, self.keepalive, self.user_timeout).await?;
-        let target = || display_target(host, port);
+        let target = display_target(host, port);
+        self.send(&mut stream, preamble, started, &target).await?;
+        match &self.tls {
+            None => Ok(BackendConn::Tcp(stream)),
+            Some(tls) => {
+                let stream = self.within(started, &target, tls.handshake(name, stream, &target)).await?;
+                Ok(BackendConn::Tls(Box::new(stream)))
+            }
+        }
+    }
+
+    /// One connection to the Unix socket `addr`, then as [`Settings::connect`]; the TLS name is
+    /// the configured `server_name` (config requires one).
+    async fn connect_unix(&self, addr: &UnixAddr, preamble: &[u8]) -> Result<BackendConn, BackendError> {
+        let started = tokio::time::Instant::now();
+        let target = addr.to_string();
+        let mut stream = self.within(started, &target, conn::connect(addr)).await?;
+        self.send(&mut stream, preamble, started, &target).await?;
+        match &self.tls {
+            None => Ok(BackendConn::Unix(stream)),
+            Some(tls) => {
+                let stream = self.within(started, &target, tls.handshake(&target, stream, &target)).await?;
+                Ok(BackendConn::UnixTls(Box::new(stream)))
+            }
+        }
+    }
+
+    /// Writes `preamble` (a PROXY header, or nothing) before any other byte.
+    async fn send<S: AsyncWrite + Unpin>(
+        &self,
+        stream: &mut S,
+        preamble: &[u8],
+        started: tokio::time::Instant,
+        target: &str,
+    ) -> Result<(), BackendError> {
+        if preamble.is_empty() {
+            return Ok(());
+        }
         // A fresh socket's send buffer takes a header at once; the bound is for a backend whose
         // connection is already failing.
-        match tokio::time::timeout_at(started + self.timeout, stream.write_all(preamble)).await {
-            Ok(Ok(())) => Ok(stream),
-            Ok(Err(source)) => Err(BackendError::Send { target: target(), source }),
-            Err(_) => Err(BackendError::Timeout { target: target(), after: self.timeout }),
+        self.within(started, target, async {
+            stream.write_all(preamble).await.map_err(|source| BackendError::Send { target: target.to_string(), source })
+        })
+        .await
+    }
+
+    /// `step`, unless the connect timeout (counted from `started`) passes first.
+    async fn within<T>(
+        &self,
+        started: tokio::time::Instant,
+        target: &str,
+        step: impl Future<Output = Result<T, BackendError>>,
+    ) -> Result<T, BackendError> {
+        match tokio::time::timeout_at(started + self.timeout, step).await {
+            Ok(result) => result,
+            Err(_) => Err(BackendError::Timeout { target: target.to_string(), after: self.timeout }),
         }
     }
 }

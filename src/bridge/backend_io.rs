@@ -63,8 +63,9 @@ impl ReadReady for UnixStream {
     }
 }
 
-/// A TLS client stream to the backend over `S` (TCP or a Unix socket).
-impl<S> BackendStream for TlsStream<S>
+/// A TLS client stream to the backend over `S` (TCP or a Unix socket), boxed because a rustls
+/// connection is large and a session's dialled backend waits in its future.
+impl<S> BackendStream for Box<TlsStream<S>>
 where
     S: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {
@@ -72,7 +73,7 @@ where
     type WriteHalf = TlsWriteHalf<S>;
 
     fn into_split(self) -> (Self::ReadHalf, Self::WriteHalf) {
-        let shared = Arc::new(Mutex::new(self));
+        let shared = Arc::new(Mutex::new(*self));
         (TlsReadHalf(shared.clone()), TlsWriteHalf(shared))
     }
 
@@ -80,7 +81,7 @@ where
         assert!(Arc::ptr_eq(&read.0, &write.0), "halves of the same stream");
         drop(write);
         let shared = Arc::into_inner(read.0).expect("the only handle left");
-        shared.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner())
+        Box::new(shared.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()))
     }
 }
 

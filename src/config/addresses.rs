@@ -32,6 +32,14 @@ impl Cidrs {
     }
 }
 
+/// The networks, comma-separated (`10.0.0.0/8, ::1/128`), for summaries such as `wsgate check`'s.
+impl std::fmt::Display for Cidrs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let nets: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&nets.join(", "))
+    }
+}
+
 /// An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) as the IPv4 network it maps; any other
 /// network as it is.
 fn canonical_net(net: IpNet) -> IpNet {

@@ -56,7 +56,7 @@ pub struct Bearer {
 }
 
 /// `type = "jwt"`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Jwt {
     /// Key files: PEM public keys (RSA, EC P-256, Ed25519), or, for HS256, a file whose bytes
     /// are the secret. A PEM file is never used as an HMAC secret.

@@ -21,9 +21,11 @@
 mod addresses;
 mod auth;
 mod error;
+mod pool;
 #[cfg(test)]
 mod proptests;
 mod raw;
+mod targets;
 mod validate;
 
 use std::fmt;
@@ -36,7 +38,9 @@ use serde::Deserialize;
 pub use addresses::{Addressing, Cidrs, ClientRules, ForwardedHeader, ProxyVersion};
 pub use auth::{Auth, Basic, Bearer, Jwt, JwtAlgorithm, Mechanism, OnRefusal, TokenHash};
 pub use error::{ConfigError, ConfigErrors};
-pub use validate::normalize_origin;
+pub use pool::{ActiveCheck, Balance, Health, Member, Pool};
+pub use targets::{MapFormat, PortRanges, TargetSource, Targets, TokenSource};
+pub use validate::{normalize_origin, split_host_port};
 
 /// A whole, validated configuration: what one gateway instance runs.
 #[derive(Debug, Clone)]
@@ -212,6 +216,8 @@ pub struct Route {
     pub on_refusal: OnRefusal,
     /// When not empty, a request needs a verified client certificate matching one of these.
     pub client_certs: Vec<CertPattern>,
+    /// TLS to the backend (`[routes.NAME.backend_tls]`), if any.
+    pub backend_tls: Option<BackendTls>,
 }
 
 /// Which client message types a route accepts; at least one is true.
@@ -275,6 +281,44 @@ pub enum Backend {
     },
     /// wsgate answers each message with the same message (`builtin:echo`).
     Echo,
+    /// Several backends, one picked per session (`backends`, `balance`, `[health]`).
+    Pool(std::sync::Arc<Pool>),
+    /// A target chosen per session by a token (`[routes.NAME.targets]`), within an allow-list.
+    Mapped(Box<Targets>),
+    /// A stream Unix socket (`unix:/path` or, on Linux, `unix:@name`).
+    Unix(UnixAddr),
+}
+
+/// Where a Unix-socket backend listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnixAddr {
+    /// A socket file (relative paths resolved against the config file's directory).
+    Path(PathBuf),
+    /// A Linux abstract socket, named without the leading NUL byte.
+    Abstract(String),
+}
+
+impl fmt::Display for UnixAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UnixAddr::Path(path) => write!(f, "unix:{}", path.display()),
+            UnixAddr::Abstract(name) => write!(f, "unix:@{name}"),
+        }
+    }
+}
+
+/// TLS to a route's backends (`[routes.NAME.backend_tls]`): the files are read by
+/// `backend::tls::load`, at start, on each reload and by `wsgate check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendTls {
+    /// The name sent in SNI and checked against the certificate; `None`: the backend's host.
+    pub server_name: Option<String>,
+    /// PEM file of the CAs to trust; `None`: the bundled web PKI roots.
+    pub ca: Option<PathBuf>,
+    /// PEM certificate chain and key presented to the backend, if any.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// Accept any certificate (the handshake still runs); warned about at every load.
+    pub insecure: bool,
 }
 
 impl fmt::Display for Backend {
@@ -283,6 +327,9 @@ impl fmt::Display for Backend {
             Backend::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
             Backend::Tcp { host, port } => write!(f, "{host}:{port}"),
             Backend::Echo => f.write_str("builtin:echo"),
+            Backend::Pool(pool) => write!(f, "{pool}"),
+            Backend::Mapped(targets) => write!(f, "{targets}"),
+            Backend::Unix(addr) => addr.fmt(f),
         }
     }
 }
@@ -492,6 +539,7 @@ pub(crate) fn test_route(name: &str, path: &str, backend: Backend) -> Route {
         auth: None,
         on_refusal: OnRefusal::Http,
         client_certs: vec![],
+        backend_tls: None,
     }
 }
 

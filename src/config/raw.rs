@@ -19,8 +19,8 @@ use serde::de::{DeserializeOwned, Deserializer};
 use toml::Spanned;
 
 use super::{
-    ClientAuthMode, Config, ForwardedHeader, JwtAlgorithm, LogFormat, OnRefusal, Outbound, PathMatch, ProxyVersion,
-    Unavailable,
+    Balance, ClientAuthMode, Config, ForwardedHeader, JwtAlgorithm, LogFormat, MapFormat, OnRefusal, Outbound,
+    PathMatch, ProxyVersion, Unavailable,
 };
 
 #[derive(Deserialize)]
@@ -90,6 +90,91 @@ pub(super) struct RawRoute {
     pub on_refusal: Option<Choice<OnRefusal>>,
     pub auth: Option<RawAuth>,
     pub client_certs: Option<Vec<String>>,
+    // Pools (`backends` instead of `backend`).
+    pub backends: Option<Vec<RawMember>>,
+    pub balance: Option<Choice<Balance>>,
+    pub health: Option<RawHealth>,
+    // Token-mapped targets (`targets` instead of `backend`).
+    pub targets: Option<RawTargets>,
+    pub backend_tls: Option<RawBackendTls>,
+}
+
+/// One entry of a route's `backends` list.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMember {
+    pub name: String,
+    pub address: String,
+    pub weight: Option<u64>,
+    pub max_sessions: Option<u64>,
+    pub drain: Option<bool>,
+}
+
+/// `[routes.NAME.health]`: active checks and passive ejection of a pool's members.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHealth {
+    pub interval_secs: Option<Seconds>,
+    pub timeout_secs: Option<Seconds>,
+    pub rise: Option<u64>,
+    pub fall: Option<u64>,
+    pub send: Option<String>,
+    pub expect: Option<String>,
+    pub eject_after_failures: Option<u64>,
+    pub eject_secs: Option<Seconds>,
+}
+
+/// `[routes.NAME.targets]`: a backend chosen per session by a token, within an allow-list.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTargets {
+    pub token: Option<Choice<TokenKind>>,
+    pub query_param: Option<String>,
+    pub map_file: Option<String>,
+    pub format: Option<Choice<MapFormat>>,
+    pub jwt: Option<RawTargetsJwt>,
+    pub allow: Option<Vec<String>>,
+    pub allow_ports: Option<Vec<RawPorts>>,
+}
+
+/// `routes.NAME.targets.token`.
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum TokenKind {
+    Path,
+    Query,
+}
+
+/// One `allow_ports` item: a port, or a `"low-high"` range.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawPorts {
+    One(i64),
+    Range(String),
+}
+
+/// `[routes.NAME.targets.jwt]`: the key names of `[routes.NAME.auth]` for `type = "jwt"`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTargetsJwt {
+    pub keys: Option<Vec<String>>,
+    pub jwks_file: Option<String>,
+    pub algorithms: Option<Vec<Choice<JwtAlgorithm>>>,
+    pub audience: Option<Vec<String>>,
+    pub issuer: Option<Vec<String>>,
+    pub leeway_secs: Option<Seconds>,
+}
+
+/// `[routes.NAME.backend_tls]`: paths as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBackendTls {
+    pub server_name: Option<String>,
+    pub ca: Option<String>,
+    pub client_cert: Option<String>,
+    pub client_key: Option<String>,
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 /// A route's `clients` table: CIDRs as written.
@@ -357,6 +442,24 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
     ("routes.NAME.clients.deny", Reload),
     ("routes.NAME.proxy_protocol", Reload),
     ("routes.NAME.client_certs", Reload),
+    // Pools: a reload builds new pools; each member's health and session count are kept by
+    // (route, name), so a reload changes weights, caps and drains without losing them.
+    ("routes.NAME.backends", Reload),
+    ("routes.NAME.balance", Reload),
+    ("routes.NAME.health.interval_secs", Reload),
+    ("routes.NAME.health.timeout_secs", Reload),
+    ("routes.NAME.health.rise", Reload),
+    ("routes.NAME.health.fall", Reload),
+    ("routes.NAME.health.send", Reload),
+    ("routes.NAME.health.expect", Reload),
+    ("routes.NAME.health.eject_after_failures", Reload),
+    ("routes.NAME.health.eject_secs", Reload),
+    // Backend TLS: the files are read again by every reload, and apply to new sessions.
+    ("routes.NAME.backend_tls.server_name", Reload),
+    ("routes.NAME.backend_tls.ca", Reload),
+    ("routes.NAME.backend_tls.client_cert", Reload),
+    ("routes.NAME.backend_tls.client_key", Reload),
+    ("routes.NAME.backend_tls.insecure", Reload),
     ("routes.NAME.limits.max_message_bytes", Reload),
     ("routes.NAME.limits.ws_read_buffer_bytes", Reload),
     ("routes.NAME.limits.backend_read_bytes", Reload),
@@ -391,6 +494,20 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
     ("routes.NAME.auth.expiry_grace_secs", Reload),
     ("routes.NAME.auth.htpasswd", Reload),
     ("routes.NAME.auth.user_label", Reload),
+    // Token-mapped targets (issue 17): the map file and JWT keys are read again on every reload;
+    // live sessions keep the target they were given.
+    ("routes.NAME.targets.token", Reload),
+    ("routes.NAME.targets.query_param", Reload),
+    ("routes.NAME.targets.map_file", Reload),
+    ("routes.NAME.targets.format", Reload),
+    ("routes.NAME.targets.allow", Reload),
+    ("routes.NAME.targets.allow_ports", Reload),
+    ("routes.NAME.targets.jwt.keys", Reload),
+    ("routes.NAME.targets.jwt.jwks_file", Reload),
+    ("routes.NAME.targets.jwt.algorithms", Reload),
+    ("routes.NAME.targets.jwt.audience", Reload),
+    ("routes.NAME.targets.jwt.issuer", Reload),
+    ("routes.NAME.targets.jwt.leeway_secs", Reload),
     // The connection and handshake semaphores are sized once, when the gateway binds.
     (
         "limits.max_connections",

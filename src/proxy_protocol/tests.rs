@@ -129,3 +129,15 @@ fn headers_for_backends() {
     let bare = header(ProxyVersion::V2, sa("127.0.0.3:6000"), sa("127.0.0.1:8443"), &none, false);
     assert_eq!(bare.len(), 16 + 12);
 }
+
+/// A health check's header reads as the balancer's own connection, in both versions, and
+/// leaves what follows it.
+#[tokio::test]
+async fn local_headers_read_as_the_balancer() {
+    for version in [ProxyVersion::V1, ProxyVersion::V2] {
+        let mut bytes = local_header(version).to_vec();
+        bytes.extend_from_slice(b"RFB?");
+        let (result, rest) = read_from(&bytes, 4096).await;
+        assert_eq!((result.unwrap(), rest.as_slice()), (Carried::Balancer, &b"RFB?"[..]), "{version:?}");
+    }
+}

@@ -50,7 +50,7 @@ use access::{authenticate, refuse_in_band};
 
 use crate::admission::{Admission, HandshakeLease, LoadGuard, Over, Shed};
 use crate::auth;
-use crate::backend::{self, ConnectFailure, DialRequest};
+use crate::backend::{self, ConnectFailure, DialRequest, Hold};
 use crate::client_addr;
 use crate::client_cert::ClientCert;
 use crate::client_stream::{ClientIo, ClientStream};
@@ -97,6 +97,8 @@ pub(crate) struct Snapshot {
     pub addressing: HashMap<String, Arc<Addressing>>,
     /// The access policy of each route that has one, files loaded, by route name.
     pub auth: HashMap<String, Arc<auth::RouteAuth>>,
+    /// The token lookup of each token-mapped route, map files and keys loaded, by route name.
+    pub targets: HashMap<String, Arc<backend::Mapping>>,
 }
 
 /// A static page: served for GET or HEAD on exactly `path`, on every listener.
@@ -313,10 +315,14 @@ async fn respond(
             RefusalKind::Origin => Some(&e.metrics.origin_warnings),
             RefusalKind::Subprotocol => Some(&e.metrics.subprotocol_warnings),
             RefusalKind::Access(_) => Some(&e.metrics.access_warnings),
+            RefusalKind::Target(_) => Some(&e.metrics.target_warnings),
             _ => None,
         });
         if let (Some(entry), RefusalKind::Access(denied)) = (&entry, refusal.kind) {
             entry.metrics.access_denied(denied.label());
+        }
+        if let (Some(entry), RefusalKind::Target(refused)) = (&entry, refusal.kind) {
+            entry.metrics.target_refused(refused.label());
         }
         match throttle.and_then(Throttle::allow) {
             Some(suppressed) => warn!(route, status, %reason, suppressed, "request refused"),
@@ -402,6 +408,7 @@ async fn upgrade(
         }
         Err(refusal) => return refuse_in_band(req, entry, conn, shared, client, admitted.subprotocol, refusal),
     };
+    let target = find_target(req, entry, conn)?;
     conn.finish_handshake();
     // Built from the identity as admission settled it, and sent before any other byte.
     let preamble = entry
@@ -409,10 +416,15 @@ async fn upgrade(
         .proxy_protocol
         .map(|version| proxy_protocol::header(version, client, conn.local, &admitted.identity, conn.secure))
         .unwrap_or_default();
-    let dial = DialRequest { client, path: req.uri().path(), query: req.uri().query() };
+    let dial = DialRequest { client, path: req.uri().path(), query: req.uri().query(), target: target.as_ref() };
     let (place, dialed) = match start(entry, conn, shared, &dial, &preamble).await {
         Ok((place, dialed)) => (Some(place), dialed),
         Err(not) => {
+            // A target outside the allow-list is refused, whatever the route says of backends
+            // that are down: it is the request that is wrong.
+            if let NotStarted::Failed(ConnectFailure::NotAllowed) = not {
+                return Err(Refusal::target(backend::Refused::NotAllowed));
+            }
             if let NotStarted::Shed(shed) = not {
                 entry.metrics.shed(shed.label());
                 debug!(route = %entry.route.name, reason = %shed.reason(), "session shed");
@@ -429,7 +441,7 @@ async fn upgrade(
     let key = req.headers().get(header::SEC_WEBSOCKET_KEY).map(HeaderValue::as_bytes).unwrap_or_default();
     let mut response = switching_protocols(key, admitted.subprotocol.as_deref());
     // Only the bridge speaks it: the built-in echo and closes at once do not.
-    let control = matches!(dialed, Dialed::Tcp(_)) && agree_control(req.headers(), &mut response);
+    let control = matches!(dialed, Dialed::Backend(_)) && agree_control(req.headers(), &mut response);
     if let (Some(user), Some(true)) = (&admitted.identity.user, entry.route.auth.as_ref().map(|a| a.user_label)) {
         entry.metrics.user_session(user);
     }
@@ -452,6 +464,21 @@ async fn upgrade(
     Ok(response)
 }
 
+/// On a token-mapped route, the target the request's token names (`backend::Mapping`), found
+/// before the session's bounds are taken, so a request with an unknown token holds no session or
+/// connect place; `None` on other routes.
+fn find_target(req: &Request<Incoming>, entry: &Entry, conn: &Connection) -> Result<Option<backend::Target>, Refusal> {
+    let Some(mapping) = conn.snapshot.targets.get(&entry.route.name) else {
+        if !matches!(entry.route.backend, crate::config::Backend::Mapped(_)) {
+            return Ok(None);
+        }
+        // Cannot happen: a snapshot is built with every route's lookup or not at all. Fail closed.
+        warn!(route = %entry.route.name, "bug: the route's token lookup is not loaded; refusing");
+        return Err(Refusal::internal());
+    };
+    mapping.find(req.uri().path(), req.uri().query()).map(Some).map_err(Refusal::target)
+}
+
 /// Why an admitted request gets no session.
 enum NotStarted {
     /// A bound of the route or the gateway.
@@ -461,7 +488,8 @@ enum NotStarted {
 }
 
 /// The bounds a session starts under, then the dial (for `req`, with `preamble`, the route's
-/// PROXY header, written first): the session's place on its route and its backend, or why not. The
+/// PROXY header, written first): the session's place on its route (and on its pool member)
+/// and its backend, or why not. The
 /// route's cap on connects in progress is held only while dialling.
 async fn start(
     entry: &Entry,
@@ -469,15 +497,15 @@ async fn start(
     shared: &Shared,
     req: &DialRequest<'_>,
     preamble: &[u8],
-) -> Result<(LoadGuard, Dialed), NotStarted> {
+) -> Result<((LoadGuard, Option<Hold>), Dialed), NotStarted> {
     let place = entry.load.session(entry.limits.max_sessions).map_err(NotStarted::Shed)?;
     if shared.admission.memory.is_over(conn.snapshot.limits.max_memory) {
         return Err(NotStarted::Shed(Shed::Memory));
     }
     let connecting = entry.load.connect(entry.limits.max_pending_connects).map_err(NotStarted::Shed)?;
-    let dialed = session::dial(entry, req, preamble).await.map_err(|e| NotStarted::Failed(e.failure()))?;
+    let (dialed, member) = session::dial(entry, req, preamble).await.map_err(|e| NotStarted::Failed(e.failure()))?;
     drop(connecting);
-    Ok((place, dialed))
+    Ok(((place, member), dialed))
 }
 
 /// The 101 that completes a WebSocket handshake.

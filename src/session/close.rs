@@ -251,6 +251,9 @@ pub enum IoFailure {
     BrokenPipe,
     /// The connection timed out (TCP keepalive or retransmission).
     TimedOut,
+    /// A TLS backend closed its connection without `close_notify`, so what arrived may have
+    /// been cut short.
+    Truncated,
     /// Any other I/O error.
     Other,
 }
@@ -263,6 +266,8 @@ impl IoFailure {
             ErrorKind::ConnectionAborted => IoFailure::Aborted,
             ErrorKind::BrokenPipe => IoFailure::BrokenPipe,
             ErrorKind::TimedOut => IoFailure::TimedOut,
+            // Only rustls reports it on a read: a plain socket's end is a read of 0 bytes.
+            ErrorKind::UnexpectedEof => IoFailure::Truncated,
             _ => IoFailure::Other,
         }
     }
@@ -274,6 +279,7 @@ impl IoFailure {
             IoFailure::Aborted => "connection aborted",
             IoFailure::BrokenPipe => "connection closed while writing",
             IoFailure::TimedOut => "timed out",
+            IoFailure::Truncated => "TLS ended without close_notify",
             IoFailure::Other => "i/o error",
         }
     }
@@ -397,6 +403,14 @@ mod tests {
         assert_eq!(
             code(Outcome::BackendFailed(IoFailure::Reset)),
             Some((1011, "backend error: connection reset".into()))
+        );
+        assert_eq!(
+            code(Outcome::BackendFailed(IoFailure::of(&std::io::ErrorKind::UnexpectedEof.into()))),
+            Some((1011, "backend error: TLS ended without close_notify".into()))
+        );
+        assert_eq!(
+            code(Outcome::BackendUnavailable(ConnectFailure::Tls)),
+            Some((1013, "backend unavailable: TLS handshake failed".into()))
         );
         assert_eq!(code(Outcome::BackendNotUtf8).unwrap().0, 1011);
         assert_eq!(

@@ -17,13 +17,12 @@ use std::time::{Duration, Instant};
 
 use hyper::upgrade::OnUpgrade;
 use hyper_tungstenite::WebSocketStream;
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, error, field, info, info_span, warn};
 use tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::admission::Shed;
-use crate::backend::{BackendError, ConnectFailure, DialRequest};
+use crate::backend::{BackendConn, BackendError, ConnectFailure, DialRequest, Hold};
 use crate::bridge::{self, Accept, BridgeMetrics, Framing, Liveness, SessionTotals};
 use crate::client_stream;
 use crate::config::Outbound;
@@ -42,8 +41,8 @@ use close::{close_client, close_code};
 /// The backend side of a session, as the server found it before upgrading.
 #[derive(Debug)]
 pub enum Dialed {
-    /// A connected TCP backend.
-    Tcp(TcpStream),
+    /// A connected backend: TCP or a Unix socket, either under TLS.
+    Backend(BackendConn),
     /// The built-in echo: nothing to dial.
     Echo,
     /// The backend could not be reached; the session closes at once with 1013.
@@ -78,16 +77,26 @@ pub struct Context {
 
 /// Connects the route's backend and writes `preamble` (the route's PROXY protocol header, or
 /// nothing) on the raw socket before the bridge ever sees it; the server calls this before it
-/// answers the upgrade, so `onopen` means the backend is there. Records the connect time or the failure (metric, and a
+/// answers the upgrade, so `onopen` means the backend is there. A pool member comes with its
+/// [`Hold`], to be kept for the session's life. Records the connect time or the failure (metric, and a
 /// warning with the address, at most one per route per `throttle::WARN_INTERVAL`); what the
 /// client sees of a failure is the caller's choice.
-pub async fn dial(entry: &Entry, req: &DialRequest<'_>, preamble: &[u8]) -> Result<Dialed, BackendError> {
-    let Target::Tcp(dialer) = &entry.target else { return Ok(Dialed::Echo) };
+pub async fn dial(
+    entry: &Entry,
+    req: &DialRequest<'_>,
+    preamble: &[u8],
+) -> Result<(Dialed, Option<Hold>), BackendError> {
+    let Target::Tcp(dialer) = &entry.target else { return Ok((Dialed::Echo, None)) };
     let started = Instant::now();
     match dialer.connect(req, preamble).await {
-        Ok(stream) => {
+        Ok((conn, hold)) => {
             entry.metrics.connect_duration.record(started.elapsed().as_secs_f64());
-            Ok(Dialed::Tcp(stream))
+            Ok((Dialed::Backend(conn), hold))
+        }
+        // Not a backend failure: the server refuses the request, and counts and logs that.
+        Err(e) if e.failure() == ConnectFailure::NotAllowed => {
+            debug!(route = %entry.route.name, error = %e, "token-mapped target refused");
+            Err(e)
         }
         Err(e) => {
             entry.metrics.connect_failed(e.failure().label());
@@ -152,10 +161,10 @@ pub fn run(
         route = %ctx.entry.route.name,
         backend.addr = field::Empty,
     );
-    if let Dialed::Tcp(stream) = &dialed
-        && let Ok(addr) = stream.peer_addr()
+    if let Dialed::Backend(conn) = &dialed
+        && let Some(peer) = conn.peer()
     {
-        span.record("backend.addr", field::display(addr));
+        span.record("backend.addr", field::display(peer));
     }
     async move {
         tokio::select! {
@@ -225,14 +234,14 @@ async fn websocket(upgrade: OnUpgrade, limits: &SessionLimits, echo: bool, span:
 /// Runs the session's pump (the bridge, the built-in echo, or nothing for an unreachable
 /// backend) until one side ends it, a liveness limit is reached (both pumps run the checks), or
 /// the session's moment in the shutdown close window comes; returns how it ended, and the
-/// backend socket for the caller to release. Counts an ending at a liveness limit.
+/// backend connection for the caller to release. Counts an ending at a liveness limit.
 async fn relay(
     ws: &mut Ws,
     dialed: Dialed,
     ctx: &Context,
     stop: &CancellationToken,
     totals: &mut SessionTotals,
-) -> (Outcome, Option<TcpStream>) {
+) -> (Outcome, Option<BackendConn>) {
     let (route, m) = (&ctx.entry.route, &ctx.entry.metrics);
     // Credentials that expire end the session through the lifetime limit, which the liveness
     // clock already keeps: nothing is added to the relay.
@@ -265,10 +274,28 @@ async fn relay(
                 let end = echo::run_ws(ws, accept, liveness(limits), &session_stop, totals, metrics).await;
                 (Outcome::from_end(end, limits.max_message_bytes), None)
             }
-            Dialed::Tcp(stream) => {
+            // One bridge per stream type, so each relays over its own stream with no dispatch.
+            Dialed::Backend(conn) => {
                 let options =
                     bridge::Options { control: ctx.control, ..bridge_options(route.outbound, accept, limits) };
-                let (end, backend) = bridge::run(ws, stream, options, &session_stop, totals, metrics).await;
+                let (end, backend) = match conn {
+                    BackendConn::Tcp(stream) => {
+                        let (end, stream) = bridge::run(ws, stream, options, &session_stop, totals, metrics).await;
+                        (end, BackendConn::Tcp(stream))
+                    }
+                    BackendConn::Unix(stream) => {
+                        let (end, stream) = bridge::run(ws, stream, options, &session_stop, totals, metrics).await;
+                        (end, BackendConn::Unix(stream))
+                    }
+                    BackendConn::Tls(stream) => {
+                        let (end, stream) = bridge::run(ws, stream, options, &session_stop, totals, metrics).await;
+                        (end, BackendConn::Tls(stream))
+                    }
+                    BackendConn::UnixTls(stream) => {
+                        let (end, stream) = bridge::run(ws, stream, options, &session_stop, totals, metrics).await;
+                        (end, BackendConn::UnixTls(stream))
+                    }
+                };
                 (Outcome::from_end(end, limits.max_message_bytes), Some(backend))
             }
         }

@@ -9,6 +9,9 @@ mod support;
 mod admin_auth;
 /// Credentials per route: bearer tokens, JWTs, HTTP Basic, carriers, the brute-force guard.
 mod auth;
+/// Backend transports: Unix sockets (path, abstract) and TLS to the backend, byte for byte;
+/// untrusted certificates refused; close_notify required; `wsgate check`.
+mod backends;
 /// WebSocket ⇄ TCP through the bridge: payloads byte for byte, ws and wss, concurrency, framing.
 mod bridging;
 /// The browser contract in headless Chromium: events, codes, reasons, the console page.
@@ -33,6 +36,8 @@ mod liveness;
 mod mtls;
 /// Metrics over HTTP, health and readiness, graceful drain, hot reload.
 mod operations;
+/// Pools: balancing, failover, health checks, drain and session caps per backend.
+mod pools;
 /// Property tests of the request path up to admission, through the fuzz target's harness.
 mod properties;
 /// Client addresses: PROXY protocol in (trusted balancers only) and out, X-Forwarded-For.
@@ -41,3 +46,5 @@ mod proxy_protocol;
 mod secrets;
 /// Start-up: config fixtures, the shipped config.toml, development certificates, bind errors.
 mod startup;
+/// Token-mapped targets: map files (TOML, websockify), JWT claims, reload, the allow-list, noVNC.
+mod targets;

@@ -4,7 +4,8 @@
 //! Basic; the admin token), plus 400s, 404s and a 426 carrying `?access_token=`, and reloads
 //! rejected for a secret pasted where its hash belongs. Then neither the
 //! captured standard error nor `/metrics` holds any token, password, JWT, the HS256 secret, the
-//! base64 of `user:password` or the base64url of a subprotocol token, while the log does hold the
+//! base64 of `user:password`, the base64url of a subprotocol token, or a token-mapped route's
+//! token (map file, websockify file, JWT), while the log does hold the
 //! refusals (so the check has something to look through).
 
 use std::path::Path;
@@ -134,6 +135,12 @@ async fn no_secret_is_written(format: &str) {
     let htpasswd = write(dir.path(), "users.htpasswd", &format!("alice:{}\n", bcrypt::hash(&password, 4).unwrap()));
     // Admin.
     let admin_token = secrets.add("admin token", "admin-tok-9a2c7e4b1d");
+    // Token-mapped targets: a TOML map (path tokens), a websockify map (query tokens), JWT claims.
+    let map_token = secrets.add("map token", "map-tok-3d9e71c0");
+    let ws_token = secrets.add("websockify map token", "wsk-tok-8f20a6b4");
+    let map_file = write(dir.path(), "map.toml", &format!("\"{map_token}\" = \"{}\"\n", backend.target()));
+    let ws_map = write(dir.path(), "map.websockify", &format!("{ws_token}: {}\n", backend.target()));
+    let target_keys = format!("allow = [\"127.0.0.1\"]\nallow_ports = [{}]\n", backend.addr.port());
 
     let text = format!(
         "[listeners.plain]\naddress = \"127.0.0.1:0\"\n\
@@ -145,6 +152,10 @@ async fn no_secret_is_written(format: &str) {
          cookie = \"jwt\"\nquery = true\nsubprotocol_prefix = \"{K8S}\"\n\
          [routes.u]\npath = \"/u\"\nbackend = \"{be}\"\n\
          [routes.u.auth]\ntype = \"basic\"\nhtpasswd = {htpasswd}\n\
+         [routes.t]\npath = \"/t/\"\nmatch = \"prefix\"\n[routes.t.targets]\nmap_file = {map_file}\n{target_keys}\
+         [routes.tq]\npath = \"/tq\"\n[routes.tq.targets]\ntoken = \"query\"\nmap_file = {ws_map}\n{target_keys}\
+         [routes.tj]\npath = \"/tj/\"\nmatch = \"prefix\"\n[routes.tj.targets]\n{target_keys}\
+         [routes.tj.targets.jwt]\nkeys = [{ec_file}]\nalgorithms = [\"ES256\"]\n\
          [limits.per_client]\nmax_auth_failures = 0\nmax_connections = 0\nmax_handshakes = 0\nnew_connections_per_sec = 0\n\
          [admin]\naddress = \"127.0.0.1:0\"\ntoken_hashes = [\"sha256:{admin_hash}\"]\n\
          [shutdown]\ndrain_delay_secs = 0\nclose_window_secs = 0\n\
@@ -217,6 +228,28 @@ async fn no_secret_is_written(format: &str) {
     let unknown = secrets.add("unknown user's header", STANDARD.encode(format!("mallory:{wrong_pw}")));
     assert_eq!(status(addr, "/u", &format!("Authorization: Basic {unknown}\r\n")).await, 401);
 
+    // Token-mapped targets: good and unknown tokens in the path and the query, good, forged and
+    // expired JWTs naming the target, and a JWT naming a target outside the allow-list.
+    passes(addr, &format!("/t/{map_token}"), &[]).await;
+    passes(addr, &format!("/tq?token={ws_token}"), &[]).await;
+    let unknown_map = secrets.add("unknown map token", "map-tok-unknown-51c2");
+    assert_eq!(status(addr, &format!("/t/{unknown_map}"), "").await, 404);
+    assert_eq!(status(addr, &format!("/tq?token={unknown_map}"), "").await, 404);
+    let target = |port: u16, exp: u64| json!({"host": "127.0.0.1", "port": port, "exp": exp});
+    let port = backend.addr.port();
+    let tj =
+        secrets.add("target JWT", encode(&Header::new(Algorithm::ES256), &target(port, now() + 600), &es_key).unwrap());
+    passes(addr, &format!("/tj/{tj}"), &[]).await;
+    let tj_bad = [
+        encode(&Header::new(Algorithm::HS256), &target(port, now() + 600), &wrong_key).unwrap(),
+        encode(&Header::new(Algorithm::ES256), &target(port, now() - 3600), &es_key).unwrap(),
+        encode(&Header::new(Algorithm::ES256), &target(port.wrapping_add(1).max(1), now() + 600), &es_key).unwrap(),
+    ];
+    for bad in tj_bad {
+        let bad = secrets.add("refused target JWT", bad);
+        assert_eq!(status(addr, &format!("/tj/{bad}"), "").await, 403);
+    }
+
     // Answers before any route or credential, with a query token in the request line.
     let stray = secrets.add("stray query token", "stray-tok-2f8c");
     assert_eq!(status(addr, &format!("/nowhere?access_token={stray}"), "").await, 404);
@@ -261,12 +294,14 @@ async fn no_secret_is_written(format: &str) {
     let plain_pw = secrets.add("plain password in htpasswd", "plain-pw-4c1a");
     let short = secrets.add("short HS256 secret", "short-hs-secret-1a2b");
     let pasted_admin = secrets.add("admin token pasted into token_hashes", "pasted-admin-tok-0e6f");
+    let bad_entry = secrets.add("map token with a bad target", "map-tok-badentry-7a41");
     let config_text = std::fs::read_to_string(&config).unwrap();
     let broken = [
         ("tokens.txt", format!("sha256:{}\n{pasted}\n", sha256_hex(&filed))),
         ("users.htpasswd", format!("alice:{hash}\nmallory:{plain_pw}\n")),
         ("hs256.secret", short),
         ("config.toml", config_text.replace(&format!("sha256:{}", sha256_hex(&admin_token)), &pasted_admin)),
+        ("map.toml", format!("\"{map_token}\" = \"{}\"\n\"{bad_entry}\" = \"nowhere\"\n", backend.target())),
     ];
     for (i, (file, text)) in broken.iter().enumerate() {
         let path = dir.path().join(file);
@@ -302,12 +337,13 @@ async fn no_secret_is_written(format: &str) {
         .filter(|l| l.contains("request refused") && (l.contains("status=401") || l.contains("\"status\":401")))
         .count();
     assert!(refused_401 == 10, "{refused_401} 401 refusals logged:\n{log}");
-    assert_eq!(log.matches("reload rejected").count(), 4, "{log}");
+    assert_eq!(log.matches("reload rejected").count(), 5, "{log}");
     for named in [
         "tokens.txt:2: routes.b.auth.tokens_file: expected",
         "users.htpasswd:2: routes.u.auth.htpasswd: not a bcrypt",
         "hs256.secret: routes.j.auth.keys: an HS256 secret must be at least 32 bytes",
         "config.toml: admin.token_hashes: entry 1: expected",
+        "map.toml:2: routes.t.targets.map_file: expected token: host:port",
     ] {
         assert!(log.contains(named), "no rejected reload with {named}:\n{log}");
     }
@@ -323,7 +359,8 @@ async fn no_secret_is_written(format: &str) {
         );
     }
     assert!(log.contains("TRACE") || log.contains("\"level\":\"TRACE\""), "not at trace level");
-    assert_eq!(backend.accepted(), 9, "every good credential, and only those, reached the backend");
+    assert!(log.contains("unknown target token") && log.contains("target not allowed"), "{log}");
+    assert_eq!(backend.accepted(), 12, "every good credential and token, and only those, reached the backend");
 }
 
 #[tokio::test]

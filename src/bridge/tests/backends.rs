@@ -75,7 +75,7 @@ async fn a_tls_backend_delivers_two_records_of_one_segment() {
     let gateway_side = within("the TLS handshake", connector.connect(name, tcp)).await.unwrap();
     let mut backend = within("the TLS accept", accepting).await.unwrap();
     let (ws, mut peer) = ws_pair(Role::Server).await;
-    let pump = spawn_pump(ws, gateway_side, options(Role::Server, 1024), CancellationToken::new());
+    let pump = spawn_pump(ws, Box::new(gateway_side), options(Role::Server, 1024), CancellationToken::new());
     let (first, second) = (pattern(1024, 7), pattern(500, 8));
     {
         // Two records in rustls's send buffer (one per write), then one flush: one `writev`.

@@ -59,7 +59,7 @@ impl Validator<'_> {
 
     /// A list of CIDRs (`10.0.0.0/8`, `2001:db8::/32`) or bare addresses; a network written
     /// with host bits set is refused, since what was meant is unclear.
-    fn cidrs(&mut self, key: &str, list: Vec<String>) -> Option<Cidrs> {
+    pub(super) fn cidrs(&mut self, key: &str, list: Vec<String>) -> Option<Cidrs> {
         let mut nets = Vec::with_capacity(list.len());
         for written in list {
             let trimmed = written.trim();

@@ -167,7 +167,7 @@ impl Validator<'_> {
         valid.then_some(Mechanism::Bearer(Bearer { tokens: hashes, tokens_file }))
     }
 
-    fn jwt(&mut self, key: &str, raw: &RawAuth) -> Option<Mechanism> {
+    pub(super) fn jwt(&mut self, key: &str, raw: &RawAuth) -> Option<Mechanism> {
         let mut algorithms = Vec::new();
         for alg in raw.algorithms.iter().flatten() {
             let alg = match alg {

@@ -11,8 +11,11 @@ use std::time::Duration;
 
 mod addresses;
 mod auth;
+mod backend;
 mod certs;
 mod limits;
+mod pool;
+mod targets;
 
 #[cfg(test)]
 pub(super) use limits::DEFAULT_SESSION_LIMITS;
@@ -192,7 +195,7 @@ impl Validator<'_> {
         self.dir.join(value)
     }
 
-    fn route(&mut self, name: String, raw: RawRoute, defaults: &SessionLimits) -> Option<Route> {
+    fn route(&mut self, name: String, mut raw: RawRoute, defaults: &SessionLimits) -> Option<Route> {
         let key = format!("routes.{name}");
         let path = self.route_path(&key, raw.path);
         let path_match = self.choice(&format!("{key}.match"), raw.path_match, PathMatch::Exact);
@@ -200,11 +203,19 @@ impl Validator<'_> {
             None => Some(None),
             Some(h) => self.host_pattern(&format!("{key}.host"), &h).map(Some),
         };
-        let backend = match &raw.backend {
-            Some(value) => self.backend(&format!("{key}.backend"), value),
+        let backend = match raw.targets.take() {
+            Some(targets) => {
+                let others = [
+                    ("backend", raw.backend.is_some()),
+                    ("backends", raw.backends.is_some()),
+                    ("balance", raw.balance.is_some()),
+                    ("health", raw.health.is_some()),
+                ];
+                let found: Vec<&str> = others.iter().filter(|(_, set)| *set).map(|(name, _)| *name).collect();
+                self.targets(&key, targets, &found, path.as_deref(), path_match).map(|t| Backend::Mapped(Box::new(t)))
+            }
             None => {
-                self.fail(format!("{key}.backend"), "missing field: every route needs a backend");
-                None
+                self.route_backend(&key, raw.backend.take(), raw.backends.take(), raw.balance.take(), raw.health.take())
             }
         };
         let allowed_origins = self.origins(&format!("{key}.allowed_origins"), raw.allowed_origins);
@@ -216,6 +227,7 @@ impl Validator<'_> {
         let clients = self.client_rules(&format!("{key}.clients"), raw.clients);
         let proxy_protocol = self.proxy_version(&format!("{key}.proxy_protocol"), raw.proxy_protocol, backend.as_ref());
         let client_certs = self.client_certs(&format!("{key}.client_certs"), raw.client_certs);
+        let backend_tls = self.backend_tls(&format!("{key}.backend_tls"), raw.backend_tls, backend.as_ref());
         let raw_limits = raw.limits.unwrap_or_default();
         let mut limits = self.session_limits(&format!("{key}.limits"), raw_limits.session(), defaults);
         limits.max_sessions = raw_limits
@@ -245,6 +257,7 @@ impl Validator<'_> {
             auth: auth?,
             on_refusal: on_refusal?,
             client_certs: client_certs?,
+            backend_tls: backend_tls?,
         })
     }
 
@@ -287,6 +300,9 @@ impl Validator<'_> {
                     None
                 }
             };
+        }
+        if let Some(rest) = value.strip_prefix("unix:") {
+            return self.unix_backend(key, value, rest);
         }
         let target = value.strip_prefix("tcp://").unwrap_or(value);
         match split_host_port(target) {
@@ -432,7 +448,7 @@ impl Validator<'_> {
 }
 
 /// Splits `host:port` / `[v6]:port`; the error completes a sentence starting with the value.
-fn split_host_port(s: &str) -> Result<(String, u16), &'static str> {
+pub fn split_host_port(s: &str) -> Result<(String, u16), &'static str> {
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
         let (h, after) = rest.split_once(']').ok_or("has an unclosed \"[\"")?;
         let p = after.strip_prefix(':').ok_or("has no port")?;

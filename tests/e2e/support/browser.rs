@@ -49,6 +49,13 @@ pub struct Tab {
     session: String,
 }
 
+impl Tab {
+    /// The tab's CDP session, for [`Browser::call`].
+    pub fn session(&self) -> &str {
+        &self.session
+    }
+}
+
 impl Browser {
     pub async fn launch() -> Browser {
         let profile = tempfile::tempdir().unwrap();

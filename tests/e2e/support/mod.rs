@@ -162,6 +162,20 @@ impl GatewayBuilder {
         self.route_with(name, path, backend, "")
     }
 
+    /// Adds a route whose table is `lines` (TOML, e.g. `backends = [...]` and a `[routes.NAME.health]`
+    /// table last) after its path: for routes without a single `backend`.
+    pub fn route_table(self, name: &str, path: &str, lines: &str) -> Self {
+        self.route_toml(&format!("[routes.{name}]\npath = \"{path}\"\n{lines}"))
+    }
+
+    /// Adds `toml` as it is among the routes: a route table that `route_with` cannot write (one
+    /// without a `backend` key, such as a token-mapped route).
+    pub fn route_toml(mut self, toml: &str) -> Self {
+        self.routes.push_str(toml);
+        self.routes.push('\n');
+        self
+    }
+
     /// Sets `[limits] key = value` (value as TOML).
     pub fn limit(mut self, key: &str, value: &str) -> Self {
         self.limits.push((key.into(), value.into()));
@@ -501,7 +515,16 @@ impl Backend {
         F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Backend::start_at("127.0.0.1:0".parse().unwrap(), handler).await
+    }
+
+    /// As [`Backend::start`], listening on `addr` (another loopback address, such as 127.0.0.2:0).
+    pub async fn start_at<F, Fut>(addr: SocketAddr, handler: F) -> Backend
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
@@ -517,6 +540,15 @@ impl Backend {
     /// A TCP echo backend.
     pub async fn echo() -> Backend {
         Backend::start(|mut s: TcpStream| async move {
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        })
+        .await
+    }
+
+    /// A TCP echo backend listening on `addr`.
+    pub async fn echo_on(addr: SocketAddr) -> Backend {
+        Backend::start_at(addr, |mut s: TcpStream| async move {
             let (mut r, mut w) = s.split();
             let _ = tokio::io::copy(&mut r, &mut w).await;
         })
