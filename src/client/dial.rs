@@ -8,7 +8,7 @@ use base64::Engine;
 use hyper::Uri;
 use hyper_tungstenite::WebSocketStream;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tungstenite::client::IntoClientRequest;
 use tungstenite::handshake::derive_accept_key;
@@ -16,6 +16,7 @@ use tungstenite::http::{HeaderName, HeaderValue, header};
 use tungstenite::protocol::{Role, WebSocketConfig};
 
 use super::{ClientError, Options, Secret};
+use crate::client_stream::Duplex;
 use crate::control;
 use crate::frames::{ClientWs, FrameGate};
 
@@ -116,14 +117,13 @@ fn percent_decode(s: &str) -> Vec<u8> {
     out
 }
 
-/// A byte stream the WebSocket runs on: TCP, or TLS over it.
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
-
 /// An open session: the WebSocket, and whether the gateway agreed to the control channel.
 pub struct Dialed {
-    /// The WebSocket, as the bridge drives it.
-    pub ws: ClientWs<Box<dyn Io>>,
+    /// The WebSocket, as the bridge drives it. Its stream (TCP, or TLS over it) is boxed as the
+    /// gateway boxes its clients' streams: one WebSocket type on both sides means one copy of
+    /// tungstenite's read path and of the pump in the binary, so the client role does not change
+    /// how the gateway's own relay is inlined (docs/performance.md, item 22).
+    pub ws: ClientWs<Box<dyn Duplex>>,
     /// The 101 carried `wsgate-control: 1`.
     pub control: bool,
 }
@@ -154,7 +154,7 @@ async fn dial(options: &Options, tls: Option<Arc<rustls::ClientConfig>>) -> Resu
     };
     // Each relayed message is written whole; Nagle would only delay the last segment.
     let _ = tcp.set_nodelay(true);
-    let io: Box<dyn Io> = match tls {
+    let io: Box<dyn Duplex> = match tls {
         None => Box::new(tcp),
         Some(config) => {
             let name = options.tls.server_name.clone().unwrap_or_else(|| target.host.clone());
@@ -182,7 +182,7 @@ fn tls_problem(e: &std::io::Error) -> String {
 /// Largest message (and frame) accepted from the gateway.
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
-async fn handshake(mut io: Box<dyn Io>, options: &Options) -> Result<Dialed, ClientError> {
+async fn handshake(mut io: Box<dyn Duplex>, options: &Options) -> Result<Dialed, ClientError> {
     let mut request = options
         .target
         .url
@@ -267,7 +267,7 @@ impl Answer {
 }
 
 /// Reads the answer's head, a byte at a time, so not a byte after it is taken.
-async fn read_head(io: &mut Box<dyn Io>) -> std::io::Result<Answer> {
+async fn read_head(io: &mut Box<dyn Duplex>) -> std::io::Result<Answer> {
     let mut head = Vec::with_capacity(256);
     while !head.ends_with(b"\r\n\r\n") {
         if head.len() >= MAX_ANSWER_HEAD_BYTES {
@@ -294,7 +294,7 @@ async fn read_head(io: &mut Box<dyn Io>) -> std::io::Result<Answer> {
 }
 
 /// Reads a refusal's body (its reason), at most [`MAX_REASON_BYTES`].
-async fn read_body(io: &mut Box<dyn Io>, len: usize) -> Vec<u8> {
+async fn read_body(io: &mut Box<dyn Duplex>, len: usize) -> Vec<u8> {
     let mut body = vec![0; len.min(MAX_REASON_BYTES)];
     let mut filled = 0;
     while filled < body.len() {

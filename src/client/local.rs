@@ -1,5 +1,6 @@
-//! The local side of `wsgate connect`: stdio as a stream the bridge can drive ([`Stdio`]), and
-//! the `--listen` listener (TCP or a Unix socket) whose connections each get a session.
+//! The local side of `wsgate connect`: stdio as a stream the bridge can drive ([`Stdio`]), the
+//! `--listen` listener (TCP or a Unix socket) whose connections each get a session, and
+//! [`Local`], the one stream type the client hands the bridge for all three.
 
 use std::io;
 use std::net::SocketAddr;
@@ -8,8 +9,8 @@ use std::pin::Pin;
 use std::sync::{Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, ReadBuf};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream, tcp, unix};
 
 use super::ClientError;
 use crate::bridge::BackendStream;
@@ -186,5 +187,107 @@ impl AsyncRead for StdinHalf {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut p.stdin).poll_read(cx, out)
+    }
+}
+
+/// Whatever the local side is, as one stream type for the bridge. The client then compiles one
+/// pump of its own, sharing no monomorphised copy with the gateway's relay (whose TCP and Unix
+/// backends use `TcpStream` and `UnixStream` themselves): a second caller of those copies would
+/// change how LLVM inlines the gateway's per-message path (docs/performance.md, item 22). The
+/// `match` per call is the client's only price.
+pub(super) enum Local {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+    Stdio(Stdio),
+}
+
+/// [`Local`]'s read half.
+pub(super) enum LocalRead {
+    Tcp(tcp::OwnedReadHalf),
+    Unix(unix::OwnedReadHalf),
+    Stdio(StdinHalf),
+}
+
+/// [`Local`]'s write half.
+pub(super) enum LocalWrite {
+    Tcp(tcp::OwnedWriteHalf),
+    Unix(unix::OwnedWriteHalf),
+    Stdio(tokio::io::Stdout),
+}
+
+impl BackendStream for Local {
+    type ReadHalf = LocalRead;
+    type WriteHalf = LocalWrite;
+
+    fn into_split(self) -> (LocalRead, LocalWrite) {
+        match self {
+            Local::Tcp(s) => {
+                let (r, w) = s.into_split();
+                (LocalRead::Tcp(r), LocalWrite::Tcp(w))
+            }
+            Local::Unix(s) => {
+                let (r, w) = s.into_split();
+                (LocalRead::Unix(r), LocalWrite::Unix(w))
+            }
+            Local::Stdio(s) => {
+                let (r, w) = s.into_split();
+                (LocalRead::Stdio(r), LocalWrite::Stdio(w))
+            }
+        }
+    }
+
+    fn reunite(read: LocalRead, write: LocalWrite) -> Local {
+        match (read, write) {
+            (LocalRead::Tcp(r), LocalWrite::Tcp(w)) => Local::Tcp(TcpStream::reunite(r, w)),
+            (LocalRead::Unix(r), LocalWrite::Unix(w)) => Local::Unix(UnixStream::reunite(r, w)),
+            (LocalRead::Stdio(r), LocalWrite::Stdio(w)) => Local::Stdio(Stdio::reunite(r, w)),
+            _ => unreachable!("halves of the same stream"),
+        }
+    }
+}
+
+impl ReadReady for LocalRead {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            LocalRead::Tcp(r) => r.poll_read_ready(cx),
+            LocalRead::Unix(r) => r.poll_read_ready(cx),
+            LocalRead::Stdio(r) => r.poll_read_ready(cx),
+        }
+    }
+}
+
+impl AsyncRead for LocalRead {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            LocalRead::Tcp(r) => Pin::new(r).poll_read(cx, buf),
+            LocalRead::Unix(r) => Pin::new(r).poll_read(cx, buf),
+            LocalRead::Stdio(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for LocalWrite {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            LocalWrite::Tcp(w) => Pin::new(w).poll_write(cx, data),
+            LocalWrite::Unix(w) => Pin::new(w).poll_write(cx, data),
+            LocalWrite::Stdio(w) => Pin::new(w).poll_write(cx, data),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            LocalWrite::Tcp(w) => Pin::new(w).poll_flush(cx),
+            LocalWrite::Unix(w) => Pin::new(w).poll_flush(cx),
+            LocalWrite::Stdio(w) => Pin::new(w).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            LocalWrite::Tcp(w) => Pin::new(w).poll_shutdown(cx),
+            LocalWrite::Unix(w) => Pin::new(w).poll_shutdown(cx),
+            LocalWrite::Stdio(w) => Pin::new(w).poll_shutdown(cx),
+        }
     }
 }

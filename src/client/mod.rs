@@ -160,7 +160,7 @@ impl ClientError {
 /// Carries stdio over one session; returns when it ends.
 pub async fn run_stdio(options: Options) -> Result<(), ClientError> {
     let ws = dial::connect(&options).await?;
-    session(ws, local::Stdio::new(), &options, &CancellationToken::new()).await
+    session(ws, local::Local::Stdio(local::Stdio::new()), &options, &CancellationToken::new()).await
 }
 
 /// Accepts local connections on `listen` and carries each over a session of its own until
@@ -193,8 +193,10 @@ pub async fn run_listen(
         let (options, tls, stop) = (options.clone(), tls.clone(), stop.clone());
         tasks.spawn(async move {
             let result = match conn {
-                local::Conn::Tcp(stream, peer) => carry(stream, &peer.to_string(), &options, tls, &stop).await,
-                local::Conn::Unix(stream) => carry(stream, "unix", &options, tls, &stop).await,
+                local::Conn::Tcp(stream, peer) => {
+                    carry(local::Local::Tcp(stream), &peer.to_string(), &options, tls, &stop).await
+                }
+                local::Conn::Unix(stream) => carry(local::Local::Unix(stream), "unix", &options, tls, &stop).await,
             };
             if let Err(e) = result {
                 warn!(code = e.exit_code(), "{e}");
