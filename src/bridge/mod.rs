@@ -143,6 +143,15 @@ pub struct Options {
     pub control: bool,
 }
 
+/// What a client did against the wsgate control channel's contract (`crate::control`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlFault {
+    /// A data message after `shutdown_write`.
+    DataAfterShutdownWrite,
+    /// A text message that is not a control this version knows.
+    UnknownControl,
+}
+
 /// How the pump ended: the first side to end decides.
 #[derive(Debug)]
 pub enum End {
@@ -152,6 +161,8 @@ pub enum End {
     ClientFailed(WsError),
     /// The client sent a message type the route does not accept.
     ClientUnsupported(Kind),
+    /// The client broke the wsgate control channel's contract (`crate::control`).
+    ControlViolation(ControlFault),
     /// The client's socket ended without a Close frame.
     ClientGone,
     /// Writing to the client failed.

@@ -19,7 +19,7 @@ use tungstenite::{Error as WsError, Message};
 use super::client::Seen;
 use super::counting::DirectionMeter;
 use super::polling::{is_ready, until_woken};
-use super::{Accept, End, Kind, Options};
+use super::{Accept, ControlFault, End, Kind, Options};
 use crate::control::Control;
 use crate::shutdown::Cancelled;
 
@@ -112,7 +112,7 @@ where
             Some(Ok(Message::Close(frame))) => return End::ClientClosed(frame),
             // Data after the client said it had no more breaks the control channel's contract.
             Some(Ok(message)) => match Kind::of(&message) {
-                Some(kind) => return End::ClientUnsupported(kind),
+                Some(_) => return End::ControlViolation(ControlFault::DataAfterShutdownWrite),
                 None => continue,
             },
         }
@@ -185,17 +185,16 @@ fn data_of(
 }
 
 /// A message of a type the route does not take: with the control channel, a text message is a
-/// control (`accept.text` is off then, so data messages never come this way); otherwise, or
-/// for a control this version does not know, the end of the pump.
+/// control (`accept.text` is off then, so data messages never come this way), and one this
+/// version does not know ends the pump as a control violation; otherwise the end of the pump.
 #[cold]
 fn refused(kind: Kind, message: &Message, control: bool) -> Halt {
-    let control = match message {
-        Message::Text(text) if control => Control::parse(text.as_bytes()),
-        _ => None,
-    };
-    match control {
-        Some(Control::ShutdownWrite) => Halt::ShutdownWrite,
-        None => Halt::End(End::ClientUnsupported(kind)),
+    match message {
+        Message::Text(text) if control => match Control::parse(text.as_bytes()) {
+            Some(Control::ShutdownWrite) => Halt::ShutdownWrite,
+            None => Halt::End(End::ControlViolation(ControlFault::UnknownControl)),
+        },
+        _ => Halt::End(End::ClientUnsupported(kind)),
     }
 }
 

@@ -317,6 +317,8 @@ fn ended(end: End) -> Result<(), ClientError> {
         End::ClientGone => Err(ClientError::Session("the gateway's connection ended without a close frame".into())),
         End::ClientFailed(e) | End::ClientWriteFailed(e) => Err(ClientError::Session(e.to_string())),
         End::ClientUnsupported(_) => Err(ClientError::Session("unexpected message type from the gateway".into())),
+        // The client role parses no controls: it never receives any.
+        End::ControlViolation(_) => Err(ClientError::Session("unexpected control message from the gateway".into())),
         End::BackendFailed(e) => Err(ClientError::Local(e.to_string())),
         End::BackendNotUtf8 => Err(ClientError::Local("not UTF-8".into())),
         End::NoMaskKey => Err(ClientError::Local("no randomness for a frame's mask key".into())),

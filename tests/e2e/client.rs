@@ -85,6 +85,42 @@ async fn the_gateway_agrees_to_the_control_channel_and_half_closes_the_backend()
     assert_eq!(got, b"olleh");
 }
 
+/// With the control channel, a data message after `shutdown_write` and a control this version
+/// does not know each end the session with 1003 and a reason of their own, not the route's
+/// message-type refusal.
+#[tokio::test]
+async fn control_violations_close_with_their_own_reason() {
+    // Reads to EOF and then holds the connection, so only the client's violation ends a session.
+    let backend = Backend::start(|mut s: TcpStream| async move {
+        let mut all = Vec::new();
+        let _ = s.read_to_end(&mut all).await;
+        std::future::pending::<()>().await;
+    })
+    .await;
+    let gw = Gateway::builder().route("hold", "/hold", &backend.target()).start().await;
+    let cases: [(&[Message], &str); 2] = [
+        (
+            &[Message::text(r#"{"v":1,"type":"shutdown_write"}"#), Message::binary(b"late".to_vec())],
+            "data message after shutdown_write",
+        ),
+        (&[Message::text(r#"{"v":1,"type":"resume"}"#)], "unknown control message"),
+    ];
+    for (messages, reason) in cases {
+        let mut request = gw.url("/hold").into_client_request().unwrap();
+        request.headers_mut().insert("wsgate-control", "1".parse().unwrap());
+        let (mut ws, _) = within("upgrade", tokio_tungstenite::connect_async(request)).await.unwrap();
+        for message in messages {
+            within("send", ws.send(message.clone())).await.unwrap();
+        }
+        match within("close", ws.next()).await {
+            Some(Ok(Message::Close(Some(f)))) => {
+                assert_eq!((u16::from(f.code), f.reason.as_str()), (1003, reason));
+            }
+            other => panic!("expected a close with {reason:?}, got {other:?}"),
+        }
+    }
+}
+
 /// Sends `data` through a local connection to `addr` and reads the echo back concurrently;
 /// returns what came back.
 async fn echo_through(addr: std::net::SocketAddr, data: Vec<u8>) -> Vec<u8> {
