@@ -37,6 +37,9 @@
 //! - [`backend`]: connects backend TCP services (resolve, try every address, timeout).
 //! - [`echo`]: the built-in WebSocket echo backend and TCP echo service.
 //! - [`console`]: the built-in console page (HTML embedded in the binary).
+//! - [`control`]: the wsgate control channel (half-close), negotiated per session.
+//! - [`client`]: `wsgate connect`: a local TCP/Unix port or stdio carried over ws/wss through
+//!   the same bridge, in the client role.
 //! - [`metrics`]: every metric name and help text; one Prometheus recorder per instance.
 //! - [`throttle`]: a repeated warning written once per interval, with the count of the rest.
 //! - `admin`: the admin listener: `/metrics`, `/healthz`, `/readyz`.
@@ -65,11 +68,13 @@ pub mod admission;
 pub mod auth;
 pub mod backend;
 pub mod bridge;
+pub mod client;
 pub mod client_addr;
 pub mod client_cert;
 pub mod client_stream;
 pub mod config;
 pub mod console;
+pub mod control;
 pub mod echo;
 pub mod frames;
 pub mod metrics;

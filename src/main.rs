@@ -41,12 +41,78 @@ enum Command {
         #[arg(default_value = "config.toml")]
         path: PathBuf,
     },
+    /// Carry a local port (--listen) or stdio (--stdio) over a ws:// or wss:// session to a
+    /// wsgate route. Exit codes: docs/client.md.
+    Connect(Box<ConnectArgs>),
+}
+
+#[derive(clap::Args)]
+struct ConnectArgs {
+    /// The route's URL: ws://host[:port]/path or wss://host[:port]/path.
+    url: String,
+    /// Carry stdin/stdout (for `ssh -o ProxyCommand=...`).
+    #[arg(long, conflicts_with = "listen", required_unless_present = "listen")]
+    stdio: bool,
+    /// Accept local connections on ADDR:PORT or unix:/path; each gets a session of its own.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Allow --listen on an address that is not loopback (opens the route to the network).
+    #[arg(long)]
+    allow_remote: bool,
+    /// Trust only the CA certificates in this PEM file (default: the system's roots).
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// Do not verify the gateway's certificate (a warning is printed).
+    #[arg(long)]
+    insecure: bool,
+    /// The name to verify and send as SNI, if not the URL's host.
+    #[arg(long, value_name = "NAME")]
+    server_name: Option<String>,
+    /// Client certificate chain (PEM) for mTLS.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+    /// Client private key (PEM) for mTLS.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
+    /// Send the bearer token held in this environment variable.
+    #[arg(long, value_name = "VAR")]
+    token_env: Option<String>,
+    /// Send the bearer token held in this file (trailing whitespace ignored).
+    #[arg(long, value_name = "PATH", conflicts_with = "token_env")]
+    token_file: Option<PathBuf>,
+    /// An extra request header, `Name: value` (repeatable).
+    #[arg(long = "header", value_name = "NAME: VALUE")]
+    headers: Vec<String>,
+    /// Offer this subprotocol (repeatable, in order of preference).
+    #[arg(long = "subprotocol", value_name = "NAME")]
+    subprotocols: Vec<String>,
+    /// HTTP proxy to CONNECT through (default: HTTPS_PROXY / https_proxy, minus NO_PROXY).
+    #[arg(long, value_name = "URL")]
+    proxy: Option<String>,
+    /// Connect directly, whatever HTTPS_PROXY says.
+    #[arg(long, conflicts_with = "proxy")]
+    no_proxy: bool,
+    /// Ping the gateway this often; 0: never.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    ping_secs: u64,
+    /// How long one dial may take; with --listen, also how long a new local connection waits,
+    /// retrying with backoff, while the gateway is unreachable.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    connect_timeout_secs: u64,
+    /// With --listen: close a local connection at once when the gateway cannot be reached.
+    #[arg(long)]
+    fail_fast: bool,
+    /// Do not ask for the half-close control channel (the local side's EOF then ends the
+    /// session).
+    #[arg(long)]
+    no_half_close: bool,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run { config: PathBuf::from("config.toml") }) {
         Command::Check { path } => check(&path),
+        Command::Connect(args) => connect(*args),
         Command::Run { config } => {
             match run(&config) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -247,4 +313,121 @@ async fn watch_signals(signals: Signals, shutdown: Shutdown, reloader: Reloader,
         tracing::info!(signal = name, "shutdown requested; send it again to exit at once");
         if name == "SIGINT" { shutdown.now() } else { shutdown.drain() }
     }
+}
+
+/// `wsgate connect`: the arguments (and the environment they point at) to `client::Options`,
+/// then the session(s); every failure is one line and the exit code of its kind.
+fn connect(args: ConnectArgs) -> ExitCode {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let fail = |e: wsgate::client::ClientError| {
+        eprintln!("wsgate connect: error: {e}");
+        ExitCode::from(e.exit_code())
+    };
+    let (options, listen) = match connect_options(&args) {
+        Ok(parsed) => parsed,
+        Err(e) => return fail(e),
+    };
+    if options.tls.insecure && options.target.secure {
+        eprintln!(
+            "wsgate connect: WARNING: --insecure: the gateway's certificate is NOT verified; \
+             anyone on the network path can read and change this session"
+        );
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(wsgate::client::ClientError::Local(format!("start the async runtime: {e}"))),
+    };
+    let result = runtime.block_on(async move {
+        match listen {
+            None => wsgate::client::run_stdio(options).await,
+            Some(listen) => {
+                let stop = tokio_util::sync::CancellationToken::new();
+                let stopping = stop.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::signal::ctrl_c().await;
+                    stopping.cancel();
+                });
+                wsgate::client::run_listen(options, listen, stop, |bound| {
+                    eprintln!("wsgate connect: listening on {bound}");
+                })
+                .await
+            }
+        }
+    });
+    // Not waited for: tokio reads stdin on a blocking thread, which may be inside a read that
+    // only the peer's EOF would end.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+fn connect_options(
+    args: &ConnectArgs,
+) -> Result<(wsgate::client::Options, Option<wsgate::client::Listen>), wsgate::client::ClientError> {
+    use wsgate::client::{ClientError, Listen, Options, Proxy, Secret, Target, TlsOptions};
+    let target = Target::parse(&args.url)?;
+    let listen = args.listen.as_deref().map(|l| Listen::parse(l, args.allow_remote)).transpose()?;
+    let token = match (&args.token_env, &args.token_file) {
+        (Some(var), _) => Some(Secret(
+            std::env::var(var)
+                .map_err(|_| ClientError::Usage(format!("--token-env {var}: the variable is not set")))?,
+        )),
+        (None, Some(path)) => Some(Secret(
+            std::fs::read_to_string(path)
+                .map_err(|e| ClientError::Usage(format!("--token-file {}: {e}", path.display())))?
+                .trim_end()
+                .to_string(),
+        )),
+        (None, None) => None,
+    };
+    let headers = args
+        .headers
+        .iter()
+        .map(|h| match h.split_once(':') {
+            Some((name, value)) => Ok((name.trim().to_string(), value.trim().to_string())),
+            None => Err(ClientError::Usage(format!("--header {h:?}: not `Name: value`"))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let env = |names: &[&str]| names.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()));
+    let proxy = match (&args.proxy, args.no_proxy) {
+        (_, true) => None,
+        (Some(url), _) => Some(Proxy::parse(url)?),
+        (None, false) => match env(&["HTTPS_PROXY", "https_proxy"]) {
+            Some(url)
+                if !env(&["NO_PROXY", "no_proxy"]).is_some_and(|np| wsgate::client::is_exempt(&np, &target.host)) =>
+            {
+                Some(Proxy::parse(&url)?)
+            }
+            _ => None,
+        },
+    };
+    let system_roots = env(&["SSL_CERT_FILE"]).map(PathBuf::from).or_else(|| {
+        ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+    });
+    let tls = TlsOptions {
+        ca: args.ca.clone(),
+        system_roots,
+        insecure: args.insecure,
+        server_name: args.server_name.clone(),
+        identity: args.cert.clone().zip(args.key.clone()),
+    };
+    let options = Options {
+        target,
+        tls,
+        token,
+        headers,
+        subprotocols: args.subprotocols.clone(),
+        proxy,
+        ping_interval: (args.ping_secs > 0).then(|| std::time::Duration::from_secs(args.ping_secs)),
+        connect_timeout: std::time::Duration::from_secs(args.connect_timeout_secs.max(1)),
+        fail_fast: args.fail_fast,
+        control: !args.no_half_close,
+    };
+    Ok((options, listen))
 }

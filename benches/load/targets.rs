@@ -72,6 +72,8 @@ pub(crate) struct Target {
     pub(crate) at: Endpoint,
     /// The process relaying the traffic (none for direct TCP).
     pub(crate) process: Option<Child>,
+    /// A process the target relays through but is not measured: the gateway behind a client.
+    pub(crate) behind: Option<Child>,
     /// Peers are held to 1,000 idle sessions.
     pub(crate) max_idle: usize,
 }
@@ -84,7 +86,7 @@ impl Target {
 
 impl Drop for Target {
     fn drop(&mut self) {
-        if let Some(p) = &mut self.process {
+        for p in [&mut self.process, &mut self.behind].into_iter().flatten() {
             let _ = p.kill();
             let _ = p.wait();
         }
@@ -174,8 +176,13 @@ impl Setup {
         let mut cmd = Command::new(std::env::current_exe().unwrap());
         cmd.args(["backend", "echo"]);
         let (echo_process, echo) = spawn_and_find(cmd, |l| l.strip_prefix("listening ")?.parse().ok(), true);
-        let target =
-            Target { name: "echo", at: Endpoint::local(Kind::Tcp, echo, ""), process: Some(echo_process), max_idle: 0 };
+        let target = Target {
+            name: "echo",
+            at: Endpoint::local(Kind::Tcp, echo, ""),
+            process: Some(echo_process),
+            behind: None,
+            max_idle: 0,
+        };
         (Setup { dir, echo, cert, key, ca_der }, target)
     }
 }
@@ -197,6 +204,7 @@ pub(crate) fn start_targets(setup: &Setup, only: &Option<String>, limits: &str) 
             name: "tcp",
             at: Endpoint::local(Kind::Tcp, setup.echo, ""),
             process: None,
+            behind: None,
             max_idle: 8000,
         });
     }
@@ -208,6 +216,7 @@ pub(crate) fn start_targets(setup: &Setup, only: &Option<String>, limits: &str) 
             name: "tcp-relay",
             at: Endpoint::local(Kind::Tcp, addr, ""),
             process: Some(child),
+            behind: None,
             max_idle: 0,
         });
     }
@@ -221,7 +230,13 @@ pub(crate) fn start_targets(setup: &Setup, only: &Option<String>, limits: &str) 
             cmd.arg("--tls").arg(&setup.cert).arg(&setup.key);
         }
         let (child, addr) = spawn_and_find(cmd, |l| l.strip_prefix("listening ")?.parse().ok(), true);
-        targets.push(Target { name, at: Endpoint::local(kind, addr, "/"), process: Some(child), max_idle: 8000 });
+        targets.push(Target {
+            name,
+            at: Endpoint::local(kind, addr, "/"),
+            process: Some(child),
+            behind: None,
+            max_idle: 8000,
+        });
     }
     if want("wsgate-ws") || want("wsgate-wss") {
         let config = setup.dir.path().join("wsgate.toml");
@@ -256,10 +271,12 @@ pub(crate) fn start_targets(setup: &Setup, only: &Option<String>, limits: &str) 
                 name,
                 at: Endpoint::local(kind, addr, "/bench"),
                 process: Some(child),
+                behind: None,
                 max_idle: 8000,
             });
         }
     }
+    start_clients(setup, &want, limits, &mut targets);
     // Peers bind port 0 and cannot say which port they got: `listening_addr` finds it.
     type PeerArgs = fn(SocketAddr) -> Vec<String>;
     let peers: [(&'static str, PeerArgs); 2] = [
@@ -274,9 +291,73 @@ pub(crate) fn start_targets(setup: &Setup, only: &Option<String>, limits: &str) 
         cmd.args(args(setup.echo)).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
         let child = cmd.spawn().unwrap();
         let addr = listening_addr(&child);
-        targets.push(Target { name, at: Endpoint::local(Kind::Ws, addr, "/"), process: Some(child), max_idle: 1000 });
+        targets.push(Target {
+            name,
+            at: Endpoint::local(Kind::Ws, addr, "/"),
+            process: Some(child),
+            behind: None,
+            max_idle: 1000,
+        });
     }
     targets
+}
+
+/// Client mode: a TCP client → the client under test (`wsgate connect --listen`, or websocat
+/// 1.13 as a TCP-to-WebSocket client) → a wsgate gateway over ws → the echo. The figures are the
+/// client process's own; each client gets a gateway process of its own behind it.
+fn start_clients(setup: &Setup, want: &dyn Fn(&str) -> bool, limits: &str, targets: &mut Vec<Target>) {
+    type ClientArgs = fn(&str) -> (String, Vec<String>);
+    let clients: [(&'static str, ClientArgs); 2] = [
+        ("connect-wsgate", |url| {
+            let args = ["connect", url, "--listen", "127.0.0.1:0"];
+            (env!("CARGO_BIN_EXE_wsgate").into(), args.map(String::from).to_vec())
+        }),
+        ("connect-websocat", |url| {
+            let args = ["--binary", "-E", "tcp-l:127.0.0.1:0", url];
+            ("websocat".into(), args.map(String::from).to_vec())
+        }),
+    ];
+    for (name, args) in clients {
+        if !want(name) || (name == "connect-websocat" && !which("websocat")) {
+            continue;
+        }
+        let config = setup.dir.path().join(format!("{name}-gateway.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[listeners.plain]\naddress = \"127.0.0.1:0\"\n[routes.bench]\npath = \"/bench\"\nbackend = \"{}\"\n\
+                 [admin]\naddress = \"127.0.0.1:0\"\n[shutdown]\ndrain_delay_secs = 0\nclose_window_secs = 0\n[limits]\n{}\n",
+                setup.echo,
+                limits.replace(';', "\n")
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
+        cmd.args(["run", "--config"]).arg(&config).env("RUST_LOG", "warn,wsgate=info");
+        let (gateway, gateway_addr) = spawn_and_find(
+            cmd,
+            |l| l.split("listener=plain url=").nth(1)?.split_whitespace().next()?.split("://").nth(1)?.parse().ok(),
+            false,
+        );
+        let (program, args) = args(&format!("ws://{gateway_addr}/bench"));
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        let (child, addr) = if name == "connect-wsgate" {
+            spawn_and_find(cmd, |l| l.strip_prefix("wsgate connect: listening on ")?.parse().ok(), false)
+        } else {
+            cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+            let child = cmd.spawn().unwrap();
+            let addr = listening_addr(&child);
+            (child, addr)
+        };
+        targets.push(Target {
+            name,
+            at: Endpoint::local(Kind::Tcp, addr, ""),
+            process: Some(child),
+            behind: Some(gateway),
+            max_idle: 0,
+        });
+    }
 }
 
 pub(crate) fn which(program: &str) -> bool {

@@ -136,6 +136,20 @@ pub struct Options {
     pub role: Role,
     /// Pings, timeouts and the client's message rate.
     pub liveness: Liveness,
+    /// The wsgate control channel was negotiated (`crate::control`). As a server: the client's
+    /// text messages are controls (so `accept.text` should be off), and `shutdown_write` shuts
+    /// down the backend's write side while its output is still relayed. As a client: the
+    /// backend's EOF is sent as `shutdown_write`, and the server's Close ends the pump.
+    pub control: bool,
+}
+
+/// What a client did against the wsgate control channel's contract (`crate::control`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlFault {
+    /// A data message after `shutdown_write`.
+    DataAfterShutdownWrite,
+    /// A text message that is not a control this version knows.
+    UnknownControl,
 }
 
 /// How the pump ended: the first side to end decides.
@@ -147,6 +161,8 @@ pub enum End {
     ClientFailed(WsError),
     /// The client sent a message type the route does not accept.
     ClientUnsupported(Kind),
+    /// The client broke the wsgate control channel's contract (`crate::control`).
+    ControlViolation(ControlFault),
     /// The client's socket ended without a Close frame.
     ClientGone,
     /// Writing to the client failed.

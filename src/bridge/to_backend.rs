@@ -6,6 +6,7 @@
 //! the WebSocket's `max_message_size`) plus one batch is held per session in this direction.
 
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 
@@ -18,7 +19,8 @@ use tungstenite::{Error as WsError, Message};
 use super::client::Seen;
 use super::counting::DirectionMeter;
 use super::polling::{is_ready, until_woken};
-use super::{Accept, End, Kind, Options};
+use super::{Accept, ControlFault, End, Kind, Options};
+use crate::control::Control;
 use crate::shutdown::Cancelled;
 
 /// Relays the client's messages (`stream`) to the backend (`to_backend`) until either ends or
@@ -57,10 +59,13 @@ where
                     _ = stopped.as_mut() => return End::Stopped,
                     next = stream.next() => next,
                 };
-                match data_of(next, options.accept) {
+                match data_of(next, options.accept, options.control) {
                     Ok(Some(message)) => (message, false),
                     Ok(None) => continue,
-                    Err(end) => return end,
+                    Err(Halt::End(end)) => return end,
+                    Err(Halt::ShutdownWrite) => {
+                        return Box::pin(half_closed(stream, to_backend, stopped.as_mut())).await;
+                    }
                 }
             }
         };
@@ -78,6 +83,38 @@ where
             After::Drained => registered = !waited,
             After::Carried(message) => carried = Some(message),
             After::End(end) => return end,
+            After::ShutdownWrite => return Box::pin(half_closed(stream, to_backend, stopped.as_mut())).await,
+        }
+    }
+}
+
+/// The client sent `shutdown_write` (control channel): the backend's write side is shut down,
+/// and the client may now only close; meanwhile the other direction relays what the backend
+/// still sends, and its EOF ends the pump (which stops this direction). Boxed where it is
+/// awaited, so the relay's own future does not grow by its state.
+async fn half_closed<S, W>(stream: &mut S, to_backend: &mut W, mut stopped: Pin<&mut Cancelled<'_>>) -> End
+where
+    S: Stream<Item = Result<Message, WsError>> + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if let Err(e) = to_backend.shutdown().await {
+        return End::BackendFailed(e);
+    }
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = stopped.as_mut() => return End::Stopped,
+            next = stream.next() => next,
+        };
+        match next {
+            None => return End::ClientGone,
+            Some(Err(e)) => return End::ClientFailed(e),
+            Some(Ok(Message::Close(frame))) => return End::ClientClosed(frame),
+            // Data after the client said it had no more breaks the control channel's contract.
+            Some(Ok(message)) => match Kind::of(&message) {
+                Some(_) => return End::ControlViolation(ControlFault::DataAfterShutdownWrite),
+                None => continue,
+            },
         }
     }
 }
@@ -128,19 +165,45 @@ async fn write_batch<W: AsyncWrite + Unpin>(
 }
 
 /// What one item from the client's stream means for the backend: a data message's kind and
-/// bytes, nothing (control messages: tungstenite answers pings, pongs carry nothing), or the end
-/// of the pump.
-fn data_of(next: Option<Result<Message, WsError>>, accept: Accept) -> Result<Option<(Kind, Bytes)>, End> {
+/// bytes, nothing (control frames: tungstenite answers pings, pongs carry nothing), or a halt:
+/// the end of the pump, or the client's `shutdown_write`.
+fn data_of(
+    next: Option<Result<Message, WsError>>,
+    accept: Accept,
+    control: bool,
+) -> Result<Option<(Kind, Bytes)>, Halt> {
     match next {
-        None => Err(End::ClientGone),
-        Some(Err(e)) => Err(End::ClientFailed(e)),
-        Some(Ok(Message::Close(frame))) => Err(End::ClientClosed(frame)),
+        None => Err(Halt::End(End::ClientGone)),
+        Some(Err(e)) => Err(Halt::End(End::ClientFailed(e))),
+        Some(Ok(Message::Close(frame))) => Err(Halt::End(End::ClientClosed(frame))),
         Some(Ok(message)) => match Kind::of(&message) {
             None => Ok(None),
-            Some(kind) if !accept.allows(kind) => Err(End::ClientUnsupported(kind)),
+            Some(kind) if !accept.allows(kind) => Err(refused(kind, &message, control)),
             Some(kind) => Ok(Some((kind, message.into_data()))),
         },
     }
+}
+
+/// A message of a type the route does not take: with the control channel, a text message is a
+/// control (`accept.text` is off then, so data messages never come this way), and one this
+/// version does not know ends the pump as a control violation; otherwise the end of the pump.
+#[cold]
+fn refused(kind: Kind, message: &Message, control: bool) -> Halt {
+    match message {
+        Message::Text(text) if control => match Control::parse(text.as_bytes()) {
+            Some(Control::ShutdownWrite) => Halt::ShutdownWrite,
+            None => Halt::End(End::ControlViolation(ControlFault::UnknownControl)),
+        },
+        _ => Halt::End(End::ClientUnsupported(kind)),
+    }
+}
+
+/// Why a client message does not go to the backend as data.
+enum Halt {
+    /// The pump ends.
+    End(End),
+    /// The client has no more data (control channel): shut down the backend's write side.
+    ShutdownWrite,
 }
 
 /// Client messages bound for one backend write.
@@ -170,6 +233,8 @@ enum After {
     /// The client's stream ended or failed, or a stop was requested; the batch is still to be
     /// written.
     End(End),
+    /// The client sent `shutdown_write` after the batch.
+    ShutdownWrite,
 }
 
 impl After {
@@ -219,12 +284,17 @@ where
             }
             Poll::Ready(next) => next,
         };
-        let (kind, data) = match data_of(next, options.accept) {
+        let (kind, data) = match data_of(next, options.accept, options.control) {
             Ok(Some(message)) => message,
             Ok(None) => continue,
-            Err(end) => {
+            Err(Halt::End(end)) => {
                 seen.client_ended.store(true, Ordering::Relaxed);
                 batch.after = After::End(end);
+                break;
+            }
+            // The client is still there: the other direction goes on.
+            Err(Halt::ShutdownWrite) => {
+                batch.after = After::ShutdownWrite;
                 break;
             }
         };

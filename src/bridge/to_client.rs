@@ -35,6 +35,7 @@ use tungstenite::protocol::Role;
 use super::client::{Client, Seen};
 use super::counting::DirectionMeter;
 use super::{End, Framing, Options};
+use crate::control::Control;
 use crate::frames::{self, HEADROOM};
 use crate::readahead::ReadReady;
 use crate::shutdown::Cancelled;
@@ -75,6 +76,9 @@ where
         }
         let mut buf = BytesMut::new();
         match read_once(from_backend, &carry, &sizes, &mut buf, &mut failed).await {
+            Some(Ok(0)) if buf.len() == HEADROOM && random.is_some() && options.control => {
+                return Box::pin(half_close(client, seen, random, stopped.as_mut())).await;
+            }
             Some(Ok(0)) if buf.len() == HEADROOM => return End::BackendEof,
             // EOF in the middle of a UTF-8 sequence: those bytes can never become text.
             Some(Ok(0)) => return End::BackendNotUtf8,
@@ -99,6 +103,24 @@ where
             return End::BackendNotUtf8;
         }
     }
+}
+
+/// The client role's end of the local stream with the control channel on: the server is told
+/// `shutdown_write` (its backend then sees EOF) and the pump goes on relaying the server's data
+/// to the local stream until the server closes (which ends the other direction, and the pump).
+async fn half_close<C: AsyncRead + AsyncWrite + Unpin>(
+    client: &Client<'_, C>,
+    seen: &Seen,
+    random: Option<&dyn SecureRandom>,
+    stopped: Pin<&mut Cancelled<'_>>,
+) -> End {
+    let buf = Control::ShutdownWrite.frame_buffer(HEADROOM);
+    let Some(frame) = frame_of(buf, true, random) else { return End::NoMaskKey };
+    if let Err(e) = client.send(frame, seen).await {
+        return End::ClientWriteFailed(e);
+    }
+    stopped.await;
+    End::Stopped
 }
 
 /// The client role's source of mask keys: rustls's, a CSPRNG. `None` for a server.

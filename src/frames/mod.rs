@@ -161,7 +161,9 @@ fn apply_mask(payload: &mut [u8], key: [u8; 4]) {
 
 /// Written out here rather than with tungstenite's `FrameHeader::format` (generic over its
 /// writer, and not always inlined): it is on every message to the client (docs/performance.md,
-/// item 18).
+/// item 18). Inlined into each of its two callers, so the server's unmasked frames carry no
+/// trace of the client role's mask.
+#[inline(always)]
 fn frame_with(mut buf: BytesMut, text: bool, mask: Option<[u8; 4]>) -> Bytes {
     let len = buf.len() - HEADROOM;
     let mut header = [0u8; HEADROOM];

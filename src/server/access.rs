@@ -92,6 +92,7 @@ pub(super) fn refuse_in_band(
         identity: policy::Identity::default(),
         close_window: conn.snapshot.shutdown.close_window,
         credentials_expire: None,
+        control: false,
     };
     let slot = conn.slot.clone();
     let dialed = Dialed::Refused(denied, refusal.reason);

@@ -439,7 +439,9 @@ async fn upgrade(
     };
     // The key's form was checked by `admit`.
     let key = req.headers().get(header::SEC_WEBSOCKET_KEY).map(HeaderValue::as_bytes).unwrap_or_default();
-    let response = switching_protocols(key, admitted.subprotocol.as_deref());
+    let mut response = switching_protocols(key, admitted.subprotocol.as_deref());
+    // Only the bridge speaks it: the built-in echo and closes at once do not.
+    let control = matches!(dialed, Dialed::Backend(_)) && agree_control(req.headers(), &mut response);
     if let (Some(user), Some(true)) = (&admitted.identity.user, entry.route.auth.as_ref().map(|a| a.user_label)) {
         entry.metrics.user_session(user);
     }
@@ -450,6 +452,7 @@ async fn upgrade(
         identity: admitted.identity,
         close_window: conn.snapshot.shutdown.close_window,
         credentials_expire,
+        control,
     };
     let slot = conn.slot.clone();
     let (stop, abort) = (shared.stop.clone(), shared.abort.clone());
@@ -504,6 +507,16 @@ fn switching_protocols(key: &[u8], subprotocol: Option<&str>) -> Response<Full<B
         headers.insert(header::SEC_WEBSOCKET_PROTOCOL, chosen);
     }
     response
+}
+
+/// Agrees to the wsgate control channel (`crate::control`) in the 101 when the request asks for
+/// a version this build speaks; returns whether it did.
+fn agree_control(request: &hyper::HeaderMap, response: &mut Response<Full<Bytes>>) -> bool {
+    let asked = request.get(crate::control::HEADER).is_some_and(|v| crate::control::is_requested(v.as_bytes()));
+    if asked {
+        response.headers_mut().insert(crate::control::HEADER, HeaderValue::from_static(crate::control::VERSION));
+    }
+    asked
 }
 
 /// A refusal as the client sees it: its status, its reason as a line of text, its headers, and

@@ -16,7 +16,7 @@ use tungstenite::{Error as WsError, Message};
 
 use crate::admission::Shed;
 use crate::backend::ConnectFailure;
-use crate::bridge::{End, Kind, Limit};
+use crate::bridge::{ControlFault, End, Kind, Limit};
 use crate::frames::{ClientWs, FrameGate};
 use crate::policy::Denied;
 
@@ -59,6 +59,9 @@ pub enum Outcome {
     ClientInvalidUtf8,
     /// The client sent a message type the route does not accept ("text" or "binary").
     ClientUnsupported(Kind),
+    /// The client broke the wsgate control channel's contract: data after `shutdown_write`, or
+    /// a control this version does not know (docs/control.md).
+    ControlViolation(ControlFault),
     /// A message from the client exceeded the limit.
     ClientTooBig {
         /// The configured limit in bytes.
@@ -112,6 +115,7 @@ impl Outcome {
             | Outcome::ClientProtocolError(_)
             | Outcome::ClientInvalidUtf8
             | Outcome::ClientUnsupported(_)
+            | Outcome::ControlViolation(_)
             | Outcome::ClientTooBig { .. }
             | Outcome::ClientWriteFailed => Side::Client,
             Outcome::BackendClosed
@@ -159,6 +163,10 @@ impl Outcome {
                 let kind = if *kind == Kind::Text { "text" } else { "binary" };
                 (1003, format!("{kind} messages are not accepted on this route"))
             }
+            Outcome::ControlViolation(ControlFault::DataAfterShutdownWrite) => {
+                (1003, "data message after shutdown_write".into())
+            }
+            Outcome::ControlViolation(ControlFault::UnknownControl) => (1003, "unknown control message".into()),
             Outcome::ClientInvalidUtf8 => (1007, "text message is not valid UTF-8".into()),
             Outcome::ClientTooBig { limit } => (1009, format!("message too big: limit is {limit} bytes")),
             Outcome::BackendFailed(failure) => (1011, format!("backend error: {}", failure.label())),
@@ -195,6 +203,7 @@ impl Outcome {
             End::ClientGone => Outcome::ClientGone,
             End::ClientFailed(e) => Outcome::from_client_error(e, max_message_bytes),
             End::ClientUnsupported(kind) => Outcome::ClientUnsupported(kind),
+            End::ControlViolation(fault) => Outcome::ControlViolation(fault),
             End::ClientWriteFailed(_) => Outcome::ClientWriteFailed,
             End::BackendEof => Outcome::BackendClosed,
             End::BackendFailed(e) => Outcome::BackendFailed(IoFailure::of(&e)),
@@ -394,6 +403,14 @@ mod tests {
         assert_eq!(
             code(Outcome::ClientUnsupported(Kind::Text)),
             Some((1003, "text messages are not accepted on this route".into()))
+        );
+        assert_eq!(
+            code(Outcome::ControlViolation(ControlFault::DataAfterShutdownWrite)),
+            Some((1003, "data message after shutdown_write".into()))
+        );
+        assert_eq!(
+            code(Outcome::ControlViolation(ControlFault::UnknownControl)),
+            Some((1003, "unknown control message".into()))
         );
         assert_eq!(code(Outcome::ClientInvalidUtf8).unwrap().0, 1007);
         assert_eq!(

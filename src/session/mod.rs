@@ -71,6 +71,8 @@ pub struct Context {
     /// When the client's credentials expire (a JWT's `exp` plus grace, with `close_at_expiry`):
     /// the session then closes with 4401.
     pub credentials_expire: Option<Instant>,
+    /// The client asked for the wsgate control channel and the 101 agreed (`crate::control`).
+    pub control: bool,
 }
 
 /// Connects the route's backend and writes `preamble` (the route's PROXY protocol header, or
@@ -251,7 +253,8 @@ async fn relay(
         limits.max_session = expiry;
     }
     let limits = &limits;
-    let accept = Accept { text: route.accept.text, binary: route.accept.binary };
+    // With the control channel, the client's text messages are controls, never data.
+    let accept = Accept { text: route.accept.text && !ctx.control, binary: route.accept.binary };
     let metrics = BridgeMetrics { to_backend: &m.to_backend, to_client: &m.to_client };
     // This session's own stop: the shutdown signal, delayed by its place in the close window.
     let session_stop = CancellationToken::new();
@@ -273,7 +276,8 @@ async fn relay(
             }
             // One bridge per stream type, so each relays over its own stream with no dispatch.
             Dialed::Backend(conn) => {
-                let options = bridge_options(route.outbound, accept, limits);
+                let options =
+                    bridge::Options { control: ctx.control, ..bridge_options(route.outbound, accept, limits) };
                 let (end, backend) = match conn {
                     BackendConn::Tcp(stream) => {
                         let (end, stream) = bridge::run(ws, stream, options, &session_stop, totals, metrics).await;
@@ -335,6 +339,7 @@ fn bridge_options(outbound: Outbound, accept: Accept, limits: &SessionLimits) ->
         finish_timeout: limits.close_timeout,
         role: Role::Server,
         liveness: liveness(limits),
+        control: false,
     }
 }
 

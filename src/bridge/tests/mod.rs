@@ -68,6 +68,7 @@ async fn pump_client(
         finish_timeout,
         role: tungstenite::protocol::Role::Server,
         liveness: super::Liveness::OFF,
+        control: false,
     };
     let (metrics, mut totals, stop) =
         (DirectionMetrics::detached(), DirectionTotals::default(), CancellationToken::new());

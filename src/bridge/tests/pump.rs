@@ -23,6 +23,7 @@ pub(super) fn options(role: Role, backend_read_bytes: usize) -> Options {
         finish_timeout: Duration::from_secs(1),
         role,
         liveness: bridge::Liveness::OFF,
+        control: false,
     }
 }
 

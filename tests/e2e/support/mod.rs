@@ -9,6 +9,8 @@
 #![allow(dead_code)]
 
 pub mod browser;
+/// `wsgate connect` run as a user runs it; a CONNECT proxy; a real sshd.
+pub mod client;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -82,6 +84,8 @@ impl TestCa {
             .unwrap();
         std::fs::write(dir.path().join("cert.pem"), leaf.pem()).unwrap();
         std::fs::write(dir.path().join("key.pem"), leaf_key.serialize_pem()).unwrap();
+        // For clients given a CA file (`wsgate connect --ca`).
+        std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).unwrap();
         TestCa { ca_der: ca_cert.der().clone(), dir }
     }
 
@@ -392,6 +396,11 @@ impl Gateway {
     }
 
     /// A rustls client config trusting the gateway's test CA (built with `.tls()`).
+    /// The test CA's certificate as a PEM file (`.tls()` gateways only).
+    pub fn ca_pem_path(&self) -> String {
+        self.ca.as_ref().expect("gateway built with .tls()").dir.path().join("ca.pem").display().to_string()
+    }
+
     pub fn client_tls(&self) -> Arc<rustls::ClientConfig> {
         self.ca.as_ref().expect("gateway built with .tls()").client_config()
     }
@@ -608,6 +617,11 @@ impl RefusingPort {
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = socket.local_addr().unwrap();
         RefusingPort { socket, addr }
+    }
+
+    /// Starts listening on the port (a service that comes up).
+    pub fn listen(self) -> TcpListener {
+        self.socket.listen(64).unwrap()
     }
 }
 
