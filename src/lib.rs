@@ -43,6 +43,8 @@
 //! - [`metrics`]: every metric name and help text; one Prometheus recorder per instance.
 //! - [`throttle`]: a repeated warning written once per interval, with the count of the rest.
 //! - `admin`: the admin listener: `/metrics`, `/healthz`, `/readyz`.
+//! - [`probe`]: `wsgate probe`: one plain-HTTP GET of `/healthz` as an exit code (the image's
+//!   health check, which has no shell).
 //! - [`shutdown`]: the shutdown request; the drain order lives in [`Gateway::run`].
 //!
 //! # Flow
@@ -79,6 +81,7 @@ pub mod echo;
 pub mod frames;
 pub mod metrics;
 pub mod policy;
+pub mod probe;
 pub mod proxy_protocol;
 pub mod readahead;
 pub mod router;

@@ -44,6 +44,16 @@ enum Command {
     /// Carry a local port (--listen) or stdio (--stdio) over a ws:// or wss:// session to a
     /// wsgate route. Exit codes: docs/client.md.
     Connect(Box<ConnectArgs>),
+    /// GET a plain-HTTP URL (default: the admin listener's /healthz); exit 0 on a 2xx, else 1
+    /// with one line on stderr. For health checks in images without a shell.
+    Probe {
+        /// The URL to GET: http://host[:port][/path].
+        #[arg(default_value = wsgate::probe::DEFAULT_URL)]
+        url: String,
+        /// Give up after this long (connect, request and status line together).
+        #[arg(long, default_value_t = 3, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+        timeout_secs: u64,
+    },
 }
 
 #[derive(clap::Args)]
@@ -113,6 +123,7 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run { config: PathBuf::from("config.toml") }) {
         Command::Check { path } => check(&path),
         Command::Connect(args) => connect(*args),
+        Command::Probe { url, timeout_secs } => probe(&url, timeout_secs),
         Command::Run { config } => {
             match run(&config) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -312,6 +323,17 @@ async fn watch_signals(signals: Signals, shutdown: Shutdown, reloader: Reloader,
         }
         tracing::info!(signal = name, "shutdown requested; send it again to exit at once");
         if name == "SIGINT" { shutdown.now() } else { shutdown.drain() }
+    }
+}
+
+/// `wsgate probe`: silent on success (health checks log their output), one line on failure.
+fn probe(url: &str, timeout_secs: u64) -> ExitCode {
+    match wsgate::probe::probe(url, std::time::Duration::from_secs(timeout_secs)) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wsgate probe: {url}: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

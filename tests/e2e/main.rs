@@ -38,6 +38,8 @@ mod mtls;
 mod operations;
 /// Pools: balancing, failover, health checks, drain and session caps per backend.
 mod pools;
+/// `wsgate probe`: exit codes against a real admin listener (healthy, draining, refused, silent).
+mod probe;
 /// Property tests of the request path up to admission, through the fuzz target's harness.
 mod properties;
 /// Client addresses: PROXY protocol in (trusted balancers only) and out, X-Forwarded-For.
