@@ -10,6 +10,7 @@
 //! - [`config`]: `config.toml` → validated [`Config`] (raw → validated, errors, restart-only
 //!   keys); defaults and limits; one-line errors.
 //! - [`tls`]: rustls server configs from PEM files; the self-signed development pair.
+//! - [`tickets`]: TLS session resumption kept across reloads; ticket keys shared by a fleet.
 //! - `server`: accept loop, TLS, HTTP/1.1, the answer to each request (route, admit, bounds,
 //!   dial, 101, spawn), refusals answered, logged and counted.
 //! - [`admission`]: who gets in and how much they hold: per-client connections, handshakes and
@@ -89,6 +90,7 @@ mod server;
 pub mod session;
 pub mod shutdown;
 pub mod throttle;
+pub mod tickets;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -181,7 +183,8 @@ impl Gateway {
         let metrics = Arc::new(Metrics::new(config.metrics));
         let admission = Arc::new(Admission::new(&config.limits, metrics.handshakes_in_progress.clone()));
         let pools = Arc::new(backend::Pools::new(metrics.clone()));
-        let snapshot = snapshot(&config, &metrics, &admission, &pools)?;
+        let resumption = Arc::new(tickets::Resumption::default());
+        let snapshot = snapshot(&config, &metrics, &admission, &pools, &resumption)?;
         pools.publish(snapshot.router.pools());
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
@@ -203,7 +206,7 @@ impl Gateway {
         let admin_access = Arc::new(std::sync::RwLock::new(Arc::new(admin_access(&config)?)));
         let shared = Arc::new(Shared::new(&config.limits, admission, metrics, snapshot));
         let running = Arc::new(std::sync::Mutex::new(Arc::new(config)));
-        let reloader = Reloader { shared: shared.clone(), running, admin_access, pools };
+        let reloader = Reloader { shared: shared.clone(), running, admin_access, pools, resumption };
         Ok(Gateway { listeners, tcp_echo, admin, shared, ready: Arc::new(AtomicBool::new(false)), reloader })
     }
 
@@ -308,6 +311,8 @@ pub struct Reloader {
     admin_access: Arc<std::sync::RwLock<Arc<admin::Access>>>,
     /// Pool members' states, kept across reloads, and the pools the health task checks.
     pools: Arc<backend::Pools>,
+    /// Listeners' TLS resumption state (ticket keys, session cache), kept across reloads.
+    resumption: Arc<tickets::Resumption>,
 }
 
 impl std::fmt::Debug for Reloader {
@@ -333,8 +338,8 @@ impl Reloader {
         if let Some(what) = config::restart_required(&running, &new) {
             return Err(ReloadError::RestartRequired(what));
         }
-        let snapshot =
-            snapshot(&new, &self.shared.metrics, &self.shared.admission, &self.pools).map_err(ReloadError::Tls)?;
+        let snapshot = snapshot(&new, &self.shared.metrics, &self.shared.admission, &self.pools, &self.resumption)
+            .map_err(ReloadError::Tls)?;
         let admin_access = admin_access(&new).map_err(ReloadError::Tls)?;
         let pools = snapshot.router.pools();
         self.shared.replace(snapshot);
@@ -351,11 +356,12 @@ fn snapshot(
     metrics: &Arc<Metrics>,
     admission: &Admission,
     pools: &backend::Pools,
+    resumption: &tickets::Resumption,
 ) -> Result<Snapshot, StartError> {
     let mut tls = HashMap::new();
     for l in &config.listeners {
         if let Some(files) = &l.tls {
-            tls.insert(l.name.clone(), TlsAcceptor::from(load_tls(&l.name, files)?));
+            tls.insert(l.name.clone(), TlsAcceptor::from(load_tls(&l.name, files, resumption)?));
         }
     }
     let auth = auth::load(config).map_err(StartError::Auth)?;
@@ -379,7 +385,11 @@ fn snapshot(
     })
 }
 
-fn load_tls(name: &str, files: &config::TlsFiles) -> Result<Arc<rustls::ServerConfig>, StartError> {
+fn load_tls(
+    name: &str,
+    files: &config::TlsFiles,
+    resumption: &tickets::Resumption,
+) -> Result<Arc<rustls::ServerConfig>, StartError> {
     let err = |source: tls::TlsError| StartError::Tls { name: name.to_string(), source: Box::new(source) };
     if files.generate_self_signed && tls::needs_dev_pair(&files.cert, &files.key) {
         tls::generate_dev_pair(&files.cert, &files.key).map_err(err)?;
@@ -391,7 +401,8 @@ fn load_tls(name: &str, files: &config::TlsFiles) -> Result<Arc<rustls::ServerCo
              put a real certificate there or set generate_self_signed = false"
         );
     }
-    tls::server_config_with(&files.cert, &files.key, files.client_auth.as_ref()).map_err(err)
+    let state = resumption.state(name, files).map_err(|e| err(e.into()))?;
+    tls::server_config_with(&files.cert, &files.key, files.client_auth.as_ref(), Some(state)).map_err(err)
 }
 
 /// The admin listener's TLS and tokens, loaded from their files (nothing when it is disabled).

@@ -46,6 +46,8 @@ pub mod names {
     pub const USER_SESSIONS: &str = "wsgate_user_sessions_total";
     /// Counter{listener, reason}: TLS handshakes that failed or timed out.
     pub const TLS_HANDSHAKE_FAILURES: &str = "wsgate_tls_handshake_failures_total";
+    /// Counter{listener, kind}: TLS handshakes completed, `full` or `resumed`.
+    pub const TLS_HANDSHAKES: &str = "wsgate_tls_handshakes_total";
     /// Counter{route, status}: HTTP requests answered, by status (101 for upgrades).
     pub const HANDSHAKES: &str = "wsgate_handshakes_total";
     /// Gauge{route}: sessions open.
@@ -228,6 +230,8 @@ impl Metrics {
             handshake_shed: refused("handshake_shed"),
             tls_failed: tls("error"),
             tls_timeout: tls("timeout"),
+            tls_full: self.counter(names::TLS_HANDSHAKES, &[("listener", listener), ("kind", "full")]),
+            tls_resumed: self.counter(names::TLS_HANDSHAKES, &[("listener", listener), ("kind", "resumed")]),
             refused_untrusted_proxy: refused("untrusted_proxy"),
             refused_proxy_header: refused("proxy_header"),
         }
@@ -336,6 +340,7 @@ fn describe(r: &PrometheusRecorder) {
             "Requests a token-mapped route found no allowed target for, by route and reason.",
         ),
         d(names::TLS_HANDSHAKE_FAILURES, Some(Unit::Count), "TLS handshakes that failed or timed out."),
+        d(names::TLS_HANDSHAKES, Some(Unit::Count), "TLS handshakes completed, full or resumed."),
         d(names::HANDSHAKES, Some(Unit::Count), "HTTP requests answered, by route and status (101: upgraded)."),
         d(names::SESSIONS, Some(Unit::Count), "Sessions ended, by route, close code and the side that ended them."),
         d(
@@ -431,6 +436,10 @@ pub struct ListenerMetrics {
     pub tls_failed: Counter,
     /// TLS handshakes that timed out.
     pub tls_timeout: Counter,
+    /// TLS handshakes completed in full.
+    pub tls_full: Counter,
+    /// TLS handshakes that resumed an earlier session.
+    pub tls_resumed: Counter,
     /// Closed at accept on a `proxy_protocol` listener: the peer is not in `trusted_proxies`.
     pub refused_untrusted_proxy: Counter,
     /// Closed on a `proxy_protocol` listener: a trusted peer sent no PROXY header, a malformed

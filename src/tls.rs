@@ -49,6 +49,9 @@ pub enum TlsError {
         #[source]
         source: rustls::Error,
     },
+    /// The listener's `ticket_keys` file could not be used, or tickets could not be set up.
+    #[error(transparent)]
+    TicketKeys(#[from] crate::tickets::TicketKeysError),
     /// The CA file for client certificates (`tls.client_ca`) could not be read or holds no
     /// usable CA certificate.
     #[error("client_ca file {path}: {problem}")]
@@ -83,17 +86,19 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// Builds a server config from a PEM certificate chain and key.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
-    server_config_with(cert, key, None)
+    server_config_with(cert, key, None, None)
 }
 
 /// Builds a server config from a PEM certificate chain and key that, with `clients`, asks for
 /// client certificates and verifies them: a certificate that does not chain to the CA, has
 /// expired, is not for client authentication or is revoked by one of the lists fails the
-/// handshake, as does none at all when it is `required`.
+/// handshake, as does none at all when it is `required`. With `resumption`, sessions are
+/// resumed with that ticketer and cache (kept across reloads) instead of fresh ones.
 pub fn server_config_with(
     cert: &Path,
     key: &Path,
     clients: Option<&ClientAuth>,
+    resumption: Option<crate::tickets::State>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let cert_err = |problem: String| TlsError::Cert { path: cert.to_path_buf(), problem };
     let chain = CertificateDer::pem_file_iter(cert)
@@ -114,6 +119,10 @@ pub fn server_config_with(
     };
     let mut config = builder.with_single_cert(chain, key_der).map_err(pair_err)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    if let Some(state) = resumption {
+        config.ticketer = state.ticketer;
+        config.session_storage = state.cache;
+    }
     Ok(Arc::new(config))
 }
 

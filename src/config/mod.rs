@@ -110,6 +110,10 @@ pub struct TlsFiles {
     pub generate_self_signed: bool,
     /// Client certificates (mTLS), when the listener asks for them (`client_ca`).
     pub client_auth: Option<ClientAuth>,
+    /// Stateless session tickets (`session_tickets`, default on).
+    pub session_tickets: bool,
+    /// A file of ticket keys shared by a fleet (`ticket_keys`); rotating keys of our own without.
+    pub ticket_keys: Option<PathBuf>,
 }
 
 /// How a `wss` listener verifies client certificates (`tls.client_ca`, `client_auth`,

@@ -67,6 +67,9 @@ pub(super) struct RawTls {
     pub client_ca: Option<String>,
     pub client_auth: Option<Choice<ClientAuthMode>>,
     pub client_crls: Option<Vec<String>>,
+    // Resumption.
+    pub session_tickets: Option<bool>,
+    pub ticket_keys: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -429,6 +432,8 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
     ("listeners.NAME.tls.client_ca", Reload),
     ("listeners.NAME.tls.client_auth", Reload),
     ("listeners.NAME.tls.client_crls", Reload),
+    ("listeners.NAME.tls.session_tickets", Reload),
+    ("listeners.NAME.tls.ticket_keys", Reload),
     ("routes.NAME.path", Reload),
     ("routes.NAME.match", Reload),
     ("routes.NAME.host", Reload),

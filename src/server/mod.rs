@@ -220,7 +220,13 @@ async fn handle_connection(
         let stream = match tls {
             None => ClientStream::Tcp(tcp),
             Some(acceptor) => match tokio::time::timeout_at(deadline, tls_handshake(acceptor, tcp, &conn)).await {
-                Ok(Ok(stream)) => ClientStream::Tls(Box::new(stream)),
+                Ok(Ok(stream)) => {
+                    match stream.get_ref().1.handshake_kind() {
+                        Some(rustls::HandshakeKind::Resumed) => metrics.tls_resumed.increment(1),
+                        _ => metrics.tls_full.increment(1),
+                    }
+                    ClientStream::Tls(Box::new(stream))
+                }
                 Ok(Err(e)) => {
                     metrics.tls_failed.increment(1);
                     debug!(error = %e, "tls handshake failed");

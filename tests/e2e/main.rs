@@ -44,6 +44,8 @@ mod probe;
 mod properties;
 /// Client addresses: PROXY protocol in (trusted balancers only) and out, X-Forwarded-For.
 mod proxy_protocol;
+/// TLS session resumption: tickets kept across reloads, keys shared by replicas and rotated.
+mod resumption;
 /// No token, password, JWT or key in any log line (at trace, text and JSON) or metric.
 mod secrets;
 /// Start-up: config fixtures, the shipped config.toml, development certificates, bind errors.

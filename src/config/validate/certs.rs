@@ -6,6 +6,7 @@
 use super::super::raw::{RawAdmin, RawTls};
 use super::super::{AdminAccess, AdminTls, CertPattern, ClientAuth, ClientAuthMode, Listener, Route, TokenHash};
 use super::Validator;
+use std::path::PathBuf;
 
 /// Probes need these without a token: kubelet cannot send one from a plain `httpGet` probe.
 const DEFAULT_OPEN_PATHS: [&str; 2] = ["/healthz", "/readyz"];
@@ -33,6 +34,16 @@ impl Validator<'_> {
         let crls =
             crls.unwrap_or_default().iter().map(|crl| self.file_path(&format!("{key}.tls.client_crls"), crl)).collect();
         Some(ClientAuth { ca, mode, crls })
+    }
+
+    /// `tls.ticket_keys` of listener `key`: a file of shared ticket keys, which only means
+    /// something while tickets are on.
+    pub(super) fn ticket_keys(&mut self, key: &str, raw: &RawTls) -> Option<PathBuf> {
+        let path = raw.ticket_keys.as_ref()?;
+        if raw.session_tickets == Some(false) {
+            self.fail(format!("{key}.tls.ticket_keys"), "needs session_tickets = true (tickets are off)");
+        }
+        Some(self.file_path(&format!("{key}.tls.ticket_keys"), path))
     }
 
     /// A route's `client_certs`. Each entry is `CN=<common name>` (exact), `URI:<uri>` (exact),

@@ -147,6 +147,8 @@ impl Validator<'_> {
             key: self.file_path(&format!("{key}.tls.key"), &t.key),
             generate_self_signed: t.generate_self_signed,
             client_auth: self.client_auth(&key, &mut t),
+            session_tickets: t.session_tickets.unwrap_or(true),
+            ticket_keys: self.ticket_keys(&key, &t),
         });
         let addressing = self.addressing(&key, raw.proxy_protocol, raw.trusted_proxies, raw.forwarded_header);
         Some(Listener { name, address: address?, tls, addressing: addressing? })
