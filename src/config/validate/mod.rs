@@ -259,6 +259,7 @@ impl Validator<'_> {
             on_refusal: on_refusal?,
             client_certs: client_certs?,
             backend_tls: backend_tls?,
+            half_close: raw.half_close.unwrap_or(true),
         })
     }
 
