@@ -1,5 +1,6 @@
 //! `wsgate connect`, the binary as a user runs it: stdio with half-close, --listen over ws and
-//! wss, a CONNECT proxy, a real sshd through ProxyCommand, and the error cases' exit codes.
+//! wss, a CONNECT proxy, a real sshd through ProxyCommand, and the error cases' exit codes; each
+//! option's effect in `options`, the token carriers and `half_close = false` in `carriers`.
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
