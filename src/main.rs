@@ -90,6 +90,10 @@ struct ConnectArgs {
     /// Send the bearer token held in this file (trailing whitespace ignored).
     #[arg(long, value_name = "PATH", conflicts_with = "token_env")]
     token_file: Option<PathBuf>,
+    /// Where the token goes: header (Authorization: Bearer), cookie:NAME, query
+    /// (?access_token=) or subprotocol:PREFIX; as the route's [auth] accepts it. Default: header.
+    #[arg(long, value_name = "CARRIER")]
+    token_via: Option<String>,
     /// An extra request header, `Name: value` (repeatable).
     #[arg(long = "header", value_name = "NAME: VALUE")]
     headers: Vec<String>,
@@ -405,6 +409,11 @@ fn connect_options(
         )),
         (None, None) => None,
     };
+    let token_via = match (&args.token_via, &token) {
+        (None, _) => wsgate::client::TokenVia::Header,
+        (Some(via), Some(_)) => wsgate::client::TokenVia::parse(via)?,
+        (Some(_), None) => return Err(ClientError::Usage("--token-via needs --token-env or --token-file".into())),
+    };
     let headers = args
         .headers
         .iter()
@@ -443,6 +452,7 @@ fn connect_options(
         target,
         tls,
         token,
+        token_via,
         headers,
         subprotocols: args.subprotocols.clone(),
         proxy,

@@ -322,11 +322,16 @@ fn start_clients(setup: &Setup, want: &dyn Fn(&str) -> bool, limits: &str, targe
             continue;
         }
         let config = setup.dir.path().join(format!("{name}-gateway.toml"));
+        // Every session reaches this gateway from the one client process, as through an HTTP
+        // proxy, so its per-client caps are off (docs/config.md, `[limits.per_client]`): at the
+        // defaults (a burst of 100 new connections, then 20 a second) the run's second figure
+        // had its connections refused, and the client under test reset them.
         std::fs::write(
             &config,
             format!(
                 "[listeners.plain]\naddress = \"127.0.0.1:0\"\n[routes.bench]\npath = \"/bench\"\nbackend = \"{}\"\n\
-                 [admin]\naddress = \"127.0.0.1:0\"\n[shutdown]\ndrain_delay_secs = 0\nclose_window_secs = 0\n[limits]\n{}\n",
+                 [admin]\naddress = \"127.0.0.1:0\"\n[shutdown]\ndrain_delay_secs = 0\nclose_window_secs = 0\n[limits]\n{}\n\
+                 [limits.per_client]\nmax_connections = 0\nmax_handshakes = 0\nnew_connections_per_sec = 0\n",
                 setup.echo,
                 limits.replace(';', "\n")
             ),

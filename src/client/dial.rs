@@ -10,6 +10,7 @@ use hyper_tungstenite::WebSocketStream;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tracing::info;
 use tungstenite::client::IntoClientRequest;
 use tungstenite::handshake::derive_accept_key;
 use tungstenite::http::{HeaderName, HeaderValue, header};
@@ -205,14 +206,11 @@ async fn handshake(mut io: Box<dyn Duplex>, options: &Options) -> Result<Dialed,
             .map_err(|_| ClientError::Usage("--subprotocol: not a valid header value".into()))?;
         headers.insert(header::SEC_WEBSOCKET_PROTOCOL, offered);
     }
+    let mut path = request.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
     if let Some(token) = &options.token {
-        let mut value = HeaderValue::from_str(&format!("Bearer {}", token.0))
-            .map_err(|_| ClientError::Usage("the token holds characters a header cannot carry".into()))?;
-        value.set_sensitive(true);
-        headers.insert(header::AUTHORIZATION, value);
+        options.token_via.apply(token, request.headers_mut(), &mut path)?;
     }
     let key = request.headers().get(header::SEC_WEBSOCKET_KEY).map(|k| k.as_bytes().to_vec()).unwrap_or_default();
-    let path = request.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let mut head = format!("GET {path} HTTP/1.1\r\n").into_bytes();
     for (name, value) in request.headers() {
         head.extend_from_slice(name.as_str().as_bytes());
@@ -221,7 +219,15 @@ async fn handshake(mut io: Box<dyn Duplex>, options: &Options) -> Result<Dialed,
         head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(b"\r\n");
-    let failed = |e: std::io::Error| ClientError::Unreachable(format!("{}: {e}", options.target.authority()));
+    let failed = |e: std::io::Error| match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        // TLS 1.3 finishes the client's handshake before the server has checked the client's
+        // certificate: a refusal of ours (none, unknown CA, revoked) is an alert read here.
+        Some(tls) => ClientError::Tls {
+            host: options.tls.server_name.clone().unwrap_or_else(|| options.target.host.clone()),
+            problem: tls.to_string(),
+        },
+        None => ClientError::Unreachable(format!("{}: {e}", options.target.authority())),
+    };
     io.write_all(&head).await.map_err(failed)?;
     io.flush().await.map_err(failed)?;
     let answer = read_head(&mut io).await.map_err(failed)?;
@@ -234,12 +240,20 @@ async fn handshake(mut io: Box<dyn Duplex>, options: &Options) -> Result<Dialed,
     if accept != Some(derive_accept_key(&key).as_str()) {
         return Err(ClientError::Handshake("the 101 does not carry the right Sec-WebSocket-Accept".into()));
     }
-    if let Some(chosen) = answer.header(header::SEC_WEBSOCKET_PROTOCOL.as_str())
+    let chosen = answer.header(header::SEC_WEBSOCKET_PROTOCOL.as_str());
+    if let Some(chosen) = chosen
         && !options.subprotocols.iter().any(|p| p == chosen)
     {
         return Err(ClientError::Handshake(format!("the gateway chose subprotocol {chosen:?}, which was not offered")));
     }
     let agreed = answer.header(control::HEADER) == Some(control::VERSION);
+    // Not an error: an older gateway, or a route with `half_close = false`. The local side's EOF
+    // then ends the session (a Close 1000), and what the backend would send after it is lost.
+    let half_close = options.control && agreed;
+    if options.control && !agreed {
+        info!("the gateway did not agree to the control channel: the local side's EOF will end the session");
+    }
+    info!(subprotocol = chosen.unwrap_or("none"), half_close, "upgraded");
     let config = WebSocketConfig::default()
         // Data frames go past tungstenite (`frames`); only control frames pass through it.
         .write_buffer_size(0)
@@ -250,7 +264,7 @@ async fn handshake(mut io: Box<dyn Duplex>, options: &Options) -> Result<Dialed,
     // which is why the head was read a byte at a time rather than by tungstenite's handshake.
     let gate = FrameGate::new(io).frame_limit(MAX_MESSAGE_BYTES);
     let ws = WebSocketStream::from_raw_socket(gate, Role::Client, Some(config)).await;
-    Ok(Dialed { ws, control: options.control && agreed })
+    Ok(Dialed { ws, control: half_close })
 }
 
 /// The head of the gateway's answer to the upgrade.
@@ -423,6 +437,7 @@ mod tests {
             target: Target::parse(&format!("ws://{addr}/x")).unwrap(),
             tls: Default::default(),
             token: None,
+            token_via: Default::default(),
             headers: Vec::new(),
             subprotocols: Vec::new(),
             proxy: None,

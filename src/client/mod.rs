@@ -16,6 +16,7 @@
 mod dial;
 mod local;
 mod tls;
+mod token;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -31,6 +32,7 @@ use crate::metrics::DirectionMetrics;
 
 pub use dial::{Proxy, Target, is_exempt};
 pub use local::Listen;
+pub use token::TokenVia;
 
 /// What `wsgate connect` was asked to do, validated (`main` parses the arguments).
 #[derive(Debug, Clone)]
@@ -39,8 +41,10 @@ pub struct Options {
     pub target: Target,
     /// How the server is verified and how this client proves itself.
     pub tls: TlsOptions,
-    /// Sent as `Authorization: Bearer`; never logged.
+    /// The bearer token; never logged.
     pub token: Option<Secret>,
+    /// Where the token goes (`--token-via`).
+    pub token_via: TokenVia,
     /// Extra request headers.
     pub headers: Vec<(String, String)>,
     /// Subprotocols offered, in order.

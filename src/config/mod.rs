@@ -222,6 +222,9 @@ pub struct Route {
     pub client_certs: Vec<CertPattern>,
     /// TLS to the backend (`[routes.NAME.backend_tls]`), if any.
     pub backend_tls: Option<BackendTls>,
+    /// Whether the gateway agrees to the wsgate control channel (`crate::control`: half-close)
+    /// when a client asks for it (`half_close`, default true).
+    pub half_close: bool,
 }
 
 /// Which client message types a route accepts; at least one is true.
@@ -544,6 +547,7 @@ pub(crate) fn test_route(name: &str, path: &str, backend: Backend) -> Route {
         on_refusal: OnRefusal::Http,
         client_certs: vec![],
         backend_tls: None,
+        half_close: true,
     }
 }
 

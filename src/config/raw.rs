@@ -100,6 +100,7 @@ pub(super) struct RawRoute {
     // Token-mapped targets (`targets` instead of `backend`).
     pub targets: Option<RawTargets>,
     pub backend_tls: Option<RawBackendTls>,
+    pub half_close: Option<bool>,
 }
 
 /// One entry of a route's `backends` list.
@@ -447,6 +448,7 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
     ("routes.NAME.clients.deny", Reload),
     ("routes.NAME.proxy_protocol", Reload),
     ("routes.NAME.client_certs", Reload),
+    ("routes.NAME.half_close", Reload),
     // Pools: a reload builds new pools; each member's health and session count are kept by
     // (route, name), so a reload changes weights, caps and drains without losing them.
     ("routes.NAME.backends", Reload),

@@ -447,7 +447,8 @@ async fn upgrade(
     let key = req.headers().get(header::SEC_WEBSOCKET_KEY).map(HeaderValue::as_bytes).unwrap_or_default();
     let mut response = switching_protocols(key, admitted.subprotocol.as_deref());
     // Only the bridge speaks it: the built-in echo and closes at once do not.
-    let control = matches!(dialed, Dialed::Backend(_)) && agree_control(req.headers(), &mut response);
+    let control =
+        entry.route.half_close && matches!(dialed, Dialed::Backend(_)) && agree_control(req.headers(), &mut response);
     if let (Some(user), Some(true)) = (&admitted.identity.user, entry.route.auth.as_ref().map(|a| a.user_label)) {
         entry.metrics.user_session(user);
     }

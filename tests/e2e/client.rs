@@ -1,5 +1,6 @@
 //! `wsgate connect`, the binary as a user runs it: stdio with half-close, --listen over ws and
-//! wss, a CONNECT proxy, a real sshd through ProxyCommand, and the error cases' exit codes.
+//! wss, a CONNECT proxy, a real sshd through ProxyCommand, and the error cases' exit codes; each
+//! option's effect in `options`, the token carriers and `half_close = false` in `carriers`.
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -9,6 +10,12 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::support::client::{Connect, ConnectProxy, Sshd};
 use crate::support::*;
+
+/// The token carriers (`--token-via`) and a route refusing the control channel.
+mod carriers;
+/// Each option shown to take effect: `--listen unix:`, mTLS, `--header`, `--subprotocol`,
+/// `--ping-secs`, half-close through a TLS backend.
+mod options;
 
 /// A service that answers only after reading EOF: it reads everything, then sends it back
 /// reversed and closes (what `sort` does, with a check that every byte counted).

@@ -16,7 +16,8 @@ mod backends;
 mod bridging;
 /// The browser contract in headless Chromium: events, codes, reasons, the console page.
 mod browser;
-/// `wsgate connect`: stdio with half-close, --listen over ws/wss, a CONNECT proxy, sshd, errors.
+/// `wsgate connect`: stdio with half-close, --listen over ws/wss/unix, a CONNECT proxy, sshd,
+/// errors, mTLS, headers, subprotocols, pings, token carriers, `half_close = false`.
 mod client;
 /// Route client rules (`clients` allow/deny): 403 before the dial, by the forwarded address too.
 mod client_rules;

@@ -74,6 +74,25 @@ impl Pki {
         }
     }
 
+    /// A client certificate with common name `cn` written as PEM files in this CA's directory,
+    /// for clients that read files (`wsgate connect --cert --key`): (chain, key).
+    pub(crate) fn client_files(&self, cn: &str) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let (chain, key_file) = (self.path(&format!("{cn}.pem")), self.path(&format!("{cn}.key")));
+        std::fs::write(&chain, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        (chain, key_file)
+    }
+
+    /// This CA's certificate as a PEM file.
+    pub(crate) fn ca_file(&self) -> PathBuf {
+        self.path("ca.pem")
+    }
+
     /// Writes `crl.pem`: this CA's revocation list naming `serials`.
     fn write_crl(&self, serials: &[u64]) {
         let revoked = serials

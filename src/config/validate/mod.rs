@@ -261,6 +261,7 @@ impl Validator<'_> {
             on_refusal: on_refusal?,
             client_certs: client_certs?,
             backend_tls: backend_tls?,
+            half_close: raw.half_close.unwrap_or(true),
         })
     }
 
@@ -675,6 +676,16 @@ mod tests {
         assert!(err(&format!("{MINIMAL}accept = []\n")).contains("routes.echo.accept"));
         assert!(err(&format!("{MINIMAL}subprotocols = [\"a b\"]\n")).contains("routes.echo.subprotocols"));
         assert!(err(&format!("{MINIMAL}[console]\nenabled = true\npath = \"console\"\n")).contains("console.path"));
+    }
+
+    /// `half_close`: true unless set; `false` reads; anything but a boolean is one line naming it.
+    #[test]
+    fn half_close() {
+        assert!(ok(MINIMAL).routes[0].half_close);
+        assert!(!ok(&format!("{MINIMAL}half_close = false\n")).routes[0].half_close);
+        let e = err(&format!("{MINIMAL}half_close = 0\n"));
+        assert!(e.contains("routes.echo.half_close: invalid type: integer `0`, expected a boolean"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
     }
 
     /// `[shutdown]` (with zero delays), `[admin]`, `[log]` and `tcp_keepalive_secs` parse and validate.

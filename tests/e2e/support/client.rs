@@ -44,6 +44,11 @@ impl Connect {
         self
     }
 
+    pub fn args(mut self, args: &[&str]) -> Connect {
+        self.0.args(args);
+        self
+    }
+
     pub fn env(mut self, key: &str, value: &str) -> Connect {
         self.0.env(key, value);
         self
@@ -70,15 +75,22 @@ impl Connect {
     }
 
     /// Runs with `--listen 127.0.0.1:0` and waits until it says which port it bound.
-    pub async fn listen(mut self) -> Listening {
-        self.0.args(["--listen", "127.0.0.1:0"]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    pub async fn listen(self) -> Listening {
+        let (bound, listening) = self.listen_on("127.0.0.1:0").await;
+        Listening { addr: bound.parse().unwrap(), ..listening }
+    }
+
+    /// Runs with `--listen SPEC` (`unix:/path`, say) and waits until it says what it bound;
+    /// returns that as printed (the `addr` of the `Listening` is then unspecified).
+    pub async fn listen_on(mut self, spec: &str) -> (String, Listening) {
+        self.0.args(["--listen", spec]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = self.0.spawn().unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr = within("wsgate connect to listen", async {
+        let bound = within("wsgate connect to listen", async {
             loop {
                 let line = lines.next_line().await.unwrap().expect("wsgate connect exited before listening");
-                if let Some(addr) = line.strip_prefix("wsgate connect: listening on ") {
-                    return addr.parse::<SocketAddr>().unwrap();
+                if let Some(bound) = line.strip_prefix("wsgate connect: listening on ") {
+                    return bound.to_string();
                 }
             }
         })
@@ -92,7 +104,8 @@ impl Connect {
                 kept.lock().unwrap().push('\n');
             }
         });
-        Listening { addr, _child: child, log }
+        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+        (bound, Listening { addr: unspecified, _child: child, log })
     }
 }
 
