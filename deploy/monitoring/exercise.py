@@ -14,7 +14,8 @@ runs twice; the gateway is scraped after each round, so every counter has two sa
 a rate over. Every wait is on an event (a frame read, a metric reaching a value), with a
 deadline.
 
-Usage: exercise.py WSGATE_BINARY OUT_DIR  ->  OUT_DIR/scrape-1.prom, scrape-2.prom, instance
+Usage: exercise.py WSGATE_BINARY OUT_DIR  ->  OUT_DIR/scrape-{0,1,2}.prom (0: before any traffic),
+instance (the admin address)
 Stdlib only (Python 3.11).
 """
 
@@ -434,6 +435,8 @@ def main():
     config = write_config(out, echo_port, fire_port, dead.getsockname()[1])
     gw = Gateway(binary, config)
     try:
+        with open(os.path.join(out, "scrape-0.prom"), "w") as f:
+            f.write(gw.scrape())  # before any traffic: which series exist from the start
         for i in (1, 2):
             round_of_traffic(gw, config)
             with open(os.path.join(out, f"scrape-{i}.prom"), "w") as f:

@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Checks dashboard.json, alerts.yml and docs/metrics.md against a real wsgate exposition.
 
-Input: the two scrapes that exercise.py wrote (OUT_DIR/scrape-1.prom, scrape-2.prom). Prints
+Input: the scrapes that exercise.py wrote (OUT_DIR/scrape-0.prom before traffic, scrape-1.prom
+and scrape-2.prom after each round). Prints
 one line per thing checked and exits 1 if any failed:
 
 - every wsgate_* name in dashboard.json and alerts.yml is exported by the real gateway;
 - every metric the gateway exports is on the dashboard, and documented in docs/metrics.md's
-  reference table with the type and labels it really has;
+  reference table with the type and labels it really has; the metrics docs/metrics.md says
+  appear only with their first event are exactly those missing from a scrape before traffic;
 - each use of a metric fits its type: counters only inside rate/irate/increase/resets/changes,
   gauges never there, histogram buckets only in histogram_quantile with `le` kept;
 - the dashboard's structure (datasource variable, instance and route variables, every panel on
@@ -223,6 +225,17 @@ def main():
                f"docs: {fam} is a {types.get(fam)} with labels {{{', '.join(sorted(real))}}}"
                + ("" if kind == types.get(fam) and labels == real else
                   f"; docs/metrics.md says {kind} {{{', '.join(sorted(labels))}}}"))
+    # The metrics docs/metrics.md says appear with their first occurrence are exactly those
+    # missing before any traffic.
+    with open(os.path.join(OUT, "scrape-0.prom")) as f:
+        at_start = {family(n, types) for n, _ in parse_exposition(f.read())[0]}
+    m = re.search(r"The others appear with their first occurrence:(.*?)Write alert expressions", docs, re.S)
+    later = set(re.findall(r"`(wsgate_\w+)`", m.group(1) if m else ""))
+    report(later == families - at_start,
+           f"docs: the {len(later)} metrics docs/metrics.md says appear with their first event are the ones "
+           f"absent before traffic ({len(at_start)} present)"
+           + ("" if later == families - at_start else
+              f"; absent at start: {', '.join(sorted(families - at_start))}; docs say: {', '.join(sorted(later))}"))
     stale = sorted(set(table) - families)
     report(not stale, "docs: every metric in docs/metrics.md's table is exported"
            + (f"; not exported: {', '.join(stale)}" if stale else ""))
