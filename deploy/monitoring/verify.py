@@ -18,7 +18,9 @@ one line per thing checked and exits 1 if any failed:
   does not;
 - with promtool, on the two scrapes as input series (a minute apart, with job and instance
   labels as Prometheus adds them): every panel query and both variable queries return at least
-  one series, and every selector in alerts.yml matches at least one series.
+  one series, and every selector in alerts.yml matches at least one series;
+- with promtool, alerts.yml on those scrapes continued for half an hour: exactly the alerts the
+  exercise provokes fire (REAL_DATA_FIRES), with their labels and annotations, and no other.
 
 Usage: verify.py MONITORING_DIR OUT_DIR DOCS_METRICS_MD.  Stdlib only (Python 3.11).
 """
@@ -110,6 +112,71 @@ def promtool_nonempty(series, expr):
     return r.returncode == 0, (r.stdout + r.stderr).strip()
 
 
+MINUTES = 30
+# What the exercise's traffic makes fire, taking the two scrapes as a minute apart: the dead pool
+# member stays ejected, a token names a target outside the allow-list each round, the capped
+# route sheds a session each round, and the firehose route discards megabytes each round. Every
+# other alert must stay quiet (1 failed connect, 1 TLS failure, 1 bad token a minute are below
+# their floors; a rejected and an applied reload in the same minute leave the config applied).
+REAL_DATA_FIRES = {
+    "WsgatePoolMemberDown": [{"route": "pool", "backend": "dead"}],
+    "WsgateTargetNotAllowed": [{"route": "desks"}],
+    "WsgateSessionsShed": [{"route": "capped", "reason": "max_sessions"}],
+    "WsgateDroppedBytes": [{"route": "firehose"}],
+}
+
+
+def series_extended(scrapes, types, instance):
+    """The last two scrapes as input series continued for MINUTES minutes."""
+    a, b = scrapes[-2], scrapes[-1]
+    out = []
+    for key in sorted(set(a) | set(b)):
+        name, labels = key
+        labels = dict(labels, job=JOB, instance=instance)
+        sel = name + "{" + ",".join(f'{k}="{esc(v)}"' for k, v in sorted(labels.items())) + "}"
+        fam = family(name, types)
+        counter = types.get(fam) == "counter" or (types.get(fam) == "histogram")
+        first = a.get(key, "_")
+        if key not in b:
+            values = f"{first} " + " ".join("_" for _ in range(MINUTES))
+        elif counter and first != "_":
+            values = f"{first} {b[key]}+{float(b[key]) - float(first)!r}x{MINUTES - 1}"
+        else:
+            values = f"{first} {b[key]}x{MINUTES - 1}"
+        out.append((sel, values))
+    out.append((f'up{{instance="{instance}",job="{JOB}"}}', f"1x{MINUTES}"))
+    return out
+
+
+def render(text, labels):
+    return re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels[m.group(1)], text)
+
+
+def alerts_on_real_data(series, rules, instance, mon):
+    lines = [f"rule_files: [{yq(os.path.abspath(os.path.join(mon, 'alerts.yml')))}]", "evaluation_interval: 1m", "tests:",
+             "  - interval: 1m", "    input_series:"]
+    for sel, values in series:
+        lines += [f"      - series: {yq(sel)}", f"        values: {yq(values)}"]
+    lines.append("    alert_rule_test:")
+    for alert, rule in rules.items():
+        lines += [f"      - eval_time: {MINUTES}m", f"        alertname: {alert}"]
+        want = REAL_DATA_FIRES.get(alert, [])
+        if not want:
+            lines.append("        exp_alerts: []")
+            continue
+        lines.append("        exp_alerts:")
+        for labels in want:
+            full = dict(labels, job=JOB, instance=instance)
+            lines.append(f"          - exp_labels: {json.dumps(dict(full, severity=rule['severity']))}")
+            lines.append("            exp_annotations: " + json.dumps(
+                {"summary": render(rule["summary"], full), "description": render(rule["description"], full)}))
+    path = os.path.join(OUT, "alerts-real-data-test.yml")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    r = subprocess.run(["promtool", "test", "rules", path], capture_output=True, text=True)
+    return r.returncode == 0, (r.stdout + r.stderr).strip()
+
+
 def substitute(expr):
     for k in sorted(MACROS, key=len, reverse=True):
         expr = expr.replace(k, MACROS[k])
@@ -119,24 +186,28 @@ def substitute(expr):
 # ---- alerts.yml without a YAML library ------------------------------------------------------
 
 def alert_rules(text):
-    """[(alert, expr)] from alerts.yml: `expr:` inline or as an indented block scalar."""
-    rules, lines, i = [], text.splitlines(), 0
+    """{alert: {expr, severity, summary, description}} from alerts.yml, in file order: `expr:`
+    inline or an indented block scalar, `summary:` double-quoted, `description: >-` folded."""
+    rules, lines, i = {}, text.splitlines(), 0
     alert = None
     while i < len(lines):
         line = lines[i]
         m = re.match(r"^\s*- alert: (\S+)", line)
         if m:
             alert = m.group(1)
-        m = re.match(r"^(\s*)expr: ?(.*)$", line)
-        if m:
-            indent, value = len(m.group(1)), m.group(2).strip()
+            rules[alert] = {}
+        m = re.match(r"^(\s*)(expr|severity|summary|description): ?(.*)$", line)
+        if m and alert:
+            indent, key, value = len(m.group(1)), m.group(2), m.group(3).strip()
             if value in ("|", ">", "|-", ">-"):
                 block = []
                 while i + 1 < len(lines) and (not lines[i + 1].strip() or len(lines[i + 1]) - len(lines[i + 1].lstrip()) > indent):
                     i += 1
                     block.append(lines[i].strip())
-                value = " ".join(block)
-            rules.append((alert, value))
+                value = ("\n" if value.startswith("|") else " ").join(block).strip()
+            elif value.startswith('"'):
+                value = json.loads(value)
+            rules[alert][key] = value
         i += 1
     return rules
 
@@ -285,8 +356,8 @@ def main():
         ok, out = promtool_nonempty(series, f"count by ({m.group(2)}) ({substitute(m.group(1))})")
         report(ok, f"data: variable ${name} ({q}) has values" + ("" if ok else f"\n{out}"))
     rules = alert_rules(alerts_text)
-    for alert, expr in rules:
-        expr = strip_comments(expr)
+    for alert, rule in rules.items():
+        expr = strip_comments(rule["expr"])
         check_uses(f"alert {alert}", expr, types, labels_of)
         sels = sorted({m.group(0) for m in SELECTOR.finditer(expr)})
         dead = []
@@ -297,9 +368,20 @@ def main():
         report(not dead, f"data: alert {alert}: its {len(sels)} selectors each match series"
                + (f"; match nothing: {', '.join(dead)}" if dead else ""))
 
-    # 5. Each alert fires in one test case and stays quiet in another.
+    # 5. The alerts on the real data, continued for half an hour at the pace of the two scrapes
+    # (gauges hold, counters keep growing by what they grew between the scrapes): exactly the
+    # alerts the exercise provokes fire, with their labels and rendered annotations.
+    ok, out = alerts_on_real_data(series_extended(scrapes, types, instance), rules, instance, mon)
+    for alert in rules:
+        want = REAL_DATA_FIRES.get(alert, [])
+        report(ok, f"real data: {alert} " + (f"fires for {', '.join(str(w) for w in want)}" if want else "stays quiet")
+               + ("" if ok else f"\n{out}"))
+        if not ok:
+            break
+
+    # 6. Each alert fires in one test case and stays quiet in another.
     cases = re.findall(r"alertname: (\S+)\n\s+exp_alerts:( \[\])?", tests_text)
-    for alert, _ in rules:
+    for alert in rules:
         fires = any(a == alert and not q for a, q in cases)
         quiet = any(a == alert and q for a, q in cases)
         report(fires and quiet, f"tests: {alert} has a firing and a quiet case in alerts.test.yml")
