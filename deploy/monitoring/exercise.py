@@ -242,7 +242,7 @@ allow_ports = [{echo_port}]
 [routes.idle]
 path = "/idle"
 backend = "127.0.0.1:{echo_port}"
-limits = {{ idle_timeout_secs = 0.3 }}
+limits = {{ idle_timeout_secs = 0.5 }}
 
 [routes.capped]
 path = "/capped"
