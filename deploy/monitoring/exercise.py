@@ -443,6 +443,9 @@ def main():
                 f.write(gw.scrape())
         with open(os.path.join(out, "instance"), "w") as f:
             f.write(gw.admin.split("//", 1)[1].split("/", 1)[0])
+    except BaseException:
+        sys.stderr.write("exercise: the gateway's last log lines:\n" + "".join(gw.lines[-30:]))
+        raise
     finally:
         gw.stop()
     with open(os.path.join(out, "gateway.log"), "w") as f:

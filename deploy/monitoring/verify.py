@@ -39,6 +39,7 @@ RATE_WRAPPERS = r"(rate|irate|increase|deriv)\(\s*$"
 SELECTOR = re.compile(r"\b((?:wsgate_\w+)|up)\b(\{[^}]*\})?")
 
 failures = 0
+OUT = None  # the exercise's output directory, where the generated promtool files go too
 
 
 def report(ok, what):
@@ -218,7 +219,7 @@ def strip_comments(expr):
 
 # ---- checks ---------------------------------------------------------------------------------
 
-def check_uses(where, expr, types, samples_labels):
+def check_uses(where, expr, types):
     """Each metric in `expr` used as its type allows."""
     problems = []
     for m in SELECTOR.finditer(expr):
@@ -347,7 +348,7 @@ def main():
     for p in panels:
         for t in p["targets"]:
             where = f"panel {p['title']!r} {t['refId']}"
-            check_uses(where, t["expr"], types, labels_of)
+            check_uses(where, t["expr"], types)
             ok, out = promtool_nonempty(series, substitute(t["expr"]))
             report(ok, f"data: {where} returns series" + ("" if ok else f"\n{out}"))
     for name in ("instance", "route"):
@@ -358,7 +359,7 @@ def main():
     rules = alert_rules(alerts_text)
     for alert, rule in rules.items():
         expr = strip_comments(rule["expr"])
-        check_uses(f"alert {alert}", expr, types, labels_of)
+        check_uses(f"alert {alert}", expr, types)
         sels = sorted({m.group(0) for m in SELECTOR.finditer(expr)})
         dead = []
         for sel in sels:
