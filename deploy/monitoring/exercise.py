@@ -310,22 +310,22 @@ class Gateway:
             return r.read().decode()
 
     def value(self, name, **labels):
-        """Sum of the samples of `name` whose labels include `labels`."""
-        total = 0.0
+        """Sum of the samples of `name` whose labels include `labels`; None if there are none."""
+        total = None
         for line in self.scrape().splitlines():
             m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$", line)
             if not m or m.group(1) != name:
                 continue
             have = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(3) or ""))
             if all(have.get(k) == v for k, v in labels.items()):
-                total += float(m.group(4))
+                total = (total or 0.0) + float(m.group(4))
         return total
 
     def await_metric(self, what, cond, name, **labels):
         deadline = time.monotonic() + DEADLINE
         while True:
             v = self.value(name, **labels)
-            if cond(v):
+            if v is not None and cond(v):
                 return v
             if time.monotonic() > deadline:
                 raise SystemExit(f"exercise: timed out waiting for {what} ({name} {labels} = {v})")
@@ -395,14 +395,14 @@ def round_of_traffic(gw, config_path):
     expect("/capped second close code", ws.wait_close(), 1013)
     held.close()
     # A backend that keeps sending after the client's Close: the linger discards bytes.
-    before = gw.value("wsgate_dropped_bytes_total", route="firehose")
+    before = gw.value("wsgate_dropped_bytes_total", route="firehose") or 0.0
     st, ws = upgrade(p, "/firehose")
     expect("/firehose upgrade", st, 101)
     ws.recv()
     ws.close()
     gw.await_metric("dropped bytes counted", lambda v: v > before, "wsgate_dropped_bytes_total", route="firehose")
     # Plain text to the TLS port: a failed TLS handshake.
-    before = gw.value("wsgate_tls_handshake_failures_total", listener="secure", reason="error")
+    before = gw.value("wsgate_tls_handshake_failures_total", listener="secure", reason="error") or 0.0
     with socket.create_connection(("127.0.0.1", gw.secure), timeout=DEADLINE) as s:
         s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         try:
@@ -415,7 +415,7 @@ def round_of_traffic(gw, config_path):
     # A rejected reload, then a good one.
     good = open(config_path).read()
     for text, result in ((good + "\n[nonsense\n", "error"), (good, "ok")):
-        before = gw.value("wsgate_config_reloads_total", result=result)
+        before = gw.value("wsgate_config_reloads_total", result=result) or 0.0
         with open(config_path, "w") as f:
             f.write(text)
         gw.proc.send_signal(signal.SIGHUP)
