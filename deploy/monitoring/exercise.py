@@ -38,10 +38,6 @@ DEADLINE = 20.0  # seconds for any one awaited event
 GOOD_TOKEN = "monitoring-check-token"
 
 
-def log(msg):
-    print(f"exercise: {msg}", file=sys.stderr, flush=True)
-
-
 # ---- backends -------------------------------------------------------------------------------
 
 def serve(handler):
