@@ -1,8 +1,9 @@
 //! Reload on file change, without SIGHUP: the config file, a tokens file, a target map file and a
 //! listener certificate, each mounted as the kubelet mounts a ConfigMap or Secret and swapped as
 //! it swaps them (a new timestamped directory, a new `..data` link renamed over the old one).
-//! A bad file is refused once, the running config kept; `[reload] watch = false` ignores
-//! changes until a reload turns it on; the binary reloads on a change and on SIGHUP alike.
+//! A bad file is refused once, the running config kept, and a file the refused config expects is
+//! watched until it appears; `[reload] watch = false` ignores changes until a reload turns it
+//! on; the binary reloads on a change and on SIGHUP alike.
 //!
 //! Every wait is on an event (a reload counted, a log line). What must *not* happen is shown
 //! against a [`Clock`]: a second gateway whose own reloads prove that enough polling intervals
@@ -215,6 +216,28 @@ async fn swapped_tokens_file_applies_without_sighup() {
     assert_eq!(upgrade_status(&gw, "/b", "Authorization: Bearer old-token\r\n").await, 401);
     let file = format!("file={}", secret.path("tokens.txt").display());
     assert_eq!(lines_with(&logs, &["file change: config reloaded", &file]).len(), 1, "{}", logs.text());
+}
+
+/// A config refused because a file it names is missing is applied once that file appears: the
+/// refused config's files are watched too, though it never ran.
+#[tokio::test]
+async fn a_file_a_refused_config_expects_is_watched() {
+    let mut mounted = Mounted::new(&[("config.toml", &config(None, "", &echo_route("r", "/r")))]);
+    let gw = Gateway::from_file(&mounted.path("config.toml")).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let tokens = secrets.path().join("tokens.txt");
+    let route = format!(
+        "{}[routes.b.auth]\ntype = \"bearer\"\ntokens_file = {:?}\n",
+        echo_route("b", "/b"),
+        tokens.display().to_string()
+    );
+    mounted.publish(&[("config.toml", &config(None, "", &format!("{}{route}", echo_route("r", "/r"))))]);
+    reloaded(&gw, "watch", "error", 1.0).await;
+    assert_eq!(upgrade_status(&gw, "/b", "").await, 404, "refused: the tokens file is missing");
+
+    std::fs::write(&tokens, format!("sha256:{}\n", sha256_hex("t0k3n"))).unwrap();
+    reloaded(&gw, "watch", "ok", 1.0).await;
+    assert_eq!(upgrade_status(&gw, "/b", "Authorization: Bearer t0k3n\r\n").await, 101);
 }
 
 /// A token-mapped route's map file swapped: new sessions go where the new map says; the old
