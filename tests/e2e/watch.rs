@@ -117,6 +117,13 @@ fn lines_with(logs: &Logs, parts: &[&str]) -> Vec<String> {
     logs.text().lines().filter(|l| parts.iter().all(|p| l.contains(p))).map(str::to_string).collect()
 }
 
+/// Waits until `n` log lines contain every one of `parts` (a reload is counted just before its
+/// outcome is logged).
+async fn logged(logs: &Logs, parts: &[&str], n: usize) -> Vec<String> {
+    eventually(&format!("{n} log line(s) with {parts:?}"), || async { lines_with(logs, parts).len() >= n }).await;
+    lines_with(logs, parts)
+}
+
 /// Proof that polling intervals went by, without sleeping: a gateway with the same one-second
 /// watch interval on its own mounted config, reloaded by its watcher `n` times in a row, each
 /// waited for. Its watcher sleeps a full interval after each reload, so `n` reloads span at
@@ -167,7 +174,7 @@ async fn configmap_swap_reloads_the_config_and_refuses_a_bad_one_once() {
     assert_eq!(upgrade_status(&gw, "/old", "").await, 404, "the old route is gone for new requests");
     echoes(&mut before, 3).await;
     let shown = format!("config={}", path.display());
-    let applied = lines_with(&logs, &["file change: config reloaded; new connections use it", &shown]);
+    let applied = logged(&logs, &["file change: config reloaded; new connections use it", &shown], 1).await;
     assert_eq!(applied.len(), 1, "{}", logs.text());
     assert!(applied[0].contains(&format!("file={}", path.display())), "names the changed file: {}", applied[0]);
     assert_eq!(reloads(&gw, "signal", "ok").await, 0.0);
@@ -177,7 +184,7 @@ async fn configmap_swap_reloads_the_config_and_refuses_a_bad_one_once() {
     mounted.publish(&[("config.toml", &bad)]);
     reloaded(&gw, "watch", "error", 1.0).await;
     let rejected = ["file change: reload rejected, the running config stays:", "routes.r.backend", &shown];
-    assert_eq!(lines_with(&logs, &rejected).len(), 1, "{}", logs.text());
+    assert_eq!(logged(&logs, &rejected, 1).await.len(), 1, "{}", logs.text());
     let mut kept = gw.ws("/new").await;
     echoes(&mut kept, 4).await;
     assert_eq!(upgrade_status(&gw, "/newer", "").await, 404);
@@ -215,7 +222,7 @@ async fn swapped_tokens_file_applies_without_sighup() {
     echoes(&mut ws, 1).await;
     assert_eq!(upgrade_status(&gw, "/b", "Authorization: Bearer old-token\r\n").await, 401);
     let file = format!("file={}", secret.path("tokens.txt").display());
-    assert_eq!(lines_with(&logs, &["file change: config reloaded", &file]).len(), 1, "{}", logs.text());
+    assert_eq!(logged(&logs, &["file change: config reloaded", &file], 1).await.len(), 1, "{}", logs.text());
 }
 
 /// A config refused because a file it names is missing is applied once that file appears: the
