@@ -46,6 +46,8 @@
 //! - `admin`: the admin listener: `/metrics`, `/healthz`, `/readyz`.
 //! - [`probe`]: `wsgate probe`: one plain-HTTP GET of `/healthz` as an exit code (the image's
 //!   health check, which has no shell).
+//! - [`reload`]: reloads on SIGHUP and when a watched file changes (a metadata poll that sees
+//!   Kubernetes' `..data` symlink swaps); what is watched.
 //! - [`shutdown`]: the shutdown request; the drain order lives in [`Gateway::run`].
 //!
 //! # Flow
@@ -58,7 +60,8 @@
 //!                                                               └── session → bridge: WS ⇄ TCP
 //! Shutdown (main: SIGTERM/SIGINT) → /readyz 503 → drain delay → stop accepting
 //!        → sessions close with 1001 over the close window → deadline → drop the rest
-//! Reloader (main: SIGHUP) → config + certificates → new snapshot for new connections
+//! Reloader (main: SIGHUP; reload::watch: a file changed) → config + certificates
+//!        → new snapshot for new connections
 //! ```
 //!
 //! Nothing here installs process-wide state, so tests run several gateways in one process.
@@ -85,6 +88,7 @@ pub mod policy;
 pub mod probe;
 pub mod proxy_protocol;
 pub mod readahead;
+pub mod reload;
 pub mod router;
 mod server;
 pub mod session;
@@ -205,8 +209,11 @@ impl Gateway {
         };
         let admin_access = Arc::new(std::sync::RwLock::new(Arc::new(admin_access(&config)?)));
         let shared = Arc::new(Shared::new(&config.limits, admission, metrics, snapshot));
+        // Stamped after the snapshot, so a development pair generated just now is no change.
+        let baseline = Arc::new(std::sync::Mutex::new(reload::Baseline::take(reload::files(&config))));
         let running = Arc::new(std::sync::Mutex::new(Arc::new(config)));
-        let reloader = Reloader { shared: shared.clone(), running, admin_access, pools, resumption };
+        let applied = Arc::new(tokio::sync::Notify::new());
+        let reloader = Reloader { shared: shared.clone(), running, admin_access, pools, resumption, baseline, applied };
         Ok(Gateway { listeners, tcp_echo, admin, shared, ready: Arc::new(AtomicBool::new(false)), reloader })
     }
 
@@ -269,10 +276,15 @@ impl Gateway {
         }
         // Pool members' health checks, for the pools of whichever snapshot is in force.
         services.spawn(backend::health::run(self.reloader.pools.clone(), services_stop.clone()));
+        // The file watcher stops when shutdown is requested: a reload during the drain would
+        // change nothing the draining gateway still uses.
+        let watch_stop = CancellationToken::new();
+        services.spawn(reload::watch(self.reloader.clone(), watch_stop.clone()));
         self.ready.store(true, Ordering::Relaxed);
         shared.metrics.ready.set(1.0);
 
         shutdown.requested().await;
+        watch_stop.cancel();
         let deadline = tokio::time::Instant::now() + shared.snapshot().shutdown.deadline;
         self.ready.store(false, Ordering::Relaxed);
         shared.metrics.ready.set(0.0);
@@ -313,6 +325,11 @@ pub struct Reloader {
     pools: Arc<backend::Pools>,
     /// Listeners' TLS resumption state (ticket keys, session cache), kept across reloads.
     resumption: Arc<tickets::Resumption>,
+    /// The watched files' stamps from just before the last reload read them; its lock is held
+    /// through each whole reload, so reloads never overlap.
+    baseline: Arc<std::sync::Mutex<reload::Baseline>>,
+    /// Woken by each reload that applied (the watcher then rereads `[reload]`).
+    applied: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Reloader {
@@ -322,15 +339,54 @@ impl std::fmt::Debug for Reloader {
 }
 
 impl Reloader {
-    /// Re-reads `path` and its certificate files and applies them, or explains why not. Every
-    /// outcome is counted in `wsgate_config_reloads_total`.
+    /// Re-reads `path` and its certificate files and applies them, or explains why not, as
+    /// SIGHUP does (counted as `trigger="signal"`; nothing is logged: see [`Reloader::reload`]).
+    /// Every outcome is counted in `wsgate_config_reloads_total`.
     pub fn reload_file(&self, path: &Path) -> Result<(), ReloadError> {
-        let result = config::load(path).map_err(ReloadError::Config).and_then(|c| self.apply(c));
-        match &result {
-            Ok(()) => self.shared.metrics.reloads_ok.increment(1),
-            Err(_) => self.shared.metrics.reloads_failed.increment(1),
+        self.reload_counted(path, &reload::Trigger::Signal)
+    }
+
+    /// One reload, start to end, under the baseline's lock: stamp the watched files, read and
+    /// apply, then watch what the outcome names (see [`reload`]); counted by trigger.
+    fn reload_counted(&self, path: &Path, trigger: &reload::Trigger) -> Result<(), ReloadError> {
+        let mut baseline = self.baseline.lock().unwrap_or_else(|p| p.into_inner());
+        let before = reload::Baseline::take(baseline.paths());
+        let (result, refused_files) = match config::load(path) {
+            Err(e) => (Err(ReloadError::Config(e)), Vec::new()),
+            Ok(new) => {
+                let files = reload::files(&new);
+                (self.apply(new), files)
+            }
+        };
+        let mut watched = reload::files(&self.running());
+        if result.is_err() {
+            watched.extend(refused_files.into_iter().filter(|f| !watched.contains(f)).collect::<Vec<_>>());
+        }
+        *baseline = before.extend_to(watched);
+        drop(baseline);
+        let counters = &self.shared.metrics.reloads;
+        let counter = match (trigger, result.is_ok()) {
+            (reload::Trigger::Signal, true) => &counters.signal_ok,
+            (reload::Trigger::Signal, false) => &counters.signal_error,
+            (reload::Trigger::Watch { .. }, true) => &counters.watch_ok,
+            (reload::Trigger::Watch { .. }, false) => &counters.watch_error,
+        };
+        counter.increment(1);
+        if result.is_ok() {
+            self.applied.notify_one();
         }
         result
+    }
+
+    /// The config in force.
+    fn running(&self) -> Arc<Config> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The first watched file changed since the last reload read it, if any (waits for a
+    /// reload in progress).
+    fn changed_file(&self) -> Option<std::path::PathBuf> {
+        self.baseline.lock().unwrap_or_else(|p| p.into_inner()).changed()
     }
 
     fn apply(&self, new: Config) -> Result<(), ReloadError> {

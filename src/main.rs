@@ -304,20 +304,8 @@ async fn watch_signals(signals: Signals, shutdown: Shutdown, reloader: Reloader,
             _ = term.recv() => ("SIGTERM", 143),
             _ = int.recv() => ("SIGINT", 130),
             _ = hup.recv() => {
-                // Off the runtime's workers: a reload reads the config, certificates, CRLs and
-                // credential files, which can be large, and checks them.
-                let (reloading, file) = (reloader.clone(), path.clone());
-                let reloaded = tokio::task::spawn_blocking(move || reloading.reload_file(&file).map_err(|e| e.to_string()))
-                    .await
-                    .unwrap_or_else(|e| Err(format!("reload task failed: {e}")));
-                match reloaded {
-                    Ok(()) => tracing::info!(config = %path.display(), "SIGHUP: config reloaded; new connections use it"),
-                    Err(e) => {
-                        for line in e.lines() {
-                            tracing::warn!(config = %path.display(), "SIGHUP: reload rejected, the running config stays: {line}");
-                        }
-                    }
-                }
+                // Logged and counted there, exactly as a watched file's change is.
+                reloader.reload(&path, wsgate::reload::Trigger::Signal).await;
                 continue;
             }
         };

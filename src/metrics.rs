@@ -72,7 +72,8 @@ pub mod names {
     pub const BACKEND_CONNECT_DURATION: &str = "wsgate_backend_connect_duration_seconds";
     /// Counter{route, kind}: backend connects that failed.
     pub const BACKEND_CONNECT_FAILURES: &str = "wsgate_backend_connect_failures_total";
-    /// Counter{result}: config reloads, `ok` or `error`.
+    /// Counter{trigger, result}: config reloads, by what started them (`signal`, `watch`) and
+    /// how they ended (`ok`, `error`).
     pub const CONFIG_RELOADS: &str = "wsgate_config_reloads_total";
     /// Gauge: 1 while accepting new connections, 0 before and while draining.
     pub const READY: &str = "wsgate_ready";
@@ -104,16 +105,28 @@ pub struct Metrics {
     routes: Mutex<HashMap<String, Arc<RouteMetrics>>>,
     /// 1 while accepting.
     pub ready: Gauge,
-    /// Reloads that applied.
-    pub reloads_ok: Counter,
-    /// Reloads rejected (the old config stayed).
-    pub reloads_failed: Counter,
+    /// Reloads, by trigger and result.
+    pub reloads: ReloadCounters,
     /// Connections in the handshake pool.
     pub handshakes_in_progress: Gauge,
     /// Clients in the per-client table.
     pub clients_tracked: Gauge,
     /// The admin listener's refusals and TLS failures.
     pub admin: AdminMetrics,
+}
+
+/// `wsgate_config_reloads_total`: one counter per trigger (SIGHUP, a watched file's change) and
+/// result (applied, rejected with the old config kept).
+#[derive(Debug, Clone)]
+pub struct ReloadCounters {
+    /// SIGHUP, applied.
+    pub signal_ok: Counter,
+    /// SIGHUP, rejected.
+    pub signal_error: Counter,
+    /// A watched file changed, applied.
+    pub watch_ok: Counter,
+    /// A watched file changed, rejected.
+    pub watch_error: Counter,
 }
 
 /// Handles for the admin listener.
@@ -162,8 +175,12 @@ impl Metrics {
             enabled,
             routes: Mutex::new(HashMap::new()),
             ready: Gauge::noop(),
-            reloads_ok: Counter::noop(),
-            reloads_failed: Counter::noop(),
+            reloads: ReloadCounters {
+                signal_ok: Counter::noop(),
+                signal_error: Counter::noop(),
+                watch_ok: Counter::noop(),
+                watch_error: Counter::noop(),
+            },
             handshakes_in_progress: Gauge::noop(),
             clients_tracked: Gauge::noop(),
             admin: AdminMetrics {
@@ -176,8 +193,14 @@ impl Metrics {
         metrics.handshakes_in_progress = metrics.gauge(names::HANDSHAKES_IN_PROGRESS, &[]);
         metrics.clients_tracked = metrics.gauge(names::CLIENTS_TRACKED, &[]);
         metrics.ready = metrics.gauge(names::READY, &[]);
-        metrics.reloads_ok = metrics.counter(names::CONFIG_RELOADS, &[("result", "ok")]);
-        metrics.reloads_failed = metrics.counter(names::CONFIG_RELOADS, &[("result", "error")]);
+        let reloads =
+            |trigger, result| metrics.counter(names::CONFIG_RELOADS, &[("trigger", trigger), ("result", result)]);
+        metrics.reloads = ReloadCounters {
+            signal_ok: reloads("signal", "ok"),
+            signal_error: reloads("signal", "error"),
+            watch_ok: reloads("watch", "ok"),
+            watch_error: reloads("watch", "error"),
+        };
         metrics.admin = AdminMetrics {
             missing_token: metrics.counter(names::ADMIN_UNAUTHORIZED, &[("reason", "missing_token")]),
             invalid_token: metrics.counter(names::ADMIN_UNAUTHORIZED, &[("reason", "invalid_token")]),
@@ -364,7 +387,7 @@ fn describe(r: &PrometheusRecorder) {
         d(
             names::CONFIG_RELOADS,
             Some(Unit::Count),
-            "Config reloads, by result (ok: applied; error: rejected, the old config stayed).",
+            "Config reloads, by trigger (signal: SIGHUP; watch: a watched file changed) and result (ok: applied; error: rejected, the old config stayed).",
         ),
         d(
             names::BACKEND_SESSIONS_TOTAL,

@@ -67,6 +67,18 @@ pub struct Config {
     pub metrics: bool,
     /// Who may read the admin listener: its TLS and bearer tokens (`[admin]`).
     pub admin_access: AdminAccess,
+    /// Whether and how often the files are watched for changes (`[reload]`).
+    pub reload: Reload,
+}
+
+/// `[reload]`: reloading when the config file, or a file it names, changes (SIGHUP always
+/// reloads). Applied by every reload: the watcher reads it from the running config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reload {
+    /// Poll the files' metadata and reload on a change (`watch`, default true).
+    pub watch: bool,
+    /// How often (`watch_interval_secs`, default 2, 1..=3600).
+    pub watch_interval: Duration,
 }
 
 /// How log lines are written.

@@ -44,6 +44,8 @@ pub(super) struct RawConfig {
     pub log: RawLog,
     #[serde(default)]
     pub metrics: RawMetrics,
+    #[serde(default)]
+    pub reload: RawReload,
 }
 
 #[derive(Deserialize)]
@@ -391,6 +393,13 @@ pub(super) struct RawMetrics {
     pub enabled: Option<bool>,
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawReload {
+    pub watch: Option<bool>,
+    pub watch_interval_secs: Option<u64>,
+}
+
 /// A duration in seconds, written as an integer or a decimal (`5`, `0.25`).
 #[derive(Deserialize, Clone, Copy)]
 #[serde(untagged)]
@@ -575,6 +584,10 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
     // The log subscriber and the metrics recorder are installed once, at start.
     ("log.format", Restart(|a, b| differs("log.format", a.log_format, b.log_format))),
     ("metrics.enabled", Restart(|a, b| differs("metrics.enabled", a.metrics, b.metrics))),
+    // The file watcher reads them from the running config after every reload (a reload it
+    // triggered included), so turning it off, on, or changing its pace needs no restart.
+    ("reload.watch", Reload),
+    ("reload.watch_interval_secs", Reload),
 ];
 
 fn differs<T: PartialEq>(key: &str, old: T, new: T) -> Option<String> {

@@ -53,3 +53,6 @@ mod secrets;
 mod startup;
 /// Token-mapped targets: map files (TOML, websockify), JWT claims, reload, the allow-list, noVNC.
 mod targets;
+/// Reload on file change: ConfigMap/Secret-style symlink swaps of the config, tokens, map and
+/// certificate files; bad files refused once; `watch = false`; the binary.
+mod watch;

@@ -284,7 +284,7 @@ async fn no_secret_is_written(format: &str) {
             assert!(std::process::Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
             eventually(&format!("reload {result} counted"), || async {
                 let body = admin_get(Some(token.clone())).await.2;
-                metric(&body, "wsgate_config_reloads_total", &[("result", result)]) == Some(want)
+                metric(&body, "wsgate_config_reloads_total", &[("trigger", "signal"), ("result", result)]) == Some(want)
             })
             .await
         }

@@ -20,10 +20,10 @@ mod targets;
 #[cfg(test)]
 pub(super) use limits::DEFAULT_SESSION_LIMITS;
 
-use super::raw::{AcceptKind, Choice, RawConfig, RawListener, RawRoute, RawShutdown, Seconds};
+use super::raw::{AcceptKind, Choice, RawConfig, RawListener, RawReload, RawRoute, RawShutdown, Seconds};
 use super::{
     Accept, AllowedOrigins, Backend, Builtin, Config, ConfigError, ConfigErrors, HostPattern, Listener, LogFormat,
-    OnRefusal, Outbound, PathMatch, Route, SessionLimits, Shutdown, TlsFiles, Unavailable,
+    OnRefusal, Outbound, PathMatch, Reload, Route, SessionLimits, Shutdown, TlsFiles, Unavailable,
 };
 
 // ---- Defaults and bounds: one place (limits in `limits`), mirrored in docs/config.md and
@@ -37,6 +37,9 @@ const DEFAULT_CLOSE_WINDOW_SECS: f64 = 10.0;
 const DEFAULT_DEADLINE_SECS: f64 = 25.0;
 const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:9090";
 const MAX_SECS: f64 = 86_400.0;
+/// Kubernetes takes up to a minute to update a mounted ConfigMap; two seconds more is noise,
+/// and a `stat` per named file every two seconds costs nothing.
+const DEFAULT_WATCH_INTERVAL_SECS: u64 = 2;
 const DEFAULT_CONSOLE_PATH: &str = "/console";
 
 /// Validates `raw`, read from `text` at `path`: the config, or every problem found.
@@ -124,6 +127,7 @@ impl Validator<'_> {
             (true, Some(p)) => self.route_path("console", p),
         };
         let metrics = raw.metrics.enabled.unwrap_or(true);
+        let reload = self.reload(raw.reload);
         Config {
             path: self.file.clone(),
             listeners,
@@ -136,6 +140,7 @@ impl Validator<'_> {
             log_format,
             metrics,
             admin_access,
+            reload,
         }
     }
 
@@ -404,6 +409,12 @@ impl Validator<'_> {
         Shutdown { drain_delay, close_window, deadline }
     }
 
+    fn reload(&mut self, raw: RawReload) -> Reload {
+        let secs =
+            self.count("reload.watch_interval_secs", raw.watch_interval_secs, DEFAULT_WATCH_INTERVAL_SECS, 1, 3600);
+        Reload { watch: raw.watch.unwrap_or(true), watch_interval: Duration::from_secs(secs as u64) }
+    }
+
     fn seconds_or_zero(&mut self, key: &str, value: Option<Seconds>, default: f64) -> Duration {
         match value {
             Some(Seconds::Whole(0)) => Duration::ZERO,
@@ -550,6 +561,7 @@ mod tests {
         assert_eq!(c.admin, Some("127.0.0.1:9090".parse().unwrap()));
         assert_eq!(c.log_format, LogFormat::Text);
         assert!(c.metrics, "metrics are on unless the config turns them off");
+        assert_eq!(c.reload, Reload { watch: true, watch_interval: Duration::from_secs(2) });
         let r = &c.routes[0];
         assert_eq!(r.path_match, PathMatch::Exact);
         assert_eq!(r.outbound, Outbound::Binary);
@@ -686,6 +698,20 @@ mod tests {
         let e = err(&format!("{MINIMAL}half_close = 0\n"));
         assert!(e.contains("routes.echo.half_close: invalid type: integer `0`, expected a boolean"), "{e}");
         assert!(!e.contains('\n'), "{e}");
+    }
+
+    /// `[reload]`: the watch can be turned off and its interval set within 1..=3600 seconds; an
+    /// interval outside it is an error naming the key.
+    #[test]
+    fn reload_keys() {
+        let c = ok(&format!("{MINIMAL}[reload]\nwatch = false\nwatch_interval_secs = 3600\n"));
+        assert_eq!(c.reload, Reload { watch: false, watch_interval: Duration::from_secs(3600) });
+        for bad in ["0", "3601"] {
+            let e = err(&format!("{MINIMAL}[reload]\nwatch_interval_secs = {bad}\n"));
+            assert!(e.contains(&format!("reload.watch_interval_secs: {bad} is out of range 1..=3600")), "{e}");
+        }
+        let e = err(&format!("{MINIMAL}[reload]\nwatch_interval_secs = 0.5\n"));
+        assert!(e.contains("reload.watch_interval_secs"), "{e}");
     }
 
     /// `[shutdown]` (with zero delays), `[admin]`, `[log]` and `tcp_keepalive_secs` parse and validate.
