@@ -77,8 +77,11 @@ async fn rolling_restart_behind_haproxy() {
 
     // The rolling restart.
     let mut ended_by_restart = Vec::new();
+    let mut scraped_dropped = 0u64;
     for r in replicas.iter_mut() {
         let i = r.index;
+        // A session of the test's own that keeps the process up until the last scrape is taken.
+        let sentinel = traffic::sentinel(r.listener_port, &backends).await;
         let ended_before = r.totals.lock().unwrap().closed_1001;
         let signalled = Instant::now();
         r.sigterm();
@@ -91,10 +94,15 @@ async fn rolling_restart_behind_haproxy() {
             down - signalled,
             draining - signalled
         );
+        backends.sentinel_closed(Duration::from_secs(replica::CLOSE_WINDOW_SECS + 5)).await;
+        scraped_dropped += last_scrape(r).await;
+        backends.release_sentinel();
         r.exited(Duration::from_secs(replica::DEADLINE_SECS + 5)).await;
+        assert_eq!(sentinel.await.unwrap(), Some(1001), "wsgate{}: the sentinel's close", i + 1);
         r.spawn().await;
         lb.wait_status(i, "UP", Duration::from_secs(10)).await;
-        let ended = r.totals.lock().unwrap().closed_1001 - ended_before;
+        // Less the sentinel.
+        let ended = r.totals.lock().unwrap().closed_1001 - ended_before - 1;
         eprintln!("fleet: wsgate{} restarted in {:?}, {ended} sessions closed with 1001", i + 1, signalled.elapsed());
         assert!(ended > 0, "wsgate{}: the restart ended no session (not under load)", i + 1);
         ended_by_restart.push(ended);
@@ -109,6 +117,8 @@ async fn rolling_restart_behind_haproxy() {
     }
     let wall = started.elapsed();
     check(&reports, &backends, &replicas, &ended_by_restart);
+    let dropped: u64 = replicas.iter().map(|r| r.totals.lock().unwrap().dropped_bytes).sum();
+    assert_eq!(scraped_dropped, dropped, "dropped bytes scraped at each restart vs logged in all");
     drop(lb);
 
     let conns: Vec<_> = reports.iter().flat_map(|r| &r.conns).collect();
@@ -122,13 +132,47 @@ async fn rolling_restart_behind_haproxy() {
     println!(
         "fleet: {CLIENTS} clients, {} sessions ({reconnects} reconnects), {} bytes up and {} down per client \
          ({up_sent} up, {down_sent} down in all, headers included), 3 restarts ({closed_1001} sessions closed \
-         with 1001: {ended_by_restart:?}), dropped bytes: backend→client {dropped} (= gateways' \
-         wsgate_dropped_bytes_total), client→backend {up_lost} (discarded after the 1001, not counted), \
+         with 1001: {ended_by_restart:?}), dropped bytes: backend→client {dropped} (= the gateways' \
+         wsgate_dropped_bytes_total, scraped as each exited), client→backend {up_lost} (discarded after the 1001, not counted), \
          0 handshake failures; under load at {load_at:.1?}, restarts done at {restarts_at:.1?}, wall {wall:.1?}",
         conns.len(),
         TRANSFER,
         TRANSFER,
     );
+}
+
+/// The draining replica's `/metrics`, scraped once the sentinel is closed and every other
+/// session has ended
+/// (logged its `session ended` line, which comes after its dropped bytes were counted): its
+/// `wsgate_dropped_bytes_total` then is final, and must equal the sum of the log lines'
+/// `dropped.bytes`. Returns it.
+async fn last_scrape(r: &Replica) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(replica::DEADLINE_SECS);
+    let mut previous = None;
+    loop {
+        let s = replica::scrape(r.admin_port).await.unwrap_or_else(|e| {
+            panic!("wsgate{}: /metrics: {e}; the scrape before: {previous:?}, {:?}", r.index + 1, r.this_run())
+        });
+        previous = Some(s);
+        let (ended, _) = r.this_run();
+        // Only the sentinel is open (wsgate_sessions_open counts a session until it has
+        // drained its backend, and the sentinel's backend holds), every session is counted in
+        // wsgate_sessions_total, and all but the sentinel have logged their end.
+        if s.sessions_open == 1 && ended + 1 == s.sessions_total {
+            let last =
+                replica::scrape(r.admin_port).await.unwrap_or_else(|e| panic!("wsgate{}: /metrics: {e}", r.index + 1));
+            let (_, logged) = r.this_run();
+            assert_eq!(
+                last.dropped_bytes,
+                logged,
+                "wsgate{}: wsgate_dropped_bytes_total vs the log lines",
+                r.index + 1
+            );
+            return last.dropped_bytes;
+        }
+        assert!(Instant::now() < deadline, "wsgate{}: sessions still open: {s:?}, {ended} ended", r.index + 1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Every assertion on the figures the clients, backends and gateways recorded.
@@ -190,6 +234,16 @@ fn check(reports: &[traffic::ClientReport], backends: &Backends, replicas: &[Rep
         undelivered_down, dropped,
         "bytes the backends wrote and the clients never received vs the gateways' dropped bytes"
     );
+    // What the gateways say they delivered is what arrived, both ways.
+    let logged_to_backend: u64 = replicas.iter().map(|r| r.totals.lock().unwrap().to_backend).sum();
+    let logged_to_client: u64 = replicas.iter().map(|r| r.totals.lock().unwrap().to_client).sum();
+    assert_eq!(
+        logged_to_backend,
+        bconns.iter().map(|b| b.read).sum::<u64>() + backends.sentinel_read.load(Ordering::Relaxed),
+        "to_backend.bytes vs the backends' reads"
+    );
+    let received: u64 = reports.iter().flat_map(|r| &r.conns).map(|c| c.received).sum();
+    assert_eq!(logged_to_client, received, "to_client.bytes vs the clients' reads");
     let closed_1001: u64 = reports.iter().flat_map(|r| &r.conns).filter(|c| c.close_code == Some(1001)).count() as u64;
     assert_eq!(closed_1001, ended_by_restart.iter().sum::<u64>(), "1001s the clients saw vs the gateways logged");
 }

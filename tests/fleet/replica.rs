@@ -25,6 +25,9 @@ pub struct LogTotals {
     /// The sum of their `dropped.bytes`: what the gateway counted in
     /// `wsgate_dropped_bytes_total` (the same figure, logged as it is added).
     pub dropped_bytes: u64,
+    /// The sum of their `to_backend.bytes` and `to_client.bytes`: what the gateway delivered.
+    pub to_backend: u64,
+    pub to_client: u64,
     /// `session ended` lines with `close.code` 1001.
     pub closed_1001: u64,
     /// Warnings and errors, and sessions dropped at the deadline: any is a failure.
@@ -49,6 +52,40 @@ pub struct Replica {
     child: Option<Child>,
     events: Option<mpsc::UnboundedReceiver<Event>>,
     pub totals: Arc<Mutex<LogTotals>>,
+    /// `sessions_ended` and `dropped_bytes` of `totals` when the running process started.
+    run_start: (u64, u64),
+}
+
+/// The figures of a `/metrics` scrape the test needs (each summed over its labels).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Scrape {
+    pub sessions_open: u64,
+    pub sessions_total: u64,
+    pub dropped_bytes: u64,
+}
+
+/// Scrapes `/metrics` on `127.0.0.1:port`.
+pub async fn scrape(port: u16) -> Result<Scrape, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| format!("connect: {e}"))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: wsgate\r\n\r\n").await.map_err(|e| format!("write: {e}"))?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.map_err(|e| format!("read: {e}"))?;
+    if !body.starts_with("HTTP/1.0 200") {
+        return Err(format!("answer: {:?}", &body[..body.len().min(200)]));
+    }
+    let mut out = Scrape::default();
+    for line in body.lines() {
+        let name = line.split(['{', ' ']).next().unwrap_or("");
+        let field = match name {
+            "wsgate_sessions_open" => &mut out.sessions_open,
+            "wsgate_sessions_total" => &mut out.sessions_total,
+            "wsgate_dropped_bytes_total" => &mut out.dropped_bytes,
+            _ => continue,
+        };
+        *field += line.rsplit(' ').next().unwrap().parse::<f64>().expect("a sample value") as u64;
+    }
+    Ok(out)
 }
 
 fn config_text(listener: u16, admin: u16, backend: u16) -> String {
@@ -97,6 +134,7 @@ impl Replica {
             child: None,
             events: None,
             totals: Arc::default(),
+            run_start: (0, 0),
         };
         r.spawn().await;
         r
@@ -105,6 +143,10 @@ impl Replica {
     /// (Re)starts the process on the ports it had (0 the first time), and waits for both
     /// `listening` lines.
     pub async fn spawn(&mut self) {
+        {
+            let t = self.totals.lock().unwrap();
+            self.run_start = (t.sessions_ended, t.dropped_bytes);
+        }
         std::fs::write(&self.config, config_text(self.listener_port, self.admin_port, self.backend_port)).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
             .args(["run", "--config"])
@@ -140,6 +182,12 @@ impl Replica {
         self.admin_port = admin.unwrap();
         self.child = Some(child);
         self.events = Some(rx);
+    }
+
+    /// `session ended` lines and their dropped bytes since the running process started.
+    pub fn this_run(&self) -> (u64, u64) {
+        let t = self.totals.lock().unwrap();
+        (t.sessions_ended - self.run_start.0, t.dropped_bytes - self.run_start.1)
     }
 
     pub fn sigterm(&self) {
@@ -186,7 +234,15 @@ async fn read_log(
     tx: mpsc::UnboundedSender<Event>,
     totals: Arc<Mutex<LogTotals>>,
 ) {
+    let mut keep = std::env::var_os("FLEET_LOG_DIR").map(|d| {
+        let path = std::path::Path::new(&d).join(format!("wsgate{}.log", index + 1));
+        std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap()
+    });
     while let Ok(Some(line)) = lines.next_line().await {
+        if let Some(f) = keep.as_mut() {
+            use std::io::Write;
+            let _ = writeln!(f, "{line}");
+        }
         let Ok(v) = serde_json::from_str::<Value>(&line) else {
             totals.lock().unwrap().problems.push(format!("wsgate{}: not JSON: {line}", index + 1));
             continue;
@@ -202,6 +258,8 @@ async fn read_log(
                 let mut t = totals.lock().unwrap();
                 t.sessions_ended += 1;
                 t.dropped_bytes += v["dropped.bytes"].as_u64().expect("dropped.bytes");
+                t.to_backend += v["to_backend.bytes"].as_u64().expect("to_backend.bytes");
+                t.to_client += v["to_client.bytes"].as_u64().expect("to_client.bytes");
                 if v["close.code"].as_u64() == Some(1001) {
                     t.closed_1001 += 1;
                 }

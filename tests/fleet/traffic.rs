@@ -11,7 +11,7 @@
 //! however many connections it took.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -86,6 +86,12 @@ pub struct Backends {
     pub conns: Mutex<Vec<BackendConn>>,
     pub problems: Mutex<Vec<String>>,
     started: AtomicUsize,
+    /// The sentinel's backend connection: is there, and may close.
+    sentinel_ready: tokio::sync::Notify,
+    sentinel_release: tokio::sync::Notify,
+    sentinel_eof: tokio::sync::Notify,
+    /// What the sentinels' backend connections read (their hellos).
+    pub sentinel_read: AtomicU64,
 }
 
 impl Backends {
@@ -95,6 +101,10 @@ impl Backends {
             conns: Mutex::default(),
             problems: Mutex::default(),
             started: AtomicUsize::new(0),
+            sentinel_ready: tokio::sync::Notify::new(),
+            sentinel_release: tokio::sync::Notify::new(),
+            sentinel_eof: tokio::sync::Notify::new(),
+            sentinel_read: AtomicU64::new(0),
         })
     }
 
@@ -146,6 +156,9 @@ async fn serve(mut s: TcpStream, replica: usize, shared: &Backends) -> Result<()
     let mut hello = [0u8; HELLO];
     s.read_exact(&mut hello).await.map_err(|e| format!("hello: {e}"))?;
     let client = u32::from_be_bytes(hello[..4].try_into().unwrap());
+    if client == SENTINEL {
+        return sentinel_backend(s, shared).await;
+    }
     let mut down = u64::from_be_bytes(hello[4..].try_into().unwrap());
     let state = shared.up_received.get(client as usize).ok_or(format!("hello from client {client}"))?;
     let mut up = tokio::time::timeout(Duration::from_secs(30), state.clone().lock_owned())
@@ -196,6 +209,67 @@ async fn serve(mut s: TcpStream, replica: usize, shared: &Backends) -> Result<()
     shared.conns.lock().unwrap().push(BackendConn { client, replica, proxied_source, written, read });
     let _ = wr.shutdown().await;
     result
+}
+
+/// The client id of a sentinel session.
+const SENTINEL: u32 = u32::MAX;
+
+/// A sentinel's backend: sends nothing (so the gateway drops nothing of it), and once wsgate shut
+/// its write side, holds the connection until released (at most 4 s, less than wsgate's
+/// `close_timeout_secs`), which keeps the replica running while the test takes its last scrape.
+async fn sentinel_backend(mut s: TcpStream, shared: &Backends) -> Result<(), String> {
+    shared.sentinel_read.fetch_add(HELLO as u64, Ordering::Relaxed);
+    shared.sentinel_ready.notify_one();
+    let mut buf = [0u8; 64];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(_) => return Err("the sentinel sent data".into()),
+            Err(e) => return Err(format!("sentinel: read: {e}")),
+        }
+    }
+    shared.sentinel_eof.notify_one();
+    let released = tokio::time::timeout(Duration::from_secs(4), shared.sentinel_release.notified()).await;
+    released.map_err(|_| "sentinel: not released within 4 s".to_string())
+}
+
+impl Backends {
+    /// Waits until wsgate has shut the sentinel's backend connection's write side: the sentinel
+    /// session is closed and counted, and is draining its backend.
+    pub async fn sentinel_closed(&self, within: Duration) {
+        tokio::time::timeout(within, self.sentinel_eof.notified()).await.expect("the sentinel's close");
+    }
+
+    /// Lets the sentinel's backend connection end.
+    pub fn release_sentinel(&self) {
+        self.sentinel_release.notify_one();
+    }
+}
+
+/// Opens a sentinel session on the replica listening on `port`, directly (with a PROXY v2
+/// `LOCAL` header, as HAProxy's own connections have), and waits until its backend connection is
+/// there. The task returns the close code the sentinel got.
+pub async fn sentinel(port: u16, backends: &Backends) -> tokio::task::JoinHandle<Option<u16>> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.expect("sentinel connect");
+    let mut local = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    local.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+    stream.write_all(&local).await.unwrap();
+    let ready = backends.sentinel_ready.notified();
+    let (mut ws, _) =
+        tokio_tungstenite::client_async("ws://fleet.test/fleet", stream).await.expect("sentinel handshake");
+    let mut hello = SENTINEL.to_be_bytes().to_vec();
+    hello.extend_from_slice(&0u64.to_be_bytes());
+    ws.send(Message::binary(hello)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), ready).await.expect("sentinel's backend connection");
+    tokio::spawn(async move {
+        let mut code = None;
+        while let Some(Ok(msg)) = ws.next().await {
+            if let Message::Close(frame) = msg {
+                code = frame.map(|f| u16::from(f.code));
+            }
+        }
+        code
+    })
 }
 
 /// One WebSocket connection of a client, as the client saw it.
