@@ -32,8 +32,9 @@ const INTER_MS: u64 = 200;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart_behind_haproxy() {
     let started = Instant::now();
+    raise_fd_limit();
     // The drain must outlast HAProxy's detection: inter * fall + timeout check < drain delay.
-    assert!(INTER_MS * 2 + INTER_MS < replica::DRAIN_DELAY_SECS * 1000);
+    const { assert!(INTER_MS * 2 + INTER_MS < replica::DRAIN_DELAY_SECS * 1000) };
     let dir = tempfile::tempdir().unwrap();
 
     let backends = Backends::new(CLIENTS);
@@ -61,7 +62,7 @@ async fn rolling_restart_behind_haproxy() {
         lb.wait_status(i, "UP", Duration::from_secs(10)).await;
     }
 
-    let clients: Vec<_> = (0..CLIENTS as u32)
+    let mut clients: Vec<_> = (0..CLIENTS as u32)
         .map(|c| {
             let ip = Ipv4Addr::new(127, 0, 0, 2 + (c as usize % CLIENT_ADDRESSES) as u8);
             tokio::spawn(traffic::client(c, ip, frontend, backends.clone()))
@@ -70,6 +71,13 @@ async fn rolling_restart_behind_haproxy() {
     // Under load: every client has a connection through to its backend.
     let deadline = Instant::now() + Duration::from_secs(60);
     while backends.conns_started() < CLIENTS {
+        if let Some(p) = backends.problems.lock().unwrap().first() {
+            panic!("before the restarts: {p}");
+        }
+        if let Some(early) = clients.iter_mut().find(|c| c.is_finished()) {
+            let r = early.await.unwrap();
+            panic!("a client ended before the restarts: {:?} {:?}", r.handshake_failures.first(), r.problems.first());
+        }
         assert!(Instant::now() < deadline, "only {} of {CLIENTS} sessions up after 60 s", backends.conns_started());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -115,6 +123,18 @@ async fn rolling_restart_behind_haproxy() {
         reports
             .push(tokio::time::timeout(Duration::from_secs(120), c).await.expect("a client did not finish").unwrap());
     }
+    // The gateways log a session's end once its backend has closed, a moment after its client
+    // is done: wait for every line (the sentinels' three included).
+    let sessions = reports.iter().map(|r| r.conns.len() as u64).sum::<u64>() + 3;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let logged: u64 = replicas.iter().map(|r| r.totals.lock().unwrap().sessions_ended).sum();
+        if logged == sessions {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{logged} `session ended` lines for {sessions} sessions");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let wall = started.elapsed();
     check(&reports, &backends, &replicas, &ended_by_restart);
     let dropped: u64 = replicas.iter().map(|r| r.totals.lock().unwrap().dropped_bytes).sum();
@@ -139,6 +159,20 @@ async fn rolling_restart_behind_haproxy() {
         TRANSFER,
         TRANSFER,
     );
+}
+
+/// Raises this process's soft file descriptor limit to its hard limit: the clients and backends
+/// hold about 700 sockets at once, close to the common soft default of 1024, and the wsgate
+/// replicas inherit the limit (HAProxy sets its own from its maxconn).
+fn raise_fd_limit() {
+    let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
 }
 
 /// The draining replica's `/metrics`, scraped once the sentinel is closed and every other
