@@ -134,10 +134,13 @@ pub async fn backend(listener: TcpListener, replica: usize, shared: Arc<Backends
 /// Reads wsgate's PROXY v2 header: the source address it carries.
 async fn proxy_v2(s: &mut TcpStream) -> Result<SocketAddrV4, String> {
     let mut fixed = [0u8; 16];
-    s.read_exact(&mut fixed).await.map_err(|e| format!("PROXY header: {e}"))?;
+    // The signature first: without a header the client's 12-byte hello comes instead, and
+    // waiting for 16 bytes would wait for ever.
+    s.read_exact(&mut fixed[..12]).await.map_err(|e| format!("PROXY header: {e}"))?;
     if &fixed[..12] != b"\r\n\r\n\0\r\nQUIT\n" {
         return Err(format!("no PROXY v2 signature: {:02x?}", &fixed[..12]));
     }
+    s.read_exact(&mut fixed[12..]).await.map_err(|e| format!("PROXY header: {e}"))?;
     if fixed[12] != 0x21 || fixed[13] != 0x11 {
         return Err(format!("PROXY v2: expected PROXY over TCP4, got {:02x} {:02x}", fixed[12], fixed[13]));
     }
