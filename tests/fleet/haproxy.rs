@@ -64,8 +64,15 @@ pub struct ReplicaPorts {
 }
 
 /// The example with the test's addresses: the frontend on `frontend`, the three replicas on
-/// loopback with their own admin ports, the stats socket at `stats`, checks every `inter_ms`.
-pub fn render(frontend: u16, replicas: &[ReplicaPorts; 3], stats: &Path, inter_ms: u64) -> String {
+/// loopback with their own admin ports, the stats socket at `stats`, checks every `inter_ms`,
+/// each given `check_timeout_ms`.
+pub fn render(
+    frontend: u16,
+    replicas: &[ReplicaPorts; 3],
+    stats: &Path,
+    inter_ms: u64,
+    check_timeout_ms: u64,
+) -> String {
     let mut cfg = EXAMPLE.to_string();
     // Root-only or host-specific settings: the test runs as any user, with nothing in /run.
     // Emergencies only: one line per connection would bury the test's output, and HAProxy
@@ -88,7 +95,7 @@ pub fn render(frontend: u16, replicas: &[ReplicaPorts; 3], stats: &Path, inter_m
         "default-server check port 9090 inter 1s fall 2 rise 2 send-proxy-v2",
         Some(&format!("default-server check port 9090 inter {inter_ms}ms fall 2 rise 2 send-proxy-v2")),
     );
-    cfg = replace_line(&cfg, "timeout check 1s", Some(&format!("timeout check {inter_ms}ms")));
+    cfg = replace_line(&cfg, "timeout check 1s", Some(&format!("timeout check {check_timeout_ms}ms")));
     for (i, r) in replicas.iter().enumerate() {
         let n = i + 1;
         cfg = replace_line(

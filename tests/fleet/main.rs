@@ -28,13 +28,16 @@ const CLIENTS: usize = 300;
 const CLIENT_ADDRESSES: usize = 49;
 /// HAProxy's check interval in the test (the example's `inter 1s`, shortened).
 const INTER_MS: u64 = 200;
+/// Its `timeout check` (the example's 1 s, shortened): longer than the interval, so a debug
+/// build busy with 300 sessions is not taken for a dead one.
+const CHECK_TIMEOUT_MS: u64 = 500;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart_behind_haproxy() {
     let started = Instant::now();
     raise_fd_limit();
     // The drain must outlast HAProxy's detection: inter * fall + timeout check < drain delay.
-    const { assert!(INTER_MS * 2 + INTER_MS < replica::DRAIN_DELAY_SECS * 1000) };
+    const { assert!(INTER_MS * 2 + CHECK_TIMEOUT_MS < replica::DRAIN_DELAY_SECS * 1000) };
     let dir = tempfile::tempdir().unwrap();
 
     let backends = Backends::new(CLIENTS);
@@ -56,7 +59,7 @@ async fn rolling_restart_behind_haproxy() {
         std::array::from_fn(|i| ReplicaPorts { listener: replicas[i].listener_port, admin: replicas[i].admin_port });
     let stats = dir.path().join("haproxy.sock");
     let cfg = dir.path().join("haproxy.cfg");
-    std::fs::write(&cfg, haproxy::render(frontend.port(), &ports, &stats, INTER_MS)).unwrap();
+    std::fs::write(&cfg, haproxy::render(frontend.port(), &ports, &stats, INTER_MS, CHECK_TIMEOUT_MS)).unwrap();
     let lb = Haproxy::start(&cfg, &stats).await;
     for i in 0..3 {
         lb.wait_status(i, "UP", Duration::from_secs(10)).await;
