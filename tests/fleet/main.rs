@@ -5,7 +5,8 @@
 //! session told 1001, every client back on another replica, real client addresses end to end.
 //!
 //! Needs HAProxy (scripts/test installs Debian's package). Run alone with
-//! `cargo test --test fleet -- --nocapture`.
+//! `cargo test --test fleet -- --nocapture`; with `FLEET_LOG_DIR=DIR` the replicas' JSON logs
+//! are also appended to `DIR/wsgateN.log`.
 
 mod haproxy;
 mod replica;
