@@ -1,8 +1,10 @@
 //! The fleet test: three wsgate replicas behind HAProxy (deploy/haproxy/haproxy.cfg, TCP mode,
 //! PROXY v2, `/readyz` checks), 300 sessions streaming checked data both ways, and every replica
 //! restarted in turn under that load. It proves what docs/deploy.md promises of a rolling
-//! restart: no byte lost, corrupted or reordered, every undelivered byte counted, every ended
-//! session told 1001, every client back on another replica, real client addresses end to end.
+//! restart: no byte lost, corrupted or reordered, every backend byte not delivered counted in
+//! `wsgate_dropped_bytes_total` (client bytes that cross the 1001 are measured: wsgate discards
+//! them uncounted), every ended session told 1001, every client back on another replica, real
+//! client addresses end to end.
 //!
 //! Needs HAProxy (scripts/test installs Debian's package). Run alone with
 //! `cargo test --test fleet -- --nocapture`; with `FLEET_LOG_DIR=DIR` the replicas' JSON logs
