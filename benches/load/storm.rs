@@ -254,11 +254,25 @@ pub(crate) async fn clients(url: String, ca: PathBuf, offset: usize, count: usiz
         let (r, answered) = task.await.unwrap();
         last = last.max(answered);
         match r {
-            Ok((io, took)) => {
-                out += &format!("open {}\n", took.as_micros());
-                held.push(io);
+            Ok(((io, early), took)) => {
+                // A relay may upgrade and then close at once (wsgate does when it sheds the
+                // session before dialling, with the route's `on_backend_unavailable = "close"`):
+                // each session is watched while held, and one the relay closed is a failure.
+                let (r, w) = tokio::io::split(io);
+                held.push((w, tokio::spawn(watch(r, early)), took));
             }
             Err(reason) => out += &format!("fail {reason}\n"),
+        }
+    }
+    // Time for a Close that trails the 101 to arrive.
+    tokio::time::sleep(SETTLE).await;
+    let mut writers = Vec::new();
+    for (w, watcher, took) in held {
+        if watcher.is_finished() {
+            out += &format!("fail upgraded, then {}\n", watcher.await.unwrap());
+        } else {
+            out += &format!("open {}\n", took.as_micros());
+            writers.push(w);
         }
     }
     out += &format!("last {}\nanswered\n", last.duration_since(UNIX_EPOCH).unwrap().as_nanos());
@@ -271,16 +285,51 @@ pub(crate) async fn clients(url: String, ca: PathBuf, offset: usize, count: usiz
     }
     // A masked Close (1000, no reason), then the end of the stream.
     let close = [0x88, 0x82, 0x37, 0xfa, 0x21, 0x3d, 0x03 ^ 0x37, 0xe8 ^ 0xfa];
-    let closing = held.into_iter().map(|mut io| async move {
-        let _ = io.write_all(&close).await;
-        let _ = io.shutdown().await;
+    let closing = writers.into_iter().map(|mut w| async move {
+        let _ = w.write_all(&close).await;
+        let _ = w.shutdown().await;
     });
     let _ = tokio::time::timeout(Duration::from_secs(10), futures_util::future::join_all(closing)).await;
 }
 
+/// How long a client waits, after every client has its answer, for Closes that follow a 101.
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// Reads a held session until the relay ends it; returns how: its Close's code and reason, or
+/// the end of the stream. (The relay sends nothing else while the session is idle; a Ping, at
+/// wsgate's 30 s interval, would be skipped.)
+async fn watch(mut r: tokio::io::ReadHalf<Box<dyn Io>>, mut got: Vec<u8>) -> String {
+    let mut buf = [0u8; 2048];
+    loop {
+        // Server frames are not masked; a Close's payload is at most 125 bytes (7-bit length).
+        while got.len() >= 2 {
+            let (opcode, len) = (got[0] & 0x0f, usize::from(got[1] & 0x7f));
+            if len > 125 || got.len() < 2 + len {
+                break;
+            }
+            if opcode == 0x8 {
+                let payload = &got[2..2 + len];
+                let code = if len >= 2 { u16::from_be_bytes([payload[0], payload[1]]).to_string() } else { "-".into() };
+                let reason = String::from_utf8_lossy(payload.get(2..).unwrap_or_default());
+                return format!("closed {code} \"{reason}\"");
+            }
+            got.drain(..2 + len);
+        }
+        match r.read(&mut buf).await {
+            Ok(0) => return "closed without a Close".into(),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => return format!("read: {}", io_reason(&e)),
+        }
+    }
+}
+
 /// One client: TCP from `source`, a full TLS handshake, the upgrade. The error says what the
-/// client saw, and at which step.
-async fn open(at: &Endpoint, tls: &tokio_rustls::TlsConnector, source: Ipv4Addr) -> Result<Box<dyn Io>, String> {
+/// client saw, and at which step. Returns the session and the bytes that followed the 101.
+async fn open(
+    at: &Endpoint,
+    tls: &tokio_rustls::TlsConnector,
+    source: Ipv4Addr,
+) -> Result<(Box<dyn Io>, Vec<u8>), String> {
     let what = |step: &'static str| move |e: std::io::Error| format!("{step}: {}", io_reason(&e));
     let socket = TcpSocket::new_v4().map_err(what("socket"))?;
     socket.bind(SocketAddr::from((source, 0))).map_err(what("bind"))?;
@@ -308,7 +357,7 @@ async fn open(at: &Endpoint, tls: &tokio_rustls::TlsConnector, source: Ipv4Addr)
         let head = String::from_utf8_lossy(&got[..end]).into_owned();
         let status = head.split_whitespace().nth(1).unwrap_or("?").to_string();
         if status == "101" {
-            return Ok(io);
+            return Ok((io, got.split_off(end + 4)));
         }
         let retry_after = head
             .lines()
