@@ -187,7 +187,7 @@ pub(crate) fn instructions_per_handshake(
                 format!(
                     "[listeners.secure]\naddress = \"127.0.0.1:0\"\ntls = {{ cert = {:?}, key = {:?} }}\n\
                      [routes.bench]\npath = \"/bench\"\nbackend = \"{}\"\n[admin]\naddress = \"127.0.0.1:0\"\n\
-                     [shutdown]\ndrain_delay_secs = 0\nclose_window_secs = 0\n",
+                     [shutdown]\ndrain_delay_secs = 0\nclose_window_secs = 0\n{PER_CLIENT_OUT_OF_REACH}",
                     setup.cert, setup.key, setup.echo
                 ),
             )
