@@ -70,8 +70,15 @@ impl Endpoint {
 /// the figures driven from one address: there the generator stands for many clients, and at the
 /// defaults (20 new connections a second, a burst of 100, 256 open) it would measure the caps,
 /// not the relay. The reconnect storm, from 64 addresses, runs wsgate at its defaults.
+///
+/// `--wsgate-limits` lines that set `per_client.*` themselves replace it ([`per_client`]).
 pub(crate) const PER_CLIENT_OUT_OF_REACH: &str = "[limits.per_client]\nmax_connections = 1000000\n\
      max_handshakes = 100000\nnew_connections_per_sec = 1000000\nnew_connections_burst = 1000000\n";
+
+/// [`PER_CLIENT_OUT_OF_REACH`], unless the extra `[limits]` lines set per-client caps.
+pub(crate) fn per_client(limits: &str) -> &'static str {
+    if limits.contains("per_client") { "" } else { PER_CLIENT_OUT_OF_REACH }
+}
 
 /// One thing under test: an endpoint and the process relaying its traffic.
 pub(crate) struct Target {
@@ -253,11 +260,12 @@ pub(crate) fn start_targets(setup: &Setup, only: &Option<String>, limits: &str) 
                 "[listeners.plain]\naddress = \"127.0.0.1:0\"\n[listeners.secure]\naddress = \"127.0.0.1:0\"\n\
                  tls = {{ cert = {:?}, key = {:?} }}\n[routes.bench]\npath = \"/bench\"\nbackend = \"{}\"\n\
                  [admin]\naddress = \"127.0.0.1:0\"\n[shutdown]\ndrain_delay_secs = 0\nclose_window_secs = 0\n\
-                 [limits]\n{}\n{PER_CLIENT_OUT_OF_REACH}",
+                 [limits]\n{}\n{}",
                 setup.cert,
                 setup.key,
                 setup.echo,
-                limits.replace(';', "\n")
+                limits.replace(';', "\n"),
+                per_client(limits)
             ),
         )
         .unwrap();
@@ -334,9 +342,10 @@ fn start_clients(setup: &Setup, want: &dyn Fn(&str) -> bool, limits: &str, targe
             format!(
                 "[listeners.plain]\naddress = \"127.0.0.1:0\"\n[routes.bench]\npath = \"/bench\"\nbackend = \"{}\"\n\
                  [admin]\naddress = \"127.0.0.1:0\"\n[shutdown]\ndrain_delay_secs = 0\nclose_window_secs = 0\n[limits]\n{}\n\
-                 {PER_CLIENT_OUT_OF_REACH}",
+                 {}",
                 setup.echo,
-                limits.replace(';', "\n")
+                limits.replace(';', "\n"),
+                per_client(limits)
             ),
         )
         .unwrap();
