@@ -374,12 +374,15 @@ async fn orchestrate(args: &Args) {
     }
     let mut extra = String::new();
     if do_handshakes && !args.no_callgrind {
-        let (count, repeats) =
-            (if quick { HANDSHAKES / 4 } else { HANDSHAKES }, args.callgrind_repeats.unwrap_or(if quick { 1 } else { 3 }));
+        let (count, repeats) = (
+            if quick { HANDSHAKES / 4 } else { HANDSHAKES },
+            args.callgrind_repeats.unwrap_or(if quick { 1 } else { 3 }),
+        );
         for row in rows.iter_mut().filter(|r| r.name == "bare-wss" || r.name == "wsgate-wss") {
             for kind in [Handshake::Full, Handshake::Resumed] {
                 eprint!("\rcallgrind: {:<11} {count} {kind:?} handshakes      ", row.name);
-                let n = tokio::task::block_in_place(|| instructions_per_handshake(row.name, &setup, kind, count, repeats));
+                let n =
+                    tokio::task::block_in_place(|| instructions_per_handshake(row.name, &setup, kind, count, repeats));
                 *if kind == Handshake::Full { &mut row.hs_instr_full } else { &mut row.hs_instr_resumed } = n;
             }
         }

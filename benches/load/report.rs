@@ -55,7 +55,8 @@ fn handshakes(r: &Row, b: &Row) -> String {
         let per_run: Vec<f64> = v.iter().zip(b).filter(|(_, b)| **b > 0.0).map(|(v, b)| v / b).collect();
         if per_run.is_empty() { "–".into() } else { format!("{:.2}×", median(&per_run)) }
     };
-    let failed = if r.hs_not_resumed > 0 { format!(", FAILED: {} not resumed", r.hs_not_resumed) } else { String::new() };
+    let failed =
+        if r.hs_not_resumed > 0 { format!(", FAILED: {} not resumed", r.hs_not_resumed) } else { String::new() };
     format!(
         "{:.0} / {:.0} ({} / {}{failed})",
         median(&r.hs_full),

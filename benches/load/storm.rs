@@ -104,6 +104,11 @@ impl Storm {
 /// One storm against a fresh `bare-wss` or `wsgate-wss`.
 pub(crate) fn run(name: &'static str, setup: &Setup, ca_pem: &Path, shape: Shape, limits: &str) -> Storm {
     let me = std::env::current_exe().unwrap();
+    // The relay inherits this process's descriptor limit and holds two per session.
+    let soft = soft_fd_limit();
+    if soft < 2 * shape.clients + 256 {
+        eprintln!("\nstorm: the descriptor limit ({soft}) is below what the relay needs; raise it (ulimit -n)");
+    }
     // The relay: a process of its own, started for this storm only.
     let (relay, gateway, at) = if name == "wsgate-wss" {
         let g = Gateway::start_wss(setup, limits);
@@ -145,7 +150,8 @@ pub(crate) fn run(name: &'static str, setup: &Setup, ca_pem: &Path, shape: Shape
         let mut seen = vec![false; shape.processes];
         while seen.iter().any(|s| !s) {
             let left = until.checked_duration_since(Instant::now()).unwrap_or_default();
-            let (p, line) = rx.recv_timeout(left).unwrap_or_else(|_| panic!("storm: no \"{word}\" from every client process"));
+            let (p, line) =
+                rx.recv_timeout(left).unwrap_or_else(|_| panic!("storm: no \"{word}\" from every client process"));
             if line == word || line == "exit" {
                 seen[p] = true;
             } else {
@@ -223,13 +229,11 @@ pub(crate) async fn clients(url: String, ca: PathBuf, offset: usize, count: usiz
         rustls::pki_types::CertificateDer::from_pem_file(&ca).expect("read the CA certificate")
     };
     let tls = handshake::connector(&ca_der, Handshake::Full);
-    let fds = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
-    let soft: usize = fds
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
-        .unwrap_or(usize::MAX);
-    assert!(soft > count + 64, "storm-clients: {count} clients need more than the soft limit of {soft} descriptors (ulimit -n)");
+    let soft = soft_fd_limit();
+    assert!(
+        soft > count + 64,
+        "storm-clients: {count} clients need more than the soft limit of {soft} descriptors (ulimit -n)"
+    );
     let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     println!("ready");
     std::io::stdout().flush().unwrap();
@@ -290,6 +294,16 @@ pub(crate) async fn clients(url: String, ca: PathBuf, offset: usize, count: usiz
         let _ = w.shutdown().await;
     });
     let _ = tokio::time::timeout(Duration::from_secs(10), futures_util::future::join_all(closing)).await;
+}
+
+/// This process's soft limit on open descriptors (`ulimit -n`).
+fn soft_fd_limit() -> usize {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .unwrap_or(usize::MAX)
 }
 
 /// How long a client waits, after every client has its answer, for Closes that follow a 101.

@@ -448,10 +448,7 @@ impl Gateway {
         s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
         let mut text = String::new();
         let _ = s.read_to_string(&mut text);
-        text.lines()
-            .filter(|l| l.starts_with(prefix) && !l.ends_with(" 0"))
-            .map(str::to_string)
-            .collect()
+        text.lines().filter(|l| l.starts_with(prefix) && !l.ends_with(" 0")).map(str::to_string).collect()
     }
 
     /// The sum of the values of the lines of metric `name` that carry the label `label`
