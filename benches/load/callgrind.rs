@@ -165,14 +165,15 @@ pub(crate) const HANDSHAKES: usize = 200;
 /// store), the counters are zeroed, `count` handshakes run in lockstep (each session opened,
 /// upgraded, closed, and its close awaited before the next), the counters are dumped, and the
 /// total is divided by `count`. Each handshake's kind is checked; `None` when one was not the
-/// kind asked for, or when valgrind is missing. The median of `repeats` windows.
+/// kind asked for, or when valgrind is missing. The median of `repeats` windows, and how far
+/// apart they were (largest less smallest, as a fraction of the median).
 pub(crate) fn instructions_per_handshake(
     name: &str,
     setup: &Setup,
     kind: Handshake,
     count: usize,
     repeats: usize,
-) -> Option<f64> {
+) -> Option<(f64, f64)> {
     if !which("valgrind") || !which("callgrind_control") {
         return None;
     }
@@ -236,5 +237,6 @@ pub(crate) fn instructions_per_handshake(
         Some(total / count as f64)
     };
     let counts: Vec<f64> = (0..repeats).map(|_| run()).collect::<Option<_>>()?;
-    Some(median(&counts))
+    let (lo, hi) = counts.iter().fold((f64::MAX, 0.0_f64), |(lo, hi), c| (lo.min(*c), hi.max(*c)));
+    Some((median(&counts), (hi - lo) / median(&counts)))
 }

@@ -378,15 +378,22 @@ async fn orchestrate(args: &Args) {
             if quick { HANDSHAKES / 4 } else { HANDSHAKES },
             args.callgrind_repeats.unwrap_or(if quick { 1 } else { 3 }),
         );
+        let mut spread = 0.0_f64;
         for row in rows.iter_mut().filter(|r| r.name == "bare-wss" || r.name == "wsgate-wss") {
             for kind in [Handshake::Full, Handshake::Resumed] {
                 eprint!("\rcallgrind: {:<11} {count} {kind:?} handshakes      ", row.name);
                 let n =
                     tokio::task::block_in_place(|| instructions_per_handshake(row.name, &setup, kind, count, repeats));
-                *if kind == Handshake::Full { &mut row.hs_instr_full } else { &mut row.hs_instr_resumed } = n;
+                spread = spread.max(n.map_or(0.0, |n| n.1));
+                *if kind == Handshake::Full { &mut row.hs_instr_full } else { &mut row.hs_instr_resumed } =
+                    n.map(|n| n.0);
             }
         }
-        extra += &format!("\n(callgrind: {count} handshakes in lockstep per window, median of {repeats} windows)\n");
+        extra += &format!(
+            "\n(callgrind: {count} handshakes in lockstep per window, median of {repeats} windows; the windows of \
+             each figure within {:.2} % of each other)\n",
+            spread * 100.0
+        );
     }
     if do_handshakes && !args.callgrind_only && targets.iter().any(|t| t.name == "wsgate-wss") {
         eprint!("\rhandshakes: resumption across a SIGHUP                ");
