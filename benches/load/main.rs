@@ -4,7 +4,7 @@
 //! dependencies allow), wsgate over ws and wss with its default limits and metrics, and peers
 //! (websocat, websockify) when they are installed.
 //!
-//! `cargo bench --bench load` runs everything (about 7 minutes on 2 cores); `-- --quick` is a
+//! `cargo bench --bench load` runs everything (about 12 minutes on 2 cores); `-- --quick` is a
 //! shorter pass for development. Results: a markdown table on stdout, plus
 //! `target/bench/results.md` and `target/bench/chart.svg`. docs/performance.md explains each
 //! figure and holds a reference run.
