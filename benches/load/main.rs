@@ -417,7 +417,7 @@ async fn orchestrate(args: &Args) {
     eprintln!("\rdone.                                                     ");
     drop(targets);
     let mut table = if table { render_table(&rows, runs) } else { String::new() };
-    if do_handshakes {
+    if do_handshakes && rows.iter().any(|r| r.name.ends_with("wss")) {
         table += &render_handshakes(&rows, runs);
     }
     table += &extra;
