@@ -4,6 +4,7 @@
 use std::process::{Command, Stdio};
 
 use crate::client::*;
+use crate::handshake::{self, Handshake};
 use crate::median;
 use crate::targets::*;
 
@@ -153,4 +154,89 @@ pub(crate) fn mem_function_instructions(dump: &str) -> u64 {
         }
     }
     total
+}
+
+/// wss handshakes counted per figure: full ones are about 40× a relayed 64 KiB message under
+/// callgrind's slowdown, so a few hundred keep a window to seconds.
+pub(crate) const HANDSHAKES: usize = 200;
+
+/// Instructions per wss handshake, from callgrind: `wsgate-wss` or `bare-wss` runs under
+/// callgrind, a few handshakes warm it up (and, for resumed ones, fill the client's session
+/// store), the counters are zeroed, `count` handshakes run in lockstep (each session opened,
+/// upgraded, closed, and its close awaited before the next), the counters are dumped, and the
+/// total is divided by `count`. Each handshake's kind is checked; `None` when one was not the
+/// kind asked for, or when valgrind is missing. The median of `repeats` windows, and how far
+/// apart they were (largest less smallest, as a fraction of the median).
+pub(crate) fn instructions_per_handshake(
+    name: &str,
+    setup: &Setup,
+    kind: Handshake,
+    count: usize,
+    repeats: usize,
+) -> Option<(f64, f64)> {
+    if !which("valgrind") || !which("callgrind_control") {
+        return None;
+    }
+    let run = || -> Option<f64> {
+        let out = setup.dir.path().join(format!("callgrind.{name}.handshake.{kind:?}"));
+        let mut cmd = Command::new("valgrind");
+        cmd.arg("--tool=callgrind").arg(format!("--callgrind-out-file={}", out.display()));
+        let (tag, from_stdout, path) = if name == "wsgate-wss" {
+            let config = setup.dir.path().join("callgrind-wss.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "[listeners.secure]\naddress = \"127.0.0.1:0\"\ntls = {{ cert = {:?}, key = {:?} }}\n\
+                     [routes.bench]\npath = \"/bench\"\nbackend = \"{}\"\n[admin]\naddress = \"127.0.0.1:0\"\n\
+                     [shutdown]\ndrain_delay_secs = 0\nclose_window_secs = 0\n{PER_CLIENT_OUT_OF_REACH}",
+                    setup.cert, setup.key, setup.echo
+                ),
+            )
+            .ok()?;
+            cmd.arg(env!("CARGO_BIN_EXE_wsgate"))
+                .args(["run", "--config"])
+                .arg(&config)
+                .env("RUST_LOG", "warn,wsgate=info");
+            ("listener=secure url=wss://", false, "/bench")
+        } else {
+            let me = std::env::current_exe().unwrap();
+            cmd.arg(&me).args(["bare-bridge", "--backend", &setup.echo.to_string(), "--tls"]);
+            cmd.arg(&setup.cert).arg(&setup.key);
+            ("listening ", true, "/")
+        };
+        let (mut child, addr) =
+            spawn_and_find(cmd, |l| l.split(tag).nth(1)?.split_whitespace().next()?.parse().ok(), from_stdout);
+        let pid = child.id().to_string();
+        let control = |what: &str| {
+            let ok = Command::new("callgrind_control").args([what, &pid]).stdout(Stdio::null()).status();
+            assert!(ok.is_ok_and(|s| s.success()), "callgrind_control {what} {pid} failed");
+        };
+        let target = Endpoint::local(Kind::Wss, addr, path);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let wrong = rt.block_on(async {
+            let tls = handshake::connector(&setup.ca_der, kind);
+            // Warm-up; for resumed handshakes it also fills the client's session store.
+            handshake::prime(&target, &tls).await;
+            control("-z");
+            let mut wrong = 0;
+            for _ in 0..count {
+                wrong += usize::from(!handshake::is(handshake::once(&target, &tls).await, kind));
+            }
+            control("-d");
+            wrong
+        });
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        let _ = child.wait();
+        if wrong > 0 {
+            eprintln!("\ncallgrind: {name}: {wrong} of {count} handshakes were not {kind:?}; no figure");
+            return None;
+        }
+        let text = std::fs::read_to_string(format!("{}.1", out.display())).ok()?;
+        let total: f64 =
+            text.lines().find_map(|l| l.strip_prefix("totals: "))?.split_whitespace().next()?.parse().ok()?;
+        Some(total / count as f64)
+    };
+    let counts: Vec<f64> = (0..repeats).map(|_| run()).collect::<Option<_>>()?;
+    let (lo, hi) = counts.iter().fold((f64::MAX, 0.0_f64), |(lo, hi), c| (lo.min(*c), hi.max(*c)));
+    Some((median(&counts), (hi - lo) / median(&counts)))
 }

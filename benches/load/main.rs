@@ -4,7 +4,7 @@
 //! dependencies allow), wsgate over ws and wss with its default limits and metrics, and peers
 //! (websocat, websockify) when they are installed.
 //!
-//! `cargo bench --bench load` runs everything (about 7 minutes on 2 cores); `-- --quick` is a
+//! `cargo bench --bench load` runs everything (about 12 minutes on 2 cores); `-- --quick` is a
 //! shorter pass for development. Results: a markdown table on stdout, plus
 //! `target/bench/results.md` and `target/bench/chart.svg`. docs/performance.md explains each
 //! figure and holds a reference run.
@@ -15,7 +15,8 @@
 //! their own; the clients run in this process, except for the idle-memory test, where clients
 //! are held by a child process so the 2 descriptors per session stay within limits.
 //!
-//! The same binary plays helper roles (`bare-bridge`, `tcp-relay`, `backend`, `hold`), started by
+//! The same binary plays helper roles (`bare-bridge`, `tcp-relay`, `backend`, `hold`,
+//! `storm-clients`), started by
 //! the orchestrator, and `drive`, which measures one figure against any endpoint. With `--gate`
 //! it is CI's instruction-count gate instead (`scripts/gate`, [`gate`]).
 //!
@@ -25,7 +26,9 @@
 //! - [`targets`]: the relays under test and where to reach them.
 //! - [`client`]: TLS, the upgrade, and the cheap WebSocket client the figures are driven with.
 //! - [`measure`]: wall-clock and memory figures.
-//! - [`callgrind`]: instruction counts.
+//! - [`callgrind`]: instruction counts, per relayed byte and per wss handshake.
+//! - [`handshake`]: full and resumed wss handshakes, told apart, and resumption across a reload.
+//! - [`storm`]: the reconnect storm (5,000 wss clients from 64 addresses at once).
 //! - [`gate`]: the instruction counts compared with the committed baseline.
 //! - [`roles`]: the helper roles (baselines, backends, the session holder, `drive`).
 //! - [`report`]: the table and the chart.
@@ -33,9 +36,11 @@
 mod callgrind;
 mod client;
 mod gate;
+mod handshake;
 mod measure;
 mod report;
 mod roles;
+mod storm;
 mod targets;
 
 use std::net::SocketAddr;
@@ -44,10 +49,11 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::callgrind::{LARGE, SMALL, instructions_per_byte};
+use crate::callgrind::{HANDSHAKES, LARGE, SMALL, instructions_per_byte, instructions_per_handshake};
 use crate::client::*;
+use crate::handshake::Handshake;
 use crate::measure::*;
-use crate::report::{render_chart, render_table};
+use crate::report::{render_chart, render_handshakes, render_table};
 use crate::roles::*;
 use crate::targets::*;
 
@@ -78,9 +84,15 @@ struct Args {
     /// With --gate: write this run's counts and toolchain as the new baseline.
     #[arg(long, requires = "gate")]
     rebaseline: bool,
-    /// Only these targets (comma-separated names, e.g. "bare-ws,wsgate-ws").
+    /// Only these targets and figures (comma-separated names, e.g. "bare-ws,wsgate-ws"). Target
+    /// names alone: every figure of the table for those targets. Figure names ("handshakes",
+    /// "storm") run only those figures, for the wss targets named (default: bare-wss and
+    /// wsgate-wss). The storm runs in a run without --only, or when named.
     #[arg(long)]
     only: Option<String>,
+    /// Clients in the reconnect storm.
+    #[arg(long, default_value_t = storm::SHAPE.clients)]
+    storm_clients: usize,
     /// Extra `[limits]` lines for the wsgate under test, e.g. "ws_read_buffer_bytes = 4096".
     #[arg(long, default_value = "")]
     wsgate_limits: String,
@@ -133,6 +145,20 @@ enum Role {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
     },
+    /// Reconnect storm clients: waits for "go", connects all at once, holds until "close".
+    #[command(hide = true)]
+    StormClients {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        offset: usize,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        sources: usize,
+    },
     /// Opens and holds WebSocket sessions until standard input closes.
     #[command(hide = true)]
     Hold {
@@ -167,8 +193,14 @@ enum BackendKind {
 
 fn main() {
     let args = Args::parse();
+    if let Some(Role::StormClients { url, ca, offset, count, sources }) = args.role {
+        // One thread per storm process: the figure states how many processes drive it.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+        return rt.block_on(storm::clients(url, ca, offset, count, sources));
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match args.role {
+        Some(Role::StormClients { .. }) => unreachable!("handled above"),
         Some(Role::BareBridge { backend, tls }) => rt.block_on(bare_bridge(backend, tls)),
         Some(Role::TcpRelay { backend }) => rt.block_on(tcp_relay(backend)),
         Some(Role::Hold { url, count, ca }) => rt.block_on(hold(url, count, ca)),
@@ -198,7 +230,14 @@ pub(crate) struct Row {
     mbps_50x4k: Vec<f64>,
     rtt1: Vec<[f64; 3]>,
     rtt50: Vec<[f64; 3]>,
-    handshakes: Vec<f64>,
+    /// wss handshakes per second, full and resumed, one per wall-clock window.
+    hs_full: Vec<f64>,
+    hs_resumed: Vec<f64>,
+    /// Handshakes of the resumed windows that were not resumed (the figure then fails).
+    hs_not_resumed: u64,
+    /// callgrind instructions per wss handshake, full and resumed.
+    hs_instr_full: Option<f64>,
+    hs_instr_resumed: Option<f64>,
     cpu_per_gib: Vec<f64>,
     idle_kib: Option<f64>,
     instr_per_byte: Option<f64>,
@@ -226,9 +265,26 @@ async fn orchestrate(args: &Args) {
     // Tail latencies need more samples than throughput does: p99.9 of 1 s at one session is a
     // handful of round trips.
     let rtt_dur = dur * 2;
+    // `--only` names targets, figures, or both (see its help).
+    const FIGURES: [&str; 2] = ["handshakes", "storm"];
+    let named: Vec<&str> = args.only.as_deref().map_or(Vec::new(), |o| o.split(',').collect());
+    let figures: Vec<&str> = named.iter().copied().filter(|n| FIGURES.contains(n)).collect();
+    let table = figures.is_empty();
+    let do_handshakes = table || figures.contains(&"handshakes");
+    let do_storm = args.only.is_none() || figures.contains(&"storm");
+    let target_names: Vec<&str> = named.iter().copied().filter(|n| !FIGURES.contains(n)).collect();
+    let only = match (target_names.is_empty(), table) {
+        (false, _) => Some(target_names.join(",")),
+        (true, true) => None,
+        (true, false) => Some("bare-wss,wsgate-wss".to_string()),
+    };
+    // Handshake windows: 3 s each (5 of them in a full run), the targets taking turns.
+    let hs_dur = if quick { Duration::from_secs(1) } else { Duration::from_secs(3) };
     let (setup, _echo) = Setup::start();
+    let ca_pem = setup.dir.path().join("ca.pem");
+    std::fs::write(&ca_pem, std::fs::read(&setup.cert).unwrap()).unwrap();
     let tls = client_tls(&setup.ca_der);
-    let mut targets = start_targets(&setup, &args.only, &args.wsgate_limits);
+    let mut targets = start_targets(&setup, &only, &args.wsgate_limits);
     eprintln!(
         "targets: {} ({} interleaved runs of {secs} s per figure)",
         targets.iter().map(|t| t.name).collect::<Vec<_>>().join(", "),
@@ -238,25 +294,16 @@ async fn orchestrate(args: &Args) {
 
     for run in 0..if args.callgrind_only { 0 } else { runs } {
         for (t, row) in targets.iter().zip(rows.iter_mut()) {
-            eprint!("\rrun {}/{runs}: {:<11} throughput      ", run + 1, t.name);
-            let cpu0 = t.pid().map(cpu_secs);
-            let bps = throughput(&t.at, &tls, Mode::Echo, 1, 64 * 1024, dur).await;
-            if let (Some(c0), Some(pid)) = (cpu0, t.pid()) {
-                // Bytes relayed: the echoed bytes crossed the relay twice.
-                let relayed = bps * (dur.as_secs_f64() * 1.2) * 2.0;
-                row.cpu_per_gib.push((cpu_secs(pid) - c0) / (relayed / (1u64 << 30) as f64));
+            if table {
+                table_figures(t, row, &tls, dur, rtt_dur, (run, runs)).await;
             }
-            row.mbps_1x64k.push(bps / 1e6);
-            row.mbps_50x4k.push(throughput(&t.at, &tls, Mode::Echo, 50, 4096, dur).await / 1e6);
-            eprint!("\rrun {}/{runs}: {:<11} latency         ", run + 1, t.name);
-            let one = latency(&t.at, &tls, 1, 64, rtt_dur).await;
-            let fifty = latency(&t.at, &tls, 50, 64, rtt_dur).await;
-            let us = |s: &[Duration]| [0.5, 0.99, 0.999].map(|p| percentile(s, p).as_secs_f64() * 1e6);
-            row.rtt1.push(us(&one));
-            row.rtt50.push(us(&fifty));
-            if t.at.kind == Kind::Wss {
+            if do_handshakes && t.at.kind == Kind::Wss {
                 eprint!("\rrun {}/{runs}: {:<11} handshakes      ", run + 1, t.name);
-                row.handshakes.push(handshakes(&t.at, &tls, dur).await);
+                let full = handshake::window(&t.at, &setup.ca_der, Handshake::Full, hs_dur).await;
+                let resumed = handshake::window(&t.at, &setup.ca_der, Handshake::Resumed, hs_dur).await;
+                row.hs_full.push(full.per_sec);
+                row.hs_resumed.push(resumed.per_sec);
+                row.hs_not_resumed += resumed.wrong_kind;
             }
         }
     }
@@ -266,7 +313,7 @@ async fn orchestrate(args: &Args) {
     // per-pair ratios are reported.
     let mut rtt_pairs = Vec::new();
     let pair = ["bare-ws", "wsgate-ws"].map(|n| targets.iter().find(|t| t.name == n));
-    if let ([Some(bare), Some(gate)], false) = (pair, args.callgrind_only) {
+    if let ([Some(bare), Some(gate)], false, true) = (pair, args.callgrind_only, table) {
         let rounds = if quick { 3 } else { 15 };
         for round in 0..rounds {
             eprint!("\rround trips, paired: {}/{rounds}            ", round + 1);
@@ -285,10 +332,8 @@ async fn orchestrate(args: &Args) {
             rtt_pairs.push(g / b);
         }
     }
-    let ca_pem = setup.dir.path().join("ca.pem");
-    std::fs::write(&ca_pem, std::fs::read(&setup.cert).unwrap()).unwrap();
     for (t, row) in targets.iter_mut().zip(rows.iter_mut()) {
-        if t.at.kind == Kind::Tcp || args.callgrind_only {
+        if t.at.kind == Kind::Tcp || args.callgrind_only || !table {
             continue;
         }
         let (low, high) = if quick { (100, 1000.min(t.max_idle)) } else { (t.max_idle / 8, t.max_idle) };
@@ -300,7 +345,7 @@ async fn orchestrate(args: &Args) {
     let mut metrics_cost = Vec::new();
     let mut small_vs_bare = None;
     let mut large_counts = Vec::new();
-    if !args.no_callgrind {
+    if !args.no_callgrind && table {
         let scale = if quick { 4 } else { 1 };
         let (large, small) = ((LARGE.0, LARGE.1 / scale), (SMALL.0, SMALL.1 / scale));
         let repeats = args.callgrind_repeats.unwrap_or(if quick { 1 } else { 3 });
@@ -327,9 +372,55 @@ async fn orchestrate(args: &Args) {
             }
         }
     }
+    let mut extra = String::new();
+    if do_handshakes && !args.no_callgrind {
+        let (count, repeats) = (
+            if quick { HANDSHAKES / 4 } else { HANDSHAKES },
+            args.callgrind_repeats.unwrap_or(if quick { 1 } else { 3 }),
+        );
+        let mut spread = 0.0_f64;
+        for row in rows.iter_mut().filter(|r| r.name == "bare-wss" || r.name == "wsgate-wss") {
+            for kind in [Handshake::Full, Handshake::Resumed] {
+                eprint!("\rcallgrind: {:<11} {count} {kind:?} handshakes      ", row.name);
+                let n =
+                    tokio::task::block_in_place(|| instructions_per_handshake(row.name, &setup, kind, count, repeats));
+                spread = spread.max(n.map_or(0.0, |n| n.1));
+                *if kind == Handshake::Full { &mut row.hs_instr_full } else { &mut row.hs_instr_resumed } =
+                    n.map(|n| n.0);
+            }
+        }
+        extra += &format!(
+            "\n(callgrind: {count} handshakes in lockstep per window, median of {repeats} windows; the windows of \
+             each figure within {:.2} % of each other)\n",
+            spread * 100.0
+        );
+    }
+    if do_handshakes && !args.callgrind_only && targets.iter().any(|t| t.name == "wsgate-wss") {
+        eprint!("\rhandshakes: resumption across a SIGHUP                ");
+        extra += &format!("\n{}\n", handshake::resumed_after_reload(&setup, &args.wsgate_limits, 20).await);
+    }
+    if do_storm && !args.callgrind_only {
+        let shape = storm::Shape { clients: args.storm_clients, ..storm::SHAPE };
+        let mut storms = String::new();
+        for t in targets.iter().filter(|t| t.name == "bare-wss" || t.name == "wsgate-wss") {
+            eprint!("\rstorm: {:<11} {} clients                ", t.name, shape.clients);
+            let s = tokio::task::block_in_place(|| storm::run(t.name, &setup, &ca_pem, shape, &args.wsgate_limits));
+            storms += &s.report();
+            for line in &s.refusals {
+                extra += &format!("\n{} after the storm: `{line}`", s.name);
+            }
+        }
+        if !storms.is_empty() {
+            extra = format!("\n{}{storms}{extra}\n", storm::Storm::header(shape));
+        }
+    }
     eprintln!("\rdone.                                                     ");
     drop(targets);
-    let mut table = render_table(&rows, runs);
+    let mut table = if table { render_table(&rows, runs) } else { String::new() };
+    if do_handshakes && rows.iter().any(|r| r.name.ends_with("wss")) {
+        table += &render_handshakes(&rows, runs);
+    }
+    table += &extra;
     if !rtt_pairs.is_empty() {
         rtt_pairs.sort_by(f64::total_cmp);
         let q = |p: f64| rtt_pairs[((rtt_pairs.len() - 1) as f64 * p).round() as usize];
@@ -369,4 +460,31 @@ async fn orchestrate(args: &Args) {
     std::fs::write(out.join("results.md"), &table).unwrap();
     std::fs::write(out.join("chart.svg"), render_chart(&rows)).unwrap();
     eprintln!("wrote {}/results.md and chart.svg", out.display());
+}
+
+/// One run's table figures for one target: throughput (with the relay's CPU), round trips.
+async fn table_figures(
+    t: &Target,
+    row: &mut Row,
+    tls: &tokio_rustls::TlsConnector,
+    dur: Duration,
+    rtt_dur: Duration,
+    (run, runs): (usize, usize),
+) {
+    eprint!("\rrun {}/{runs}: {:<11} throughput      ", run + 1, t.name);
+    let cpu0 = t.pid().map(cpu_secs);
+    let bps = throughput(&t.at, tls, Mode::Echo, 1, 64 * 1024, dur).await;
+    if let (Some(c0), Some(pid)) = (cpu0, t.pid()) {
+        // Bytes relayed: the echoed bytes crossed the relay twice.
+        let relayed = bps * (dur.as_secs_f64() * 1.2) * 2.0;
+        row.cpu_per_gib.push((cpu_secs(pid) - c0) / (relayed / (1u64 << 30) as f64));
+    }
+    row.mbps_1x64k.push(bps / 1e6);
+    row.mbps_50x4k.push(throughput(&t.at, tls, Mode::Echo, 50, 4096, dur).await / 1e6);
+    eprint!("\rrun {}/{runs}: {:<11} latency         ", run + 1, t.name);
+    let one = latency(&t.at, tls, 1, 64, rtt_dur).await;
+    let fifty = latency(&t.at, tls, 50, 64, rtt_dur).await;
+    let us = |s: &[Duration]| [0.5, 0.99, 0.999].map(|p| percentile(s, p).as_secs_f64() * 1e6);
+    row.rtt1.push(us(&one));
+    row.rtt50.push(us(&fifty));
 }

@@ -1,4 +1,4 @@
-//! Wall-clock and memory figures: throughput, round-trip latency, handshakes per second, CPU
+//! Wall-clock and memory figures: throughput, round-trip latency, CPU
 //! and resident memory read from `/proc`.
 
 use std::net::SocketAddr;
@@ -132,27 +132,6 @@ pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
-}
-
-/// Completed wss (or ws) handshakes per second with 8 concurrent clients.
-pub(crate) async fn handshakes(t: &Endpoint, tls: &tokio_rustls::TlsConnector, duration: Duration) -> f64 {
-    let done = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + duration;
-    let mut tasks = Vec::new();
-    for _ in 0..8 {
-        let (done, tls, t) = (done.clone(), tls.clone(), t.clone());
-        tasks.push(tokio::spawn(async move {
-            while Instant::now() < deadline {
-                let mut ws = ws_connect(&t, &tls).await;
-                let _ = ws.close(None).await;
-                done.fetch_add(1, Ordering::Relaxed);
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    done.load(Ordering::Relaxed) as f64 / duration.as_secs_f64()
 }
 
 /// Proportional set size of a process and all its descendants, KiB: PSS splits pages shared

@@ -16,7 +16,7 @@ pub(crate) fn render_table(rows: &[Row], runs: usize) -> String {
     let p99 = |rows: &[[f64; 3]]| rows.iter().map(|r| r[1]).collect::<Vec<_>>();
     let mut s = format!(
         "Medians of {runs} interleaved runs; (×) is the median of the per-run ratios to the bare bridge of the same scheme (RTT: of p99).\n\n\
-         | target | 1 × 64 KiB MB/s | 50 × 4 KiB MB/s | RTT 1 session p50/p99/p99.9 µs | RTT 50 sessions p50/p99/p99.9 µs | idle KiB/session | wss handshakes/s | CPU s/GiB | instr/byte |\n\
+         | target | 1 × 64 KiB MB/s | 50 × 4 KiB MB/s | RTT 1 session p50/p99/p99.9 µs | RTT 50 sessions p50/p99/p99.9 µs | idle KiB/session | wss handshakes/s full / resumed | CPU s/GiB | instr/byte |\n\
          |---|---|---|---|---|---|---|---|---|\n"
     );
     for r in rows {
@@ -38,9 +38,55 @@ pub(crate) fn render_table(rows: &[Row], runs: usize) -> String {
             rtt(l50),
             ratio(&p99(&r.rtt50), &p99(&b.rtt50)),
             r.idle_kib.map_or("–".into(), |k| format!("{k:.1}")),
-            if r.handshakes.is_empty() { "–".into() } else { format!("{:.0}", median(&r.handshakes)) },
+            handshakes(r, b),
             if r.cpu_per_gib.is_empty() { "–".into() } else { format!("{:.2}", median(&r.cpu_per_gib)) },
             r.instr_per_byte.map_or("–".into(), |i| format!("{i:.2}")),
+        );
+    }
+    s
+}
+
+/// The wss handshake column: full / resumed per second, with their ratios to the bare bridge.
+fn handshakes(r: &Row, b: &Row) -> String {
+    if r.hs_full.is_empty() {
+        return "–".into();
+    }
+    let ratio = |v: &[f64], b: &[f64]| {
+        let per_run: Vec<f64> = v.iter().zip(b).filter(|(_, b)| **b > 0.0).map(|(v, b)| v / b).collect();
+        if per_run.is_empty() { "–".into() } else { format!("{:.2}×", median(&per_run)) }
+    };
+    let failed =
+        if r.hs_not_resumed > 0 { format!(", FAILED: {} not resumed", r.hs_not_resumed) } else { String::new() };
+    format!(
+        "{:.0} / {:.0} ({} / {}{failed})",
+        median(&r.hs_full),
+        median(&r.hs_resumed),
+        ratio(&r.hs_full, &b.hs_full),
+        ratio(&r.hs_resumed, &b.hs_resumed)
+    )
+}
+
+/// The wss handshake figures on their own: wall-clock medians and callgrind counts, full and
+/// resumed apart, each with its ratio to the bare bridge.
+pub(crate) fn render_handshakes(rows: &[Row], runs: usize) -> String {
+    let base = rows.iter().find(|r| r.name == "bare-wss").cloned().unwrap_or_default();
+    let instr = |v: Option<f64>, b: Option<f64>| match (v, b) {
+        (Some(v), Some(b)) => format!("{v:.0} ({:.2}×)", v / b),
+        (Some(v), None) => format!("{v:.0}"),
+        _ => "–".into(),
+    };
+    let mut s = format!(
+        "\nwss handshakes: medians of {runs} wall-clock windows (8 clients; targets taking turns) and callgrind \
+         instructions per handshake; (×) against bare-wss.\n\n\
+         | target | handshakes/s full / resumed | instr/handshake full | instr/handshake resumed |\n|---|---|---|---|\n"
+    );
+    for r in rows.iter().filter(|r| r.name.ends_with("wss")) {
+        s += &format!(
+            "| {} | {} | {} | {} |\n",
+            r.name,
+            handshakes(r, &base),
+            instr(r.hs_instr_full, base.hs_instr_full),
+            instr(r.hs_instr_resumed, base.hs_instr_resumed)
         );
     }
     s

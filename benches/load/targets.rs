@@ -66,6 +66,20 @@ impl Endpoint {
     }
 }
 
+/// wsgate's per-client caps raised out of reach (the code still counts every connection) for
+/// the figures driven from one address: there the generator stands for many clients, and at the
+/// defaults (20 new connections a second, a burst of 100, 256 open) it would measure the caps,
+/// not the relay. The reconnect storm, from 64 addresses, runs wsgate at its defaults.
+///
+/// `--wsgate-limits` lines that set `per_client.*` themselves replace it ([`per_client`]).
+pub(crate) const PER_CLIENT_OUT_OF_REACH: &str = "[limits.per_client]\nmax_connections = 1000000\n\
+     max_handshakes = 100000\nnew_connections_per_sec = 1000000\nnew_connections_burst = 1000000\n";
+
+/// [`PER_CLIENT_OUT_OF_REACH`], unless the extra `[limits]` lines set per-client caps.
+pub(crate) fn per_client(limits: &str) -> &'static str {
+    if limits.contains("per_client") { "" } else { PER_CLIENT_OUT_OF_REACH }
+}
+
 /// One thing under test: an endpoint and the process relaying its traffic.
 pub(crate) struct Target {
     pub(crate) name: &'static str,
@@ -246,11 +260,12 @@ pub(crate) fn start_targets(setup: &Setup, only: &Option<String>, limits: &str) 
                 "[listeners.plain]\naddress = \"127.0.0.1:0\"\n[listeners.secure]\naddress = \"127.0.0.1:0\"\n\
                  tls = {{ cert = {:?}, key = {:?} }}\n[routes.bench]\npath = \"/bench\"\nbackend = \"{}\"\n\
                  [admin]\naddress = \"127.0.0.1:0\"\n[shutdown]\ndrain_delay_secs = 0\nclose_window_secs = 0\n\
-                 [limits]\n{}\n",
+                 [limits]\n{}\n{}",
                 setup.cert,
                 setup.key,
                 setup.echo,
-                limits.replace(';', "\n")
+                limits.replace(';', "\n"),
+                per_client(limits)
             ),
         )
         .unwrap();
@@ -331,9 +346,10 @@ fn start_clients(setup: &Setup, want: &dyn Fn(&str) -> bool, limits: &str, targe
             format!(
                 "[listeners.plain]\naddress = \"127.0.0.1:0\"\n[routes.bench]\npath = \"/bench\"\nbackend = \"{}\"\n\
                  [admin]\naddress = \"127.0.0.1:0\"\n[shutdown]\ndrain_delay_secs = 0\nclose_window_secs = 0\n[limits]\n{}\n\
-                 [limits.per_client]\nmax_connections = 0\nmax_handshakes = 0\nnew_connections_per_sec = 0\n",
+                 {}",
                 setup.echo,
-                limits.replace(';', "\n")
+                limits.replace(';', "\n"),
+                per_client(limits)
             ),
         )
         .unwrap();
@@ -372,4 +388,84 @@ pub(crate) fn which(program: &str) -> bool {
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// A wsgate of its own for one figure, with the lines it logs and its admin address: for the
+/// figures that signal it (SIGHUP) or read its metrics, and for the storm, whose peak memory must
+/// be its own and not that of the figures before it.
+pub(crate) struct Gateway {
+    pub(crate) process: Child,
+    pub(crate) at: Endpoint,
+    pub(crate) admin: SocketAddr,
+    /// Lines wsgate logs after its address lines.
+    pub(crate) log: std::sync::mpsc::Receiver<String>,
+}
+
+impl Gateway {
+    /// wsgate with one wss listener (`secure`), the `/bench` route to the echo backend, default
+    /// limits plus `limits`, metrics on.
+    pub(crate) fn start_wss(setup: &Setup, limits: &str) -> Gateway {
+        let config = setup.dir.path().join("gateway-wss.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[listeners.secure]\naddress = \"127.0.0.1:0\"\ntls = {{ cert = {:?}, key = {:?} }}\n\
+                 [routes.bench]\npath = \"/bench\"\nbackend = \"{}\"\n[admin]\naddress = \"127.0.0.1:0\"\n\
+                 [shutdown]\ndrain_delay_secs = 0\nclose_window_secs = 0\n[limits]\n{}\n",
+                setup.cert,
+                setup.key,
+                setup.echo,
+                limits.replace(';', "\n")
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
+        cmd.args(["run", "--config"]).arg(&config).env("RUST_LOG", "warn,wsgate=info");
+        cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut process = cmd.spawn().unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));
+        let mut lines = BufReader::new(process.stderr.take().unwrap()).lines();
+        let addr_after = |line: &str, tag: &str| -> Option<SocketAddr> {
+            line.split(tag).nth(1)?.split_whitespace().next()?.split("://").nth(1)?.split('/').next()?.parse().ok()
+        };
+        let (mut addr, mut admin) = (None, None);
+        while addr.is_none() || admin.is_none() {
+            let line = lines.next().expect("wsgate exited before telling its addresses").unwrap();
+            if line.contains("admin listening") {
+                admin = admin.or(addr_after(&line, "url="));
+            } else {
+                addr = addr.or(addr_after(&line, "listener=secure url="));
+            }
+        }
+        let (tx, log) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Gateway { process, at: Endpoint::local(Kind::Wss, addr.unwrap(), "/bench"), admin: admin.unwrap(), log }
+    }
+
+    /// The lines of wsgate's metrics whose name starts with `prefix` and whose value is not 0.
+    pub(crate) fn metrics(&self, prefix: &str) -> Vec<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.admin).expect("connect to wsgate's admin listener");
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        text.lines().filter(|l| l.starts_with(prefix) && !l.ends_with(" 0")).map(str::to_string).collect()
+    }
+
+    /// The sum of the values of the lines of metric `name` that carry the label `label`
+    /// (`kind="resumed"`), whatever their other labels and their order.
+    pub(crate) fn metric_sum(&self, name: &str, label: &str) -> f64 {
+        let lines = self.metrics(&format!("{name}{{"));
+        lines.iter().filter(|l| l.contains(label)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
 }
