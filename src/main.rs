@@ -189,6 +189,15 @@ fn check(path: &Path) -> ExitCode {
                 }
                 return ExitCode::FAILURE;
             }
+            // And the listeners' shared TLS ticket keys.
+            for l in &config.listeners {
+                if let Some(keys) = l.tls.as_ref().and_then(|t| t.ticket_keys.as_ref())
+                    && let Err(e) = wsgate::tickets::read_keys(keys)
+                {
+                    eprintln!("listener \"{}\": {e}", l.name);
+                    return ExitCode::FAILURE;
+                }
+            }
             println!("{}: ok", path.display());
             for l in &config.listeners {
                 print!("listener {:<12} {}://{}", l.name, l.scheme(), l.address);

@@ -59,7 +59,8 @@ pub enum ProbeError {
     Status {
         /// The status code.
         status: u16,
-        /// The reason phrase as sent.
+        /// The reason phrase, printable ASCII only and at most 64 characters: it goes to a
+        /// terminal or a health log, so whatever answered must not write escape sequences there.
         reason: String,
     },
 }
@@ -88,6 +89,10 @@ fn parse(url: &str) -> Result<Url<'_>, ProbeError> {
     };
     if authority.contains('@') {
         return Err(bad("credentials in the URL are not supported"));
+    }
+    // The path goes into the request line as it is: nothing that would end or split it.
+    if url.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+        return Err(bad("spaces and control characters must be percent-encoded"));
     }
     // `[v6]:port`, `[v6]`, `host:port`, `host`.
     let (host, port) = if let Some(end) = authority.strip_prefix('[').and_then(|a| a.find(']')) {
@@ -183,7 +188,10 @@ fn status(line: &str) -> Result<u16, ProbeError> {
     let code = parts.next().filter(|c| c.len() == 3).and_then(|c| c.parse::<u16>().ok()).ok_or_else(not_http)?;
     match code {
         200..=299 => Ok(code),
-        _ => Err(ProbeError::Status { status: code, reason: parts.next().unwrap_or("").to_string() }),
+        _ => {
+            let reason = parts.next().unwrap_or("").chars().filter(|c| c.is_ascii_graphic() || *c == ' ').take(64);
+            Err(ProbeError::Status { status: code, reason: reason.collect() })
+        }
     }
 }
 
@@ -215,6 +223,10 @@ mod tests {
         assert_eq!(status("HTTP/1.0 204 No Content").unwrap(), 204);
         assert!(matches!(status("HTTP/1.1 503 Service Unavailable"), Err(ProbeError::Status { status: 503, .. })));
         assert!(matches!(status("HTTP/1.1 301 Moved"), Err(ProbeError::Status { status: 301, .. })));
+        let hostile = status("HTTP/1.1 500 \x1b[2J\x1b[31mFAKE\x07").unwrap_err().to_string();
+        assert_eq!(hostile, "HTTP 500 [2J[31mFAKE");
+        assert!(parse("http://127.0.0.1:9090/a b").is_err());
+        assert!(parse("http://127.0.0.1:9090/a\r\nX: y").is_err());
         assert!(matches!(status("SSH-2.0-OpenSSH_9.2"), Err(ProbeError::NotHttp(_))));
         assert!(matches!(status("HTTP/1.1 2000 OK"), Err(ProbeError::NotHttp(_))));
     }

@@ -127,6 +127,7 @@ pub fn files(config: &Config) -> Vec<PathBuf> {
     for l in &config.listeners {
         if let Some(tls) = &l.tls {
             files.extend([tls.cert.clone(), tls.key.clone()]);
+            files.extend(tls.ticket_keys.iter().cloned());
             if let Some(client) = &tls.client_auth {
                 files.push(client.ca.clone());
                 files.extend(client.crls.iter().cloned());
@@ -239,6 +240,9 @@ mod tests {
 [listeners.s]
 address = "127.0.0.1:0"
 tls = { cert = "c.pem", key = "k.pem", client_ca = "ca.pem", client_crls = ["a.crl", "b.crl"] }
+[listeners.t]
+address = "127.0.0.1:0"
+tls = { cert = "c.pem", key = "k.pem", ticket_keys = "tickets.keys" }
 [admin]
 address = "127.0.0.1:0"
 tls = { cert = "admin.pem", key = "admin.key" }
@@ -273,6 +277,7 @@ targets = { map_file = "map.toml", allow = ["127.0.0.0/8"], allow_ports = ["1-65
             "ca.pem",
             "a.crl",
             "b.crl",
+            "tickets.keys",
             "admin.pem",
             "admin.key",
             "admin-tokens",

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use aws_lc_rs::aead::{AES_256_GCM_SIV, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use aws_lc_rs::digest;
 use rustls::server::{ProducesTickets, ServerSessionMemoryCache, StoresServerSessions};
 
@@ -32,6 +32,12 @@ const SESSION_CACHE_ENTRIES: usize = 256;
 const MAX_FILE_KEYS: usize = 16;
 /// Bytes naming the key a ticket was sealed with, so opening needs no trial decryption.
 const KEY_NAME_LEN: usize = 16;
+/// A `ticket_keys` file larger than this is refused unread (16 keys with comments fit many times).
+const MAX_FILE_BYTES: u64 = 64 * 1024;
+/// Larger tickets are not ours: rustls tries each PSK identity a client offers.
+const MAX_TICKET_LEN: usize = 16 * 1024;
+/// Replicas' clocks may disagree by this much: a ticket issued "in the future" by so little opens.
+const CLOCK_SKEW_SECS: u64 = 60;
 
 /// What a listener's server configs share across reloads.
 #[derive(Clone)]
@@ -74,6 +80,8 @@ pub enum TicketKeysError {
     Empty { path: PathBuf },
     #[error("ticket_keys file {}: more than {MAX_FILE_KEYS} keys", path.display())]
     TooMany { path: PathBuf },
+    #[error("ticket_keys file {}: not a regular file of at most {MAX_FILE_BYTES} bytes", path.display())]
+    NotAKeyFile { path: PathBuf },
     #[error("session tickets: {0}")]
     Crypto(String),
 }
@@ -131,7 +139,7 @@ impl ProducesTickets for NoTickets {
 }
 
 /// Keys read from a `ticket_keys` file, in order.
-struct FileKeys(Vec<[u8; 32]>);
+pub struct FileKeys(Vec<[u8; 32]>);
 
 impl FileKeys {
     fn digest(&self) -> [u8; 32] {
@@ -149,7 +157,7 @@ impl FileKeys {
             .0
             .iter()
             .map(|raw| {
-                let key = UnboundKey::new(&AES_256_GCM, raw).map_err(|e| TicketKeysError::Crypto(e.to_string()))?;
+                let key = UnboundKey::new(&AES_256_GCM_SIV, raw).map_err(|e| TicketKeysError::Crypto(e.to_string()))?;
                 Ok(TicketKey { name: key_name(raw), key: LessSafeKey::new(key) })
             })
             .collect::<Result<Vec<_>, TicketKeysError>>()?;
@@ -157,9 +165,21 @@ impl FileKeys {
     }
 }
 
-/// One key per line, 64 hex digits; `#` comments and blank lines skipped.
-fn read_keys(path: &Path) -> Result<FileKeys, TicketKeysError> {
-    let text = std::fs::read_to_string(path).map_err(|source| TicketKeysError::Read { path: path.into(), source })?;
+/// One key per line, 64 hex digits; `#` comments and blank lines skipped. Also what
+/// `wsgate check` runs, so a bad file is caught before a reload.
+pub fn read_keys(path: &Path) -> Result<FileKeys, TicketKeysError> {
+    use std::io::Read;
+    let read_err = |source| TicketKeysError::Read { path: path.into(), source };
+    // Checked before opening: a FIFO would block the reload, /dev/zero would fill memory.
+    let meta = std::fs::metadata(path).map_err(read_err)?;
+    if !meta.is_file() || meta.len() > MAX_FILE_BYTES {
+        return Err(TicketKeysError::NotAKeyFile { path: path.into() });
+    }
+    let mut text = String::new();
+    std::fs::File::open(path).and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_string(&mut text)).map_err(read_err)?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(TicketKeysError::NotAKeyFile { path: path.into() });
+    }
     let mut keys = Vec::new();
     for (index, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -207,8 +227,10 @@ struct TicketKey {
 }
 
 /// Tickets sealed with the file's first key and opened with any of its keys. A ticket is
-/// `name ‖ nonce ‖ AES-256-GCM(issued-at ‖ session)` with the name as associated data; the
+/// `name ‖ nonce ‖ AES-256-GCM-SIV(issued-at ‖ session)` with the name as associated data; the
 /// issue time inside the seal bounds its life, since rustls leaves that to the ticketer.
+/// GCM-SIV because the keys may live long and seal billions of tickets with random nonces: a
+/// repeated nonce then reveals only that two tickets were equal, not the key.
 struct FileTicketer {
     keys: Vec<TicketKey>,
 }
@@ -251,6 +273,16 @@ impl ProducesTickets for FileTicketer {
     }
 
     fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        self.decrypt_at(cipher, now_secs())
+    }
+}
+
+impl FileTicketer {
+    /// [`ProducesTickets::decrypt`] as if the time were `now` (seconds since the epoch).
+    fn decrypt_at(&self, cipher: &[u8], now: u64) -> Option<Vec<u8>> {
+        if cipher.len() > MAX_TICKET_LEN {
+            return None;
+        }
         let (name, rest) = cipher.split_at_checked(KEY_NAME_LEN)?;
         let (nonce, sealed) = rest.split_at_checked(NONCE_LEN)?;
         let opener = self.keys.iter().find(|k| k.name == name)?;
@@ -259,7 +291,10 @@ impl ProducesTickets for FileTicketer {
         let plain = opener.key.open_in_place(nonce, Aad::from(&opener.name), &mut body).ok()?;
         let (issued, session) = plain.split_at_checked(8)?;
         let issued = u64::from_be_bytes(issued.try_into().ok()?);
-        let age = now_secs().checked_sub(issued)?;
+        if issued > now.saturating_add(CLOCK_SKEW_SECS) {
+            return None;
+        }
+        let age = now.saturating_sub(issued);
         (age <= u64::from(FILE_TICKET_LIFETIME_SECS)).then(|| session.to_vec())
     }
 }
@@ -300,6 +335,21 @@ mod tests {
         assert_eq!(ticketer(&[[8u8; 32]]).decrypt(&sealed), None);
     }
 
+    /// A ticket opens for its lifetime and not a second longer; one from a replica whose clock
+    /// runs a little ahead opens, one from far in the future does not.
+    #[test]
+    fn a_ticket_opens_for_its_lifetime_only() {
+        let t = ticketer(&[[5u8; 32]]);
+        let sealed = t.encrypt(b"s").unwrap();
+        let now = now_secs();
+        let life = u64::from(FILE_TICKET_LIFETIME_SECS);
+        assert!(t.decrypt_at(&sealed, now + life - 5).is_some());
+        assert!(t.decrypt_at(&sealed, now + life + 5).is_none());
+        assert!(t.decrypt_at(&sealed, now - 30).is_some(), "skew within 60 s");
+        assert!(t.decrypt_at(&sealed, now - 300).is_none(), "issued 5 minutes in the future");
+        assert!(t.decrypt(&vec![0u8; MAX_TICKET_LEN + 1]).is_none());
+    }
+
     #[test]
     fn two_tickets_for_the_same_session_differ() {
         let t = ticketer(&[[3u8; 32]]);
@@ -321,6 +371,10 @@ mod tests {
         assert!(e.ends_with("line 2: not a key (64 hex digits, e.g. from `openssl rand -hex 32`)"), "{e}");
         assert!(!e.contains(&secret), "{e}");
 
+        assert!(matches!(read_keys(Path::new("/dev/zero")), Err(TicketKeysError::NotAKeyFile { .. })));
+        assert!(matches!(read_keys(dir.path()), Err(TicketKeysError::NotAKeyFile { .. })));
+        std::fs::write(&path, "#".repeat(MAX_FILE_BYTES as usize + 1)).unwrap();
+        assert!(matches!(read_keys(&path), Err(TicketKeysError::NotAKeyFile { .. })));
         std::fs::write(&path, "# nothing yet\n").unwrap();
         assert!(read_keys(&path).err().unwrap().to_string().ends_with("no key in the file"));
         std::fs::write(&path, format!("{good}\n").repeat(MAX_FILE_KEYS + 1)).unwrap();

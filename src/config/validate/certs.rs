@@ -37,11 +37,20 @@ impl Validator<'_> {
     }
 
     /// `tls.ticket_keys` of listener `key`: a file of shared ticket keys, which only means
-    /// something while tickets are on.
-    pub(super) fn ticket_keys(&mut self, key: &str, raw: &RawTls) -> Option<PathBuf> {
+    /// something while tickets are on. Never with client certificates: rustls does not ask a
+    /// resuming client for its certificate again, so a ticket sealed with shared keys by a
+    /// listener or replica with another (or no) client CA would skip this listener's check.
+    pub(super) fn ticket_keys(&mut self, key: &str, raw: &RawTls, client_ca: bool) -> Option<PathBuf> {
         let path = raw.ticket_keys.as_ref()?;
         if raw.session_tickets == Some(false) {
             self.fail(format!("{key}.tls.ticket_keys"), "needs session_tickets = true (tickets are off)");
+        }
+        if client_ca {
+            self.fail(
+                format!("{key}.tls.ticket_keys"),
+                "cannot be used with client_ca: a session resumed with a shared ticket is not asked for its \
+                 client certificate again",
+            );
         }
         Some(self.file_path(&format!("{key}.tls.ticket_keys"), path))
     }
@@ -127,6 +136,17 @@ mod tests {
     use super::super::super::{CertPattern, ClientAuthMode, HostPattern, parse};
 
     const SECURE: &str = "[listeners.secure]\naddress = \"127.0.0.1:8443\"\n";
+
+    /// Shared ticket keys and client certificates exclude each other: a resumed session is not
+    /// asked for its certificate again.
+    #[test]
+    fn ticket_keys_refused_with_client_ca() {
+        let e = err(&format!(
+            "{MINIMAL}{SECURE}tls = {{ cert = \"c\", key = \"k\", client_ca = \"ca\", ticket_keys = \"t\" }}\n"
+        ));
+        assert!(e.starts_with("test.toml: listeners.secure.tls.ticket_keys: cannot be used with client_ca"), "{e}");
+        ok(&format!("{MINIMAL}{SECURE}tls = {{ cert = \"c\", key = \"k\", ticket_keys = \"t\" }}\n"));
+    }
 
     /// `client_ca` turns client certificates on (required by default); its companions need it.
     #[test]

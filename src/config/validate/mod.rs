@@ -147,13 +147,16 @@ impl Validator<'_> {
     fn listener(&mut self, name: String, raw: RawListener) -> Option<Listener> {
         let key = format!("listeners.{name}");
         let address = self.socket_addr(&format!("{key}.address"), &raw.address);
-        let tls = raw.tls.map(|mut t| TlsFiles {
-            cert: self.file_path(&format!("{key}.tls.cert"), &t.cert),
-            key: self.file_path(&format!("{key}.tls.key"), &t.key),
-            generate_self_signed: t.generate_self_signed,
-            client_auth: self.client_auth(&key, &mut t),
-            session_tickets: t.session_tickets.unwrap_or(true),
-            ticket_keys: self.ticket_keys(&key, &t),
+        let tls = raw.tls.map(|mut t| {
+            let client_auth = self.client_auth(&key, &mut t);
+            TlsFiles {
+                cert: self.file_path(&format!("{key}.tls.cert"), &t.cert),
+                key: self.file_path(&format!("{key}.tls.key"), &t.key),
+                generate_self_signed: t.generate_self_signed,
+                session_tickets: t.session_tickets.unwrap_or(true),
+                ticket_keys: self.ticket_keys(&key, &t, client_auth.is_some()),
+                client_auth,
+            }
         });
         let addressing = self.addressing(&key, raw.proxy_protocol, raw.trusted_proxies, raw.forwarded_header);
         Some(Listener { name, address: address?, tls, addressing: addressing? })
