@@ -280,7 +280,10 @@ impl Metrics {
                     to_client: direction_metrics(TO_CLIENT),
                     sessions_open: self.gauge(names::SESSIONS_OPEN, &r),
                     duration: self.histogram(names::SESSION_DURATION, &r),
-                    dropped_bytes: self.counter(names::DROPPED_BYTES, &r),
+                    dropped_to_client: self
+                        .counter(names::DROPPED_BYTES, &[("route", route), ("direction", TO_CLIENT)]),
+                    dropped_to_backend: self
+                        .counter(names::DROPPED_BYTES, &[("route", route), ("direction", TO_BACKEND)]),
                     connect_duration: self.histogram(names::BACKEND_CONNECT_DURATION, &r),
                     origin_warnings: Throttle::new(WARN_INTERVAL),
                     subprotocol_warnings: Throttle::new(WARN_INTERVAL),
@@ -381,7 +384,8 @@ fn describe(r: &PrometheusRecorder) {
         d(
             names::DROPPED_BYTES,
             Some(Unit::Bytes),
-            "Backend bytes read and discarded after the client closed or at shutdown, never delivered.",
+            "Bytes read and discarded while a session closed, never delivered: backend bytes after the client \
+             closed or at shutdown (to_client), client bytes after the gateway's close frame (to_backend).",
         ),
         d(names::BACKEND_CONNECT_FAILURES, Some(Unit::Count), "Backend connects that failed, by route and kind."),
         d(
@@ -502,7 +506,9 @@ pub struct RouteMetrics {
     /// Session durations.
     pub duration: Histogram,
     /// Backend bytes discarded after the client closed or at shutdown.
-    pub dropped_bytes: Counter,
+    pub dropped_to_client: Counter,
+    /// Client message bytes read after the session's close frame went out, never delivered.
+    pub dropped_to_backend: Counter,
     /// Backend connect time.
     pub connect_duration: Histogram,
     /// Warnings about refused origins (403): one per [`WARN_INTERVAL`], the rest counted in it.

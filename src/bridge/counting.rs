@@ -22,6 +22,8 @@ pub struct SessionTotals {
     pub to_client: DirectionTotals,
     /// Backend bytes read after the client closed, and so never delivered.
     pub dropped_bytes: u64,
+    /// Client message bytes read after the gateway's close frame, and so never delivered.
+    pub dropped_client_bytes: u64,
 }
 
 /// One direction of one session.

@@ -323,10 +323,13 @@ pub(super) fn close_code(outcome: &Outcome) -> u16 {
 /// waits, up to `timeout`, for the client to finish the closing handshake, so the close is clean.
 /// Once both close frames have been sent (the client's whole, valid or not), it returns at once,
 /// and the caller closes the connection (RFC 6455 §7.1.1: the server closes TCP first).
-pub(super) async fn close_client<S>(ws: &mut ClientWs<S>, outcome: &Outcome, timeout: Duration)
+/// Returns the payload bytes of the client messages that crossed our close frame: read, never
+/// delivered to the backend.
+pub(super) async fn close_client<S>(ws: &mut ClientWs<S>, outcome: &Outcome, timeout: Duration) -> u64
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut discarded = 0u64;
     let closing = async {
         match outcome {
             Outcome::ClientGone | Outcome::ClientWriteFailed => return,
@@ -352,14 +355,21 @@ where
             // The frame tungstenite failed on may have been that Close: then there is no wait.
             linger_until_client_close(ws.get_mut()).await;
         } else {
-            // Read until the client's Close arrives and the stream ends; discard data that
-            // crosses it.
-            while let Some(Ok(_)) = ws.next().await {}
+            // Read until the client's Close arrives and the stream ends; discard (and count)
+            // data that crosses it.
+            while let Some(Ok(message)) = ws.next().await {
+                if let Message::Binary(data) = &message {
+                    discarded += data.len() as u64;
+                } else if let Message::Text(text) = &message {
+                    discarded += text.len() as u64;
+                }
+            }
         }
     };
     if tokio::time::timeout(timeout, closing).await.is_err() {
         debug!(?timeout, "client did not finish the closing handshake in time");
     }
+    discarded
 }
 
 /// How long a client may pause mid-stream before lingering gives up on its Close frame.

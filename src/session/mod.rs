@@ -184,7 +184,7 @@ async fn run_inner(upgrade: OnUpgrade, dialed: Dialed, ctx: Context, stop: Cance
     let mut open = OpenSession::new(m);
     let mut totals = SessionTotals::default();
     let (outcome, backend) = relay(&mut ws, dialed, &ctx, &stop, &mut totals).await;
-    close_client(&mut ws, &outcome, limits.close_timeout).instrument(span.clone()).await;
+    totals.dropped_client_bytes = close_client(&mut ws, &outcome, limits.close_timeout).instrument(span.clone()).await;
     // Counted now: the client has its close; lingering on the backend below (and a deadline
     // that may cut it short) does not change how the session ended.
     let code = close_code(&outcome);
@@ -204,7 +204,8 @@ async fn run_inner(upgrade: OnUpgrade, dialed: Dialed, ctx: Context, stop: Cance
     m.duration.record(duration.as_secs_f64());
     m.to_backend.peak.record(totals.to_backend.peak_buffered as f64);
     m.to_client.peak.record(totals.to_client.peak_buffered as f64);
-    m.dropped_bytes.increment(totals.dropped_bytes);
+    m.dropped_to_client.increment(totals.dropped_bytes);
+    m.dropped_to_backend.increment(totals.dropped_client_bytes);
     span.in_scope(|| log_end(&ctx, &outcome, code, &totals, duration));
 }
 
@@ -399,6 +400,7 @@ fn log_end(ctx: &Context, outcome: &Outcome, code: u16, totals: &SessionTotals, 
         to_client.messages = totals.to_client.messages,
         to_client.peak_buffered = totals.to_client.peak_buffered,
         dropped.bytes = totals.dropped_bytes,
+        dropped.client_bytes = totals.dropped_client_bytes,
         close.code = code,
         close.reason = ?reason,
         closed_by = outcome.side().as_str(),

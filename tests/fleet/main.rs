@@ -2,8 +2,8 @@
 //! PROXY v2, `/readyz` checks), 300 sessions streaming checked data both ways, and every replica
 //! restarted in turn under that load. It proves what docs/deploy.md promises of a rolling
 //! restart: no byte lost, corrupted or reordered, every backend byte not delivered counted in
-//! `wsgate_dropped_bytes_total` (client bytes that cross the 1001 are measured: wsgate discards
-//! them uncounted), every ended session told 1001, every client back on another replica, real
+//! `wsgate_dropped_bytes_total{direction="to_client"}` and every client byte that crossed the 1001
+//! in `{direction="to_backend"}`, every ended session told 1001, every client back on another replica, real
 //! client addresses end to end.
 //!
 //! Needs HAProxy (scripts/test installs Debian's package). Run alone with
@@ -155,11 +155,16 @@ async fn rolling_restart_behind_haproxy() {
     let down_sent: u64 = bconns.iter().map(|c| c.written).sum();
     let up_sent: u64 = conns.iter().map(|c| c.sent).sum();
     let up_lost: u64 = up_sent - bconns.iter().map(|c| c.read).sum::<u64>();
+    let dropped_up: u64 = replicas.iter().map(|r| r.totals.lock().unwrap().dropped_client_bytes).sum();
+    assert_eq!(
+        up_lost, dropped_up,
+        "bytes the clients sent and the backends never read vs the gateways' dropped client bytes"
+    );
     println!(
         "fleet: {CLIENTS} clients, {} sessions ({reconnects} reconnects), {} bytes up and {} down per client \
          ({up_sent} up, {down_sent} down in all, headers included), 3 restarts ({closed_1001} sessions closed \
          with 1001: {ended_by_restart:?}), dropped bytes: backend→client {dropped} (= the gateways' \
-         wsgate_dropped_bytes_total, scraped as each exited), client→backend {up_lost} (discarded after the 1001, not counted), \
+         wsgate_dropped_bytes_total, scraped as each exited), client→backend {up_lost} (= dropped.client_bytes in the gateways' logs), \
          0 handshake failures; under load at {load_at:.1?}, restarts done at {restarts_at:.1?}, wall {wall:.1?}",
         conns.len(),
         TRANSFER,

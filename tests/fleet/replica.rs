@@ -25,6 +25,9 @@ pub struct LogTotals {
     /// The sum of their `dropped.bytes`: what the gateway counted in
     /// `wsgate_dropped_bytes_total` (the same figure, logged as it is added).
     pub dropped_bytes: u64,
+    /// The sum of their `dropped.client_bytes`: client bytes that crossed the 1001, counted in
+    /// `wsgate_dropped_bytes_total{direction="to_backend"}`.
+    pub dropped_client_bytes: u64,
     /// The sum of their `to_backend.bytes` and `to_client.bytes`: what the gateway delivered.
     pub to_backend: u64,
     pub to_client: u64,
@@ -61,7 +64,9 @@ pub struct Replica {
 pub struct Scrape {
     pub sessions_open: u64,
     pub sessions_total: u64,
+    /// `wsgate_dropped_bytes_total{direction="to_client"}` and `{direction="to_backend"}`.
     pub dropped_bytes: u64,
+    pub dropped_client_bytes: u64,
 }
 
 /// Scrapes `/metrics` on `127.0.0.1:port`.
@@ -80,7 +85,8 @@ pub async fn scrape(port: u16) -> Result<Scrape, String> {
         let field = match name {
             "wsgate_sessions_open" => &mut out.sessions_open,
             "wsgate_sessions_total" => &mut out.sessions_total,
-            "wsgate_dropped_bytes_total" => &mut out.dropped_bytes,
+            "wsgate_dropped_bytes_total" if line.contains("direction=\"to_client\"") => &mut out.dropped_bytes,
+            "wsgate_dropped_bytes_total" if line.contains("direction=\"to_backend\"") => &mut out.dropped_client_bytes,
             _ => continue,
         };
         *field += line.rsplit(' ').next().unwrap().parse::<f64>().expect("a sample value") as u64;
@@ -258,6 +264,7 @@ async fn read_log(
                 let mut t = totals.lock().unwrap();
                 t.sessions_ended += 1;
                 t.dropped_bytes += v["dropped.bytes"].as_u64().expect("dropped.bytes");
+                t.dropped_client_bytes += v["dropped.client_bytes"].as_u64().expect("dropped.client_bytes");
                 t.to_backend += v["to_backend.bytes"].as_u64().expect("to_backend.bytes");
                 t.to_client += v["to_client.bytes"].as_u64().expect("to_client.bytes");
                 if v["close.code"].as_u64() == Some(1001) {
