@@ -212,8 +212,7 @@ impl Gateway {
         // Stamped after the snapshot, so a development pair generated just now is no change.
         let baseline = Arc::new(std::sync::Mutex::new(reload::Baseline::take(reload::files(&config))));
         let running = Arc::new(std::sync::Mutex::new(Arc::new(config)));
-        let applied = Arc::new(tokio::sync::Notify::new());
-        let reloader = Reloader { shared: shared.clone(), running, admin_access, pools, resumption, baseline, applied };
+        let reloader = Reloader { shared: shared.clone(), running, admin_access, pools, resumption, baseline };
         Ok(Gateway { listeners, tcp_echo, admin, shared, ready: Arc::new(AtomicBool::new(false)), reloader })
     }
 
@@ -328,8 +327,6 @@ pub struct Reloader {
     /// The watched files' stamps from just before the last reload read them; its lock is held
     /// through each whole reload, so reloads never overlap.
     baseline: Arc<std::sync::Mutex<reload::Baseline>>,
-    /// Woken by each reload that applied (the watcher then rereads `[reload]`).
-    applied: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Reloader {
@@ -372,9 +369,6 @@ impl Reloader {
             (reload::Trigger::Watch { .. }, false) => &counters.watch_error,
         };
         counter.increment(1);
-        if result.is_ok() {
-            self.applied.notify_one();
-        }
         result
     }
 

@@ -27,6 +27,8 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -206,16 +208,38 @@ impl Reloader {
 /// Polls the running config's files every `[reload] watch_interval_secs` while `[reload] watch`
 /// is on, and reloads when one changed; returns when `stop` is cancelled (an in-flight reload
 /// is finished first).
+///
+/// The wait between checks is a thread of its own, not a tokio timer: a timer pending all the
+/// time makes the runtime's time driver work at every park of every worker, which the relay pays
+/// per wake-up. It sleeps in short steps, so a reload that shortens the interval (or a stop)
+/// takes effect within a step.
 pub(crate) async fn watch(reloader: Reloader, stop: CancellationToken) {
+    const STEP: Duration = Duration::from_millis(250);
+    let tick = Arc::new(tokio::sync::Notify::new());
+    let ticker = {
+        let (tick, stop, reloader) = (tick.clone(), stop.clone(), reloader.clone());
+        std::thread::Builder::new().name("wsgate-watch".into()).spawn(move || {
+            let mut waited = Duration::ZERO;
+            while !stop.is_cancelled() {
+                std::thread::sleep(STEP);
+                waited += STEP;
+                if waited >= reloader.running().reload.watch_interval {
+                    waited = Duration::ZERO;
+                    tick.notify_one();
+                }
+            }
+        })
+    };
+    if let Err(e) = ticker {
+        tracing::warn!(error = %e, "file watch: could not start its thread; reload with SIGHUP");
+        return;
+    }
     loop {
-        let settings = reloader.running().reload;
         tokio::select! {
             _ = stop.cancelled() => return,
-            // A reload applied: `[reload]` may have changed, so start over with the new one.
-            _ = reloader.applied.notified() => continue,
-            _ = tokio::time::sleep(settings.watch_interval) => {}
+            _ = tick.notified() => {}
         }
-        if !settings.watch {
+        if !reloader.running().reload.watch {
             continue;
         }
         // `stat` can block (a hung network mount), so not on a worker either.
