@@ -185,7 +185,8 @@ impl Gateway {
     /// allows it.
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
         let metrics = Arc::new(Metrics::new(config.metrics));
-        let admission = Arc::new(Admission::new(&config.limits, metrics.handshakes_in_progress.clone()));
+        let (occupancy, waiting) = (metrics.handshakes_in_progress.clone(), metrics.handshakes_waiting.clone());
+        let admission = Arc::new(Admission::new(&config.limits, occupancy, waiting));
         let pools = Arc::new(backend::Pools::new(metrics.clone()));
         let resumption = Arc::new(tickets::Resumption::default());
         let snapshot = snapshot(&config, &metrics, &admission, &pools, &resumption)?;
@@ -273,6 +274,8 @@ impl Gateway {
             let state = admin::State { metrics: shared.metrics.clone(), ready: self.ready.clone(), access };
             services.spawn(admin::serve(listener, state, services_stop.clone(), services.clone()));
         }
+        // The handshake pool's clock sheds places that have come due for waiting connections.
+        services.spawn(shared.admission.pool.clone().clock(services_stop.clone()));
         // Pool members' health checks, for the pools of whichever snapshot is in force.
         services.spawn(backend::health::run(self.reloader.pools.clone(), services_stop.clone()));
         // The file watcher stops when shutdown is requested: a reload during the drain would

@@ -31,8 +31,10 @@ pub mod names {
     /// Counter{listener, reason}: connections refused or closed early because a limit was
     /// reached.
     pub const CONNECTIONS_REFUSED: &str = "wsgate_connections_refused_total";
-    /// Gauge: connections in the handshake pool (TLS handshake or waiting for the request).
+    /// Gauge: connections in the handshake pool (TLS handshake or reading the request).
     pub const HANDSHAKES_IN_PROGRESS: &str = "wsgate_handshakes_in_progress";
+    /// Gauge: connections waiting for a place in the handshake pool.
+    pub const HANDSHAKES_WAITING: &str = "wsgate_handshakes_waiting";
     /// Gauge: clients (addresses, IPv6 prefixes) in the per-client table.
     pub const CLIENTS_TRACKED: &str = "wsgate_clients_tracked";
     /// Counter{route, reason}: admitted requests given no session because a route or gateway
@@ -109,6 +111,8 @@ pub struct Metrics {
     pub reloads: ReloadCounters,
     /// Connections in the handshake pool.
     pub handshakes_in_progress: Gauge,
+    /// Connections waiting for a place in it.
+    pub handshakes_waiting: Gauge,
     /// Clients in the per-client table.
     pub clients_tracked: Gauge,
     /// The admin listener's refusals and TLS failures.
@@ -182,6 +186,7 @@ impl Metrics {
                 watch_error: Counter::noop(),
             },
             handshakes_in_progress: Gauge::noop(),
+            handshakes_waiting: Gauge::noop(),
             clients_tracked: Gauge::noop(),
             admin: AdminMetrics {
                 missing_token: Counter::noop(),
@@ -191,6 +196,7 @@ impl Metrics {
             },
         };
         metrics.handshakes_in_progress = metrics.gauge(names::HANDSHAKES_IN_PROGRESS, &[]);
+        metrics.handshakes_waiting = metrics.gauge(names::HANDSHAKES_WAITING, &[]);
         metrics.clients_tracked = metrics.gauge(names::CLIENTS_TRACKED, &[]);
         metrics.ready = metrics.gauge(names::READY, &[]);
         let reloads =
@@ -249,7 +255,7 @@ impl Metrics {
             refused_connection_limit: refused("connection_limit"),
             refused_client_connections: refused("client_connection_limit"),
             refused_client_rate: refused("client_rate_limit"),
-            refused_client_handshakes: refused("client_handshake_limit"),
+            handshake_wait_timeout: refused("handshake_wait_timeout"),
             handshake_shed: refused("handshake_shed"),
             tls_failed: tls("error"),
             tls_timeout: tls("timeout"),
@@ -335,13 +341,18 @@ fn describe(r: &PrometheusRecorder) {
             names::CONNECTIONS_REFUSED,
             Some(Unit::Count),
             "Connections refused or closed early at a limit, by listener and reason: connection_limit, \
-             client_connection_limit, client_rate_limit, client_handshake_limit, handshake_shed, \
+             client_connection_limit, client_rate_limit, handshake_wait_timeout, handshake_shed, \
              untrusted_proxy, proxy_header.",
         ),
         d(
             names::HANDSHAKES_IN_PROGRESS,
             Some(Unit::Count),
-            "Connections in the handshake pool: in the TLS handshake or waiting for their request.",
+            "Connections in the handshake pool: in the TLS handshake or reading their request.",
+        ),
+        d(
+            names::HANDSHAKES_WAITING,
+            Some(Unit::Count),
+            "Connections waiting for a place in the handshake pool (limits.max_handshakes, or their client's share).",
         ),
         d(names::CLIENTS_TRACKED, Some(Unit::Count), "Client addresses (IPv6: prefixes) in the per-client table."),
         d(
@@ -455,9 +466,9 @@ pub struct ListenerMetrics {
     pub refused_client_connections: Counter,
     /// Answered 429: the client opened connections faster than its rate.
     pub refused_client_rate: Counter,
-    /// Answered 429: the client had `per_client.max_handshakes` unfinished.
-    pub refused_client_handshakes: Counter,
-    /// Closed mid-handshake to make room in a full handshake pool.
+    /// Closed at the handshake deadline while waiting for a place in the handshake pool.
+    pub handshake_wait_timeout: Counter,
+    /// Closed mid-handshake: its place in the pool, held too long, was given to a waiting one.
     pub handshake_shed: Counter,
     /// TLS handshakes that failed.
     pub tls_failed: Counter,

@@ -149,16 +149,13 @@ impl Refusal {
         Refusal::new(StatusCode::NOT_FOUND, format!("no route for {path}")).of_kind(RefusalKind::NoRoute)
     }
 
-    /// The client is over its rate or its handshake share (`limits.per_client`): 429 with
-    /// `Retry-After`. Debug level: a client over its share is often a flood, and the metric
-    /// `wsgate_connections_refused_total` counts each.
+    /// The client is over its rate (`limits.per_client`): 429 with `Retry-After`. Debug level:
+    /// a client over its rate is often a flood, and the metric `wsgate_connections_refused_total`
+    /// counts each.
     pub fn client_over(over: Over, now: std::time::Instant) -> Refusal {
         let (reason, wait) = match over {
             Over::Rate { due } => {
                 ("too many new connections from this address".to_string(), due.saturating_duration_since(now))
-            }
-            Over::Handshakes(n) => {
-                (format!("too many handshakes in progress from this address (limit {n})"), Duration::from_secs(1))
             }
         };
         Refusal::new(StatusCode::TOO_MANY_REQUESTS, reason).retry_after(wait).of_kind(RefusalKind::Limit)

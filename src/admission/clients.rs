@@ -1,5 +1,5 @@
-//! Per-client accounting: the connections and unfinished handshakes each client holds, and a
-//! token bucket of new connections, in one table that many or spoofed addresses cannot grow
+//! Per-client accounting: the connections each client holds, and a token bucket of new
+//! connections, in one table that many or spoofed addresses cannot grow
 //! without bound.
 //!
 //! A client is an address as [`ClientKey`] normalises it: IPv4-mapped IPv6 as the IPv4 address,
@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use crate::config::PerClient;
 
 /// A client as the limits count it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ClientKey(IpAddr);
 
 impl ClientKey {
@@ -56,8 +56,6 @@ pub enum Over {
         /// When the next token is due.
         due: Instant,
     },
-    /// It has `max_handshakes` in the handshake pool.
-    Handshakes(usize),
 }
 
 /// Why a client's new connection is closed at accept, before anything is read.
@@ -65,18 +63,15 @@ pub enum Over {
 pub enum Closed {
     /// It has `max_connections` open.
     Connections(usize),
-    /// It has twice `max_handshakes` unfinished, counting those waiting for a 429: answering
-    /// more would let one address hold sockets (and TLS handshakes) by the hundred.
-    Unfinished(usize),
 }
 
-/// What the table decided for a new connection. Each lease counts until it is dropped.
+/// What the table decided for a new connection. The lease counts until it is dropped.
 pub enum Verdict {
     /// Served: a place in the handshake pool follows.
-    Admitted(ConnectionLease, HandshakeLease),
-    /// Over a share: answered 429 once its request is read, outside the pool, still counted
-    /// among the client's unfinished handshakes.
-    Refused(ConnectionLease, HandshakeLease, Over),
+    Admitted(ConnectionLease),
+    /// Over its rate: answered 429 once its request is read (it takes its turn in the handshake
+    /// pool like any other, so its TLS handshake counts in its client's share).
+    Refused(ConnectionLease, Over),
     /// Closed at accept.
     Closed(Closed),
 }
@@ -84,7 +79,6 @@ pub enum Verdict {
 #[derive(Debug)]
 struct Entry {
     connections: usize,
-    handshakes: usize,
     tokens: f64,
     refilled: Instant,
     /// Failed credential checks since the window began.
@@ -104,7 +98,7 @@ impl Entry {
     }
 
     fn is_idle(&self) -> bool {
-        self.connections == 0 && self.handshakes == 0
+        self.connections == 0
     }
 
     /// Whether the guard still remembers something of this client at `now`.
@@ -116,7 +110,6 @@ impl Entry {
     fn new(tokens: f64, now: Instant) -> Entry {
         Entry {
             connections: 0,
-            handshakes: 0,
             tokens,
             refilled: now,
             auth_failures: 0,
@@ -150,29 +143,19 @@ impl Clients {
         if limits.max_connections > 0 && entry.connections >= limits.max_connections {
             return Verdict::Closed(Closed::Connections(limits.max_connections));
         }
-        let share = limits.max_handshakes;
-        if share > 0 && entry.handshakes >= 2 * share {
-            return Verdict::Closed(Closed::Unfinished(2 * share));
-        }
         entry.connections += 1;
-        entry.handshakes += 1;
-        let (lease, handshake) =
-            (ConnectionLease { key, clients: self.clone() }, HandshakeLease { key, clients: self.clone() });
+        let lease = ConnectionLease { key, clients: self.clone() };
         if rate > 0.0 {
             entry.refill(now, rate, burst);
             if entry.tokens < 1.0 {
                 // At most a day away: a rate this low is refused by the config anyway.
                 let wait = Duration::try_from_secs_f64((1.0 - entry.tokens) / rate).unwrap_or(Duration::MAX);
                 let due = now.checked_add(wait.min(Duration::from_secs(86_400))).unwrap_or(now);
-                return Verdict::Refused(lease, handshake, Over::Rate { due });
+                return Verdict::Refused(lease, Over::Rate { due });
             }
             entry.tokens -= 1.0;
         }
-        // This connection already counts among the handshakes.
-        if share > 0 && entry.handshakes > share {
-            return Verdict::Refused(lease, handshake, Over::Handshakes(share));
-        }
-        Verdict::Admitted(lease, handshake)
+        Verdict::Admitted(lease)
     }
 
     /// When the brute-force guard refuses `ip` until, if it does at `now`.
@@ -223,11 +206,9 @@ impl Clients {
         self.lock().len()
     }
 
-    fn release(&self, key: ClientKey, what: fn(&mut Entry) -> &mut usize) {
-        let mut entries = self.lock();
-        if let Some(entry) = entries.get_mut(&key) {
-            let n = what(entry);
-            *n = n.saturating_sub(1);
+    fn release(&self, key: ClientKey) {
+        if let Some(entry) = self.lock().get_mut(&key) {
+            entry.connections = entry.connections.saturating_sub(1);
         }
     }
 }
@@ -256,30 +237,16 @@ pub struct ConnectionLease {
     clients: Arc<Clients>,
 }
 
-impl Drop for ConnectionLease {
-    fn drop(&mut self) {
-        self.clients.release(self.key, |e| &mut e.connections);
-    }
-}
-
-/// One unfinished handshake of a client; dropped when the request is answered or the backend
-/// dial begins.
-#[derive(Debug)]
-pub struct HandshakeLease {
-    key: ClientKey,
-    clients: Arc<Clients>,
-}
-
-impl HandshakeLease {
-    /// The client whose handshake this is.
+impl ConnectionLease {
+    /// The client whose connection this is.
     pub fn client(&self) -> ClientKey {
         self.key
     }
 }
 
-impl Drop for HandshakeLease {
+impl Drop for ConnectionLease {
     fn drop(&mut self) {
-        self.clients.release(self.key, |e| &mut e.handshakes);
+        self.clients.release(self.key);
     }
 }
 
@@ -362,24 +329,6 @@ mod tests {
     }
 
     #[test]
-    fn handshake_share_refuses_until_a_handshake_ends() {
-        let clients = Arc::new(Clients::default());
-        let l = PerClient { new_connections_per_sec: 0.0, max_connections: 0, ..limits() };
-        let now = Instant::now();
-        let a = clients.admit(ip("10.0.0.1"), &l, now);
-        let _b = clients.admit(ip("10.0.0.1"), &l, now);
-        let refused = clients.admit(ip("10.0.0.1"), &l, now);
-        assert!(matches!(refused, Verdict::Refused(_, _, Over::Handshakes(2))));
-        // Those waiting for their 429 count too: at twice the share, new ones are closed.
-        let also = clients.admit(ip("10.0.0.1"), &l, now);
-        assert!(matches!(clients.admit(ip("10.0.0.1"), &l, now), Verdict::Closed(Closed::Unfinished(4))));
-        drop((refused, also));
-        let Verdict::Admitted(_conn, handshake) = a else { panic!("first connection refused") };
-        drop(handshake);
-        assert!(matches!(clients.admit(ip("10.0.0.1"), &l, now), Verdict::Admitted(..)));
-    }
-
-    #[test]
     fn rate_refuses_after_the_burst_with_the_time_to_the_next_token() {
         let clients = Arc::new(Clients::default());
         let l = PerClient { max_connections: 0, max_handshakes: 0, ..limits() };
@@ -388,13 +337,13 @@ mod tests {
             assert!(matches!(clients.admit(ip("10.0.0.1"), &l, t0), Verdict::Admitted(..)));
         }
         match clients.admit(ip("10.0.0.1"), &l, t0) {
-            Verdict::Refused(_, _, Over::Rate { due }) => assert_eq!(due - t0, Duration::from_secs(1)),
+            Verdict::Refused(_, Over::Rate { due }) => assert_eq!(due - t0, Duration::from_secs(1)),
             _ => panic!("fifth connection in the same instant was not refused for rate"),
         }
         let later = t0 + Duration::from_millis(1500);
         assert!(matches!(clients.admit(ip("10.0.0.1"), &l, later), Verdict::Admitted(..)));
         match clients.admit(ip("10.0.0.1"), &l, later) {
-            Verdict::Refused(_, _, Over::Rate { due }) => assert_eq!(due - later, Duration::from_millis(500)),
+            Verdict::Refused(_, Over::Rate { due }) => assert_eq!(due - later, Duration::from_millis(500)),
             _ => panic!("refill gave more than one token in 1.5 s"),
         }
     }

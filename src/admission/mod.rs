@@ -4,13 +4,20 @@
 //! In the order a connection meets them:
 //! 1. `max_connections` (the server's semaphore) and the client's connection cap
 //!    ([`Clients`]): a socket over either is closed at accept, before anything is read.
-//! 2. The client's rate and handshake share ([`Clients`]): over either, the request is read and
-//!    answered 429 with `Retry-After`, outside the handshake pool; at twice the share
-//!    unfinished, closed at accept.
-//! 3. The handshake pool ([`Pool`]): a full pool sheds a place of the client holding the most.
-//! 4. After the request is admitted by `policy` and before the dial: the route's session cap,
-//!    its cap on connects in progress ([`RouteLoad`]) and the memory budget ([`Memory`]); a
-//!    request over one is shed ([`Shed`]) as the route's `on_backend_unavailable` says.
+//! 2. The client's rate ([`Clients`]): over it, the request is read and answered 429 with
+//!    `Retry-After`.
+//! 3. The handshake pool ([`Pool`]) and the client's share of it: a connection without a place
+//!    waits for one, within its handshake deadline.
+//! 4. After the request is admitted by `policy` and before the dial: the route's session cap
+//!    and the memory budget ([`Memory`]), over which a request is shed ([`Shed`]) as the
+//!    route's `on_backend_unavailable` says; then its cap on connects in progress
+//!    ([`RouteLoad`]), for which a request waits up to the route's connect timeout before it
+//!    is shed the same way.
+//!
+//! Waiting at a bound rather than failing is what a reconnect storm needs: every bound above is
+//! full for a few seconds while thousands of clients that will each be served in milliseconds
+//! arrive at once. What bounds the waiting is the sockets (`max_connections`, per client and in
+//! all) and the deadlines.
 //!
 //! The backend dial holds no handshake place: a dead backend ties up only its own route's
 //! connects, not the pool every route shares.
@@ -24,7 +31,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub use clients::{ClientKey, Clients, Closed, ConnectionLease, HandshakeLease, Over, Verdict};
+use tokio::sync::Notify;
+
+pub use clients::{ClientKey, Clients, Closed, ConnectionLease, Over, Verdict};
 pub use memory::Memory;
 pub use pool::{Place, Pool};
 
@@ -43,15 +52,11 @@ pub struct Admission {
 }
 
 impl Admission {
-    /// State sized by `limits` (the pool's size needs a restart to change); `occupancy` is the
-    /// gauge of the pool's places in use.
-    pub fn new(limits: &Limits, occupancy: metrics::Gauge) -> Admission {
-        Admission {
-            clients: Arc::default(),
-            pool: Arc::new(Pool::new(limits.max_handshakes, occupancy)),
-            memory: Memory::new(),
-            routes: Mutex::default(),
-        }
+    /// State sized by `limits` (the pool's size needs a restart to change); `occupancy` and
+    /// `waiting` are the gauges of the pool's places in use and of the connections waiting.
+    pub fn new(limits: &Limits, occupancy: metrics::Gauge, waiting: metrics::Gauge) -> Admission {
+        let pool = Pool::new(limits.max_handshakes, limits.handshake_shed_after, occupancy, waiting);
+        Admission { clients: Arc::default(), pool: Arc::new(pool), memory: Memory::new(), routes: Mutex::default() }
     }
 
     /// The load of the route named `name`, the same across reloads, so sessions opened under
@@ -67,17 +72,31 @@ impl Admission {
 pub struct RouteLoad {
     sessions: AtomicUsize,
     connecting: AtomicUsize,
+    /// Told when a connect place is given back.
+    connect_freed: Notify,
 }
 
 impl RouteLoad {
     /// A place among the route's sessions, if it has fewer than `cap` (`None`: no cap).
     pub fn session(self: &Arc<Self>, cap: Option<usize>) -> Result<LoadGuard, Shed> {
-        LoadGuard::take(self, |l| &l.sessions, cap.unwrap_or(usize::MAX)).ok_or(Shed::MaxSessions(cap.unwrap_or(0)))
+        LoadGuard::take(self, false, cap.unwrap_or(usize::MAX)).ok_or(Shed::MaxSessions(cap.unwrap_or(0)))
     }
 
-    /// A place among the route's connects in progress, if it has fewer than `cap`.
-    pub fn connect(self: &Arc<Self>, cap: usize) -> Result<LoadGuard, Shed> {
-        LoadGuard::take(self, |l| &l.connecting, cap).ok_or(Shed::PendingConnects(cap))
+    /// A place among the route's connects in progress, of which it has at most `cap`: at once,
+    /// or when one is given back within `wait`.
+    pub async fn connect(self: &Arc<Self>, cap: usize, wait: Duration) -> Result<LoadGuard, Shed> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let freed = self.connect_freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(guard) = LoadGuard::take(self, true, cap) {
+                return Ok(guard);
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return Err(Shed::PendingConnects(cap));
+            }
+        }
     }
 }
 
@@ -85,19 +104,26 @@ impl RouteLoad {
 #[derive(Debug)]
 pub struct LoadGuard {
     load: Arc<RouteLoad>,
-    count: fn(&RouteLoad) -> &AtomicUsize,
+    /// A connect place (else a session place).
+    connect: bool,
 }
 
 impl LoadGuard {
-    fn take(load: &Arc<RouteLoad>, count: fn(&RouteLoad) -> &AtomicUsize, cap: usize) -> Option<LoadGuard> {
-        count(load).fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < cap).then_some(n + 1)).ok()?;
-        Some(LoadGuard { load: load.clone(), count })
+    fn take(load: &Arc<RouteLoad>, connect: bool, cap: usize) -> Option<LoadGuard> {
+        let count = if connect { &load.connecting } else { &load.sessions };
+        count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < cap).then_some(n + 1)).ok()?;
+        Some(LoadGuard { load: load.clone(), connect })
     }
 }
 
 impl Drop for LoadGuard {
     fn drop(&mut self) {
-        (self.count)(&self.load).fetch_sub(1, Ordering::AcqRel);
+        if self.connect {
+            self.load.connecting.fetch_sub(1, Ordering::AcqRel);
+            self.load.connect_freed.notify_one();
+        } else {
+            self.load.sessions.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -151,8 +177,8 @@ impl Shed {
 mod tests {
     use super::*;
 
-    #[test]
-    fn route_caps_count_and_release() {
+    #[tokio::test]
+    async fn route_caps_count_and_release() {
         let load = Arc::new(RouteLoad::default());
         let a = load.session(Some(2)).unwrap();
         let _b = load.session(Some(2)).unwrap();
@@ -161,7 +187,33 @@ mod tests {
         let _c = load.session(Some(2)).unwrap();
         let held: Vec<_> = (0..100).map(|_| load.session(None).unwrap()).collect();
         assert_eq!(held.len(), 100);
-        assert_eq!(load.connect(0).unwrap_err(), Shed::PendingConnects(0));
+        assert_eq!(load.connect(0, Duration::ZERO).await.unwrap_err(), Shed::PendingConnects(0));
         assert!(Shed::PendingConnects(100_000).reason().len() <= 123);
+    }
+
+    /// A connect beyond the cap waits for a place given back, up to its wait.
+    #[tokio::test]
+    async fn connects_wait_for_a_place() {
+        let load = Arc::new(RouteLoad::default());
+        let first = load.connect(1, Duration::ZERO).await.unwrap();
+        let start = tokio::time::Instant::now();
+        let wait = Duration::from_millis(50);
+        assert_eq!(load.connect(1, wait).await.unwrap_err(), Shed::PendingConnects(1));
+        assert!(start.elapsed() >= wait);
+        let (waiting, mut waited) = tokio::sync::oneshot::channel();
+        let second = tokio::spawn({
+            let load = load.clone();
+            async move {
+                let place = load.connect(1, Duration::from_secs(3600));
+                tokio::pin!(place);
+                // Told once it waits, so the place is given back to a waiter, not taken at once.
+                assert!(futures_util::FutureExt::now_or_never(place.as_mut()).is_none());
+                let _ = waiting.send(());
+                place.await
+            }
+        });
+        (&mut waited).await.unwrap();
+        drop(first);
+        assert!(second.await.unwrap().is_ok());
     }
 }

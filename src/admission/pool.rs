@@ -1,22 +1,34 @@
 //! The handshake pool: at most `max_handshakes` connections at once in the TLS handshake or
-//! waiting for their request, and what happens when it is full.
+//! reading their request, at most a client's share (`per_client.max_handshakes`) of them from
+//! one client, and what a connection does when there is no place for it.
 //!
-//! A full pool neither queues nor refuses the newcomer: it sheds a connection that has been
-//! handshaking a long time, taken from the client that holds the most places. A real client
-//! finishes its handshake within a few round trips and holds one or two places, so the ones shed
-//! are those trickling bytes (slowloris) or stalled, from the addresses that hold many. Refusing
-//! newcomers instead (what wsgate did first) hands the pool to whoever fills it first and keeps it
-//! for as long as they trickle, and queueing them makes every real client wait behind them.
+//! A connection that finds no place waits for one, within its handshake deadline. What fills the
+//! pool in the field is a reconnect storm: thousands of browsers at once after a replica drained
+//! or a network blip, each of whose handshakes takes milliseconds; a short wait serves every one
+//! of them, where shedding or refusing (what wsgate did first) failed most of the storm.
 //!
-//! Among the places of that client, one that has shown no progress goes first (its TLS
-//! ClientHello has not arrived whole), then the oldest. Taking the victim from the client with
-//! the most places means an attacker who wants to push out a real client's handshake must hold
-//! no more places per address than that client does: with the per-client share (32 by default)
-//! bounding how many one address may hold, that takes as many addresses as the pool has places.
+//! What fills it under attack is slowloris: sockets that trickle their handshake to hold places
+//! and, once they must wait, sockets that wait to take the next. Two rules keep real clients
+//! served through that:
+//! - A free place goes to the waiting client with the fewest unfinished handshakes (places held
+//!   and connections waiting), the one waiting longest among equals. A real client has one or
+//!   two; an address that floods has many, and is served after every other.
+//! - A place is a connection's own only for `shed_after`: held longer while a connection that
+//!   may take it waits, it is taken back (the one holding it is shed, closed without an answer)
+//!   and given to the waiter. The victim is taken from the client that holds the most places,
+//!   its oldest without progress (its TLS ClientHello has not arrived whole) first, then its
+//!   oldest. A real client finishes within a few round trips and is not shed.
+//!
+//! So to keep a real client waiting, an attacker must have no more unfinished handshakes per
+//! address than that client does: as many addresses as it has sockets. A connection beyond its
+//! client's share waits too, and is passed over until its client holds fewer places.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::ClientKey;
@@ -25,9 +37,14 @@ use super::ClientKey;
 #[derive(Debug)]
 pub struct Pool {
     capacity: usize,
+    shed_after: Duration,
     inner: Mutex<Inner>,
-    /// `wsgate_handshakes_in_progress`, set under the lock so that it is never stale.
+    /// Told when the waiters may need a place shed for them (see [`Pool::clock`]).
+    changed: Notify,
+    /// `wsgate_handshakes_in_progress` and `wsgate_handshakes_waiting`, set under the lock so
+    /// that they are never stale.
     occupancy: metrics::Gauge,
+    waiting: metrics::Gauge,
 }
 
 #[derive(Debug)]
@@ -35,76 +52,264 @@ struct Member {
     client: ClientKey,
     token: CancellationToken,
     progressed: bool,
+    since: Instant,
+}
+
+/// A connection waiting for a place, and how to give it one.
+#[derive(Debug)]
+struct Waiter {
+    id: u64,
+    share: usize,
+    tx: oneshot::Sender<(u64, CancellationToken)>,
+}
+
+/// What one client has in the pool and waiting for it.
+#[derive(Debug, Default)]
+struct Client {
+    held: usize,
+    /// Oldest first.
+    waiters: VecDeque<Waiter>,
+}
+
+impl Client {
+    /// Where the client stands in [`Inner::order`], if it has connections waiting.
+    fn rank(&self, key: ClientKey) -> Option<(usize, u64, ClientKey)> {
+        let oldest = self.waiters.front()?.id;
+        Some((self.held + self.waiters.len(), oldest, key))
+    }
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     next: u64,
-    /// Members by arrival: the first is the oldest.
+    /// Members by the order they got their place: the first is the oldest.
     members: BTreeMap<u64, Member>,
-    /// Places held per client.
-    held: HashMap<ClientKey, usize>,
+    /// Clients with places or waiting connections.
+    clients: HashMap<ClientKey, Client>,
+    /// Clients with waiting connections, the next to be served first: fewest unfinished
+    /// handshakes, then the one whose oldest waiter came first.
+    order: BTreeSet<(usize, u64, ClientKey)>,
+    waiting: usize,
 }
 
 impl Inner {
-    fn insert(&mut self, id: u64, member: Member) {
-        *self.held.entry(member.client).or_default() += 1;
-        self.members.insert(id, member);
+    fn id(&mut self) -> u64 {
+        self.next += 1;
+        self.next
+    }
+
+    fn held(&self, client: &ClientKey) -> usize {
+        self.clients.get(client).map_or(0, |c| c.held)
+    }
+
+    /// Whether `client` may take a place: it holds fewer than `share` (0: no share).
+    fn fits(&self, client: &ClientKey, share: usize) -> bool {
+        share == 0 || self.held(client) < share
+    }
+
+    /// Changes what `key` has, keeping its rank in `order` and forgetting it once it has
+    /// nothing.
+    fn update<T>(&mut self, key: ClientKey, change: impl FnOnce(&mut Client) -> T) -> T {
+        let client = self.clients.entry(key).or_default();
+        if let Some(rank) = client.rank(key) {
+            self.order.remove(&rank);
+        }
+        let out = change(client);
+        match client.rank(key) {
+            Some(rank) => {
+                self.order.insert(rank);
+            }
+            None if client.held == 0 => {
+                self.clients.remove(&key);
+            }
+            None => {}
+        }
+        out
+    }
+
+    fn insert(&mut self, client: ClientKey, now: Instant) -> (u64, CancellationToken) {
+        let (id, token) = (self.id(), CancellationToken::new());
+        self.update(client, |c| c.held += 1);
+        self.members.insert(id, Member { client, token: token.clone(), progressed: false, since: now });
+        (id, token)
     }
 
     fn remove(&mut self, id: u64) -> Option<Member> {
         let member = self.members.remove(&id)?;
-        if let Some(n) = self.held.get_mut(&member.client) {
-            *n -= 1;
-            if *n == 0 {
-                self.held.remove(&member.client);
-            }
-        }
+        self.update(member.client, |c| c.held = c.held.saturating_sub(1));
         Some(member)
     }
 
-    /// The member to shed: of the client holding the most places, the oldest without progress,
-    /// or else its oldest.
-    fn victim(&self) -> Option<u64> {
-        let most = self.held.values().copied().max()?;
-        let theirs = || self.members.iter().filter(|(_, m)| self.held.get(&m.client) == Some(&most));
+    /// The member to shed: of those that have held their place since `cutoff` or longer, one of
+    /// the client holding the most places, its oldest without progress, or else its oldest.
+    fn victim(&self, cutoff: Option<Instant>) -> Option<u64> {
+        let cutoff = cutoff?;
+        let aged = || self.members.iter().filter(|(_, m)| m.since <= cutoff);
+        let most = aged().map(|(_, m)| self.held(&m.client)).max()?;
+        let theirs = || aged().filter(|(_, m)| self.held(&m.client) == most);
         theirs().find(|(_, m)| !m.progressed).or_else(|| theirs().next()).map(|(id, _)| *id)
+    }
+
+    /// Sheds member `id`: it is out of the pool, and its task is told to close.
+    fn shed(&mut self, id: u64) {
+        if let Some(member) = self.remove(id) {
+            member.token.cancel();
+        }
+    }
+
+    /// The client whose oldest waiter is to get the next place: the first in `order` within
+    /// its share.
+    fn next_waiter(&self) -> Option<ClientKey> {
+        let fits = |key: &ClientKey| {
+            let share = self.clients.get(key).and_then(|c| c.waiters.front()).map_or(0, |w| w.share);
+            self.fits(key, share)
+        };
+        self.order.iter().map(|(_, _, key)| *key).find(fits)
     }
 }
 
 impl Pool {
-    /// A pool of `capacity` places (at least 1).
-    pub fn new(capacity: usize, occupancy: metrics::Gauge) -> Pool {
-        Pool { capacity: capacity.max(1), inner: Mutex::default(), occupancy }
+    /// A pool of `capacity` places (at least 1), each a connection's own for `shed_after`.
+    pub fn new(capacity: usize, shed_after: Duration, occupancy: metrics::Gauge, waiting: metrics::Gauge) -> Pool {
+        let (capacity, inner, changed) = (capacity.max(1), Mutex::default(), Notify::new());
+        Pool { capacity, shed_after, inner, changed, occupancy, waiting }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A place for a new connection from `client`, and whether another was shed to make room
-    /// (its [`Place::token`] is cancelled).
-    pub fn enter(self: &Arc<Self>, client: ClientKey) -> (Place, bool) {
-        let mut inner = self.lock();
-        let mut shed = false;
-        while inner.members.len() >= self.capacity {
-            let Some(id) = inner.victim() else { break };
-            if let Some(member) = inner.remove(id) {
-                member.token.cancel();
-                shed = true;
+    /// The gauges, after a change.
+    fn count(&self, inner: &Inner) {
+        self.occupancy.set(inner.members.len() as f64);
+        self.waiting.set(inner.waiting as f64);
+    }
+
+    /// A place for a new connection from `client`, whose share is `share` places (0: no
+    /// share): at once if the pool has room, otherwise when one is given to it. Dropping the
+    /// future gives up waiting.
+    pub async fn enter(self: &Arc<Self>, client: ClientKey, share: usize) -> Place {
+        let mut wait = {
+            let mut inner = self.lock();
+            let now = Instant::now();
+            if inner.fits(&client, share) && inner.members.len() < self.capacity {
+                let (id, token) = inner.insert(client, now);
+                self.count(&inner);
+                return Place { id, token, pool: self.clone() };
+            }
+            let (id, (tx, rx)) = (inner.id(), oneshot::channel());
+            inner.update(client, |c| c.waiters.push_back(Waiter { id, share, tx }));
+            inner.waiting += 1;
+            self.shed_for_waiters(&mut inner, now);
+            if inner.next_waiter().is_some() {
+                self.changed.notify_one();
+            }
+            self.count(&inner);
+            Wait { pool: self.clone(), client, id, rx, placed: false }
+        };
+        // The sender lives in the waiter until it is used, and the waiter until it is used or
+        // this future is dropped.
+        let (id, token) = (&mut wait.rx).await.expect("a waiter is given a place before it is dropped");
+        wait.placed = true;
+        Place { id, token, pool: self.clone() }
+    }
+
+    /// Gives free places to waiting connections, in turn.
+    fn hand_over(&self, inner: &mut Inner, now: Instant) {
+        while inner.members.len() < self.capacity {
+            let Some(key) = inner.next_waiter() else { break };
+            let Some(waiter) = inner.update(key, |c| c.waiters.pop_front()) else { break };
+            inner.waiting -= 1;
+            let (id, token) = inner.insert(key, now);
+            if waiter.tx.send((id, token)).is_err() {
+                // Gave up in the meantime (cannot happen: a waiter leaves the list first).
+                inner.remove(id);
             }
         }
-        let id = inner.next;
-        inner.next += 1;
-        let token = CancellationToken::new();
-        inner.insert(id, Member { client, token: token.clone(), progressed: false });
-        self.occupancy.set(inner.members.len() as f64);
-        (Place { id, token, pool: self.clone() }, shed)
+    }
+
+    /// Sheds places held `shed_after` or longer for waiting connections that may take them.
+    fn shed_for_waiters(&self, inner: &mut Inner, now: Instant) {
+        while inner.next_waiter().is_some() {
+            let Some(victim) = inner.victim(now.checked_sub(self.shed_after)) else { break };
+            inner.shed(victim);
+            self.hand_over(inner, now);
+        }
+    }
+
+    /// Sheds what has come due; returns when the next place will have been held long enough,
+    /// if a waiter may need one.
+    fn shed_due(&self, now: Instant) -> Option<Instant> {
+        let mut inner = self.lock();
+        self.shed_for_waiters(&mut inner, now);
+        self.count(&inner);
+        inner.next_waiter()?;
+        inner.members.values().map(|m| m.since).min().map(|since| since + self.shed_after)
+    }
+
+    /// Runs the pool's clock until `stop`: sheds places for waiting connections as they come
+    /// due. It keeps no timer while nobody waits.
+    pub async fn clock(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let due = self.shed_due(Instant::now());
+            let timer = async {
+                match due {
+                    Some(due) => tokio::time::sleep_until(due).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = changed => {}
+                _ = timer => {}
+            }
+        }
     }
 
     /// Connections in the pool now.
     pub fn occupied(&self) -> usize {
         self.lock().members.len()
+    }
+
+    /// Connections waiting for a place now.
+    pub fn waiting(&self) -> usize {
+        self.lock().waiting
+    }
+}
+
+/// A connection's wait for a place: leaves the list when dropped, or gives back the place it
+/// was given but never took.
+struct Wait {
+    pool: Arc<Pool>,
+    client: ClientKey,
+    id: u64,
+    rx: oneshot::Receiver<(u64, CancellationToken)>,
+    placed: bool,
+}
+
+impl Drop for Wait {
+    fn drop(&mut self) {
+        if self.placed {
+            return;
+        }
+        let mut inner = self.pool.lock();
+        let id = self.id;
+        let left = inner.update(self.client, |c| {
+            let before = c.waiters.len();
+            c.waiters.retain(|w| w.id != id);
+            before != c.waiters.len()
+        });
+        if left {
+            inner.waiting -= 1;
+        } else if let Ok((id, _)) = self.rx.try_recv()
+            && inner.remove(id).is_some()
+        {
+            self.pool.hand_over(&mut inner, Instant::now());
+        }
+        self.pool.count(&inner);
     }
 }
 
@@ -117,7 +322,7 @@ pub struct Place {
 }
 
 impl Place {
-    /// Cancelled when the pool sheds this connection to make room for a newer one.
+    /// Cancelled when the pool sheds this connection to give its place to another.
     pub fn token(&self) -> CancellationToken {
         self.token.clone()
     }
@@ -134,8 +339,14 @@ impl Place {
 impl Drop for Place {
     fn drop(&mut self) {
         let mut inner = self.pool.lock();
-        inner.remove(self.id);
-        self.pool.occupancy.set(inner.members.len() as f64);
+        // A shed place is out of the pool already, and its successor has it.
+        if inner.remove(self.id).is_some() && inner.waiting > 0 {
+            self.pool.hand_over(&mut inner, Instant::now());
+            if inner.next_waiter().is_some() {
+                self.pool.changed.notify_one();
+            }
+        }
+        self.pool.count(&inner);
     }
 }
 
@@ -143,51 +354,129 @@ impl Drop for Place {
 mod tests {
     use std::net::IpAddr;
 
+    use futures_util::FutureExt;
+
     use super::*;
 
     fn key(last: u8) -> ClientKey {
         ClientKey::new(IpAddr::from([10, 0, 0, last]), 64)
     }
 
-    #[test]
-    fn a_full_pool_sheds_the_oldest() {
-        let pool = Arc::new(Pool::new(2, metrics::Gauge::noop()));
-        let (a, shed_a) = pool.enter(key(1));
-        let (b, shed_b) = pool.enter(key(2));
-        assert!(!shed_a && !shed_b);
-        let (c, shed_c) = pool.enter(key(3));
-        assert!(shed_c);
-        assert!(a.token.is_cancelled() && !b.token.is_cancelled() && !c.token.is_cancelled());
-        assert_eq!(pool.occupied(), 2);
-        // The shed place's drop does not remove its successor.
-        drop(a);
-        assert_eq!(pool.occupied(), 2);
-        drop(b);
-        let (_d, shed_d) = pool.enter(key(4));
-        assert!(!shed_d);
-        assert!(!c.token.is_cancelled());
+    fn new_pool(capacity: usize, shed_after: Duration) -> Arc<Pool> {
+        Arc::new(Pool::new(capacity, shed_after, metrics::Gauge::noop(), metrics::Gauge::noop()))
     }
 
-    /// The client holding the most places loses one, its oldest without progress first, however
-    /// old another client's single place is.
-    #[test]
-    fn the_client_holding_most_loses_first() {
-        let pool = Arc::new(Pool::new(4, metrics::Gauge::noop()));
-        let (real, _) = pool.enter(key(1));
-        let attacker: Vec<_> = (0..3).map(|_| pool.enter(key(9)).0).collect();
-        attacker[0].progressed();
-        let (_next, shed) = pool.enter(key(9));
-        assert!(shed && !real.token.is_cancelled());
-        assert!(!attacker[0].token.is_cancelled() && attacker[1].token.is_cancelled());
-        assert_eq!(pool.occupied(), 4);
+    /// A place at once, or `None` if the connection has to wait (its wait given up).
+    fn now_or_never(pool: &Arc<Pool>, client: ClientKey, share: usize) -> Option<Place> {
+        pool.enter(client, share).now_or_never()
+    }
 
-        // Progress protects a place only among its client's own.
-        let pool = Arc::new(Pool::new(3, metrics::Gauge::noop()));
-        let (real, _) = pool.enter(key(1));
-        let attacker: Vec<_> = (0..2).map(|_| pool.enter(key(9)).0).collect();
-        attacker.iter().for_each(Place::progressed);
-        let (_next, _) = pool.enter(key(9));
-        assert!(attacker[0].token.is_cancelled() && !attacker[1].token.is_cancelled());
-        assert!(!real.token.is_cancelled());
+    /// A task waiting for a place, once it waits.
+    async fn waiter(pool: &Arc<Pool>, client: ClientKey, share: usize) -> tokio::task::JoinHandle<Place> {
+        let before = pool.waiting();
+        let task = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.enter(client, share).await }
+        });
+        while pool.waiting() == before {
+            tokio::task::yield_now().await;
+        }
+        task
+    }
+
+    const LONG: Duration = Duration::from_secs(3600);
+
+    /// With no place held long enough to shed, a newcomer waits; among equals a freed place
+    /// goes to the one waiting longest, and a waiter that gives up leaves no trace.
+    #[tokio::test]
+    async fn a_full_pool_makes_newcomers_wait_in_turn() {
+        let pool = new_pool(2, LONG);
+        let a = now_or_never(&pool, key(1), 0).unwrap();
+        let _b = now_or_never(&pool, key(2), 0).unwrap();
+        assert!(now_or_never(&pool, key(3), 0).is_none());
+        assert_eq!((pool.occupied(), pool.waiting()), (2, 0));
+        let older = waiter(&pool, key(3), 0).await;
+        let newer = waiter(&pool, key(4), 0).await;
+        assert_eq!((pool.occupied(), pool.waiting()), (2, 2));
+        drop(a);
+        let older = older.await.unwrap();
+        assert!(!older.token.is_cancelled());
+        assert_eq!((pool.occupied(), pool.waiting()), (2, 1));
+        newer.abort();
+        assert!(newer.await.unwrap_err().is_cancelled());
+        assert_eq!((pool.occupied(), pool.waiting()), (2, 0));
+    }
+
+    /// A newcomer at a full pool sheds a place held `shed_after` or longer: of the client
+    /// holding the most, its oldest without progress first, however old another client's is.
+    #[tokio::test]
+    async fn a_place_held_long_enough_is_shed_for_a_newcomer() {
+        let shed_after = Duration::from_millis(50);
+        let pool = new_pool(4, shed_after);
+        let real = now_or_never(&pool, key(1), 0).unwrap();
+        let attacker: Vec<_> = (0..3).map(|_| now_or_never(&pool, key(9), 0).unwrap()).collect();
+        attacker[0].progressed();
+        tokio::time::sleep(shed_after).await;
+        let _next = now_or_never(&pool, key(5), 0).unwrap();
+        assert!(!real.token.is_cancelled() && !attacker[0].token.is_cancelled());
+        assert!(attacker[1].token.is_cancelled() && !attacker[2].token.is_cancelled());
+        assert_eq!(pool.occupied(), 4);
+        // The shed place's drop does not remove its successor.
+        drop(attacker);
+        assert_eq!(pool.occupied(), 2);
+        // Places younger than `shed_after` are not shed.
+        let young = new_pool(1, LONG);
+        let _held = now_or_never(&young, key(1), 0).unwrap();
+        assert!(now_or_never(&young, key(2), 0).is_none());
+    }
+
+    /// The clock sheds a place for a waiter once one has been held long enough.
+    #[tokio::test]
+    async fn the_clock_sheds_for_waiters_when_places_come_due() {
+        let shed_after = Duration::from_millis(50);
+        let pool = new_pool(1, shed_after);
+        let stop = CancellationToken::new();
+        tokio::spawn(pool.clone().clock(stop.clone()));
+        let slow = now_or_never(&pool, key(9), 0).unwrap();
+        let start = Instant::now();
+        let waiter = pool.enter(key(1), 0).await;
+        assert!(start.elapsed() >= shed_after / 2, "shed before it came due");
+        assert!(slow.token.is_cancelled() && !waiter.token.is_cancelled());
+        stop.cancel();
+    }
+
+    /// A free place goes to the waiting client with the fewest unfinished handshakes, however
+    /// long another has waited.
+    #[tokio::test]
+    async fn the_client_with_fewest_unfinished_is_served_first() {
+        let pool = new_pool(1, LONG);
+        let holder = now_or_never(&pool, key(2), 0).unwrap();
+        let mut flood = Vec::new();
+        for _ in 0..3 {
+            flood.push(waiter(&pool, key(9), 0).await);
+        }
+        let real = waiter(&pool, key(1), 0).await;
+        drop(holder);
+        let _real = real.await.unwrap();
+        assert_eq!(pool.waiting(), 3);
+        for task in &flood {
+            assert!(!task.is_finished());
+        }
+    }
+
+    /// A client at its share waits even with room in the pool, and is passed over for others
+    /// until one of its own places is given up.
+    #[tokio::test]
+    async fn a_client_at_its_share_waits_for_its_own_place() {
+        let pool = new_pool(4, LONG);
+        let first = now_or_never(&pool, key(9), 2).unwrap();
+        let _second = now_or_never(&pool, key(9), 2).unwrap();
+        let third = waiter(&pool, key(9), 2).await;
+        assert_eq!((pool.occupied(), pool.waiting()), (2, 1));
+        let _other = now_or_never(&pool, key(1), 2).unwrap();
+        assert_eq!(pool.occupied(), 3);
+        drop(first);
+        let _third = third.await.unwrap();
+        assert_eq!((pool.occupied(), pool.waiting()), (3, 0));
     }
 }

@@ -390,9 +390,12 @@ pub struct Limits {
     /// Client sockets open at once, handshaking or upgraded. Beyond it new sockets get a 503
     /// (a few, on `ws` listeners) or are closed.
     pub max_connections: usize,
-    /// Client sockets in the TLS handshake or waiting for their request at once. A new socket
-    /// beyond it sheds the one that has waited longest.
+    /// Client sockets in the TLS handshake or reading their request at once. A new socket
+    /// beyond it waits for a place.
     pub max_handshakes: usize,
+    /// How long a place in the handshake pool is its connection's own: held longer while
+    /// others wait, it may be given to one of them.
+    pub handshake_shed_after: Duration,
     /// Time a client has from connect to a complete HTTP request (TLS included).
     pub handshake_timeout: Duration,
     /// Time a client has, once its TLS handshake is done (from the accept on `ws`), to send
@@ -458,7 +461,7 @@ pub struct SessionLimits {
 pub struct PerClient {
     /// Connections open at once; beyond it new sockets are closed at accept.
     pub max_connections: usize,
-    /// Connections in their handshake at once; beyond it requests are answered 429.
+    /// Places in the handshake pool at once; beyond it new connections wait.
     pub max_handshakes: usize,
     /// New connections per second (the bucket's refill rate); beyond it requests are
     /// answered 429.

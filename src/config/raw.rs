@@ -310,6 +310,7 @@ limits_table! {
         max_connections: Option<u64>,
         max_handshakes: Option<u64>,
         handshake_timeout_secs: Option<Seconds>,
+        handshake_shed_after_secs: Option<Seconds>,
         request_head_timeout_secs: Option<Seconds>,
         listen_backlog: Option<u64>,
         max_memory_bytes: Option<u64>,
@@ -534,6 +535,12 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
         Restart(|a, b| differs("limits.max_handshakes", a.limits.max_handshakes, b.limits.max_handshakes)),
     ),
     ("limits.handshake_timeout_secs", Reload),
+    (
+        "limits.handshake_shed_after_secs",
+        Restart(|a, b| {
+            differs("limits.handshake_shed_after_secs", a.limits.handshake_shed_after, b.limits.handshake_shed_after)
+        }),
+    ),
     ("limits.request_head_timeout_secs", Reload),
     // Listening sockets are created once, at start.
     (

@@ -1,6 +1,5 @@
 //! The accept path: each listener's loop, and what a new socket meets before anything is read
-//! from it: the connection limit (and its 503s), its client's limits, and the handshake place
-//! it takes when its task first runs. On a `proxy_protocol` listener the peer must be a trusted
+//! from it: the connection limit (and its 503s) and its client's limits. On a `proxy_protocol` listener the peer must be a trusted
 //! proxy, and the client's limits wait for its PROXY header ([`proxied`]). Also the accept loop
 //! of the side services.
 
@@ -15,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, field, info_span, warn};
 
 use super::{Connection, Shared, Snapshot, handle_connection};
-use crate::admission::{Closed, ConnectionLease, HandshakeLease, Over, Place, Pool, Verdict};
+use crate::admission::{Closed, ConnectionLease, Over, Verdict};
 use crate::client_addr;
 use crate::config::Addressing;
 use crate::metrics::ListenerMetrics;
@@ -79,19 +78,17 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             continue;
         }
         let span = info_span!("conn", listener = %listener.name, client.addr = %peer);
-        let (client, share, over) = admitted;
-        let (share, handshake) = match over {
-            None => (Some(share), Handshake::Finished),
-            Some(over) => (None, Handshake::Over { over, _share: share }),
-        };
+        let (lease, over) = admitted;
+        let client = lease.client();
         let local = tcp.local_addr().unwrap_or(peer);
         let conn = Connection {
             peer,
             local,
             addressing,
             secure: listener.secure,
-            slot: Arc::new(Slot::new(conn_permit, client, m)),
-            handshake: Mutex::new(handshake),
+            slot: Arc::new(Slot::new(conn_permit, lease, m)),
+            over,
+            handshake: Mutex::new(None),
             snapshot,
             client_cert: std::sync::OnceLock::new(),
         };
@@ -101,7 +98,7 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
                 let abort = shared2.abort.clone();
                 tokio::select! {
                     _ = abort.cancelled() => {}
-                    _ = handle_connection(tcp, tls, conn, share, metrics, shared2, None) => {}
+                    _ = handle_connection(tcp, tls, conn, client, metrics, shared2, None) => {}
                 }
             }
             .instrument(span),
@@ -159,22 +156,20 @@ fn proxied(
             Carried::Balancer => (peer, tcp.local_addr().unwrap_or(peer)),
         };
         Span::current().record("client.addr", field::display(client));
-        let Some((lease, share, over)) = admit_client(&name, &metrics, client, &snapshot, &shared2) else { return };
-        let (share, handshake) = match over {
-            None => (Some(share), Handshake::Finished),
-            Some(over) => (None, Handshake::Over { over, _share: share }),
-        };
+        let Some((lease, over)) = admit_client(&name, &metrics, client, &snapshot, &shared2) else { return };
+        let key = lease.client();
         let conn = Connection {
             peer: client,
             local,
             addressing,
             secure: tls.is_some(),
             slot: Arc::new(Slot::new(conn_permit, lease, &metrics)),
-            handshake: Mutex::new(handshake),
+            over,
+            handshake: Mutex::new(None),
             snapshot,
             client_cert: std::sync::OnceLock::new(),
         };
-        handle_connection(tcp, tls, conn, share, metrics, shared2, Some(deadline)).await;
+        handle_connection(tcp, tls, conn, key, metrics, shared2, Some(deadline)).await;
     };
     let abort = shared.abort.clone();
     shared.tasks.spawn(
@@ -218,18 +213,7 @@ fn overflow(mut tcp: TcpStream, shared: &Shared) {
     });
 }
 
-/// Where a connection stands with its handshake.
-pub(super) enum Handshake {
-    /// In the pool, within its client's share.
-    Pooled(HandshakePlace),
-    /// Its client is over a share: every request is answered 429. It still counts among the
-    /// client's unfinished handshakes.
-    Over { over: Over, _share: HandshakeLease },
-    /// The request was admitted; what follows (the dial) is bounded per route instead.
-    Finished,
-}
-
-/// Counts a new connection against its client's limits: its leases, and why it is to be
+/// Counts a new connection against its client's limits: its lease, and why it is to be
 /// answered 429 if it is; `None` when it is closed at accept.
 fn admit_client(
     listener: &str,
@@ -237,7 +221,7 @@ fn admit_client(
     peer: SocketAddr,
     snapshot: &Snapshot,
     shared: &Shared,
-) -> Option<(ConnectionLease, HandshakeLease, Option<Over>)> {
+) -> Option<(ConnectionLease, Option<Over>)> {
     let admission = &shared.admission;
     let verdict = admission.clients.admit(peer.ip(), &snapshot.limits.per_client, Instant::now());
     shared.metrics.clients_tracked.set(admission.clients.tracked() as f64);
@@ -247,42 +231,11 @@ fn admit_client(
             debug!(listener, client.addr = %peer, ?closed, "client connection limit reached (limits.per_client.max_connections)");
             None
         }
-        Verdict::Closed(closed @ Closed::Unfinished(_)) => {
-            m.refused_client_handshakes.increment(1);
-            debug!(listener, client.addr = %peer, ?closed, "client has twice limits.per_client.max_handshakes unfinished");
-            None
+        Verdict::Refused(lease, over @ Over::Rate { .. }) => {
+            m.refused_client_rate.increment(1);
+            Some((lease, Some(over)))
         }
-        Verdict::Refused(client, share, over) => {
-            match over {
-                Over::Rate { .. } => m.refused_client_rate.increment(1),
-                Over::Handshakes(_) => m.refused_client_handshakes.increment(1),
-            }
-            Some((client, share, Some(over)))
-        }
-        Verdict::Admitted(client, share) => Some((client, share, None)),
-    }
-}
-
-/// A connection's place in the handshake pool, with its client's handshake share.
-pub(super) struct HandshakePlace {
-    place: Place,
-    _share: HandshakeLease,
-}
-
-impl HandshakePlace {
-    pub(super) fn new(pool: &Arc<Pool>, share: HandshakeLease) -> HandshakePlace {
-        // A connection shed to make room counts itself when it sees that it was.
-        let (place, _shed_another) = pool.enter(share.client());
-        HandshakePlace { place, _share: share }
-    }
-
-    /// Fires when the pool sheds this connection.
-    pub(super) fn shed_signal(&self) -> CancellationToken {
-        self.place.token()
-    }
-
-    pub(super) fn progressed(&self) {
-        self.place.progressed();
+        Verdict::Admitted(lease) => Some((lease, None)),
     }
 }
 

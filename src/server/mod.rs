@@ -44,11 +44,11 @@ use tungstenite::handshake::derive_accept_key;
 mod accept;
 mod access;
 
-use accept::{Handshake, HandshakePlace, Slot};
+use accept::Slot;
 pub(crate) use accept::{Listener, OVERFLOW_RESPONSES, accept_bounded, accept_loop};
 use access::{authenticate, find_target, refuse_in_band};
 
-use crate::admission::{Admission, HandshakeLease, LoadGuard, Over, Shed};
+use crate::admission::{Admission, ClientKey, LoadGuard, Over, Place, Shed};
 use crate::auth;
 use crate::backend::{self, ConnectFailure, DialRequest, Hold};
 use crate::client_addr;
@@ -145,8 +145,10 @@ struct Connection {
     /// Held by the connection task and by the session it upgrades to; the socket counts against
     /// `max_connections` and its client's connections until both are done.
     slot: Arc<Slot>,
-    /// Its handshake place, until the request is admitted.
-    handshake: Mutex<Handshake>,
+    /// Why every request on it is answered 429, if it is: its client is over its rate.
+    over: Option<Over>,
+    /// Its place in the handshake pool, until the request is admitted.
+    handshake: Mutex<Option<Place>>,
     /// The config this connection was accepted under.
     snapshot: Arc<Snapshot>,
     /// The client certificate its TLS handshake verified (mTLS), read once; boxed, so a
@@ -158,59 +160,50 @@ impl Connection {
     /// Leaves the handshake pool and the client's handshake share: the request has been read
     /// and admitted, and what follows (the dial) is bounded per route instead.
     fn finish_handshake(&self) {
-        *self.handshake.lock().unwrap_or_else(|p| p.into_inner()) = Handshake::Finished;
+        *self.handshake.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Records progress in the handshake (see `admission::Pool`).
     fn progressed(&self) {
-        if let Handshake::Pooled(place) = &*self.handshake.lock().unwrap_or_else(|p| p.into_inner()) {
+        if let Some(place) = &*self.handshake.lock().unwrap_or_else(|p| p.into_inner()) {
             place.progressed();
-        }
-    }
-
-    /// Why every request on this connection is answered 429, if it is.
-    fn over(&self) -> Option<Over> {
-        match *self.handshake.lock().unwrap_or_else(|p| p.into_inner()) {
-            Handshake::Over { over, .. } => Some(over),
-            Handshake::Pooled(_) | Handshake::Finished => None,
         }
     }
 }
 
-/// Serves one accepted connection: its place in the handshake pool (when it is within its
-/// client's share), TLS, then HTTP, until it is answered, upgraded, or shed from the pool.
+/// Serves one accepted connection of `client`: its place in the handshake pool (waited for if
+/// need be), TLS, then HTTP, until it is answered, upgraded, or shed from the pool.
 ///
-/// The connection enters the pool here, when its task first runs, not at accept: under a flood
-/// the accept loop takes connections far faster than their tasks run, and a place taken at
-/// accept would age in the run queue, where a real client's would be shed before its
-/// request, already waiting in the socket, was ever read.
+/// The connection asks for its place here, when its task first runs, not at accept: under a
+/// flood the accept loop takes connections far faster than their tasks run, and a place taken
+/// at accept would age in the run queue, where a real client's could come due to be shed
+/// before its request, already waiting in the socket, was ever read.
 ///
 /// `deadline` is the handshake's, when it began before this (with a PROXY header); otherwise
-/// the handshake begins now.
+/// the handshake begins now. It bounds the wait for a place too.
 async fn handle_connection(
     tcp: TcpStream,
     tls: Option<TlsAcceptor>,
     mut conn: Connection,
-    share: Option<HandshakeLease>,
+    client: ClientKey,
     metrics: ListenerMetrics,
     shared: Arc<Shared>,
     deadline: Option<tokio::time::Instant>,
 ) {
-    let shed = match share {
-        Some(share) => {
-            let place = HandshakePlace::new(&shared.admission.pool, share);
-            let shed = place.shed_signal();
-            *conn.handshake.get_mut().unwrap_or_else(|p| p.into_inner()) = Handshake::Pooled(place);
-            shed
-        }
-        None => CancellationToken::new(),
-    };
     let limits = conn.snapshot.limits.clone();
     backend::tune(&tcp, limits.session.tcp_keepalive, limits.session.tcp_user_timeout);
-    // One deadline for the whole handshake, TLS included, so a wss client gets no more time
-    // than a ws one; within it, a shorter one for the request head once TLS is done.
+    // One deadline for the whole handshake, waiting and TLS included, so a wss client gets no
+    // more time than a ws one; within it, a shorter one for the request head once TLS is done.
     let timeout = limits.handshake_timeout;
     let deadline = deadline.unwrap_or_else(|| tokio::time::Instant::now() + timeout);
+    let share = limits.per_client.max_handshakes;
+    let Ok(place) = tokio::time::timeout_at(deadline, shared.admission.pool.enter(client, share)).await else {
+        metrics.handshake_wait_timeout.increment(1);
+        debug!(?timeout, "no place in the handshake pool within limits.handshake_timeout_secs; closing");
+        return;
+    };
+    let shed = place.token();
+    *conn.handshake.get_mut().unwrap_or_else(|p| p.into_inner()) = Some(place);
     let head_timeout = limits.request_head_timeout;
     let conn = Arc::new(conn);
     // Reads from the client go through `ReadAhead` (below hyper, so the WebSocket upgraded from
@@ -246,7 +239,7 @@ async fn handle_connection(
         _ = serve => {}
         _ = shed.cancelled() => {
             metrics.handshake_shed.increment(1);
-            debug!("handshake pool full (limits.max_handshakes): shed this connection to make room");
+            debug!("handshake pool full: shed this connection, which held its place past limits.handshake_shed_after_secs, for one waiting");
         }
     }
 }
@@ -350,7 +343,7 @@ async fn answer(
     shared: &Shared,
 ) -> (Option<Arc<Entry>>, Result<Response<Full<Bytes>>, Refusal>) {
     let snap = &conn.snapshot;
-    if let Some(over) = conn.over() {
+    if let Some(over) = conn.over {
         return (None, Err(Refusal::client_over(over, Instant::now())));
     }
     if let Some(page) = page(&req, snap) {
@@ -494,7 +487,13 @@ async fn start(
     if shared.admission.memory.is_over(conn.snapshot.limits.max_memory) {
         return Err(NotStarted::Shed(Shed::Memory));
     }
-    let connecting = entry.load.connect(entry.limits.max_pending_connects).map_err(NotStarted::Shed)?;
+    // Waiting for a place counts towards no deadline of the dial's own: a storm's requests wait
+    // their turn rather than fail, and one that waits the whole connect timeout is shed.
+    let connecting = entry
+        .load
+        .connect(entry.limits.max_pending_connects, entry.limits.connect_timeout)
+        .await
+        .map_err(NotStarted::Shed)?;
     let (dialed, member) = session::dial(entry, req, preamble).await.map_err(|e| NotStarted::Failed(e.failure()))?;
     drop(connecting);
     Ok(((place, member), dialed))

@@ -11,6 +11,9 @@ use super::{MAX_SECS, Validator};
 const DEFAULT_MAX_CONNECTIONS: u64 = 10_000;
 const DEFAULT_MAX_HANDSHAKES: u64 = 256;
 const DEFAULT_HANDSHAKE_TIMEOUT_SECS: f64 = 10.0;
+/// A real client finishes its TLS handshake and request within a few round trips, well under
+/// this even on a slow mobile link; a place held longer while others wait is held on purpose.
+const DEFAULT_HANDSHAKE_SHED_AFTER_SECS: f64 = 2.0;
 /// A real client sends its request head in the first packet after the handshake; a client
 /// still trickling it after this long is most likely holding a place on purpose.
 const DEFAULT_REQUEST_HEAD_TIMEOUT_SECS: f64 = 5.0;
@@ -106,6 +109,11 @@ impl Validator<'_> {
                 "limits.handshake_timeout_secs",
                 raw.handshake_timeout_secs,
                 DEFAULT_HANDSHAKE_TIMEOUT_SECS,
+            ),
+            handshake_shed_after: self.seconds(
+                "limits.handshake_shed_after_secs",
+                raw.handshake_shed_after_secs,
+                DEFAULT_HANDSHAKE_SHED_AFTER_SECS,
             ),
             request_head_timeout: self.seconds(
                 "limits.request_head_timeout_secs",

@@ -552,6 +552,7 @@ mod tests {
         assert_eq!(c.limits.session.max_pending_connects, 128);
         assert_eq!(c.limits.session.max_sessions, None);
         assert_eq!(c.limits.request_head_timeout, Duration::from_secs(5));
+        assert_eq!(c.limits.handshake_shed_after, Duration::from_secs(2));
         assert_eq!(c.limits.listen_backlog, 1024);
         assert_eq!(c.limits.max_memory, MemoryBudget::Auto);
         let p = c.limits.per_client;
