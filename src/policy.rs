@@ -144,9 +144,10 @@ impl Refusal {
         Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
     }
 
-    /// No route matches the request's host and path.
-    pub fn no_route(path: &str) -> Refusal {
-        Refusal::new(StatusCode::NOT_FOUND, format!("no route for {path}")).of_kind(RefusalKind::NoRoute)
+    /// No route matches the request's host and path. Neither is echoed: a path can carry a
+    /// token (a path-token route asked for under the wrong host), and the reason is logged.
+    pub fn no_route() -> Refusal {
+        Refusal::new(StatusCode::NOT_FOUND, "no route for this host and path").of_kind(RefusalKind::NoRoute)
     }
 
     /// The client is over its rate (`limits.per_client`): 429 with `Retry-After`. Debug level:
@@ -692,7 +693,7 @@ mod tests {
             RefusalKind::Origin
         );
         assert_eq!(select_subprotocol(&none, ["x"]).unwrap_err().kind, RefusalKind::Subprotocol);
-        assert_eq!(Refusal::no_route("/x").kind, RefusalKind::NoRoute);
+        assert_eq!(Refusal::no_route().kind, RefusalKind::NoRoute);
         let failure = Refusal::backend_unavailable(ConnectFailure::Refused);
         assert_eq!(failure.kind, RefusalKind::BackendUnavailable);
         assert_eq!(method_not_allowed().kind, RefusalKind::Request);

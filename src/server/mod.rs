@@ -354,7 +354,7 @@ async fn answer(
         Err(e) => return (None, Err(e.into())),
     };
     let Some(entry) = snap.router.find(Some(&host), req.uri().path()).cloned() else {
-        return (None, Err(Refusal::no_route(req.uri().path())));
+        return (None, Err(Refusal::no_route()));
     };
     let answer = upgrade(&mut req, Some(&host), &entry, conn, shared).await;
     (Some(entry), answer)
