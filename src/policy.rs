@@ -400,7 +400,7 @@ fn check_client_cert(route: &Route, cert: Option<&ClientCert>) -> Result<(), Ref
 /// allow, gets 403 whatever else the request says. The address is the client's own, so the
 /// reason may name it.
 fn check_client(req: Request<'_>, route: &Route) -> Result<(), Refusal> {
-    let ip = req.peer.ip().to_canonical();
+    let ip = crate::config::canonical_ip(req.peer.ip());
     if route.clients.permits(ip) {
         return Ok(());
     }

@@ -32,18 +32,16 @@ use crate::config::PerClient;
 pub struct ClientKey(IpAddr);
 
 impl ClientKey {
-    /// The key for `ip`: IPv4-mapped IPv6 as IPv4; other IPv6 masked to `ipv6_prefix` bits.
+    /// The key for `ip`: IPv4-mapped and NAT64 IPv6 as the IPv4 address they carry; other IPv6
+    /// masked to `ipv6_prefix` bits.
     pub fn new(ip: IpAddr, ipv6_prefix: u8) -> ClientKey {
-        match ip {
+        match crate::config::canonical_ip(ip) {
             IpAddr::V4(v4) => ClientKey(IpAddr::V4(v4)),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => ClientKey(IpAddr::V4(v4)),
-                None => {
-                    let bits = u128::from(v6);
-                    let mask = u128::MAX.checked_shl(128 - u32::from(ipv6_prefix)).unwrap_or(0);
-                    ClientKey(IpAddr::V6((bits & mask).into()))
-                }
-            },
+            IpAddr::V6(v6) => {
+                let bits = u128::from(v6);
+                let mask = u128::MAX.checked_shl(128 - u32::from(ipv6_prefix)).unwrap_or(0);
+                ClientKey(IpAddr::V6((bits & mask).into()))
+            }
         }
     }
 }
@@ -308,6 +306,9 @@ mod tests {
     fn keys_normalise_mapped_and_ipv6_prefixes() {
         let mapped: IpAddr = Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped().into();
         assert_eq!(ClientKey::new(mapped, 64), ClientKey::new(ip("192.0.2.1"), 64));
+        // IPv4 clients behind a NAT64 gateway are counted one by one, not as one /64.
+        assert_eq!(ClientKey::new(ip("64:ff9b::192.0.2.1"), 64), ClientKey::new(ip("192.0.2.1"), 64));
+        assert_ne!(ClientKey::new(ip("64:ff9b::192.0.2.1"), 64), ClientKey::new(ip("64:ff9b::192.0.2.2"), 64));
         assert_eq!(ClientKey::new(ip("2001:db8:1:2:aaaa::1"), 64), ClientKey::new(ip("2001:db8:1:2::ffff"), 64));
         assert_ne!(ClientKey::new(ip("2001:db8:1:2::1"), 64), ClientKey::new(ip("2001:db8:1:3::1"), 64));
         assert_eq!(ClientKey::new(ip("2001:db8:1:2::1"), 48), ClientKey::new(ip("2001:db8:1:3::1"), 48));

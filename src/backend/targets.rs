@@ -261,10 +261,10 @@ fn parse_target(written: &str) -> Option<Target> {
 }
 
 /// The address a connection to `ip` really reaches, which is what the allow-list must see: an
-/// IPv4-mapped IPv6 address is its IPv4 address, and the unspecified addresses are the loopback
-/// address (Linux connects `0.0.0.0` to `127.0.0.1` and `::` to `::1`).
+/// IPv4-mapped or NAT64 IPv6 address is its IPv4 address, and the unspecified addresses are the
+/// loopback address (Linux connects `0.0.0.0` to `127.0.0.1` and `::` to `::1`).
 pub fn normalise(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
+    match config::canonical_ip(ip) {
         IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
         other => other,
@@ -369,6 +369,10 @@ mod tests {
         assert_eq!(n("::ffff:0.0.0.0"), "127.0.0.1");
         assert_eq!(n("10.1.2.3"), "10.1.2.3");
         assert_eq!(n("2001:db8::1"), "2001:db8::1");
+        // Through a NAT64 gateway: checked as the IPv4 address it reaches.
+        assert_eq!(n("64:ff9b::10.1.2.3"), "10.1.2.3");
+        assert_eq!(n("64:ff9b::0.0.0.0"), "127.0.0.1");
+        assert_eq!(n("64:ff9b:1::10.1.2.3"), "64:ff9b:1::a01:203", "only the well-known /96");
     }
 
     /// JWT claims name a target with a numeric or string port; anything else names none.

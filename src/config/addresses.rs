@@ -1,13 +1,36 @@
 //! The validated types of the client-address keys: a listener's PROXY protocol, trusted proxies
 //! and forwarded header; a route's client rules and the PROXY protocol it sends its backend.
 //!
-//! Addresses are compared in canonical form: an IPv4-mapped IPv6 address (`::ffff:10.0.0.1`,
-//! what a dual-stack socket reports for an IPv4 client) is the IPv4 address, and the lists hold
-//! no mapped networks (validation turns them into IPv4 ones), so one comparison covers both.
+//! Addresses are compared in canonical form ([`canonical_ip`]): an IPv4-mapped IPv6 address
+//! (`::ffff:10.0.0.1`, what a dual-stack socket reports for an IPv4 client) and a NAT64 address
+//! of the well-known prefix (`64:ff9b::10.0.0.1`, RFC 6052) are the IPv4 address they carry, and
+//! the lists hold no such networks (validation turns them into IPv4 ones), so one comparison
+//! covers every form.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+/// NAT64's well-known prefix: `64:ff9b::a.b.c.d` is reached (through a NAT64 gateway) as
+/// `a.b.c.d`.
+const NAT64: Ipv6Net = match Ipv6Net::new(Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0), 96) {
+    Ok(net) => net,
+    Err(_) => panic!("a /96 is a valid prefix"),
+};
+
+/// `ip` as lists, limits and allow-lists see it: the IPv4 address an IPv4-mapped or well-known
+/// NAT64 address carries, else `ip`. Counting a NAT64 client by its IPv6 prefix would make every
+/// IPv4 client behind the gateway one client, and matching a NAT64 target as IPv6 would let an
+/// IPv6 network in an allow-list reach all of IPv4.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) if NAT64.contains(&v6) => {
+            let [.., a, b, c, d] = v6.octets();
+            IpAddr::from([a, b, c, d])
+        }
+        other => other.to_canonical(),
+    }
+}
 use serde::Deserialize;
 
 /// A list of networks (CIDRs; a bare address is its own /32 or /128).
@@ -22,7 +45,7 @@ impl Cidrs {
 
     /// Whether `ip` (in any form) is in one of the networks.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
+        let ip = canonical_ip(ip);
         self.0.iter().any(|net| net.contains(&ip))
     }
 
@@ -40,15 +63,14 @@ impl std::fmt::Display for Cidrs {
     }
 }
 
-/// An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) as the IPv4 network it maps; any other
-/// network as it is.
+/// An IPv4-mapped or NAT64 IPv6 network (`::ffff:10.0.0.0/104`, `64:ff9b::10.0.0.0/104`) as the
+/// IPv4 network it carries; any other network as it is.
 pub(crate) fn canonical_net(net: IpNet) -> IpNet {
-    match net {
-        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
-            Some(v4) => Ipv4Net::new(v4, v6.prefix_len() - 96).map(IpNet::V4).unwrap_or(net),
-            None => net,
-        },
-        other => other,
+    match (net, canonical_ip(net.addr())) {
+        (IpNet::V6(v6), IpAddr::V4(v4)) if v6.prefix_len() >= 96 => {
+            Ipv4Net::new(v4, v6.prefix_len() - 96).map(IpNet::V4).unwrap_or(net)
+        }
+        _ => net,
     }
 }
 
@@ -137,5 +159,13 @@ mod tests {
         assert!(!deny_only.permits(ip("192.168.7.7")));
         assert!(deny_only.permits(ip("192.169.0.1")));
         assert!(deny_only.permits(ip("2001:db8::1")));
+        // NAT64 addresses and networks of the well-known prefix count as the IPv4 they carry.
+        assert!(!rules.permits(ip("64:ff9b::10.9.2.3")));
+        assert!(rules.permits(ip("64:ff9b::10.1.2.3")));
+        let nat64 = cidrs(&["64:ff9b::10.0.0.0/104"]);
+        assert!(nat64.contains(ip("10.1.1.1")) && nat64.contains(ip("64:ff9b::10.1.1.1")));
+        assert!(!nat64.contains(ip("11.1.1.1")));
+        // An IPv6 network that holds the NAT64 prefix does not reach IPv4 through it.
+        assert!(!cidrs(&["::/1"]).contains(ip("64:ff9b::10.1.1.1")));
     }
 }

@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use addresses::{Addressing, Cidrs, ClientRules, ForwardedHeader, ProxyVersion};
+pub use addresses::{Addressing, Cidrs, ClientRules, ForwardedHeader, ProxyVersion, canonical_ip};
 pub use auth::{Auth, Basic, Bearer, Jwt, JwtAlgorithm, Mechanism, OnRefusal, TokenHash};
 pub use error::{ConfigError, ConfigErrors};
 pub use pool::{ActiveCheck, Balance, Health, Member, Pool};

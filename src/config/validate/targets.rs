@@ -119,14 +119,14 @@ impl Validator<'_> {
             return None;
         }
         for written in &list {
-            // As it will be matched: `::ffff:0:0/96` is all of IPv4.
+            // As it will be matched: `::ffff:0:0/96` and `64:ff9b::/96` are all of IPv4.
             let net = written.trim().parse::<IpNet>().ok().map(crate::config::addresses::canonical_net);
             let ip = written.trim().parse::<IpAddr>().ok();
             if net.is_some_and(|n| n.prefix_len() == 0) {
                 self.fail(key, format!("{written:?} allows every address; list the networks targets are in"));
                 return None;
             }
-            if ip.is_some_and(|ip| ip.is_unspecified()) {
+            if ip.is_some_and(|ip| crate::config::canonical_ip(ip).is_unspecified()) {
                 self.fail(key, format!("{written:?} is not an address a target can have"));
                 return None;
             }
@@ -219,6 +219,8 @@ mod tests {
             ),
             (format!("{ROUTE}{}", good.replace("10.0.0.0/8", "0.0.0.0/0")), "allows every address"),
             (format!("{ROUTE}{}", good.replace("10.0.0.0/8", "::ffff:0:0/96")), "allows every address"),
+            (format!("{ROUTE}{}", good.replace("10.0.0.0/8", "64:ff9b::/96")), "allows every address"),
+            (format!("{ROUTE}{}", good.replace("10.0.0.0/8", "64:ff9b::")), "not an address a target can have"),
             (format!("{ROUTE}{}", good.replace("10.0.0.0/8", "::")), "routes.vnc.targets.allow"),
             (format!("{ROUTE}{}", good.replace("10.0.0.0/8", "10.0.0.1/8")), "host bits set"),
             (format!("{ROUTE}{}", good.replace("[5900]", "[\"5999-5900\"]")), "routes.vnc.targets.allow_ports"),
