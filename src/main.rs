@@ -148,7 +148,8 @@ fn init_logging(format: config::LogFormat) {
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
         config::LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
-        config::LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init(),
+        // No colours, on a terminal either: the formatter is built without ANSI styling (Cargo.toml).
+        config::LogFormat::Text => builder.try_init(),
     };
 }
 

@@ -13,7 +13,7 @@
 //! route's log throttles live here, in the per-route state that outlives reloads).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, SharedString, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
@@ -297,6 +297,8 @@ impl Metrics {
                     connect_warnings: Throttle::new(WARN_INTERVAL),
                     target_warnings: Throttle::new(WARN_INTERVAL),
                     users: Mutex::new(HashSet::new()),
+                    upgraded: OnceLock::new(),
+                    ended: Mutex::new(Vec::new()),
                     recorder: self.recorder.clone(),
                     enabled: self.enabled,
                 })
@@ -538,6 +540,12 @@ pub struct RouteMetrics {
     pub target_warnings: Throttle,
     /// The users with a label of their own in `wsgate_user_sessions_total`.
     users: Mutex<HashSet<String>>,
+    /// `wsgate_handshakes_total{status="101"}`, registered at the route's first upgrade: looking
+    /// it up by its labels at every upgrade built and hashed its key each time.
+    upgraded: OnceLock<Counter>,
+    /// `wsgate_sessions_total` by code (grouped as labelled) and side, likewise, each registered
+    /// when it first occurs; as bounded as those labels.
+    ended: Mutex<Vec<((u16, &'static str), Counter)>>,
 }
 
 impl std::fmt::Debug for RouteMetrics {
@@ -558,6 +566,9 @@ impl RouteMetrics {
 
     /// Counts an HTTP answer on this route (101 for an upgrade).
     pub fn handshake(&self, status: u16) {
+        if status == 101 {
+            return self.upgraded.get_or_init(|| self.counter(names::HANDSHAKES, &[("status", "101")])).increment(1);
+        }
         self.counter(names::HANDSHAKES, &[("status", &status.to_string())]).increment(1);
     }
 
@@ -600,13 +611,24 @@ impl RouteMetrics {
     /// Counts an ended session by close code and the side that ended it.
     /// Codes a client chose itself (3000-4999, echoed back) are grouped as `3xxx`/`4xxx`, so a
     /// client cannot create thousands of series.
-    pub fn session_ended(&self, code: u16, closed_by: &str) {
-        let label = match code {
-            3000..=3999 => "3xxx".to_string(),
-            4000..=4999 => "4xxx".to_string(),
+    pub fn session_ended(&self, code: u16, closed_by: &'static str) {
+        let group = match code {
+            3000..=3999 => 3000,
+            4000..=4999 => 4000,
+            _ => code,
+        };
+        let mut ended = self.ended.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((_, counter)) = ended.iter().find(|(key, _)| *key == (group, closed_by)) {
+            return counter.increment(1);
+        }
+        let label = match group {
+            3000 => "3xxx".to_string(),
+            4000 => "4xxx".to_string(),
             _ => code.to_string(),
         };
-        self.counter(names::SESSIONS, &[("code", &label), ("closed_by", closed_by)]).increment(1);
+        let counter = self.counter(names::SESSIONS, &[("code", &label), ("closed_by", closed_by)]);
+        counter.increment(1);
+        ended.push(((group, closed_by), counter));
     }
 
     /// Counts a session ended at a liveness limit; `limit` is one of a fixed set of labels.
@@ -658,5 +680,44 @@ pub struct Buffered<'a> {
 impl Drop for Buffered<'_> {
     fn drop(&mut self) {
         self.gauge.decrement(self.n as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of the one rendered line that starts with `name{` and has every label in `labels`.
+    fn value(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|label| l.contains(label)))
+            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+            .next()
+    }
+
+    /// The counters a route keeps after their first use count each answer and each ending under
+    /// its own labels: 101s apart from other statuses, each code (3xxx and 4xxx grouped) and
+    /// side apart.
+    #[test]
+    fn cached_handshake_and_session_counters_keep_their_labels_apart() {
+        let metrics = Metrics::new(true);
+        let route = metrics.route("r");
+        for status in [101, 101, 404, 101] {
+            route.handshake(status);
+        }
+        for (code, side) in [(1000, "client"), (1000, "client"), (1000, "backend"), (3001, "client"), (3999, "client")]
+        {
+            route.session_ended(code, side);
+        }
+        route.session_ended(4001, "gateway");
+        let text = metrics.render();
+        let handshakes = |status: &str| value(&text, names::HANDSHAKES, &[r#"route="r""#, status]);
+        assert_eq!(handshakes(r#"status="101""#), Some(3.0), "{text}");
+        assert_eq!(handshakes(r#"status="404""#), Some(1.0), "{text}");
+        let ended = |code: &str, side: &str| value(&text, names::SESSIONS, &[code, side]);
+        assert_eq!(ended(r#"code="1000""#, r#"closed_by="client""#), Some(2.0), "{text}");
+        assert_eq!(ended(r#"code="1000""#, r#"closed_by="backend""#), Some(1.0), "{text}");
+        assert_eq!(ended(r#"code="3xxx""#, r#"closed_by="client""#), Some(2.0), "{text}");
+        assert_eq!(ended(r#"code="4xxx""#, r#"closed_by="gateway""#), Some(1.0), "{text}");
     }
 }

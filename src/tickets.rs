@@ -6,8 +6,10 @@
 //! here, per listener, and each new config is handed the same one.
 //!
 //! Resumption is stateless by default: TLS 1.3 tickets (and TLS 1.2 ones, for clients that ask)
-//! sealed with keys that rustls rotates every 6 hours, so any number of clients can resume
-//! without the server remembering them. A fleet shares keys through `tls.ticket_keys`, a file of
+//! sealed with random keys of our own that rustls's rotator replaces every 6 hours, so any number
+//! of clients can resume without the server remembering them. Rotating and file keys seal alike
+//! (AES-256-GCM-SIV), which costs a handshake less than rustls's own ticketer (AES-256-CBC and
+//! HMAC-SHA256; docs/performance.md, issue 19). A fleet shares keys through `tls.ticket_keys`, a file of
 //! AES-256-GCM keys (the first seals, all open), so a client resumes on whichever replica the
 //! balancer picks. A listener that verifies client certificates gets fresh state at every reload,
 //! so a revocation list replaced by the reload applies to every client from then on (its docs say
@@ -20,12 +22,17 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::aead::{AES_256_GCM_SIV, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use aws_lc_rs::digest;
+use rustls::crypto::GetRandomFailed;
 use rustls::server::{ProducesTickets, ServerSessionMemoryCache, StoresServerSessions};
+use rustls::ticketer::TicketRotator;
 
 use crate::config::TlsFiles;
 
-/// How long a ticket sealed with a file key opens: as long as rustls's rotating keys last.
+/// How long a ticket sealed with a file key opens.
 const FILE_TICKET_LIFETIME_SECS: u32 = 6 * 60 * 60;
+/// How long a rotating key seals new tickets; rustls's rotator keeps it one more period to open
+/// them, so their tickets open for twice this (as with rustls's own ticketer).
+const ROTATION_SECS: u32 = 6 * 60 * 60;
 /// Entries of the stateful cache, for TLS 1.2 clients that resume by session ID (rustls's default).
 const SESSION_CACHE_ENTRIES: usize = 256;
 /// At most this many keys in a `ticket_keys` file: enough for any rotation, few to try.
@@ -107,16 +114,24 @@ impl Resumption {
             return Ok(kept.state.clone());
         }
         let ticketer: Arc<dyn ProducesTickets> = match keys {
-            Some(keys) => Arc::new(keys.into_ticketer()?),
-            None if files.session_tickets => {
-                rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| TicketKeysError::Crypto(e.to_string()))?
-            }
+            Some(keys) => Arc::new(keys.into_ticketer(FILE_TICKET_LIFETIME_SECS)?),
+            None if files.session_tickets => Arc::new(
+                TicketRotator::new(ROTATION_SECS, rotating_key).map_err(|e| TicketKeysError::Crypto(e.to_string()))?,
+            ),
             None => Arc::new(NoTickets),
         };
         let state = State { ticketer, cache: ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES) };
         listeners.insert(listener.to_string(), Kept { source, state: state.clone() });
         Ok(state)
     }
+}
+
+/// A fresh random key for [`TicketRotator`], its tickets opening while the rotator keeps it.
+fn rotating_key() -> Result<Box<dyn ProducesTickets>, GetRandomFailed> {
+    let mut raw = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut raw).map_err(|_| GetRandomFailed)?;
+    let ticketer = FileKeys(vec![raw]).into_ticketer(2 * ROTATION_SECS).map_err(|_| GetRandomFailed)?;
+    Ok(Box::new(ticketer))
 }
 
 /// A listener with `session_tickets = false`: resumption by the stateful cache only.
@@ -152,7 +167,8 @@ impl FileKeys {
         out
     }
 
-    fn into_ticketer(self) -> Result<FileTicketer, TicketKeysError> {
+    /// The ticketer sealing with the first key, opening with any, tickets living `lifetime` seconds.
+    fn into_ticketer(self, lifetime: u32) -> Result<KeyTicketer, TicketKeysError> {
         let keys = self
             .0
             .iter()
@@ -161,7 +177,7 @@ impl FileKeys {
                 Ok(TicketKey { name: key_name(raw), key: LessSafeKey::new(key) })
             })
             .collect::<Result<Vec<_>, TicketKeysError>>()?;
-        Ok(FileTicketer { keys })
+        Ok(KeyTicketer { keys, lifetime })
     }
 }
 
@@ -226,18 +242,21 @@ struct TicketKey {
     key: LessSafeKey,
 }
 
-/// Tickets sealed with the file's first key and opened with any of its keys. A ticket is
+/// Tickets sealed with the first key and opened with any of the keys (a file's, or one rotating
+/// key). A ticket is
 /// `name ‖ nonce ‖ AES-256-GCM-SIV(issued-at ‖ session)` with the name as associated data; the
 /// issue time inside the seal bounds its life, since rustls leaves that to the ticketer.
 /// GCM-SIV because the keys may live long and seal billions of tickets with random nonces: a
 /// repeated nonce then reveals only that two tickets were equal, not the key.
-struct FileTicketer {
+struct KeyTicketer {
     keys: Vec<TicketKey>,
+    /// Seconds a ticket opens after it was sealed.
+    lifetime: u32,
 }
 
-impl std::fmt::Debug for FileTicketer {
+impl std::fmt::Debug for KeyTicketer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FileTicketer").field("keys", &self.keys.len()).finish()
+        f.debug_struct("KeyTicketer").field("keys", &self.keys.len()).finish()
     }
 }
 
@@ -245,13 +264,13 @@ fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-impl ProducesTickets for FileTicketer {
+impl ProducesTickets for KeyTicketer {
     fn enabled(&self) -> bool {
         true
     }
 
     fn lifetime(&self) -> u32 {
-        FILE_TICKET_LIFETIME_SECS
+        self.lifetime
     }
 
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
@@ -277,7 +296,7 @@ impl ProducesTickets for FileTicketer {
     }
 }
 
-impl FileTicketer {
+impl KeyTicketer {
     /// [`ProducesTickets::decrypt`] as if the time were `now` (seconds since the epoch).
     fn decrypt_at(&self, cipher: &[u8], now: u64) -> Option<Vec<u8>> {
         if cipher.len() > MAX_TICKET_LEN {
@@ -295,7 +314,7 @@ impl FileTicketer {
             return None;
         }
         let age = now.saturating_sub(issued);
-        (age <= u64::from(FILE_TICKET_LIFETIME_SECS)).then(|| session.to_vec())
+        (age <= u64::from(self.lifetime)).then(|| session.to_vec())
     }
 }
 
@@ -303,8 +322,8 @@ impl FileTicketer {
 mod tests {
     use super::*;
 
-    fn ticketer(keys: &[[u8; 32]]) -> FileTicketer {
-        FileKeys(keys.to_vec()).into_ticketer().unwrap()
+    fn ticketer(keys: &[[u8; 32]]) -> KeyTicketer {
+        FileKeys(keys.to_vec()).into_ticketer(FILE_TICKET_LIFETIME_SECS).unwrap()
     }
 
     #[test]
@@ -348,6 +367,30 @@ mod tests {
         assert!(t.decrypt_at(&sealed, now - 30).is_some(), "skew within 60 s");
         assert!(t.decrypt_at(&sealed, now - 300).is_none(), "issued 5 minutes in the future");
         assert!(t.decrypt(&vec![0u8; MAX_TICKET_LEN + 1]).is_none());
+    }
+
+    /// Without `ticket_keys`, tickets are sealed with a rotating key of our own: they open on the
+    /// listener that sealed them, for the rotation period twice over, and nowhere else.
+    #[test]
+    fn rotating_keys_seal_tickets_that_open_for_two_periods_on_their_listener_only() {
+        let files = |name: &str| TlsFiles {
+            cert: name.into(),
+            key: name.into(),
+            generate_self_signed: false,
+            client_auth: None,
+            session_tickets: true,
+            ticket_keys: None,
+        };
+        let resumption = Resumption::default();
+        let state = resumption.state("edge", &files("edge")).unwrap();
+        let sealed = state.ticketer.encrypt(b"session state").unwrap();
+        assert_eq!(state.ticketer.decrypt(&sealed).as_deref(), Some(&b"session state"[..]));
+        assert_eq!(state.ticketer.lifetime(), 2 * ROTATION_SECS);
+        let other = resumption.state("other", &files("other")).unwrap();
+        assert_eq!(other.ticketer.decrypt(&sealed), None);
+        let key = rotating_key().unwrap();
+        assert_eq!(key.lifetime(), 2 * ROTATION_SECS);
+        assert_ne!(key.encrypt(b"same"), rotating_key().unwrap().encrypt(b"same"));
     }
 
     #[test]

@@ -155,17 +155,17 @@ pub fn run(
     stop: CancellationToken,
     abort: CancellationToken,
 ) -> impl Future<Output = ()> + Send {
+    // Given at creation: recording a field afterwards is a second trip through the subscriber.
+    let backend_addr = match &dialed {
+        Dialed::Backend(conn) => conn.peer(),
+        _ => None,
+    };
     let span = info_span!(
         "session",
         id = ctx.id,
         route = %ctx.entry.route.name,
-        backend.addr = field::Empty,
+        backend.addr = backend_addr.map(field::display),
     );
-    if let Dialed::Backend(conn) = &dialed
-        && let Some(peer) = conn.peer()
-    {
-        span.record("backend.addr", field::display(peer));
-    }
     async move {
         tokio::select! {
             biased;
