@@ -1,7 +1,9 @@
 //! Instruction counts from callgrind: repeatable where wall-clock figures are not, so they are
 //! what CI's regression gate compares.
 
-use std::process::{Command, Stdio};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 
 use crate::client::*;
 use crate::handshake::{self, Handshake};
@@ -60,10 +62,7 @@ pub(crate) fn instructions_per_byte(
                 ),
             )
             .ok()?;
-            cmd.arg(env!("CARGO_BIN_EXE_wsgate"))
-                .args(["run", "--config"])
-                .arg(&config)
-                .env("RUST_LOG", "warn,wsgate=info");
+            wsgate(&mut cmd, &config);
             tag = "listener=plain url=ws://";
             from_stdout = false;
         } else {
@@ -71,15 +70,9 @@ pub(crate) fn instructions_per_byte(
             tag = "listening ";
             from_stdout = true;
         }
-        let (mut child, addr) =
-            spawn_and_find(cmd, |l| l.split(tag).nth(1)?.split_whitespace().next()?.parse().ok(), from_stdout);
-        let pid = child.id().to_string();
-        let control = |what: &str| {
-            let ok = Command::new("callgrind_control").args([what, &pid]).stdout(Stdio::null()).status();
-            assert!(ok.is_ok_and(|s| s.success()), "callgrind_control {what} {pid} failed");
-        };
+        let relay = Counted::start(cmd, tag, from_stdout, out);
         let path = if name == "wsgate-ws" { "/bench" } else { "/" };
-        let target = Endpoint::local(Kind::Ws, addr, path);
+        let target = Endpoint::local(Kind::Ws, relay.addr, path);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let tls = client_tls(&setup.ca_der);
@@ -94,16 +87,11 @@ pub(crate) fn instructions_per_byte(
                 }
             };
             round_trips(16).await;
-            control("-z");
+            relay.control("-z");
             round_trips(messages).await;
-            control("-d");
+            relay.control("-d");
         });
-        let _ = Command::new("kill").args(["-KILL", &pid]).status();
-        let _ = child.wait();
-        // The dump of the window is the first numbered one.
-        let text = std::fs::read_to_string(format!("{}.1", out.display())).ok()?;
-        let total: f64 =
-            text.lines().find_map(|l| l.strip_prefix("totals: "))?.split_whitespace().next()?.parse().ok()?;
+        let (text, total) = relay.finish()?;
         // Each byte crosses the relay twice (to the backend and back).
         let per_byte = |n: f64| n / (2.0 * (size * messages) as f64);
         let mem = mem_function_instructions(&text);
@@ -193,10 +181,7 @@ pub(crate) fn instructions_per_handshake(
                 ),
             )
             .ok()?;
-            cmd.arg(env!("CARGO_BIN_EXE_wsgate"))
-                .args(["run", "--config"])
-                .arg(&config)
-                .env("RUST_LOG", "warn,wsgate=info");
+            wsgate(&mut cmd, &config);
             ("listener=secure url=wss://", false, "/bench")
         } else {
             let me = std::env::current_exe().unwrap();
@@ -204,39 +189,68 @@ pub(crate) fn instructions_per_handshake(
             cmd.arg(&setup.cert).arg(&setup.key);
             ("listening ", true, "/")
         };
-        let (mut child, addr) =
-            spawn_and_find(cmd, |l| l.split(tag).nth(1)?.split_whitespace().next()?.parse().ok(), from_stdout);
-        let pid = child.id().to_string();
-        let control = |what: &str| {
-            let ok = Command::new("callgrind_control").args([what, &pid]).stdout(Stdio::null()).status();
-            assert!(ok.is_ok_and(|s| s.success()), "callgrind_control {what} {pid} failed");
-        };
-        let target = Endpoint::local(Kind::Wss, addr, path);
+        let relay = Counted::start(cmd, tag, from_stdout, out);
+        let target = Endpoint::local(Kind::Wss, relay.addr, path);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let wrong = rt.block_on(async {
             let tls = handshake::connector(&setup.ca_der, kind);
             // Warm-up; for resumed handshakes it also fills the client's session store.
             handshake::prime(&target, &tls).await;
-            control("-z");
+            relay.control("-z");
             let mut wrong = 0;
             for _ in 0..count {
                 wrong += usize::from(!handshake::is(handshake::once(&target, &tls).await, kind));
             }
-            control("-d");
+            relay.control("-d");
             wrong
         });
-        let _ = Command::new("kill").args(["-KILL", &pid]).status();
-        let _ = child.wait();
+        let (_, total) = relay.finish()?;
         if wrong > 0 {
             eprintln!("\ncallgrind: {name}: {wrong} of {count} handshakes were not {kind:?}; no figure");
             return None;
         }
-        let text = std::fs::read_to_string(format!("{}.1", out.display())).ok()?;
-        let total: f64 =
-            text.lines().find_map(|l| l.strip_prefix("totals: "))?.split_whitespace().next()?.parse().ok()?;
         Some(total / count as f64)
     };
     let counts: Vec<f64> = (0..repeats).map(|_| run()).collect::<Option<_>>()?;
     let (lo, hi) = counts.iter().fold((f64::MAX, 0.0_f64), |(lo, hi), c| (lo.min(*c), hi.max(*c)));
     Some((median(&counts), (hi - lo) / median(&counts)))
+}
+
+/// Runs wsgate with `config` (under the command `cmd` starts), logging its session lines as in
+/// production.
+fn wsgate(cmd: &mut Command, config: &Path) {
+    cmd.arg(env!("CARGO_BIN_EXE_wsgate")).args(["run", "--config"]).arg(config).env("RUST_LOG", "warn,wsgate=info");
+}
+
+/// A relay running under callgrind, whose counters a window zeroes and dumps.
+struct Counted {
+    child: Child,
+    pid: String,
+    addr: SocketAddr,
+    out: PathBuf,
+}
+
+impl Counted {
+    /// Starts `cmd` (valgrind writing to `out`, and the relay) and finds the address it listens
+    /// on after `tag` in its stdout or stderr.
+    fn start(cmd: Command, tag: &str, from_stdout: bool, out: PathBuf) -> Counted {
+        let (child, addr) =
+            spawn_and_find(cmd, |l| l.split(tag).nth(1)?.split_whitespace().next()?.parse().ok(), from_stdout);
+        Counted { pid: child.id().to_string(), child, addr, out }
+    }
+
+    /// `callgrind_control -z` (zero) or `-d` (dump).
+    fn control(&self, what: &str) {
+        let ok = Command::new("callgrind_control").args([what, &self.pid]).stdout(Stdio::null()).status();
+        assert!(ok.is_ok_and(|s| s.success()), "callgrind_control {what} {} failed", self.pid);
+    }
+
+    /// Stops the relay; the window's dump (the first numbered one) and its total.
+    fn finish(mut self) -> Option<(String, f64)> {
+        let _ = Command::new("kill").args(["-KILL", &self.pid]).status();
+        let _ = self.child.wait();
+        let text = std::fs::read_to_string(format!("{}.1", self.out.display())).ok()?;
+        let total = text.lines().find_map(|l| l.strip_prefix("totals: "))?.split_whitespace().next()?.parse().ok()?;
+        Some((text, total))
+    }
 }

@@ -120,6 +120,26 @@ impl Conn {
 
 /// Sends the HTTP upgrade request and reads the response; returns the bytes that followed it.
 pub(crate) async fn upgrade(io: &mut Box<dyn Io>, t: &Endpoint) -> Vec<u8> {
+    match try_upgrade(io, t).await {
+        Ok(rest) => rest,
+        Err(NotUpgraded::Io(step, e)) => panic!("{}: {step}: {e}", t.url()),
+        Err(NotUpgraded::Closed) => panic!("{}: connection closed during the handshake", t.url()),
+        Err(NotUpgraded::Answered(head)) => panic!("{}: not upgraded: {}", t.url(), head.lines().next().unwrap_or("")),
+    }
+}
+
+/// Why an upgrade did not happen.
+pub(crate) enum NotUpgraded {
+    /// Sending the request (`"request"`) or reading the answer (`"response"`) failed.
+    Io(&'static str, std::io::Error),
+    /// The connection closed before a whole response head.
+    Closed,
+    /// A response other than 101: its head.
+    Answered(String),
+}
+
+/// [`upgrade`], telling what went wrong instead of panicking.
+pub(crate) async fn try_upgrade(io: &mut Box<dyn Io>, t: &Endpoint) -> Result<Vec<u8>, NotUpgraded> {
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}:{}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
@@ -127,22 +147,21 @@ pub(crate) async fn upgrade(io: &mut Box<dyn Io>, t: &Endpoint) -> Vec<u8> {
         t.host,
         t.addr.port()
     );
-    io.write_all(request.as_bytes()).await.expect("send the upgrade request");
+    io.write_all(request.as_bytes()).await.map_err(|e| NotUpgraded::Io("request", e))?;
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
-        let n = io.read(&mut buf).await.expect("read the upgrade response");
-        assert!(n > 0, "{}: connection closed during the handshake", t.url());
+        let n = io.read(&mut buf).await.map_err(|e| NotUpgraded::Io("response", e))?;
+        if n == 0 {
+            return Err(NotUpgraded::Closed);
+        }
         got.extend_from_slice(&buf[..n]);
         if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&got[..end]).into_owned();
-            assert!(
-                head.starts_with("HTTP/1.1 101"),
-                "{}: not upgraded: {}",
-                t.url(),
-                head.lines().next().unwrap_or("")
-            );
-            return got.split_off(end + 4);
+            if !head.starts_with("HTTP/1.1 101") {
+                return Err(NotUpgraded::Answered(head));
+            }
+            return Ok(got.split_off(end + 4));
         }
     }
 }

@@ -24,7 +24,7 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
 
-use crate::client::Io;
+use crate::client::{Io, NotUpgraded, try_upgrade};
 use crate::handshake::{self, Handshake};
 use crate::measure::rss_kib;
 use crate::targets::*;
@@ -351,33 +351,18 @@ async fn open(
     let _ = tcp.set_nodelay(true);
     let name = ServerName::try_from(at.host.clone()).expect("a TLS server name");
     let mut io: Box<dyn Io> = Box::new(tls.connect(name, tcp).await.map_err(what("tls"))?);
-    let request = format!(
-        "GET {} HTTP/1.1\r\nHost: {}:{}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        at.path,
-        at.host,
-        at.addr.port()
-    );
-    io.write_all(request.as_bytes()).await.map_err(what("request"))?;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 2048];
-    loop {
-        let n = io.read(&mut buf).await.map_err(what("response"))?;
-        if n == 0 {
-            return Err("response: closed before an answer".into());
+    match try_upgrade(&mut io, at).await {
+        Ok(rest) => Ok((io, rest)),
+        Err(NotUpgraded::Io(step, e)) => Err(format!("{step}: {}", io_reason(&e))),
+        Err(NotUpgraded::Closed) => Err("response: closed before an answer".into()),
+        Err(NotUpgraded::Answered(head)) => {
+            let status = head.split_whitespace().nth(1).unwrap_or("?").to_string();
+            let retry_after = head
+                .lines()
+                .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("retry-after")))
+                .map_or("none".to_string(), |(_, v)| v.trim().to_string());
+            Err(format!("status {status}, Retry-After {retry_after}"))
         }
-        got.extend_from_slice(&buf[..n]);
-        let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
-        let head = String::from_utf8_lossy(&got[..end]).into_owned();
-        let status = head.split_whitespace().nth(1).unwrap_or("?").to_string();
-        if status == "101" {
-            return Ok((io, got.split_off(end + 4)));
-        }
-        let retry_after = head
-            .lines()
-            .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("retry-after")))
-            .map_or("none".to_string(), |(_, v)| v.trim().to_string());
-        return Err(format!("status {status}, Retry-After {retry_after}"));
     }
 }
 
