@@ -425,3 +425,58 @@ impl WaitingGateway {
         kib * 1024
     }
 }
+
+/// Every connection that waits for a place and is closed at its handshake deadline without an
+/// answer is counted in `wsgate_connections_refused_total{reason="handshake_wait_timeout"}`,
+/// the counter the slowloris alert watches. A pool of one place is held by a silent socket;
+/// 100 clients (each on an address of its own, each with its whole request sent) wait behind
+/// it, all with the same 1 s deadline as the holder. At the deadline the holder's place frees
+/// at the moment their waits run out: each one that gets no answer must be counted.
+///
+/// FAILS at df24166: a waiter handed the place as its deadline passes gets it (the timeout
+/// polls the wait first), and `serve_http` then returns at once with no time left, closing it
+/// uncounted, and hands the place to the next, whose deadline has passed too.
+#[tokio::test]
+async fn waiters_closed_at_their_deadline_are_all_counted() {
+    let gw = Gateway::builder()
+        .route("echo", "/echo", "builtin:echo")
+        .limit("max_handshakes", "1")
+        .limit("handshake_shed_after_secs", "3600")
+        .limit("handshake_timeout_secs", "1")
+        .limit("request_head_timeout_secs", "1")
+        .start()
+        .await;
+    let holder = connect_from([127, 0, 6, 1].into(), gw.plain).await.unwrap();
+    eventually("the place is held", || async { scrape(&gw, "wsgate_handshakes_in_progress", &[]).await == 1.0 }).await;
+    let mut waiters = JoinSet::new();
+    let request = upgrade_request("/echo", "");
+    for i in 0..100u8 {
+        let s = connect_from([127, 0, 7, i + 1].into(), gw.plain).await.unwrap();
+        let request = request.clone();
+        waiters.spawn(async move {
+            let mut s = s;
+            tokio::io::AsyncWriteExt::write_all(&mut s, request.as_bytes()).await.unwrap();
+            // The answer's head, or the end of the stream (a 101 leaves the session open).
+            let mut answer = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(n) if n > 0 => answer.extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
+            }
+            answer.starts_with(b"HTTP/1.1 101")
+        });
+    }
+    let (mut served, mut unanswered) = (0, 0);
+    within("every waiter ends", async {
+        while let Some(done) = waiters.join_next().await {
+            if done.unwrap() { served += 1 } else { unanswered += 1 }
+        }
+    })
+    .await;
+    drop(holder);
+    let counted = scrape(&gw, "wsgate_connections_refused_total", &[("reason", "handshake_wait_timeout")]).await;
+    eprintln!("deadline: {served} served, {unanswered} closed without an answer, {counted} counted");
+    assert_eq!(counted, f64::from(unanswered), "{unanswered} waiters closed unanswered, {counted} counted");
+}
