@@ -12,6 +12,8 @@ mod support;
 mod limits;
 /// Memory per session under hostile clients, on a gateway process of its own.
 mod memory;
+/// The handshake queue under attack: waiting for a pool place, a client's share, a connect place.
+mod queue;
 
 /// The attacks open thousands of sockets each; one at a time keeps the suite within its
 /// file-descriptor limit and gives each attack the machine it is measured on.
