@@ -256,6 +256,7 @@ impl Metrics {
             refused_client_connections: refused("client_connection_limit"),
             refused_client_rate: refused("client_rate_limit"),
             handshake_wait_timeout: refused("handshake_wait_timeout"),
+            request_timeout: refused("request_timeout"),
             handshake_shed: refused("handshake_shed"),
             tls_failed: tls("error"),
             tls_timeout: tls("timeout"),
@@ -344,7 +345,7 @@ fn describe(r: &PrometheusRecorder) {
             Some(Unit::Count),
             "Connections refused or closed early at a limit, by listener and reason: connection_limit, \
              client_connection_limit, client_rate_limit, handshake_wait_timeout, handshake_shed, \
-             untrusted_proxy, proxy_header.",
+             request_timeout, untrusted_proxy, proxy_header.",
         ),
         d(
             names::HANDSHAKES_IN_PROGRESS,
@@ -470,6 +471,8 @@ pub struct ListenerMetrics {
     pub refused_client_rate: Counter,
     /// Closed at the handshake deadline while waiting for a place in the handshake pool.
     pub handshake_wait_timeout: Counter,
+    /// Closed without an answer: the request head was not complete by its deadline.
+    pub request_timeout: Counter,
     /// Closed mid-handshake: its place in the pool, held too long, was given to a waiting one.
     pub handshake_shed: Counter,
     /// TLS handshakes that failed.

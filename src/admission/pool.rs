@@ -11,11 +11,15 @@
 //! and, once they must wait, sockets that wait to take the next. Two rules keep real clients
 //! served through that:
 //! - A free place goes to the waiting client with the fewest unfinished handshakes (places held
-//!   and connections waiting), the one waiting longest among equals. A real client has one or
-//!   two; an address that floods has many, and is served after every other.
+//!   and connections waiting). A real client has one or two; an address that floods has many,
+//!   and is served after every other. Among equals the newest waiter goes first: an attack from
+//!   as many addresses as it has sockets queues more sockets than the pool can serve before
+//!   their deadlines, and oldest first would put a real client behind all of them, where newest
+//!   first serves it at the next place. (In a storm the pool drains, the order changes nothing.)
 //! - A place is a connection's own only for `shed_after`: held longer while a connection that
 //!   may take it waits, it is taken back (the one holding it is shed, closed without an answer)
-//!   and given to the waiter. The victim is taken from the client that holds the most places,
+//!   and given to the waiter. The victim is taken from the client that holds the most places
+//!   (never the waiter's own client: that would only trade one of its handshakes for another),
 //!   its oldest without progress (its TLS ClientHello has not arrived whole) first, then its
 //!   oldest. A real client finishes within a few round trips and is not shed.
 //!
@@ -60,6 +64,8 @@ struct Member {
 struct Waiter {
     id: u64,
     share: usize,
+    /// Its handshake deadline: a place is never given to it after this.
+    deadline: Instant,
     tx: oneshot::Sender<(u64, CancellationToken)>,
 }
 
@@ -72,10 +78,11 @@ struct Client {
 }
 
 impl Client {
-    /// Where the client stands in [`Inner::order`], if it has connections waiting.
+    /// Where the client stands in [`Inner::order`], if it has connections waiting: fewest
+    /// unfinished first, then newest waiter first.
     fn rank(&self, key: ClientKey) -> Option<(usize, u64, ClientKey)> {
-        let oldest = self.waiters.front()?.id;
-        Some((self.held + self.waiters.len(), oldest, key))
+        let newest = self.waiters.back()?.id;
+        Some((self.held + self.waiters.len(), u64::MAX - newest, key))
     }
 }
 
@@ -87,7 +94,7 @@ struct Inner {
     /// Clients with places or waiting connections.
     clients: HashMap<ClientKey, Client>,
     /// Clients with waiting connections, the next to be served first: fewest unfinished
-    /// handshakes, then the one whose oldest waiter came first.
+    /// handshakes, then the one whose newest waiter came last.
     order: BTreeSet<(usize, u64, ClientKey)>,
     waiting: usize,
 }
@@ -140,11 +147,12 @@ impl Inner {
         Some(member)
     }
 
-    /// The member to shed: of those that have held their place since `cutoff` or longer, one of
-    /// the client holding the most places, its oldest without progress, or else its oldest.
-    fn victim(&self, cutoff: Option<Instant>) -> Option<u64> {
+    /// The member to shed for a waiter of `waiting`: of those of other clients that have held
+    /// their place since `cutoff` or longer, one of the client holding the most places, its
+    /// oldest without progress, or else its oldest.
+    fn victim(&self, cutoff: Option<Instant>, waiting: ClientKey) -> Option<u64> {
         let cutoff = cutoff?;
-        let aged = || self.members.iter().filter(|(_, m)| m.since <= cutoff);
+        let aged = || self.members.iter().filter(|(_, m)| m.since <= cutoff && m.client != waiting);
         let most = aged().map(|(_, m)| self.held(&m.client)).max()?;
         let theirs = || aged().filter(|(_, m)| self.held(&m.client) == most);
         theirs().find(|(_, m)| !m.progressed).or_else(|| theirs().next()).map(|(id, _)| *id)
@@ -157,11 +165,11 @@ impl Inner {
         }
     }
 
-    /// The client whose oldest waiter is to get the next place: the first in `order` within
+    /// The client whose newest waiter is to get the next place: the first in `order` within
     /// its share.
     fn next_waiter(&self) -> Option<ClientKey> {
         let fits = |key: &ClientKey| {
-            let share = self.clients.get(key).and_then(|c| c.waiters.front()).map_or(0, |w| w.share);
+            let share = self.clients.get(key).and_then(|c| c.waiters.back()).map_or(0, |w| w.share);
             self.fits(key, share)
         };
         self.order.iter().map(|(_, _, key)| *key).find(fits)
@@ -186,19 +194,19 @@ impl Pool {
     }
 
     /// A place for a new connection from `client`, whose share is `share` places (0: no
-    /// share): at once if the pool has room, otherwise when one is given to it. Dropping the
-    /// future gives up waiting.
-    pub async fn enter(self: &Arc<Self>, client: ClientKey, share: usize) -> Place {
+    /// share): at once if the pool has room, otherwise when one is given to it; `None` once
+    /// `deadline` has passed without one. Dropping the future gives up waiting.
+    pub async fn enter(self: &Arc<Self>, client: ClientKey, share: usize, deadline: Instant) -> Option<Place> {
         let mut wait = {
             let mut inner = self.lock();
             let now = Instant::now();
             if inner.fits(&client, share) && inner.members.len() < self.capacity {
                 let (id, token) = inner.insert(client, now);
                 self.count(&inner);
-                return Place { id, token, pool: self.clone() };
+                return Some(Place { id, token, pool: self.clone() });
             }
             let (id, (tx, rx)) = (inner.id(), oneshot::channel());
-            inner.update(client, |c| c.waiters.push_back(Waiter { id, share, tx }));
+            inner.update(client, |c| c.waiters.push_back(Waiter { id, share, deadline, tx }));
             inner.waiting += 1;
             self.shed_for_waiters(&mut inner, now);
             if inner.next_waiter().is_some() {
@@ -207,19 +215,22 @@ impl Pool {
             self.count(&inner);
             Wait { pool: self.clone(), client, id, rx, placed: false }
         };
-        // The sender lives in the waiter until it is used, and the waiter until it is used or
-        // this future is dropped.
-        let (id, token) = (&mut wait.rx).await.expect("a waiter is given a place before it is dropped");
+        // The sender is dropped unused when the waiter's deadline has passed.
+        let (id, token) = tokio::time::timeout_at(deadline, &mut wait.rx).await.ok()?.ok()?;
         wait.placed = true;
-        Place { id, token, pool: self.clone() }
+        Some(Place { id, token, pool: self.clone() })
     }
 
-    /// Gives free places to waiting connections, in turn.
+    /// Gives free places to waiting connections, in turn; waiters past their deadline are let
+    /// go instead.
     fn hand_over(&self, inner: &mut Inner, now: Instant) {
         while inner.members.len() < self.capacity {
             let Some(key) = inner.next_waiter() else { break };
-            let Some(waiter) = inner.update(key, |c| c.waiters.pop_front()) else { break };
+            let Some(waiter) = inner.update(key, |c| c.waiters.pop_back()) else { break };
             inner.waiting -= 1;
+            if waiter.deadline <= now {
+                continue;
+            }
             let (id, token) = inner.insert(key, now);
             if waiter.tx.send((id, token)).is_err() {
                 // Gave up in the meantime (cannot happen: a waiter leaves the list first).
@@ -230,8 +241,8 @@ impl Pool {
 
     /// Sheds places held `shed_after` or longer for waiting connections that may take them.
     fn shed_for_waiters(&self, inner: &mut Inner, now: Instant) {
-        while inner.next_waiter().is_some() {
-            let Some(victim) = inner.victim(now.checked_sub(self.shed_after)) else { break };
+        while let Some(waiting) = inner.next_waiter() {
+            let Some(victim) = inner.victim(now.checked_sub(self.shed_after), waiting) else { break };
             inner.shed(victim);
             self.hand_over(inner, now);
         }
@@ -366,17 +377,21 @@ mod tests {
         Arc::new(Pool::new(capacity, shed_after, metrics::Gauge::noop(), metrics::Gauge::noop()))
     }
 
-    /// A place at once, or `None` if the connection has to wait (its wait given up).
-    fn now_or_never(pool: &Arc<Pool>, client: ClientKey, share: usize) -> Option<Place> {
-        pool.enter(client, share).now_or_never()
+    fn far() -> Instant {
+        Instant::now() + LONG
     }
 
-    /// A task waiting for a place, once it waits.
+    /// A place at once, or `None` if the connection has to wait (its wait given up).
+    fn now_or_never(pool: &Arc<Pool>, client: ClientKey, share: usize) -> Option<Place> {
+        pool.enter(client, share, far()).now_or_never().flatten()
+    }
+
+    /// A task waiting for a place, once it waits (it must have to).
     async fn waiter(pool: &Arc<Pool>, client: ClientKey, share: usize) -> tokio::task::JoinHandle<Place> {
         let before = pool.waiting();
         let task = tokio::spawn({
             let pool = pool.clone();
-            async move { pool.enter(client, share).await }
+            async move { pool.enter(client, share, far()).await.expect("a place before the deadline") }
         });
         while pool.waiting() == before {
             tokio::task::yield_now().await;
@@ -387,9 +402,9 @@ mod tests {
     const LONG: Duration = Duration::from_secs(3600);
 
     /// With no place held long enough to shed, a newcomer waits; among equals a freed place
-    /// goes to the one waiting longest, and a waiter that gives up leaves no trace.
+    /// goes to the newest waiter, and a waiter that gives up leaves no trace.
     #[tokio::test]
-    async fn a_full_pool_makes_newcomers_wait_in_turn() {
+    async fn a_full_pool_makes_newcomers_wait_newest_first() {
         let pool = new_pool(2, LONG);
         let a = now_or_never(&pool, key(1), 0).unwrap();
         let _b = now_or_never(&pool, key(2), 0).unwrap();
@@ -399,11 +414,11 @@ mod tests {
         let newer = waiter(&pool, key(4), 0).await;
         assert_eq!((pool.occupied(), pool.waiting()), (2, 2));
         drop(a);
-        let older = older.await.unwrap();
-        assert!(!older.token.is_cancelled());
+        let newer = newer.await.unwrap();
+        assert!(!newer.token.is_cancelled());
         assert_eq!((pool.occupied(), pool.waiting()), (2, 1));
-        newer.abort();
-        assert!(newer.await.unwrap_err().is_cancelled());
+        older.abort();
+        assert!(older.await.unwrap_err().is_cancelled());
         assert_eq!((pool.occupied(), pool.waiting()), (2, 0));
     }
 
@@ -439,7 +454,7 @@ mod tests {
         tokio::spawn(pool.clone().clock(stop.clone()));
         let slow = now_or_never(&pool, key(9), 0).unwrap();
         let start = Instant::now();
-        let waiter = pool.enter(key(1), 0).await;
+        let waiter = pool.enter(key(1), 0, far()).await.unwrap();
         assert!(start.elapsed() >= shed_after / 2, "shed before it came due");
         assert!(slow.token.is_cancelled() && !waiter.token.is_cancelled());
         stop.cancel();
@@ -462,6 +477,42 @@ mod tests {
         for task in &flood {
             assert!(!task.is_finished());
         }
+    }
+
+    /// A waiter whose deadline has passed is not given a place (it would have no time left to
+    /// use it): the next is, and the late one's wait ends with `None`.
+    #[tokio::test]
+    async fn a_waiter_past_its_deadline_is_passed_over() {
+        let pool = new_pool(1, LONG);
+        let holder = now_or_never(&pool, key(1), 0).unwrap();
+        let patient = waiter(&pool, key(2), 0).await;
+        let deadline = Instant::now() + Duration::from_millis(20);
+        let mut late = Box::pin(pool.enter(key(3), 0, deadline));
+        assert!(late.as_mut().now_or_never().is_none(), "it waits");
+        tokio::time::sleep_until(deadline).await;
+        // Still listed (its task has not run since), and the newest: passed over all the same.
+        assert_eq!(pool.waiting(), 2);
+        drop(holder);
+        let _patient = patient.await.unwrap();
+        assert!(late.await.is_none());
+        assert_eq!((pool.occupied(), pool.waiting()), (1, 0));
+    }
+
+    /// A client's waiter never sheds its own client's places: that would trade one of its
+    /// handshakes for another. Another client's waiter does.
+    #[tokio::test]
+    async fn a_waiter_does_not_shed_its_own_clients_place() {
+        let shed_after = Duration::from_millis(20);
+        let pool = new_pool(1, shed_after);
+        let slow = now_or_never(&pool, key(9), 0).unwrap();
+        tokio::time::sleep(shed_after).await;
+        let sibling = waiter(&pool, key(9), 0).await;
+        assert!(!slow.token.is_cancelled(), "shed for its own client");
+        // Another client's newcomer sheds it at once.
+        let other = now_or_never(&pool, key(1), 0).expect("a place for another client");
+        assert!(slow.token.is_cancelled() && !other.token.is_cancelled());
+        assert_eq!(pool.waiting(), 1);
+        sibling.abort();
     }
 
     /// A client at its share waits even with room in the pool, and is passed over for others

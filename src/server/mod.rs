@@ -197,7 +197,7 @@ async fn handle_connection(
     let timeout = limits.handshake_timeout;
     let deadline = deadline.unwrap_or_else(|| tokio::time::Instant::now() + timeout);
     let share = limits.per_client.max_handshakes;
-    let Ok(place) = tokio::time::timeout_at(deadline, shared.admission.pool.enter(client, share)).await else {
+    let Some(place) = shared.admission.pool.enter(client, share, deadline).await else {
         metrics.handshake_wait_timeout.increment(1);
         debug!(?timeout, "no place in the handshake pool within limits.handshake_timeout_secs; closing");
         return;
@@ -233,7 +233,9 @@ async fn handle_connection(
             },
         };
         let head_deadline = deadline.min(tokio::time::Instant::now() + head_timeout);
-        serve_http(ReadAhead::new(stream, chunk), conn.clone(), head_deadline, shared).await
+        if serve_http(ReadAhead::new(stream, chunk), conn.clone(), head_deadline, shared).await {
+            metrics.request_timeout.increment(1);
+        }
     };
     tokio::select! {
         _ = serve => {}
@@ -269,10 +271,13 @@ async fn tls_handshake(
 /// `keep_alive(false)` cannot be used: it would also put `close` on the 101.)
 ///
 /// It takes a [`ClientIo`], the one type the session takes back from hyper after the upgrade.
-async fn serve_http(io: ClientIo, conn: Arc<Connection>, deadline: tokio::time::Instant, shared: Arc<Shared>) {
+/// Returns whether the request head failed to arrive whole by `deadline` (the connection is
+/// then closed without an answer).
+async fn serve_http(io: ClientIo, conn: Arc<Connection>, deadline: tokio::time::Instant, shared: Arc<Shared>) -> bool {
     let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
     if remaining.is_zero() {
-        return;
+        debug!("no time left for the request head (limits.handshake_timeout_secs); closing");
+        return true;
     }
     let service = {
         let shared = shared.clone();
@@ -289,13 +294,21 @@ async fn serve_http(io: ClientIo, conn: Arc<Connection>, deadline: tokio::time::
     let http = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
     tokio::pin!(http);
     tokio::select! {
-        result = http.as_mut() => if let Err(e) = result { debug!(error = %e, "http connection ended with an error") },
+        result = http.as_mut() => match result {
+            Err(e) if e.is_timeout() => {
+                debug!(?remaining, "request head incomplete at its deadline (limits.request_head_timeout_secs or handshake_timeout_secs); closing");
+                return true;
+            }
+            Err(e) => debug!(error = %e, "http connection ended with an error"),
+            Ok(()) => {}
+        },
         _ = shared.stop.cancelled() => {
             // Finish the request in progress, if any, then close.
             http.as_mut().graceful_shutdown();
             let _ = http.await;
         }
     }
+    false
 }
 
 /// Answers one request; logs a refusal and counts every answer by route and status.
