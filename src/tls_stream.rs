@@ -179,7 +179,9 @@ impl TlsStream {
             }
             Ok(ConnectionState::EncodeTlsData(mut encode)) => {
                 let at = self.outgoing.len();
-                let mut room = 4096;
+                // The first try, with no room, asks the record's size: nothing is zero-filled
+                // beyond it.
+                let mut room = 0;
                 loop {
                     self.outgoing.resize(at + room, 0);
                     match encode.encode(&mut self.outgoing[at..]) {
