@@ -245,6 +245,11 @@ impl TlsStream {
             self.incoming.drain(..self.start);
             self.start = 0;
         }
+        if self.incoming.capacity() == 0 {
+            // A session's task polls this read each time it wakes: no buffer for a socket that
+            // has nothing.
+            ready!(self.io.poll_read_ready(cx))?;
+        }
         if self.incoming.capacity() - self.incoming.len() < MAX_RECORD {
             self.incoming.reserve(READ_BYTES);
         }
