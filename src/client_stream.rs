@@ -16,9 +16,9 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
 
 use crate::readahead::{ReadAhead, ReadReady};
+use crate::tls_stream::TlsStream;
 
 /// What the server serves HTTP on, and what the session relays over.
 pub type ClientIo = ReadAhead<ClientStream>;
@@ -30,7 +30,7 @@ pub enum ClientStream {
     Tcp(TcpStream),
     /// A `wss` listener's TLS stream (boxed: rustls's state is large, and most sessions of a
     /// plain listener never need it).
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream>),
     /// hyper's upgraded connection, when it could not be taken back (see [`take_back`]).
     Upgraded(TokioIo<Upgraded>),
 }
@@ -77,7 +77,7 @@ pub fn into_relay(io: ClientIo) -> Box<dyn Duplex> {
 
 /// rustls may hold decrypted bytes while the socket is empty, so this says "ready" and lets the
 /// read find out; `ReadAhead` then reads straight into its caller's buffer.
-impl ReadReady for TlsStream<TcpStream> {
+impl ReadReady for TlsStream {
     fn poll_read_ready(&self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }

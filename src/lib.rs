@@ -10,6 +10,7 @@
 //! - [`config`]: `config.toml` → validated [`Config`] (raw → validated, errors, restart-only
 //!   keys); defaults and limits; one-line errors.
 //! - [`tls`]: rustls server configs from PEM files; the self-signed development pair.
+//! - [`tls_stream`]: a `wss` connection over rustls's unbuffered API: no buffer while idle.
 //! - [`tickets`]: TLS session resumption kept across reloads; ticket keys shared by a fleet.
 //! - `server`: accept loop, TLS, HTTP/1.1, the answer to each request (route, admit, bounds,
 //!   dial, 101, spawn), refusals answered, logged and counted.
@@ -96,6 +97,7 @@ pub mod shutdown;
 pub mod throttle;
 pub mod tickets;
 pub mod tls;
+pub mod tls_stream;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -35,7 +35,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
-use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -62,6 +62,7 @@ use crate::readahead::ReadAhead;
 use crate::router::{Entry, Router};
 use crate::session::{self, Dialed};
 use crate::throttle::Throttle;
+use crate::tls_stream::TlsStream;
 
 /// What every connection of one gateway instance shares for the instance's whole life.
 pub(crate) struct Shared {
@@ -214,7 +215,7 @@ async fn handle_connection(
             None => ClientStream::Tcp(tcp),
             Some(acceptor) => match tokio::time::timeout_at(deadline, tls_handshake(acceptor, tcp, &conn)).await {
                 Ok(Ok(stream)) => {
-                    match stream.get_ref().1.handshake_kind() {
+                    match stream.connection().handshake_kind() {
                         Some(rustls::HandshakeKind::Resumed) => metrics.tls_resumed.increment(1),
                         _ => metrics.tls_full.increment(1),
                     }
@@ -249,15 +250,9 @@ async fn handle_connection(
 /// The TLS handshake; once the ClientHello has arrived whole the connection has shown progress,
 /// and the pool sheds it only after those that have not. A client certificate it verified is
 /// read into the connection for the routes to check.
-async fn tls_handshake(
-    acceptor: TlsAcceptor,
-    tcp: TcpStream,
-    conn: &Connection,
-) -> std::io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
-    let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
-    conn.progressed();
-    let stream = start.into_stream(acceptor.config().clone()).await?;
-    let cert = stream.get_ref().1.peer_certificates().and_then(|chain| chain.first());
+async fn tls_handshake(acceptor: TlsAcceptor, tcp: TcpStream, conn: &Connection) -> std::io::Result<TlsStream> {
+    let stream = crate::tls_stream::accept(acceptor.config().clone(), tcp, || conn.progressed()).await?;
+    let cert = stream.connection().peer_certificates().and_then(|chain| chain.first());
     if let Some(cert) = cert.and_then(|cert| ClientCert::from_der(cert)) {
         let _ = conn.client_cert.set(Box::new(cert));
     }
