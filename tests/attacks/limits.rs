@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
 
-use crate::ONE_ATTACK_AT_A_TIME;
+use crate::{ONE_ATTACK_AT_A_TIME, black_hole, sources};
 
 /// The normal client's address; attackers use others.
 const NORMAL: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
@@ -82,11 +82,6 @@ async fn trickle(mut s: TcpStream, tls: bool, stop: &CancellationToken) {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
-}
-
-/// `n` loopback addresses from 127.`first`.0.1 on.
-fn sources(first: u8, n: usize) -> Vec<IpAddr> {
-    (0..n).map(|i| IpAddr::V4(Ipv4Addr::new(127, first + (i / 250) as u8, (i % 250) as u8, 1))).collect()
 }
 
 /// Sessions the normal client completes out of `n`, one after another: each opens, echoes 4 KiB
@@ -272,16 +267,6 @@ async fn a_connection_waits_no_longer_than_its_handshake_deadline() {
     assert_eq!(scrape(&gw, "wsgate_connections_refused_total", &timed_out).await, 1.0);
     assert_eq!(scrape(&gw, "wsgate_handshakes_waiting", &[]).await, 0.0);
     assert_eq!(scrape(&gw, "wsgate_handshakes_in_progress", &[]).await, 1.0, "the holder still holds");
-}
-
-/// A listening socket that never accepts: once its backlog of 1 is full, connects to it hang
-/// until they time out (SYNs are dropped), as to a host that has gone.
-fn black_hole() -> (tokio::net::TcpListener, SocketAddr) {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let listener = socket.listen(1).unwrap();
-    let addr = listener.local_addr().unwrap();
-    (listener, addr)
 }
 
 /// 300 clients asking again and again for a route whose backend never answers: the dials are

@@ -183,17 +183,9 @@ impl GatewayProcess {
         GatewayProcess { child, plain, _dir: dir }
     }
 
-    /// Resident set size in bytes (`VmRSS` in /proc/PID/status).
+    /// Resident set size in bytes.
     fn resident(&self) -> u64 {
-        let pid = self.child.id().expect("running");
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().strip_suffix("kB"))
-            .and_then(|v| v.trim().parse().ok())
-            .expect("VmRSS in /proc/PID/status");
-        kib * 1024
+        crate::resident_bytes(self.child.id().expect("running"))
     }
 }
 

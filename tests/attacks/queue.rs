@@ -2,7 +2,7 @@
 //! for their client's share of it, or for a route's connect place. Each test asserts what a
 //! real client still gets, and what the waiting costs (places, sockets, memory, CPU).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use futures_util::SinkExt;
@@ -12,13 +12,8 @@ use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use crate::ONE_ATTACK_AT_A_TIME;
 use crate::support::*;
-
-/// `n` loopback addresses from 127.`first`.0.1 on.
-fn sources(first: u8, n: usize) -> Vec<IpAddr> {
-    (0..n).map(|i| IpAddr::V4(Ipv4Addr::new(127, first + (i / 250) as u8, (i % 250) as u8, 1))).collect()
-}
+use crate::{ONE_ATTACK_AT_A_TIME, black_hole, sources};
 
 /// Sockets that connect and send nothing, holding a place or waiting for one until the gateway
 /// closes them; with `reconnect`, each opens a new one as soon as its last is closed.
@@ -239,16 +234,6 @@ async fn churn_leaves_no_place_and_no_waiter_behind() {
     assert!(timed_out > 0.0, "the rounds had waiters give up at their deadline");
 }
 
-/// A listening socket that never accepts: once its backlog of 1 is full, connects to it hang
-/// (SYNs are dropped), as to a host that has gone.
-fn black_hole() -> (tokio::net::TcpListener, SocketAddr) {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let listener = socket.listen(1).unwrap();
-    let addr = listener.local_addr().unwrap();
-    (listener, addr)
-}
-
 /// TCP sockets of this machine connecting (SYN_SENT) to `remote`, from /proc/net/tcp.
 fn connecting_to(remote: SocketAddr) -> usize {
     let SocketAddr::V4(v4) = remote else { unreachable!("the test uses IPv4") };
@@ -412,17 +397,9 @@ impl WaitingGateway {
         metric(&body, name, labels).unwrap_or(0.0)
     }
 
-    /// Resident set size in bytes (`VmRSS` in /proc/PID/status).
+    /// Resident set size in bytes.
     fn resident(&self) -> u64 {
-        let pid = self.child.id().expect("running");
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().strip_suffix("kB"))
-            .and_then(|v| v.trim().parse().ok())
-            .expect("VmRSS in /proc/PID/status");
-        kib * 1024
+        crate::resident_bytes(self.child.id().expect("running"))
     }
 }
 
