@@ -194,12 +194,15 @@ impl Gateway {
         let snapshot = snapshot(&config, &metrics, &admission, &pools, &resumption)?;
         pools.publish(snapshot.router.pools());
         let mut listeners = Vec::with_capacity(config.listeners.len());
+        let session = &config.limits.session;
+        let inherited = (session.tcp_keepalive, session.tcp_user_timeout);
         for l in &config.listeners {
             listeners.push(server::Listener {
                 name: l.name.clone(),
-                tcp: bind_client_listener(&l.name, l.address, config.limits.listen_backlog)?,
+                tcp: bind_client_listener(&l.name, l.address, config.limits.listen_backlog, inherited)?,
                 secure: l.tls.is_some(),
                 metrics: metrics.listener(&l.name),
+                inherited: cfg!(target_os = "linux").then_some(inherited),
             });
         }
         let tcp_echo = match config.builtin.tcp_echo {
@@ -468,10 +471,17 @@ fn admin_access(config: &Config) -> Result<admin::Access, StartError> {
     }
 }
 
-/// A client-facing listener with the configured backlog (tokio's `bind` fixes it at 1024).
-fn bind_client_listener(name: &str, address: SocketAddr, backlog: u32) -> Result<TcpListener, StartError> {
+/// A client-facing listener with the configured backlog (tokio's `bind` fixes it at 1024) and
+/// the session socket options its connections inherit.
+fn bind_client_listener(
+    name: &str,
+    address: SocketAddr,
+    backlog: u32,
+    (keepalive, user_timeout): server::Tuning,
+) -> Result<TcpListener, StartError> {
     let err = |source| StartError::Bind { name: name.to_string(), address, source };
     let socket = if address.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(err)?;
+    backend::tune(&socket, keepalive, user_timeout);
     // As tokio's `bind` does: a restarted gateway can bind while old connections are in TIME_WAIT.
     socket.set_reuseaddr(true).map_err(err)?;
     socket.bind(address).map_err(err)?;

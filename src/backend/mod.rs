@@ -411,18 +411,22 @@ async fn connect_any(
 ///   time rather than after the kernel's retransmissions (about 15 minutes). With keepalive on,
 ///   it also replaces the probe count: the connection fails at the first probe check once
 ///   `user_timeout` has passed since the peer was last heard (docs/config.md).
-pub fn tune(stream: &TcpStream, keepalive: Option<Duration>, user_timeout: Option<Duration>) {
-    let _ = stream.set_nodelay(true);
-    let socket = socket2::SockRef::from(stream);
-    if let Some(idle) = keepalive {
-        let params =
-            socket2::TcpKeepalive::new().with_time(idle).with_interval(Duration::from_secs(10)).with_retries(5);
-        let _ = socket.set_tcp_keepalive(&params);
+pub fn tune(socket: &impl std::os::fd::AsFd, keepalive: Option<Duration>, user_timeout: Option<Duration>) {
+    let socket = socket2::SockRef::from(socket);
+    let _ = socket.set_tcp_nodelay(true);
+    match keepalive {
+        Some(idle) => {
+            let params =
+                socket2::TcpKeepalive::new().with_time(idle).with_interval(Duration::from_secs(10)).with_retries(5);
+            let _ = socket.set_tcp_keepalive(&params);
+        }
+        // Off must be said: an accepted socket inherits its listener's options.
+        None => {
+            let _ = socket.set_keepalive(false);
+        }
     }
     #[cfg(any(target_os = "linux", target_os = "android", target_os = "fuchsia"))]
-    if user_timeout.is_some() {
-        let _ = socket.set_tcp_user_timeout(user_timeout);
-    }
+    let _ = socket.set_tcp_user_timeout(user_timeout);
     #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "fuchsia")))]
     let _ = user_timeout;
 }

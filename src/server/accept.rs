@@ -15,8 +15,9 @@ use tracing::{Instrument, Span, debug, field, info_span, warn};
 
 use super::{Connection, Shared, Snapshot, handle_connection};
 use crate::admission::{Closed, ConnectionLease, Over, Verdict};
+use crate::backend;
 use crate::client_addr;
-use crate::config::Addressing;
+use crate::config::{Addressing, SessionLimits};
 use crate::metrics::ListenerMetrics;
 use crate::proxy_protocol::{self, Carried};
 
@@ -26,6 +27,23 @@ pub(crate) struct Listener {
     pub tcp: TcpListener,
     pub secure: bool,
     pub metrics: ListenerMetrics,
+    /// The keepalive and user timeout set on the listening socket at bind, which Linux copies
+    /// (with `TCP_NODELAY`) into every socket it accepts; `None` where that is not relied on.
+    pub inherited: Option<Tuning>,
+}
+
+/// A session socket's keepalive idle time and `TCP_USER_TIMEOUT` (see [`backend::tune`]).
+pub(crate) type Tuning = (Option<Duration>, Option<Duration>);
+
+impl Listener {
+    /// Gives an accepted socket the session options, unless it inherited them: six system
+    /// calls saved per connection, until a reload changes the options.
+    fn tune(&self, tcp: &TcpStream, limits: &SessionLimits) {
+        let wanted = (limits.tcp_keepalive, limits.tcp_user_timeout);
+        if self.inherited != Some(wanted) {
+            backend::tune(tcp, wanted.0, wanted.1);
+        }
+    }
 }
 
 /// Accepts connections until the drain begins. Accept errors (such as running out of file
@@ -77,6 +95,7 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             warn!(listener = %listener.name, "no certificate for this wss listener; closing");
             continue;
         }
+        listener.tune(&tcp, &snapshot.limits.session);
         let span = info_span!("conn", listener = %listener.name, client.addr = %peer);
         let (lease, over) = admitted;
         let client = lease.client();
@@ -132,6 +151,7 @@ fn proxied(
         warn!(listener = %listener.name, "no certificate for this wss listener; closing");
         return;
     }
+    listener.tune(&tcp, &snapshot.limits.session);
     let span = info_span!("conn", listener = %listener.name, proxy.addr = %peer, client.addr = field::Empty);
     let (name, metrics, shared2) = (listener.name.clone(), listener.metrics.clone(), shared.clone());
     let serve = async move {

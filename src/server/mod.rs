@@ -45,7 +45,7 @@ mod accept;
 mod access;
 
 use accept::Slot;
-pub(crate) use accept::{Listener, OVERFLOW_RESPONSES, accept_bounded, accept_loop};
+pub(crate) use accept::{Listener, OVERFLOW_RESPONSES, Tuning, accept_bounded, accept_loop};
 use access::{authenticate, find_target, refuse_in_band};
 
 use crate::admission::{Admission, ClientKey, LoadGuard, Over, Place, Shed};
@@ -192,7 +192,6 @@ async fn handle_connection(
     deadline: Option<tokio::time::Instant>,
 ) {
     let limits = conn.snapshot.limits.clone();
-    backend::tune(&tcp, limits.session.tcp_keepalive, limits.session.tcp_user_timeout);
     // One deadline for the whole handshake, waiting and TLS included, so a wss client gets no
     // more time than a ws one; within it, a shorter one for the request head once TLS is done.
     let timeout = limits.handshake_timeout;
