@@ -122,15 +122,20 @@ pub(crate) fn spawn_and_find(
     let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));
     let out: Box<dyn std::io::Read + Send> =
         if from_stdout { Box::new(child.stdout.take().unwrap()) } else { Box::new(child.stderr.take().unwrap()) };
-    let mut lines = BufReader::new(out).lines();
+    let mut out = BufReader::new(out);
+    let mut line = String::new();
     let addr = loop {
-        let line = lines.next().unwrap_or_else(|| panic!("{cmd:?} exited before telling its address")).unwrap();
-        if let Some(a) = find(&line) {
+        line.clear();
+        let read = out.read_line(&mut line).unwrap();
+        assert!(read > 0, "{cmd:?} exited before telling its address");
+        if let Some(a) = find(line.trim_end()) {
             break a;
         }
     };
-    // Keep draining so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    // Keep draining so the child never blocks on a full pipe: as bytes, as a log collector
+    // would, not as lines (a String per session line is the load generator's CPU, which the
+    // handshake windows share with the relay).
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
     (child, addr)
 }
 

@@ -20,6 +20,7 @@ use crate::client_addr;
 use crate::config::{Addressing, SessionLimits};
 use crate::metrics::ListenerMetrics;
 use crate::proxy_protocol::{self, Carried};
+use crate::shutdown::Cancelled;
 
 /// One listener as the accept loop sees it.
 pub(crate) struct Listener {
@@ -112,16 +113,15 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             client_cert: std::sync::OnceLock::new(),
         };
         let (shared2, metrics) = (shared.clone(), listener.metrics.clone());
-        shared.tasks.spawn(
-            async move {
-                let abort = shared2.abort.clone();
-                tokio::select! {
-                    _ = abort.cancelled() => {}
-                    _ = handle_connection(tcp, tls, conn, client, metrics, shared2, None) => {}
-                }
+        let task = async move {
+            tokio::select! {
+                _ = Cancelled::new(&shared2.abort) => {}
+                _ = handle_connection(tcp, tls, conn, client, metrics, shared2.clone(), None) => {}
             }
-            .instrument(span),
-        );
+        };
+        // Boxed: the handshake's future is a few kilobytes, moved several times on its way into
+        // the runtime, where a pointer is cheap to move.
+        shared.tasks.spawn(Box::pin(task).instrument(span));
     }
 }
 
@@ -191,16 +191,14 @@ fn proxied(
         };
         handle_connection(tcp, tls, conn, key, metrics, shared2, Some(deadline)).await;
     };
-    let abort = shared.abort.clone();
-    shared.tasks.spawn(
-        async move {
-            tokio::select! {
-                _ = abort.cancelled() => {}
-                _ = serve => {}
-            }
+    let shared2 = shared.clone();
+    let task = async move {
+        tokio::select! {
+            _ = Cancelled::new(&shared2.abort) => {}
+            _ = serve => {}
         }
-        .instrument(span),
-    );
+    };
+    shared.tasks.spawn(Box::pin(task).instrument(span));
 }
 
 /// How many sockets beyond `max_connections` may be open at once to tell their clients so with a
