@@ -91,7 +91,7 @@ pub(crate) fn instructions_per_byte(
             round_trips(messages).await;
             relay.control("-d");
         });
-        let (text, total) = relay.finish()?;
+        let (text, total) = relay.finish(1)?.pop()?;
         // Each byte crosses the relay twice (to the backend and back).
         let per_byte = |n: f64| n / (2.0 * (size * messages) as f64);
         let mem = mem_function_instructions(&text);
@@ -148,24 +148,27 @@ pub(crate) fn mem_function_instructions(dump: &str) -> u64 {
 /// callgrind's slowdown, so a few hundred keep a window to seconds.
 pub(crate) const HANDSHAKES: usize = 200;
 
-/// Instructions per wss handshake, from callgrind: `wsgate-wss` or `bare-wss` runs under
-/// callgrind, a few handshakes warm it up (and, for resumed ones, fill the client's session
-/// store), the counters are zeroed, `count` handshakes run in lockstep (each session opened,
-/// upgraded, closed, and its close awaited before the next), the counters are dumped, and the
-/// total is divided by `count`. Each handshake's kind is checked; `None` when one was not the
-/// kind asked for, or when valgrind is missing. The median of `repeats` windows, and how far
-/// apart they were (largest less smallest, as a fraction of the median).
+/// Instructions per wss session opened and closed, from callgrind, split into its opening (TCP,
+/// TLS, the request, route and admission, the dial, the 101 and the session's start) and its
+/// closing (the Close, what each relay does to end the session, its log line): `wsgate-wss` or
+/// `bare-wss` runs under callgrind, a few handshakes warm it up (and, for resumed ones, fill the
+/// client's session store), the counters are zeroed, `count` sessions are opened one after the
+/// other and held, the counters are dumped, the sessions are closed one after the other (each
+/// close awaited), and the counters are dumped again. Each handshake's kind is checked; `None`
+/// when one was not the kind asked for, or when valgrind is missing. The median of `repeats`
+/// windows of each part, and how far apart the totals were (largest less smallest, as a
+/// fraction of the median).
 pub(crate) fn instructions_per_handshake(
     name: &str,
     setup: &Setup,
     kind: Handshake,
     count: usize,
     repeats: usize,
-) -> Option<(f64, f64)> {
+) -> Option<(Split, f64)> {
     if !which("valgrind") || !which("callgrind_control") {
         return None;
     }
-    let run = || -> Option<f64> {
+    let run = || -> Option<Split> {
         let out = setup.dir.path().join(format!("callgrind.{name}.handshake.{kind:?}"));
         let mut cmd = Command::new("valgrind");
         cmd.arg("--tool=callgrind").arg(format!("--callgrind-out-file={}", out.display()));
@@ -198,22 +201,45 @@ pub(crate) fn instructions_per_handshake(
             handshake::prime(&target, &tls).await;
             relay.control("-z");
             let mut wrong = 0;
+            let mut open = Vec::with_capacity(count);
             for _ in 0..count {
-                wrong += usize::from(!handshake::is(handshake::once(&target, &tls).await, kind));
+                let (ws, seen) = handshake::open(&target, &tls).await;
+                wrong += usize::from(!handshake::is(seen, kind));
+                open.push(ws);
+            }
+            relay.control("-d");
+            for ws in open {
+                handshake::close(ws).await;
             }
             relay.control("-d");
             wrong
         });
-        let (_, total) = relay.finish()?;
+        let [(_, opening), (_, closing)] = relay.finish(2)?[..] else { return None };
         if wrong > 0 {
             eprintln!("\ncallgrind: {name}: {wrong} of {count} handshakes were not {kind:?}; no figure");
             return None;
         }
-        Some(total / count as f64)
+        Some(Split { open: opening / count as f64, close: closing / count as f64 })
     };
-    let counts: Vec<f64> = (0..repeats).map(|_| run()).collect::<Option<_>>()?;
-    let (lo, hi) = counts.iter().fold((f64::MAX, 0.0_f64), |(lo, hi), c| (lo.min(*c), hi.max(*c)));
-    Some((median(&counts), (hi - lo) / median(&counts)))
+    let counts: Vec<Split> = (0..repeats).map(|_| run()).collect::<Option<_>>()?;
+    let totals: Vec<f64> = counts.iter().map(Split::total).collect();
+    let (lo, hi) = totals.iter().fold((f64::MAX, 0.0_f64), |(lo, hi), c| (lo.min(*c), hi.max(*c)));
+    let part = |f: fn(&Split) -> f64| median(&counts.iter().map(f).collect::<Vec<_>>());
+    let split = Split { open: part(|s| s.open), close: part(|s| s.close) };
+    Some((split, (hi - lo) / median(&totals)))
+}
+
+/// Instructions per session, opening and closing apart.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Split {
+    pub(crate) open: f64,
+    pub(crate) close: f64,
+}
+
+impl Split {
+    pub(crate) fn total(&self) -> f64 {
+        self.open + self.close
+    }
 }
 
 /// Runs wsgate with `config` (under the command `cmd` starts), logging its session lines as in
@@ -245,12 +271,17 @@ impl Counted {
         assert!(ok.is_ok_and(|s| s.success()), "callgrind_control {what} {} failed", self.pid);
     }
 
-    /// Stops the relay; the window's dump (the first numbered one) and its total.
-    fn finish(mut self) -> Option<(String, f64)> {
+    /// Stops the relay; the window's `dumps` (numbered from 1), each with its total.
+    fn finish(mut self, dumps: usize) -> Option<Vec<(String, f64)>> {
         let _ = Command::new("kill").args(["-KILL", &self.pid]).status();
         let _ = self.child.wait();
-        let text = std::fs::read_to_string(format!("{}.1", self.out.display())).ok()?;
-        let total = text.lines().find_map(|l| l.strip_prefix("totals: "))?.split_whitespace().next()?.parse().ok()?;
-        Some((text, total))
+        (1..=dumps)
+            .map(|n| {
+                let text = std::fs::read_to_string(format!("{}.{n}", self.out.display())).ok()?;
+                let total =
+                    text.lines().find_map(|l| l.strip_prefix("totals: "))?.split_whitespace().next()?.parse().ok()?;
+                Some((text, total))
+            })
+            .collect()
     }
 }

@@ -51,24 +51,38 @@ pub(crate) fn connector(ca: &CertificateDer<'static>, kind: Handshake) -> tokio_
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
 }
 
-/// One wss session opened and closed: TCP, TLS, the WebSocket upgrade (the relay dials its
-/// backend), a Close, and the wait until the relay has closed its side, so that in lockstep
-/// the next handshake starts only once the relay is done with this one. Returns the TLS
-/// handshake's kind as the client saw it.
+/// One wss session opened and closed: [`open`] then [`close`], so that in lockstep the next
+/// handshake starts only once the relay is done with this one. Returns the TLS handshake's kind
+/// as the client saw it.
 pub(crate) async fn once(t: &Endpoint, tls: &tokio_rustls::TlsConnector) -> Option<HandshakeKind> {
+    let (ws, kind) = open(t, tls).await;
+    close(ws).await;
+    kind
+}
+
+/// An open wss session, as the client holds it.
+pub(crate) type Session = tokio_tungstenite::WebSocketStream<Box<dyn Io>>;
+
+/// Opens a wss session: TCP, TLS, and the WebSocket upgrade (the relay dials its backend before
+/// it answers). Returns it with the TLS handshake's kind as the client saw it.
+pub(crate) async fn open(t: &Endpoint, tls: &tokio_rustls::TlsConnector) -> (Session, Option<HandshakeKind>) {
     let tcp = TcpStream::connect(t.addr).await.expect("connect");
     let _ = tcp.set_nodelay(true);
     let name = ServerName::try_from(t.host.clone()).expect("a TLS server name");
     let stream = tls.connect(name, tcp).await.expect("tls");
     let kind = stream.get_ref().1.handshake_kind();
     let io: Box<dyn Io> = Box::new(stream);
-    let (mut ws, _) =
+    let (ws, _) =
         tokio_tungstenite::client_async_with_config(t.url(), io, Some(client_ws_config())).await.expect("ws handshake");
+    (ws, kind)
+}
+
+/// Closes a session: a Close, and the wait until the relay has closed its side.
+pub(crate) async fn close(mut ws: Session) {
     let _ = ws.close(None).await;
     // The bare bridge drops the connection on a Close without answering it: an error ends the
     // wait as well as the relay's Close does.
     while let Some(Ok(_)) = ws.next().await {}
-    kind
 }
 
 /// Fills a resuming client's session store: a few sequential handshakes, each leaving the

@@ -49,7 +49,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::callgrind::{HANDSHAKES, LARGE, SMALL, instructions_per_byte, instructions_per_handshake};
+use crate::callgrind::{HANDSHAKES, LARGE, SMALL, Split, instructions_per_byte, instructions_per_handshake};
 use crate::client::*;
 use crate::handshake::Handshake;
 use crate::measure::*;
@@ -235,9 +235,9 @@ pub(crate) struct Row {
     hs_resumed: Vec<f64>,
     /// Handshakes of the resumed windows that were not resumed (the figure then fails).
     hs_not_resumed: u64,
-    /// callgrind instructions per wss handshake, full and resumed.
-    hs_instr_full: Option<f64>,
-    hs_instr_resumed: Option<f64>,
+    /// callgrind instructions per wss session opened and closed, full and resumed.
+    hs_instr_full: Option<Split>,
+    hs_instr_resumed: Option<Split>,
     cpu_per_gib: Vec<f64>,
     idle_kib: Option<f64>,
     instr_per_byte: Option<f64>,

@@ -1,5 +1,6 @@
 //! The results table and the SVG chart.
 
+use crate::callgrind::Split;
 use crate::{Row, median, median3};
 
 pub(crate) fn render_table(rows: &[Row], runs: usize) -> String {
@@ -70,15 +71,23 @@ fn handshakes(r: &Row, b: &Row) -> String {
 /// resumed apart, each with its ratio to the bare bridge.
 pub(crate) fn render_handshakes(rows: &[Row], runs: usize) -> String {
     let base = rows.iter().find(|r| r.name == "bare-wss").cloned().unwrap_or_default();
-    let instr = |v: Option<f64>, b: Option<f64>| match (v, b) {
-        (Some(v), Some(b)) => format!("{v:.0} ({:.2}×)", v / b),
-        (Some(v), None) => format!("{v:.0}"),
-        _ => "–".into(),
+    let x = |v: f64, b: Option<f64>| b.map_or(String::new(), |b| format!(" ({:.2}×)", v / b));
+    let instr = |v: Option<Split>, b: Option<Split>| match v {
+        Some(v) => format!(
+            "{:.0}{} = {:.0}{} + {:.0}{}",
+            v.total(),
+            x(v.total(), b.map(|b| b.total())),
+            v.open,
+            x(v.open, b.map(|b| b.open)),
+            v.close,
+            x(v.close, b.map(|b| b.close))
+        ),
+        None => "–".into(),
     };
     let mut s = format!(
         "\nwss handshakes: medians of {runs} wall-clock windows (8 clients; targets taking turns) and callgrind \
-         instructions per handshake; (×) against bare-wss.\n\n\
-         | target | handshakes/s full / resumed | instr/handshake full | instr/handshake resumed |\n|---|---|---|---|\n"
+         instructions per session opened and closed (= opening + closing); (×) against bare-wss.\n\n\
+         | target | handshakes/s full / resumed | instr full | instr resumed |\n|---|---|---|---|\n"
     );
     for r in rows.iter().filter(|r| r.name.ends_with("wss")) {
         s += &format!(
