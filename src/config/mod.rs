@@ -21,6 +21,7 @@
 mod addresses;
 mod auth;
 mod error;
+mod keys;
 mod pool;
 #[cfg(test)]
 mod proptests;
@@ -535,9 +536,9 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
 /// The first key changed between `old` and `new` that a running gateway cannot apply, if any,
 /// as the reload error names it (`limits.max_connections`, `listeners.NAME.address`).
 pub(crate) fn restart_required(old: &Config, new: &Config) -> Option<String> {
-    raw::KEYS.iter().find_map(|(_, on_change)| match on_change {
-        raw::OnChange::Restart(changed) => changed(old, new),
-        raw::OnChange::Reload => None,
+    keys::KEYS.iter().find_map(|(_, on_change)| match on_change {
+        keys::OnChange::Restart(changed) => changed(old, new),
+        keys::OnChange::Reload => None,
     })
 }
 

@@ -2,7 +2,7 @@
 //! panics), and every problem it reports is one line naming the file and, when a key's value is
 //! at fault, that key; values that are valid come back as written.
 //!
-//! The keys come from `raw::KEYS`, so a key added there is exercised here without a change. The
+//! The keys come from `keys::KEYS`, so a key added there is exercised here without a change. The
 //! case counts keep the three properties to a few seconds of a debug `cargo test`; set
 //! `PROPTEST_CASES` for a longer run.
 
@@ -14,7 +14,7 @@ use proptest::prelude::*;
 use proptest::sample::select;
 use toml::{Table, Value};
 
-use super::raw::KEYS;
+use super::keys::KEYS;
 use super::*;
 
 const FILE: &str = "dir/p.toml";
