@@ -9,6 +9,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
@@ -25,65 +26,68 @@ use crate::shutdown::Cancelled;
 
 /// Relays the client's messages (`stream`) to the backend (`to_backend`) until either ends or
 /// `stop` is cancelled between messages.
-pub(super) async fn client_to_backend<S, W>(
-    stream: &mut S,
-    to_backend: &mut W,
+#[allow(clippy::manual_async_fn)] // An `async fn` would hold its by-value arguments twice.
+pub(super) fn client_to_backend<'a, S, W>(
+    stream: &'a mut S,
+    to_backend: &'a mut W,
     options: Options,
-    seen: &Seen,
-    stop: &CancellationToken,
-    meter: &mut DirectionMeter<'_>,
-) -> End
+    seen: &'a Seen,
+    stop: &'a CancellationToken,
+    meter: &'a mut DirectionMeter<'_>,
+) -> impl Future<Output = End> + 'a
 where
     S: Stream<Item = Result<Message, WsError>> + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let stopped = Cancelled::new(stop);
-    tokio::pin!(stopped);
-    // A message already read that did not fit the last batch; it goes first in the next one.
-    let mut carried: Option<(Kind, Bytes)> = None;
-    // Whether the client stream's last poll returned Pending and the task has not given way
-    // since: the stream has this task's waker, so polling it again now would only repeat that
-    // Pending (docs/performance.md, item 12).
-    let mut registered = false;
-    loop {
-        let (first, is_stopping) = match carried.take() {
-            // Already read, so it is delivered whatever happens; but once a stop is requested
-            // nothing more is gathered behind it.
-            Some(message) => (message, is_ready(stopped.as_mut()).await),
-            None => {
-                if std::mem::take(&mut registered) {
-                    until_woken().await;
-                }
-                let next = tokio::select! {
-                    biased;
-                    _ = stopped.as_mut() => return End::Stopped,
-                    next = stream.next() => next,
-                };
-                match data_of(next, options.accept, options.control) {
-                    Ok(Some(message)) => (message, false),
-                    Ok(None) => continue,
-                    Err(Halt::End(end)) => return end,
-                    Err(Halt::ShutdownWrite) => {
-                        return Box::pin(half_closed(stream, to_backend, stopped.as_mut())).await;
+    async move {
+        let stopped = Cancelled::new(stop);
+        tokio::pin!(stopped);
+        // A message already read that did not fit the last batch; it goes first in the next one.
+        let mut carried: Option<(Kind, Bytes)> = None;
+        // Whether the client stream's last poll returned Pending and the task has not given way
+        // since: the stream has this task's waker, so polling it again now would only repeat that
+        // Pending (docs/performance.md, item 12).
+        let mut registered = false;
+        loop {
+            let (first, is_stopping) = match carried.take() {
+                // Already read, so it is delivered whatever happens; but once a stop is requested
+                // nothing more is gathered behind it.
+                Some(message) => (message, is_ready(stopped.as_mut()).await),
+                None => {
+                    if std::mem::take(&mut registered) {
+                        until_woken().await;
+                    }
+                    let next = tokio::select! {
+                        biased;
+                        _ = stopped.as_mut() => return End::Stopped,
+                        next = stream.next() => next,
+                    };
+                    match data_of(next, options.accept, options.control) {
+                        Ok(Some(message)) => (message, false),
+                        Ok(None) => continue,
+                        Err(Halt::End(end)) => return end,
+                        Err(Halt::ShutdownWrite) => {
+                            return Box::pin(half_closed(stream, to_backend, stopped.as_mut())).await;
+                        }
                     }
                 }
+            };
+            let batch = match is_stopping {
+                true => Batch::alone(first, &seen.last_text, After::End(End::Stopped)),
+                false => gather(stream, first, &options, seen).await,
+            };
+            let waited = match write_batch(to_backend, &batch, options.finish_timeout, meter).await {
+                Written::Done { waited } => waited,
+                Written::Failed(e) => return End::BackendFailed(e),
+                Written::GaveUp => return batch.after.into_end(),
+            };
+            match batch.after {
+                After::More => {}
+                After::Drained => registered = !waited,
+                After::Carried(message) => carried = Some(message),
+                After::End(end) => return end,
+                After::ShutdownWrite => return Box::pin(half_closed(stream, to_backend, stopped.as_mut())).await,
             }
-        };
-        let batch = match is_stopping {
-            true => Batch::alone(first, &seen.last_text, After::End(End::Stopped)),
-            false => gather(stream, first, &options, seen).await,
-        };
-        let waited = match write_batch(to_backend, &batch, options, meter).await {
-            Written::Done { waited } => waited,
-            Written::Failed(e) => return End::BackendFailed(e),
-            Written::GaveUp => return batch.after.into_end(),
-        };
-        match batch.after {
-            After::More => {}
-            After::Drained => registered = !waited,
-            After::Carried(message) => carried = Some(message),
-            After::End(end) => return end,
-            After::ShutdownWrite => return Box::pin(half_closed(stream, to_backend, stopped.as_mut())).await,
         }
     }
 }
@@ -134,7 +138,7 @@ enum Written {
 async fn write_batch<W: AsyncWrite + Unpin>(
     to_backend: &mut W,
     batch: &Batch,
-    options: Options,
+    finish_timeout: Duration,
     meter: &mut DirectionMeter<'_>,
 ) -> Written {
     // The carried message was read too and waits with the batch.
@@ -150,7 +154,9 @@ async fn write_batch<W: AsyncWrite + Unpin>(
     // (A stop is bounded by `run`.)
     let (written, waited) = match &batch.after {
         After::End(end) if !matches!(end, End::Stopped) => {
-            match tokio::time::timeout(options.finish_timeout, write).await {
+            // Boxed: at most once per session, and a timer's state kept in the relay's future
+            // would be paid by every idle session.
+            match Box::pin(tokio::time::timeout(finish_timeout, write)).await {
                 Ok((Ok(()), waited)) => (Ok(()), waited),
                 Ok((Err(_), _)) | Err(_) => return Written::GaveUp,
             }

@@ -166,47 +166,60 @@ pub fn run(
         route = %ctx.entry.route.name,
         backend.addr = backend_addr.map(field::display),
     );
+    // What the session owns is captured here once and lent to `run_inner`: whatever a future
+    // takes by value it keeps for its whole life, and an `async fn` keeps each such argument twice.
     async move {
         tokio::select! {
             biased;
             _ = Cancelled::new(&abort) => span.in_scope(|| warn!("session dropped at the shutdown deadline")),
-            _ = run_inner(upgrade, dialed, ctx, stop, &span) => {}
+            _ = run_inner(upgrade, dialed, &ctx, &stop, &span) => {}
         }
     }
 }
 
-async fn run_inner(upgrade: OnUpgrade, dialed: Dialed, ctx: Context, stop: CancellationToken, span: &Span) {
-    let started = Instant::now();
-    let limits = &ctx.entry.limits;
-    let is_echo = matches!(dialed, Dialed::Echo);
-    let Some(mut ws) = websocket(upgrade, limits, is_echo, span).await else { return };
-    let m = &ctx.entry.metrics;
-    let mut open = OpenSession::new(m);
-    let mut totals = SessionTotals::default();
-    let (outcome, backend) = relay(&mut ws, dialed, &ctx, &stop, &mut totals).await;
-    totals.dropped_client_bytes = close_client(&mut ws, &outcome, limits.close_timeout).instrument(span.clone()).await;
-    // Counted now: the client has its close; lingering on the backend below (and a deadline
-    // that may cut it short) does not change how the session ended.
-    let code = close_code(&outcome);
-    open.ended(code, outcome.side());
-    // Release the client socket before lingering on the backend: the page's `onclose` waits for
-    // the TCP close, and must not wait for a slow backend.
-    drop(ws);
-    if let Some(mut backend) = backend
-        && matches!(outcome, Outcome::ClientClosed { .. } | Outcome::Shutdown)
-    {
-        // Tell the backend the client is done, then drop (and count) whatever it still sends,
-        // so it sees an orderly end rather than a reset.
-        bridge::shutdown_write(&mut backend).await;
-        totals.dropped_bytes = bridge::drain(&mut backend, limits.close_timeout).await;
+/// The session, from the upgrade to its log line.
+#[allow(clippy::manual_async_fn)] // An `async fn` would hold its by-value arguments twice.
+fn run_inner<'a>(
+    upgrade: OnUpgrade,
+    dialed: Dialed,
+    ctx: &'a Context,
+    stop: &'a CancellationToken,
+    span: &'a Span,
+) -> impl Future<Output = ()> + Send + 'a {
+    async move {
+        let started = Instant::now();
+        let limits = &ctx.entry.limits;
+        let is_echo = matches!(dialed, Dialed::Echo);
+        let Some(mut ws) = websocket(upgrade, limits, is_echo, span).await else { return };
+        let m = &ctx.entry.metrics;
+        let mut open = OpenSession::new(m);
+        let mut totals = SessionTotals::default();
+        let (outcome, backend) = relay(&mut ws, dialed, ctx, stop, &mut totals).await;
+        totals.dropped_client_bytes =
+            close_client(&mut ws, &outcome, limits.close_timeout).instrument(span.clone()).await;
+        // Counted now: the client has its close; lingering on the backend below (and a deadline
+        // that may cut it short) does not change how the session ended.
+        let code = close_code(&outcome);
+        open.ended(code, outcome.side());
+        // Release the client socket before lingering on the backend: the page's `onclose` waits for
+        // the TCP close, and must not wait for a slow backend.
+        drop(ws);
+        if let Some(mut backend) = backend
+            && matches!(outcome, Outcome::ClientClosed { .. } | Outcome::Shutdown)
+        {
+            // Tell the backend the client is done, then drop (and count) whatever it still sends,
+            // so it sees an orderly end rather than a reset.
+            bridge::shutdown_write(&mut backend).await;
+            totals.dropped_bytes = bridge::drain(&mut backend, limits.close_timeout).await;
+        }
+        let duration = started.elapsed();
+        m.duration.record(duration.as_secs_f64());
+        m.to_backend.peak.record(totals.to_backend.peak_buffered as f64);
+        m.to_client.peak.record(totals.to_client.peak_buffered as f64);
+        m.dropped_to_client.increment(totals.dropped_bytes);
+        m.dropped_to_backend.increment(totals.dropped_client_bytes);
+        span.in_scope(|| log_end(ctx, &outcome, code, &totals, duration));
     }
-    let duration = started.elapsed();
-    m.duration.record(duration.as_secs_f64());
-    m.to_backend.peak.record(totals.to_backend.peak_buffered as f64);
-    m.to_client.peak.record(totals.to_client.peak_buffered as f64);
-    m.dropped_to_client.increment(totals.dropped_bytes);
-    m.dropped_to_backend.increment(totals.dropped_client_bytes);
-    span.in_scope(|| log_end(&ctx, &outcome, code, &totals, duration));
 }
 
 /// The client's WebSocket as a session relays over it.
@@ -236,83 +249,88 @@ async fn websocket(upgrade: OnUpgrade, limits: &SessionLimits, echo: bool, span:
 /// backend) until one side ends it, a liveness limit is reached (both pumps run the checks), or
 /// the session's moment in the shutdown close window comes; returns how it ended, and the
 /// backend connection for the caller to release. Counts an ending at a liveness limit.
-async fn relay(
-    ws: &mut Ws,
+#[allow(clippy::manual_async_fn)] // An `async fn` would hold its by-value arguments twice.
+fn relay<'a>(
+    ws: &'a mut Ws,
     dialed: Dialed,
-    ctx: &Context,
-    stop: &CancellationToken,
-    totals: &mut SessionTotals,
-) -> (Outcome, Option<BackendConn>) {
-    let (route, m) = (&ctx.entry.route, &ctx.entry.metrics);
-    // Credentials that expire end the session through the lifetime limit, which the liveness
-    // clock already keeps: nothing is added to the relay.
-    let mut limits = ctx.entry.limits;
-    let expiry =
-        ctx.credentials_expire.map(|at| at.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
-    let expiry_binds = expiry.is_some_and(|left| limits.max_session.is_none_or(|max| left < max));
-    if expiry_binds {
-        limits.max_session = expiry;
-    }
-    let limits = &limits;
-    // With the control channel, the client's text messages are controls, never data.
-    let accept = Accept { text: route.accept.text && !ctx.control, binary: route.accept.binary };
-    let metrics = BridgeMetrics { to_backend: &m.to_backend, to_client: &m.to_client };
-    // This session's own stop: the shutdown signal, delayed by its place in the close window.
-    let session_stop = CancellationToken::new();
-    let spread = async {
-        Cancelled::new(stop).await;
-        tokio::time::sleep(spread_offset(ctx.id, ctx.close_window)).await;
-        session_stop.cancel();
-        // Done: let the pump finish on its own (it sees `session_stop`).
-        std::future::pending().await
-    };
-    let pump = async {
-        match dialed {
-            Dialed::Unavailable(failure) => (Outcome::BackendUnavailable(failure), None),
-            Dialed::Shed(shed) => (Outcome::Shed(shed), None),
-            Dialed::Refused(denied, reason) => (Outcome::AccessRefused { denied, reason }, None),
-            Dialed::Echo => {
-                let end = echo::run_ws(ws, accept, liveness(limits), &session_stop, totals, metrics).await;
-                (Outcome::from_end(end, limits.max_message_bytes), None)
-            }
-            // One bridge per stream type, so each relays over its own stream with no dispatch.
-            Dialed::Backend(conn) => {
-                let options =
-                    bridge::Options { control: ctx.control, ..bridge_options(route.outbound, accept, limits) };
-                let (end, backend) = match conn {
-                    BackendConn::Tcp(stream) => {
-                        let (end, stream) = bridge::run(ws, stream, options, &session_stop, totals, metrics).await;
-                        (end, BackendConn::Tcp(stream))
-                    }
-                    BackendConn::Unix(stream) => {
-                        let (end, stream) = bridge::run(ws, stream, options, &session_stop, totals, metrics).await;
-                        (end, BackendConn::Unix(stream))
-                    }
-                    BackendConn::Tls(stream) => {
-                        let (end, stream) = bridge::run(ws, stream, options, &session_stop, totals, metrics).await;
-                        (end, BackendConn::Tls(stream))
-                    }
-                    BackendConn::UnixTls(stream) => {
-                        let (end, stream) = bridge::run(ws, stream, options, &session_stop, totals, metrics).await;
-                        (end, BackendConn::UnixTls(stream))
-                    }
-                };
-                (Outcome::from_end(end, limits.max_message_bytes), Some(backend))
-            }
+    ctx: &'a Context,
+    stop: &'a CancellationToken,
+    totals: &'a mut SessionTotals,
+) -> impl Future<Output = (Outcome, Option<BackendConn>)> + Send + 'a {
+    async move {
+        let (route, m, limits) = (&ctx.entry.route, &ctx.entry.metrics, &ctx.entry.limits);
+        // Credentials that expire end the session through the lifetime limit, which the
+        // liveness clock already keeps: nothing is added to the relay.
+        let mut liveness = liveness(limits);
+        let expiry =
+            ctx.credentials_expire.map(|at| at.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
+        let expiry_binds = expiry.is_some_and(|left| limits.max_session.is_none_or(|max| left < max));
+        if expiry_binds {
+            liveness.max_session = expiry;
         }
-    };
-    let (mut outcome, backend) = tokio::select! {
-        biased;
-        done = pump => done,
-        never = spread => never,
-    };
-    if expiry_binds && matches!(outcome, Outcome::LifetimeLimit(_)) {
-        outcome = Outcome::CredentialsExpired;
+        // With the control channel, the client's text messages are controls, never data.
+        let accept = Accept { text: route.accept.text && !ctx.control, binary: route.accept.binary };
+        let metrics = BridgeMetrics { to_backend: &m.to_backend, to_client: &m.to_client };
+        // This session's own stop: the shutdown signal, delayed by its place in the close window.
+        let session_stop = CancellationToken::new();
+        let spread = async {
+            Cancelled::new(stop).await;
+            // Boxed: a timer's state in the session's future would be paid by every idle session.
+            Box::pin(tokio::time::sleep(spread_offset(ctx.id, ctx.close_window))).await;
+            session_stop.cancel();
+            // Done: let the pump finish on its own (it sees `session_stop`).
+            std::future::pending().await
+        };
+        let pump = async {
+            match dialed {
+                Dialed::Unavailable(failure) => (Outcome::BackendUnavailable(failure), None),
+                Dialed::Shed(shed) => (Outcome::Shed(shed), None),
+                Dialed::Refused(denied, reason) => (Outcome::AccessRefused { denied, reason }, None),
+                Dialed::Echo => {
+                    let end = echo::run_ws(ws, accept, liveness, &session_stop, totals, metrics).await;
+                    (Outcome::from_end(end, limits.max_message_bytes), None)
+                }
+                // One bridge per stream type, so each relays over its own stream with no dispatch.
+                Dialed::Backend(conn) => {
+                    let options = bridge::Options {
+                        control: ctx.control,
+                        ..bridge_options(route.outbound, accept, limits, liveness)
+                    };
+                    let (end, backend) = match conn {
+                        BackendConn::Tcp(stream) => {
+                            let (end, stream) = bridge::run(ws, stream, options, &session_stop, totals, metrics).await;
+                            (end, BackendConn::Tcp(stream))
+                        }
+                        BackendConn::Unix(stream) => {
+                            let (end, stream) = bridge::run(ws, stream, options, &session_stop, totals, metrics).await;
+                            (end, BackendConn::Unix(stream))
+                        }
+                        BackendConn::Tls(stream) => {
+                            let (end, stream) = bridge::run(ws, stream, options, &session_stop, totals, metrics).await;
+                            (end, BackendConn::Tls(stream))
+                        }
+                        BackendConn::UnixTls(stream) => {
+                            let (end, stream) = bridge::run(ws, stream, options, &session_stop, totals, metrics).await;
+                            (end, BackendConn::UnixTls(stream))
+                        }
+                    };
+                    (Outcome::from_end(end, limits.max_message_bytes), Some(backend))
+                }
+            }
+        };
+        let (mut outcome, backend) = tokio::select! {
+            biased;
+            done = pump => done,
+            never = spread => never,
+        };
+        if expiry_binds && matches!(outcome, Outcome::LifetimeLimit(_)) {
+            outcome = Outcome::CredentialsExpired;
+        }
+        if let Some(limit) = outcome.limit() {
+            m.limit_reached(limit);
+        }
+        (outcome, backend)
     }
-    if let Some(limit) = outcome.limit() {
-        m.limit_reached(limit);
-    }
-    (outcome, backend)
 }
 
 /// The session's liveness checks under `limits`.
@@ -327,7 +345,7 @@ fn liveness(limits: &SessionLimits) -> Liveness {
 }
 
 /// How the bridge runs for a route: its framing and accepted types, under its limits.
-fn bridge_options(outbound: Outbound, accept: Accept, limits: &SessionLimits) -> bridge::Options {
+fn bridge_options(outbound: Outbound, accept: Accept, limits: &SessionLimits, liveness: Liveness) -> bridge::Options {
     bridge::Options {
         backend_read_bytes: limits.backend_read_bytes,
         client_batch_bytes: limits.client_read_bytes,
@@ -339,7 +357,7 @@ fn bridge_options(outbound: Outbound, accept: Accept, limits: &SessionLimits) ->
         accept,
         finish_timeout: limits.close_timeout,
         role: Role::Server,
-        liveness: liveness(limits),
+        liveness,
         control: false,
     }
 }
