@@ -143,6 +143,33 @@ pub struct Options {
     pub control: bool,
 }
 
+/// [`Options`] less the liveness limits, which only the watch reads: what each direction keeps,
+/// a copy each for the session's life.
+#[derive(Debug, Clone, Copy)]
+struct Relay {
+    backend_read_bytes: usize,
+    client_batch_bytes: usize,
+    framing: Framing,
+    accept: Accept,
+    finish_timeout: Duration,
+    role: Role,
+    control: bool,
+}
+
+impl From<&Options> for Relay {
+    fn from(o: &Options) -> Relay {
+        Relay {
+            backend_read_bytes: o.backend_read_bytes,
+            client_batch_bytes: o.client_batch_bytes,
+            framing: o.framing,
+            accept: o.accept,
+            finish_timeout: o.finish_timeout,
+            role: o.role,
+            control: o.control,
+        }
+    }
+}
+
 /// What a client did against the wsgate control channel's contract (`crate::control`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ControlFault {
@@ -183,7 +210,7 @@ pub enum End {
 
 /// Pumps `ws` ⇄ `backend` until one side ends, and returns how, with the backend stream (so the
 /// caller can shut it down or drain it as the ending requires).
-#[allow(clippy::manual_async_fn)] // An `async fn` would hold its by-value arguments twice.
+#[allow(clippy::manual_async_fn)] // An `async fn` would hold its arguments twice.
 pub fn run<'a, C, B>(
     ws: &'a mut ClientWs<C>,
     backend: B,
@@ -196,6 +223,9 @@ where
     C: AsyncRead + AsyncWrite + Unpin + Send,
     B: BackendStream + 'a,
 {
+    // Started here, so the future holds the watch and not the limits it was made from too.
+    let mut watch = Watch::new(options.liveness);
+    let options = Relay::from(&options);
     async move {
         let (mut from_backend, mut to_backend) = backend.into_split();
         let client = Client(Mutex::new(ws));
@@ -213,7 +243,6 @@ where
             DirectionMeter::new(metrics.to_backend, &mut totals.to_backend).counting_stalls(&seen.stalls);
         let mut down_meter =
             DirectionMeter::new(metrics.to_client, &mut totals.to_client).counting_stalls(&seen.stalls);
-        let mut watch = Watch::new(options.liveness);
         // Once the client's stream has ended, its ending decides: no pings, no more limits.
         let mut watching = |cx: &mut Context<'_>| match watch.poll_due(cx) {
             Some(fired) if !seen.client_ended.load(Ordering::Relaxed) => {

@@ -20,17 +20,17 @@ use tungstenite::{Error as WsError, Message};
 use super::client::Seen;
 use super::counting::DirectionMeter;
 use super::polling::{is_ready, until_woken};
-use super::{Accept, ControlFault, End, Kind, Options};
+use super::{Accept, ControlFault, End, Kind, Relay};
 use crate::control::Control;
 use crate::shutdown::Cancelled;
 
 /// Relays the client's messages (`stream`) to the backend (`to_backend`) until either ends or
 /// `stop` is cancelled between messages.
-#[allow(clippy::manual_async_fn)] // An `async fn` would hold its by-value arguments twice.
+#[allow(clippy::manual_async_fn)] // An `async fn` would hold its arguments twice.
 pub(super) fn client_to_backend<'a, S, W>(
     stream: &'a mut S,
     to_backend: &'a mut W,
-    options: Options,
+    options: Relay,
     seen: &'a Seen,
     stop: &'a CancellationToken,
     meter: &'a mut DirectionMeter<'_>,
@@ -269,63 +269,71 @@ const MAX_BATCH_ITEMS: usize = 4096;
 /// one write, not a system call each. A message as large as the bound goes alone, uncopied.
 /// `seen.last_text` follows the messages as they join, so mirror framing sees the type of the last
 /// message the backend has been sent.
-async fn gather<S>(stream: &mut S, first: (Kind, Bytes), options: &Options, seen: &Seen) -> Batch
+#[allow(clippy::manual_async_fn)] // An `async fn` would hold its arguments twice.
+fn gather<'a, S>(
+    stream: &'a mut S,
+    first: (Kind, Bytes),
+    options: &'a Relay,
+    seen: &'a Seen,
+) -> impl Future<Output = Batch> + 'a
 where
     S: Stream<Item = Result<Message, WsError>> + Unpin,
 {
-    let limit = options.client_batch_bytes;
-    let mut batch = Batch::alone(first, &seen.last_text, After::More);
-    let mut joined: Option<Vec<u8>> = None;
-    // Bytes in the batch so far: `batch.data` until a second message joins, then `joined`.
-    let mut len = batch.data.len();
-    for _ in 1..MAX_BATCH_ITEMS {
-        if len >= limit {
-            break;
-        }
-        // Polled with the task's own waker: Pending also registers interest in more data.
-        let next = match std::future::poll_fn(|cx| Poll::Ready(stream.poll_next_unpin(cx))).await {
-            Poll::Pending => {
-                batch.after = After::Drained;
+    async move {
+        let limit = options.client_batch_bytes;
+        let mut batch = Batch::alone(first, &seen.last_text, After::More);
+        let mut joined: Option<Vec<u8>> = None;
+        // Bytes in the batch so far: `batch.data` until a second message joins, then `joined`.
+        let mut len = batch.data.len();
+        for _ in 1..MAX_BATCH_ITEMS {
+            if len >= limit {
                 break;
             }
-            Poll::Ready(next) => next,
-        };
-        let (kind, data) = match data_of(next, options.accept, options.control) {
-            Ok(Some(message)) => message,
-            Ok(None) => continue,
-            Err(Halt::End(end)) => {
-                seen.client_ended.store(true, Ordering::Relaxed);
-                batch.after = After::End(end);
+            // Polled with the task's own waker: Pending also registers interest in more data.
+            let next = match std::future::poll_fn(|cx| Poll::Ready(stream.poll_next_unpin(cx))).await {
+                Poll::Pending => {
+                    batch.after = After::Drained;
+                    break;
+                }
+                Poll::Ready(next) => next,
+            };
+            let (kind, data) = match data_of(next, options.accept, options.control) {
+                Ok(Some(message)) => message,
+                Ok(None) => continue,
+                Err(Halt::End(end)) => {
+                    seen.client_ended.store(true, Ordering::Relaxed);
+                    batch.after = After::End(end);
+                    break;
+                }
+                // The client is still there: the other direction goes on.
+                Err(Halt::ShutdownWrite) => {
+                    batch.after = After::ShutdownWrite;
+                    break;
+                }
+            };
+            if len + data.len() > limit {
+                batch.after = After::Carried((kind, data));
                 break;
             }
-            // The client is still there: the other direction goes on.
-            Err(Halt::ShutdownWrite) => {
-                batch.after = After::ShutdownWrite;
-                break;
+            // Grown as messages join (doubling, but never past the bound), not sized to the bound
+            // up front: bursts are usually far smaller than `client_batch_bytes`.
+            let needed = len + data.len();
+            let joined = joined.get_or_insert_with(|| {
+                let mut v = Vec::with_capacity((2 * needed).min(limit));
+                v.extend_from_slice(&std::mem::take(&mut batch.data));
+                v
+            });
+            if joined.capacity() < needed {
+                joined.reserve_exact((2 * needed).min(limit) - joined.len());
             }
-        };
-        if len + data.len() > limit {
-            batch.after = After::Carried((kind, data));
-            break;
+            joined.extend_from_slice(&data);
+            len = needed;
+            seen.last_text.store(kind == Kind::Text, Ordering::Relaxed);
+            batch.messages += 1;
         }
-        // Grown as messages join (doubling, but never past the bound), not sized to the bound
-        // up front: bursts are usually far smaller than `client_batch_bytes`.
-        let needed = len + data.len();
-        let joined = joined.get_or_insert_with(|| {
-            let mut v = Vec::with_capacity((2 * needed).min(limit));
-            v.extend_from_slice(&std::mem::take(&mut batch.data));
-            v
-        });
-        if joined.capacity() < needed {
-            joined.reserve_exact((2 * needed).min(limit) - joined.len());
+        if let Some(joined) = joined {
+            batch.data = Bytes::from(joined);
         }
-        joined.extend_from_slice(&data);
-        len = needed;
-        seen.last_text.store(kind == Kind::Text, Ordering::Relaxed);
-        batch.messages += 1;
+        batch
     }
-    if let Some(joined) = joined {
-        batch.data = Bytes::from(joined);
-    }
-    batch
 }

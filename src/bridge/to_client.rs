@@ -34,7 +34,7 @@ use tungstenite::protocol::Role;
 
 use super::client::{Client, Seen};
 use super::counting::DirectionMeter;
-use super::{End, Framing, Options};
+use super::{End, Framing, Relay};
 use crate::control::Control;
 use crate::frames::{self, HEADROOM};
 use crate::readahead::ReadReady;
@@ -42,11 +42,11 @@ use crate::shutdown::Cancelled;
 
 /// Relays what the backend sends (`from_backend`) to the client until either ends or `stop` is
 /// cancelled between messages.
-#[allow(clippy::manual_async_fn)] // An `async fn` would hold its by-value arguments twice.
+#[allow(clippy::manual_async_fn)] // An `async fn` would hold its arguments twice.
 pub(super) fn backend_to_client<'a, R, C>(
     from_backend: &'a mut R,
     client: &'a Client<'_, C>,
-    options: Options,
+    options: Relay,
     seen: &'a Seen,
     stop: &'a CancellationToken,
     meter: &'a mut DirectionMeter<'_>,

@@ -168,20 +168,22 @@ pub fn run(
     );
     // What the session owns is captured here once and lent to `run_inner`: whatever a future
     // takes by value it keeps for its whole life, and an `async fn` keeps each such argument twice.
+    // The backend too, until the relay takes it.
+    let mut dialed = Some(dialed);
     async move {
         tokio::select! {
             biased;
             _ = Cancelled::new(&abort) => span.in_scope(|| warn!("session dropped at the shutdown deadline")),
-            _ = run_inner(upgrade, dialed, &ctx, &stop, &span) => {}
+            _ = run_inner(upgrade, &mut dialed, &ctx, &stop, &span) => {}
         }
     }
 }
 
 /// The session, from the upgrade to its log line.
-#[allow(clippy::manual_async_fn)] // An `async fn` would hold its by-value arguments twice.
+#[allow(clippy::manual_async_fn)] // An `async fn` would hold its arguments twice.
 fn run_inner<'a>(
     upgrade: OnUpgrade,
-    dialed: Dialed,
+    dialed: &'a mut Option<Dialed>,
     ctx: &'a Context,
     stop: &'a CancellationToken,
     span: &'a Span,
@@ -189,37 +191,57 @@ fn run_inner<'a>(
     async move {
         let started = Instant::now();
         let limits = &ctx.entry.limits;
-        let is_echo = matches!(dialed, Dialed::Echo);
+        let is_echo = matches!(dialed, Some(Dialed::Echo));
         let Some(mut ws) = websocket(upgrade, limits, is_echo, span).await else { return };
         let m = &ctx.entry.metrics;
-        let mut open = OpenSession::new(m);
+        let open = OpenSession::new(m);
         let mut totals = SessionTotals::default();
         let (outcome, backend) = relay(&mut ws, dialed, ctx, stop, &mut totals).await;
-        totals.dropped_client_bytes =
-            close_client(&mut ws, &outcome, limits.close_timeout).instrument(span.clone()).await;
-        // Counted now: the client has its close; lingering on the backend below (and a deadline
-        // that may cut it short) does not change how the session ended.
-        let code = close_code(&outcome);
-        open.ended(code, outcome.side());
-        // Release the client socket before lingering on the backend: the page's `onclose` waits for
-        // the TCP close, and must not wait for a slow backend.
-        drop(ws);
-        if let Some(mut backend) = backend
-            && matches!(outcome, Outcome::ClientClosed { .. } | Outcome::Shutdown)
-        {
-            // Tell the backend the client is done, then drop (and count) whatever it still sends,
-            // so it sees an orderly end rather than a reset.
-            bridge::shutdown_write(&mut backend).await;
-            totals.dropped_bytes = bridge::drain(&mut backend, limits.close_timeout).await;
-        }
-        let duration = started.elapsed();
-        m.duration.record(duration.as_secs_f64());
-        m.to_backend.peak.record(totals.to_backend.peak_buffered as f64);
-        m.to_client.peak.record(totals.to_client.peak_buffered as f64);
-        m.dropped_to_client.increment(totals.dropped_bytes);
-        m.dropped_to_backend.increment(totals.dropped_client_bytes);
-        span.in_scope(|| log_end(ctx, &outcome, code, &totals, duration));
+        // Boxed: it runs once, and its state kept in this future would be paid by every idle
+        // session (what it holds across its awaits could not share space with the relay's).
+        let ending = Ending { ws, outcome, backend, open, totals, started };
+        Box::pin(end(ending, ctx, span)).await;
     }
+}
+
+/// A session whose relay has ended, as [`end`] takes it.
+struct Ending<'a> {
+    ws: Ws,
+    outcome: Outcome,
+    backend: Option<BackendConn>,
+    open: OpenSession<'a>,
+    totals: SessionTotals,
+    started: Instant,
+}
+
+/// Closes the client's side, lingers on the backend's as the ending requires, then counts and
+/// logs the session.
+async fn end(ending: Ending<'_>, ctx: &Context, span: &Span) {
+    let Ending { mut ws, outcome, backend, mut open, mut totals, started } = ending;
+    let (limits, m) = (&ctx.entry.limits, &ctx.entry.metrics);
+    totals.dropped_client_bytes = close_client(&mut ws, &outcome, limits.close_timeout).instrument(span.clone()).await;
+    // Counted now: the client has its close; lingering on the backend below (and a deadline
+    // that may cut it short) does not change how the session ended.
+    let code = close_code(&outcome);
+    open.ended(code, outcome.side());
+    // Release the client socket before lingering on the backend: the page's `onclose` waits for
+    // the TCP close, and must not wait for a slow backend.
+    drop(ws);
+    if let Some(mut backend) = backend
+        && matches!(outcome, Outcome::ClientClosed { .. } | Outcome::Shutdown)
+    {
+        // Tell the backend the client is done, then drop (and count) whatever it still sends,
+        // so it sees an orderly end rather than a reset.
+        bridge::shutdown_write(&mut backend).await;
+        totals.dropped_bytes = bridge::drain(&mut backend, limits.close_timeout).await;
+    }
+    let duration = started.elapsed();
+    m.duration.record(duration.as_secs_f64());
+    m.to_backend.peak.record(totals.to_backend.peak_buffered as f64);
+    m.to_client.peak.record(totals.to_client.peak_buffered as f64);
+    m.dropped_to_client.increment(totals.dropped_bytes);
+    m.dropped_to_backend.increment(totals.dropped_client_bytes);
+    span.in_scope(|| log_end(ctx, &outcome, code, &totals, duration));
 }
 
 /// The client's WebSocket as a session relays over it.
@@ -248,26 +270,18 @@ async fn websocket(upgrade: OnUpgrade, limits: &SessionLimits, echo: bool, span:
 /// Runs the session's pump (the bridge, the built-in echo, or nothing for an unreachable
 /// backend) until one side ends it, a liveness limit is reached (both pumps run the checks), or
 /// the session's moment in the shutdown close window comes; returns how it ended, and the
-/// backend connection for the caller to release. Counts an ending at a liveness limit.
-#[allow(clippy::manual_async_fn)] // An `async fn` would hold its by-value arguments twice.
+/// backend connection for the caller to release. Counts an ending at a liveness limit. Takes
+/// `dialed` (`Some` until then) when the pump starts.
+#[allow(clippy::manual_async_fn)] // An `async fn` would hold its arguments twice.
 fn relay<'a>(
     ws: &'a mut Ws,
-    dialed: Dialed,
+    dialed: &'a mut Option<Dialed>,
     ctx: &'a Context,
     stop: &'a CancellationToken,
     totals: &'a mut SessionTotals,
 ) -> impl Future<Output = (Outcome, Option<BackendConn>)> + Send + 'a {
     async move {
         let (route, m, limits) = (&ctx.entry.route, &ctx.entry.metrics, &ctx.entry.limits);
-        // Credentials that expire end the session through the lifetime limit, which the
-        // liveness clock already keeps: nothing is added to the relay.
-        let mut liveness = liveness(limits);
-        let expiry =
-            ctx.credentials_expire.map(|at| at.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
-        let expiry_binds = expiry.is_some_and(|left| limits.max_session.is_none_or(|max| left < max));
-        if expiry_binds {
-            liveness.max_session = expiry;
-        }
         // With the control channel, the client's text messages are controls, never data.
         let accept = Accept { text: route.accept.text && !ctx.control, binary: route.accept.binary };
         let metrics = BridgeMetrics { to_backend: &m.to_backend, to_client: &m.to_client };
@@ -282,7 +296,18 @@ fn relay<'a>(
             std::future::pending().await
         };
         let pump = async {
-            match dialed {
+            // Made here, where they are handed on before the first await, so no future keeps them.
+            // Credentials that expire end the session through the lifetime limit, which the
+            // liveness clock already keeps: nothing is added to the relay.
+            let mut liveness = liveness(limits);
+            let expiry = ctx
+                .credentials_expire
+                .map(|at| at.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
+            let expiry_binds = expiry.is_some_and(|left| limits.max_session.is_none_or(|max| left < max));
+            if expiry_binds {
+                liveness.max_session = expiry;
+            }
+            let (outcome, backend) = match dialed.take().expect("the relay takes the backend once") {
                 Dialed::Unavailable(failure) => (Outcome::BackendUnavailable(failure), None),
                 Dialed::Shed(shed) => (Outcome::Shed(shed), None),
                 Dialed::Refused(denied, reason) => (Outcome::AccessRefused { denied, reason }, None),
@@ -316,16 +341,17 @@ fn relay<'a>(
                     };
                     (Outcome::from_end(end, limits.max_message_bytes), Some(backend))
                 }
+            };
+            match outcome {
+                Outcome::LifetimeLimit(_) if expiry_binds => (Outcome::CredentialsExpired, backend),
+                outcome => (outcome, backend),
             }
         };
-        let (mut outcome, backend) = tokio::select! {
+        let (outcome, backend) = tokio::select! {
             biased;
             done = pump => done,
             never = spread => never,
         };
-        if expiry_binds && matches!(outcome, Outcome::LifetimeLimit(_)) {
-            outcome = Outcome::CredentialsExpired;
-        }
         if let Some(limit) = outcome.limit() {
             m.limit_reached(limit);
         }
