@@ -8,10 +8,11 @@
 //! - [`BridgeMetrics`]: the route's handles for both directions, as a pump is given them;
 //! - [`DirectionMeter`]: one direction's totals and metrics, updated together.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::Poll;
+use std::task::{Context, Poll};
 
-use crate::metrics::DirectionMetrics;
+use crate::metrics::{Buffered, DirectionMetrics};
 
 /// Bytes and messages moved by one session, per direction.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -72,18 +73,9 @@ impl<'a> DirectionMeter<'a> {
     /// (docs/performance.md, item 10).
     ///
     /// Also returns whether the write had to wait (the task gave way to the runtime).
-    pub(crate) async fn write<F: Future>(&mut self, n: usize, write: F) -> (F::Output, bool) {
+    pub(crate) fn write<F: Future>(&mut self, n: usize, write: F) -> Metered<'a, F> {
         self.totals.peak_buffered = self.totals.peak_buffered.max(n as u64);
-        let mut write = std::pin::pin!(write);
-        if let Poll::Ready(done) = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
-            return (done, false);
-        }
-        let _buffered = self.metrics.buffer(n);
-        let stalled = |stalls: Option<&AtomicU64>| stalls.map(|s| s.fetch_add(1, Ordering::Relaxed));
-        stalled(self.stalls);
-        let done = write.await;
-        stalled(self.stalls);
-        (done, true)
+        Metered { metrics: self.metrics, stalls: self.stalls, n, buffered: None, write }
     }
 
     /// `messages` messages, `n` bytes in all, were written to their destination. Inlined: on
@@ -94,5 +86,43 @@ impl<'a> DirectionMeter<'a> {
         self.totals.messages += messages;
         self.metrics.bytes.increment(n as u64);
         self.metrics.messages.increment(messages);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A write being counted ([`DirectionMeter::write`]). A future of our own rather than an
+    /// `async fn`, which would hold `write` twice, in every session's future.
+    pub(crate) struct Metered<'a, F> {
+        metrics: &'a DirectionMetrics,
+        stalls: Option<&'a AtomicU64>,
+        n: usize,
+        // Held while the write waits: its bytes in the route's buffered gauge.
+        buffered: Option<Buffered<'a>>,
+        #[pin]
+        write: F,
+    }
+}
+
+impl<F: Future> Future for Metered<'_, F> {
+    type Output = (F::Output, bool);
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let stalled = |stalls: Option<&AtomicU64>| stalls.map(|s| s.fetch_add(1, Ordering::Relaxed));
+        match this.write.poll(cx) {
+            Poll::Ready(done) if this.buffered.is_none() => Poll::Ready((done, false)),
+            Poll::Ready(done) => {
+                stalled(*this.stalls);
+                *this.buffered = None;
+                Poll::Ready((done, true))
+            }
+            Poll::Pending => {
+                if this.buffered.is_none() {
+                    *this.buffered = Some(this.metrics.buffer(*this.n));
+                    stalled(*this.stalls);
+                }
+                Poll::Pending
+            }
+        }
     }
 }

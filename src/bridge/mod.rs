@@ -143,6 +143,33 @@ pub struct Options {
     pub control: bool,
 }
 
+/// [`Options`] less the liveness limits, which only the watch reads: what each direction keeps,
+/// a copy each for the session's life.
+#[derive(Debug, Clone, Copy)]
+struct Relay {
+    backend_read_bytes: usize,
+    client_batch_bytes: usize,
+    framing: Framing,
+    accept: Accept,
+    finish_timeout: Duration,
+    role: Role,
+    control: bool,
+}
+
+impl From<&Options> for Relay {
+    fn from(o: &Options) -> Relay {
+        Relay {
+            backend_read_bytes: o.backend_read_bytes,
+            client_batch_bytes: o.client_batch_bytes,
+            framing: o.framing,
+            accept: o.accept,
+            finish_timeout: o.finish_timeout,
+            role: o.role,
+            control: o.control,
+        }
+    }
+}
+
 /// What a client did against the wsgate control channel's contract (`crate::control`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ControlFault {
@@ -183,80 +210,93 @@ pub enum End {
 
 /// Pumps `ws` ⇄ `backend` until one side ends, and returns how, with the backend stream (so the
 /// caller can shut it down or drain it as the ending requires).
-pub async fn run<C, B>(
-    ws: &mut ClientWs<C>,
+#[allow(clippy::manual_async_fn)] // An `async fn` would hold its arguments twice.
+pub fn run<'a, C, B>(
+    ws: &'a mut ClientWs<C>,
     backend: B,
     options: Options,
-    stop: &CancellationToken,
-    totals: &mut SessionTotals,
-    metrics: BridgeMetrics<'_>,
-) -> (End, B)
+    stop: &'a CancellationToken,
+    totals: &'a mut SessionTotals,
+    metrics: BridgeMetrics<'a>,
+) -> impl Future<Output = (End, B)> + 'a
 where
     C: AsyncRead + AsyncWrite + Unpin + Send,
-    B: BackendStream,
+    B: BackendStream + 'a,
 {
-    let (mut from_backend, mut to_backend) = backend.into_split();
-    let client = Client(Mutex::new(ws));
-    let mut stream = futures_util::stream::poll_fn(|cx| {
-        client.with(|ws| {
-            let next = ws.poll_next_unpin(cx);
-            if let Poll::Ready(Some(Ok(message))) = &next {
-                ws.get_mut().received(message);
-            }
-            next
-        })
-    });
-    let seen = Seen::default();
-    let mut up_meter = DirectionMeter::new(metrics.to_backend, &mut totals.to_backend).counting_stalls(&seen.stalls);
-    let mut down_meter = DirectionMeter::new(metrics.to_client, &mut totals.to_client).counting_stalls(&seen.stalls);
+    // Started here, so the future holds the watch and not the limits it was made from too.
     let mut watch = Watch::new(options.liveness);
-    // Once the client's stream has ended, its ending decides: no pings, no more limits.
-    let mut watching = |cx: &mut Context<'_>| match watch.poll_due(cx) {
-        Some(fired) if !seen.client_ended.load(Ordering::Relaxed) => {
-            client.with(|ws| watch.run(cx, ws, fired, seen.stalls.load(Ordering::Relaxed)))
-        }
-        _ => Poll::Pending,
-    };
-    // Both directions stop at a message boundary once `finish` is cancelled: on a stop request,
-    // or after the backend's last byte was delivered. The direction still running then gets up
-    // to `finish_timeout` to complete the message it is writing, so nothing read is lost.
-    let finish = stop.child_token();
-    let end = {
-        let up = to_backend::client_to_backend(&mut stream, &mut to_backend, options, &seen, &finish, &mut up_meter);
-        let down = to_client::backend_to_client(&mut from_backend, &client, options, &seen, &finish, &mut down_meter);
-        tokio::pin!(up, down);
-        let (end, running) = polling::first_to_end(up.as_mut(), down.as_mut(), &mut watching).await;
-        match end {
-            End::Stopped | End::BackendEof | End::Limit(Limit::MaxSession(_)) => {
-                finish.cancel();
-                let rest = async {
-                    match running {
-                        Running::Up => {
-                            up.as_mut().await;
-                        }
-                        Running::Down => {
-                            down.as_mut().await;
-                        }
-                        Running::Both => {
-                            tokio::join!(up.as_mut(), down.as_mut());
-                        }
-                    }
-                };
-                // Whatever the others report now is secondary: the first ending decides.
-                let _ = tokio::time::timeout(options.finish_timeout, rest).await;
-                end
+    let options = Relay::from(&options);
+    async move {
+        let (mut from_backend, mut to_backend) = backend.into_split();
+        let client = Client(Mutex::new(ws));
+        let mut stream = futures_util::stream::poll_fn(|cx| {
+            client.with(|ws| {
+                let next = ws.poll_next_unpin(cx);
+                if let Poll::Ready(Some(Ok(message))) = &next {
+                    ws.get_mut().received(message);
+                }
+                next
+            })
+        });
+        let seen = Seen::default();
+        let mut up_meter =
+            DirectionMeter::new(metrics.to_backend, &mut totals.to_backend).counting_stalls(&seen.stalls);
+        let mut down_meter =
+            DirectionMeter::new(metrics.to_client, &mut totals.to_client).counting_stalls(&seen.stalls);
+        // Once the client's stream has ended, its ending decides: no pings, no more limits.
+        let mut watching = |cx: &mut Context<'_>| match watch.poll_due(cx) {
+            Some(fired) if !seen.client_ended.load(Ordering::Relaxed) => {
+                client.with(|ws| watch.run(cx, ws, fired, seen.stalls.load(Ordering::Relaxed)))
             }
-            // A write to the backend failed: often because it sent its last reply and closed.
-            // Deliver what it sent before deciding; a clean EOF then means it simply finished.
-            End::BackendFailed(e) if running == Running::Up => End::BackendFailed(e),
-            End::BackendFailed(e) => match tokio::time::timeout(options.finish_timeout, down.as_mut()).await {
-                Ok(End::BackendEof) => End::BackendEof,
-                _ => End::BackendFailed(e),
-            },
-            other => other,
-        }
-    };
-    (end, B::reunite(from_backend, to_backend))
+            _ => Poll::Pending,
+        };
+        // Both directions stop at a message boundary once `finish` is cancelled: on a stop request,
+        // or after the backend's last byte was delivered. The direction still running then gets up
+        // to `finish_timeout` to complete the message it is writing, so nothing read is lost.
+        let finish = stop.child_token();
+        let end = {
+            let up =
+                to_backend::client_to_backend(&mut stream, &mut to_backend, options, &seen, &finish, &mut up_meter);
+            let down =
+                to_client::backend_to_client(&mut from_backend, &client, options, &seen, &finish, &mut down_meter);
+            tokio::pin!(up, down);
+            let (end, running) = polling::first_to_end(up.as_mut(), down.as_mut(), &mut watching).await;
+            match end {
+                End::Stopped | End::BackendEof | End::Limit(Limit::MaxSession(_)) => {
+                    finish.cancel();
+                    let rest = async {
+                        match running {
+                            Running::Up => {
+                                up.as_mut().await;
+                            }
+                            Running::Down => {
+                                down.as_mut().await;
+                            }
+                            Running::Both => {
+                                tokio::join!(up.as_mut(), down.as_mut());
+                            }
+                        }
+                    };
+                    // Whatever the others report now is secondary: the first ending decides.
+                    // Boxed, like the wait below: once per session, and a timer's state kept in
+                    // the pump's future would be paid by every idle session.
+                    let _ = Box::pin(tokio::time::timeout(options.finish_timeout, rest)).await;
+                    end
+                }
+                // A write to the backend failed: often because it sent its last reply and closed.
+                // Deliver what it sent before deciding; a clean EOF then means it simply finished.
+                End::BackendFailed(e) if running == Running::Up => End::BackendFailed(e),
+                End::BackendFailed(e) => {
+                    match Box::pin(tokio::time::timeout(options.finish_timeout, down.as_mut())).await {
+                        Ok(End::BackendEof) => End::BackendEof,
+                        _ => End::BackendFailed(e),
+                    }
+                }
+                other => other,
+            }
+        };
+        (end, B::reunite(from_backend, to_backend))
+    }
 }
 
 /// After the client closed: reads and discards what the backend still sends until it closes or

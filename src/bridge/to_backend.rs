@@ -9,6 +9,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
@@ -19,71 +20,74 @@ use tungstenite::{Error as WsError, Message};
 use super::client::Seen;
 use super::counting::DirectionMeter;
 use super::polling::{is_ready, until_woken};
-use super::{Accept, ControlFault, End, Kind, Options};
+use super::{Accept, ControlFault, End, Kind, Relay};
 use crate::control::Control;
 use crate::shutdown::Cancelled;
 
 /// Relays the client's messages (`stream`) to the backend (`to_backend`) until either ends or
 /// `stop` is cancelled between messages.
-pub(super) async fn client_to_backend<S, W>(
-    stream: &mut S,
-    to_backend: &mut W,
-    options: Options,
-    seen: &Seen,
-    stop: &CancellationToken,
-    meter: &mut DirectionMeter<'_>,
-) -> End
+#[allow(clippy::manual_async_fn)] // An `async fn` would hold its arguments twice.
+pub(super) fn client_to_backend<'a, S, W>(
+    stream: &'a mut S,
+    to_backend: &'a mut W,
+    options: Relay,
+    seen: &'a Seen,
+    stop: &'a CancellationToken,
+    meter: &'a mut DirectionMeter<'_>,
+) -> impl Future<Output = End> + 'a
 where
     S: Stream<Item = Result<Message, WsError>> + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let stopped = Cancelled::new(stop);
-    tokio::pin!(stopped);
-    // A message already read that did not fit the last batch; it goes first in the next one.
-    let mut carried: Option<(Kind, Bytes)> = None;
-    // Whether the client stream's last poll returned Pending and the task has not given way
-    // since: the stream has this task's waker, so polling it again now would only repeat that
-    // Pending (docs/performance.md, item 12).
-    let mut registered = false;
-    loop {
-        let (first, is_stopping) = match carried.take() {
-            // Already read, so it is delivered whatever happens; but once a stop is requested
-            // nothing more is gathered behind it.
-            Some(message) => (message, is_ready(stopped.as_mut()).await),
-            None => {
-                if std::mem::take(&mut registered) {
-                    until_woken().await;
-                }
-                let next = tokio::select! {
-                    biased;
-                    _ = stopped.as_mut() => return End::Stopped,
-                    next = stream.next() => next,
-                };
-                match data_of(next, options.accept, options.control) {
-                    Ok(Some(message)) => (message, false),
-                    Ok(None) => continue,
-                    Err(Halt::End(end)) => return end,
-                    Err(Halt::ShutdownWrite) => {
-                        return Box::pin(half_closed(stream, to_backend, stopped.as_mut())).await;
+    async move {
+        let stopped = Cancelled::new(stop);
+        tokio::pin!(stopped);
+        // A message already read that did not fit the last batch; it goes first in the next one.
+        let mut carried: Option<(Kind, Bytes)> = None;
+        // Whether the client stream's last poll returned Pending and the task has not given way
+        // since: the stream has this task's waker, so polling it again now would only repeat that
+        // Pending (docs/performance.md, item 12).
+        let mut registered = false;
+        loop {
+            let (first, is_stopping) = match carried.take() {
+                // Already read, so it is delivered whatever happens; but once a stop is requested
+                // nothing more is gathered behind it.
+                Some(message) => (message, is_ready(stopped.as_mut()).await),
+                None => {
+                    if std::mem::take(&mut registered) {
+                        until_woken().await;
+                    }
+                    let next = tokio::select! {
+                        biased;
+                        _ = stopped.as_mut() => return End::Stopped,
+                        next = stream.next() => next,
+                    };
+                    match data_of(next, options.accept, options.control) {
+                        Ok(Some(message)) => (message, false),
+                        Ok(None) => continue,
+                        Err(Halt::End(end)) => return end,
+                        Err(Halt::ShutdownWrite) => {
+                            return Box::pin(half_closed(stream, to_backend, stopped.as_mut())).await;
+                        }
                     }
                 }
+            };
+            let batch = match is_stopping {
+                true => Batch::alone(first, &seen.last_text, After::End(End::Stopped)),
+                false => gather(stream, first, &options, seen).await,
+            };
+            let waited = match write_batch(to_backend, &batch, options.finish_timeout, meter).await {
+                Written::Done { waited } => waited,
+                Written::Failed(e) => return End::BackendFailed(e),
+                Written::GaveUp => return batch.after.into_end(),
+            };
+            match batch.after {
+                After::More => {}
+                After::Drained => registered = !waited,
+                After::Carried(message) => carried = Some(message),
+                After::End(end) => return end,
+                After::ShutdownWrite => return Box::pin(half_closed(stream, to_backend, stopped.as_mut())).await,
             }
-        };
-        let batch = match is_stopping {
-            true => Batch::alone(first, &seen.last_text, After::End(End::Stopped)),
-            false => gather(stream, first, &options, seen).await,
-        };
-        let waited = match write_batch(to_backend, &batch, options, meter).await {
-            Written::Done { waited } => waited,
-            Written::Failed(e) => return End::BackendFailed(e),
-            Written::GaveUp => return batch.after.into_end(),
-        };
-        match batch.after {
-            After::More => {}
-            After::Drained => registered = !waited,
-            After::Carried(message) => carried = Some(message),
-            After::End(end) => return end,
-            After::ShutdownWrite => return Box::pin(half_closed(stream, to_backend, stopped.as_mut())).await,
         }
     }
 }
@@ -134,7 +138,7 @@ enum Written {
 async fn write_batch<W: AsyncWrite + Unpin>(
     to_backend: &mut W,
     batch: &Batch,
-    options: Options,
+    finish_timeout: Duration,
     meter: &mut DirectionMeter<'_>,
 ) -> Written {
     // The carried message was read too and waits with the batch.
@@ -150,7 +154,9 @@ async fn write_batch<W: AsyncWrite + Unpin>(
     // (A stop is bounded by `run`.)
     let (written, waited) = match &batch.after {
         After::End(end) if !matches!(end, End::Stopped) => {
-            match tokio::time::timeout(options.finish_timeout, write).await {
+            // Boxed: at most once per session, and a timer's state kept in the relay's future
+            // would be paid by every idle session.
+            match Box::pin(tokio::time::timeout(finish_timeout, write)).await {
                 Ok((Ok(()), waited)) => (Ok(()), waited),
                 Ok((Err(_), _)) | Err(_) => return Written::GaveUp,
             }
@@ -263,63 +269,71 @@ const MAX_BATCH_ITEMS: usize = 4096;
 /// one write, not a system call each. A message as large as the bound goes alone, uncopied.
 /// `seen.last_text` follows the messages as they join, so mirror framing sees the type of the last
 /// message the backend has been sent.
-async fn gather<S>(stream: &mut S, first: (Kind, Bytes), options: &Options, seen: &Seen) -> Batch
+#[allow(clippy::manual_async_fn)] // An `async fn` would hold its arguments twice.
+fn gather<'a, S>(
+    stream: &'a mut S,
+    first: (Kind, Bytes),
+    options: &'a Relay,
+    seen: &'a Seen,
+) -> impl Future<Output = Batch> + 'a
 where
     S: Stream<Item = Result<Message, WsError>> + Unpin,
 {
-    let limit = options.client_batch_bytes;
-    let mut batch = Batch::alone(first, &seen.last_text, After::More);
-    let mut joined: Option<Vec<u8>> = None;
-    // Bytes in the batch so far: `batch.data` until a second message joins, then `joined`.
-    let mut len = batch.data.len();
-    for _ in 1..MAX_BATCH_ITEMS {
-        if len >= limit {
-            break;
-        }
-        // Polled with the task's own waker: Pending also registers interest in more data.
-        let next = match std::future::poll_fn(|cx| Poll::Ready(stream.poll_next_unpin(cx))).await {
-            Poll::Pending => {
-                batch.after = After::Drained;
+    async move {
+        let limit = options.client_batch_bytes;
+        let mut batch = Batch::alone(first, &seen.last_text, After::More);
+        let mut joined: Option<Vec<u8>> = None;
+        // Bytes in the batch so far: `batch.data` until a second message joins, then `joined`.
+        let mut len = batch.data.len();
+        for _ in 1..MAX_BATCH_ITEMS {
+            if len >= limit {
                 break;
             }
-            Poll::Ready(next) => next,
-        };
-        let (kind, data) = match data_of(next, options.accept, options.control) {
-            Ok(Some(message)) => message,
-            Ok(None) => continue,
-            Err(Halt::End(end)) => {
-                seen.client_ended.store(true, Ordering::Relaxed);
-                batch.after = After::End(end);
+            // Polled with the task's own waker: Pending also registers interest in more data.
+            let next = match std::future::poll_fn(|cx| Poll::Ready(stream.poll_next_unpin(cx))).await {
+                Poll::Pending => {
+                    batch.after = After::Drained;
+                    break;
+                }
+                Poll::Ready(next) => next,
+            };
+            let (kind, data) = match data_of(next, options.accept, options.control) {
+                Ok(Some(message)) => message,
+                Ok(None) => continue,
+                Err(Halt::End(end)) => {
+                    seen.client_ended.store(true, Ordering::Relaxed);
+                    batch.after = After::End(end);
+                    break;
+                }
+                // The client is still there: the other direction goes on.
+                Err(Halt::ShutdownWrite) => {
+                    batch.after = After::ShutdownWrite;
+                    break;
+                }
+            };
+            if len + data.len() > limit {
+                batch.after = After::Carried((kind, data));
                 break;
             }
-            // The client is still there: the other direction goes on.
-            Err(Halt::ShutdownWrite) => {
-                batch.after = After::ShutdownWrite;
-                break;
+            // Grown as messages join (doubling, but never past the bound), not sized to the bound
+            // up front: bursts are usually far smaller than `client_batch_bytes`.
+            let needed = len + data.len();
+            let joined = joined.get_or_insert_with(|| {
+                let mut v = Vec::with_capacity((2 * needed).min(limit));
+                v.extend_from_slice(&std::mem::take(&mut batch.data));
+                v
+            });
+            if joined.capacity() < needed {
+                joined.reserve_exact((2 * needed).min(limit) - joined.len());
             }
-        };
-        if len + data.len() > limit {
-            batch.after = After::Carried((kind, data));
-            break;
+            joined.extend_from_slice(&data);
+            len = needed;
+            seen.last_text.store(kind == Kind::Text, Ordering::Relaxed);
+            batch.messages += 1;
         }
-        // Grown as messages join (doubling, but never past the bound), not sized to the bound
-        // up front: bursts are usually far smaller than `client_batch_bytes`.
-        let needed = len + data.len();
-        let joined = joined.get_or_insert_with(|| {
-            let mut v = Vec::with_capacity((2 * needed).min(limit));
-            v.extend_from_slice(&std::mem::take(&mut batch.data));
-            v
-        });
-        if joined.capacity() < needed {
-            joined.reserve_exact((2 * needed).min(limit) - joined.len());
+        if let Some(joined) = joined {
+            batch.data = Bytes::from(joined);
         }
-        joined.extend_from_slice(&data);
-        len = needed;
-        seen.last_text.store(kind == Kind::Text, Ordering::Relaxed);
-        batch.messages += 1;
+        batch
     }
-    if let Some(joined) = joined {
-        batch.data = Bytes::from(joined);
-    }
-    batch
 }

@@ -34,7 +34,7 @@ use tungstenite::protocol::Role;
 
 use super::client::{Client, Seen};
 use super::counting::DirectionMeter;
-use super::{End, Framing, Options};
+use super::{End, Framing, Relay};
 use crate::control::Control;
 use crate::frames::{self, HEADROOM};
 use crate::readahead::ReadReady;
@@ -42,65 +42,68 @@ use crate::shutdown::Cancelled;
 
 /// Relays what the backend sends (`from_backend`) to the client until either ends or `stop` is
 /// cancelled between messages.
-pub(super) async fn backend_to_client<R, C>(
-    from_backend: &mut R,
-    client: &Client<'_, C>,
-    options: Options,
-    seen: &Seen,
-    stop: &CancellationToken,
-    meter: &mut DirectionMeter<'_>,
-) -> End
+#[allow(clippy::manual_async_fn)] // An `async fn` would hold its arguments twice.
+pub(super) fn backend_to_client<'a, R, C>(
+    from_backend: &'a mut R,
+    client: &'a Client<'_, C>,
+    options: Relay,
+    seen: &'a Seen,
+    stop: &'a CancellationToken,
+    meter: &'a mut DirectionMeter<'_>,
+) -> impl Future<Output = End> + 'a
 where
     R: AsyncRead + ReadReady + Unpin,
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    // Text mode only: the start of a UTF-8 sequence that the last read cut in two (< 4 bytes).
-    let mut carry = BytesMut::new();
-    let mut sizes = ReadSizes::new(options.backend_read_bytes);
-    // A read error that came after bytes the same read delivered.
-    let mut failed = None;
-    let random = mask_keys(options.role);
-    let stopped = Cancelled::new(stop);
-    tokio::pin!(stopped);
-    loop {
-        if let Some(e) = failed.take() {
-            return End::BackendFailed(e);
-        }
-        if let Err(end) = readable(from_backend, stopped.as_mut()).await {
-            return end;
-        }
-        if seen.client_ended.load(Ordering::Relaxed) {
-            // The other direction ends the pump once its last write is done; what the backend
-            // sends meanwhile stays unread, for `session` to drain and count.
-            return std::future::pending().await;
-        }
-        let mut buf = BytesMut::new();
-        match read_once(from_backend, &carry, &sizes, &mut buf, &mut failed).await {
-            Some(Ok(0)) if buf.len() == HEADROOM && random.is_some() && options.control => {
-                return Box::pin(half_close(client, seen, random, stopped.as_mut())).await;
+    async move {
+        // Text mode only: the start of a UTF-8 sequence that the last read cut in two (< 4 bytes).
+        let mut carry = BytesMut::new();
+        let mut sizes = ReadSizes::new(options.backend_read_bytes);
+        // A read error that came after bytes the same read delivered.
+        let mut failed = None;
+        let random = mask_keys(options.role);
+        let stopped = Cancelled::new(stop);
+        tokio::pin!(stopped);
+        loop {
+            if let Some(e) = failed.take() {
+                return End::BackendFailed(e);
             }
-            Some(Ok(0)) if buf.len() == HEADROOM => return End::BackendEof,
-            // EOF in the middle of a UTF-8 sequence: those bytes can never become text.
-            Some(Ok(0)) => return End::BackendNotUtf8,
-            Some(Ok(n)) => sizes.after(n),
-            // The readiness was stale: wait again.
-            None => continue,
-            Some(Err(e)) => return End::BackendFailed(e),
-        }
-        let (as_text, not_utf8) = text_cut(&mut buf, &mut carry, options.framing, seen);
-        let len = buf.len() - HEADROOM;
-        if len == 0 && not_utf8 {
-            return End::BackendNotUtf8;
-        } else if len == 0 {
-            continue;
-        }
-        let Some(frame) = frame_of(buf, as_text, random) else { return End::NoMaskKey };
-        if let (Err(e), _) = meter.write(len, client.send(frame, seen)).await {
-            return End::ClientWriteFailed(e);
-        }
-        meter.relayed(len, 1);
-        if not_utf8 {
-            return End::BackendNotUtf8;
+            if let Err(end) = readable(from_backend, stopped.as_mut()).await {
+                return end;
+            }
+            if seen.client_ended.load(Ordering::Relaxed) {
+                // The other direction ends the pump once its last write is done; what the backend
+                // sends meanwhile stays unread, for `session` to drain and count.
+                return std::future::pending().await;
+            }
+            let mut buf = BytesMut::new();
+            match read_once(from_backend, &carry, &sizes, &mut buf, &mut failed).await {
+                Some(Ok(0)) if buf.len() == HEADROOM && random.is_some() && options.control => {
+                    return Box::pin(half_close(client, seen, random, stopped.as_mut())).await;
+                }
+                Some(Ok(0)) if buf.len() == HEADROOM => return End::BackendEof,
+                // EOF in the middle of a UTF-8 sequence: those bytes can never become text.
+                Some(Ok(0)) => return End::BackendNotUtf8,
+                Some(Ok(n)) => sizes.after(n),
+                // The readiness was stale: wait again.
+                None => continue,
+                Some(Err(e)) => return End::BackendFailed(e),
+            }
+            let (as_text, not_utf8) = text_cut(&mut buf, &mut carry, options.framing, seen);
+            let len = buf.len() - HEADROOM;
+            if len == 0 && not_utf8 {
+                return End::BackendNotUtf8;
+            } else if len == 0 {
+                continue;
+            }
+            let Some(frame) = frame_of(buf, as_text, random) else { return End::NoMaskKey };
+            if let (Err(e), _) = meter.write(len, client.send(frame, seen)).await {
+                return End::ClientWriteFailed(e);
+            }
+            meter.relayed(len, 1);
+            if not_utf8 {
+                return End::BackendNotUtf8;
+            }
         }
     }
 }

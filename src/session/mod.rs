@@ -166,24 +166,59 @@ pub fn run(
         route = %ctx.entry.route.name,
         backend.addr = backend_addr.map(field::display),
     );
+    // What the session owns is captured here once and lent to `run_inner`: whatever a future
+    // takes by value it keeps for its whole life, and an `async fn` keeps each such argument twice.
+    // The backend too, until the relay takes it.
+    let mut dialed = Some(dialed);
     async move {
         tokio::select! {
             biased;
             _ = Cancelled::new(&abort) => span.in_scope(|| warn!("session dropped at the shutdown deadline")),
-            _ = run_inner(upgrade, dialed, ctx, stop, &span) => {}
+            _ = run_inner(upgrade, &mut dialed, &ctx, &stop, &span) => {}
         }
     }
 }
 
-async fn run_inner(upgrade: OnUpgrade, dialed: Dialed, ctx: Context, stop: CancellationToken, span: &Span) {
-    let started = Instant::now();
-    let limits = &ctx.entry.limits;
-    let is_echo = matches!(dialed, Dialed::Echo);
-    let Some(mut ws) = websocket(upgrade, limits, is_echo, span).await else { return };
-    let m = &ctx.entry.metrics;
-    let mut open = OpenSession::new(m);
-    let mut totals = SessionTotals::default();
-    let (outcome, backend) = relay(&mut ws, dialed, &ctx, &stop, &mut totals).await;
+/// The session, from the upgrade to its log line.
+#[allow(clippy::manual_async_fn)] // An `async fn` would hold its arguments twice.
+fn run_inner<'a>(
+    upgrade: OnUpgrade,
+    dialed: &'a mut Option<Dialed>,
+    ctx: &'a Context,
+    stop: &'a CancellationToken,
+    span: &'a Span,
+) -> impl Future<Output = ()> + Send + 'a {
+    async move {
+        let started = Instant::now();
+        let limits = &ctx.entry.limits;
+        let is_echo = matches!(dialed, Some(Dialed::Echo));
+        let Some(mut ws) = websocket(upgrade, limits, is_echo, span).await else { return };
+        let m = &ctx.entry.metrics;
+        let open = OpenSession::new(m);
+        let mut totals = SessionTotals::default();
+        let (outcome, backend) = relay(&mut ws, dialed, ctx, stop, &mut totals).await;
+        // Boxed: it runs once, and its state kept in this future would be paid by every idle
+        // session (what it holds across its awaits could not share space with the relay's).
+        let ending = Ending { ws, outcome, backend, open, totals, started };
+        Box::pin(end(ending, ctx, span)).await;
+    }
+}
+
+/// A session whose relay has ended, as [`end`] takes it.
+struct Ending<'a> {
+    ws: Ws,
+    outcome: Outcome,
+    backend: Option<BackendConn>,
+    open: OpenSession<'a>,
+    totals: SessionTotals,
+    started: Instant,
+}
+
+/// Closes the client's side, lingers on the backend's as the ending requires, then counts and
+/// logs the session.
+async fn end(ending: Ending<'_>, ctx: &Context, span: &Span) {
+    let Ending { mut ws, outcome, backend, mut open, mut totals, started } = ending;
+    let (limits, m) = (&ctx.entry.limits, &ctx.entry.metrics);
     totals.dropped_client_bytes = close_client(&mut ws, &outcome, limits.close_timeout).instrument(span.clone()).await;
     // Counted now: the client has its close; lingering on the backend below (and a deadline
     // that may cut it short) does not change how the session ended.
@@ -206,7 +241,7 @@ async fn run_inner(upgrade: OnUpgrade, dialed: Dialed, ctx: Context, stop: Cance
     m.to_client.peak.record(totals.to_client.peak_buffered as f64);
     m.dropped_to_client.increment(totals.dropped_bytes);
     m.dropped_to_backend.increment(totals.dropped_client_bytes);
-    span.in_scope(|| log_end(&ctx, &outcome, code, &totals, duration));
+    span.in_scope(|| log_end(ctx, &outcome, code, &totals, duration));
 }
 
 /// The client's WebSocket as a session relays over it.
@@ -235,84 +270,93 @@ async fn websocket(upgrade: OnUpgrade, limits: &SessionLimits, echo: bool, span:
 /// Runs the session's pump (the bridge, the built-in echo, or nothing for an unreachable
 /// backend) until one side ends it, a liveness limit is reached (both pumps run the checks), or
 /// the session's moment in the shutdown close window comes; returns how it ended, and the
-/// backend connection for the caller to release. Counts an ending at a liveness limit.
-async fn relay(
-    ws: &mut Ws,
-    dialed: Dialed,
-    ctx: &Context,
-    stop: &CancellationToken,
-    totals: &mut SessionTotals,
-) -> (Outcome, Option<BackendConn>) {
-    let (route, m) = (&ctx.entry.route, &ctx.entry.metrics);
-    // Credentials that expire end the session through the lifetime limit, which the liveness
-    // clock already keeps: nothing is added to the relay.
-    let mut limits = ctx.entry.limits;
-    let expiry =
-        ctx.credentials_expire.map(|at| at.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
-    let expiry_binds = expiry.is_some_and(|left| limits.max_session.is_none_or(|max| left < max));
-    if expiry_binds {
-        limits.max_session = expiry;
-    }
-    let limits = &limits;
-    // With the control channel, the client's text messages are controls, never data.
-    let accept = Accept { text: route.accept.text && !ctx.control, binary: route.accept.binary };
-    let metrics = BridgeMetrics { to_backend: &m.to_backend, to_client: &m.to_client };
-    // This session's own stop: the shutdown signal, delayed by its place in the close window.
-    let session_stop = CancellationToken::new();
-    let spread = async {
-        Cancelled::new(stop).await;
-        tokio::time::sleep(spread_offset(ctx.id, ctx.close_window)).await;
-        session_stop.cancel();
-        // Done: let the pump finish on its own (it sees `session_stop`).
-        std::future::pending().await
-    };
-    let pump = async {
-        match dialed {
-            Dialed::Unavailable(failure) => (Outcome::BackendUnavailable(failure), None),
-            Dialed::Shed(shed) => (Outcome::Shed(shed), None),
-            Dialed::Refused(denied, reason) => (Outcome::AccessRefused { denied, reason }, None),
-            Dialed::Echo => {
-                let end = echo::run_ws(ws, accept, liveness(limits), &session_stop, totals, metrics).await;
-                (Outcome::from_end(end, limits.max_message_bytes), None)
+/// backend connection for the caller to release. Counts an ending at a liveness limit. Takes
+/// `dialed` (`Some` until then) when the pump starts.
+#[allow(clippy::manual_async_fn)] // An `async fn` would hold its arguments twice.
+fn relay<'a>(
+    ws: &'a mut Ws,
+    dialed: &'a mut Option<Dialed>,
+    ctx: &'a Context,
+    stop: &'a CancellationToken,
+    totals: &'a mut SessionTotals,
+) -> impl Future<Output = (Outcome, Option<BackendConn>)> + Send + 'a {
+    async move {
+        let (route, m, limits) = (&ctx.entry.route, &ctx.entry.metrics, &ctx.entry.limits);
+        // With the control channel, the client's text messages are controls, never data.
+        let accept = Accept { text: route.accept.text && !ctx.control, binary: route.accept.binary };
+        let metrics = BridgeMetrics { to_backend: &m.to_backend, to_client: &m.to_client };
+        // This session's own stop: the shutdown signal, delayed by its place in the close window.
+        let session_stop = CancellationToken::new();
+        let spread = async {
+            Cancelled::new(stop).await;
+            // Boxed: a timer's state in the session's future would be paid by every idle session.
+            Box::pin(tokio::time::sleep(spread_offset(ctx.id, ctx.close_window))).await;
+            session_stop.cancel();
+            // Done: let the pump finish on its own (it sees `session_stop`).
+            std::future::pending().await
+        };
+        let pump = async {
+            // Made here, where they are handed on before the first await, so no future keeps them.
+            // Credentials that expire end the session through the lifetime limit, which the
+            // liveness clock already keeps: nothing is added to the relay.
+            let mut liveness = liveness(limits);
+            let expiry = ctx
+                .credentials_expire
+                .map(|at| at.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
+            let expiry_binds = expiry.is_some_and(|left| limits.max_session.is_none_or(|max| left < max));
+            if expiry_binds {
+                liveness.max_session = expiry;
             }
-            // One bridge per stream type, so each relays over its own stream with no dispatch.
-            Dialed::Backend(conn) => {
-                let options =
-                    bridge::Options { control: ctx.control, ..bridge_options(route.outbound, accept, limits) };
-                let (end, backend) = match conn {
-                    BackendConn::Tcp(stream) => {
-                        let (end, stream) = bridge::run(ws, stream, options, &session_stop, totals, metrics).await;
-                        (end, BackendConn::Tcp(stream))
-                    }
-                    BackendConn::Unix(stream) => {
-                        let (end, stream) = bridge::run(ws, stream, options, &session_stop, totals, metrics).await;
-                        (end, BackendConn::Unix(stream))
-                    }
-                    BackendConn::Tls(stream) => {
-                        let (end, stream) = bridge::run(ws, stream, options, &session_stop, totals, metrics).await;
-                        (end, BackendConn::Tls(stream))
-                    }
-                    BackendConn::UnixTls(stream) => {
-                        let (end, stream) = bridge::run(ws, stream, options, &session_stop, totals, metrics).await;
-                        (end, BackendConn::UnixTls(stream))
-                    }
-                };
-                (Outcome::from_end(end, limits.max_message_bytes), Some(backend))
+            let (outcome, backend) = match dialed.take().expect("the relay takes the backend once") {
+                Dialed::Unavailable(failure) => (Outcome::BackendUnavailable(failure), None),
+                Dialed::Shed(shed) => (Outcome::Shed(shed), None),
+                Dialed::Refused(denied, reason) => (Outcome::AccessRefused { denied, reason }, None),
+                Dialed::Echo => {
+                    let end = echo::run_ws(ws, accept, liveness, &session_stop, totals, metrics).await;
+                    (Outcome::from_end(end, limits.max_message_bytes), None)
+                }
+                // One bridge per stream type, so each relays over its own stream with no dispatch.
+                Dialed::Backend(conn) => {
+                    let options = bridge::Options {
+                        control: ctx.control,
+                        ..bridge_options(route.outbound, accept, limits, liveness)
+                    };
+                    let (end, backend) = match conn {
+                        BackendConn::Tcp(stream) => {
+                            let (end, stream) = bridge::run(ws, stream, options, &session_stop, totals, metrics).await;
+                            (end, BackendConn::Tcp(stream))
+                        }
+                        BackendConn::Unix(stream) => {
+                            let (end, stream) = bridge::run(ws, stream, options, &session_stop, totals, metrics).await;
+                            (end, BackendConn::Unix(stream))
+                        }
+                        BackendConn::Tls(stream) => {
+                            let (end, stream) = bridge::run(ws, stream, options, &session_stop, totals, metrics).await;
+                            (end, BackendConn::Tls(stream))
+                        }
+                        BackendConn::UnixTls(stream) => {
+                            let (end, stream) = bridge::run(ws, stream, options, &session_stop, totals, metrics).await;
+                            (end, BackendConn::UnixTls(stream))
+                        }
+                    };
+                    (Outcome::from_end(end, limits.max_message_bytes), Some(backend))
+                }
+            };
+            match outcome {
+                Outcome::LifetimeLimit(_) if expiry_binds => (Outcome::CredentialsExpired, backend),
+                outcome => (outcome, backend),
             }
+        };
+        let (outcome, backend) = tokio::select! {
+            biased;
+            done = pump => done,
+            never = spread => never,
+        };
+        if let Some(limit) = outcome.limit() {
+            m.limit_reached(limit);
         }
-    };
-    let (mut outcome, backend) = tokio::select! {
-        biased;
-        done = pump => done,
-        never = spread => never,
-    };
-    if expiry_binds && matches!(outcome, Outcome::LifetimeLimit(_)) {
-        outcome = Outcome::CredentialsExpired;
+        (outcome, backend)
     }
-    if let Some(limit) = outcome.limit() {
-        m.limit_reached(limit);
-    }
-    (outcome, backend)
 }
 
 /// The session's liveness checks under `limits`.
@@ -327,7 +371,7 @@ fn liveness(limits: &SessionLimits) -> Liveness {
 }
 
 /// How the bridge runs for a route: its framing and accepted types, under its limits.
-fn bridge_options(outbound: Outbound, accept: Accept, limits: &SessionLimits) -> bridge::Options {
+fn bridge_options(outbound: Outbound, accept: Accept, limits: &SessionLimits, liveness: Liveness) -> bridge::Options {
     bridge::Options {
         backend_read_bytes: limits.backend_read_bytes,
         client_batch_bytes: limits.client_read_bytes,
@@ -339,7 +383,7 @@ fn bridge_options(outbound: Outbound, accept: Accept, limits: &SessionLimits) ->
         accept,
         finish_timeout: limits.close_timeout,
         role: Role::Server,
-        liveness: liveness(limits),
+        liveness,
         control: false,
     }
 }

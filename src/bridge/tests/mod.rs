@@ -73,7 +73,7 @@ async fn pump_client(
     let (metrics, mut totals, stop) =
         (DirectionMetrics::detached(), DirectionTotals::default(), CancellationToken::new());
     let mut meter = DirectionMeter::new(&metrics, &mut totals);
-    client_to_backend(&mut stream, to_backend, options, seen, &stop, &mut meter).await
+    client_to_backend(&mut stream, to_backend, (&options).into(), seen, &stop, &mut meter).await
 }
 
 /// The case `until_woken` must not be used in, made to happen every time: a message is read
