@@ -194,15 +194,15 @@ impl Gateway {
         let snapshot = snapshot(&config, &metrics, &admission, &pools, &resumption)?;
         pools.publish(snapshot.router.pools());
         let mut listeners = Vec::with_capacity(config.listeners.len());
-        let session = &config.limits.session;
-        let inherited = (session.tcp_keepalive, session.tcp_user_timeout);
+        let tuning = server::Tuning::of(&config.limits.session);
         for l in &config.listeners {
+            let (tcp, inherited) = bind_client_listener(&l.name, l.address, config.limits.listen_backlog, tuning)?;
             listeners.push(server::Listener {
                 name: l.name.clone(),
-                tcp: bind_client_listener(&l.name, l.address, config.limits.listen_backlog, inherited)?,
+                tcp,
                 secure: l.tls.is_some(),
                 metrics: metrics.listener(&l.name),
-                inherited: cfg!(target_os = "linux").then_some(inherited),
+                inherited,
             });
         }
         let tcp_echo = match config.builtin.tcp_echo {
@@ -471,23 +471,59 @@ fn admin_access(config: &Config) -> Result<admin::Access, StartError> {
     }
 }
 
-/// A client-facing listener with the configured backlog (tokio's `bind` fixes it at 1024) and
-/// the session socket options its connections inherit.
+/// A client-facing listener with the configured backlog (tokio's `bind` fixes it at 1024), given
+/// the session socket options its connections inherit on Linux; with them, if it took every one.
 fn bind_client_listener(
     name: &str,
     address: SocketAddr,
     backlog: u32,
-    (keepalive, user_timeout): server::Tuning,
-) -> Result<TcpListener, StartError> {
+    tuning: server::Tuning,
+) -> Result<(TcpListener, Option<server::Tuning>), StartError> {
     let err = |source| StartError::Bind { name: name.to_string(), address, source };
     let socket = if address.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(err)?;
-    backend::tune(&socket, keepalive, user_timeout);
+    let tuned = backend::try_tune(&socket, tuning.keepalive, tuning.user_timeout).is_ok();
     // As tokio's `bind` does: a restarted gateway can bind while old connections are in TIME_WAIT.
     socket.set_reuseaddr(true).map_err(err)?;
     socket.bind(address).map_err(err)?;
-    socket.listen(backlog).map_err(err)
+    let inherited = (cfg!(target_os = "linux") && tuned).then_some(tuning);
+    Ok((socket.listen(backlog).map_err(err)?, inherited))
 }
 
 async fn bind(name: &str, address: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(address).await.map_err(|source| StartError::Bind { name: name.to_string(), address, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// What the accept loop relies on: a socket accepted from a client listener carries every
+    /// option set on the listener at bind (on Linux), keepalive's interval and count included,
+    /// and none of them when they are off.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn accepted_sockets_inherit_the_listeners_options() {
+        let secs = |s| Some(Duration::from_secs(s));
+        for tuning in [
+            server::Tuning { keepalive: secs(60), user_timeout: secs(30) },
+            server::Tuning { keepalive: None, user_timeout: None },
+        ] {
+            let any = "127.0.0.1:0".parse().unwrap();
+            let (listener, inherited) = bind_client_listener("test", any, 16, tuning).unwrap();
+            assert_eq!(inherited, Some(tuning), "the listening socket took every option");
+            let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+            let (accepted, _) = listener.accept().await.unwrap();
+            let socket = socket2::SockRef::from(&accepted);
+            assert!(socket.tcp_nodelay().unwrap());
+            assert_eq!(socket.keepalive().unwrap(), tuning.keepalive.is_some());
+            if let Some(idle) = tuning.keepalive {
+                assert_eq!(socket.tcp_keepalive_time().unwrap(), idle);
+                assert_eq!(socket.tcp_keepalive_interval().unwrap(), Duration::from_secs(10));
+                assert_eq!(socket.tcp_keepalive_retries().unwrap(), 5);
+            }
+            assert_eq!(socket.tcp_user_timeout().unwrap(), tuning.user_timeout);
+        }
+    }
 }

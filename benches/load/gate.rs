@@ -1,8 +1,10 @@
-//! CI's instruction-count gate: wsgate's instructions per relayed byte, counted by callgrind
-//! over the lockstep windows (64 KiB and 64 B messages, metrics on), against a baseline committed
-//! in the repository. Instruction counts repeat within about 0.5 % for the same binary
-//! (docs/performance.md), which wall-clock figures on shared cores never do, so a rise of more
-//! than [`TOLERANCE`] is a real regression in the relay.
+//! CI's gate: wsgate's instructions per relayed byte, counted by callgrind over the lockstep
+//! windows (64 KiB and 64 B messages, metrics on), and the memory of an idle ws and wss session,
+//! against a baseline committed in the repository. Instruction counts repeat within about 0.5 %
+//! for the same binary (docs/performance.md), which wall-clock figures on shared cores never do,
+//! so a rise of more than [`TOLERANCE`] is a real regression in the relay. Idle memory repeats
+//! within about 0.3 KiB; a rise of more than [`MEMORY_TOLERANCE_KIB`] means every idle session
+//! holds more (a session future grown by a new field kept across the relay, a buffer kept).
 //!
 //! The counts belong to a toolchain: another rustc, valgrind or glibc, or a CPU with other
 //! features (glibc picks its `memcpy` by them) moves them with no change to wsgate. Then the gate reports "re-baseline
@@ -15,10 +17,16 @@ use std::process::Command;
 use serde::{Deserialize, Serialize};
 
 use crate::callgrind::{Instructions, LARGE, SMALL, instructions_per_byte};
-use crate::targets::Setup;
+use crate::targets::{Setup, start_targets};
 
 /// The largest rise in instructions per relayed byte, at either size, that still passes.
 const TOLERANCE: f64 = 0.02;
+
+/// The largest rise in KiB per idle session, ws or wss, that still passes.
+const MEMORY_TOLERANCE_KIB: f64 = 0.75;
+
+/// Idle sessions held for the memory figure: the slope of resident memory between the two.
+const IDLE_SESSIONS: (usize, usize) = (500, 3000);
 
 /// What the baseline file holds.
 #[derive(Serialize, Deserialize, PartialEq, Debug)]
@@ -28,6 +36,12 @@ struct Baseline {
     per_byte_64k: f64,
     /// Instructions per relayed byte, 64-byte messages.
     per_byte_64: f64,
+    /// KiB of resident memory per idle ws session.
+    #[serde(default)]
+    idle_kib_ws: Option<f64>,
+    /// KiB of resident memory per idle wss session.
+    #[serde(default)]
+    idle_kib_wss: Option<f64>,
 }
 
 /// What the counts depend on besides wsgate's code.
@@ -51,12 +65,13 @@ pub(crate) async fn run(path: &Path, rebaseline: bool) -> i32 {
         eprintln!("gate: cannot count instructions: valgrind (callgrind) is missing or failed");
         return 2;
     };
-    let now = Baseline { environment, per_byte_64k: large.all, per_byte_64: small.all };
+    let (idle_kib_ws, idle_kib_wss) = tokio::task::block_in_place(|| idle_memory(&setup));
+    let now = Baseline { environment, per_byte_64k: large.all, per_byte_64: small.all, idle_kib_ws, idle_kib_wss };
     if rebaseline {
         let text = format!(
-            "# CI's instruction-count baseline (benches/load/gate.rs): wsgate's instructions per relayed\n\
-             # byte under callgrind, lockstep echo, metrics on. Re-take it with `scripts/gate --rebaseline`\n\
-             # and say why in the commit message.\n{}",
+            "# CI's gate baseline (benches/load/gate.rs): wsgate's instructions per relayed byte under\n\
+             # callgrind, lockstep echo, metrics on; KiB per idle ws and wss session. Re-take it with\n\
+             # `scripts/gate --rebaseline` and say why in the commit message.\n{}",
             toml::to_string(&now).expect("plain fields serialise")
         );
         if let Err(e) = std::fs::write(path, text) {
@@ -82,15 +97,15 @@ pub(crate) async fn run(path: &Path, rebaseline: bool) -> i32 {
         base.per_byte_64k, base.per_byte_64
     );
     println!("gate: this run {}", figures(&now, large, small));
+    let mut failed = memory(&base, &now);
     if base.environment != now.environment {
         println!(
             "gate: re-baseline needed: the toolchain differs from the baseline's, so the counts cannot be compared"
         );
         println!("gate:   baseline {:?}", base.environment);
         println!("gate:   this run {:?}", now.environment);
-        return 0;
+        return if failed { fail() } else { 0 };
     }
-    let mut failed = false;
     for (size, was, is) in
         [("64 KiB", base.per_byte_64k, now.per_byte_64k), ("64 B", base.per_byte_64, now.per_byte_64)]
     {
@@ -103,15 +118,58 @@ pub(crate) async fn run(path: &Path, rebaseline: bool) -> i32 {
         failed |= change > TOLERANCE;
     }
     if failed {
-        println!(
-            "gate: FAILED: instructions per relayed byte rose more than {:.0} %; if the rise is deliberate, run \
-             `scripts/gate --rebaseline` and give the reason in the commit message",
-            TOLERANCE * 100.0
-        );
-        return 1;
+        return fail();
     }
-    println!("gate: passed (tolerance {:.0} %)", TOLERANCE * 100.0);
+    println!("gate: passed (tolerance {:.0} %, {MEMORY_TOLERANCE_KIB} KiB)", TOLERANCE * 100.0);
     0
+}
+
+/// Says why the gate failed and what to do about a deliberate rise; the exit code of a failure.
+fn fail() -> i32 {
+    println!(
+        "gate: FAILED: instructions per relayed byte rose more than {:.0} %, or idle memory more than \
+         {MEMORY_TOLERANCE_KIB} KiB per session; if the rise is deliberate, run `scripts/gate --rebaseline` \
+         and give the reason in the commit message",
+        TOLERANCE * 100.0
+    );
+    1
+}
+
+/// KiB per idle ws and wss session of wsgate at its defaults, as the benchmark's idle figure
+/// measures it, with fewer sessions.
+fn idle_memory(setup: &Setup) -> (Option<f64>, Option<f64>) {
+    let ca_pem = setup.dir.path().join("ca.pem");
+    std::fs::write(&ca_pem, std::fs::read(&setup.cert).unwrap()).unwrap();
+    let targets = start_targets(setup, &Some("wsgate-ws,wsgate-wss".into()), "");
+    let kib = |name: &str| {
+        let t = targets.iter().find(|t| t.name == name)?;
+        crate::measure::idle_memory(t, &ca_pem, IDLE_SESSIONS.0, IDLE_SESSIONS.1)
+    };
+    (kib("wsgate-ws"), kib("wsgate-wss"))
+}
+
+/// Compares idle memory when the baseline has it and rustc and glibc are the baseline's (they
+/// decide a session's layout and what its allocations cost; the CPU does not). Prints each
+/// figure; true on a regression.
+fn memory(base: &Baseline, now: &Baseline) -> bool {
+    let comparable = base.environment.rustc == now.environment.rustc && base.environment.glibc == now.environment.glibc;
+    let mut failed = false;
+    for (scheme, was, is) in [("ws", base.idle_kib_ws, now.idle_kib_ws), ("wss", base.idle_kib_wss, now.idle_kib_wss)] {
+        match (was, is) {
+            (Some(was), Some(is)) if comparable => {
+                let regressed = is - was > MEMORY_TOLERANCE_KIB;
+                let verdict = if regressed { "REGRESSION" } else { "ok" };
+                println!("gate: idle {scheme}: {was:.2} -> {is:.2} KiB per session ({:+.2} KiB): {verdict}", is - was);
+                failed |= regressed;
+            }
+            (_, Some(is)) => println!("gate: idle {scheme}: {is:.2} KiB per session (no comparable baseline)"),
+            (_, None) => {
+                println!("gate: idle {scheme}: could not be measured");
+                failed = true;
+            }
+        }
+    }
+    failed
 }
 
 fn figures(now: &Baseline, large: Instructions, small: Instructions) -> String {

@@ -412,23 +412,32 @@ async fn connect_any(
 ///   it also replaces the probe count: the connection fails at the first probe check once
 ///   `user_timeout` has passed since the peer was last heard (docs/config.md).
 pub fn tune(socket: &impl std::os::fd::AsFd, keepalive: Option<Duration>, user_timeout: Option<Duration>) {
+    let _ = try_tune(socket, keepalive, user_timeout);
+}
+
+/// [`tune`], stopping at the first option the socket refuses: for a listening socket, whose
+/// connections are trusted to inherit the options only if every one was set.
+pub fn try_tune(
+    socket: &impl std::os::fd::AsFd,
+    keepalive: Option<Duration>,
+    user_timeout: Option<Duration>,
+) -> io::Result<()> {
     let socket = socket2::SockRef::from(socket);
-    let _ = socket.set_tcp_nodelay(true);
+    socket.set_tcp_nodelay(true)?;
     match keepalive {
         Some(idle) => {
             let params =
                 socket2::TcpKeepalive::new().with_time(idle).with_interval(Duration::from_secs(10)).with_retries(5);
-            let _ = socket.set_tcp_keepalive(&params);
+            socket.set_tcp_keepalive(&params)?;
         }
-        // Off must be said: an accepted socket inherits its listener's options.
-        None => {
-            let _ = socket.set_keepalive(false);
-        }
+        // Off must be said on an accepted socket, which inherits its listener's options.
+        None => socket.set_keepalive(false)?,
     }
     #[cfg(any(target_os = "linux", target_os = "android", target_os = "fuchsia"))]
-    let _ = socket.set_tcp_user_timeout(user_timeout);
+    socket.set_tcp_user_timeout(user_timeout)?;
     #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "fuchsia")))]
     let _ = user_timeout;
+    Ok(())
 }
 
 #[cfg(test)]

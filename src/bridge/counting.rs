@@ -67,7 +67,8 @@ impl<'a> DirectionMeter<'a> {
         DirectionMeter { stalls: Some(stalls), ..self }
     }
 
-    /// Runs `write`, which hands `n` bytes read from one side to the other. The route's
+    /// `write`, counted: it hands `n` bytes read from one side to the other (the session's peak is
+    /// taken now, when the write is made). The route's
     /// buffered-bytes gauge counts them only once the write has to wait, so a write the socket
     /// takes at once (nearly every one) updates no gauge that all the route's sessions share
     /// (docs/performance.md, item 10).
@@ -92,6 +93,7 @@ impl<'a> DirectionMeter<'a> {
 pin_project_lite::pin_project! {
     /// A write being counted ([`DirectionMeter::write`]). A future of our own rather than an
     /// `async fn`, which would hold `write` twice, in every session's future.
+    #[must_use = "futures do nothing unless polled"]
     pub(crate) struct Metered<'a, F> {
         metrics: &'a DirectionMetrics,
         stalls: Option<&'a AtomicU64>,

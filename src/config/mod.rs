@@ -13,8 +13,8 @@
 //! the value's line and column when it is not one of a fixed set. Validation collects every
 //! problem rather than stopping at the first, so `wsgate check` can list them all.
 //!
-//! Whether a running gateway may change a key on reload is declared once per key in `raw`, next
-//! to the structs that read it; [`restart_required`] only walks that list.
+//! Whether a running gateway may change a key on reload is declared once per key in `keys`;
+//! [`restart_required`] only walks that list.
 //!
 //! This module knows nothing of sockets or of the rest of wsgate: it is data in, data out.
 

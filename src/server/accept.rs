@@ -28,22 +28,36 @@ pub(crate) struct Listener {
     pub tcp: TcpListener,
     pub secure: bool,
     pub metrics: ListenerMetrics,
-    /// The keepalive and user timeout set on the listening socket at bind, which Linux copies
-    /// (with `TCP_NODELAY`) into every socket it accepts; `None` where that is not relied on.
+    /// The options set on the listening socket at bind, which Linux copies into every socket it
+    /// accepts; `None` where that is not relied on, or when the listening socket refused one.
     pub inherited: Option<Tuning>,
 }
 
-/// A session socket's keepalive idle time and `TCP_USER_TIMEOUT` (see [`backend::tune`]).
-pub(crate) type Tuning = (Option<Duration>, Option<Duration>);
+/// A session socket's keepalive idle time and `TCP_USER_TIMEOUT`, with `TCP_NODELAY` always on
+/// (see [`backend::tune`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Tuning {
+    pub keepalive: Option<Duration>,
+    pub user_timeout: Option<Duration>,
+}
+
+impl Tuning {
+    pub fn of(limits: &SessionLimits) -> Tuning {
+        Tuning { keepalive: limits.tcp_keepalive, user_timeout: limits.tcp_user_timeout }
+    }
+
+    pub fn apply(self, socket: &impl std::os::fd::AsFd) {
+        backend::tune(socket, self.keepalive, self.user_timeout);
+    }
+}
 
 impl Listener {
-    /// Gives an accepted socket the session options, unless it inherited them: six system
-    /// calls saved per connection, until a reload changes the options.
-    fn tune(&self, tcp: &TcpStream, limits: &SessionLimits) {
-        let wanted = (limits.tcp_keepalive, limits.tcp_user_timeout);
-        if self.inherited != Some(wanted) {
-            backend::tune(tcp, wanted.0, wanted.1);
-        }
+    /// The options an accepted socket still needs set: none when it inherited them from the
+    /// listening socket (six system calls saved per connection), which holds until a reload
+    /// changes them. Set in the connection's task, not here, so the accept loop stays quick.
+    fn tuning(&self, limits: &SessionLimits) -> Option<Tuning> {
+        let wanted = Tuning::of(limits);
+        (self.inherited != Some(wanted)).then_some(wanted)
     }
 }
 
@@ -96,7 +110,7 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             warn!(listener = %listener.name, "no certificate for this wss listener; closing");
             continue;
         }
-        listener.tune(&tcp, &snapshot.limits.session);
+        let tuning = listener.tuning(&snapshot.limits.session);
         let span = info_span!("conn", listener = %listener.name, client.addr = %peer);
         let (lease, over) = admitted;
         let client = lease.client();
@@ -114,12 +128,15 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         };
         let (shared2, metrics) = (shared.clone(), listener.metrics.clone());
         let task = async move {
+            if let Some(tuning) = tuning {
+                tuning.apply(&tcp);
+            }
             tokio::select! {
                 _ = Cancelled::new(&shared2.abort) => {}
                 _ = handle_connection(tcp, tls, conn, client, metrics, shared2.clone(), None) => {}
             }
         };
-        // Boxed: the handshake's future is a few kilobytes, moved several times on its way into
+        // Boxed: the handshake's future (about 6 KiB) is moved several times on its way into
         // the runtime, where a pointer is cheap to move.
         shared.tasks.spawn(Box::pin(task).instrument(span));
     }
@@ -151,10 +168,13 @@ fn proxied(
         warn!(listener = %listener.name, "no certificate for this wss listener; closing");
         return;
     }
-    listener.tune(&tcp, &snapshot.limits.session);
+    let tuning = listener.tuning(&snapshot.limits.session);
     let span = info_span!("conn", listener = %listener.name, proxy.addr = %peer, client.addr = field::Empty);
     let (name, metrics, shared2) = (listener.name.clone(), listener.metrics.clone(), shared.clone());
     let serve = async move {
+        if let Some(tuning) = tuning {
+            tuning.apply(&tcp);
+        }
         let limits = &snapshot.limits;
         let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
         let max = limits.proxy_header_max_bytes;
