@@ -1,9 +1,8 @@
 //! The unbuffered TLS stream against rustls's own client (tokio-rustls) over loopback sockets.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -13,33 +12,18 @@ const WAIT: Duration = Duration::from_secs(10);
 
 /// A connected pair: our server stream and a tokio-rustls client.
 async fn pair() -> (TlsStream, tokio_rustls::client::TlsStream<TcpStream>) {
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let cert = CertificateDer::from(ck.cert.der().to_vec());
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
-    let server = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.clone()], key)
-        .unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert).unwrap();
-    let client = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let (server, client) = crate::tls::self_signed_configs();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let connect = async {
         let tcp = TcpStream::connect(addr).await.unwrap();
         let name = ServerName::try_from("localhost").unwrap();
-        tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, tcp).await.unwrap()
+        tokio_rustls::TlsConnector::from(client).connect(name, tcp).await.unwrap()
     };
     let accept = async {
         let (tcp, _) = listener.accept().await.unwrap();
         let mut progressed = false;
-        let stream = accept(Arc::new(server), tcp, || progressed = true).await.unwrap();
+        let stream = accept(server, tcp, || progressed = true).await.unwrap();
         assert!(progressed, "the ClientHello was answered");
         stream
     };
@@ -144,18 +128,11 @@ async fn a_stalled_partial_record_holds_only_itself() {
 /// A client that is not TLS fails the handshake with an error, not a hang.
 #[tokio::test]
 async fn a_client_that_is_not_tls_fails_the_handshake() {
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
-    let config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![CertificateDer::from(ck.cert.der().to_vec())], key)
-        .unwrap();
+    let (config, _) = crate::tls::self_signed_configs();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut tcp = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
     tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     let (server, _) = listener.accept().await.unwrap();
-    let result = tokio::time::timeout(WAIT, accept(Arc::new(config), server, || {})).await.expect("no hang");
+    let result = tokio::time::timeout(WAIT, accept(config, server, || {})).await.expect("no hang");
     assert_eq!(result.expect_err("not TLS").kind(), io::ErrorKind::InvalidData);
 }

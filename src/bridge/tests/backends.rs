@@ -1,7 +1,5 @@
 //! The pump over backends other than TCP: a Unix socket, and TLS with honest read readiness.
 
-use std::sync::Arc;
-
 use futures_util::SinkExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
@@ -35,34 +33,13 @@ async fn a_unix_socket_backend_relays_byte_for_byte() {
     assert_eq!(totals.to_client.bytes, 700_000);
 }
 
-/// A self-signed certificate for "localhost": a server config, and a client config trusting it.
-fn tls_configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
-    let generated = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let cert = generated.cert.der().clone();
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into());
-    let server = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.clone()], key)
-        .unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert).unwrap();
-    let client = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    (Arc::new(server), Arc::new(client))
-}
-
 /// A TLS backend sends two records in one write (so one TCP segment), with a 1 KiB read size:
 /// the pump's first read takes the first record's 1,024 bytes, and the second record then sits
 /// decrypted in rustls while the socket is empty. The backend's read readiness must report it,
 /// so both reach the client with no more traffic (socket readiness alone would wait for good).
 #[tokio::test]
 async fn a_tls_backend_delivers_two_records_of_one_segment() {
-    let (server_config, client_config) = tls_configs();
+    let (server_config, client_config) = crate::tls::self_signed_configs();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepting = tokio::spawn(async move {
