@@ -4,9 +4,11 @@
 //! of the side services.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
+use futures_util::future::OptionFuture;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -115,31 +117,36 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         let (lease, over) = admitted;
         let client = lease.client();
         let local = tcp.local_addr().unwrap_or(peer);
-        let conn = Connection {
-            peer,
-            local,
-            addressing,
-            secure: listener.secure,
-            slot: Arc::new(Slot::new(conn_permit, lease, m)),
-            over,
-            handshake: Mutex::new(None),
-            snapshot,
-            client_cert: std::sync::OnceLock::new(),
-        };
+        let slot = Slot::new(conn_permit, lease, m);
+        let conn = Connection::new(peer, local, addressing, listener.secure, slot, over, snapshot);
         let (shared2, metrics) = (shared.clone(), listener.metrics.clone());
-        let task = async move {
+        let handshake = async move {
             if let Some(tuning) = tuning {
                 tuning.apply(&tcp);
             }
             tokio::select! {
-                _ = Cancelled::new(&shared2.abort) => {}
-                _ = handle_connection(tcp, tls, conn, client, metrics, shared2.clone(), None) => {}
+                _ = Cancelled::new(&shared2.abort) => None,
+                session = handle_connection(tcp, tls, conn, client, metrics, shared2.clone(), None) => session,
             }
         };
-        // Boxed: the handshake's future (about 6 KiB) is moved several times on its way into
-        // the runtime, where a pointer is cheap to move.
-        shared.tasks.spawn(Box::pin(task).instrument(span));
+        spawn_connection(&shared, handshake.instrument(span));
     }
+}
+
+/// Spawns a connection's task: its handshake, then the session it was upgraded to, if any.
+///
+/// The handshake is boxed, so its state (about 6 KiB, larger than a session's) is freed when it
+/// ends rather than held in the task for the session's life, and so that it moves into the
+/// runtime as a pointer. Only the handshake runs in the connection's span: the session enters its
+/// own (a child of it) around what it logs, and the relay is polled on every message.
+fn spawn_connection<S>(shared: &Shared, handshake: impl Future<Output = Option<S>> + Send + 'static)
+where
+    S: Future<Output = ()> + Send + 'static,
+{
+    // `then`, not an async block: one would keep the handshake's box, or a second copy of the
+    // session, alongside the session for its whole life.
+    let task = Box::pin(handshake).then(OptionFuture::from).map(drop);
+    shared.tasks.spawn(Box::pin(task));
 }
 
 /// A connection on a `proxy_protocol` listener: closed at once unless its peer is a trusted
@@ -183,12 +190,12 @@ fn proxied(
             Ok(Err(e)) => {
                 metrics.refused_proxy_header.increment(1);
                 debug!(error = %e, "no usable PROXY header; closing");
-                return;
+                return None;
             }
             Err(_) => {
                 metrics.refused_proxy_header.increment(1);
                 debug!(timeout = ?limits.handshake_timeout, "no PROXY header within limits.handshake_timeout_secs; closing");
-                return;
+                return None;
             }
         };
         let (client, local) = match carried {
@@ -196,29 +203,20 @@ fn proxied(
             Carried::Balancer => (peer, tcp.local_addr().unwrap_or(peer)),
         };
         Span::current().record("client.addr", field::display(client));
-        let Some((lease, over)) = admit_client(&name, &metrics, client, &snapshot, &shared2) else { return };
+        let (lease, over) = admit_client(&name, &metrics, client, &snapshot, &shared2)?;
         let key = lease.client();
-        let conn = Connection {
-            peer: client,
-            local,
-            addressing,
-            secure: tls.is_some(),
-            slot: Arc::new(Slot::new(conn_permit, lease, &metrics)),
-            over,
-            handshake: Mutex::new(None),
-            snapshot,
-            client_cert: std::sync::OnceLock::new(),
-        };
-        handle_connection(tcp, tls, conn, key, metrics, shared2, Some(deadline)).await;
+        let slot = Slot::new(conn_permit, lease, &metrics);
+        let conn = Connection::new(client, local, addressing, tls.is_some(), slot, over, snapshot);
+        handle_connection(tcp, tls, conn, key, metrics, shared2, Some(deadline)).await
     };
     let shared2 = shared.clone();
-    let task = async move {
+    let handshake = async move {
         tokio::select! {
-            _ = Cancelled::new(&shared2.abort) => {}
-            _ = serve => {}
+            _ = Cancelled::new(&shared2.abort) => None,
+            session = serve => session,
         }
     };
-    shared.tasks.spawn(Box::pin(task).instrument(span));
+    spawn_connection(shared, handshake.instrument(span));
 }
 
 /// How many sockets beyond `max_connections` may be open at once to tell their clients so with a

@@ -3,7 +3,7 @@
 //!
 //! Per request, in order ([`upgrade`]): match a route (`router`, 404), admit the request
 //! (`policy::admit`: a well-formed upgrade, origin, subprotocol), dial the backend
-//! (`session::dial`), and only then answer 101 and spawn the session. Dialling first means a
+//! (`session::dial`), and only then answer 101 and run the session, in the connection's task. Dialling first means a
 //! client never sees `onopen` for a backend that is not there; how it learns of a dead backend
 //! instead is the route's choice (an in-band 1013 close, or HTTP 502/503/504). Every refusal is a
 //! `policy::Refusal`, answered, logged and counted in [`respond`].
@@ -155,9 +155,59 @@ struct Connection {
     /// The client certificate its TLS handshake verified (mTLS), read once; boxed, so a
     /// connection without one pays a pointer.
     client_cert: OnceLock<Box<ClientCert>>,
+    /// The session its request was answered 101 for, left by [`upgrade`] for the connection's
+    /// task to run once hyper has written the 101.
+    upgraded: Mutex<Option<Upgraded>>,
+}
+
+/// A session admitted and dialled, waiting for hyper to hand over the upgraded connection.
+///
+/// It runs in the task that served the handshake, not a task of its own: a spawn per session
+/// was an allocation, a move of the session's future and, often, a wake of the other worker.
+struct Upgraded {
+    pending: hyper::upgrade::OnUpgrade,
+    dialed: Dialed,
+    ctx: session::Context,
+    /// Its place on its route (and pool member), when it has a backend.
+    place: Option<(LoadGuard, Option<Hold>)>,
 }
 
 impl Connection {
+    fn new(
+        peer: SocketAddr,
+        local: SocketAddr,
+        addressing: Arc<Addressing>,
+        secure: bool,
+        slot: Slot,
+        over: Option<Over>,
+        snapshot: Arc<Snapshot>,
+    ) -> Connection {
+        Connection {
+            peer,
+            local,
+            addressing,
+            secure,
+            slot: Arc::new(slot),
+            over,
+            handshake: Mutex::new(None),
+            snapshot,
+            client_cert: OnceLock::new(),
+            upgraded: Mutex::new(None),
+        }
+    }
+
+    /// The session the connection was upgraded to, if it was, ready to run. Made here, under
+    /// the connection's span, so that the session's span is its child.
+    fn session(&self, shared: &Shared) -> Option<impl Future<Output = ()> + Send + use<>> {
+        let Upgraded { pending, dialed, ctx, place } =
+            self.upgraded.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+        let slot = self.slot.clone();
+        let (stop, abort) = (shared.stop.clone(), shared.abort.clone());
+        // `map`, not `async move { session.await; .. }`: an async block that awaits a future it
+        // captured stores it twice, and a session's future is most of what an idle session costs.
+        Some(session::run(pending, dialed, ctx, stop, abort).map(move |()| drop((slot, place))))
+    }
+
     /// Leaves the handshake pool and the client's handshake share: the request has been read
     /// and admitted, and what follows (the dial) is bounded per route instead.
     fn finish_handshake(&self) {
@@ -182,6 +232,8 @@ impl Connection {
 ///
 /// `deadline` is the handshake's, when it began before this (with a PROXY header); otherwise
 /// the handshake begins now. It bounds the wait for a place too.
+///
+/// Returns the session the connection was upgraded to, for the caller to run.
 async fn handle_connection(
     tcp: TcpStream,
     tls: Option<TlsAcceptor>,
@@ -190,7 +242,7 @@ async fn handle_connection(
     metrics: ListenerMetrics,
     shared: Arc<Shared>,
     deadline: Option<tokio::time::Instant>,
-) {
+) -> Option<impl Future<Output = ()> + Send + 'static> {
     let limits = conn.snapshot.limits.clone();
     // One deadline for the whole handshake, waiting and TLS included, so a wss client gets no
     // more time than a ws one; within it, a shorter one for the request head once TLS is done.
@@ -200,7 +252,7 @@ async fn handle_connection(
     let Some(place) = shared.admission.pool.enter(client, share, deadline).await else {
         metrics.handshake_wait_timeout.increment(1);
         debug!(?timeout, "no place in the handshake pool within limits.handshake_timeout_secs; closing");
-        return;
+        return None;
     };
     let shed = place.token();
     *conn.handshake.get_mut().unwrap_or_else(|p| p.into_inner()) = Some(place);
@@ -233,7 +285,7 @@ async fn handle_connection(
             },
         };
         let head_deadline = deadline.min(tokio::time::Instant::now() + head_timeout);
-        if serve_http(ReadAhead::new(stream, chunk), conn.clone(), head_deadline, shared).await {
+        if serve_http(ReadAhead::new(stream, chunk), conn.clone(), head_deadline, shared.clone()).await {
             metrics.request_timeout.increment(1);
         }
     };
@@ -244,6 +296,7 @@ async fn handle_connection(
             debug!("handshake pool full: shed this connection, which held its place past limits.handshake_shed_after_secs, for one waiting");
         }
     }
+    conn.session(&shared)
 }
 
 /// The TLS handshake; once the ClientHello has arrived whole the connection has shown progress,
@@ -378,7 +431,7 @@ fn page<B>(req: &Request<B>, snap: &Snapshot) -> Option<Response<Full<Bytes>>> {
     Some(page)
 }
 
-/// Admit, dial, answer 101, spawn the session.
+/// Admit, dial, answer 101, and leave the session for the connection's task.
 async fn upgrade(
     req: &mut Request<Incoming>,
     host: Option<&str>,
@@ -461,13 +514,8 @@ async fn upgrade(
         credentials_expire,
         control,
     };
-    let slot = conn.slot.clone();
-    let (stop, abort) = (shared.stop.clone(), shared.abort.clone());
-    let upgrading = hyper::upgrade::on(req);
-    // `map`, not `async move { session.await; .. }`: an async block that awaits a future it
-    // captured stores it twice, and a session's future is most of what an idle session costs.
-    let session = session::run(upgrading, dialed, ctx, stop, abort).map(move |()| drop((slot, place)));
-    shared.tasks.spawn(session);
+    let pending = hyper::upgrade::on(req);
+    *conn.upgraded.lock().unwrap_or_else(|p| p.into_inner()) = Some(Upgraded { pending, dialed, ctx, place });
     Ok(response)
 }
 
