@@ -237,6 +237,12 @@ impl Gateway {
         self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
+    /// Counts, in `wsgate_log_lines_dropped_total`, what `dropped` says the process's log writer
+    /// has dropped so far (read at each scrape). The writer belongs to whoever set up logging.
+    pub fn count_dropped_log_lines(&self, dropped: impl Fn() -> u64 + Send + Sync + 'static) {
+        self.shared.metrics.count_dropped_log_lines(dropped);
+    }
+
     /// A handle that applies new configs to this gateway while it runs.
     pub fn reloader(&self) -> Reloader {
         self.reloader.clone()

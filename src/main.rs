@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 use wsgate::config::{self, Config};
 use wsgate::{Reloader, Shutdown};
@@ -142,15 +143,28 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: config::LogFormat) {
+/// Logs to stderr through a thread of their own: a line is queued, never written by the thread
+/// that logs it, so a reader that stops reading (a full pipe to journald or the container
+/// runtime) stalls no session. Past `max_buffered_lines` queued, lines are dropped and counted.
+/// The guard writes out what is queued when dropped (for at most about a second).
+fn init_logging(log: config::Log) -> (WorkerGuard, ErrorCounter) {
     // RUST_LOG takes the usual tracing filter syntax, e.g. `RUST_LOG=wsgate=debug`.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = match format {
+    // Buffered: the writer thread flushes whenever its queue is empty, one write for many lines.
+    let stderr = std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr());
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(log.max_buffered_lines)
+        .thread_name("wsgate-log")
+        .finish(stderr);
+    let dropped = writer.error_counter();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    let _ = match log.format {
         config::LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
         // No colours, on a terminal either: the formatter is built without ANSI styling (Cargo.toml).
         config::LogFormat::Text => builder.try_init(),
     };
+    (guard, dropped)
 }
 
 fn load(path: &Path) -> Result<Config, config::ConfigErrors> {
@@ -270,13 +284,14 @@ fn backend_tls_summary(route: &config::Route) -> String {
 
 fn run(path: &Path) -> anyhow::Result<()> {
     let config = load(path).map_err(|errors| anyhow::anyhow!("invalid config:\n{errors}"))?;
-    init_logging(config.log_format);
+    let (_log_writer, dropped_lines) = init_logging(config.log);
     let runtime = tokio::runtime::Runtime::new().map_err(|e| anyhow::anyhow!("start the async runtime: {e}"))?;
     runtime.block_on(async {
         // Install the handlers before binding, so a signal during start-up (a SIGHUP from a
         // deploy script, say) does not take its default action and kill the process.
         let signals = Signals::install()?;
         let gateway = wsgate::Gateway::bind(config).await?;
+        gateway.count_dropped_log_lines(move || dropped_lines.dropped_lines() as u64);
         let shutdown = Shutdown::new();
         // Not awaited: it lives as long as the process; it ends the process itself on a second
         // signal, and is dropped with the runtime when `run` returns.

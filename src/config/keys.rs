@@ -182,7 +182,11 @@ pub(super) const KEYS: &[(&str, OnChange)] = &[
     ("admin.tokens_file", Reload),
     ("admin.open_paths", Reload),
     // The log subscriber and the metrics recorder are installed once, at start.
-    ("log.format", Restart(|a, b| differs("log.format", a.log_format, b.log_format))),
+    ("log.format", Restart(|a, b| differs("log.format", a.log.format, b.log.format))),
+    (
+        "log.max_buffered_lines",
+        Restart(|a, b| differs("log.max_buffered_lines", a.log.max_buffered_lines, b.log.max_buffered_lines)),
+    ),
     ("metrics.enabled", Restart(|a, b| differs("metrics.enabled", a.metrics, b.metrics))),
     // The file watcher reads them from the running config after every reload (a reload it
     // triggered included), so turning it off, on, or changing its pace needs no restart.

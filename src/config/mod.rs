@@ -62,8 +62,8 @@ pub struct Config {
     pub console: Option<String>,
     /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`), when enabled.
     pub admin: Option<SocketAddr>,
-    /// Log line format.
-    pub log_format: LogFormat,
+    /// How log lines are written (`[log]`).
+    pub log: Log,
     /// Whether metrics are recorded (`[metrics] enabled`, default true).
     pub metrics: bool,
     /// Who may read the admin listener: its TLS and bearer tokens (`[admin]`).
@@ -82,7 +82,17 @@ pub struct Reload {
     pub watch_interval: Duration,
 }
 
-/// How log lines are written.
+/// `[log]`: how log lines are written. Both need a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Log {
+    /// Text or JSON lines (`format`, default text).
+    pub format: LogFormat,
+    /// Lines waiting for the log's reader, past which new ones are dropped and counted
+    /// (`max_buffered_lines`, default 10,000).
+    pub max_buffered_lines: usize,
+}
+
+/// How a log line is formatted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {

@@ -398,7 +398,7 @@ impl Valid {
         prop_assert_eq!(&r.subprotocols, &self.subprotocols);
         let unavailable = if self.http_unavailable { Unavailable::Http } else { Unavailable::Close };
         prop_assert_eq!(r.on_backend_unavailable, unavailable);
-        prop_assert_eq!(c.log_format, if self.json { LogFormat::Json } else { LogFormat::Text });
+        prop_assert_eq!(c.log.format, if self.json { LogFormat::Json } else { LogFormat::Text });
         Ok(())
     }
 }

@@ -385,6 +385,7 @@ pub(super) struct RawAdminTls {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLog {
     pub format: Option<Choice<LogFormat>>,
+    pub max_buffered_lines: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]

@@ -60,6 +60,8 @@ pub const BACKEND_CONNECT_FAILURES: &str = "wsgate_backend_connect_failures_tota
 pub const CONFIG_RELOADS: &str = "wsgate_config_reloads_total";
 /// Gauge: 1 while accepting new connections, 0 before and while draining.
 pub const READY: &str = "wsgate_ready";
+/// Counter: log lines dropped because the log's reader fell `log.max_buffered_lines` behind.
+pub const LOG_LINES_DROPPED: &str = "wsgate_log_lines_dropped_total";
 /// Counter{reason}: admin requests answered 401 (no bearer token, or a wrong one).
 pub const ADMIN_UNAUTHORIZED: &str = "wsgate_admin_unauthorized_total";
 /// Gauge{route, backend}: 1 while a pool member takes new sessions by its health, 0 while
@@ -153,6 +155,11 @@ pub(super) fn describe(r: &PrometheusRecorder) {
             ADMIN_UNAUTHORIZED,
             Some(Unit::Count),
             "Admin requests answered 401, by reason: missing_token, invalid_token.",
+        ),
+        d(
+            LOG_LINES_DROPPED,
+            Some(Unit::Count),
+            "Log lines dropped, never written: the log's reader was log.max_buffered_lines behind.",
         ),
     ] {
         r.describe_counter(name, unit, help);

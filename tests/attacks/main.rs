@@ -10,6 +10,8 @@ mod support;
 
 /// Admission under attack: per-client caps, the handshake pool, route caps, the memory budget.
 mod limits;
+/// A log reader that stops reading while sessions flood in.
+mod logs;
 /// Memory per session under hostile clients, on a gateway process of its own.
 mod memory;
 /// The handshake queue under attack: waiting for a pool place, a client's share, a connect place.

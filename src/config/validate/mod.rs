@@ -22,7 +22,7 @@ pub(super) use limits::DEFAULT_SESSION_LIMITS;
 
 use super::raw::{AcceptKind, Choice, RawConfig, RawListener, RawReload, RawRoute, RawShutdown, Seconds};
 use super::{
-    Accept, AllowedOrigins, Backend, Builtin, Config, ConfigError, ConfigErrors, HostPattern, Listener, LogFormat,
+    Accept, AllowedOrigins, Backend, Builtin, Config, ConfigError, ConfigErrors, HostPattern, Listener, Log, LogFormat,
     OnRefusal, Outbound, PathMatch, Reload, Route, SessionLimits, Shutdown, TlsFiles, Unavailable,
 };
 
@@ -40,6 +40,8 @@ const MAX_SECS: f64 = 86_400.0;
 /// Kubernetes takes up to a minute to update a mounted ConfigMap; two seconds more is noise,
 /// and a `stat` per named file every two seconds costs nothing.
 const DEFAULT_WATCH_INTERVAL_SECS: u64 = 2;
+/// Log lines held for a stalled reader: about 5 MB of `session ended` lines (docs/config.md).
+const DEFAULT_LOG_BUFFERED_LINES: u64 = 10_000;
 const DEFAULT_CONSOLE_PATH: &str = "/console";
 
 /// Validates `raw`, read from `text` at `path`: the config, or every problem found.
@@ -120,7 +122,16 @@ impl Validator<'_> {
             Some(false) => None,
             _ => self.socket_addr("admin.address", raw.admin.address.as_deref().unwrap_or(DEFAULT_ADMIN_ADDRESS)),
         };
-        let log_format = self.choice("log.format", raw.log.format, LogFormat::Text).unwrap_or(LogFormat::Text);
+        let log = Log {
+            format: self.choice("log.format", raw.log.format, LogFormat::Text).unwrap_or(LogFormat::Text),
+            max_buffered_lines: self.count(
+                "log.max_buffered_lines",
+                raw.log.max_buffered_lines,
+                DEFAULT_LOG_BUFFERED_LINES,
+                1,
+                1_000_000,
+            ),
+        };
         let console = match (raw.console.enabled, raw.console.path) {
             (false, _) => None,
             (true, None) => Some(DEFAULT_CONSOLE_PATH.to_string()),
@@ -137,7 +148,7 @@ impl Validator<'_> {
             shutdown,
             console,
             admin,
-            log_format,
+            log,
             metrics,
             admin_access,
             reload,
@@ -563,7 +574,7 @@ mod tests {
         assert_eq!(c.shutdown.close_window, Duration::from_secs(10));
         assert_eq!(c.shutdown.deadline, Duration::from_secs(25));
         assert_eq!(c.admin, Some("127.0.0.1:9090".parse().unwrap()));
-        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.log, Log { format: LogFormat::Text, max_buffered_lines: 10_000 });
         assert!(c.metrics, "metrics are on unless the config turns them off");
         assert_eq!(c.reload, Reload { watch: true, watch_interval: Duration::from_secs(2) });
         let r = &c.routes[0];
@@ -727,7 +738,11 @@ mod tests {
         assert_eq!(c.shutdown.drain_delay, Duration::ZERO);
         assert_eq!(c.shutdown.close_window, Duration::from_millis(500));
         assert_eq!(c.admin, None);
-        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.log.format, LogFormat::Json);
+        let c = ok(&format!("{MINIMAL}[log]\nmax_buffered_lines = 1\n"));
+        assert_eq!(c.log.max_buffered_lines, 1);
+        let e = err(&format!("{MINIMAL}[log]\nmax_buffered_lines = 0\n"));
+        assert!(e.contains("log.max_buffered_lines: 0 is out of range 1..=1000000"), "{e}");
         let e =
             err(&format!("{MINIMAL}[shutdown]\ndrain_delay_secs = 5\nclose_window_secs = 10\ndeadline_secs = 12\n"));
         assert!(e.contains("shutdown.deadline_secs: 12 must be greater than"), "{e}");
@@ -835,7 +850,7 @@ mod tests {
         assert_eq!(c.routes[0].path_match, PathMatch::Exact);
         assert_eq!(c.routes[0].outbound, Outbound::Binary);
         assert_eq!(c.routes[0].on_backend_unavailable, Unavailable::Close);
-        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.log.format, LogFormat::Text);
     }
 
     /// A fixed-set key given a non-string is still a toml type error naming the key.
