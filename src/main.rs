@@ -146,7 +146,8 @@ fn main() -> ExitCode {
 /// Logs to stderr through a thread of their own: a line is queued, never written by the thread
 /// that logs it, so a reader that stops reading (a full pipe to journald or the container
 /// runtime) stalls no session. Past `max_buffered_lines` queued, lines are dropped and counted.
-/// The guard writes out what is queued when dropped (for at most about a second).
+/// The guard writes out what is queued when dropped, for at most about a second; a reader still
+/// stalled then loses the queue (tracing-appender gives up after 100 ms to queue its stop).
 fn init_logging(log: config::Log) -> (WorkerGuard, ErrorCounter) {
     // RUST_LOG takes the usual tracing filter syntax, e.g. `RUST_LOG=wsgate=debug`.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
@@ -284,7 +285,7 @@ fn backend_tls_summary(route: &config::Route) -> String {
 
 fn run(path: &Path) -> anyhow::Result<()> {
     let config = load(path).map_err(|errors| anyhow::anyhow!("invalid config:\n{errors}"))?;
-    let (_log_writer, dropped_lines) = init_logging(config.log);
+    let (log_writer, dropped_lines) = init_logging(config.log);
     let runtime = tokio::runtime::Runtime::new().map_err(|e| anyhow::anyhow!("start the async runtime: {e}"))?;
     runtime.block_on(async {
         // Install the handlers before binding, so a signal during start-up (a SIGHUP from a
@@ -294,8 +295,9 @@ fn run(path: &Path) -> anyhow::Result<()> {
         gateway.count_dropped_log_lines(move || dropped_lines.dropped_lines() as u64);
         let shutdown = Shutdown::new();
         // Not awaited: it lives as long as the process; it ends the process itself on a second
-        // signal, and is dropped with the runtime when `run` returns.
-        tokio::spawn(watch_signals(signals, shutdown.clone(), gateway.reloader(), path.to_path_buf()));
+        // signal, and is dropped with the runtime when `run` returns (the log writer with it,
+        // which writes out what is queued).
+        tokio::spawn(watch_signals(signals, shutdown.clone(), gateway.reloader(), path.to_path_buf(), log_writer));
         gateway.run(shutdown).await;
         Ok(())
     })
@@ -322,7 +324,7 @@ impl Signals {
 
 /// SIGTERM: drain. SIGINT: drain without the delay. Second of either: exit now (128 + the
 /// signal's number, as a shell reports it). SIGHUP: reload.
-async fn watch_signals(signals: Signals, shutdown: Shutdown, reloader: Reloader, path: PathBuf) {
+async fn watch_signals(signals: Signals, shutdown: Shutdown, reloader: Reloader, path: PathBuf, log: WorkerGuard) {
     let Signals { mut term, mut int, mut hup } = signals;
     loop {
         let (name, code) = tokio::select! {
@@ -336,6 +338,8 @@ async fn watch_signals(signals: Signals, shutdown: Shutdown, reloader: Reloader,
         };
         if shutdown.is_requested() {
             tracing::warn!(signal = name, "second signal: exiting now");
+            // `exit` runs no destructors: the log's queue, this line included, is written first.
+            drop(log);
             std::process::exit(code);
         }
         tracing::info!(signal = name, "shutdown requested; send it again to exit at once");

@@ -50,10 +50,10 @@ pub struct Metrics {
     pub clients_tracked: Gauge,
     /// The admin listener's refusals and TLS failures.
     pub admin: AdminMetrics,
-    /// Log lines dropped, read from `dropped_log_lines` at each scrape.
+    /// Log lines dropped, read from `log_drops_source` at each scrape.
     log_lines_dropped: Counter,
     /// What the process's log writer has dropped (set by `main`, which owns the writer).
-    dropped_log_lines: OnceLock<Box<dyn Fn() -> u64 + Send + Sync>>,
+    log_drops_source: OnceLock<Box<dyn Fn() -> u64 + Send + Sync>>,
 }
 
 /// `wsgate_config_reloads_total`: one counter per trigger (SIGHUP, a watched file's change) and
@@ -132,7 +132,7 @@ impl Metrics {
                 tls_timeout: Counter::noop(),
             },
             log_lines_dropped: Counter::noop(),
-            dropped_log_lines: OnceLock::new(),
+            log_drops_source: OnceLock::new(),
         };
         metrics.log_lines_dropped = metrics.counter(names::LOG_LINES_DROPPED, &[]);
         metrics.handshakes_in_progress = metrics.gauge(names::HANDSHAKES_IN_PROGRESS, &[]);
@@ -159,12 +159,12 @@ impl Metrics {
 
     /// Reports, from now on, what `dropped` says the log writer has dropped; once.
     pub fn count_dropped_log_lines(&self, dropped: impl Fn() -> u64 + Send + Sync + 'static) {
-        let _ = self.dropped_log_lines.set(Box::new(dropped));
+        let _ = self.log_drops_source.set(Box::new(dropped));
     }
 
     /// The Prometheus text exposition of everything recorded so far.
     pub fn render(&self) -> String {
-        if let Some(dropped) = self.dropped_log_lines.get() {
+        if let Some(dropped) = self.log_drops_source.get() {
             self.log_lines_dropped.absolute(dropped());
         }
         self.handle.run_upkeep();

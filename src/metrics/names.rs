@@ -60,7 +60,7 @@ pub const BACKEND_CONNECT_FAILURES: &str = "wsgate_backend_connect_failures_tota
 pub const CONFIG_RELOADS: &str = "wsgate_config_reloads_total";
 /// Gauge: 1 while accepting new connections, 0 before and while draining.
 pub const READY: &str = "wsgate_ready";
-/// Counter: log lines dropped because the log's reader fell `log.max_buffered_lines` behind.
+/// Counter: log lines dropped because `log.max_buffered_lines` were already waiting for the reader.
 pub const LOG_LINES_DROPPED: &str = "wsgate_log_lines_dropped_total";
 /// Counter{reason}: admin requests answered 401 (no bearer token, or a wrong one).
 pub const ADMIN_UNAUTHORIZED: &str = "wsgate_admin_unauthorized_total";
@@ -159,7 +159,7 @@ pub(super) fn describe(r: &PrometheusRecorder) {
         d(
             LOG_LINES_DROPPED,
             Some(Unit::Count),
-            "Log lines dropped, never written: the log's reader was log.max_buffered_lines behind.",
+            "Log lines dropped because log.max_buffered_lines were already waiting for the log's reader.",
         ),
     ] {
         r.describe_counter(name, unit, help);

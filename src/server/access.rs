@@ -9,14 +9,13 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures_util::FutureExt;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response};
 use tracing::{debug, warn};
 
-use super::{Connection, Shared, switching_protocols};
+use super::{Connection, PendingSession, Shared, switching_protocols};
 use crate::auth;
 use crate::backend;
 use crate::policy::{self, Refusal, RefusalKind};
@@ -94,10 +93,8 @@ pub(super) fn refuse_in_band(
         credentials_expire: None,
         control: false,
     };
-    let slot = conn.slot.clone();
     let dialed = Dialed::Refused(denied, refusal.reason);
-    let session = session::run(hyper::upgrade::on(req), dialed, ctx, shared.stop.clone(), shared.abort.clone());
-    shared.tasks.spawn(session.map(move |()| drop(slot)));
+    conn.leave_session(PendingSession { pending: hyper::upgrade::on(req), dialed, ctx, place: None });
     Ok(response)
 }
 

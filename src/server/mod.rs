@@ -3,10 +3,11 @@
 //!
 //! Per request, in order ([`upgrade`]): match a route (`router`, 404), admit the request
 //! (`policy::admit`: a well-formed upgrade, origin, subprotocol), dial the backend
-//! (`session::dial`), and only then answer 101 and run the session, in the connection's task. Dialling first means a
-//! client never sees `onopen` for a backend that is not there; how it learns of a dead backend
-//! instead is the route's choice (an in-band 1013 close, or HTTP 502/503/504). Every refusal is a
-//! `policy::Refusal`, answered, logged and counted in [`respond`].
+//! (`session::dial`), and only then answer 101 and run the session, in the connection's task.
+//! Dialling first means a client never sees `onopen` for a backend that is not there; how it
+//! learns of a dead backend instead is the route's choice (an in-band 1013 close, or HTTP
+//! 502/503/504). Every refusal is a `policy::Refusal`, answered, logged and counted in
+//! [`respond`].
 //!
 //! Each connection works under the [`Snapshot`] (routes, limits, certificates) current when it
 //! was accepted; a reload swaps the snapshot whole, so new connections see the new config and
@@ -155,16 +156,18 @@ struct Connection {
     /// The client certificate its TLS handshake verified (mTLS), read once; boxed, so a
     /// connection without one pays a pointer.
     client_cert: OnceLock<Box<ClientCert>>,
-    /// The session its request was answered 101 for, left by [`upgrade`] for the connection's
-    /// task to run once hyper has written the 101.
-    upgraded: Mutex<Option<Upgraded>>,
+    /// The session its request was answered 101 for, left by [`upgrade`] (or the in-band
+    /// refusal) for the connection's task to run once hyper has written the 101.
+    pending: Mutex<Option<PendingSession>>,
 }
 
-/// A session admitted and dialled, waiting for hyper to hand over the upgraded connection.
+/// A session answered 101 (admitted and dialled, or refused in band), waiting for hyper to hand
+/// over the upgraded connection.
 ///
 /// It runs in the task that served the handshake, not a task of its own: a spawn per session
-/// was an allocation, a move of the session's future and, often, a wake of the other worker.
-struct Upgraded {
+/// was a task to schedule, a move of the session's future and, often, a wake of the other
+/// worker.
+struct PendingSession {
     pending: hyper::upgrade::OnUpgrade,
     dialed: Dialed,
     ctx: session::Context,
@@ -192,15 +195,20 @@ impl Connection {
             handshake: Mutex::new(None),
             snapshot,
             client_cert: OnceLock::new(),
-            upgraded: Mutex::new(None),
+            pending: Mutex::new(None),
         }
     }
 
-    /// The session the connection was upgraded to, if it was, ready to run. Made here, under
-    /// the connection's span, so that the session's span is its child.
-    fn session(&self, shared: &Shared) -> Option<impl Future<Output = ()> + Send + use<>> {
-        let Upgraded { pending, dialed, ctx, place } =
-            self.upgraded.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+    /// Leaves the session its request was answered 101 for, for the connection's task to run.
+    fn leave_session(&self, session: PendingSession) {
+        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
+    }
+
+    /// Takes the session the connection was upgraded to, if it was, ready to run. Made here,
+    /// under the connection's span, so that the session's span is its child.
+    fn take_session(&self, shared: &Shared) -> Option<impl Future<Output = ()> + Send + use<>> {
+        let PendingSession { pending, dialed, ctx, place } =
+            self.pending.lock().unwrap_or_else(|p| p.into_inner()).take()?;
         let slot = self.slot.clone();
         let (stop, abort) = (shared.stop.clone(), shared.abort.clone());
         // `map`, not `async move { session.await; .. }`: an async block that awaits a future it
@@ -296,7 +304,7 @@ async fn handle_connection(
             debug!("handshake pool full: shed this connection, which held its place past limits.handshake_shed_after_secs, for one waiting");
         }
     }
-    conn.session(&shared)
+    conn.take_session(&shared)
 }
 
 /// The TLS handshake; once the ClientHello has arrived whole the connection has shown progress,
@@ -514,8 +522,7 @@ async fn upgrade(
         credentials_expire,
         control,
     };
-    let pending = hyper::upgrade::on(req);
-    *conn.upgraded.lock().unwrap_or_else(|p| p.into_inner()) = Some(Upgraded { pending, dialed, ctx, place });
+    conn.leave_session(PendingSession { pending: hyper::upgrade::on(req), dialed, ctx, place });
     Ok(response)
 }
 

@@ -142,7 +142,7 @@ const WS_READ_BUFFER_BYTES: usize = 2048;
 const CONTROL_WRITE_BUFFER_BYTES: usize = 2 * 131;
 
 /// One session from the pending upgrade to the last byte, or until `abort` (the shutdown
-/// deadline) drops it, to be spawned as a task of its own.
+/// deadline) drops it; run by its connection's task once the handshake is done.
 ///
 /// Its span is created now, as a child of the caller's (the connection's). It is entered around
 /// what the session logs (an upgrade that fails, its close, its end line), not for the relay,

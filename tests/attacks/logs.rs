@@ -6,7 +6,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::support::{connect_from, metric, payload, raw_http, run_binary, within};
+use crate::support::{connect_from, eventually, metric, payload, raw_http, run_binary, within};
 
 /// Sessions in the flood: each ends with a `session ended` line, several times what the pipe,
 /// the writer's buffer and the queue hold together.
@@ -34,7 +34,7 @@ async fn a_stalled_log_reader_stalls_no_session() {
         ),
     )
     .unwrap();
-    let (_child, mut lines) = run_binary(&config, "info");
+    let (child, mut lines) = run_binary(&config, "info");
     let (mut plain, mut admin) = (None, None);
     while plain.is_none() || admin.is_none() {
         let line = within("the start-up log lines", lines.next_line()).await.unwrap().expect("wsgate exited early");
@@ -76,21 +76,44 @@ async fn a_stalled_log_reader_stalls_no_session() {
         client.unwrap();
     }
 
-    let (status, _, body) = raw_http(admin, "GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").await;
-    assert_eq!(status, 200);
-    let dropped = metric(&body, "wsgate_log_lines_dropped_total", &[]).expect("the dropped-lines counter") as usize;
-    assert_eq!(metric(&body, "wsgate_sessions_total", &[("code", "1000")]), Some(SESSIONS as f64));
-    // Neither nothing (the flood overflowed) nor everything (the pipe took some).
+    // Each session is counted, then logged, just after the client has its close: wait for all.
+    eventually("every session counted", || async {
+        metric(&scrape(admin).await, "wsgate_sessions_total", &[("code", "1000")]) == Some(SESSIONS as f64)
+    })
+    .await;
+    let dropped = dropped_lines(admin).await;
+    // Neither nothing (the flood overflowed the queue) nor everything (the pipe took some).
     assert!(dropped > 0 && dropped < SESSIONS, "{dropped} of {SESSIONS} lines dropped");
 
-    // The reader comes back: every line not counted as dropped arrives, whole.
+    // The reader comes back: the lines not counted as dropped arrive, whole, and no more are
+    // dropped (the count was final); at exit the log ends with nothing left out.
+    let ended = |line: &str| {
+        let whole = line.contains("close.code=1000") && line.ends_with("closed_by=\"client\"");
+        line.contains("session ended") && {
+            assert!(whole, "a line cut: {line}");
+            true
+        }
+    };
     let mut written = 0;
     while written + dropped < SESSIONS {
         let line = within("the queued log lines", lines.next_line()).await.unwrap().expect("wsgate exited early");
-        if line.contains("session ended") {
-            assert!(line.contains("close.code=1000") && line.ends_with("closed_by=\"client\""), "a line cut: {line}");
-            written += 1;
-        }
+        written += usize::from(ended(&line));
     }
-    assert_eq!(written + dropped, SESSIONS);
+    assert_eq!(dropped_lines(admin).await, dropped, "lines dropped after the reader came back");
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    while let Some(line) = within("the log's end", lines.next_line()).await.unwrap() {
+        written += usize::from(ended(&line));
+    }
+    assert_eq!(written + dropped, SESSIONS, "{written} lines written, {dropped} counted as dropped");
+}
+
+async fn scrape(admin: SocketAddr) -> String {
+    let (status, _, body) = raw_http(admin, "GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+async fn dropped_lines(admin: SocketAddr) -> usize {
+    metric(&scrape(admin).await, "wsgate_log_lines_dropped_total", &[]).expect("the dropped-lines counter") as usize
 }

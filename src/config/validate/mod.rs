@@ -129,7 +129,7 @@ impl Validator<'_> {
                 raw.log.max_buffered_lines,
                 DEFAULT_LOG_BUFFERED_LINES,
                 1,
-                1_000_000,
+                100_000,
             ),
         };
         let console = match (raw.console.enabled, raw.console.path) {
@@ -742,7 +742,7 @@ mod tests {
         let c = ok(&format!("{MINIMAL}[log]\nmax_buffered_lines = 1\n"));
         assert_eq!(c.log.max_buffered_lines, 1);
         let e = err(&format!("{MINIMAL}[log]\nmax_buffered_lines = 0\n"));
-        assert!(e.contains("log.max_buffered_lines: 0 is out of range 1..=1000000"), "{e}");
+        assert!(e.contains("log.max_buffered_lines: 0 is out of range 1..=100000"), "{e}");
         let e =
             err(&format!("{MINIMAL}[shutdown]\ndrain_delay_secs = 5\nclose_window_secs = 10\ndeadline_secs = 12\n"));
         assert!(e.contains("shutdown.deadline_secs: 12 must be greater than"), "{e}");
