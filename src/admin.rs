@@ -32,7 +32,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::config::{AdminAccess, TokenHash};
 use crate::metrics::{AdminMetrics, Metrics};
@@ -153,17 +153,27 @@ enum Unauthorized {
     Invalid,
 }
 
+impl Unauthorized {
+    /// As `wsgate_admin_unauthorized_total`'s `reason` label says it.
+    fn label(self) -> &'static str {
+        match self {
+            Unauthorized::Missing => "missing_token",
+            Unauthorized::Invalid => "invalid_token",
+        }
+    }
+}
+
 /// Serves the admin endpoints on `listener` until `stop` is cancelled.
 pub(crate) async fn serve(listener: TcpListener, state: State, stop: CancellationToken, tasks: TaskTracker) {
     let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
-    while let Some((tcp, _, slot)) = server::accept_bounded(&listener, &slots, &stop, "admin").await {
+    while let Some((tcp, peer, slot)) = server::accept_bounded(&listener, &slots, &stop, "admin").await {
         let (state, stop) = (state.clone(), stop.clone());
         let access = state.access.read().unwrap_or_else(|p| p.into_inner()).clone();
         tasks.spawn(async move {
             match &access.tls {
-                None => serve_http(tcp, state, stop).await,
+                None => serve_http(tcp, peer, state, stop).await,
                 Some(acceptor) => match tokio::time::timeout(ADMIN_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => serve_http(tls, state, stop).await,
+                    Ok(Ok(tls)) => serve_http(tls, peer, state, stop).await,
                     Ok(Err(e)) => {
                         state.metrics.admin.tls_failed.increment(1);
                         debug!(error = %e, "admin tls handshake failed");
@@ -181,13 +191,13 @@ pub(crate) async fn serve(listener: TcpListener, state: State, stop: Cancellatio
 
 /// Serves HTTP on one admin connection. Who may read is looked up per request, not per
 /// connection: a token revoked by a reload stops working on connections already open too.
-async fn serve_http<I>(io: I, state: State, stop: CancellationToken)
+async fn serve_http<I>(io: I, peer: std::net::SocketAddr, state: State, stop: CancellationToken)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req| {
         let access = state.access.read().unwrap_or_else(|p| p.into_inner()).clone();
-        respond(req, state.clone(), access)
+        respond(req, peer, state.clone(), access)
     });
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(ADMIN_TIMEOUT);
@@ -201,10 +211,18 @@ where
 
 async fn respond(
     req: Request<Incoming>,
+    peer: std::net::SocketAddr,
     state: State,
     access: Arc<Access>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if let Some(why) = access.check(req.uri().path(), req.headers()) {
+        let (path, reason) = (req.uri().path(), why.label());
+        // Someone without a good token (a guesser, a scraper left with a revoked one) is worth a
+        // line, once in a while: each is counted, and written at debug level. Never the token.
+        match state.metrics.admin.unauthorized_warnings.allow() {
+            Some(suppressed) => warn!(client.addr = %peer, path, reason, suppressed, "admin request refused (401)"),
+            None => debug!(client.addr = %peer, path, reason, "admin request refused (401)"),
+        }
         return Ok(unauthorized(why, &state.metrics.admin));
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {

@@ -71,7 +71,7 @@ pub struct ReloadCounters {
 }
 
 /// Handles for the admin listener.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct AdminMetrics {
     /// Requests without a bearer token on a path that needs one.
     pub missing_token: Counter,
@@ -81,6 +81,8 @@ pub struct AdminMetrics {
     pub tls_failed: Counter,
     /// TLS handshakes that timed out.
     pub tls_timeout: Counter,
+    /// The warning a refused request writes, at most one per interval.
+    pub unauthorized_warnings: Throttle,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -130,6 +132,7 @@ impl Metrics {
                 invalid_token: Counter::noop(),
                 tls_failed: Counter::noop(),
                 tls_timeout: Counter::noop(),
+                unauthorized_warnings: Throttle::new(WARN_INTERVAL),
             },
             log_lines_dropped: Counter::noop(),
             log_drops_source: OnceLock::new(),
@@ -153,6 +156,7 @@ impl Metrics {
             tls_failed: metrics.counter(names::TLS_HANDSHAKE_FAILURES, &[("listener", "admin"), ("reason", "error")]),
             tls_timeout: metrics
                 .counter(names::TLS_HANDSHAKE_FAILURES, &[("listener", "admin"), ("reason", "timeout")]),
+            unauthorized_warnings: Throttle::new(WARN_INTERVAL),
         };
         metrics
     }

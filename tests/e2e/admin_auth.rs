@@ -100,6 +100,15 @@ async fn admin_needs_a_bearer_token_over_tls() {
     assert_eq!(status, 200, "a token from token_hashes");
     assert_eq!(metric(&metrics, "wsgate_admin_unauthorized_total", &[("reason", "missing_token")]), Some(3.0));
     assert_eq!(metric(&metrics, "wsgate_admin_unauthorized_total", &[("reason", "invalid_token")]), Some(1.0));
+    // Each refusal is logged: the first as a warning naming the client, path and reason, the
+    // others, within the warning interval, at debug level.
+    let text = logs.text();
+    let refused: Vec<&str> = text.lines().filter(|l| l.contains("admin request refused (401)")).collect();
+    assert_eq!(refused.len(), 4, "{text}");
+    assert!(refused[0].contains("WARN") && refused[0].contains("client.addr=127.0.0.1:"), "{}", refused[0]);
+    assert!(refused[0].contains("path=\"/metrics\" reason=\"missing_token\" suppressed=0"), "{}", refused[0]);
+    assert!(refused[1..].iter().all(|l| l.contains("DEBUG")), "{text}");
+    assert!(refused[1].contains("reason=\"invalid_token\""), "{}", refused[1]);
 
     // Plain HTTP on the TLS port: no answer, a failed handshake.
     let mut s = within("connect", TcpStream::connect(gw.admin)).await.unwrap();
