@@ -14,7 +14,7 @@ mod haproxy;
 mod replica;
 mod traffic;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -238,12 +238,12 @@ fn check(reports: &[traffic::ClientReport], backends: &Backends, replicas: &[Rep
     );
 
     let bconns = backends.conns.lock().unwrap();
-    let mut by_source: HashMap<(u32, SocketAddr), &traffic::BackendConn> = HashMap::new();
+    // A source can come back: a client's next connection may get the port its last one had (the
+    // kernel reuses it at once when the other side closed first). So each source keeps its
+    // connections in the order they came, and each of the client's takes the next one.
+    let mut by_source: HashMap<(u32, SocketAddr), VecDeque<&traffic::BackendConn>> = HashMap::new();
     for b in bconns.iter() {
-        assert!(
-            by_source.insert((b.client, SocketAddr::V4(b.proxied_source)), b).is_none(),
-            "two connections from {b:?}"
-        );
+        by_source.entry((b.client, SocketAddr::V4(b.proxied_source))).or_default().push_back(b);
     }
     let mut undelivered_down = 0u64;
     for (c, r) in reports.iter().enumerate() {
@@ -252,7 +252,8 @@ fn check(reports: &[traffic::ClientReport], backends: &Backends, replicas: &[Rep
         for (n, conn) in r.conns.iter().enumerate() {
             // The backend saw the client's own address and port, through HAProxy and wsgate.
             let b = by_source
-                .get(&(c as u32, conn.local))
+                .get_mut(&(c as u32, conn.local))
+                .and_then(|from| from.pop_front())
                 .unwrap_or_else(|| panic!("client {c}: no backend connection from {} (PROXY v2 source)", conn.local));
             assert_eq!(conn.replica, Some(b.replica));
             assert!(b.written >= conn.received, "client {c}: received more than the backend wrote");
@@ -274,6 +275,8 @@ fn check(reports: &[traffic::ClientReport], backends: &Backends, replicas: &[Rep
         }
     }
     assert_eq!(bconns.len(), reports.iter().map(|r| r.conns.len()).sum::<usize>(), "backend connections");
+    let unmatched: Vec<_> = by_source.values().flatten().collect();
+    assert!(unmatched.is_empty(), "backend connections no client made: {unmatched:?}");
     let dropped: u64 = replicas.iter().map(|r| r.totals.lock().unwrap().dropped_bytes).sum();
     assert_eq!(
         undelivered_down, dropped,
