@@ -18,11 +18,10 @@
 //! session); its place in the handshake pool and its client's handshake share until the request
 //! is answered or the backend dial begins; a route's session place as long as the session.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -35,104 +34,33 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 use tungstenite::handshake::derive_accept_key;
 
 mod accept;
 mod access;
+mod shared;
 
 use accept::Slot;
-pub(crate) use accept::{Listener, OVERFLOW_RESPONSES, Tuning, accept_bounded, accept_loop};
+pub(crate) use accept::{Listener, Tuning, accept_bounded, accept_loop};
 use access::{authenticate, find_target, refuse_in_band};
+pub(crate) use shared::{Page, Shared, Snapshot};
 
-use crate::admission::{Admission, ClientKey, LoadGuard, Over, Place, Shed};
-use crate::auth;
+use crate::admission::{ClientKey, LoadGuard, Over, Place, Shed};
 use crate::backend::{self, ConnectFailure, DialRequest, Hold};
 use crate::client_addr;
 use crate::client_cert::ClientCert;
 use crate::client_stream::{ClientIo, ClientStream};
-use crate::config::{Addressing, Limits, Unavailable};
-use crate::metrics::{ListenerMetrics, Metrics};
+use crate::config::{Addressing, Unavailable};
+use crate::metrics::ListenerMetrics;
 use crate::policy::{self, Refusal, RefusalKind};
 use crate::proxy_protocol;
 use crate::readahead::ReadAhead;
-use crate::router::{Entry, Router};
+use crate::router::Entry;
 use crate::session::{self, Dialed};
 use crate::throttle::Throttle;
 use crate::tls_stream::TlsStream;
-
-/// What every connection of one gateway instance shares for the instance's whole life.
-pub(crate) struct Shared {
-    pub connections: Arc<Semaphore>,
-    /// Sockets beyond `max_connections` being told so with a 503 (ws listeners only).
-    overflow: Arc<Semaphore>,
-    pub admission: Arc<Admission>,
-    pub next_session: AtomicU64,
-    /// Cancelled when the drain begins: stop accepting, close sessions with 1001.
-    pub stop: CancellationToken,
-    /// Cancelled at the shutdown deadline: drop whatever is left.
-    pub abort: CancellationToken,
-    /// Tracks every connection and session task, so shutdown can wait for them.
-    pub tasks: TaskTracker,
-    pub metrics: Arc<Metrics>,
-    /// The current config snapshot; replaced whole by a reload.
-    snapshot: RwLock<Arc<Snapshot>>,
-    /// HTTP Basic password checks in progress (`limits.max_password_checks`), across reloads.
-    pub password_checks: Arc<auth::PasswordChecks>,
-}
-
-/// Everything a reload may change, as one value.
-pub(crate) struct Snapshot {
-    pub router: Router,
-    pub limits: Limits,
-    /// How a shutdown proceeds (read when it starts).
-    pub shutdown: crate::config::Shutdown,
-    /// TLS acceptors by listener name (`wss` listeners only).
-    pub tls: HashMap<String, TlsAcceptor>,
-    /// Pages served for plain GET on an exact path (the console), given by `lib.rs`.
-    pub pages: Vec<Page>,
-    /// How each listener learns its clients' addresses, by listener name.
-    pub addressing: HashMap<String, Arc<Addressing>>,
-    /// The access policy of each route that has one, files loaded, by route name.
-    pub auth: HashMap<String, Arc<auth::RouteAuth>>,
-    /// The token lookup of each token-mapped route, map files and keys loaded, by route name.
-    pub targets: HashMap<String, Arc<backend::Mapping>>,
-}
-
-/// A static page: served for GET or HEAD on exactly `path`, on every listener.
-pub(crate) struct Page {
-    pub path: String,
-    pub render: fn() -> Response<Full<Bytes>>,
-}
-
-impl Shared {
-    pub fn new(limits: &Limits, admission: Arc<Admission>, metrics: Arc<Metrics>, snapshot: Snapshot) -> Shared {
-        Shared {
-            connections: Arc::new(Semaphore::new(limits.max_connections)),
-            overflow: Arc::new(Semaphore::new(OVERFLOW_RESPONSES)),
-            admission,
-            next_session: AtomicU64::new(1),
-            stop: CancellationToken::new(),
-            abort: CancellationToken::new(),
-            tasks: TaskTracker::new(),
-            metrics,
-            snapshot: RwLock::new(Arc::new(snapshot)),
-            password_checks: Arc::default(),
-        }
-    }
-
-    pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.snapshot.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    pub fn replace(&self, snapshot: Snapshot) {
-        *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(snapshot);
-    }
-}
 
 /// A client connection, as requests on it see it.
 struct Connection {
