@@ -59,6 +59,10 @@ pub(crate) struct Storm {
     pub(crate) pss_kib: u64,
     /// wsgate's refusal and TLS failure counters after the storm (not 0 only).
     pub(crate) refusals: Vec<String>,
+    /// SYNs the kernel dropped at the relay's full listen backlog during the storm (the
+    /// machine's `TcpExtListenOverflows`; nothing else listens under load meanwhile). Each costs
+    /// its client a retransmission a second later: the storm's tail.
+    pub(crate) backlog_overflows: Option<u64>,
 }
 
 impl Storm {
@@ -69,7 +73,7 @@ impl Storm {
         };
         let failed: usize = self.failures.values().sum();
         let mut s = format!(
-            "| {} | {} | {:.2} s{} | {:.0}/{:.0}/{:.0} | {failed} | {:.1} | {:.1} |\n",
+            "| {} | {} | {:.2} s{} | {:.0}/{:.0}/{:.0} | {failed} | {} | {:.1} | {:.1} |\n",
             self.name,
             self.opened,
             self.all_answered.as_secs_f64(),
@@ -77,11 +81,12 @@ impl Storm {
             pct(0.5),
             pct(0.99),
             pct(1.0),
+            self.backlog_overflows.map_or("–".to_string(), |n| n.to_string()),
             self.peak_rss_kib as f64 / 1024.0,
             self.pss_kib as f64 / 1024.0,
         );
         for (reason, n) in &self.failures {
-            s += &format!("|  | failed: {reason}: {n} | | | | | |\n");
+            s += &format!("|  | failed: {reason}: {n} | | | | | | |\n");
         }
         s
     }
@@ -91,8 +96,8 @@ impl Storm {
             "Reconnect storm: {} wss clients (full handshakes) from {} source addresses (127.0.0.2-127.0.0.{}), \
              {} client processes of one tokio thread each, all released at once; sessions held until every client \
              has its answer.\n\n\
-             | target | opened | until all answered | handshake p50/p99/max ms | failed | peak RSS MiB | PSS all open MiB |\n\
-             |---|---|---|---|---|---|---|\n",
+             | target | opened | until all answered | handshake p50/p99/max ms | failed | SYNs dropped at the backlog | peak RSS MiB | PSS all open MiB |\n\
+             |---|---|---|---|---|---|---|---|\n",
             shape.clients,
             shape.sources,
             shape.sources + 1,
@@ -160,6 +165,7 @@ pub(crate) fn run(name: &'static str, setup: &Setup, ca_pem: &Path, shape: Shape
         }
     };
     wait_for("ready", Duration::from_secs(30), Box::new(|_| {}));
+    let overflows_before = listen_overflows();
     let released = SystemTime::now();
     for d in &mut drivers {
         writeln!(d.stdin.as_mut().unwrap(), "go").unwrap();
@@ -178,6 +184,7 @@ pub(crate) fn run(name: &'static str, setup: &Setup, ca_pem: &Path, shape: Shape
             }
         }),
     );
+    let backlog_overflows = overflows_before.zip(listen_overflows()).map(|(a, b)| b.saturating_sub(a));
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let peak_rss_kib = status
         .lines()
@@ -214,7 +221,18 @@ pub(crate) fn run(name: &'static str, setup: &Setup, ca_pem: &Path, shape: Shape
         peak_rss_kib,
         pss_kib,
         refusals,
+        backlog_overflows,
     }
+}
+
+/// The machine's count of connections dropped at a full listen backlog (`TcpExt:
+/// ListenOverflows` in `/proc/net/netstat`); `None` where it cannot be read.
+fn listen_overflows() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next()?, lines.next()?);
+    let at = names.split_whitespace().position(|n| n == "ListenOverflows")?;
+    values.split_whitespace().nth(at)?.parse().ok()
 }
 
 /// The `storm-clients` role: `count` clients, numbered from `offset`, client `i` bound to
