@@ -150,6 +150,11 @@ impl Connection {
         *self.handshake.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
+    /// Whether it still holds its place in the handshake pool (its request not yet admitted).
+    fn in_handshake(&self) -> bool {
+        self.handshake.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
     /// Records progress in the handshake (see `admission::Pool`).
     fn progressed(&self) {
         if let Some(place) = &*self.handshake.lock().unwrap_or_else(|p| p.into_inner()) {
@@ -225,11 +230,18 @@ async fn handle_connection(
             metrics.request_timeout.increment(1);
         }
     };
+    tokio::pin!(serve);
     tokio::select! {
-        _ = serve => {}
+        _ = &mut serve => {}
         _ = shed.cancelled() => {
-            metrics.handshake_shed.increment(1);
-            debug!("handshake pool full: shed this connection, which held its place past limits.handshake_shed_after_secs, for one waiting");
+            if conn.in_handshake() {
+                metrics.handshake_shed.increment(1);
+                debug!("handshake pool full: shed this connection, which held its place past limits.handshake_shed_after_secs, for one waiting");
+            } else {
+                // Its request was admitted in the same wake as the shed: its place is already
+                // the waiter's, and dropping it now (mid-dial) would free nothing.
+                serve.await;
+            }
         }
     }
     conn.take_session(&shared)
