@@ -191,7 +191,8 @@ impl Gateway {
         let admission = Arc::new(Admission::new(&config.limits, occupancy, waiting));
         let pools = Arc::new(backend::Pools::new(metrics.clone()));
         let resumption = Arc::new(tickets::Resumption::default());
-        let snapshot = snapshot(&config, &metrics, &admission, &pools, &resumption)?;
+        let (snapshot, made) = snapshot(&config, &metrics, &admission, &pools, &resumption)?;
+        resumption.keep(made);
         pools.publish(snapshot.router.pools());
         let mut listeners = Vec::with_capacity(config.listeners.len());
         let tuning = server::Tuning::of(&config.limits.session);
@@ -402,11 +403,13 @@ impl Reloader {
         if let Some(what) = config::restart_required(&running, &new) {
             return Err(ReloadError::RestartRequired(what));
         }
-        let snapshot = snapshot(&new, &self.shared.metrics, &self.shared.admission, &self.pools, &self.resumption)
-            .map_err(ReloadError::Tls)?;
+        let (snapshot, made) =
+            snapshot(&new, &self.shared.metrics, &self.shared.admission, &self.pools, &self.resumption)
+                .map_err(ReloadError::Tls)?;
         let admin_access = admin_access(&new).map_err(ReloadError::Tls)?;
         let pools = snapshot.router.pools();
         self.shared.replace(snapshot);
+        self.resumption.keep(made);
         self.pools.publish(pools);
         *self.admin_access.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(admin_access);
         *running = Arc::new(new);
@@ -414,24 +417,26 @@ impl Reloader {
     }
 }
 
-/// Everything a reload may change, built from `config`: routes, limits, certificates, pages.
+/// Everything a reload may change, built from `config`: routes, limits, certificates, pages;
+/// and the TLS resumption state made for it, for the caller to keep once it is in force.
 fn snapshot(
     config: &Config,
     metrics: &Arc<Metrics>,
     admission: &Admission,
     pools: &backend::Pools,
     resumption: &tickets::Resumption,
-) -> Result<Snapshot, StartError> {
+) -> Result<(Snapshot, tickets::Made), StartError> {
     let mut tls = HashMap::new();
+    let mut made = tickets::Made::default();
     for l in &config.listeners {
         if let Some(files) = &l.tls {
-            tls.insert(l.name.clone(), TlsAcceptor::from(load_tls(&l.name, files, resumption)?));
+            tls.insert(l.name.clone(), TlsAcceptor::from(load_tls(&l.name, files, resumption, &mut made)?));
         }
     }
     let auth = auth::load(config).map_err(StartError::Auth)?;
     let targets = backend::load_targets(config).map_err(StartError::Targets)?;
     let backend_tls = backend::tls::load(config).map_err(StartError::BackendTls)?;
-    Ok(Snapshot {
+    let snapshot = Snapshot {
         auth,
         targets,
         router: router::Router::new(
@@ -446,13 +451,15 @@ fn snapshot(
         tls,
         pages: config.console.iter().map(|path| server::Page { path: path.clone(), render: console::page }).collect(),
         addressing: config.listeners.iter().map(|l| (l.name.clone(), Arc::new(l.addressing.clone()))).collect(),
-    })
+    };
+    Ok((snapshot, made))
 }
 
 fn load_tls(
     name: &str,
     files: &config::TlsFiles,
     resumption: &tickets::Resumption,
+    made: &mut tickets::Made,
 ) -> Result<Arc<rustls::ServerConfig>, StartError> {
     let err = |source: tls::TlsError| StartError::Tls { name: name.to_string(), source: Box::new(source) };
     if files.generate_self_signed && tls::needs_dev_pair(&files.cert, &files.key) {
@@ -465,7 +472,7 @@ fn load_tls(
              put a real certificate there or set generate_self_signed = false"
         );
     }
-    let state = resumption.state(name, files).map_err(|e| err(e.into()))?;
+    let state = resumption.state(name, files, made).map_err(|e| err(e.into()))?;
     tls::server_config_with(&files.cert, &files.key, files.client_auth.as_ref(), Some(state)).map_err(err)
 }
 

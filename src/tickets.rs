@@ -93,10 +93,16 @@ pub enum TicketKeysError {
     Crypto(String),
 }
 
+/// State made for a config being loaded, kept only once that config is in force (see
+/// [`Resumption::keep`]).
+#[derive(Default)]
+pub struct Made(Vec<(String, Kept)>);
+
 impl Resumption {
     /// The state `listener`'s new server config uses: the one it had, unless the listener
     /// verifies client certificates (fresh at every reload) or its ticket settings changed.
-    pub fn state(&self, listener: &str, files: &TlsFiles) -> Result<State, TicketKeysError> {
+    /// New state goes into `made`, and is the listener's from then on only once kept.
+    pub fn state(&self, listener: &str, files: &TlsFiles, made: &mut Made) -> Result<State, TicketKeysError> {
         let keys = match (&files.ticket_keys, files.session_tickets) {
             (Some(path), true) => Some(read_keys(path)?),
             _ => None,
@@ -106,13 +112,14 @@ impl Resumption {
             (None, true) => Source::Rotating,
             (None, false) => Source::Off,
         };
-        let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        let listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(kept) = listeners.get(listener)
             && kept.source == source
             && files.client_auth.is_none()
         {
             return Ok(kept.state.clone());
         }
+        drop(listeners);
         let ticketer: Arc<dyn ProducesTickets> = match keys {
             Some(keys) => Arc::new(keys.into_ticketer(FILE_TICKET_LIFETIME_SECS)?),
             None if files.session_tickets => Arc::new(
@@ -121,8 +128,14 @@ impl Resumption {
             None => Arc::new(NoTickets),
         };
         let state = State { ticketer, cache: ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES) };
-        listeners.insert(listener.to_string(), Kept { source, state: state.clone() });
+        made.0.push((listener.to_string(), Kept { source, state: state.clone() }));
         Ok(state)
+    }
+
+    /// Keeps the state made for the config now in force. A reload that is refused never gets
+    /// here, so the state its clients resume with stays that of the config still serving them.
+    pub fn keep(&self, made: Made) {
+        self.listeners.lock().unwrap_or_else(|p| p.into_inner()).extend(made.0);
     }
 }
 
@@ -382,15 +395,50 @@ mod tests {
             ticket_keys: None,
         };
         let resumption = Resumption::default();
-        let state = resumption.state("edge", &files("edge")).unwrap();
+        let state = resumption.state("edge", &files("edge"), &mut Made::default()).unwrap();
         let sealed = state.ticketer.encrypt(b"session state").unwrap();
         assert_eq!(state.ticketer.decrypt(&sealed).as_deref(), Some(&b"session state"[..]));
         assert_eq!(state.ticketer.lifetime(), 2 * ROTATION_SECS);
-        let other = resumption.state("other", &files("other")).unwrap();
+        let other = resumption.state("other", &files("other"), &mut Made::default()).unwrap();
         assert_eq!(other.ticketer.decrypt(&sealed), None);
         let key = rotating_key().unwrap();
         assert_eq!(key.lifetime(), 2 * ROTATION_SECS);
         assert_ne!(key.encrypt(b"same"), rotating_key().unwrap().encrypt(b"same"));
+    }
+
+    /// A reload that made new state and was then refused leaves the kept state as it was: the
+    /// next reload with the settings in force resumes with the same keys.
+    #[test]
+    fn state_made_for_a_refused_reload_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        std::fs::write(&keys, format!("{}\n", "ab".repeat(32))).unwrap();
+        let files = |ticket_keys: Option<PathBuf>| TlsFiles {
+            cert: "c".into(),
+            key: "k".into(),
+            generate_self_signed: false,
+            client_auth: None,
+            session_tickets: true,
+            ticket_keys,
+        };
+        let resumption = Resumption::default();
+        let mut made = Made::default();
+        let running = resumption.state("edge", &files(None), &mut made).unwrap();
+        resumption.keep(made);
+        let sealed = running.ticketer.encrypt(b"session state").unwrap();
+        // A reload to a key file, made and then refused (another file in it failed).
+        let refused = resumption.state("edge", &files(Some(keys.clone())), &mut Made::default()).unwrap();
+        assert_eq!(refused.ticketer.decrypt(&sealed), None);
+        // The next reload, with the running settings, gets the running state.
+        let next = resumption.state("edge", &files(None), &mut Made::default()).unwrap();
+        assert!(Arc::ptr_eq(&next.ticketer, &running.ticketer));
+        assert_eq!(next.ticketer.decrypt(&sealed).as_deref(), Some(&b"session state"[..]));
+        // A reload to the key file that is applied keeps its state for the next.
+        let mut made = Made::default();
+        let applied = resumption.state("edge", &files(Some(keys.clone())), &mut made).unwrap();
+        resumption.keep(made);
+        let after = resumption.state("edge", &files(Some(keys)), &mut Made::default()).unwrap();
+        assert!(Arc::ptr_eq(&after.ticketer, &applied.ticketer));
     }
 
     #[test]
