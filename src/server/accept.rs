@@ -136,9 +136,10 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
 /// Spawns a connection's task: its handshake, then the session it was upgraded to, if any.
 ///
 /// The handshake is boxed, so its state (about 6 KiB, larger than a session's) is freed when it
-/// ends rather than held in the task for the session's life, and so that it moves into the
-/// runtime as a pointer. Only the handshake runs in the connection's span: the session enters its
-/// own (a child of it) around what it logs, and the relay is polled on every message.
+/// ends rather than held in the task for the session's life; the session comes boxed too
+/// (`Connection::take_session`), so the task itself is a few pointers. Only the handshake runs
+/// in the connection's span: the session enters its own (a child of it) around what it logs,
+/// and the relay is polled on every message.
 fn spawn_connection<S>(shared: &Shared, handshake: impl Future<Output = Option<S>> + Send + 'static)
 where
     S: Future<Output = ()> + Send + 'static,
@@ -146,7 +147,7 @@ where
     // `then`, not an async block: one would keep the handshake's box, or a second copy of the
     // session, alongside the session for its whole life.
     let task = Box::pin(handshake).then(OptionFuture::from).map(drop);
-    shared.tasks.spawn(Box::pin(task));
+    shared.tasks.spawn(task);
 }
 
 /// A connection on a `proxy_protocol` listener: closed at once unless its peer is a trusted

@@ -141,7 +141,9 @@ impl Connection {
         let (stop, abort) = (shared.stop.clone(), shared.abort.clone());
         // `map`, not `async move { session.await; .. }`: an async block that awaits a future it
         // captured stores it twice, and a session's future is most of what an idle session costs.
-        Some(session::run(pending, dialed, ctx, stop, abort).map(move |()| drop((slot, place))))
+        // Boxed where it is made: on its way into the task it is moved several times, each a
+        // copy of all of it into memory not yet in cache, where a box moves as a pointer.
+        Some(Box::pin(session::run(pending, dialed, ctx, stop, abort).map(move |()| drop((slot, place)))))
     }
 
     /// Leaves the handshake pool and the client's handshake share: the request has been read
