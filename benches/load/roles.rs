@@ -19,12 +19,12 @@ use crate::targets::*;
 use crate::{BackendKind, Mode};
 
 pub(crate) async fn bare_bridge(backend: SocketAddr, tls: Option<Vec<PathBuf>>) {
-    // The backlog of wsgate's default `listen_backlog` (tokio's `bind` asks for 128), so that
+    // The backlog of wsgate's default `listen_backlog` (tokio's `bind` asks for 1024), so that
     // in the reconnect storm both meet the same kernel queue and the bare bridge's clients do
     // not wait out SYN retransmissions wsgate's are spared.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let listener = socket.listen(1024).unwrap();
+    let listener = socket.listen(4096).unwrap();
     println!("listening {}", listener.local_addr().unwrap());
     std::io::stdout().flush().unwrap();
     let acceptor = tls.map(|files| {

@@ -17,8 +17,9 @@ const DEFAULT_HANDSHAKE_SHED_AFTER_SECS: f64 = 2.0;
 /// A real client sends its request head in the first packet after the handshake; a client
 /// still trickling it after this long is most likely holding a place on purpose.
 const DEFAULT_REQUEST_HEAD_TIMEOUT_SECS: f64 = 5.0;
-/// tokio's own default, and below the usual `net.core.somaxconn` (4096), which caps it anyway.
-const DEFAULT_LISTEN_BACKLOG: u64 = 1024;
+/// Linux's default `net.core.somaxconn`, which caps it anyway: a reconnect storm overflowed
+/// 1024 (tokio's own default), and each SYN the kernel drops costs its client a second.
+const DEFAULT_LISTEN_BACKLOG: u64 = 4096;
 /// Enough for bursts of reconnects to a healthy backend (each connect takes a round trip);
 /// small enough that a backend which drops SYNs ties up few sockets.
 const DEFAULT_MAX_PENDING_CONNECTS: u64 = 128;

@@ -564,7 +564,7 @@ mod tests {
         assert_eq!(c.limits.session.max_sessions, None);
         assert_eq!(c.limits.request_head_timeout, Duration::from_secs(5));
         assert_eq!(c.limits.handshake_shed_after, Duration::from_secs(2));
-        assert_eq!(c.limits.listen_backlog, 1024);
+        assert_eq!(c.limits.listen_backlog, 4096);
         assert_eq!(c.limits.max_memory, MemoryBudget::Auto);
         let p = c.limits.per_client;
         assert_eq!((p.max_connections, p.max_handshakes, p.new_connections_burst), (256, 32, 100));
