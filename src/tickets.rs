@@ -96,6 +96,7 @@ pub enum TicketKeysError {
 /// State made for a config being loaded, kept only once that config is in force (see
 /// [`Resumption::keep`]).
 #[derive(Default)]
+#[must_use = "state made for a config is lost unless kept once that config is in force"]
 pub struct Made(Vec<(String, Kept)>);
 
 impl Resumption {

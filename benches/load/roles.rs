@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
@@ -22,7 +22,7 @@ pub(crate) async fn bare_bridge(backend: SocketAddr, tls: Option<Vec<PathBuf>>) 
     // The backlog of wsgate's default `listen_backlog` (tokio's `bind` asks for 1024), so that
     // in the reconnect storm both meet the same kernel queue and the bare bridge's clients do
     // not wait out SYN retransmissions wsgate's are spared.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    let socket = TcpSocket::new_v4().unwrap();
     socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let listener = socket.listen(4096).unwrap();
     println!("listening {}", listener.local_addr().unwrap());
@@ -131,9 +131,14 @@ pub(crate) async fn hold(url: String, count: usize, ca: Option<PathBuf>) {
     drop(held);
 }
 
-/// A TCP backend in a process of its own, until standard input closes.
+/// A TCP backend in a process of its own, until standard input closes. It listens with the
+/// relays' backlog, so that in the reconnect storm (where the bare bridge dials without limit)
+/// no SYN is dropped at its queue: the storm's count of dropped SYNs is then the relay's own.
 pub(crate) async fn backend(kind: BackendKind, listen: SocketAddr) {
-    let listener = TcpListener::bind(listen).await.unwrap_or_else(|e| panic!("backend: bind {listen}: {e}"));
+    let socket = if listen.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket.bind(listen).unwrap_or_else(|e| panic!("backend: bind {listen}: {e}"));
+    let listener = socket.listen(4096).unwrap();
     println!("listening {}", listener.local_addr().unwrap());
     std::io::stdout().flush().unwrap();
     exit_when_stdin_closes();

@@ -60,8 +60,9 @@ pub(crate) struct Storm {
     /// wsgate's refusal and TLS failure counters after the storm (not 0 only).
     pub(crate) refusals: Vec<String>,
     /// SYNs the kernel dropped at the relay's full listen backlog during the storm (the
-    /// machine's `TcpExtListenOverflows`; nothing else listens under load meanwhile). Each costs
-    /// its client a retransmission a second later: the storm's tail.
+    /// machine's `TcpExtListenOverflows`; the echo backend's backlog is as large, and it is
+    /// dialled no faster than clients arrive). Each costs its client a retransmission a second
+    /// later: the storm's tail.
     pub(crate) backlog_overflows: Option<u64>,
 }
 

@@ -240,8 +240,10 @@ async fn handle_connection(
                 metrics.handshake_shed.increment(1);
                 debug!("handshake pool full: shed this connection, which held its place past limits.handshake_shed_after_secs, for one waiting");
             } else {
-                // Its request was admitted in the same wake as the shed: its place is already
-                // the waiter's, and dropping it now (mid-dial) would free nothing.
+                // The pool shed it after this task, not yet aware, had admitted its request
+                // (`select!` polls in random order): its place is the waiter's already, dropping
+                // it now would free nothing, and what it does next (a dial, an answer) is
+                // bounded per route.
                 serve.await;
             }
         }

@@ -154,6 +154,35 @@ async fn a_bad_ticket_keys_file_is_refused_and_never_quoted() {
     assert!(e.contains("listeners.secure.tls.ticket_keys: needs session_tickets = true"), "{e}");
 }
 
+/// A reload that is refused after it made new ticket keys (a key file, beside a route whose
+/// password file is missing) leaves the running keys as they were: once the config in force is
+/// reloaded again, clients still resume.
+#[tokio::test]
+async fn a_refused_reload_leaves_the_running_ticket_keys() {
+    let setup = Setup::new();
+    let config = setup.write("");
+    let gw = Gateway::from_file(&config).await;
+    let addr = gw.secure.unwrap();
+    let client = setup.client();
+    assert_eq!(session(addr, &client).await, HandshakeKind::Full);
+
+    let keys = keys_file(setup.dir.path(), "fleet.keys", &[&"cd".repeat(32)]);
+    let refused = setup.dir.path().join("refused.toml");
+    let missing = setup.dir.path().join("missing.htpasswd");
+    let text = std::fs::read_to_string(setup.write(&format!(", ticket_keys = {keys:?}"))).unwrap()
+        + &format!(
+            "[routes.guarded]\npath = \"/guarded\"\nbackend = \"builtin:echo\"\n[routes.guarded.auth]\ntype = \"basic\"\nhtpasswd = {:?}\n",
+            missing.display().to_string()
+        );
+    std::fs::write(&refused, text).unwrap();
+    let e = gw.reloader.reload_file(&refused).expect_err("a missing password file is refused").to_string();
+    assert!(e.contains("missing.htpasswd"), "{e}");
+
+    let config = setup.write("");
+    gw.reloader.reload_file(&config).expect("reload of the config in force");
+    assert_eq!(session(addr, &client).await, HandshakeKind::Resumed, "the running keys were kept");
+}
+
 /// `session_tickets = false`: no tickets, but the session cache still resumes (TLS 1.3 by
 /// stateful session IDs), also after a reload.
 #[tokio::test]
