@@ -69,8 +69,14 @@ impl Pools {
         })
     }
 
-    /// Hands the pools of the snapshot now in force to the health task.
+    /// Hands the pools of the snapshot now in force to the health task, and their members to
+    /// the metrics: a member no longer in any pool leaves the scrapes.
     pub fn publish(&self, pools: Vec<Arc<Pool>>) {
+        let in_force = pools
+            .iter()
+            .flat_map(|pool| pool.members.iter().map(|m| (pool.route.clone(), m.config.name.clone())))
+            .collect();
+        self.metrics.backends_in_force(&in_force);
         self.published.send_replace(pools);
     }
 

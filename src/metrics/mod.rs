@@ -54,6 +54,15 @@ pub struct Metrics {
     log_lines_dropped: Counter,
     /// What the process's log writer has dropped (set by `main`, which owns the writer).
     log_drops_source: OnceLock<Box<dyn Fn() -> u64 + Send + Sync>>,
+    /// Every pool member (route, name) given handles, and the label sets of those no longer in
+    /// the config, which scrapes leave out (see [`Metrics::backends_in_force`]).
+    backends: Mutex<Backends>,
+}
+
+#[derive(Default)]
+struct Backends {
+    registered: HashSet<(String, String)>,
+    retired: Vec<String>,
 }
 
 /// `wsgate_config_reloads_total`: one counter per trigger (SIGHUP, a watched file's change) and
@@ -117,6 +126,7 @@ impl Metrics {
             handle,
             enabled,
             routes: Mutex::new(HashMap::new()),
+            backends: Mutex::default(),
             ready: Gauge::noop(),
             reloads: ReloadCounters {
                 signal_ok: Counter::noop(),
@@ -172,7 +182,28 @@ impl Metrics {
             self.log_lines_dropped.absolute(dropped());
         }
         self.handle.run_upkeep();
-        self.handle.render()
+        let text = self.handle.render();
+        let backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
+        if backends.retired.is_empty() {
+            return text;
+        }
+        let retired = |line: &str| !line.starts_with('#') && backends.retired.iter().any(|l| line.contains(l.as_str()));
+        text.lines().filter(|line| !retired(line)).flat_map(|line| [line, "\n"]).collect()
+    }
+
+    /// Says which pool members the config in force has, as (route, member) pairs. Series of the
+    /// others are left out of scrapes from now on, until a member comes back: the exporter
+    /// cannot unregister a series, and a removed member's last values would otherwise stay for
+    /// the process's life (a `wsgate_backend_up` of 0 alerting for a member no longer there).
+    pub fn backends_in_force(&self, in_force: &HashSet<(String, String)>) {
+        let mut backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
+        let mut retired: Vec<String> = backends
+            .registered
+            .difference(in_force)
+            .map(|(route, backend)| format!("{{route=\"{}\",backend=\"{}\"}}", escape(route), escape(backend)))
+            .collect();
+        retired.sort();
+        backends.retired = retired;
     }
 
     fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
@@ -261,6 +292,8 @@ impl Metrics {
 
     /// Handles for one member of a route's pool; the labels are configured names, so bounded.
     pub fn backend(&self, route: &str, backend: &str) -> BackendMetrics {
+        let pair = (route.to_string(), backend.to_string());
+        self.backends.lock().unwrap_or_else(|p| p.into_inner()).registered.insert(pair);
         let l = [("route", route), ("backend", backend)];
         BackendMetrics {
             up: self.gauge(names::BACKEND_UP, &l),
@@ -280,6 +313,11 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics::new(true)
     }
+}
+
+/// A label value as the exposition writes it.
+fn escape(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {

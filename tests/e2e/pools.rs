@@ -314,6 +314,52 @@ async fn failed_connects_eject_a_member() {
     .await;
 }
 
+/// A member removed by a reload leaves the scrapes with it: its `wsgate_backend_up` of 0 would
+/// otherwise stay, and alert, for the process's life. Put back, it is scraped again; the
+/// members that stayed are scraped throughout.
+#[tokio::test]
+async fn a_removed_member_leaves_the_metrics() {
+    let [a, b, _] = three().await;
+    let dead = RefusingPort::new();
+    let members = |with_dead: bool| {
+        let dead =
+            if with_dead { format!("  {{ name = \"dead\", address = \"{}\" }},\n", dead.addr) } else { String::new() };
+        format!(
+            "backends = [\n  {{ name = \"a\", address = \"{}\" }},\n{dead}  {{ name = \"b\", address = \"{}\" }},\n]\n",
+            a.addr, b.addr
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wsgate.toml");
+    let config = |with_dead: bool| Gateway::builder().route_table("p", "/p", &members(with_dead)).toml();
+    std::fs::write(&path, config(true)).unwrap();
+    let gw = Gateway::from_file(&path).await;
+    for i in 0..12 {
+        let (mut ws, _) = open(&gw, "/p").await;
+        echoes(&mut ws, 100, i).await;
+    }
+    let dead_labels = [("route", "p"), ("backend", "dead")];
+    assert_eq!(scrape(&gw, "wsgate_backend_up", &dead_labels).await, 0.0);
+    let body = admin_get(&gw, "/metrics").await.1;
+    assert!(metric(&body, "wsgate_backend_up", &dead_labels).is_some(), "{body}");
+
+    std::fs::write(&path, config(false)).unwrap();
+    gw.reloader.reload_file(&path).expect("reload without the dead member");
+    let (mut ws, _) = open(&gw, "/p").await;
+    echoes(&mut ws, 100, 99).await;
+    let body = admin_get(&gw, "/metrics").await.1;
+    assert!(!body.contains("backend=\"dead\""), "a removed member is still scraped:\n{body}");
+    for m in [&a, &b] {
+        assert_eq!(metric(&body, "wsgate_backend_up", &[("route", "p"), ("backend", &m.label())]), Some(1.0), "{body}");
+    }
+    assert!(body.contains("# TYPE wsgate_backend_up gauge"), "{body}");
+
+    std::fs::write(&path, config(true)).unwrap();
+    gw.reloader.reload_file(&path).expect("reload with the member back");
+    let body = admin_get(&gw, "/metrics").await.1;
+    assert!(metric(&body, "wsgate_backend_failed_connects_total", &dead_labels).is_some(), "put back: {body}");
+}
+
 /// Drain by reload: `drain = true` (and then `weight = 0`) gives a member no new sessions while
 /// its live ones carry on byte for byte.
 #[tokio::test]
