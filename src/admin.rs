@@ -35,7 +35,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::config::{AdminAccess, TokenHash};
-use crate::metrics::{AdminMetrics, Metrics};
+use crate::metrics::{AdminMetrics, INVALID_TOKEN, MISSING_TOKEN, Metrics};
 use crate::server;
 use crate::tls::{self, TlsError};
 
@@ -157,8 +157,8 @@ impl Unauthorized {
     /// As `wsgate_admin_unauthorized_total`'s `reason` label says it.
     fn label(self) -> &'static str {
         match self {
-            Unauthorized::Missing => "missing_token",
-            Unauthorized::Invalid => "invalid_token",
+            Unauthorized::Missing => MISSING_TOKEN,
+            Unauthorized::Invalid => INVALID_TOKEN,
         }
     }
 }

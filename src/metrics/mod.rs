@@ -79,6 +79,12 @@ pub struct ReloadCounters {
     pub watch_error: Counter,
 }
 
+/// `wsgate_admin_unauthorized_total`'s `reason` for a request without a bearer token; the admin
+/// log's too, so the two never drift.
+pub const MISSING_TOKEN: &str = "missing_token";
+/// Its `reason` for a token that is not one of the configured ones.
+pub const INVALID_TOKEN: &str = "invalid_token";
+
 /// Handles for the admin listener.
 #[derive(Debug)]
 pub struct AdminMetrics {
@@ -161,8 +167,8 @@ impl Metrics {
             watch_error: reloads("watch", "error"),
         };
         metrics.admin = AdminMetrics {
-            missing_token: metrics.counter(names::ADMIN_UNAUTHORIZED, &[("reason", "missing_token")]),
-            invalid_token: metrics.counter(names::ADMIN_UNAUTHORIZED, &[("reason", "invalid_token")]),
+            missing_token: metrics.counter(names::ADMIN_UNAUTHORIZED, &[("reason", MISSING_TOKEN)]),
+            invalid_token: metrics.counter(names::ADMIN_UNAUTHORIZED, &[("reason", INVALID_TOKEN)]),
             tls_failed: metrics.counter(names::TLS_HANDSHAKE_FAILURES, &[("listener", "admin"), ("reason", "error")]),
             tls_timeout: metrics
                 .counter(names::TLS_HANDSHAKE_FAILURES, &[("listener", "admin"), ("reason", "timeout")]),
