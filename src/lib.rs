@@ -403,10 +403,11 @@ impl Reloader {
         if let Some(what) = config::restart_required(&running, &new) {
             return Err(ReloadError::RestartRequired(what));
         }
+        // Everything that can fail comes first: a refused reload leaves nothing of itself behind.
+        let admin_access = admin_access(&new).map_err(ReloadError::Tls)?;
         let (snapshot, made) =
             snapshot(&new, &self.shared.metrics, &self.shared.admission, &self.pools, &self.resumption)
                 .map_err(ReloadError::Tls)?;
-        let admin_access = admin_access(&new).map_err(ReloadError::Tls)?;
         let pools = snapshot.router.pools();
         self.shared.replace(snapshot);
         self.resumption.keep(made);

@@ -76,7 +76,7 @@ impl Pools {
             .iter()
             .flat_map(|pool| pool.members.iter().map(|m| (pool.route.clone(), m.config.name.clone())))
             .collect();
-        self.metrics.backends_in_force(&in_force);
+        self.metrics.scrape_only_backends(in_force);
         self.published.send_replace(pools);
     }
 
@@ -222,6 +222,9 @@ impl MemberState {
             checks.passed = 0;
             checks.failed = checks.failed.saturating_add(1);
             if up && checks.failed >= check.fall {
+                // So that, if a reload turns active checks off, it is retried after
+                // `eject_secs` as an ejected member is, rather than left down for good.
+                checks.ejected_at = Some(Instant::now());
                 self.set_up(false);
                 warn!(route, backend = name, failed = checks.failed, reason = why, "backend down: health checks fail");
             }
@@ -440,6 +443,31 @@ mod tests {
 
     fn keys() -> Vec<u64> {
         (0..1000u32).map(|i| client_key(IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i)))).collect()
+    }
+
+    /// A member active checks took down, under a config that then turns them off, is tried
+    /// again after `eject_secs` as an ejected one is, not left down for good.
+    #[test]
+    fn a_member_down_by_checks_is_retried_once_checks_are_off() {
+        let state = MemberState::new(Metrics::new(false).backend("r", "m"));
+        let check = config::ActiveCheck {
+            interval: std::time::Duration::from_secs(1),
+            timeout: std::time::Duration::from_secs(1),
+            rise: 2,
+            fall: 2,
+            send: Vec::new(),
+            expect: None,
+        };
+        let active = config::Health {
+            active: Some(check.clone()),
+            eject_after_failures: 3,
+            eject_for: std::time::Duration::ZERO,
+        };
+        state.checked(false, &check, "r", "m", "refused");
+        state.checked(false, &check, "r", "m", "refused");
+        assert!(!state.usable(&active, "r", "m"), "down by its checks");
+        let passive = config::Health { active: None, ..active };
+        assert!(state.usable(&passive, "r", "m"), "retried once checks are off");
     }
 
     /// Adding a fourth member moves at most 35 % of 1,000 clients (its fair share is 25 %), all

@@ -18,6 +18,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
+use metrics_exporter_prometheus::formatting::sanitize_label_value;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use crate::throttle::{Throttle, WARN_INTERVAL};
@@ -54,16 +55,42 @@ pub struct Metrics {
     log_lines_dropped: Counter,
     /// What the process's log writer has dropped (set by `main`, which owns the writer).
     log_drops_source: OnceLock<Box<dyn Fn() -> u64 + Send + Sync>>,
-    /// Every pool member (route, name) given handles, and the label sets of those no longer in
-    /// the config, which scrapes leave out (see [`Metrics::backends_in_force`]).
+    /// Every pool member (route, name) given handles, and those of the config in force; the
+    /// series of the others are left out of scrapes (see [`Metrics::scrape_only_backends`]).
     backends: Mutex<Backends>,
 }
 
 #[derive(Default)]
 struct Backends {
     registered: HashSet<(String, String)>,
-    retired: Vec<String>,
+    in_force: HashSet<(String, String)>,
+    /// `registered` less `in_force`, as the exposition writes their label sets.
+    hidden: Arc<HashSet<String>>,
 }
+
+impl Backends {
+    fn update(&mut self) {
+        let label_set = |(route, backend): &(String, String)| {
+            format!("{{route=\"{}\",backend=\"{}\"}}", sanitize_label_value(route), sanitize_label_value(backend))
+        };
+        self.hidden = Arc::new(self.registered.difference(&self.in_force).map(label_set).collect());
+    }
+}
+
+/// Whether `line` of the exposition is a sample of a pool member's series whose label set is
+/// in `hidden`.
+fn is_hidden(line: &str, hidden: &HashSet<String>) -> bool {
+    let Some(rest) = line.strip_prefix("wsgate_backend_") else { return false };
+    let Some(start) = rest.find('{') else { return false };
+    if !BACKEND_SERIES.iter().any(|name| name.strip_prefix("wsgate_backend_") == Some(&rest[..start])) {
+        return false;
+    }
+    rest[start..].find('}').is_some_and(|end| hidden.contains(&rest[start..=start + end]))
+}
+
+/// The series each pool member has, labelled `{route, backend}` and nothing else.
+const BACKEND_SERIES: [&str; 4] =
+    [names::BACKEND_UP, names::BACKEND_SESSIONS, names::BACKEND_SESSIONS_TOTAL, names::BACKEND_FAILED_CONNECTS];
 
 /// `wsgate_config_reloads_total`: one counter per trigger (SIGHUP, a watched file's change) and
 /// result (applied, rejected with the old config kept).
@@ -189,27 +216,21 @@ impl Metrics {
         }
         self.handle.run_upkeep();
         let text = self.handle.render();
-        let backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
-        if backends.retired.is_empty() {
+        let hidden = self.backends.lock().unwrap_or_else(|p| p.into_inner()).hidden.clone();
+        if hidden.is_empty() {
             return text;
         }
-        let retired = |line: &str| !line.starts_with('#') && backends.retired.iter().any(|l| line.contains(l.as_str()));
-        text.lines().filter(|line| !retired(line)).flat_map(|line| [line, "\n"]).collect()
+        text.lines().filter(|line| !is_hidden(line, &hidden)).flat_map(|line| [line, "\n"]).collect()
     }
 
-    /// Says which pool members the config in force has, as (route, member) pairs. Series of the
-    /// others are left out of scrapes from now on, until a member comes back: the exporter
-    /// cannot unregister a series, and a removed member's last values would otherwise stay for
-    /// the process's life (a `wsgate_backend_up` of 0 alerting for a member no longer there).
-    pub fn backends_in_force(&self, in_force: &HashSet<(String, String)>) {
+    /// Scrapes show the series of these pool members, (route, member) pairs of the config in
+    /// force, and of no other: the exporter cannot unregister a series, and a member a reload
+    /// removed (or one a refused reload built) would otherwise keep its last values for the
+    /// process's life (a `wsgate_backend_up` of 0 alerting for a member no longer there).
+    pub fn scrape_only_backends(&self, in_force: HashSet<(String, String)>) {
         let mut backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
-        let mut retired: Vec<String> = backends
-            .registered
-            .difference(in_force)
-            .map(|(route, backend)| format!("{{route=\"{}\",backend=\"{}\"}}", escape(route), escape(backend)))
-            .collect();
-        retired.sort();
-        backends.retired = retired;
+        backends.in_force = in_force;
+        backends.update();
     }
 
     fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
@@ -298,8 +319,13 @@ impl Metrics {
 
     /// Handles for one member of a route's pool; the labels are configured names, so bounded.
     pub fn backend(&self, route: &str, backend: &str) -> BackendMetrics {
-        let pair = (route.to_string(), backend.to_string());
-        self.backends.lock().unwrap_or_else(|p| p.into_inner()).registered.insert(pair);
+        if self.enabled {
+            let mut backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
+            // Not scraped until a config that has it is in force.
+            if backends.registered.insert((route.to_string(), backend.to_string())) {
+                backends.update();
+            }
+        }
         let l = [("route", route), ("backend", backend)];
         BackendMetrics {
             up: self.gauge(names::BACKEND_UP, &l),
@@ -319,11 +345,6 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics::new(true)
     }
-}
-
-/// A label value as the exposition writes it.
-fn escape(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
@@ -570,6 +591,37 @@ mod tests {
             .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|label| l.contains(label)))
             .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
             .next()
+    }
+
+    /// Only the members of the config in force are scraped, whatever their route's name holds
+    /// (quotes and backslashes as the exposition escapes them); a member is hidden until a config
+    /// that has it is in force, and shown again when one is. The route's own series stay.
+    #[test]
+    fn only_members_in_force_are_scraped() {
+        let metrics = Metrics::new(true);
+        let odd = r#"a"b\c"#;
+        let pair = |route: &str, member: &str| (route.to_string(), member.to_string());
+        for (route, member) in [(odd, "m"), ("p", "m"), ("p", "gone")] {
+            metrics.backend(route, member).up.set(1.0);
+        }
+        metrics.route("p").handshake(101);
+        let scraped = |text: &str, route: &str, member: &str| {
+            let label_set = format!("{{route=\"{}\",backend=\"{member}\"}}", sanitize_label_value(route));
+            BACKEND_SERIES.iter().filter(|name| text.contains(&format!("{name}{label_set}"))).count()
+        };
+        let text = metrics.render();
+        assert_eq!((scraped(&text, odd, "m"), scraped(&text, "p", "m")), (0, 0), "not yet in force: {text}");
+        metrics.scrape_only_backends([pair(odd, "m"), pair("p", "m")].into());
+        let text = metrics.render();
+        assert_eq!(scraped(&text, odd, "m"), 4, "{text}");
+        assert_eq!(scraped(&text, "p", "m"), 4, "{text}");
+        assert_eq!(scraped(&text, "p", "gone"), 0, "{text}");
+        metrics.scrape_only_backends([pair("p", "gone")].into());
+        let text = metrics.render();
+        assert_eq!((scraped(&text, odd, "m"), scraped(&text, "p", "m")), (0, 0), "{text}");
+        assert_eq!(scraped(&text, "p", "gone"), 4, "{text}");
+        assert_eq!(value(&text, names::HANDSHAKES, &[r#"route="p""#]), Some(1.0), "{text}");
+        assert!(text.contains(&format!("# TYPE {} gauge", names::BACKEND_UP)), "{text}");
     }
 
     /// The counters a route keeps after their first use count each answer and each ending under

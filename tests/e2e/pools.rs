@@ -331,7 +331,11 @@ async fn a_removed_member_leaves_the_metrics() {
     };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("wsgate.toml");
-    let config = |with_dead: bool| Gateway::builder().route_table("p", "/p", &members(with_dead)).toml();
+    // Another route's member of the same name stays in force throughout.
+    let other = format!("backends = [\n  {{ name = \"dead\", address = \"{}\" }},\n]\n", a.addr);
+    let config = |with_dead: bool| {
+        Gateway::builder().route_table("p", "/p", &members(with_dead)).route_table("q", "/q", &other).toml()
+    };
     std::fs::write(&path, config(true)).unwrap();
     let gw = Gateway::from_file(&path).await;
     for i in 0..12 {
@@ -348,7 +352,8 @@ async fn a_removed_member_leaves_the_metrics() {
     let (mut ws, _) = open(&gw, "/p").await;
     echoes(&mut ws, 100, 99).await;
     let body = admin_get(&gw, "/metrics").await.1;
-    assert!(!body.contains("backend=\"dead\""), "a removed member is still scraped:\n{body}");
+    assert!(!body.contains("route=\"p\",backend=\"dead\""), "a removed member is still scraped:\n{body}");
+    assert_eq!(metric(&body, "wsgate_backend_up", &[("route", "q"), ("backend", "dead")]), Some(1.0), "{body}");
     for m in [&a, &b] {
         assert_eq!(metric(&body, "wsgate_backend_up", &[("route", "p"), ("backend", &m.label())]), Some(1.0), "{body}");
     }
@@ -357,7 +362,8 @@ async fn a_removed_member_leaves_the_metrics() {
     std::fs::write(&path, config(true)).unwrap();
     gw.reloader.reload_file(&path).expect("reload with the member back");
     let body = admin_get(&gw, "/metrics").await.1;
-    assert!(metric(&body, "wsgate_backend_failed_connects_total", &dead_labels).is_some(), "put back: {body}");
+    assert_eq!(metric(&body, "wsgate_backend_up", &dead_labels), Some(0.0), "put back, with its state: {body}");
+    assert_eq!(metric(&body, "wsgate_backend_failed_connects_total", &dead_labels), Some(3.0), "{body}");
 }
 
 /// Drain by reload: `drain = true` (and then `weight = 0`) gives a member no new sessions while
