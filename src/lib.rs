@@ -452,6 +452,7 @@ fn snapshot(
         tls,
         pages: config.console.iter().map(|path| server::Page { path: path.clone(), render: console::page }).collect(),
         addressing: config.listeners.iter().map(|l| (l.name.clone(), Arc::new(l.addressing.clone()))).collect(),
+        sends_proxy_headers: config.routes.iter().any(|r| r.proxy_protocol.is_some()),
     };
     Ok((snapshot, made))
 }

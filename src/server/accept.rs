@@ -116,7 +116,7 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         let span = info_span!("conn", listener = %listener.name, client.addr = %peer);
         let (lease, over) = admitted;
         let client = lease.client();
-        let local = tcp.local_addr().unwrap_or(peer);
+        let local = snapshot.sends_proxy_headers.then(|| tcp.local_addr().unwrap_or(peer));
         let slot = Slot::new(conn_permit, lease, m);
         let conn = Connection::new(peer, local, addressing, listener.secure, slot, over, snapshot);
         let (shared2, metrics) = (shared.clone(), listener.metrics.clone());
@@ -200,8 +200,8 @@ fn proxied(
             }
         };
         let (client, local) = match carried {
-            Carried::Client { source, destination } => (client_addr::canonical(source), destination),
-            Carried::Balancer => (peer, tcp.local_addr().unwrap_or(peer)),
+            Carried::Client { source, destination } => (client_addr::canonical(source), Some(destination)),
+            Carried::Balancer => (peer, snapshot.sends_proxy_headers.then(|| tcp.local_addr().unwrap_or(peer))),
         };
         Span::current().record("client.addr", field::display(client));
         let (lease, over) = admit_client(&name, &metrics, client, &snapshot, &shared2)?;

@@ -67,8 +67,9 @@ struct Connection {
     /// The client's address: the TCP peer's, or the one its PROXY header carried.
     peer: SocketAddr,
     /// The address the client connected to: the listener's, or the one its PROXY header
-    /// carried (the balancer's). What a backend's PROXY header names as the destination.
-    local: SocketAddr,
+    /// carried (the balancer's). What a backend's PROXY header names as the destination, and
+    /// read (a system call) only when a route of its snapshot sends one.
+    local: Option<SocketAddr>,
     /// Its listener's trusted proxies and forwarded header, as accepted.
     addressing: Arc<Addressing>,
     secure: bool,
@@ -106,7 +107,7 @@ struct PendingSession {
 impl Connection {
     fn new(
         peer: SocketAddr,
-        local: SocketAddr,
+        local: Option<SocketAddr>,
         addressing: Arc<Addressing>,
         secure: bool,
         slot: Slot,
@@ -425,7 +426,11 @@ async fn upgrade(
     let preamble = entry
         .route
         .proxy_protocol
-        .map(|version| proxy_protocol::header(version, client, conn.local, &admitted.identity, conn.secure))
+        .map(|version| {
+            // Always read: this route is in the snapshot the connection was accepted under.
+            let local = conn.local.unwrap_or(client);
+            proxy_protocol::header(version, client, local, &admitted.identity, conn.secure)
+        })
         .unwrap_or_default();
     let dial = DialRequest { client, path: req.uri().path(), query: req.uri().query(), target: target.as_ref() };
     let (place, dialed) = match start(entry, conn, shared, &dial, &preamble).await {

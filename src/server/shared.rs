@@ -58,6 +58,9 @@ pub(crate) struct Snapshot {
     pub auth: HashMap<String, Arc<auth::RouteAuth>>,
     /// The token lookup of each token-mapped route, map files and keys loaded, by route name.
     pub targets: HashMap<String, Arc<backend::Mapping>>,
+    /// Whether any route sends its backend a PROXY header, the one use of a connection's local
+    /// address.
+    pub sends_proxy_headers: bool,
 }
 
 /// A static page: served for GET or HEAD on exactly `path`, on every listener.
