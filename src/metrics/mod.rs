@@ -70,11 +70,13 @@ struct Backends {
 
 impl Backends {
     fn update(&mut self) {
-        let label_set = |(route, backend): &(String, String)| {
-            format!("{{route=\"{}\",backend=\"{}\"}}", sanitize_label_value(route), sanitize_label_value(backend))
-        };
         self.hidden = Arc::new(self.registered.difference(&self.in_force).map(label_set).collect());
     }
+}
+
+/// A member's label set as the exposition writes it.
+fn label_set((route, backend): &(String, String)) -> String {
+    format!("{{route=\"{}\",backend=\"{}\"}}", sanitize_label_value(route), sanitize_label_value(backend))
 }
 
 /// Whether `line` of the exposition is a sample of a pool member's series whose label set is
@@ -321,10 +323,14 @@ impl Metrics {
     pub fn backend(&self, route: &str, backend: &str) -> BackendMetrics {
         if self.enabled {
             let mut backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
-            // Not scraped until a config that has it is in force.
-            if backends.registered.insert((route.to_string(), backend.to_string())) {
-                backends.update();
+            // Not scraped until a config that has it is in force (added alone: a pool of hundreds
+            // would otherwise rebuild the whole set once per member).
+            let pair = (route.to_string(), backend.to_string());
+            if !backends.in_force.contains(&pair) {
+                let hidden = label_set(&pair);
+                Arc::make_mut(&mut backends.hidden).insert(hidden);
             }
+            backends.registered.insert(pair);
         }
         let l = [("route", route), ("backend", backend)];
         BackendMetrics {
